@@ -1,0 +1,120 @@
+"""Typed settings for every stage: data, splits, tuning and training.
+
+Each field has a default and a one-line doc; cross-field checks live in ``__post_init__`` and their
+errors name the CLI flag to change. Nothing here reads files or imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A setting is out of range; the message names the flag to change."""
+
+
+def default_cache_dir() -> Path:
+    """Where preprocessed arrays live unless ``--cache-dir`` says otherwise."""
+    import os
+
+    root = os.environ.get("LUNGXRAY_CACHE") or os.environ.get("XDG_CACHE_HOME")
+    return Path(root) / "lungxray" if root else Path.home() / ".cache" / "lungxray"
+
+
+@dataclass
+class DataConfig:
+    img_size: int = 128
+    """Side of the square grayscale image fed to the model (--img-size)."""
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    """Folder of preprocessed arrays keyed by file content hash (--cache-dir)."""
+    workers: int = 0
+    """Decoding processes; 0 means one per CPU core (--workers)."""
+    near_duplicate_distance: int = 10
+    """Largest perceptual-hash Hamming distance (of 64 bits) for a near-duplicate candidate pair."""
+    near_duplicate_correlation: float = 0.95
+    """Smallest correlation of 32x32 thumbnails that confirms a candidate pair as a near-duplicate."""
+
+    def __post_init__(self) -> None:
+        self.cache_dir = Path(self.cache_dir)
+        if not 8 <= self.img_size <= 1024:
+            raise ConfigError(f"--img-size must be between 8 and 1024, got {self.img_size}")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be 0 (all cores) or more, got {self.workers}")
+        if not 0 <= self.near_duplicate_distance <= 32:
+            raise ConfigError(
+                f"near_duplicate_distance must be in 0..32, got {self.near_duplicate_distance}"
+            )
+
+
+@dataclass
+class SplitConfig:
+    mode: str = "random"
+    """'random': stratified, duplicate-grouped 70/10/20; 'folders': the dataset's own train/test (--split)."""
+    val_fraction: float = 0.10
+    """Share of all images held out for validation (--val-fraction)."""
+    test_fraction: float = 0.20
+    """Share of all images held out for the final test (--test-fraction); ignored with --split folders."""
+    drop_test_duplicates: bool = False
+    """With --split folders, drop test images that duplicate a training image (--drop-test-duplicates)."""
+    seed: int = 0
+    """Seed of the split (--seed)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("random", "folders"):
+            raise ConfigError(f"--split must be 'random' or 'folders', got {self.mode!r}")
+        if not 0 < self.val_fraction < 1 or not 0 < self.test_fraction < 1:
+            raise ConfigError("--val-fraction and --test-fraction must each lie strictly between 0 and 1")
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ConfigError(
+                f"--val-fraction + --test-fraction = {self.val_fraction + self.test_fraction:.2f} "
+                "leaves too little to train on; keep their sum under 0.9"
+            )
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 64
+    """Epochs of training (--final-epochs for the final model, --epochs inside each trial)."""
+    batch_size: int = 8
+    """Mini-batch size (--batch-size)."""
+    seed: int = 0
+    """Seed of weight initialisation, dropout and batch order (--seed)."""
+    threads: int = 0
+    """Torch intra-op threads; 0 means one per CPU core (--threads)."""
+    select_by: str = "val_loss"
+    """Which validation figure picks the kept epoch and the best trial: val_loss or val_accuracy (--objective)."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs/--final-epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.select_by not in ("val_loss", "val_accuracy"):
+            raise ConfigError(f"--objective must be val_loss or val_accuracy, got {self.select_by!r}")
+
+
+@dataclass
+class TuneConfig:
+    trials: int = 16
+    """Number of finished (complete or pruned) trials the study should hold (--trials)."""
+    sampler: str = "gp"
+    """Optuna sampler: gp (Gaussian-process Bayesian optimisation), tpe or random (--sampler)."""
+    pruner: str = "median"
+    """Optuna pruner: median, hyperband or none (--pruner)."""
+    storage: str | None = None
+    """Optuna storage URL; None means a SQLite file in the run folder (--storage)."""
+    study_name: str = "lungxray"
+    """Name of the study inside the storage (--study-name)."""
+    startup_trials: int = 5
+    """Random trials before the sampler models the objective and before pruning starts."""
+    warmup_epochs: int = 8
+    """Epochs every trial runs before it may be pruned."""
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise ConfigError(f"--trials must be at least 1, got {self.trials}")
+        if self.sampler not in ("gp", "tpe", "random"):
+            raise ConfigError(f"--sampler must be gp, tpe or random, got {self.sampler!r}")
+        if self.pruner not in ("median", "hyperband", "none"):
+            raise ConfigError(f"--pruner must be median, hyperband or none, got {self.pruner!r}")

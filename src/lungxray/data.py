@@ -1,0 +1,399 @@
+"""Folder of X-rays -> samples (path, label, group, hashes) and preprocessed pixel arrays.
+
+Holds: discovery of both dataset layouts, robust decoding (every unusable file gets a one-line
+reason), grayscale + resize preprocessing, the on-disk content-hash cache, and duplicate finding
+(identical pixels and perceptual-hash near-copies). It does not split (see ``splits.py``) and does
+not import torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from lungxray.config import DataConfig
+
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+               "validation": "val", "test": "test", "testing": "test"}
+CACHE_VERSION = 1  # bump when preprocessing changes, so old cache entries are not reused
+
+
+class DataError(ValueError):
+    """The dataset folder cannot be used as given; the message says how to fix it."""
+
+
+class UnusableImage(ValueError):
+    """One file cannot be used; its message is the one-line reason shown to the user."""
+
+
+@dataclass
+class Sample:
+    """One usable image: the sample contract used everywhere (image rows align with samples)."""
+
+    path: Path
+    label: str
+    folder_split: str | None  # "train"/"val"/"test" for the split-folder layout, else None
+    sha256: str  # of the file's bytes
+    pixel_hash: str  # of the preprocessed pixels: equal hashes mean identical images
+    phash: str  # 64-bit perceptual hash (hex) of the preprocessed image
+    group: int = -1  # duplicate cluster; samples sharing a group are one unit in every split
+
+
+@dataclass
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass
+class Dataset:
+    """Scanned dataset: usable samples, their pixels, skipped files and duplicate structure."""
+
+    root: Path
+    layout: str  # "flat" (class folders) or "split" (train/ test/ [val/] holding class folders)
+    classes: list[str]
+    samples: list[Sample]
+    images: np.ndarray  # (N, H, W) uint8
+    skipped: list[Skipped] = field(default_factory=list)
+    duplicate_groups: list[list[int]] = field(default_factory=list)  # sample indices, size >= 2
+    cross_split_duplicates: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def labels(self) -> np.ndarray:
+        index = {c: i for i, c in enumerate(self.classes)}
+        return np.array([index[s.label] for s in self.samples], dtype=np.int64)
+
+    @property
+    def groups(self) -> np.ndarray:
+        return np.array([s.group for s in self.samples], dtype=np.int64)
+
+    def counts(self) -> dict[str, int]:
+        return {c: sum(s.label == c for s in self.samples) for c in self.classes}
+
+    def summary(self) -> dict:
+        """JSON-ready description, the shape printed by ``lungxray scan --json``."""
+        rel = lambda i: str(self.samples[i].path)  # noqa: E731
+        by_split: dict[str, dict[str, int]] = {}
+        for s in self.samples:
+            if s.folder_split:
+                by_split.setdefault(s.folder_split, dict.fromkeys(self.classes, 0))[s.label] += 1
+        return {
+            "root": str(self.root),
+            "layout": self.layout,
+            "classes": self.classes,
+            "counts": self.counts(),
+            "counts_by_folder": by_split,
+            "n_images": len(self.samples),
+            "skipped": [{"path": s.path, "reason": s.reason} for s in self.skipped],
+            "duplicate_groups": [[rel(i) for i in g] for g in self.duplicate_groups],
+            "cross_split_duplicates": [[rel(a), rel(b)] for a, b in self.cross_split_duplicates],
+        }
+
+
+def normalise_class_name(name: str) -> str:
+    """Folder name -> snake_case class name: 'Viral Pneumonia' -> 'viral_pneumonia'."""
+    name = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name.strip())
+    return re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_").lower()
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def discover(root: Path) -> tuple[str, list[tuple[Path, str, str | None]], list[Skipped]]:
+    """Find (path, class, folder split) for every file; return the layout and stray files."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder {root} does not exist or is not a folder; pass the folder "
+                        "that holds one sub-folder per class (or train/ and test/ folders)")
+    top = _class_dirs(root)
+    split_dirs = [d for d in top if normalise_class_name(d.name) in SPLIT_NAMES and _class_dirs(d)]
+    layout = "split" if split_dirs else "flat"
+    if split_dirs and len(split_dirs) != len(top):
+        others = sorted(d.name for d in top if d not in split_dirs)
+        raise DataError(f"{root} mixes split folders ({', '.join(d.name for d in split_dirs)}) with "
+                        f"other folders ({', '.join(others)}); use either class folders or "
+                        "train/ test/ [val/] folders that each hold class folders")
+    parents = [(d, SPLIT_NAMES[normalise_class_name(d.name)]) for d in split_dirs] or [(root, None)]
+    files, stray = [], []
+    for parent, split in parents:
+        stray += [Skipped(str(p), "not inside a class folder") for p in sorted(parent.iterdir())
+                  if p.is_file() and not p.name.startswith(".")]
+        for class_dir in _class_dirs(parent):
+            label = normalise_class_name(class_dir.name)
+            for path in sorted(class_dir.rglob("*")):
+                if path.is_file() and not path.name.startswith("."):
+                    files.append((path, label, split))
+    return layout, files, stray
+
+
+def _to_gray_uint8(img: Image.Image) -> Image.Image:
+    """Any supported mode -> 8-bit grayscale image."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # High-bit-depth X-rays often use 10-14 of 16 bits: stretch each image's own range so a
+        # 12-bit image does not come out almost black.
+        arr = np.asarray(img, dtype=np.float32)
+        low, high = float(arr.min()), float(arr.max())
+        arr = (arr - low) * (255.0 / (high - low)) if high > low else np.zeros_like(arr)
+        return Image.fromarray(np.rint(arr).astype(np.uint8), mode="L")
+    if img.mode in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La"):
+        return img.convert("L")
+    raise UnusableImage(f"unsupported image mode {img.mode!r}; save it as 8- or 16-bit grayscale or RGB")
+
+
+def decode(data: bytes, img_size: int) -> np.ndarray:
+    """Encoded bytes -> (img_size, img_size) uint8 grayscale; raises UnusableImage with a reason."""
+    if not data:
+        raise UnusableImage("empty file (zero bytes)")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    with warnings.catch_warnings():
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; treat both as a bomb.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                # JPEG only: decode at the smallest DCT scale >= img_size and in grayscale.
+                img.draft("L", (img_size, img_size))
+                img = ImageOps.exif_transpose(img)
+                gray = _to_gray_uint8(img)
+                gray = gray.resize((img_size, img_size), Image.Resampling.BILINEAR)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise UnusableImage(f"too many pixels (possible decompression bomb): {exc}") from None
+        except UnidentifiedImageError:
+            raise UnusableImage("not an image Pillow can read (unknown format or wrong content)") from None
+        except UnusableImage:
+            raise
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise UnusableImage(f"cannot decode image: {exc}") from None
+    return np.asarray(gray, dtype=np.uint8)
+
+
+def perceptual_hash(pixels: np.ndarray) -> str:
+    """64-bit DCT perceptual hash (hex) of a preprocessed image."""
+    import imagehash
+
+    return str(imagehash.phash(Image.fromarray(pixels)))
+
+
+def _process_file(args: tuple[str, int]) -> tuple[str, str | None, np.ndarray | None, str | None, str | None]:
+    """Worker: read one file once, hash it, decode it. Returns (path, sha, pixels, phash, reason)."""
+    path, img_size = args
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return path, None, None, None, f"cannot read file: {exc.strerror or exc}"
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        pixels = decode(data, img_size)
+    except UnusableImage as exc:
+        return path, sha, None, None, str(exc)
+    return path, sha, pixels, perceptual_hash(pixels), None
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+class PreprocessCache:
+    """Content-addressed store of preprocessed images, safe to delete at any time.
+
+    ``index.json`` maps a file path to (size, mtime_ns, sha256), as git's index does, so unchanged
+    files are not re-hashed. ``<settings>/<sha256>.npy`` holds the pixels and
+    ``<settings>/entries.json`` the perceptual hash or the reason a file is unusable.
+    """
+
+    def __init__(self, root: Path, img_size: int) -> None:
+        self.root = Path(root)
+        self.folder = self.root / f"v{CACHE_VERSION}-gray-bilinear-{img_size}"
+        self._index = self._read(self.root / "index.json")
+        self._entries = self._read(self.folder / "entries.json")
+        self._dirty = False
+
+    @staticmethod
+    def _read(path: Path) -> dict:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}  # no cache yet, or a damaged one: it is rebuilt
+
+    def lookup(self, path: Path) -> tuple[str, dict] | None:
+        """(sha256, entry) when the file is unchanged since it was cached, else None."""
+        key = str(path.resolve())
+        stat = path.stat()
+        known = self._index.get(key)
+        if not known or known[:2] != [stat.st_size, stat.st_mtime_ns]:
+            return None
+        entry = self._entries.get(known[2])
+        return (known[2], entry) if entry is not None else None
+
+    def pixels(self, sha: str) -> np.ndarray | None:
+        try:
+            return np.load(self.folder / f"{sha}.npy", allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+
+    def put(self, path: Path, sha: str, pixels: np.ndarray | None, phash: str | None, reason: str | None) -> None:
+        stat = path.stat()
+        self._index[str(path.resolve())] = [stat.st_size, stat.st_mtime_ns, sha]
+        if pixels is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            np.save(self.folder / f"{sha}.npy", pixels, allow_pickle=False)
+            self._entries[sha] = {"phash": phash}
+        else:
+            self._entries[sha] = {"reason": reason}
+        self._dirty = True
+
+    def save(self) -> None:
+        if self._dirty:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(self.root / "index.json", self._index)
+            _write_json_atomic(self.folder / "entries.json", self._entries)
+            self._dirty = False
+
+
+def _decode_all(todo: list[Path], cfg: DataConfig, progress: bool):
+    """Yield _process_file results for every path, in parallel processes when worth it."""
+    from tqdm.auto import tqdm
+
+    args = [(str(p), cfg.img_size) for p in todo]
+    workers = min(cfg.workers or os.cpu_count() or 1, len(todo))
+    bar = tqdm(total=len(todo), desc="decoding", unit="img", disable=not progress or not todo)
+    if workers <= 1 or len(todo) < 8:
+        results = map(_process_file, args)
+    else:
+        # fork: workers start in milliseconds and only use Pillow/numpy, never torch.
+        ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        results = pool.map(_process_file, args, chunksize=max(1, len(args) // (workers * 8)))
+    try:
+        for result in results:
+            bar.update()
+            yield result
+    finally:
+        bar.close()
+        if workers > 1 and len(todo) >= 8:
+            pool.shutdown()
+
+
+def _load_pixels(files: list[tuple[Path, str, str | None]], cfg: DataConfig, progress: bool):
+    """Return per-file (sha, pixels, phash, reason), using and filling the cache."""
+    cache = PreprocessCache(cfg.cache_dir, cfg.img_size)
+    out: dict[Path, tuple] = {}
+    todo = []
+    for path, _, _ in files:
+        hit = cache.lookup(path)
+        if hit is not None:
+            sha, entry = hit
+            pixels = cache.pixels(sha) if "phash" in entry else None
+            if pixels is not None or "reason" in entry:
+                out[path] = (sha, pixels, entry.get("phash"), entry.get("reason"))
+                continue
+        todo.append(path)
+    for path_str, sha, pixels, phash, reason in _decode_all(todo, cfg, progress):
+        path = Path(path_str)
+        out[path] = (sha, pixels, phash, reason)
+        if sha is not None:
+            cache.put(path, sha, pixels, phash, reason)
+    try:
+        cache.save()
+    except OSError as exc:
+        warnings.warn(f"could not write the preprocessing cache in {cfg.cache_dir}: {exc}; "
+                      "set --cache-dir to a writable folder", stacklevel=2)
+    return out
+
+
+def _thumbnails(images: np.ndarray) -> np.ndarray:
+    """(N, H, W) uint8 -> (N, 1024) standardised 32x32 box-filtered thumbnails."""
+    thumbs = np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.Resampling.BOX),
+                                  dtype=np.float32).ravel() for im in images])
+    thumbs -= thumbs.mean(axis=1, keepdims=True)
+    return thumbs / np.maximum(thumbs.std(axis=1, keepdims=True), 1e-6)
+
+
+def find_duplicate_groups(images: np.ndarray, pixel_hashes: list[str], phashes: list[str],
+                          max_distance: int, min_correlation: float) -> np.ndarray:
+    """Cluster id per image: identical pixels, or near-copies.
+
+    A near-copy pair has perceptual hashes within ``max_distance`` bits *and* 32x32 thumbnails
+    correlated at ``min_correlation`` or more: on chest X-rays the perceptual hash alone pairs
+    different patients (radiographs look alike at 8x8 DCT resolution), the correlation check
+    removes those. Clusters are connected components, so a chain of near-copies is one group.
+    The pairwise matrices are O(N^2): fine up to tens of thousands of images.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(pixel_hashes)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    bits = np.unpackbits(np.frombuffer(b"".join(bytes.fromhex(h) for h in phashes), dtype=np.uint8)
+                         .reshape(n, 8), axis=1).astype(np.int16)  # (N, 64)
+    distance = bits @ (1 - bits).T + (1 - bits) @ bits.T  # (N, N) Hamming distances
+    rows, cols = np.nonzero(np.triu(distance <= max_distance, k=1))
+    if len(rows):
+        thumbs = _thumbnails(images)
+        corr = np.einsum("ij,ij->i", thumbs[rows], thumbs[cols]) / thumbs.shape[1]
+        rows, cols = rows[corr >= min_correlation], cols[corr >= min_correlation]
+    hashes = np.array(pixel_hashes)
+    same_r, same_c = np.nonzero(np.triu(hashes[:, None] == hashes[None, :], k=1))
+    rows, cols = np.concatenate([rows, same_r]), np.concatenate([cols, same_c])
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+    return connected_components(graph, directed=False)[1].astype(np.int64)
+
+
+def load_dataset(root: Path, cfg: DataConfig | None = None, *, progress: bool = True,
+                 min_classes: int = 2) -> Dataset:
+    """Scan ``root``, preprocess every image (cached), and find duplicate groups.
+
+    Raises DataError when a class folder has no usable image or fewer than ``min_classes`` classes
+    are found. Unusable files are listed in ``Dataset.skipped`` with their reason.
+    """
+    cfg = cfg or DataConfig()
+    root = Path(root)
+    layout, files, skipped = discover(root)
+    loaded = _load_pixels(files, cfg, progress)
+    samples, images, usable = [], [], {}
+    for path, label, split in files:
+        sha, pixels, phash, reason = loaded[path]
+        key = (split, label)
+        usable.setdefault(key, 0)
+        if pixels is None:
+            skipped.append(Skipped(str(path), reason))
+            continue
+        usable[key] += 1
+        pixel_hash = hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest()
+        samples.append(Sample(path, label, split, sha, pixel_hash, phash))
+        images.append(pixels)
+    empty = [f"{s + '/' if s else ''}{label}" for (s, label), n in usable.items() if n == 0]
+    if empty:
+        raise DataError(f"class folder(s) with no usable image in {root}: {', '.join(empty)}; "
+                        "add images or remove the folder (skipped files: "
+                        f"{'; '.join(f'{k.path}: {k.reason}' for k in skipped[:5])})")
+    classes = sorted({s.label for s in samples})
+    if len(classes) < min_classes:
+        raise DataError(f"found {len(classes)} class folder(s) in {root} ({', '.join(classes) or 'none'}); "
+                        f"need at least {min_classes}: one sub-folder of images per class")
+    pixels = np.stack(images) if images else np.zeros((0, cfg.img_size, cfg.img_size), np.uint8)
+    groups = find_duplicate_groups(pixels, [s.pixel_hash for s in samples], [s.phash for s in samples],
+                                   cfg.near_duplicate_distance, cfg.near_duplicate_correlation)
+    for sample, group in zip(samples, groups):
+        sample.group = int(group)
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(int(g), []).append(i)
+    dup_groups = [m for m in members.values() if len(m) > 1]
+    cross = [(a, b) for m in dup_groups for j, a in enumerate(m) for b in m[j + 1:]
+             if samples[a].folder_split != samples[b].folder_split]
+    return Dataset(root, layout, classes, samples, pixels, skipped, dup_groups, cross)
