@@ -82,6 +82,8 @@ class TrainConfig:
     """Seed of weight initialisation, dropout and batch order (--seed)."""
     threads: int = 0
     """Torch intra-op threads; 0 means one per CPU core (--threads)."""
+    patience: int = 16
+    """Stop when the validation figure has not improved for this many epochs; 0 never stops (--patience)."""
     select_by: str = "val_loss"
     """Which validation figure picks the kept epoch and the best trial: val_loss or val_accuracy (--objective)."""
 
@@ -90,6 +92,8 @@ class TrainConfig:
             raise ConfigError(f"--epochs/--final-epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.patience < 0:
+            raise ConfigError(f"--patience must be 0 (off) or more, got {self.patience}")
         if self.select_by not in ("val_loss", "val_accuracy"):
             raise ConfigError(f"--objective must be val_loss or val_accuracy, got {self.select_by!r}")
 
@@ -106,7 +110,9 @@ class TuneConfig:
     """Optuna storage URL; None means a SQLite file in the run folder (--storage)."""
     study_name: str = "lungxray"
     """Name of the study inside the storage (--study-name)."""
-    startup_trials: int = 5
+    jobs: int = 2
+    """Trials trained side by side, in threads (--jobs)."""
+    startup_trials: int = 4
     """Random trials before the sampler models the objective and before pruning starts."""
     warmup_epochs: int = 8
     """Epochs every trial runs before it may be pruned."""
@@ -114,6 +120,8 @@ class TuneConfig:
     def __post_init__(self) -> None:
         if self.trials < 1:
             raise ConfigError(f"--trials must be at least 1, got {self.trials}")
+        if self.jobs < 1:
+            raise ConfigError(f"--jobs must be at least 1, got {self.jobs}")
         if self.sampler not in ("gp", "tpe", "random"):
             raise ConfigError(f"--sampler must be gp, tpe or random, got {self.sampler!r}")
         if self.pruner not in ("median", "hyperband", "none"):

@@ -1,0 +1,132 @@
+"""The model bundle (a folder: safetensors weights, config.json, metrics.json, checksums.json) and
+the ``Predictor`` that loads one.
+
+Loading never unpickles: weights come from safetensors, everything else is JSON, and every file is
+checked against its SHA-256 before use. Holds no training code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from lungxray import __version__
+from lungxray.data import decode
+from lungxray.models import create_model
+
+FORMAT = "lungxray-bundle"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+
+
+class BundleError(ValueError):
+    """The bundle folder is missing, incomplete or altered."""
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_bundle(folder: Path, model: torch.nn.Module, config: dict, metrics: dict | None = None,
+                *, overwrite: bool = False) -> Path:
+    """Write the bundle to ``folder``; an existing non-empty folder needs ``overwrite=True``."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise FileExistsError(f"{folder} already exists and is not empty; pass --force to replace "
+                              "the model there, or choose another --out")
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.iterdir():
+        if stale.is_file():
+            stale.unlink()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, folder / WEIGHTS, metadata={"format": FORMAT})
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__, **config}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if metrics is not None:
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_checksums(folder)
+    return folder
+
+
+def write_checksums(folder: Path) -> None:
+    """(Re)write checksums.json over every other file in the bundle."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name != "checksums.json")
+    sums = {p.name: _sha256(p) for p in files}
+    (Path(folder) / "checksums.json").write_text(json.dumps(sums, indent=2) + "\n")
+
+
+def verify_bundle(folder: Path) -> dict:
+    """Check every file against checksums.json; return the parsed config.json."""
+    folder = Path(folder)
+    if not (folder / "checksums.json").is_file():
+        raise BundleError(f"{folder} is not a lungxray model bundle (no checksums.json); "
+                          "pass the model/ folder written by `lungxray run` or `lungxray train`")
+    try:
+        sums = json.loads((folder / "checksums.json").read_text())
+    except ValueError as exc:
+        raise BundleError(f"{folder}/checksums.json is not valid JSON: {exc}") from None
+    for name in ("config.json", WEIGHTS):
+        if name not in sums:
+            raise BundleError(f"{folder}/checksums.json does not list {name}; the bundle is incomplete")
+    for name, expected in sums.items():
+        path = folder / name
+        if not path.is_file():
+            raise BundleError(f"{path} is missing from the bundle; re-export the model")
+        if _sha256(path) != expected:
+            raise BundleError(f"{path} does not match its checksum: the file was altered or damaged; "
+                              "re-export the model rather than loading it")
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{folder} holds format {config.get('format')!r} version "
+                          f"{config.get('format_version')!r}; this lungxray reads {FORMAT} v{FORMAT_VERSION}")
+    return config
+
+
+class Predictor:
+    """A loaded bundle: ``predict_arrays`` and ``predict_files`` return class probabilities."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.config_ = verify_bundle(self.folder)
+        self.classes_: list[str] = self.config_["classes"]
+        self.img_size_: int = self.config_["preprocessing"]["img_size"]
+        model_cfg = self.config_["model"]
+        self.model_ = create_model(model_cfg["name"], tuple(model_cfg["input_shape"]), len(self.classes_),
+                                   **model_cfg["hyperparameters"])
+        state = load_file(self.folder / WEIGHTS)  # safetensors: tensors only, nothing executed
+        try:
+            self.model_.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise BundleError(f"weights in {self.folder / WEIGHTS} do not fit the model in config.json: {exc}") from None
+        self.model_.eval()
+
+    @torch.no_grad()
+    def predict_arrays(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """(N, H, W) uint8 preprocessed images -> (N, n_classes) probabilities."""
+        from lungxray.train import predict_logits, to_tensor
+
+        return torch.softmax(predict_logits(self.model_, to_tensor(images), batch_size), dim=1).numpy()
+
+    def predict_files(self, paths: list[Path]) -> list[dict]:
+        """One dict per path: ``{"path", "class", "probabilities"}`` or ``{"path", "error"}``."""
+        from lungxray.data import UnusableImage
+
+        results, good, arrays = [], [], []
+        for path in paths:
+            try:
+                arrays.append(decode(Path(path).read_bytes(), self.img_size_))
+                good.append(len(results))
+                results.append({"path": str(path)})
+            except (UnusableImage, OSError) as exc:
+                results.append({"path": str(path), "error": str(exc)})
+        if arrays:
+            probs = self.predict_arrays(np.stack(arrays))
+            for i, p in zip(good, probs):
+                results[i]["class"] = self.classes_[int(p.argmax())]
+                results[i]["probabilities"] = {c: float(v) for c, v in zip(self.classes_, p)}
+        return results

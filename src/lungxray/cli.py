@@ -1,0 +1,268 @@
+"""Command line: one subcommand per stage, each a thin call into the library.
+
+``lungxray run`` does everything; ``scan``, ``tune``, ``train``, ``evaluate`` and ``predict`` run
+one stage each. Errors the user can fix are printed as one line (exit code 2), not as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from lungxray import __version__
+from lungxray.config import ConfigError, DataConfig, SplitConfig, TrainConfig, TuneConfig, default_cache_dir
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", type=Path, help="dataset folder: one sub-folder per class, or train/ test/ [val/] "
+                                           "folders that each hold class folders")
+    p.add_argument("--img-size", type=int, default=128, help="side of the square grayscale input (default 128)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help=f"preprocessed-image cache (default {default_cache_dir()}, or $LUNGXRAY_CACHE)")
+    p.add_argument("--workers", type=int, default=0, help="decoding processes (default: one per core)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _split_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", choices=["random", "folders"], default="random",
+                   help="random: stratified, duplicate-grouped train/val/test (default); folders: the "
+                        "dataset's own train/ and test/ folders, val carved out of train")
+    p.add_argument("--val-fraction", type=float, default=0.10, help="validation share (default 0.10)")
+    p.add_argument("--test-fraction", type=float, default=0.20, help="test share (default 0.20)")
+    p.add_argument("--drop-test-duplicates", action="store_true",
+                   help="with --split folders: drop test images that duplicate a training image")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the search and training (default 0)")
+
+
+def _train_args(p: argparse.ArgumentParser, epochs_flag: str) -> None:
+    p.add_argument("--model", default="mlp", help="registered model name (default mlp)")
+    p.add_argument(epochs_flag, dest="epochs", type=int, default=64, help="epochs per training run (default 64)")
+    p.add_argument("--batch-size", type=int, default=8, help="mini-batch size (default 8, as the tutorial)")
+    p.add_argument("--patience", type=int, default=16,
+                   help="stop a training run after this many epochs without a better validation "
+                        "figure; 0 never stops early (default 16)")
+    p.add_argument("--objective", choices=["val_loss", "val_accuracy"], default="val_loss",
+                   help="validation figure that picks the kept epoch and the best trial (default val_loss)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
+
+
+def _tune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trials", type=int, default=16, help="trials in the study (default 16)")
+    p.add_argument("--sampler", choices=["gp", "tpe", "random"], default="gp",
+                   help="gp: Gaussian-process Bayesian optimisation (default); tpe; random")
+    p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median",
+                   help="stop hopeless trials early (default median); none also turns --patience off "
+                        "inside trials")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite file OUT/study.db)")
+    p.add_argument("--study-name", default="lungxray", help="study name inside the storage")
+    p.add_argument("--jobs", type=int, default=2, help="trials trained side by side (default 2)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lungxray", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"lungxray {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("scan", help="list classes, counts, unusable files and duplicates")
+    _data_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("run", help="scan, split, tune, train, evaluate and save: the whole job")
+    _data_args(p), _split_args(p), _tune_args(p)
+    _train_args(p, "--epochs")
+    p.add_argument("--final-epochs", type=int, default=64, help="epochs of the final training (default 64)")
+    p.add_argument("--out", type=Path, required=True, help="run folder for the model, metrics, plots and study")
+    p.add_argument("--force", action="store_true", help="replace a model already in OUT")
+
+    p = sub.add_parser("tune", help="hyperparameter search on train/val; writes OUT/best_params.json")
+    _data_args(p), _split_args(p), _tune_args(p)
+    _train_args(p, "--epochs")
+    p.add_argument("--out", type=Path, required=True, help="run folder (study, splits, best_params.json)")
+
+    p = sub.add_parser("train", help="train with the best (or given) hyperparameters; writes OUT/model/")
+    _data_args(p), _split_args(p)
+    _train_args(p, "--epochs")
+    p.add_argument("--params", type=Path, default=None,
+                   help="JSON of hyperparameters (default OUT/best_params.json from `tune`)")
+    p.add_argument("--out", type=Path, required=True, help="run folder")
+    p.add_argument("--force", action="store_true", help="replace a model already in OUT")
+
+    p = sub.add_parser("evaluate", help="metrics.json and confusion_matrix.png of a model on a dataset")
+    p.add_argument("model_dir", metavar="MODEL", type=Path, help="model bundle folder (RUN/model)")
+    _data_args(p)
+    p.add_argument("--splits", type=Path, default=None,
+                   help="splits.json of a run: evaluate only its test images (default: every image in DATA)")
+    p.add_argument("--out", type=Path, required=True, help="folder for metrics.json and the plot")
+
+    p = sub.add_parser("predict", help="class and probabilities for each image")
+    p.add_argument("model_dir", metavar="MODEL", type=Path, help="model bundle folder (RUN/model)")
+    p.add_argument("images", metavar="IMAGE", type=Path, nargs="+", help="image files")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    return parser
+
+
+def _data_cfg(args) -> DataConfig:
+    kw = {"img_size": args.img_size, "workers": args.workers}
+    if args.cache_dir is not None:
+        kw["cache_dir"] = args.cache_dir
+    return DataConfig(**kw)
+
+
+def _split_cfg(args) -> SplitConfig:
+    return SplitConfig(mode=args.split, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                       drop_test_duplicates=args.drop_test_duplicates, seed=args.seed)
+
+
+def _train_cfg(args, epochs: int, in_trials: bool = False) -> TrainConfig:
+    # Inside trials, early stopping on patience is part of pruning: --pruner none turns it off.
+    patience = 0 if in_trials and args.pruner == "none" else args.patience
+    return TrainConfig(epochs=epochs, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
+                       patience=patience, select_by=args.objective)
+
+
+def _tune_cfg(args) -> TuneConfig:
+    return TuneConfig(trials=args.trials, sampler=args.sampler, pruner=args.pruner, storage=args.storage,
+                      study_name=args.study_name, jobs=args.jobs)
+
+
+def _print_scan(summary: dict) -> None:
+    print(f"{summary['root']}: {summary['layout']} layout, {summary['n_images']} usable images")
+    for name, n in summary["counts"].items():
+        print(f"  {name:<24} {n}")
+    if summary["skipped"]:
+        print(f"skipped {len(summary['skipped'])} file(s):")
+        for s in summary["skipped"]:
+            print(f"  {s['path']}: {s['reason']}")
+    print(f"{len(summary['duplicate_groups'])} duplicate group(s) (identical or near-identical images):")
+    for group in summary["duplicate_groups"]:
+        print("  " + "  ==  ".join(group))
+    if summary["layout"] == "split":
+        print(f"{len(summary['cross_split_duplicates'])} duplicate pair(s) straddle two split folders")
+
+
+def cmd_scan(args) -> int:
+    from lungxray.data import load_dataset
+
+    summary = load_dataset(args.data, _data_cfg(args), progress=not args.quiet and not args.json).summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_scan(summary)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from lungxray import pipeline
+
+    summary = pipeline.run(args.data, args.out, args.model, _data_cfg(args), _split_cfg(args), _tune_cfg(args),
+                           _train_cfg(args, args.epochs, in_trials=True), _train_cfg(args, args.final_epochs),
+                           force=args.force, progress=not args.quiet)
+    split = json.loads(Path(summary["artifacts"]["metrics"]).read_text())["split"]
+    print(f"best hyperparameters: {json.dumps(summary['best_params'])}")
+    print(f"trials: {summary['trials_complete']} ran to the end, {summary['trials_pruned']} stopped early")
+    print(f"test accuracy {summary['test_accuracy']:.4f}, macro-F1 {summary['test_macro_f1']:.4f} on "
+          f"{summary['n_test']} held-out images ({split['mode']} split, seed {split['seed']}, "
+          f"{summary['duplicate_groups']} duplicate groups kept whole)")
+    print("artifacts:")
+    for name, path in summary["artifacts"].items():
+        print(f"  {name:<17} {path}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from lungxray import pipeline
+
+    ds, split = pipeline.prepare(args.data, _data_cfg(args), _split_cfg(args), args.out, not args.quiet)
+    result = pipeline.tune_stage(ds, split, args.model, _tune_cfg(args), _train_cfg(args, args.epochs, True),
+                                 args.out, progress=not args.quiet)
+    print(f"best trial {result.best_trial}: {args.objective} {result.best_value:.4f}, "
+          f"params {json.dumps(result.best_params)}")
+    print(f"written: {args.out / 'best_params.json'}, {args.out / 'trials.json'}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from lungxray import pipeline
+
+    params_file = args.params or args.out / "best_params.json"
+    if not params_file.is_file():
+        raise FileNotFoundError(f"{params_file} not found; run `lungxray tune` first or pass --params FILE")
+    params = json.loads(params_file.read_text())
+    params = params.get("params", params)  # best_params.json wraps them; a plain dict works too
+    data_cfg = _data_cfg(args)
+    ds, split = pipeline.prepare(args.data, data_cfg, _split_cfg(args), args.out, not args.quiet)
+    result, folder = pipeline.train_stage(ds, split, args.model, params, _train_cfg(args, args.epochs),
+                                          data_cfg, args.out, force=args.force, progress=not args.quiet)
+    print(f"kept epoch {result.best_epoch}: val accuracy {result.best.val_accuracy:.4f}, "
+          f"val loss {result.best.val_loss:.4f}")
+    print(f"written: {folder}, {args.out / 'curves.png'}, {args.out / 'history.json'}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import numpy as np
+
+    from lungxray import pipeline
+    from lungxray.data import load_dataset
+
+    ds = load_dataset(args.data, _data_cfg(args), progress=not args.quiet, min_classes=1)
+    idx = np.arange(len(ds.samples))
+    if args.splits is not None:
+        test = set(json.loads(args.splits.read_text())["test"])
+        idx = np.array([i for i, s in enumerate(ds.samples) if str(s.path) in test], dtype=np.int64)
+        if len(idx) == 0:
+            raise ValueError(f"none of the test images in {args.splits} is in {args.data}; "
+                             "pass the dataset folder the run was made from")
+    metrics = pipeline.evaluate_split(args.model_dir, ds, idx, args.out)
+    print(f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, loss {metrics['loss']:.4f} "
+          f"on {metrics['n']} images")
+    print(f"written: {args.out / 'metrics.json'}, {args.out / 'confusion_matrix.png'}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from lungxray.bundle import Predictor
+
+    results = Predictor(args.model_dir).predict_files(args.images)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            if "error" in r:
+                print(f"{r['path']}: skipped, {r['error']}")
+            else:
+                probs = ", ".join(f"{c} {p:.3f}" for c, p in r["probabilities"].items())
+                print(f"{r['path']}: {r['class']} ({probs})")
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lungxray.bundle import BundleError
+    from lungxray.data import DataError
+    from lungxray.models import UnknownModelError
+    from lungxray.splits import LeakageError
+
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = _one_line_warning
+    handler = {"scan": cmd_scan, "run": cmd_run, "tune": cmd_tune, "train": cmd_train,
+               "evaluate": cmd_evaluate, "predict": cmd_predict}[args.command]
+    try:
+        return handler(args)
+    except (ConfigError, DataError, BundleError, UnknownModelError, LeakageError, FileExistsError,
+            FileNotFoundError, ValueError) as exc:
+        print(f"lungxray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished trials are kept in the study and resume on the next run", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Stratified, duplicate-grouped train/val/test splits and the leakage check that guards them.
+
+A duplicate group (identical or near-identical images, see ``data.find_duplicate_groups``) is one
+unit: it lands in exactly one split. The check raises instead of warning. Holds no model code.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+from lungxray.config import SplitConfig
+from lungxray.data import Dataset
+
+
+class LeakageError(RuntimeError):
+    """Two splits share an image or a duplicate group."""
+
+
+@dataclass
+class Split:
+    """Sample indices of each part; seed and mode say how they were drawn."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    mode: str
+    seed: int
+    test_duplicates_of_train: int = 0  # test images left in although a copy is in train/val
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+    def to_json(self, ds: Dataset) -> dict:
+        part = lambda idx: [str(ds.samples[i].path) for i in idx]  # noqa: E731
+        return {"mode": self.mode, "seed": self.seed, "sizes": self.sizes(),
+                "test_duplicates_of_train": self.test_duplicates_of_train,
+                "train": part(self.train), "val": part(self.val), "test": part(self.test)}
+
+
+def _hold_out(idx: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float,
+              seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``idx`` into (rest, held-out ~fraction), stratified by label, whole groups only."""
+    n_splits = max(2, round(1 / fraction))
+    if len(np.unique(groups[idx])) < n_splits:
+        raise ValueError(f"only {len(np.unique(groups[idx]))} distinct images to split into "
+                         f"{n_splits} parts; add images or raise --val-fraction/--test-fraction")
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        # sklearn warns when a class has fewer members than folds; tiny classes are still split.
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        rest, held = next(folds.split(idx, labels[idx], groups[idx]))
+    return np.sort(idx[rest]), np.sort(idx[held])
+
+
+def random_split(labels: np.ndarray, groups: np.ndarray, cfg: SplitConfig) -> Split:
+    """Stratified train/val/test (default 70/10/20) with every duplicate group kept whole."""
+    everything = np.arange(len(labels))
+    rest, test = _hold_out(everything, labels, groups, cfg.test_fraction, cfg.seed)
+    train, val = _hold_out(rest, labels, groups, cfg.val_fraction / (1 - cfg.test_fraction), cfg.seed + 1)
+    split = Split(train, val, test, "random", cfg.seed)
+    check_no_leakage(split, groups)
+    return split
+
+
+def folder_split(ds: Dataset, cfg: SplitConfig) -> Split:
+    """The dataset's own train/test folders; val is its val/ folder or is carved out of train."""
+    if ds.layout != "split":
+        raise ValueError(f"--split folders needs train/ and test/ folders in {ds.root}; "
+                         "it holds class folders only, so use --split random")
+    where = np.array([s.folder_split for s in ds.samples])
+    labels, groups = ds.labels, ds.groups
+    train, test = np.flatnonzero(where == "train"), np.flatnonzero(where == "test")
+    if len(test) == 0:
+        raise ValueError(f"{ds.root} has no test/ folder with images; use --split random")
+    val = np.flatnonzero(where == "val")
+    if len(val) == 0:
+        train, val = _hold_out(train, labels, groups, cfg.val_fraction / (1 - cfg.test_fraction), cfg.seed)
+    seen = set(groups[train]) | set(groups[val])
+    leaked = np.array([i for i in test if groups[i] in seen], dtype=np.int64)
+    if len(leaked) and cfg.drop_test_duplicates:
+        test = np.setdiff1d(test, leaked)
+    elif len(leaked):
+        warnings.warn(f"{len(leaked)} test image(s) duplicate a training/validation image, so the "
+                      "test score is optimistic; pass --drop-test-duplicates to remove them",
+                      stacklevel=2)
+    split = Split(train, val, test, "folders", cfg.seed,
+                  test_duplicates_of_train=0 if cfg.drop_test_duplicates else len(leaked))
+    check_no_leakage(split, groups, allow_test_duplicates=not cfg.drop_test_duplicates)
+    return split
+
+
+def make_split(ds: Dataset, cfg: SplitConfig) -> Split:
+    """The split named by ``cfg.mode``."""
+    if cfg.mode == "folders":
+        return folder_split(ds, cfg)
+    return random_split(ds.labels, ds.groups, cfg)
+
+
+def check_no_leakage(split: Split, groups: np.ndarray, *, allow_test_duplicates: bool = False) -> None:
+    """Raise LeakageError when parts share an index, or a duplicate group (unless allowed for test)."""
+    parts = {"train": split.train, "val": split.val, "test": split.test}
+    names = list(parts)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = np.intersect1d(parts[a], parts[b])
+            if len(shared):
+                raise LeakageError(f"{len(shared)} image(s) are in both {a} and {b}")
+            if allow_test_duplicates and "test" in (a, b):
+                continue
+            shared_groups = np.intersect1d(groups[parts[a]], groups[parts[b]])
+            if len(shared_groups):
+                raise LeakageError(f"{len(shared_groups)} duplicate group(s) straddle {a} and {b}: "
+                                   "a near-copy of a held-out image would be seen in training")

@@ -1,0 +1,144 @@
+"""Training: ``train_one_epoch``, ``evaluate_loss`` and ``fit`` (keeps the best validation epoch).
+
+Works on in-memory tensors (the whole preprocessed dataset fits in RAM: 317 images at 128x128 are
+21 MB), so batches are index lookups rather than a DataLoader. Holds no tuning and no test-set code:
+the test split never reaches this module.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from lungxray.config import TrainConfig
+from lungxray.models import create_model, seed_dropout
+
+_INIT_LOCK = threading.Lock()  # weight init draws from torch's global generator
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+
+
+@dataclass
+class FitResult:
+    model: nn.Module  # holds the weights of the best epoch
+    best_epoch: int  # 1-based
+    history: list[EpochStats] = field(default_factory=list)
+    diverged: bool = False  # training loss became NaN/inf; the best finite epoch was kept
+    stopped_at: int | None = None  # epoch after which ``on_epoch`` asked to stop (pruning)
+
+    @property
+    def best(self) -> EpochStats:
+        return self.history[self.best_epoch - 1]
+
+    def history_dict(self) -> dict[str, list[float]]:
+        return {k: [asdict(h)[k] for h in self.history] for k in asdict(self.history[0])}
+
+
+def set_threads(threads: int) -> None:
+    """Use ``threads`` intra-op threads (0: one per core)."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W) uint8 -> (N, 1, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).float().div_(255.0)
+
+
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                    y: torch.Tensor, batch_size: int, generator: torch.Generator) -> tuple[float, float]:
+    """One pass over (x, y) in shuffled mini-batches; returns mean loss and accuracy."""
+    model.train()
+    order = torch.randperm(len(x), generator=generator)
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        idx = order[start:start + batch_size]
+        xb, yb = x[idx], y[idx]  # (B, 1, H, W), (B,)
+        logits = model(xb)
+        loss = nn.functional.cross_entropy(logits, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(idx)
+        correct += (logits.argmax(1) == yb).sum().item()
+    return total_loss / len(x), correct / len(x)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(N, 1, H, W) -> (N, n_classes) logits, in eval mode."""
+    model.eval()
+    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def evaluate_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on (x, y)."""
+    logits = predict_logits(model, x)
+    return nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+
+def is_better(stats: EpochStats, best: EpochStats | None, select_by: str) -> bool:
+    """Validation loss: lower wins. Validation accuracy: higher wins, lower loss breaks ties."""
+    if best is None:
+        return True
+    if select_by == "val_loss":
+        return stats.val_loss < best.val_loss
+    return (stats.val_accuracy, -stats.val_loss) > (best.val_accuracy, -best.val_loss)
+
+
+def fit(model_name: str, hp: dict, train: tuple[torch.Tensor, torch.Tensor],
+        val: tuple[torch.Tensor, torch.Tensor], n_classes: int, cfg: TrainConfig,
+        on_epoch: Callable[[EpochStats], bool] | None = None, progress: bool = False) -> FitResult:
+    """Train ``model_name`` with ``hp`` on ``train``, watch ``val``, keep the best epoch's weights.
+
+    ``on_epoch`` is called after every epoch; returning True stops training (the tuner prunes
+    there). Safe to call from several threads at once: each call owns its generators.
+    """
+    from tqdm.auto import tqdm
+
+    x_train, y_train = train
+    with _INIT_LOCK:
+        torch.manual_seed(cfg.seed)
+        model = create_model(model_name, tuple(x_train.shape[1:]), n_classes, **hp)
+    generator = torch.Generator().manual_seed(cfg.seed)  # batch order
+    seed_dropout(model, torch.Generator().manual_seed(cfg.seed + 1))
+    # Fused Adam updates all parameters in one kernel: small-batch MLP steps are memory-bound
+    # and the unfused optimiser reads and writes each weight tensor several times.
+    optimizer = torch.optim.Adam(model.parameters(), lr=hp["learning_rate"], fused=True)
+    history: list[EpochStats] = []
+    best, best_state, diverged, stopped_at = None, None, False, None
+    for epoch in tqdm(range(1, cfg.epochs + 1), desc="epochs", leave=False, disable=not progress):
+        loss, acc = train_one_epoch(model, optimizer, x_train, y_train, cfg.batch_size, generator)
+        val_loss, val_acc = evaluate_loss(model, *val)
+        stats = EpochStats(epoch, loss, acc, val_loss, val_acc)
+        history.append(stats)
+        if not (math.isfinite(loss) and math.isfinite(val_loss)):
+            diverged = True
+            break
+        if is_better(stats, best, cfg.select_by):
+            best, best_state = stats, copy.deepcopy(model.state_dict())
+        if on_epoch is not None and on_epoch(stats):
+            stopped_at = epoch
+            break
+        if cfg.patience and epoch - best.epoch >= cfg.patience:
+            break  # early stopping: no better validation figure for cfg.patience epochs
+    if best_state is None:
+        raise FloatingPointError(f"training diverged in the first epoch with {hp}; "
+                                 "lower the learning rate")
+    model.load_state_dict(best_state)
+    model.eval()
+    return FitResult(model, best.epoch, history, diverged, stopped_at)
