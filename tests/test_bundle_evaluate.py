@@ -1,0 +1,103 @@
+"""Bundle round trip and refusal of altered bundles; metrics against hand-computed values."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import synthetic_image
+from lungxray.bundle import BundleError, Predictor, save_bundle
+from lungxray.evaluate import compute_metrics
+from lungxray.models import create_model, get_spec
+
+HP = dict(get_spec("mlp").defaults)
+
+
+def _bundle(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("mlp", (1, 16, 16), 3, **HP).eval()
+    config = {"classes": ["covid", "normal", "viral_pneumonia"],
+              "model": {"name": "mlp", "hyperparameters": HP, "input_shape": [1, 16, 16]},
+              "preprocessing": {"img_size": 16}}
+    return model, save_bundle(tmp_path / "model", model, config, {"accuracy": 1.0})
+
+
+def test_reloaded_bundle_predicts_identically(tmp_path):
+    model, folder = _bundle(tmp_path)
+    images = np.stack([synthetic_image(c, i, 16) for c in range(3) for i in range(4)])
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.from_numpy(images).unsqueeze(1).float() / 255), 1).numpy()
+    got = Predictor(folder).predict_arrays(images)
+    assert np.array_equal(got, expected)
+    assert sorted(p.name for p in folder.iterdir()) == ["checksums.json", "config.json", "metrics.json",
+                                                       "model.safetensors"]
+    assert json.loads((folder / "config.json").read_text())["library_version"]
+
+
+def test_altered_weights_are_refused(tmp_path):
+    _, folder = _bundle(tmp_path)
+    raw = bytearray((folder / "model.safetensors").read_bytes())
+    raw[-1] ^= 0xFF
+    (folder / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="does not match its checksum"):
+        Predictor(folder)
+
+
+def test_missing_or_edited_config_is_refused(tmp_path):
+    _, folder = _bundle(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["classes"] = ["a", "b", "c"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="config.json does not match"):
+        Predictor(folder)
+    (folder / "config.json").unlink()
+    with pytest.raises(BundleError, match="config.json is missing"):
+        Predictor(folder)
+
+
+def test_not_a_bundle_and_no_overwrite(tmp_path):
+    with pytest.raises(BundleError, match="not a lungxray model bundle"):
+        Predictor(tmp_path)
+    model, folder = _bundle(tmp_path)
+    with pytest.raises(FileExistsError, match="--force"):
+        save_bundle(folder, model, {})
+
+
+def test_predict_files_reports_bad_files(tmp_path):
+    from PIL import Image
+
+    _, folder = _bundle(tmp_path)
+    good = tmp_path / "good.png"
+    Image.fromarray(synthetic_image(0, 0, 40)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"GIF89a broken")
+    results = Predictor(folder).predict_files([good, bad])
+    assert results[0]["class"] in ("covid", "normal", "viral_pneumonia")
+    assert sum(results[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+    assert "error" in results[1] and "class" not in results[1]
+
+
+def test_metrics_match_a_hand_computed_case():
+    y = np.array([0, 0, 0, 1, 1, 2])
+    probs = np.array([[.8, .1, .1], [.6, .3, .1], [.2, .7, .1], [.1, .8, .1], [.3, .6, .1], [.1, .2, .7]])
+    m = compute_metrics(y, probs, ["a", "b", "c"])
+    assert m["n"] == 6 and m["accuracy"] == pytest.approx(5 / 6)
+    assert m["confusion_matrix"] == [[2, 1, 0], [0, 2, 0], [0, 0, 1]]
+    assert m["per_class"]["b"] == {"precision": pytest.approx(2 / 3), "recall": 1.0,
+                                   "f1": pytest.approx(0.8), "support": 2}
+    assert m["per_class"]["a"]["recall"] == pytest.approx(2 / 3)
+    assert m["macro_f1"] == pytest.approx((0.8 + 0.8 + 1.0) / 3)
+    expected_loss = -np.mean(np.log([.8, .6, .2, .8, .6, .7]))
+    assert m["loss"] == pytest.approx(expected_loss, rel=1e-6)
+
+
+def test_metrics_with_only_some_classes_present():
+    y = np.array([0, 0, 1])
+    probs = np.array([[.9, .05, .05], [.2, .1, .7], [.1, .8, .1]])
+    m = compute_metrics(y, probs, ["covid", "normal", "viral_pneumonia"])
+    assert m["per_class"]["viral_pneumonia"]["support"] == 0
+    assert m["confusion_matrix"] == [[1, 0, 1], [0, 1, 0], [0, 0, 0]]
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 1.0) / 2)  # over the classes present

@@ -1,0 +1,176 @@
+"""The real entry points on tiny data: run, scan, evaluate, predict, train; and the integration run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import write_tree
+from lungxray.bundle import Predictor
+from lungxray.cli import main
+
+METRIC_KEYS = {"classes", "n", "loss", "accuracy", "macro_f1", "per_class", "confusion_matrix"}
+
+
+def _check_metrics_schema(metrics: dict, classes: list[str]) -> None:
+    assert METRIC_KEYS <= set(metrics)
+    assert metrics["classes"] == classes
+    assert isinstance(metrics["n"], int) and metrics["n"] > 0
+    for key in ("loss", "accuracy", "macro_f1"):
+        assert isinstance(metrics[key], float) and np.isfinite(metrics[key])
+    assert 0 <= metrics["accuracy"] <= 1
+    assert set(metrics["per_class"]) == set(classes)
+    for stats in metrics["per_class"].values():
+        assert set(stats) == {"precision", "recall", "f1", "support"}
+    cm = np.array(metrics["confusion_matrix"])
+    assert cm.shape == (len(classes), len(classes)) and cm.sum() == metrics["n"]
+    assert np.trace(cm) / cm.sum() == pytest.approx(metrics["accuracy"])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One `lungxray run` on a synthetic tree, shared by the tests that read its outputs."""
+    root = tmp_path_factory.mktemp("cli")
+    data = write_tree(root / "data", per_class=14)
+    out = root / "run"
+    code = main(["run", str(data), "--out", str(out), "--img-size", "16", "--cache-dir", str(root / "cache"),
+                 "--trials", "2", "--epochs", "3", "--final-epochs", "3", "--seed", "1", "--quiet"])
+    assert code == 0
+    return data, out, root
+
+
+def test_run_writes_bundle_metrics_plots_and_study(tiny_run):
+    data, out, _ = tiny_run
+    for name in ("metrics.json", "confusion_matrix.png", "curves.png", "study.db", "splits.json",
+                 "trials.json", "best_params.json", "run.json", "scan.json", "history.json"):
+        assert (out / name).is_file(), name
+    assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((out / "metrics.json").read_text())
+    _check_metrics_schema(metrics, ["covid", "normal", "viral_pneumonia"])
+    splits = json.loads((out / "splits.json").read_text())
+    assert metrics["n"] == len(splits["test"]) and splits["seed"] == 1
+    assert not set(splits["test"]) & (set(splits["train"]) | set(splits["val"]))
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["seed"] == 1 and summary["settings"]["tune"]["trials"] == 2
+    assert json.loads((out / "model" / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
+    Predictor(out / "model")  # the checksums still hold after metrics were added
+
+
+def test_run_refuses_to_overwrite_a_model(tiny_run, capsys):
+    data, out, root = tiny_run
+    code = main(["run", str(data), "--out", str(out), "--img-size", "16", "--cache-dir", str(root / "cache"),
+                 "--trials", "2", "--epochs", "1", "--quiet"])
+    assert code == 2
+    assert "--force" in capsys.readouterr().err
+
+
+def test_evaluate_reproduces_the_run_metrics(tiny_run, tmp_path):
+    data, out, root = tiny_run
+    code = main(["evaluate", str(out / "model"), str(data), "--splits", str(out / "splits.json"),
+                 "--out", str(tmp_path), "--cache-dir", str(root / "cache"), "--img-size", "16", "--quiet"])
+    assert code == 0
+    again = json.loads((tmp_path / "metrics.json").read_text())
+    first = json.loads((out / "metrics.json").read_text())
+    assert again["confusion_matrix"] == first["confusion_matrix"]
+    assert again["loss"] == pytest.approx(first["loss"], rel=1e-6)
+
+
+def test_evaluate_on_data_with_only_some_classes(tiny_run, tmp_path):
+    _, out, root = tiny_run
+    other = tmp_path / "other_hospital"
+    write_tree(other, per_class=3, start=40)
+    shutil.rmtree(other / "Viral Pneumonia")
+    (other / "Normal").rename(other / "NORMAL")  # matched after normalising
+    code = main(["evaluate", str(out / "model"), str(other), "--out", str(tmp_path / "ev"),
+                 "--cache-dir", str(root / "cache"), "--quiet"])
+    assert code == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    _check_metrics_schema(metrics, ["covid", "normal", "viral_pneumonia"])
+    assert metrics["n"] == 6 and metrics["per_class"]["viral_pneumonia"]["support"] == 0
+
+
+def test_evaluate_rejects_an_unknown_class(tiny_run, tmp_path, capsys):
+    _, out, root = tiny_run
+    other = write_tree(tmp_path / "other", per_class=2)
+    (other / "Covid").rename(other / "Tuberculosis")
+    code = main(["evaluate", str(out / "model"), str(other), "--out", str(tmp_path / "ev"),
+                 "--cache-dir", str(root / "cache"), "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "tuberculosis" in err and "covid, normal, viral_pneumonia" in err
+
+
+def test_predict_json(tiny_run, capsys):
+    data, out, _ = tiny_run
+    images = sorted((data / "Normal").glob("*.png"))[:2]
+    assert main(["predict", str(out / "model"), *map(str, images), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["path"] for r in results] == [str(p) for p in images]
+    for r in results:
+        assert r["class"] in r["probabilities"]
+        assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_train_from_best_params(tiny_run, tmp_path):
+    data, out, root = tiny_run
+    run2 = tmp_path / "run2"
+    run2.mkdir()
+    code = main(["train", str(data), "--out", str(run2), "--params", str(out / "best_params.json"),
+                 "--img-size", "16", "--cache-dir", str(root / "cache"), "--epochs", "2", "--seed", "1", "--quiet"])
+    assert code == 0
+    config = json.loads((run2 / "model" / "config.json").read_text())
+    best = json.loads((out / "best_params.json").read_text())["params"]
+    assert config["model"]["hyperparameters"] == best
+    assert json.loads((run2 / "history.json").read_text())["epoch"] == [1, 2]
+
+
+def test_scan_json(split_tree, tmp_path, capsys):
+    assert main(["scan", str(split_tree), "--json", "--cache-dir", str(tmp_path / "c"), "--img-size", "16"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert {"classes", "counts", "skipped", "duplicate_groups", "cross_split_duplicates"} <= set(summary)
+    assert summary["counts"] == {"covid": 15, "normal": 14, "viral_pneumonia": 14}
+    assert len(summary["cross_split_duplicates"]) == 1
+
+
+@pytest.mark.parametrize("flag, value, message", [("--trials", "0", "--trials"), ("--img-size", "4", "--img-size"),
+                                                  ("--batch-size", "0", "--batch-size")])
+def test_bad_settings_name_the_flag(flat_tree, tmp_path, capsys, flag, value, message):
+    code = main(["run", str(flat_tree), "--out", str(tmp_path / "r"), flag, value, "--quiet"])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["scan", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "lungxray.cli", "run", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for flag in ("--trials", "--epochs", "--final-epochs", "--seed", "--model", "--sampler", "--pruner",
+                 "--storage", "--split", "--drop-test-duplicates", "--img-size"):
+        assert flag in out.stdout
+
+
+def test_integration_on_a_slice_of_the_shared_dataset(shared_data, tmp_path):
+    """12 real X-rays per class from the official train/ folders, the whole pipeline, small mode."""
+    data = tmp_path / "slice"
+    for folder in sorted((shared_data / "train").iterdir()):
+        (data / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:12]:
+            (data / folder.name / image.name).symlink_to(image)
+    out = tmp_path / "run"
+    code = main(["run", str(data), "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--img-size", "64",
+                 "--trials", "2", "--epochs", "4", "--final-epochs", "4", "--quiet"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    _check_metrics_schema(metrics, ["covid", "normal", "viral_pneumonia"])
+    assert metrics["accuracy"] > 1 / 3  # better than chance on real X-rays after 4 epochs
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["preprocessing"]["img_size"] == 64

@@ -1,0 +1,166 @@
+"""Scanning, decoding, skipping bad files, caching and duplicate finding."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import jpeg_bytes, png_bomb, synthetic_image
+from lungxray.config import DataConfig
+from lungxray.data import DataError, UnusableImage, decode, load_dataset, normalise_class_name
+
+
+@pytest.mark.parametrize("name, expected", [("Viral Pneumonia", "viral_pneumonia"), ("COVID-19", "covid_19"),
+                                            ("normal", "normal"), ("ViralPneumonia", "viral_pneumonia"),
+                                            ("  Bacterial  pneumonia ", "bacterial_pneumonia")])
+def test_class_names_are_snake_case(name, expected):
+    assert normalise_class_name(name) == expected
+
+
+def test_flat_layout_classes_counts_and_pixels(flat_tree, cache_dir):
+    ds = load_dataset(flat_tree, DataConfig(img_size=16, cache_dir=cache_dir), progress=False)
+    assert ds.layout == "flat"
+    assert ds.classes == ["covid", "normal", "viral_pneumonia"]
+    assert ds.counts() == {"covid": 12, "normal": 12, "viral_pneumonia": 12}
+    assert ds.images.shape == (36, 16, 16) and ds.images.dtype == np.uint8
+    assert ds.skipped == [] and ds.duplicate_groups == []
+    # the class band survives preprocessing: class 0 is bright on the left third
+    first = ds.images[ds.labels == 0].astype(float)
+    assert first[:, :, :5].mean() > first[:, :, -5:].mean() + 50
+
+
+def test_split_layout_finds_cross_split_copy(split_tree, cache_dir):
+    ds = load_dataset(split_tree, DataConfig(img_size=16, cache_dir=cache_dir), progress=False)
+    assert ds.layout == "split"
+    summary = ds.summary()
+    assert summary["counts_by_folder"]["train"] == {"covid": 10, "normal": 10, "viral_pneumonia": 10}
+    assert summary["counts_by_folder"]["test"]["covid"] == 5
+    pairs = [sorted(p) for p in summary["cross_split_duplicates"]]
+    assert pairs == [sorted([str(split_tree / "test/Covid/copy_of_train.png"),
+                             str(split_tree / "train/Covid/img000.png")])]
+    assert len(summary["duplicate_groups"]) == 1
+
+
+def test_near_duplicate_reencoded_and_brightened_copy_is_grouped(flat_tree, cache_dir):
+    original = np.asarray(Image.open(flat_tree / "Normal" / "img003.png"))
+    near = np.clip(original.astype(int) + 6, 0, 255).astype(np.uint8)
+    (flat_tree / "Normal" / "near_copy.jpg").write_bytes(jpeg_bytes(near, quality=90))
+    ds = load_dataset(flat_tree, DataConfig(img_size=32, cache_dir=cache_dir), progress=False)
+    names = [sorted(ds.samples[i].path.name for i in g) for g in ds.duplicate_groups]
+    assert names == [["img003.png", "near_copy.jpg"]]
+
+
+def test_bad_files_are_listed_with_reasons_not_crashed_on(flat_tree, cache_dir):
+    bad = flat_tree / "Covid"
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "report.pdf.png").write_bytes(b"%PDF-1.4 not an image at all")
+    good_jpeg = jpeg_bytes(synthetic_image(0, 99, size=64))
+    (bad / "truncated.jpg").write_bytes(good_jpeg[: len(good_jpeg) // 2])
+    (bad / "bomb.png").write_bytes(png_bomb())
+    (flat_tree / "stray.txt").write_text("not in a class folder")
+    ds = load_dataset(flat_tree, DataConfig(img_size=16, cache_dir=cache_dir), progress=False)
+    reasons = {os.path.basename(s.path): s.reason for s in ds.skipped}
+    assert set(reasons) == {"empty.png", "report.pdf.png", "truncated.jpg", "bomb.png", "stray.txt"}
+    assert "zero bytes" in reasons["empty.png"]
+    assert "not an image" in reasons["report.pdf.png"]
+    assert "truncated" in reasons["truncated.jpg"]
+    assert "decompression bomb" in reasons["bomb.png"]
+    assert "not inside a class folder" in reasons["stray.txt"]
+    assert ds.counts()["covid"] == 12  # the good images are all still there
+    # and a cached second scan reports the same reasons
+    again = load_dataset(flat_tree, DataConfig(img_size=16, cache_dir=cache_dir), progress=False)
+    assert {os.path.basename(s.path): s.reason for s in again.skipped} == reasons
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode, fmt", [("L", "PNG"), ("RGB", "JPEG"), ("RGBA", "PNG"), ("P", "PNG"),
+                                       ("CMYK", "JPEG"), ("L", "BMP"), ("RGB", "TIFF"), ("I;16", "PNG")])
+def test_decodes_modes_and_formats(mode, fmt):
+    base = synthetic_image(1, 0, size=64)  # bright middle band
+    img = Image.fromarray(base)
+    if mode == "I;16":
+        img = Image.fromarray(base.astype(np.uint16) * 16, mode="I;16")  # 12-bit data in 16 bits
+    elif mode != "L":
+        img = img.convert(mode)
+    out = decode(_encode(img, fmt), 32)
+    assert out.shape == (32, 32) and out.dtype == np.uint8
+    middle, left = out[:, 12:20].mean(), out[:, :8].mean()
+    assert middle > left + 40, f"{mode}/{fmt}: band lost (middle {middle:.0f}, left {left:.0f})"
+
+
+def test_exif_orientation_is_applied():
+    top_bright = np.zeros((40, 60), np.uint8)
+    top_bright[:20] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was rotated: display needs 90 degrees clockwise
+    out = decode(_encode(Image.fromarray(top_bright), "JPEG", exif=exif), 32)
+    assert out[:, 20:].mean() > 200 and out[:, :12].mean() < 50  # the bright half is now on the right
+
+
+def test_decode_rejects_unsupported_mode():
+    from lungxray.data import _to_gray_uint8
+
+    with pytest.raises(UnusableImage, match="unsupported image mode 'HSV'"):
+        _to_gray_uint8(Image.new("HSV", (8, 8)))
+
+
+def test_class_without_usable_image_is_a_clear_error(flat_tree, cache_dir):
+    (flat_tree / "Empty Class").mkdir()
+    (flat_tree / "Empty Class" / "broken.png").write_bytes(b"nope")
+    with pytest.raises(DataError, match="empty_class"):
+        load_dataset(flat_tree, DataConfig(img_size=16, cache_dir=cache_dir), progress=False)
+
+
+def test_fewer_than_two_classes_is_a_clear_error(tmp_path, cache_dir):
+    folder = tmp_path / "one" / "normal"
+    folder.mkdir(parents=True)
+    Image.fromarray(synthetic_image(0, 0)).save(folder / "a.png")
+    with pytest.raises(DataError, match="need at least 2"):
+        load_dataset(tmp_path / "one", DataConfig(img_size=16, cache_dir=cache_dir), progress=False)
+
+
+def test_second_scan_decodes_nothing(flat_tree, cache_dir, monkeypatch):
+    cfg = DataConfig(img_size=16, cache_dir=cache_dir)
+    first = load_dataset(flat_tree, cfg, progress=False)
+    import lungxray.data as data
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a cached scan decoded a file")
+
+    monkeypatch.setattr(data, "_process_file", fail)
+    second = load_dataset(flat_tree, cfg, progress=False)
+    assert np.array_equal(first.images, second.images)
+    assert [s.sha256 for s in first.samples] == [s.sha256 for s in second.samples]
+    index = json.loads((cache_dir / "index.json").read_text())
+    assert len(index) == 36
+
+
+def test_changed_file_is_decoded_again(flat_tree, cache_dir):
+    cfg = DataConfig(img_size=16, cache_dir=cache_dir)
+    load_dataset(flat_tree, cfg, progress=False)
+    target = flat_tree / "Covid" / "img000.png"
+    Image.fromarray(np.full((32, 32), 7, np.uint8)).save(target)
+    ds = load_dataset(flat_tree, cfg, progress=False)
+    i = [s.path for s in ds.samples].index(target)
+    assert (ds.images[i] == 7).all()
+
+
+def test_shared_dataset_duplicates_are_found(shared_data, tmp_path):
+    ds = load_dataset(shared_data, DataConfig(cache_dir=tmp_path / "cache"), progress=False)
+    assert ds.layout == "split" and ds.classes == ["covid", "normal", "viral_pneumonia"]
+    assert len(ds.samples) == 317 and ds.skipped == []
+    # byte-identical copies across train/ and test/ are found without being named in the code
+    identical = [(a, b) for a, b in ds.cross_split_duplicates
+                 if ds.samples[a].sha256 == ds.samples[b].sha256]
+    assert len(identical) >= 5
+    assert all(ds.samples[a].group == ds.samples[b].group for a, b in ds.cross_split_duplicates)

@@ -1,0 +1,80 @@
+"""Splits are disjoint, stratified, seeded, and never cut a duplicate group."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lungxray.config import ConfigError, DataConfig, SplitConfig
+from lungxray.data import load_dataset
+from lungxray.splits import LeakageError, Split, check_no_leakage, folder_split, random_split
+
+
+def _labels_groups(n_per_class=40, n_classes=3, dup_every=5):
+    labels = np.repeat(np.arange(n_classes), n_per_class)
+    groups = np.arange(len(labels))
+    groups[::dup_every] = groups[1::dup_every][: len(groups[::dup_every])]  # pairs of near-copies
+    return labels, groups
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_split_is_disjoint_grouped_and_stratified(seed):
+    labels, groups = _labels_groups()
+    split = random_split(labels, groups, SplitConfig(seed=seed))
+    parts = [split.train, split.val, split.test]
+    assert sum(len(p) for p in parts) == len(labels)
+    assert len(np.unique(np.concatenate(parts))) == len(labels)
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert not set(groups[parts[a]]) & set(groups[parts[b]])
+    assert abs(len(split.test) / len(labels) - 0.20) < 0.05
+    assert abs(len(split.val) / len(labels) - 0.10) < 0.05
+    for part in parts:  # every class in every part, near its overall share
+        shares = np.bincount(labels[part], minlength=3) / len(part)
+        assert np.all(np.abs(shares - 1 / 3) < 0.12)
+
+
+def test_same_seed_same_split_other_seed_other_split():
+    labels, groups = _labels_groups()
+    a = random_split(labels, groups, SplitConfig(seed=3))
+    b = random_split(labels, groups, SplitConfig(seed=3))
+    c = random_split(labels, groups, SplitConfig(seed=4))
+    assert np.array_equal(a.test, b.test) and np.array_equal(a.val, b.val)
+    assert not np.array_equal(a.test, c.test)
+
+
+def test_leakage_check_raises_on_shared_group_and_shared_image():
+    groups = np.array([0, 0, 1, 2, 3, 4])
+    with pytest.raises(LeakageError, match="straddle train and test"):
+        check_no_leakage(Split(np.array([0, 2]), np.array([3]), np.array([1, 4]), "random", 0), groups)
+    with pytest.raises(LeakageError, match="both train and val"):
+        check_no_leakage(Split(np.array([0, 2]), np.array([2]), np.array([4]), "random", 0), groups)
+
+
+def test_folder_split_warns_then_drops_test_duplicates(split_tree, cache_dir):
+    ds = load_dataset(split_tree, DataConfig(img_size=16, cache_dir=cache_dir), progress=False)
+    with pytest.warns(UserWarning, match="1 test image"):
+        kept = folder_split(ds, SplitConfig(mode="folders"))
+    assert kept.test_duplicates_of_train == 1 and len(kept.test) == 13
+    dropped = folder_split(ds, SplitConfig(mode="folders", drop_test_duplicates=True))
+    assert len(dropped.test) == 12
+    assert "copy_of_train.png" not in {ds.samples[i].path.name for i in dropped.test}
+    test_paths = {ds.samples[i].path.parent.parent.name for i in dropped.test}
+    assert test_paths == {"test"}  # val was carved out of train only
+    assert {ds.samples[i].folder_split for i in np.concatenate([dropped.train, dropped.val])} == {"train"}
+
+
+def test_shared_dataset_split_keeps_every_duplicate_group_whole(shared_data, tmp_path):
+    ds = load_dataset(shared_data, DataConfig(cache_dir=tmp_path / "cache"), progress=False)
+    split = random_split(ds.labels, ds.groups, SplitConfig(seed=0))
+    where = {}
+    for name, part in (("train", split.train), ("val", split.val), ("test", split.test)):
+        for i in part:
+            where.setdefault(ds.groups[i], set()).add(name)
+    assert all(len(parts) == 1 for parts in where.values())
+    assert len(ds.duplicate_groups) >= 8
+
+
+def test_bad_fractions_name_the_flag():
+    with pytest.raises(ConfigError, match="--val-fraction"):
+        SplitConfig(val_fraction=0.5, test_fraction=0.45)
