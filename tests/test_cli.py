@@ -72,7 +72,7 @@ def test_run_refuses_to_overwrite_a_model(tiny_run, capsys):
 def test_evaluate_reproduces_the_run_metrics(tiny_run, tmp_path):
     data, out, root = tiny_run
     code = main(["evaluate", str(out / "model"), str(data), "--splits", str(out / "splits.json"),
-                 "--out", str(tmp_path), "--cache-dir", str(root / "cache"), "--img-size", "16", "--quiet"])
+                 "--out", str(tmp_path), "--cache-dir", str(root / "cache"), "--quiet"])
     assert code == 0
     again = json.loads((tmp_path / "metrics.json").read_text())
     first = json.loads((out / "metrics.json").read_text())

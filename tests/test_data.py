@@ -89,7 +89,8 @@ def test_decodes_modes_and_formats(mode, fmt):
     base = synthetic_image(1, 0, size=64)  # bright middle band
     img = Image.fromarray(base)
     if mode == "I;16":
-        img = Image.fromarray(base.astype(np.uint16) * 16, mode="I;16")  # 12-bit data in 16 bits
+        img = Image.fromarray(base.astype(np.uint16) * 16)  # 12-bit data in 16 bits
+        assert img.mode == "I;16"
     elif mode != "L":
         img = img.convert(mode)
     out = decode(_encode(img, fmt), 32)

@@ -16,10 +16,11 @@ from lungxray import __version__
 from lungxray.config import ConfigError, DataConfig, SplitConfig, TrainConfig, TuneConfig, default_cache_dir
 
 
-def _data_args(p: argparse.ArgumentParser) -> None:
+def _data_args(p: argparse.ArgumentParser, img_size: bool = True) -> None:
     p.add_argument("data", type=Path, help="dataset folder: one sub-folder per class, or train/ test/ [val/] "
                                            "folders that each hold class folders")
-    p.add_argument("--img-size", type=int, default=128, help="side of the square grayscale input (default 128)")
+    if img_size:  # evaluate takes the size from the model bundle instead
+        p.add_argument("--img-size", type=int, default=128, help="side of the square grayscale input (default 128)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help=f"preprocessed-image cache (default {default_cache_dir()}, or $LUNGXRAY_CACHE)")
     p.add_argument("--workers", type=int, default=0, help="decoding processes (default: one per core)")
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="metrics.json and confusion_matrix.png of a model on a dataset")
     p.add_argument("model_dir", metavar="MODEL", type=Path, help="model bundle folder (RUN/model)")
-    _data_args(p)
+    _data_args(p, img_size=False)
     p.add_argument("--splits", type=Path, default=None,
                    help="splits.json of a run: evaluate only its test images (default: every image in DATA)")
     p.add_argument("--out", type=Path, required=True, help="folder for metrics.json and the plot")
@@ -104,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _data_cfg(args) -> DataConfig:
-    kw = {"img_size": args.img_size, "workers": args.workers}
+def _data_cfg(args, img_size: int | None = None) -> DataConfig:
+    kw = {"img_size": img_size or args.img_size, "workers": args.workers}
     if args.cache_dir is not None:
         kw["cache_dir"] = args.cache_dir
     return DataConfig(**kw)
@@ -206,9 +207,11 @@ def cmd_evaluate(args) -> int:
     import numpy as np
 
     from lungxray import pipeline
+    from lungxray.bundle import verify_bundle
     from lungxray.data import load_dataset
 
-    ds = load_dataset(args.data, _data_cfg(args), progress=not args.quiet, min_classes=1)
+    img_size = verify_bundle(args.model_dir)["preprocessing"]["img_size"]  # preprocess as in training
+    ds = load_dataset(args.data, _data_cfg(args, img_size), progress=not args.quiet, min_classes=1)
     idx = np.arange(len(ds.samples))
     if args.splits is not None:
         test = set(json.loads(args.splits.read_text())["test"])

@@ -94,6 +94,9 @@ def evaluate_split(model_dir: Path, ds: Dataset, idx: np.ndarray, out: Path) -> 
         raise DataError(f"{ds.root} has class folder(s) the model does not know: {', '.join(unknown)}; "
                         f"the model knows {', '.join(predictor.classes_)} (folder names are matched "
                         "after normalising, e.g. 'Viral Pneumonia' -> viral_pneumonia)")
+    if ds.images.shape[1] != predictor.img_size_:
+        raise ValueError(f"images were preprocessed at {ds.images.shape[1]} px but the model expects "
+                         f"{predictor.img_size_} px; load the data with img_size={predictor.img_size_}")
     y = np.array([index[ds.samples[i].label] for i in idx], dtype=np.int64)
     probs = predictor.predict_arrays(ds.images[idx])
     metrics = compute_metrics(y, probs, predictor.classes_)
