@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,11 +63,15 @@ def tune_stage(ds: Dataset, split: Split, model_name: str, tune_cfg: TuneConfig,
 
 
 def train_stage(ds: Dataset, split: Split, model_name: str, params: dict, train_cfg: TrainConfig,
-                data_cfg: DataConfig, out: Path, *, force: bool = False,
-                progress: bool = True) -> tuple[FitResult, Path]:
-    """Final training on train (watching val); writes history.json, curves.png and model/."""
-    result = fit(model_name, params, tensors(ds, split.train), tensors(ds, split.val), len(ds.classes),
-                 train_cfg, progress=progress)
+                data_cfg: DataConfig, out: Path, *, force: bool = False, progress: bool = True,
+                trained: FitResult | None = None) -> tuple[FitResult, Path]:
+    """Final training on train (watching val); writes history.json, curves.png and model/.
+
+    ``trained``: a run of exactly this training (the best trial, same settings and seed) whose
+    model is saved instead of training it a second time.
+    """
+    result = trained or fit(model_name, params, tensors(ds, split.train), tensors(ds, split.val),
+                            len(ds.classes), train_cfg, progress=progress)
     history = result.history_dict()
     _write_json(out / "history.json", {"best_epoch": result.best_epoch, **history})
     plot_curves(history, out / "curves.png", result.best_epoch)
@@ -79,6 +83,7 @@ def train_stage(ds: Dataset, split: Split, model_name: str, params: dict, train_
                           "scale": "pixel / 255", "jpeg_reduced_decoding": True},
         "training": {**asdict(train_cfg), "best_epoch": result.best_epoch,
                      "epochs_run": len(result.history), "split_seed": split.seed, "split_mode": split.mode,
+                     "from_best_trial": trained is not None,
                      "split_sizes": split.sizes(), "torch_version": torch.__version__},
     }
     folder = save_bundle(out / "model", result.model, config, overwrite=force)
@@ -120,8 +125,11 @@ def run(data: Path, out: Path, model_name: str, data_cfg: DataConfig, split_cfg:
     times["scan_and_split_s"] = time.perf_counter() - start
     tuned = tune_stage(ds, split, model_name, tune_cfg, trial_cfg, out, progress)
     times["tune_s"] = time.perf_counter() - start - sum(times.values())
+    # The final training repeats the best trial exactly when the settings match (same data, seed,
+    # epochs, patience): then the trial's model is the final model and is not trained twice.
+    same = tuned.best_fit if replace(trial_cfg, threads=0) == replace(final_cfg, threads=0) else None
     fitted, model_dir = train_stage(ds, split, model_name, tuned.best_params, final_cfg, data_cfg,
-                                    out, force=force, progress=progress)
+                                    out, force=force, progress=progress, trained=same)
     times["train_s"] = time.perf_counter() - start - sum(times.values())
     metrics = evaluate_split(model_dir, ds, split.test, out)
     metrics["split"] = {"mode": split.mode, "seed": split.seed, **split.sizes(),
@@ -139,6 +147,7 @@ def run(data: Path, out: Path, model_name: str, data_cfg: DataConfig, split_cfg:
                      "final": asdict(final_cfg)},
         "best_params": tuned.best_params, "trials_complete": tuned.n_complete,
         "trials_pruned": tuned.n_pruned, "best_epoch": fitted.best_epoch,
+        "final_model": "best trial (same training settings)" if same is not None else "retrained",
         "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"],
         "n_test": metrics["n"], "duplicate_groups": len(ds.duplicate_groups),
         "skipped": len(ds.skipped), "timings": times,

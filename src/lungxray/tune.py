@@ -14,7 +14,7 @@ import torch
 
 from lungxray.config import TrainConfig, TuneConfig
 from lungxray.models import get_spec
-from lungxray.train import EpochStats, fit
+from lungxray.train import EpochStats, FitResult, fit
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
@@ -27,6 +27,7 @@ class TuneResult:
     best_trial: int
     n_complete: int
     n_pruned: int
+    best_fit: FitResult | None = None  # the best trial's trained model, when this call trained it in full
 
 
 def make_sampler(name: str, seed: int, startup_trials: int) -> optuna.samplers.BaseSampler:
@@ -61,7 +62,7 @@ def open_study(cfg: TuneConfig, storage: str, seed: int, direction: str, epochs:
 
 
 def _run_trial(trial: optuna.Trial, hp: dict, model_name: str, train, val, n_classes: int,
-               train_cfg: TrainConfig) -> tuple[optuna.trial.TrialState, float | None]:
+               train_cfg: TrainConfig) -> tuple[optuna.trial.TrialState, float | None, FitResult | None]:
     """Train one trial, reporting every epoch; returns the state and value to tell the study.
 
     A trial the pruner stops is told as COMPLETE with the best value it reached, and tagged with
@@ -78,12 +79,12 @@ def _run_trial(trial: optuna.Trial, hp: dict, model_name: str, train, val, n_cla
         result = fit(model_name, hp, train, val, n_classes, train_cfg, on_epoch=report)
     except FloatingPointError as exc:
         trial.set_user_attr("error", str(exc))
-        return optuna.trial.TrialState.FAIL, None
+        return optuna.trial.TrialState.FAIL, None, None
     for key, value in (("best_epoch", result.best_epoch), ("val_accuracy", result.best.val_accuracy),
                        ("val_loss", result.best.val_loss), ("diverged", result.diverged),
                        ("pruned_at_epoch", result.stopped_at)):
         trial.set_user_attr(key, value)
-    return optuna.trial.TrialState.COMPLETE, float(getattr(result.best, select_by))
+    return optuna.trial.TrialState.COMPLETE, float(getattr(result.best, select_by)), result
 
 
 def tune(model_name: str, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
@@ -107,6 +108,7 @@ def tune(model_name: str, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     bar = tqdm(total=cfg.trials, initial=min(done, cfg.trials), desc="trials", unit="trial",
                disable=not progress)
+    best_fit = None
     threads_before = torch.get_num_threads()
     torch.set_num_threads(max(1, threads_before // cfg.jobs))
     try:
@@ -117,8 +119,10 @@ def tune(model_name: str, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
                 futures = [pool.submit(_run_trial, t, hp, model_name, train, val, n_classes, train_cfg)
                            for t, hp in zip(batch, hps)]
                 for trial, future in zip(batch, futures):
-                    state, value = future.result()
+                    state, value, result = future.result()
                     study.tell(trial, value, state=state)
+                    if result is not None and result.stopped_at is None and study.best_trial.number == trial.number:
+                        best_fit = result
                     done += state != optuna.trial.TrialState.FAIL
                     bar.update(state != optuna.trial.TrialState.FAIL)
                 if study.best_trials:
@@ -126,7 +130,10 @@ def tune(model_name: str, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
     finally:
         torch.set_num_threads(threads_before)
         bar.close()
-    return _summarise(study)
+    summary = _summarise(study)
+    if best_fit is not None and study.best_trial.number == summary.best_trial:
+        summary.best_fit = best_fit
+    return summary
 
 
 def _summarise(study: optuna.Study) -> TuneResult:

@@ -1,0 +1,139 @@
+"""Benchmarks (b) and (c): the tutorial's search in lungxray vs Keras 3 + KerasTuner, and predict speed.
+
+Side by side in one run, on the same duplicate-grouped split (lungxray writes splits.json, the
+Keras reference reads the same image files): the tutorial's space, 16 trials x 64 epochs at batch
+size 8. lungxray runs with pruning on (its default) and, for the first seed, with pruning off.
+The Keras reference is installed into bench/.keras-venv on first use. Also measures predict
+throughput of both final models, and, over every seed given, lungxray's test accuracy on the
+duplicate-free holdout (the robust-selection check). Prints a table and writes BENCHMARKS.md.
+
+    .venv/bin/python bench/search_bench.py [DATA] [--seeds 0 1 2] [--keras-seeds 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+KERAS_VENV = ROOT / "bench" / ".keras-venv"
+KERAS_PACKAGES = ["tensorflow-cpu", "keras", "keras-tuner", "tensorboard", "opencv-python-headless"]
+sys.path.insert(0, str(Path(__file__).parent))
+from _report import machine, update_section  # noqa: E402
+
+
+def keras_python() -> Path:
+    python = KERAS_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(KERAS_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *KERAS_PACKAGES], check=True)
+    return python
+
+
+def lungxray_run(data: Path, out: Path, seed: int, pruner: str, cache: Path) -> dict:
+    cmd = [str(ROOT / ".venv" / "bin" / "lungxray"), "run", str(data), "--out", str(out), "--seed", str(seed),
+           "--pruner", pruner, "--cache-dir", str(cache), "--force", "--quiet"]
+    if (out / "study.db").exists():
+        (out / "study.db").unlink()  # a fresh study, not a resumed one
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((out / "run.json").read_text())
+
+
+def lungxray_predict_speed(model_dir: Path, data_out: Path) -> float:
+    from lungxray.bundle import Predictor
+    from lungxray.config import DataConfig
+    from lungxray.data import load_dataset
+
+    predictor = Predictor(model_dir)
+    test = set(json.loads((data_out / "splits.json").read_text())["test"])
+    run = json.loads((data_out / "run.json").read_text())
+    ds = load_dataset(Path(run["data"]), DataConfig(cache_dir=Path(run["settings"]["data"]["cache_dir"])),
+                      progress=False)
+    images = ds.images[[i for i, s in enumerate(ds.samples) if str(s.path) in test]]
+    many = np.concatenate([images] * max(1, 2048 // len(images)))
+    predictor.predict_arrays(many[:64])  # warm-up
+    start = time.perf_counter()
+    predictor.predict_arrays(many)
+    return len(many) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", nargs="?", type=Path,
+                        default=Path(__file__).resolve().parents[2] / "shared/data/covid19-image-dataset")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--keras-seeds", type=int, nargs="*", default=[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
+    args = parser.parse_args()
+    cache = args.out / "cache"
+    rows, results = [], {}
+    for seed in args.seeds:
+        on = lungxray_run(args.data, args.out / f"lx-seed{seed}", seed, "median", cache)
+        results[seed] = {"on": on}
+        print(f"seed {seed}: lungxray pruning on: search {on['timings']['tune_s']:.1f} s, "
+              f"test accuracy {on['test_accuracy']:.4f}", flush=True)
+        if seed == args.seeds[0]:
+            off = lungxray_run(args.data, args.out / f"lx-seed{seed}-nopruning", seed, "none", cache)
+            results[seed]["off"] = off
+            print(f"seed {seed}: lungxray pruning off: search {off['timings']['tune_s']:.1f} s, "
+                  f"test accuracy {off['test_accuracy']:.4f}", flush=True)
+        if seed in args.keras_seeds:
+            out = subprocess.run([str(keras_python()), str(ROOT / "bench" / "keras_reference.py"),
+                                  str(args.out / f"lx-seed{seed}" / "splits.json"), "--seed", str(seed)],
+                                 check=True, capture_output=True, text=True)
+            results[seed]["keras"] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"seed {seed}: keras reference: search {results[seed]['keras']['search_s']:.1f} s, "
+                  f"test accuracy {results[seed]['keras']['test_accuracy']:.4f}", flush=True)
+    (args.out / "search_bench.json").write_text(json.dumps(results, indent=2, default=str))
+    first = results[args.seeds[0]]
+    body = render(args, results, first, lungxray_predict_speed(args.out / f"lx-seed{args.seeds[0]}" / "model",
+                                                                  args.out / f"lx-seed{args.seeds[0]}"))
+    print(body)
+    if not args.no_write:
+        update_section("search", body)
+
+
+def render(args, results: dict, first: dict, lx_ips: float) -> str:
+    command = (f"`.venv/bin/python bench/search_bench.py {args.data} --seeds {' '.join(map(str, args.seeds))} "
+               f"--keras-seeds {' '.join(map(str, args.keras_seeds))}`")
+    lines = [f"## (b) The tutorial's search: lungxray vs Keras 3 + KerasTuner, and (c) predict speed", "",
+             f"Command: {command} ({machine()}). Same split for both (stratified 70/10/20, duplicate groups "
+             "kept whole), 16 trials x 64 epochs, batch size 8; the Keras reference is the tutorial's code "
+             "(BayesianOptimization on val_accuracy, final fit 128 epochs); lungxray selects by validation "
+             "loss and keeps the best epoch.", ""]
+    if "keras" in first:
+        k, on, off = first["keras"], first["on"], first["off"]
+        lines += ["| seed %d | search s | vs Keras | final training s | test accuracy |" % args.seeds[0],
+                  "|---|---|---|---|---|",
+                  f"| Keras 3 + KerasTuner (reference) | {k['search_s']:.1f} | 1.0x | {k['final_train_s']:.1f} | {k['test_accuracy']:.4f} |",
+                  f"| lungxray, pruning on (default) | {on['timings']['tune_s']:.1f} | {k['search_s'] / on['timings']['tune_s']:.1f}x | {on['timings']['train_s']:.1f} | {on['test_accuracy']:.4f} |",
+                  f"| lungxray, pruning off | {off['timings']['tune_s']:.1f} | {k['search_s'] / off['timings']['tune_s']:.1f}x | {off['timings']['train_s']:.1f} | {off['test_accuracy']:.4f} |",
+                  "", f"Predict throughput (preprocessed 128x128 images, each tool's own predict call): "
+                  f"lungxray {lx_ips:,.0f} images/s, Keras {k['predict_images_per_s']:,.0f} images/s "
+                  f"({lx_ips / k['predict_images_per_s']:.1f}x).", ""]
+        for seed in args.keras_seeds[1:]:
+            k = results[seed]["keras"]
+            lines.append(f"Keras reference, seed {seed}: search {k['search_s']:.1f} s, test accuracy {k['test_accuracy']:.4f}.")
+    accs = [results[s]["on"]["test_accuracy"] for s in args.seeds]
+    lines += ["", "### Robust selection: lungxray's tuned MLP over seeds (split + search)", "",
+              "| seed | test accuracy | macro-F1 | n test | best parameters | whole run s |", "|---|---|---|---|---|---|"]
+    for s in args.seeds:
+        on = results[s]["on"]
+        lines.append(f"| {s} | {on['test_accuracy']:.4f} | {on['test_macro_f1']:.4f} | {on['n_test']} | "
+                     f"`{json.dumps(on['best_params'])}` | {sum(on['timings'].values()):.1f} |")
+    lines += ["", f"Mean test accuracy {statistics.mean(accs):.4f}, lowest {min(accs):.4f} "
+              "(targets: mean >= 0.92, no seed below 0.85)."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
