@@ -7,7 +7,9 @@ finished trial. The test split never reaches this module.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from typing import Callable
 
 import optuna
 import torch
@@ -62,7 +64,8 @@ def open_study(cfg: TuneConfig, storage: str, seed: int, direction: str, epochs:
 
 
 def _run_trial(trial: optuna.Trial, hp: dict, model_name: str, train, val, n_classes: int,
-               train_cfg: TrainConfig) -> tuple[optuna.trial.TrialState, float | None, FitResult | None]:
+               train_cfg: TrainConfig, on_epoch: Callable[[int, int], None] = lambda number, epoch: None,
+               ) -> tuple[optuna.trial.TrialState, float | None, FitResult | None]:
     """Train one trial, reporting every epoch; returns the state and value to tell the study.
 
     A trial the pruner stops is told as COMPLETE with the best value it reached, and tagged with
@@ -73,6 +76,7 @@ def _run_trial(trial: optuna.Trial, hp: dict, model_name: str, train, val, n_cla
 
     def report(stats: EpochStats) -> bool:
         trial.report(getattr(stats, select_by), stats.epoch)
+        on_epoch(trial.number, stats.epoch)
         return trial.should_prune()
 
     try:
@@ -108,6 +112,16 @@ def tune(model_name: str, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     bar = tqdm(total=cfg.trials, initial=min(done, cfg.trials), desc="trials", unit="trial",
                disable=not progress)
+    running: dict[int, int] = {}  # trial number -> epochs done, shown on the bar
+    best_text = [f"best {train_cfg.select_by} {study.best_value:.4f}, " if _has_complete(study) else ""]
+    lock = threading.Lock()
+
+    def show(number: int, epoch: int) -> None:
+        with lock:
+            running[number] = epoch
+            bar.set_postfix_str(best_text[0] + "epochs " + " ".join(
+                f"#{n}:{e}/{train_cfg.epochs}" for n, e in sorted(running.items())))
+
     best_fit = None
     threads_before = torch.get_num_threads()
     torch.set_num_threads(max(1, threads_before // cfg.jobs))
@@ -116,17 +130,18 @@ def tune(model_name: str, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
             while done < cfg.trials:
                 batch = [study.ask() for _ in range(min(cfg.jobs, cfg.trials - done))]
                 hps = [space(trial) for trial in batch]
-                futures = [pool.submit(_run_trial, t, hp, model_name, train, val, n_classes, train_cfg)
+                futures = [pool.submit(_run_trial, t, hp, model_name, train, val, n_classes, train_cfg, show)
                            for t, hp in zip(batch, hps)]
                 for trial, future in zip(batch, futures):
                     state, value, result = future.result()
                     study.tell(trial, value, state=state)
-                    if result is not None and result.stopped_at is None and study.best_trial.number == trial.number:
-                        best_fit = result
+                    if result is not None:
+                        best_text[0] = f"best {train_cfg.select_by} {study.best_value:.4f}, "
+                        if result.stopped_at is None and study.best_trial.number == trial.number:
+                            best_fit = result
                     done += state != optuna.trial.TrialState.FAIL
                     bar.update(state != optuna.trial.TrialState.FAIL)
-                if study.best_trials:
-                    bar.set_postfix({train_cfg.select_by: f"{study.best_value:.4f}"})
+                    running.pop(trial.number, None)
     finally:
         torch.set_num_threads(threads_before)
         bar.close()
@@ -134,6 +149,10 @@ def tune(model_name: str, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
     if best_fit is not None and study.best_trial.number == summary.best_trial:
         summary.best_fit = best_fit
     return summary
+
+
+def _has_complete(study: optuna.Study) -> bool:
+    return bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
 def _summarise(study: optuna.Study) -> TuneResult:
