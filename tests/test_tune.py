@@ -68,3 +68,27 @@ def test_same_seed_gives_the_same_trials(tmp_path):
         runs.append([(t.params, t.value) for t in result.study.trials])
     assert runs[0] == runs[1]
     assert len({str(p) for p, _ in runs[0]}) == 4  # no point proposed twice
+
+
+def test_pruning_on_the_frozen_view_decides_as_optuna_does():
+    from lungxray.tune import _FrozenCompleted, _should_prune
+
+    study = optuna.create_study(pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2))
+    for slope in (1.0, 2.0, 3.0):
+        done = study.ask()
+        for step in range(1, 11):
+            done.report(slope / step, step)
+        study.tell(done, slope / 10)
+    frozen = _FrozenCompleted(study)
+    decisions = []
+    for level in (0.1, 0.5, 1.5, 3.0):
+        trial = study.ask()
+        values = {}
+        for step in range(1, 11):
+            values[step] = level + 1 / step
+            trial.report(values[step], step)
+            ours, optunas = _should_prune(trial, dict(values), frozen), trial.should_prune()
+            assert ours == optunas, (level, step)
+            decisions.append(ours)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    assert True in decisions and False in decisions  # both outcomes were exercised
