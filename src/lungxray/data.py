@@ -26,7 +26,7 @@ from lungxray.config import DataConfig
 
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                "validation": "val", "test": "test", "testing": "test"}
-CACHE_VERSION = 1  # bump when preprocessing changes, so old cache entries are not reused
+CACHE_VERSION = 2  # bump when preprocessing changes, so old cache entries are not reused
 
 
 class DataError(ValueError):
@@ -113,7 +113,7 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 def discover(root: Path) -> tuple[str, list[tuple[Path, str, str | None]], list[Skipped]]:
     """Find (path, class, folder split) for every file; return the layout and stray files."""
-    root = Path(root)
+    root = Path(os.path.abspath(root))
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist or is not a folder; pass the folder "
                         "that holds one sub-folder per class (or train/ and test/ folders)")
@@ -216,6 +216,7 @@ class PreprocessCache:
 
     def __init__(self, root: Path, img_size: int) -> None:
         self.root = Path(root)
+        self.shape = (img_size, img_size)
         self.folder = self.root / f"v{CACHE_VERSION}-gray-bilinear-{img_size}"
         self._index = self._read(self.root / "index.json")
         self._entries = self._read(self.folder / "entries.json")
@@ -230,7 +231,7 @@ class PreprocessCache:
 
     def lookup(self, path: Path) -> tuple[str, dict] | None:
         """(sha256, entry) when the file is unchanged since it was cached, else None."""
-        key = str(path.resolve())
+        key = str(path)  # discover() yields absolute paths
         stat = path.stat()
         known = self._index.get(key)
         if not known or known[:2] != [stat.st_size, stat.st_mtime_ns]:
@@ -239,17 +240,18 @@ class PreprocessCache:
         return (known[2], entry) if entry is not None else None
 
     def pixels(self, sha: str) -> np.ndarray | None:
+        # Raw bytes, shape known from the settings: np.load's header parsing cost more than the read.
         try:
-            return np.load(self.folder / f"{sha}.npy", allow_pickle=False)
+            return np.fromfile(self.folder / f"{sha}.u8", dtype=np.uint8).reshape(self.shape)
         except (OSError, ValueError):
-            return None
+            return None  # missing or damaged: decoded again
 
     def put(self, path: Path, sha: str, pixels: np.ndarray | None, phash: str | None, reason: str | None) -> None:
         stat = path.stat()
-        self._index[str(path.resolve())] = [stat.st_size, stat.st_mtime_ns, sha]
+        self._index[str(path)] = [stat.st_size, stat.st_mtime_ns, sha]
         if pixels is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            np.save(self.folder / f"{sha}.npy", pixels, allow_pickle=False)
+            pixels.tofile(self.folder / f"{sha}.u8")
             self._entries[sha] = {"phash": phash}
         else:
             self._entries[sha] = {"reason": reason}
@@ -343,12 +345,14 @@ def find_duplicate_groups(images: np.ndarray, pixel_hashes: list[str], phashes: 
     distance = bits @ (1 - bits).T + (1 - bits) @ bits.T  # (N, N) Hamming distances
     rows, cols = np.nonzero(np.triu(distance <= max_distance, k=1))
     if len(rows):
-        thumbs = _thumbnails(images)
-        corr = np.einsum("ij,ij->i", thumbs[rows], thumbs[cols]) / thumbs.shape[1]
+        involved, position = np.unique(np.concatenate([rows, cols]), return_inverse=True)
+        thumbs = _thumbnails(images[involved])  # only images in a candidate pair
+        a, b = position[: len(rows)], position[len(rows):]
+        corr = np.einsum("ij,ij->i", thumbs[a], thumbs[b]) / thumbs.shape[1]
         rows, cols = rows[corr >= min_correlation], cols[corr >= min_correlation]
-    hashes = np.array(pixel_hashes)
-    same_r, same_c = np.nonzero(np.triu(hashes[:, None] == hashes[None, :], k=1))
-    rows, cols = np.concatenate([rows, same_r]), np.concatenate([cols, same_c])
+    # identical pixels: link every image to the first one with the same hash
+    _, first, inverse = np.unique(pixel_hashes, return_index=True, return_inverse=True)
+    rows, cols = np.concatenate([rows, np.arange(n)]), np.concatenate([cols, first[inverse]])
     graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
     return connected_components(graph, directed=False)[1].astype(np.int64)
 

@@ -163,8 +163,8 @@ def tune(model_name: str, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
                                                                                     optuna.pruners.NopPruner)) else None)
                 futures = [pool.submit(_run_trial, t, hp, model_name, train, val, n_classes, train_cfg, show,
                                        frozen) for t, hp in zip(batch, hps)]
-                for trial, future in zip(batch, futures):
-                    state, value, result = future.result()
+                outcomes = [future.result() for future in futures]  # tell only once the batch is done
+                for trial, (state, value, result) in zip(batch, outcomes):
                     study.tell(trial, value, state=state)
                     if result is not None:
                         best_text[0] = f"best {train_cfg.select_by} {study.best_value:.4f}, "
