@@ -48,9 +48,16 @@ def save_bundle(folder: Path, model: torch.nn.Module, config: dict, metrics: dic
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__, **config}
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if metrics is not None:
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_checksums(folder)
+        attach_metrics(folder, metrics)
+    else:
+        write_checksums(folder)
     return folder
+
+
+def attach_metrics(folder: Path, metrics: dict) -> None:
+    """Add (or replace) metrics.json in a bundle and update its checksums."""
+    (Path(folder) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_checksums(folder)
 
 
 def write_checksums(folder: Path) -> None:

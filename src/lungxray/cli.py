@@ -130,16 +130,19 @@ def _tune_cfg(args) -> TuneConfig:
 
 
 def _print_scan(summary: dict) -> None:
+    import os
+
+    rel = lambda path: os.path.relpath(path, summary["root"])  # noqa: E731
     print(f"{summary['root']}: {summary['layout']} layout, {summary['n_images']} usable images")
     for name, n in summary["counts"].items():
         print(f"  {name:<24} {n}")
     if summary["skipped"]:
         print(f"skipped {len(summary['skipped'])} file(s):")
         for s in summary["skipped"]:
-            print(f"  {s['path']}: {s['reason']}")
+            print(f"  {rel(s['path'])}: {s['reason']}")
     print(f"{len(summary['duplicate_groups'])} duplicate group(s) (identical or near-identical images):")
     for group in summary["duplicate_groups"]:
-        print("  " + "  ==  ".join(group))
+        print("  " + "  ==  ".join(map(rel, group)))
     if summary["layout"] == "split":
         print(f"{len(summary['cross_split_duplicates'])} duplicate pair(s) straddle two split folders")
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from lungxray import __version__
-from lungxray.bundle import Predictor, save_bundle
+from lungxray.bundle import Predictor, attach_metrics, save_bundle
 from lungxray.config import DataConfig, SplitConfig, TrainConfig, TuneConfig
 from lungxray.data import Dataset, DataError, load_dataset
 from lungxray.evaluate import compute_metrics, plot_confusion_matrix, plot_curves, write_metrics
@@ -114,32 +114,28 @@ def evaluate_split(model_dir: Path, ds: Dataset, idx: np.ndarray, out: Path) -> 
 def run(data: Path, out: Path, model_name: str, data_cfg: DataConfig, split_cfg: SplitConfig,
         tune_cfg: TuneConfig, trial_cfg: TrainConfig, final_cfg: TrainConfig, *, force: bool = False,
         progress: bool = True) -> dict:
-    """The whole job; returns a summary with the test metrics and where each artifact went."""
+    """The whole job; returns (and writes to run.json) a summary with the test metrics and artifacts."""
     if (out / "model").exists() and not force:
         raise FileExistsError(f"{out / 'model'} already holds a model; pass --force to replace it "
                               "(the study resumes), or choose another --out")
     set_threads(final_cfg.threads)
-    times = {}
-    start = time.perf_counter()
+    clock = _Clock()
     ds, split = prepare(data, data_cfg, split_cfg, out, progress)
-    times["scan_and_split_s"] = time.perf_counter() - start
+    clock.lap("scan_and_split_s")
     tuned = tune_stage(ds, split, model_name, tune_cfg, trial_cfg, out, progress)
-    times["tune_s"] = time.perf_counter() - start - sum(times.values())
+    clock.lap("tune_s")
     # The final training repeats the best trial exactly when the settings match (same data, seed,
     # epochs, patience): then the trial's model is the final model and is not trained twice.
     same = tuned.best_fit if replace(trial_cfg, threads=0) == replace(final_cfg, threads=0) else None
     fitted, model_dir = train_stage(ds, split, model_name, tuned.best_params, final_cfg, data_cfg,
                                     out, force=force, progress=progress, trained=same)
-    times["train_s"] = time.perf_counter() - start - sum(times.values())
-    metrics = evaluate_split(model_dir, ds, split.test, out)
+    clock.lap("train_s")
+    metrics = evaluate_split(model_dir, ds, split.test, out)  # the one read of the test split
     metrics["split"] = {"mode": split.mode, "seed": split.seed, **split.sizes(),
                         "test_duplicates_of_train": split.test_duplicates_of_train}
     write_metrics(metrics, out / "metrics.json")
-    (model_dir / "metrics.json").write_text((out / "metrics.json").read_text())
-    from lungxray.bundle import write_checksums
-
-    write_checksums(model_dir)
-    times["evaluate_s"] = time.perf_counter() - start - sum(times.values())
+    attach_metrics(model_dir, metrics)
+    clock.lap("evaluate_s")
     summary = {
         "lungxray_version": __version__, "data": str(data), "model": model_name, "seed": split_cfg.seed,
         "settings": {"data": {**asdict(data_cfg), "cache_dir": str(data_cfg.cache_dir)},
@@ -148,14 +144,26 @@ def run(data: Path, out: Path, model_name: str, data_cfg: DataConfig, split_cfg:
         "best_params": tuned.best_params, "trials_complete": tuned.n_complete,
         "trials_pruned": tuned.n_pruned, "best_epoch": fitted.best_epoch,
         "final_model": "best trial (same training settings)" if same is not None else "retrained",
-        "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"],
-        "n_test": metrics["n"], "duplicate_groups": len(ds.duplicate_groups),
-        "skipped": len(ds.skipped), "timings": times,
-        "artifacts": {"model": str(model_dir), "metrics": str(out / "metrics.json"),
-                      "confusion_matrix": str(out / "confusion_matrix.png"),
-                      "curves": str(out / "curves.png"), "study": tune_cfg.storage or str(out / "study.db"),
-                      "trials": str(out / "trials.json"), "splits": str(out / "splits.json"),
-                      "scan": str(out / "scan.json")},
+        "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"], "n_test": metrics["n"],
+        "duplicate_groups": len(ds.duplicate_groups), "skipped": len(ds.skipped), "timings": clock.laps,
+        "artifacts": {name: str(out / file) for name, file in ARTIFACTS.items()}
+        | {"study": tune_cfg.storage or str(out / "study.db")},
     }
     _write_json(out / "run.json", summary)
     return summary
+
+
+ARTIFACTS = {"model": "model", "metrics": "metrics.json", "confusion_matrix": "confusion_matrix.png",
+             "curves": "curves.png", "trials": "trials.json", "splits": "splits.json", "scan": "scan.json"}
+
+
+class _Clock:
+    """Seconds spent in each stage, in order."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name], self._last = now - self._last, now

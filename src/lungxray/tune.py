@@ -90,7 +90,7 @@ def _should_prune(trial: optuna.Trial, values: dict[int, float], frozen: _Frozen
 
 
 def _run_trial(trial: optuna.Trial, hp: dict, model_name: str, train, val, n_classes: int,
-               train_cfg: TrainConfig, on_epoch: Callable[[int, int], None] = lambda number, epoch: None,
+               train_cfg: TrainConfig, on_epoch: Callable[[int, int | None], None] = lambda number, epoch: None,
                frozen: _FrozenCompleted | None = None,
                ) -> tuple[optuna.trial.TrialState, float | None, FitResult | None]:
     """Train one trial, reporting every epoch; returns the state and value to tell the study.
@@ -111,8 +111,10 @@ def _run_trial(trial: optuna.Trial, hp: dict, model_name: str, train, val, n_cla
     try:
         result = fit(model_name, hp, train, val, n_classes, train_cfg, on_epoch=report)
     except FloatingPointError as exc:
+        on_epoch(trial.number, None)
         trial.set_user_attr("error", str(exc))
         return optuna.trial.TrialState.FAIL, None, None
+    on_epoch(trial.number, None)  # finished: off the progress bar
     for key, value in (("best_epoch", result.best_epoch), ("val_accuracy", result.best.val_accuracy),
                        ("val_loss", result.best.val_loss), ("diverged", result.diverged),
                        ("pruned_at_epoch", result.stopped_at)):
@@ -145,9 +147,12 @@ def tune(model_name: str, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
     best_text = [f"best {train_cfg.select_by} {study.best_value:.4f}, " if _has_complete(study) else ""]
     lock = threading.Lock()
 
-    def show(number: int, epoch: int) -> None:
+    def show(number: int, epoch: int | None) -> None:
         with lock:
-            running[number] = epoch
+            if epoch is None:
+                running.pop(number, None)
+            else:
+                running[number] = epoch
             bar.set_postfix_str(best_text[0] + "epochs " + " ".join(
                 f"#{n}:{e}/{train_cfg.epochs}" for n, e in sorted(running.items())))
 
@@ -172,7 +177,6 @@ def tune(model_name: str, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
                             best_fit = result
                     done += state != optuna.trial.TrialState.FAIL
                     bar.update(state != optuna.trial.TrialState.FAIL)
-                    running.pop(trial.number, None)
     finally:
         torch.set_num_threads(threads_before)
         bar.close()
