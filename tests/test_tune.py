@@ -92,3 +92,16 @@ def test_pruning_on_the_frozen_view_decides_as_optuna_does():
             decisions.append(ours)
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
     assert True in decisions and False in decisions  # both outcomes were exercised
+
+
+@pytest.mark.parametrize("sampler, pruner", [("tpe", "hyperband"), ("random", "none"), ("gp", "median")])
+def test_every_sampler_and_pruner_finishes_the_study(tmp_path, sampler, pruner):
+    train, val = _toy(6, size=16), _toy(3, size=16, start=50)
+    cfg = TuneConfig(trials=5, sampler=sampler, pruner=pruner, startup_trials=2, warmup_epochs=1)
+    result = tune("mlp", train, val, 3, cfg, TrainConfig(epochs=4, patience=0),
+                  f"sqlite:///{tmp_path / 's.db'}", progress=False)
+    finished = result.study.get_trials(states=FINISHED)
+    assert len(finished) == 5 and result.n_complete + result.n_pruned == 5
+    assert result.best_value == min(t.value for t in finished)
+    assert set(result.best_params) == {"activation", "layer_1", "layer_2", "layer_3", "dropout_1",
+                                       "dropout_2", "learning_rate"}
