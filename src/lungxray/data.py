@@ -8,6 +8,7 @@ not import torch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -271,22 +272,19 @@ def _decode_all(todo: list[Path], cfg: DataConfig, progress: bool):
 
     args = [(str(p), cfg.img_size) for p in todo]
     workers = min(cfg.workers or os.cpu_count() or 1, len(todo))
-    bar = tqdm(total=len(todo), desc="decoding", unit="img", disable=not progress or not todo)
-    if workers <= 1 or len(todo) < 8:
-        results = map(_process_file, args)
-    else:
-        # fork: workers start in milliseconds and only use Pillow/numpy, never torch.
-        ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
-        results = pool.map(_process_file, args, chunksize=max(1, len(args) // (workers * 8)))
-    try:
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=len(todo), desc="decoding", unit="img",
+                                       disable=not progress or not todo))
+        if workers <= 1 or len(todo) < 8:
+            results = map(_process_file, args)
+        else:
+            # fork: workers start in milliseconds and only use Pillow/numpy, never torch.
+            ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers, mp_context=ctx))
+            results = pool.map(_process_file, args, chunksize=max(1, len(args) // (workers * 8)))
         for result in results:
             bar.update()
             yield result
-    finally:
-        bar.close()
-        if workers > 1 and len(todo) >= 8:
-            pool.shutdown()
 
 
 def _load_pixels(files: list[tuple[Path, str, str | None]], cfg: DataConfig, progress: bool):
