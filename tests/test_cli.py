@@ -174,3 +174,15 @@ def test_integration_on_a_slice_of_the_shared_dataset(shared_data, tmp_path):
     assert metrics["accuracy"] > 1 / 3  # better than chance on real X-rays after 4 epochs
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["preprocessing"]["img_size"] == 64
+
+
+def test_run_with_folder_split_says_when_test_copies_train(split_tree, tmp_path, capsys):
+    common = [str(split_tree), "--img-size", "16", "--cache-dir", str(tmp_path / "c"), "--split", "folders",
+              "--trials", "1", "--epochs", "1", "--final-epochs", "1", "--quiet"]
+    assert main(["run", *common, "--out", str(tmp_path / "kept")]) == 0
+    out = capsys.readouterr()
+    assert "1 test images copy a training image" in out.out and "--drop-test-duplicates" in out.err
+    assert json.loads((tmp_path / "kept" / "metrics.json").read_text())["n"] == 13
+    assert main(["run", *common, "--out", str(tmp_path / "dropped"), "--drop-test-duplicates"]) == 0
+    assert "duplicate groups kept whole" in capsys.readouterr().out
+    assert json.loads((tmp_path / "dropped" / "metrics.json").read_text())["n"] == 12

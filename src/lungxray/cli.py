@@ -167,9 +167,11 @@ def cmd_run(args) -> int:
     split = json.loads(Path(summary["artifacts"]["metrics"]).read_text())["split"]
     print(f"best hyperparameters: {json.dumps(summary['best_params'])}")
     print(f"trials: {summary['trials_complete']} ran to the end, {summary['trials_pruned']} stopped early")
+    leaked = split["test_duplicates_of_train"]
+    duplicates = (f"{leaked} test images copy a training image: optimistic, see --drop-test-duplicates"
+                  if leaked else f"{summary['duplicate_groups']} duplicate groups kept whole")
     print(f"test accuracy {summary['test_accuracy']:.4f}, macro-F1 {summary['test_macro_f1']:.4f} on "
-          f"{summary['n_test']} held-out images ({split['mode']} split, seed {split['seed']}, "
-          f"{summary['duplicate_groups']} duplicate groups kept whole)")
+          f"{summary['n_test']} held-out images ({split['mode']} split, seed {split['seed']}, {duplicates})")
     print("artifacts:")
     for name, path in summary["artifacts"].items():
         print(f"  {name:<17} {path}")
