@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -19,6 +20,16 @@ from test_models_train import _toy
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
+def _count_finished(db) -> int:
+    """Finished trials, read with plain read-only SQL: loading the study through Optuna while the
+    tune process is still creating it would race it to create the tables."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            return conn.execute("SELECT COUNT(*) FROM trials WHERE state IN ('COMPLETE', 'PRUNED')").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0  # no database or no tables yet
+
+
 def _finished(storage):
     study = optuna.load_study(study_name="lungxray", storage=storage)
     return {t.number: (t.value, t.params) for t in study.get_trials(states=FINISHED)}, study
@@ -32,19 +43,11 @@ def test_killed_study_resumes_and_keeps_finished_trials(flat_tree, tmp_path):
            "--val-fraction", "0.2", "--quiet"]
     proc = subprocess.Popen([*cmd, "--trials", "200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    before = {}
-    while time.monotonic() < deadline and proc.poll() is None:
+    while time.monotonic() < deadline and proc.poll() is None and _count_finished(out / "study.db") < 2:
         time.sleep(0.3)
-        if (out / "study.db").exists():
-            try:
-                before, _ = _finished(storage)
-            except (KeyError, optuna.exceptions.StorageInternalError):
-                continue  # the study is being created
-            if len(before) >= 2:
-                break
     assert proc.poll() is None, f"tune ended before it could be killed: {proc.communicate()}"
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()  # reap it and close its pipes
     before, _ = _finished(storage)
     assert len(before) >= 2
 
