@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -75,7 +74,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     args = parser.parse_args()
     cache = args.out / "cache"
-    rows, results = [], {}
+    results = {}
     for seed in args.seeds:
         on = lungxray_run(args.data, args.out / f"lx-seed{seed}", seed, "median", cache)
         results[seed] = {"on": on}
@@ -105,7 +104,7 @@ def main() -> None:
 def render(args, results: dict, first: dict, lx_ips: float) -> str:
     command = (f"`.venv/bin/python bench/search_bench.py {args.data} --seeds {' '.join(map(str, args.seeds))} "
                f"--keras-seeds {' '.join(map(str, args.keras_seeds))}`")
-    lines = [f"## (b) The tutorial's search: lungxray vs Keras 3 + KerasTuner, and (c) predict speed", "",
+    lines = ["## (b) The tutorial's search: lungxray vs Keras 3 + KerasTuner, and (c) predict speed", "",
              f"Command: {command} ({machine()}). Same split for both (stratified 70/10/20, duplicate groups "
              "kept whole), 16 trials x 64 epochs, batch size 8; the Keras reference is the tutorial's code "
              "(BayesianOptimization on val_accuracy, final fit 128 epochs); lungxray selects by validation "

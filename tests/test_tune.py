@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
@@ -11,7 +10,6 @@ import time
 
 import optuna
 import pytest
-import torch
 
 from lungxray.config import TrainConfig, TuneConfig
 from lungxray.tune import tune

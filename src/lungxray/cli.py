@@ -212,11 +212,11 @@ def cmd_evaluate(args) -> int:
     import numpy as np
 
     from lungxray import pipeline
-    from lungxray.bundle import verify_bundle
+    from lungxray.bundle import Predictor
     from lungxray.data import load_dataset
 
-    img_size = verify_bundle(args.model_dir)["preprocessing"]["img_size"]  # preprocess as in training
-    ds = load_dataset(args.data, _data_cfg(args, img_size), progress=not args.quiet, min_classes=1)
+    predictor = Predictor(args.model_dir)  # verified and loaded once
+    ds = load_dataset(args.data, _data_cfg(args, predictor.img_size_), progress=not args.quiet, min_classes=1)
     idx = np.arange(len(ds.samples))
     if args.splits is not None:
         test = set(json.loads(args.splits.read_text())["test"])
@@ -224,7 +224,7 @@ def cmd_evaluate(args) -> int:
         if len(idx) == 0:
             raise ValueError(f"none of the test images in {args.splits} is in {args.data}; "
                              "pass the dataset folder the run was made from")
-    metrics = pipeline.evaluate_split(args.model_dir, ds, idx, args.out)
+    metrics = pipeline.evaluate_split(predictor, ds, idx, args.out)  # preprocessed as in training
     print(f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, loss {metrics['loss']:.4f} "
           f"on {metrics['n']} images")
     print(f"written: {args.out / 'metrics.json'}, {args.out / 'confusion_matrix.png'}")

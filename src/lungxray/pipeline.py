@@ -90,9 +90,8 @@ def train_stage(ds: Dataset, split: Split, model_name: str, params: dict, train_
     return result, folder
 
 
-def evaluate_split(model_dir: Path, ds: Dataset, idx: np.ndarray, out: Path) -> dict:
-    """Evaluate the saved bundle on samples ``idx`` of ``ds``; writes metrics.json and the plot."""
-    predictor = Predictor(model_dir)
+def evaluate_split(predictor: Predictor, ds: Dataset, idx: np.ndarray, out: Path) -> dict:
+    """Evaluate a loaded bundle on samples ``idx`` of ``ds``; writes metrics.json and the plot."""
     index = {c: i for i, c in enumerate(predictor.classes_)}
     unknown = sorted(set(ds.classes) - set(index))
     if unknown:
@@ -130,7 +129,7 @@ def run(data: Path, out: Path, model_name: str, data_cfg: DataConfig, split_cfg:
     fitted, model_dir = train_stage(ds, split, model_name, tuned.best_params, final_cfg, data_cfg,
                                     out, force=force, progress=progress, trained=same)
     clock.lap("train_s")
-    metrics = evaluate_split(model_dir, ds, split.test, out)  # the one read of the test split
+    metrics = evaluate_split(Predictor(model_dir), ds, split.test, out)  # the one read of the test split
     metrics["split"] = {"mode": split.mode, "seed": split.seed, **split.sizes(),
                         "test_duplicates_of_train": split.test_duplicates_of_train}
     write_metrics(metrics, out / "metrics.json")
