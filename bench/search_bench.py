@@ -124,7 +124,7 @@ def render(args, results: dict, first: dict, lx_ips: float) -> str:
             lines.append(f"Keras reference, seed {seed}: search {k['search_s']:.1f} s, test accuracy {k['test_accuracy']:.4f}.")
     accs = [results[s]["on"]["test_accuracy"] for s in args.seeds]
     lines += ["", "### Robust selection: lungxray's tuned MLP over seeds (split + search)", "",
-              "| seed | test accuracy | macro-F1 | n test | best parameters | whole run s (stages in run.json, without ~4 s of start-up) |", "|---|---|---|---|---|---|"]
+              "| seed | test accuracy | macro-F1 | n test | best parameters | whole run s (sum of the stages in run.json; start-up and imports not included) |", "|---|---|---|---|---|---|"]
     for s in args.seeds:
         on = results[s]["on"]
         lines.append(f"| {s} | {on['test_accuracy']:.4f} | {on['test_macro_f1']:.4f} | {on['n_test']} | "
