@@ -16,7 +16,8 @@ import os
 _CANDIDATES = [os.environ.get("LUNGXRAY_SHARED_DATA", ""),
                Path(__file__).resolve().parents[2] / "shared" / "data" / "covid19-image-dataset",
                "/work/shared/data/covid19-image-dataset"]
-SHARED_DATA = next((Path(p) for p in _CANDIDATES if p and Path(p).is_dir()), None)
+# Resolved: tests link to its files from tmp_path, where a relative path would point nowhere.
+SHARED_DATA = next((Path(p).resolve() for p in _CANDIDATES if p and Path(p).is_dir()), None)
 CLASSES = ("Covid", "Normal", "Viral Pneumonia")
 
 

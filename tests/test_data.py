@@ -63,9 +63,11 @@ def test_bad_files_are_listed_with_reasons_not_crashed_on(flat_tree, cache_dir):
     (bad / "truncated.jpg").write_bytes(good_jpeg[: len(good_jpeg) // 2])
     (bad / "bomb.png").write_bytes(png_bomb())
     (flat_tree / "stray.txt").write_text("not in a class folder")
+    (bad / "moved.png").symlink_to(flat_tree / "no_such_file.png")
     ds = load_dataset(flat_tree, DataConfig(img_size=16, cache_dir=cache_dir), progress=False)
     reasons = {os.path.basename(s.path): s.reason for s in ds.skipped}
-    assert set(reasons) == {"empty.png", "report.pdf.png", "truncated.jpg", "bomb.png", "stray.txt"}
+    assert set(reasons) == {"empty.png", "report.pdf.png", "truncated.jpg", "bomb.png", "stray.txt", "moved.png"}
+    assert "broken symbolic link" in reasons["moved.png"]
     assert "zero bytes" in reasons["empty.png"]
     assert "not an image" in reasons["report.pdf.png"]
     assert "truncated" in reasons["truncated.jpg"]

@@ -134,8 +134,13 @@ def discover(root: Path) -> tuple[str, list[tuple[Path, str, str | None]], list[
         for class_dir in _class_dirs(parent):
             label = normalise_class_name(class_dir.name)
             for path in sorted(class_dir.rglob("*")):
-                if path.is_file() and not path.name.startswith("."):
+                if path.name.startswith("."):
+                    continue
+                if path.is_file():
                     files.append((path, label, split))
+                elif path.is_symlink() and not path.exists():
+                    stray.append(Skipped(str(path), f"broken symbolic link (points to {os.readlink(path)}, "
+                                                    "which does not exist)"))
     return layout, files, stray
 
 
