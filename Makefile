@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/lungxray run "$(DATA)" --out $(OUT) --seed $(SEED) --force
+	$(BIN)/lungxray run "$(DATA)" --model mlp --out $(OUT) --seed $(SEED) --force
 
 test: setup
 	LUNGXRAY_SHARED_DATA="$(DATA)" $(BIN)/python -m pytest -q

@@ -38,7 +38,7 @@ def keras_python() -> Path:
 
 
 def lungxray_run(data: Path, out: Path, seed: int, pruner: str, cache: Path) -> dict:
-    cmd = [str(ROOT / ".venv" / "bin" / "lungxray"), "run", str(data), "--out", str(out), "--seed", str(seed),
+    cmd = [str(ROOT / ".venv" / "bin" / "lungxray"), "run", str(data), "--model", "mlp", "--out", str(out), "--seed", str(seed),
            "--pruner", pruner, "--cache-dir", str(cache), "--force", "--quiet"]
     if (out / "study.db").exists():
         (out / "study.db").unlink()  # a fresh study, not a resumed one

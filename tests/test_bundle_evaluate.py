@@ -10,7 +10,7 @@ import torch
 
 from conftest import synthetic_image
 from lungxray.bundle import BundleError, Predictor, save_bundle
-from lungxray.evaluate import compute_metrics
+from lungxray.evaluate import bootstrap_ci, compute_metrics
 from lungxray.models import create_model, get_spec
 
 HP = dict(get_spec("mlp").defaults)
@@ -86,8 +86,8 @@ def test_metrics_match_a_hand_computed_case():
     m = compute_metrics(y, probs, ["a", "b", "c"])
     assert m["n"] == 6 and m["accuracy"] == pytest.approx(5 / 6)
     assert m["confusion_matrix"] == [[2, 1, 0], [0, 2, 0], [0, 0, 1]]
-    assert m["per_class"]["b"] == {"precision": pytest.approx(2 / 3), "recall": 1.0,
-                                   "f1": pytest.approx(0.8), "support": 2}
+    assert {k: v for k, v in m["per_class"]["b"].items() if k not in ("specificity", "auroc")} == {
+        "precision": pytest.approx(2 / 3), "recall": 1.0, "f1": pytest.approx(0.8), "support": 2}
     assert m["per_class"]["a"]["recall"] == pytest.approx(2 / 3)
     assert m["macro_f1"] == pytest.approx((0.8 + 0.8 + 1.0) / 3)
     expected_loss = -np.mean(np.log([.8, .6, .2, .8, .6, .7]))
@@ -101,3 +101,50 @@ def test_metrics_with_only_some_classes_present():
     assert m["per_class"]["viral_pneumonia"]["support"] == 0
     assert m["confusion_matrix"] == [[1, 0, 1], [0, 1, 0], [0, 0, 0]]
     assert m["macro_f1"] == pytest.approx((2 / 3 + 1.0) / 2)  # over the classes present
+
+
+def test_auroc_and_specificity_match_a_hand_computed_case():
+    y = np.array([0, 0, 0, 1, 1, 2])
+    probs = np.array([[.8, .1, .1], [.6, .3, .1], [.2, .7, .1], [.1, .8, .1], [.3, .6, .1], [.1, .2, .7]])
+    m = compute_metrics(y, probs, ["a", "b", "c"], resamples=0)
+    # class a: scores of positives .8 .6 .2, of negatives .1 .3 .1 -> 8 of 9 pairs ranked right
+    assert m["per_class"]["a"]["auroc"] == pytest.approx(8 / 9)
+    assert m["per_class"]["c"]["auroc"] == 1.0
+    # class b: 1 false positive among 4 negatives
+    assert m["per_class"]["b"]["specificity"] == pytest.approx(3 / 4)
+    assert m["per_class"]["a"]["specificity"] == 1.0
+    assert m["macro_auroc"] == pytest.approx(np.mean([m["per_class"][c]["auroc"] for c in "abc"]))
+    assert "ci95" not in m
+
+
+def test_bootstrap_ci_matches_the_binomial_case():
+    # 80 of 100 right: resampled accuracy is Binomial(100, 0.8) / 100, whose 2.5% and 97.5%
+    # quantiles are 0.72 and 0.88 (scipy.stats.binom.ppf).
+    y = np.zeros(100, dtype=np.int64)
+    probs = np.zeros((100, 2))
+    probs[:80, 0], probs[80:, 1] = 1.0, 1.0
+    ci = bootstrap_ci(y, probs, ["x", "y"], resamples=10_000, seed=0)
+    assert ci["accuracy"] == pytest.approx([0.72, 0.88])
+    assert ci["recall/x"] == pytest.approx([0.72, 0.88])
+    assert ci["auroc/x"] is None  # one class only: AUROC undefined, an interval of None, not a crash
+    assert bootstrap_ci(y, probs, ["x", "y"], resamples=500, seed=3) == bootstrap_ci(
+        y, probs, ["x", "y"], resamples=500, seed=3)  # seeded
+
+
+def test_vectorised_resample_metrics_equal_sklearn_on_the_data_itself():
+    from lungxray.evaluate import _resampled_metrics
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 20)
+    probs = rng.dirichlet([1, 1, 1], 60)
+    probs[np.arange(60), y] += rng.uniform(0, 1, 60)
+    probs /= probs.sum(1, keepdims=True)
+    m = compute_metrics(y, probs, ["a", "b", "c"], resamples=0)
+    same = _resampled_metrics(y, probs, [0, 1, 2], np.arange(60)[None])  # the identity "resample"
+    assert same["accuracy"][0] == pytest.approx(m["accuracy"])
+    assert same["macro_f1"][0] == pytest.approx(m["macro_f1"])
+    assert same["macro_auroc"][0] == pytest.approx(m["macro_auroc"])
+    for i, c in enumerate("abc"):
+        assert same[f"recall/{i}"][0] == pytest.approx(m["per_class"][c]["recall"])
+        assert same[f"specificity/{i}"][0] == pytest.approx(m["per_class"][c]["specificity"])
+        assert same[f"auroc/{i}"][0] == pytest.approx(m["per_class"][c]["auroc"])

@@ -14,7 +14,8 @@ from conftest import write_tree
 from lungxray.bundle import Predictor
 from lungxray.cli import main
 
-METRIC_KEYS = {"classes", "n", "loss", "accuracy", "macro_f1", "per_class", "confusion_matrix"}
+METRIC_KEYS = {"classes", "n", "loss", "accuracy", "macro_f1", "macro_auroc", "per_class", "confusion_matrix",
+               "ci95", "bootstrap"}
 
 
 def _check_metrics_schema(metrics: dict, classes: list[str]) -> None:
@@ -26,7 +27,10 @@ def _check_metrics_schema(metrics: dict, classes: list[str]) -> None:
     assert 0 <= metrics["accuracy"] <= 1
     assert set(metrics["per_class"]) == set(classes)
     for stats in metrics["per_class"].values():
-        assert set(stats) == {"precision", "recall", "f1", "support"}
+        assert set(stats) == {"precision", "recall", "specificity", "f1", "auroc", "support"}
+    for key in ("accuracy", "macro_f1"):  # a bootstrap interval around the point estimate
+        low, high = metrics["ci95"][key]
+        assert 0 <= low <= metrics[key] <= high <= 1
     cm = np.array(metrics["confusion_matrix"])
     assert cm.shape == (len(classes), len(classes)) and cm.sum() == metrics["n"]
     assert np.trace(cm) / cm.sum() == pytest.approx(metrics["accuracy"])
@@ -138,7 +142,9 @@ def test_scan_json(split_tree, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag, value, message", [("--trials", "0", "--trials"), ("--img-size", "4", "--img-size"),
-                                                  ("--batch-size", "0", "--batch-size")])
+                                                  ("--batch-size", "0", "--batch-size"), ("--zoom", "0.7", "--zoom"),
+                                                  ("--rotate", "90", "--rotate"),
+                                                  ("--device", "cuda", "torch sees no CUDA GPU")])
 def test_bad_settings_name_the_flag(flat_tree, tmp_path, capsys, flag, value, message):
     code = main(["run", str(flat_tree), "--out", str(tmp_path / "r"), flag, value, "--quiet"])
     assert code == 2
@@ -186,3 +192,65 @@ def test_run_with_folder_split_says_when_test_copies_train(split_tree, tmp_path,
     assert main(["run", *common, "--out", str(tmp_path / "dropped"), "--drop-test-duplicates"]) == 0
     assert "duplicate groups kept whole" in capsys.readouterr().out
     assert json.loads((tmp_path / "dropped" / "metrics.json").read_text())["n"] == 12
+
+
+def test_cv_writes_per_fold_and_pooled_metrics_with_intervals(tmp_path, capsys):
+    data = write_tree(tmp_path / "data", per_class=12)
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"depth": 1, "width": 8, "dropout": 0.0, "learning_rate": 3e-3,
+                                  "weight_decay": 1e-4, "batch_size": 8}))
+    out = tmp_path / "cv"
+    code = main(["cv", str(data), "--folds", "3", "--params", str(params), "--epochs", "4", "--img-size", "32",
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--seed", "4", "--quiet"])
+    assert code == 0
+    report = json.loads((out / "cv.json").read_text())
+    assert report["model"] == "cnn" and report["folds"] == 3 and report["seed"] == 4
+    assert report["settings"]["recipe"]["optimizer"] == "adamw" and report["settings"]["recipe"]["augment"]
+    assert [f["fold"] for f in report["per_fold"]] == [1, 2, 3]
+    assert all(f["params"]["width"] == 8 and f["epochs_run"] <= 4 for f in report["per_fold"])
+    # every image predicted exactly once, by the fold that did not train on it
+    oof = report["out_of_fold"]
+    assert len(oof) == 36 and len({o["path"] for o in oof}) == 36
+    folds = json.loads((out / "folds.json").read_text())
+    for o in oof:
+        fold = folds[o["fold"] - 1]
+        assert o["path"] in fold["test"] and o["path"] not in fold["train"] + fold["val"]
+        assert sum(o["probabilities"].values()) == pytest.approx(1.0)
+    _check_metrics_schema(report["pooled"], ["covid", "normal", "viral_pneumonia"])
+    row = report["summary"]["macro_f1"]
+    fold_f1 = [f["metrics"]["macro_f1"] for f in report["per_fold"]]
+    assert row["mean"] == pytest.approx(np.mean(fold_f1)) and row["std"] == pytest.approx(np.std(fold_f1, ddof=1))
+    assert row["ci95"] == report["pooled"]["ci95"]["macro_f1"]
+    for name in ("recall/covid", "specificity/normal", "auroc/viral_pneumonia", "macro_auroc"):
+        assert name in report["summary"]
+    assert report["pooled"]["accuracy"] > 0.6  # the synthetic classes are easy to tell apart
+    printed = capsys.readouterr().out
+    assert "3-fold cross-validation on 36 images" in printed and "macro_f1" in printed
+    assert (out / "cv_confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cv_can_tune_inside_each_fold(tmp_path):
+    data = write_tree(tmp_path / "data", per_class=10)
+    out = tmp_path / "cv"
+    code = main(["cv", str(data), "--model", "mlp", "--tune", "--trials", "2", "--folds", "2", "--epochs", "2",
+                 "--img-size", "16", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--quiet"])
+    assert code == 0
+    report = json.loads((out / "cv.json").read_text())
+    assert report["tuned_in_each_fold"] and (out / "study.db").is_file()
+    import optuna
+
+    names = sorted(s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{out / 'study.db'}"))
+    assert names == ["lungxray-fold1", "lungxray-fold2"]
+    assert all(set(f["params"]) >= {"activation", "layer_1", "learning_rate"} for f in report["per_fold"])
+
+
+def test_cv_refuses_tune_with_params_and_a_bad_init_weights_file(flat_tree, tmp_path, capsys):
+    params = tmp_path / "p.json"
+    params.write_text("{}")
+    assert main(["cv", str(flat_tree), "--tune", "--params", str(params), "--out", str(tmp_path / "o")]) == 2
+    assert "--tune and --params" in capsys.readouterr().err
+    bad = tmp_path / "w.safetensors"
+    bad.write_bytes(b"garbage")
+    assert main(["cv", str(flat_tree), "--img-size", "16", "--folds", "2", "--epochs", "1", "--init-weights", str(bad),
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "not a readable safetensors file" in capsys.readouterr().err

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from conftest import synthetic_image
-from lungxray.config import TrainConfig
+from dataclasses import replace
+
+from lungxray.augment import BatchAugment
+from lungxray.config import AugmentConfig, TrainConfig
 from lungxray.models import REGISTRY, UnknownModelError, create_model, get_spec
 from lungxray.train import fit, to_tensor
 
@@ -20,20 +23,24 @@ def _toy(n_per_class=10, size=16, start=0):
 
 
 def test_unknown_model_lists_known_ones():
-    with pytest.raises(UnknownModelError, match="known models: mlp"):
+    with pytest.raises(UnknownModelError, match="known models: cnn, densenet121, mlp, resnet18"):
         create_model("resnet999", (1, 16, 16), 3)
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_model_forward_backward_finite_with_gradient_everywhere(name):
     torch.manual_seed(0)
-    model = create_model(name, (1, 16, 16), 3, **get_spec(name).defaults)
-    x, y = _toy(2)
-    loss = torch.nn.functional.cross_entropy(model(x), y)
+    model = create_model(name, (1, 32, 32), 3, **get_spec(name).defaults)
+    x, y = _toy(2, size=32)  # (6, 1, 32, 32): the smallest side DenseNet-121's four poolings allow
+    logits = model(x)
+    assert logits.shape == (6, 3)
+    loss = torch.nn.functional.cross_entropy(logits, y)
     loss.backward()
     assert torch.isfinite(loss)
     for pname, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
+    # every dropout can be seeded (MONAI's nn.Dropout swapped for lungxray's)
+    assert all(type(m) is not torch.nn.Dropout for m in model.modules())
 
 
 def test_mlp_matches_the_tutorial_architecture():
@@ -90,3 +97,78 @@ def test_patience_stops_a_run_that_stopped_improving():
     hp = {**get_spec("mlp").defaults, "learning_rate": 1e-2}
     result = fit("mlp", hp, train, val, 3, TrainConfig(epochs=60, patience=3))
     assert len(result.history) == result.best_epoch + 3 < 60
+
+
+def test_cnn_fit_with_augmentation_schedule_and_seeded_dropout_is_reproducible():
+    train, val = _toy(6, size=32), _toy(3, size=32, start=50)
+    hp = {**get_spec("cnn").defaults, "depth": 1, "width": 8, "dropout": 0.3, "batch_size": 8}
+    cfg = TrainConfig(epochs=3, seed=2, class_weighted=True)  # recipe: AdamW, cosine, augmentation
+    a, b = fit("cnn", hp, train, val, 3, cfg), fit("cnn", hp, train, val, 3, cfg)
+    assert [h.train_loss for h in a.history] == [h.train_loss for h in b.history]
+    assert all(np.isfinite(h.train_loss) for h in a.history)
+    off = fit("cnn", hp, train, val, 3, replace(cfg, augment=False))
+    assert [h.train_loss for h in off.history] != [h.train_loss for h in a.history]
+
+
+def test_augmentation_keeps_shape_and_range_changes_images_and_follows_its_seed():
+    x = _toy(2, size=32)[0]  # (6, 1, 32, 32)
+    make = lambda seed, **kw: BatchAugment(AugmentConfig(**kw), torch.Generator().manual_seed(seed))  # noqa: E731
+    out = make(0)(x)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert (out - x).abs().mean() > 0.01  # it did change the images
+    assert torch.equal(out, make(0)(x)) and not torch.equal(out, make(1)(x))
+    # all ranges zero: the warp is the identity and intensities are untouched
+    still = make(0, rotation=0, shift=0, scale=0, brightness=0, contrast=0)(x)
+    assert torch.allclose(still, x, atol=1e-5)
+    # a pure shift moves the bright band of class 1 (columns 12..19 at 32 px) sideways
+    shifted = make(3, rotation=0, shift=0.2, scale=0, brightness=0, contrast=0)(x)
+    assert not torch.allclose(shifted, x, atol=1e-3)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_init_weights_round_trip_a_file_the_test_writes(tmp_path, suffix):
+    from safetensors.torch import save_file
+
+    from lungxray.models import load_init_weights
+
+    torch.manual_seed(0)
+    source = create_model("cnn", (1, 32, 32), 3, depth=1, width=8)
+    path = tmp_path / f"weights{suffix}"
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(state, path) if suffix == ".safetensors" else torch.save({"state_dict": state}, path)
+    torch.manual_seed(1)
+    target = create_model("cnn", (1, 32, 32), 3, depth=1, width=8)
+    assert not torch.equal(target.state_dict()["conv1.weight"], state["conv1.weight"])
+    load_init_weights(target, path)
+    for key, value in state.items():
+        assert torch.equal(target.state_dict()[key], value), key
+    # and fit() starts from it: one epoch at learning rate ~0 leaves the weights where the file put them
+    train, val = _toy(3, size=32), _toy(2, size=32, start=50)
+    hp = {"depth": 1, "width": 8, "dropout": 0.0, "learning_rate": 1e-12, "weight_decay": 0.0, "batch_size": 9}
+    result = fit("cnn", hp, train, val, 3, TrainConfig(epochs=1, augment=False, init_weights=path))
+    conv = result.model.state_dict()["conv1.weight"]
+    assert torch.allclose(conv, state["conv1.weight"], atol=1e-6)
+
+
+def test_init_weights_refuses_a_mismatched_file_and_lists_the_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    from lungxray.models import InitWeightsError, load_init_weights
+
+    wider = create_model("cnn", (1, 32, 32), 3, depth=1, width=16).state_dict()
+    wider["extra.weight"] = torch.zeros(2)
+    del wider["fc.1.weight"]
+    path = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in wider.items()}, path)
+    model = create_model("cnn", (1, 32, 32), 3, depth=1, width=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InitWeightsError) as info:
+        load_init_weights(model, path)
+    message = str(info.value)
+    assert "missing from the file: fc.1.weight" in message
+    assert "unexpected in the file: extra.weight" in message
+    assert "conv1.weight (file (16, 1, 7, 7), model (8, 1, 7, 7))" in message
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing half-loaded
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(InitWeightsError, match="weights_only=True"):
+        load_init_weights(model, tmp_path / "junk.pt")

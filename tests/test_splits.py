@@ -7,7 +7,7 @@ import pytest
 
 from lungxray.config import ConfigError, DataConfig, SplitConfig
 from lungxray.data import load_dataset
-from lungxray.splits import LeakageError, Split, check_no_leakage, folder_split, random_split
+from lungxray.splits import LeakageError, Split, check_no_leakage, folder_split, make_folds, random_split
 
 
 def _labels_groups(n_per_class=40, n_classes=3, dup_every=5):
@@ -78,3 +78,30 @@ def test_shared_dataset_split_keeps_every_duplicate_group_whole(shared_data, tmp
 def test_bad_fractions_name_the_flag():
     with pytest.raises(ConfigError, match="--val-fraction"):
         SplitConfig(val_fraction=0.5, test_fraction=0.45)
+
+
+@pytest.mark.parametrize("k, seed", [(5, 0), (3, 7)])
+def test_folds_are_disjoint_stratified_grouped_and_test_every_image_once(k, seed):
+    labels, groups = _labels_groups(n_per_class=30)
+    folds = make_folds(labels, groups, k, seed)
+    assert len(folds) == k
+    tested = np.concatenate([f.test for f in folds])
+    assert sorted(tested.tolist()) == list(range(len(labels)))  # each image in exactly one test part
+    for fold in folds:
+        parts = [fold.train, fold.val, fold.test]
+        assert sum(len(p) for p in parts) == len(labels)
+        for a in range(3):
+            for b in range(a + 1, 3):
+                assert not set(parts[a]) & set(parts[b])
+                assert not set(groups[parts[a]]) & set(groups[parts[b]])  # no near-copy on both sides
+        counts = np.bincount(labels[fold.test], minlength=3)
+        assert counts.max() - counts.min() <= 2  # 30 per class over k folds: balanced test parts
+        assert abs(len(fold.test) - len(labels) / k) <= 3
+    again = make_folds(labels, groups, k, seed)
+    assert all(np.array_equal(a.test, b.test) for a, b in zip(folds, again))
+
+
+def test_too_few_images_for_the_folds_is_a_clear_error():
+    labels, groups = np.array([0, 1, 0, 1]), np.arange(4)
+    with pytest.raises(ValueError, match="fewer --folds"):
+        make_folds(labels, groups, 5, 0)

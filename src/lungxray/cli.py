@@ -1,7 +1,7 @@
 """Command line: one subcommand per stage, each a thin call into the library.
 
 ``lungxray run`` does everything; ``scan``, ``tune``, ``train``, ``evaluate`` and ``predict`` run
-one stage each. Errors the user can fix are printed as one line (exit code 2), not as a traceback.
+one stage each; ``cv`` cross-validates. Errors the user can fix are printed as one line (exit code 2), not as a traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import warnings
 from pathlib import Path
 
 from lungxray import __version__
-from lungxray.config import ConfigError, DataConfig, SplitConfig, TrainConfig, TuneConfig, default_cache_dir
+from lungxray.config import (AugmentConfig, ConfigError, DataConfig, SplitConfig, TrainConfig, TuneConfig,
+                             default_cache_dir)
 
 
 def _data_args(p: argparse.ArgumentParser, img_size: bool = True) -> None:
@@ -39,15 +40,37 @@ def _split_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser, epochs_flag: str) -> None:
-    p.add_argument("--model", default="mlp", help="registered model name (default mlp)")
-    p.add_argument(epochs_flag, dest="epochs", type=int, default=64, help="epochs per training run (default 64)")
-    p.add_argument("--batch-size", type=int, default=8, help="mini-batch size (default 8, as the tutorial)")
+    p.add_argument("--model", default="cnn",
+                   help="registered model: cnn (small MONAI CNN, default), resnet18, densenet121, or mlp "
+                        "(the tutorial's)")
+    p.add_argument(epochs_flag, dest="epochs", type=int, default=None,
+                   help="epochs per training run (default: the model's, 64 for mlp, 30 for cnn)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="mini-batch size where the hyperparameters set none (default: the model's, 8 for mlp)")
     p.add_argument("--patience", type=int, default=16,
                    help="stop a training run after this many epochs without a better validation "
                         "figure; 0 never stops early (default 16)")
     p.add_argument("--objective", choices=["val_loss", "val_accuracy"], default="val_loss",
                    help="validation figure that picks the kept epoch and the best trial (default val_loss)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: CUDA with mixed precision when a GPU is there, else CPU (default)")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default=None,
+                   help="learning rate over a run (default: the model's, cosine for CNNs, constant for mlp)")
+    p.add_argument("--class-weighted", action="store_true", help="weight the loss by inverse class frequency")
+    p.add_argument("--init-weights", type=Path, default=None,
+                   help="start from a local weights file (.safetensors, or a torch state dict read with "
+                        "weights_only=True) instead of random weights")
+    g = p.add_argument_group("augmentation of training batches (default: on for CNNs, off for mlp)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="turn augmentation on or off")
+    defaults = AugmentConfig()
+    for flag, field, what in (("--rotate", "rotation", "degrees either way"), ("--shift", "shift", "share of the side"),
+                              ("--zoom", "scale", "share in or out"), ("--brightness", "brightness", "added to [0, 1] pixels"),
+                              ("--contrast", "contrast", "share")):
+        g.add_argument(flag, type=float, default=getattr(defaults, field),
+                       help=f"{what} (default {getattr(defaults, field):g})")
+    g.add_argument("--hflip", action="store_true", help="mirror half the images left-right (off: anatomy is not symmetric)")
 
 
 def _tune_args(p: argparse.ArgumentParser) -> None:
@@ -59,7 +82,8 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
                         "inside trials")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite file OUT/study.db)")
     p.add_argument("--study-name", default="lungxray", help="study name inside the storage")
-    p.add_argument("--jobs", type=int, default=2, help="trials trained side by side (default 2)")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="trials trained side by side (default: the model's, 2 for mlp, 1 for CNNs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="scan, split, tune, train, evaluate and save: the whole job")
     _data_args(p), _split_args(p), _tune_args(p)
     _train_args(p, "--epochs")
-    p.add_argument("--final-epochs", type=int, default=64, help="epochs of the final training (default 64)")
+    p.add_argument("--final-epochs", type=int, default=None, help="epochs of the final training (default: --epochs)")
     p.add_argument("--out", type=Path, required=True, help="run folder for the model, metrics, plots and study")
     p.add_argument("--force", action="store_true", help="replace a model already in OUT")
 
@@ -98,6 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="splits.json of a run: evaluate only its test images (default: every image in DATA)")
     p.add_argument("--out", type=Path, required=True, help="folder for metrics.json and the plot")
 
+    p = sub.add_parser("cv", help="k-fold cross-validation: mean +- std over folds and bootstrap CIs; writes OUT/cv.json")
+    _data_args(p)
+    _train_args(p, "--epochs")
+    p.add_argument("--folds", type=int, default=5, help="folds, stratified and grouped by duplicate group (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds, training and bootstrap (default 0)")
+    p.add_argument("--params", type=Path, default=None,
+                   help="JSON of fixed hyperparameters for every fold (default: the model's defaults)")
+    p.add_argument("--tune", action="store_true",
+                   help="tune inside each fold's training part instead of using fixed hyperparameters")
+    _tune_args(p)
+    p.add_argument("--out", type=Path, required=True, help="folder for cv.json, folds.json and the plot")
+
     p = sub.add_parser("predict", help="class and probabilities for each image")
     p.add_argument("model_dir", metavar="MODEL", type=Path, help="model bundle folder (RUN/model)")
     p.add_argument("images", metavar="IMAGE", type=Path, nargs="+", help="image files")
@@ -117,11 +153,28 @@ def _split_cfg(args) -> SplitConfig:
                        drop_test_duplicates=args.drop_test_duplicates, seed=args.seed)
 
 
-def _train_cfg(args, epochs: int, in_trials: bool = False) -> TrainConfig:
+def _augment(args, recipe_augments: bool) -> AugmentConfig | bool:
+    on = args.augment if args.augment is not None else recipe_augments
+    if not on:
+        return False
+    return AugmentConfig(rotation=args.rotate, shift=args.shift, scale=args.zoom, brightness=args.brightness,
+                         contrast=args.contrast, hflip=args.hflip)
+
+
+def _train_cfg(args, epochs: int | None, in_trials: bool = False) -> TrainConfig:
+    from lungxray.models import get_spec
+    from lungxray.train import resolve_device
+
+    recipe = get_spec(args.model).recipe
+    resolve_device(args.device)  # a missing GPU is an error now, not after the scan
     # Inside trials, early stopping on patience is part of pruning: --pruner none turns it off.
     patience = 0 if in_trials and args.pruner == "none" else args.patience
-    return TrainConfig(epochs=epochs, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
-                       patience=patience, select_by=args.objective)
+    epochs = next((e for e in (epochs, args.epochs) if e is not None), recipe.epochs)
+    batch_size = recipe.batch_size if args.batch_size is None else args.batch_size
+    return TrainConfig(epochs=epochs, batch_size=batch_size,
+                       seed=args.seed, threads=args.threads, patience=patience, select_by=args.objective,
+                       schedule=args.schedule, augment=_augment(args, recipe.augment),
+                       class_weighted=args.class_weighted, device=args.device, init_weights=args.init_weights)
 
 
 def _tune_cfg(args) -> TuneConfig:
@@ -147,6 +200,11 @@ def _print_scan(summary: dict) -> None:
         print(f"{len(summary['cross_split_duplicates'])} duplicate pair(s) straddle two split folders")
 
 
+def _ci(metrics: dict, name: str) -> str:
+    interval = metrics.get("ci95", {}).get(name)
+    return f" (95% CI {interval[0]:.4f}-{interval[1]:.4f})" if interval else ""
+
+
 def cmd_scan(args) -> int:
     from lungxray.data import load_dataset
 
@@ -162,16 +220,19 @@ def cmd_run(args) -> int:
     from lungxray import pipeline
 
     summary = pipeline.run(args.data, args.out, args.model, _data_cfg(args), _split_cfg(args), _tune_cfg(args),
-                           _train_cfg(args, args.epochs, in_trials=True), _train_cfg(args, args.final_epochs),
+                           _train_cfg(args, args.epochs, in_trials=True),
+                           _train_cfg(args, args.final_epochs if args.final_epochs is not None else args.epochs),
                            force=args.force, progress=not args.quiet)
-    split = json.loads(Path(summary["artifacts"]["metrics"]).read_text())["split"]
+    metrics = json.loads(Path(summary["artifacts"]["metrics"]).read_text())
+    split = metrics["split"]
     print(f"best hyperparameters: {json.dumps(summary['best_params'])}")
     print(f"trials: {summary['trials_complete']} ran to the end, {summary['trials_pruned']} stopped early")
     leaked = split["test_duplicates_of_train"]
     duplicates = (f"{leaked} test images copy a training image: optimistic, see --drop-test-duplicates"
                   if leaked else f"{summary['duplicate_groups']} duplicate groups kept whole")
-    print(f"test accuracy {summary['test_accuracy']:.4f}, macro-F1 {summary['test_macro_f1']:.4f} on "
-          f"{summary['n_test']} held-out images ({split['mode']} split, seed {split['seed']}, {duplicates})")
+    print(f"test accuracy {summary['test_accuracy']:.4f}{_ci(metrics, 'accuracy')}, macro-F1 "
+          f"{summary['test_macro_f1']:.4f}{_ci(metrics, 'macro_f1')} on {summary['n_test']} held-out images "
+          f"({split['mode']} split, seed {split['seed']}, {duplicates})")
     print("artifacts:")
     for name, path in summary["artifacts"].items():
         print(f"  {name:<17} {path}")
@@ -196,8 +257,7 @@ def cmd_train(args) -> int:
     params_file = args.params or args.out / "best_params.json"
     if not params_file.is_file():
         raise FileNotFoundError(f"{params_file} not found; run `lungxray tune` first or pass --params FILE")
-    params = json.loads(params_file.read_text())
-    params = params.get("params", params)  # best_params.json wraps them; a plain dict works too
+    params = _read_params(params_file)
     data_cfg = _data_cfg(args)
     ds, split = pipeline.prepare(args.data, data_cfg, _split_cfg(args), args.out, not args.quiet)
     result, folder = pipeline.train_stage(ds, split, args.model, params, _train_cfg(args, args.epochs),
@@ -225,9 +285,47 @@ def cmd_evaluate(args) -> int:
             raise ValueError(f"none of the test images in {args.splits} is in {args.data}; "
                              "pass the dataset folder the run was made from")
     metrics = pipeline.evaluate_split(predictor, ds, idx, args.out)  # preprocessed as in training
-    print(f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, loss {metrics['loss']:.4f} "
-          f"on {metrics['n']} images")
+    auroc = "n/a" if metrics["macro_auroc"] is None else f"{metrics['macro_auroc']:.4f}"
+    print(f"accuracy {metrics['accuracy']:.4f}{_ci(metrics, 'accuracy')}, macro-F1 {metrics['macro_f1']:.4f}"
+          f"{_ci(metrics, 'macro_f1')}, macro AUROC {auroc}, loss {metrics['loss']:.4f} on {metrics['n']} images")
     print(f"written: {args.out / 'metrics.json'}, {args.out / 'confusion_matrix.png'}")
+    return 0
+
+
+def _read_params(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; pass a JSON file of hyperparameters "
+                                "(best_params.json of a run, or a plain {name: value} object)")
+    try:
+        params = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    return params.get("params", params)  # best_params.json wraps them; a plain dict works too
+
+
+def cmd_cv(args) -> int:
+    from lungxray import pipeline
+    from lungxray.models import get_spec
+
+    spec = get_spec(args.model)
+    if args.tune and args.params:
+        raise ValueError("--tune and --params exclude each other: tune inside each fold, or give fixed parameters")
+    params = None if args.tune else (_read_params(args.params) if args.params else dict(spec.defaults))
+    train_cfg = _train_cfg(args, args.epochs)
+    report = pipeline.cross_validate(args.data, args.out, args.model, _data_cfg(args), args.folds, args.seed,
+                                     train_cfg, params, _tune_cfg(args), _train_cfg(args, args.epochs, True),
+                                     progress=not args.quiet)
+    print(f"{args.model}, {args.folds}-fold cross-validation on {report['pooled']['n']} images "
+          f"(folds grouped by duplicate group, seed {args.seed}"
+          f"{', tuned in each fold' if args.tune else ''}):")
+    print(f"  {'metric':<28} {'mean +- std over folds':>24} {'pooled':>8}  95% CI (bootstrap)")
+    for name, row in report["summary"].items():
+        spread = (f"{row['mean']:.4f} +- {row['std']:.4f}" if row["std"] is not None
+                  else "n/a" if row["mean"] is None else f"{row['mean']:.4f}")
+        pooled = "n/a" if row["pooled"] is None else f"{row['pooled']:.4f}"
+        ci = "n/a" if row["ci95"] is None else f"[{row['ci95'][0]:.4f}, {row['ci95'][1]:.4f}]"
+        print(f"  {name:<28} {spread:>24} {pooled:>8}  {ci}")
+    print(f"written: {args.out / 'cv.json'}, {args.out / 'folds.json'}, {args.out / 'cv_confusion_matrix.png'}")
     return 0
 
 
@@ -254,17 +352,17 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main(argv: list[str] | None = None) -> int:
     from lungxray.bundle import BundleError
     from lungxray.data import DataError
-    from lungxray.models import UnknownModelError
+    from lungxray.models import InitWeightsError, UnknownModelError
     from lungxray.splits import LeakageError
 
     args = build_parser().parse_args(argv)
     warnings.showwarning = _one_line_warning
-    handler = {"scan": cmd_scan, "run": cmd_run, "tune": cmd_tune, "train": cmd_train,
+    handler = {"scan": cmd_scan, "run": cmd_run, "tune": cmd_tune, "train": cmd_train, "cv": cmd_cv,
                "evaluate": cmd_evaluate, "predict": cmd_predict}[args.command]
     try:
         return handler(args)
-    except (ConfigError, DataError, BundleError, UnknownModelError, LeakageError, FileExistsError,
-            FileNotFoundError, ValueError) as exc:
+    except (ConfigError, DataError, BundleError, UnknownModelError, InitWeightsError, LeakageError,
+            FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"lungxray {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

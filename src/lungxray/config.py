@@ -72,6 +72,50 @@ class SplitConfig:
             )
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How a model trains unless flags say otherwise; each registered model names its own."""
+
+    optimizer: str = "adamw"
+    """adam (the tutorial's) or adamw (decoupled weight decay)."""
+    schedule: str = "cosine"
+    """Learning rate over the run: constant, or cosine decay to zero by the last epoch."""
+    augment: bool = True
+    """Random affine and intensity changes of training batches."""
+    epochs: int = 40
+    """Epochs per training run."""
+    batch_size: int = 16
+    """Mini-batch size when the hyperparameters do not set one."""
+    jobs: int = 1
+    """Trials trained side by side: 2 for models too small to use two cores in one trial."""
+
+
+@dataclass
+class AugmentConfig:
+    """Random changes to each training image, drawn per image and applied to whole batches."""
+
+    rotation: float = 10.0
+    """Largest rotation, degrees either way (--rotate)."""
+    shift: float = 0.06
+    """Largest shift, as a share of the image side (--shift)."""
+    scale: float = 0.10
+    """Largest zoom in or out, as a share (--zoom)."""
+    brightness: float = 0.10
+    """Largest brightness change, added to pixels in [0, 1] (--brightness)."""
+    contrast: float = 0.15
+    """Largest contrast change, as a share (--contrast)."""
+    hflip: bool = False
+    """Mirror half the images left-right (--hflip). Off: the heart sits on the left in a PA film."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rotation <= 45:
+            raise ConfigError(f"--rotate must be between 0 and 45 degrees, got {self.rotation}")
+        for flag, value in (("--shift", self.shift), ("--zoom", self.scale),
+                            ("--brightness", self.brightness), ("--contrast", self.contrast)):
+            if not 0 <= value < 0.5:
+                raise ConfigError(f"{flag} must be in [0, 0.5), got {value}")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 64
@@ -86,8 +130,28 @@ class TrainConfig:
     """Stop when the validation figure has not improved for this many epochs; 0 never stops (--patience)."""
     select_by: str = "val_loss"
     """Which validation figure picks the kept epoch and the best trial: val_loss or val_accuracy (--objective)."""
+    optimizer: str | None = None
+    """adam or adamw; None: the model's recipe."""
+    schedule: str | None = None
+    """constant or cosine (--schedule); None: the model's recipe."""
+    augment: AugmentConfig | bool | None = None
+    """Training-batch augmentation: settings, True (default settings), False (off), None (the model's recipe)."""
+    class_weighted: bool = False
+    """Weight the loss by inverse class frequency (--class-weighted)."""
+    device: str = "auto"
+    """cpu, cuda, or auto: cuda when present (--device). Mixed precision on cuda."""
+    init_weights: Path | None = None
+    """Start from this weights file (safetensors, or a state dict) instead of random (--init-weights)."""
 
     def __post_init__(self) -> None:
+        if self.optimizer not in (None, "adam", "adamw"):
+            raise ConfigError(f"optimizer must be adam or adamw, got {self.optimizer!r}")
+        if self.schedule not in (None, "constant", "cosine"):
+            raise ConfigError(f"--schedule must be constant or cosine, got {self.schedule!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.init_weights is not None:
+            self.init_weights = Path(self.init_weights)
         if self.epochs < 1:
             raise ConfigError(f"--epochs/--final-epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -110,8 +174,8 @@ class TuneConfig:
     """Optuna storage URL; None means a SQLite file in the run folder (--storage)."""
     study_name: str = "lungxray"
     """Name of the study inside the storage (--study-name)."""
-    jobs: int = 2
-    """Trials trained side by side, in threads (--jobs)."""
+    jobs: int = 0
+    """Trials trained side by side, in threads (--jobs); 0: the model's recipe (MLP 2, CNNs 1)."""
     startup_trials: int = 4
     """Random trials before the sampler models the objective and before pruning starts."""
     warmup_epochs: int = 8
@@ -120,8 +184,8 @@ class TuneConfig:
     def __post_init__(self) -> None:
         if self.trials < 1:
             raise ConfigError(f"--trials must be at least 1, got {self.trials}")
-        if self.jobs < 1:
-            raise ConfigError(f"--jobs must be at least 1, got {self.jobs}")
+        if self.jobs < 0:
+            raise ConfigError(f"--jobs must be 0 (the model's default) or more, got {self.jobs}")
         if self.sampler not in ("gp", "tpe", "random"):
             raise ConfigError(f"--sampler must be gp, tpe or random, got {self.sampler!r}")
         if self.pruner not in ("median", "hyperband", "none"):

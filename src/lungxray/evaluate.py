@@ -1,40 +1,138 @@
-"""Metrics and plots: loss, accuracy, per-class precision/recall/F1, macro-F1, confusion matrix.
+"""Metrics, confidence intervals and plots.
 
 ``compute_metrics`` turns labels and probabilities into the ``metrics.json`` schema that other
-tools read; ``plot_confusion_matrix`` and ``plot_curves`` write the PNGs. Holds no training code.
+tools read: loss, accuracy, per-class precision/recall (sensitivity)/specificity/F1/AUROC,
+macro-F1, macro AUROC, confusion matrix, and a seeded percentile-bootstrap 95% interval per
+headline metric (``bootstrap_ci``). ``plot_confusion_matrix`` and ``plot_curves`` write the PNGs.
+Holds no training code.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, log_loss, precision_recall_fscore_support
+from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, log_loss, precision_recall_fscore_support,
+                             roc_auc_score)
+
+BOOTSTRAP_RESAMPLES = 2000
 
 
-def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
+def _auroc(y_true: np.ndarray, scores: np.ndarray, label: int) -> float | None:
+    """One-vs-rest ROC AUC of ``label``; None when the data hold only one side."""
+    positive = y_true == label
+    if positive.all() or not positive.any():
+        return None
+    return float(roc_auc_score(positive, scores))
+
+
+def _resampled_metrics(y_true: np.ndarray, probs: np.ndarray, present: list[int],
+                       idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Headline metrics of every bootstrap resample at once: ``idx`` (B, N) -> {name: (B,)}.
+
+    Vectorised over resamples (one confusion-matrix bincount, one rank pass per class): a
+    per-resample sklearn call would take ~1 s per thousand resamples and metric.
+    """
+    from scipy.stats import rankdata
+
+    n_res, n = idx.shape
+    n_classes = probs.shape[1]
+    y = y_true[idx]  # (B, N)
+    pred = probs.argmax(axis=1)[idx]
+    flat = (np.arange(n_res)[:, None] * n_classes + y) * n_classes + pred
+    cm = np.bincount(flat.ravel(), minlength=n_res * n_classes * n_classes).reshape(n_res, n_classes, n_classes)
+    tp = np.diagonal(cm, axis1=1, axis2=2).astype(float)  # (B, C)
+    actual, predicted = cm.sum(axis=2), cm.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = tp / actual
+        specificity = (n - actual - predicted + tp) / (n - actual)
+        f1 = np.where(2 * tp + (predicted - tp) + (actual - tp) > 0,
+                      2 * tp / (2 * tp + (predicted - tp) + (actual - tp)), 0.0)
+        auroc = np.full((n_res, n_classes), np.nan)
+        for c in range(n_classes):
+            ranks = rankdata(probs[:, c][idx], axis=1)  # ties get their average rank
+            pos = y == c
+            n_pos = pos.sum(axis=1)
+            n_neg = n - n_pos
+            auroc[:, c] = ((ranks * pos).sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    out = {"accuracy": tp.sum(axis=1) / n, "macro_f1": f1[:, present].mean(axis=1)}
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no class with both sides
+        out["macro_auroc"] = np.nanmean(auroc[:, present], axis=1)
+    for c in present:
+        out[f"recall/{c}"], out[f"specificity/{c}"], out[f"auroc/{c}"] = recall[:, c], specificity[:, c], auroc[:, c]
+    return out
+
+
+def bootstrap_ci(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *,
+                 resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+                 confidence: float = 0.95) -> dict[str, list[float] | None]:
+    """Percentile-bootstrap intervals of the headline metrics, resampling images with replacement.
+
+    scipy.stats.bootstrap draws the resamples (seeded) and takes the percentiles; the metrics
+    come from ``_resampled_metrics``. Keys: accuracy, macro_f1, macro_auroc, and
+    recall/<class>, specificity/<class>, auroc/<class>. None where a resample lacks a class.
+    """
+    from scipy.stats import DegenerateDataWarning, bootstrap
+
+    present = sorted(set(y_true.tolist()))
+    names = list(_resampled_metrics(y_true, probs, present, np.arange(len(y_true))[None]))
+
+    def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1, len(y_true))
+        values = _resampled_metrics(y_true, probs, present, idx)
+        return np.stack([values[k] for k in names])  # (metrics, B)
+
+    with warnings.catch_warnings():
+        # scipy warns when a metric is undefined in some resamples; those intervals become None.
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        result = bootstrap((np.arange(len(y_true)),), statistic, vectorized=True, n_resamples=resamples,
+                           confidence_level=confidence, method="percentile", rng=seed,
+                           batch=max(1, 20_000_000 // max(1, len(y_true))))
+    low, high = result.confidence_interval
+    readable = {f"{k.split('/')[0]}/{classes[int(k.split('/')[1])]}" if "/" in k else k: i for i, k in enumerate(names)}
+    return {k: None if not (np.isfinite(low[i]) and np.isfinite(high[i])) else [float(low[i]), float(high[i])]
+            for k, i in readable.items()}
+
+
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *,
+                    resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
     """``metrics.json`` content for integer labels ``y_true`` (N,) and probabilities ``probs`` (N, C).
 
-    Macro-F1 averages over the classes present in ``y_true`` (a dataset from another hospital may
-    hold only some of the model's classes); the confusion matrix always has every class.
+    Macro-F1 and macro AUROC average over the classes present in ``y_true`` (a dataset from
+    another hospital may hold only some of the model's classes); an absent class gets no AUROC
+    (None). The confusion matrix always has every class. ``ci95`` comes from ``resamples``
+    bootstrap resamples drawn with ``seed`` (0 resamples: no intervals).
     """
     labels = list(range(len(classes)))
     y_pred = probs.argmax(axis=1)
     present = sorted(set(y_true.tolist()))
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0)
-    return {
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    negatives = len(y_true) - cm.sum(axis=1)
+    true_negatives = negatives - (cm.sum(axis=0) - np.diag(cm))
+    auroc = [_auroc(y_true, probs[:, i], i) for i in labels]
+    defined = [a for a in auroc if a is not None]
+    metrics = {
         "classes": list(classes),
         "n": int(len(y_true)),
-        "loss": float(log_loss(y_true, np.clip(probs, 1e-7, 1.0), labels=labels)),
+        "loss": float(log_loss(y_true, probs, labels=labels)),  # sklearn clips at the dtype's epsilon
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "macro_auroc": float(np.mean(defined)) if defined else None,
         "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]),
-                             "f1": float(f1[i]), "support": int(support[i])}
+                             "specificity": float(true_negatives[i] / negatives[i]) if negatives[i] else None,
+                             "f1": float(f1[i]), "auroc": auroc[i], "support": int(support[i])}
                       for i, name in enumerate(classes)},
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "confusion_matrix": cm.tolist(),
     }
+    if resamples:
+        metrics["ci95"] = bootstrap_ci(y_true, probs, list(classes), resamples=resamples, seed=seed)
+        metrics["bootstrap"] = {"method": "percentile", "resamples": resamples, "seed": seed, "unit": "image"}
+    return metrics
 
 
 def write_metrics(metrics: dict, path: Path) -> None:

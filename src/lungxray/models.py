@@ -1,19 +1,28 @@
 """Model registry: ``create_model(name, **hp)`` and one Optuna search space per model.
 
-Each entry pairs a constructor with its search space, so the tuner never hard-codes a model. A
-hyperparameter that belongs to the optimiser (``learning_rate``) travels in the same dict and is
-ignored by the constructor. Holds no training loop.
+Each entry pairs a constructor with its search space and its training recipe, so the tuner never
+hard-codes a model. Hyperparameters that belong to training (learning rate, weight decay, batch
+size) travel in the same dict and are ignored by the constructor. The convolutional networks are
+MONAI's (``monai.networks.nets``), built for one input channel. Also loads ``--init-weights``
+files. Holds no training loop.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-OPTIMIZER_KEYS = ("learning_rate",)
+from lungxray.config import Recipe
+
+TRAINING_KEYS = ("learning_rate", "weight_decay", "batch_size")
+
+
+class InitWeightsError(ValueError):
+    """An ``--init-weights`` file cannot be read or does not fit the model; the message lists why."""
 
 
 class UnknownModelError(KeyError):
@@ -92,18 +101,98 @@ def mlp_space(trial) -> dict:
     }
 
 
+def _use_seeded_dropout(model: nn.Module) -> nn.Module:
+    """Swap every ``nn.Dropout`` of a MONAI network for lungxray's, which ``seed_dropout`` can seed."""
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) is nn.Dropout:
+                setattr(parent, name, Dropout(child.p))
+    return model
+
+
+def small_cnn(in_shape: tuple[int, int, int], n_classes: int, depth: int = 1, width: int = 16,
+              dropout: float = 0.1) -> nn.Module:
+    """A small MONAI ResNet: four stages of ``depth`` basic residual blocks, ``width`` channels
+    doubling per stage, global average pooling, dropout, then the class layer.
+
+    depth 1, width 16 is a ResNet-10 at a quarter of the width: 0.3 M parameters, ~200 training
+    images/s at 128 px on two CPU cores (measured). MONAI's plain ``Classifier`` ran as fast but
+    flattens the last feature map into its class layer (8,192 inputs per class at 128 px), which
+    overfit 250 images: cross-validated macro-F1 0.89 against this net's.
+    """
+    from monai.networks.nets import ResNet
+
+    net = ResNet(block="basic", layers=(depth,) * 4, block_inplanes=[width * 2 ** i for i in range(4)],
+                 spatial_dims=2, n_input_channels=in_shape[0], conv1_t_stride=2, num_classes=n_classes)
+    net.fc = nn.Sequential(Dropout(dropout), net.fc)
+    return net
+
+
+def resnet18(in_shape: tuple[int, int, int], n_classes: int) -> nn.Module:
+    """MONAI ResNet-18 with the usual stride-2 stem (MONAI's default stride 1 costs 4x the compute)."""
+    from monai.networks.nets import resnet18 as monai_resnet18
+
+    return monai_resnet18(spatial_dims=2, n_input_channels=in_shape[0], num_classes=n_classes,
+                          conv1_t_stride=2)
+
+
+def densenet121(in_shape: tuple[int, int, int], n_classes: int, dropout: float = 0.0) -> nn.Module:
+    """MONAI DenseNet-121 (CheXNet's architecture)."""
+    from monai.networks.nets import DenseNet121
+
+    net = DenseNet121(spatial_dims=2, in_channels=in_shape[0], out_channels=n_classes, dropout_prob=dropout)
+    return _use_seeded_dropout(net)
+
+
+def _optimiser_space(trial, batch_sizes: list[int]) -> dict:
+    return {
+        "learning_rate": trial.suggest_float("learning_rate", 1e-4, 3e-3, log=True),
+        "weight_decay": trial.suggest_float("weight_decay", 1e-5, 1e-1, log=True),
+        "batch_size": trial.suggest_categorical("batch_size", batch_sizes),
+    }
+
+
+def small_cnn_space(trial) -> dict:
+    return {
+        "depth": trial.suggest_int("depth", 1, 2),
+        "width": trial.suggest_categorical("width", [8, 16, 24]),
+        "dropout": trial.suggest_categorical("dropout", [0.0, 0.1, 0.2, 0.3]),
+        **_optimiser_space(trial, [8, 16, 32]),
+    }
+
+
+def resnet18_space(trial) -> dict:
+    return _optimiser_space(trial, [16, 32])
+
+
+def densenet121_space(trial) -> dict:
+    return {"dropout": trial.suggest_categorical("dropout", [0.0, 0.2]), **_optimiser_space(trial, [16, 32])}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     build: Callable[..., nn.Module]
     space: Callable[..., dict]
     defaults: dict
+    recipe: Recipe = field(default_factory=Recipe)
 
 
 REGISTRY: dict[str, ModelSpec] = {
+    # The tutorial's model and training, unchanged: Adam, constant learning rate, no augmentation.
     "mlp": ModelSpec(MLP, mlp_space, {"activation": "relu", "layer_1": 64, "layer_2": 64,
                                       "layer_3": 64, "dropout_1": 0.0, "dropout_2": 0.0,
-                                      "learning_rate": 1e-3}),
+                                      "learning_rate": 1e-3},
+                     Recipe(optimizer="adam", schedule="constant", augment=False, epochs=64, batch_size=8, jobs=2)),
+    "cnn": ModelSpec(small_cnn, small_cnn_space, {"depth": 1, "width": 16, "dropout": 0.1, "learning_rate": 2e-3,
+                                                  "weight_decay": 1e-2, "batch_size": 16},
+                     Recipe(epochs=30)),
+    "resnet18": ModelSpec(resnet18, resnet18_space, {"learning_rate": 1e-3, "weight_decay": 1e-2, "batch_size": 16},
+                          Recipe(epochs=12)),
+    "densenet121": ModelSpec(densenet121, densenet121_space, {"dropout": 0.0, "learning_rate": 1e-3,
+                                                              "weight_decay": 1e-2, "batch_size": 16},
+                             Recipe(epochs=12)),
 }
+DEFAULT_MODEL = "cnn"
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -113,7 +202,53 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def create_model(name: str, in_shape: tuple[int, int, int], n_classes: int, **hp) -> nn.Module:
-    """Build a registered model; optimiser keys in ``hp`` (learning_rate) are ignored."""
+    """Build a registered model; training keys in ``hp`` (learning rate, ...) are ignored."""
     spec = get_spec(name)
-    arch = {k: v for k, v in hp.items() if k not in OPTIMIZER_KEYS}
+    arch = {k: v for k, v in hp.items() if k not in TRAINING_KEYS}
     return spec.build(in_shape, n_classes, **arch)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, or of a state dict saved by ``torch.save`` (read with
+    ``weights_only=True``: no code in the file runs). A ``{"state_dict": ...}`` wrapper is unwrapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise InitWeightsError(f"--init-weights {path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as exc:  # safetensors raises its own SafetensorError on a bad header
+            raise InitWeightsError(f"--init-weights {path}: not a readable safetensors file ({exc})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, zip errors, refused globals: all mean "not a state dict"
+        raise InitWeightsError(f"--init-weights {path}: not a state dict torch can read with "
+                               f"weights_only=True ({type(exc).__name__}: {exc}); save it with "
+                               "torch.save(model.state_dict(), path) or as .safetensors") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InitWeightsError(f"--init-weights {path}: expected a dict of tensors, got {type(state).__name__}")
+    return state
+
+
+def load_init_weights(model: nn.Module, path: Path) -> None:
+    """Copy the weights in ``path`` into ``model``; every missing, unexpected or misshapen key is an error."""
+    state = read_weights(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    misshapen = sorted(f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
+                       for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if missing or unexpected or misshapen:
+        def listed(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
+        problems = [f"{len(v)} {name}: {listed(v)}" for name, v in
+                    (("missing from the file", missing), ("unexpected in the file", unexpected),
+                     ("with another shape", misshapen)) if v]
+        raise InitWeightsError(f"--init-weights {path} does not fit this model; " + "; ".join(problems)
+                               + ". Check --model, the number of classes and that the file has one input channel")
+    model.load_state_dict(state, strict=True)

@@ -1,7 +1,8 @@
-"""The stages wired together: scan -> split -> tune -> train -> evaluate -> save.
+"""The stages wired together: scan -> split -> tune -> train -> evaluate -> save, and cross-validation.
 
 Each stage is a function the CLI (and any script) calls; ``run`` chains them and writes the run
 folder. The test split is touched once, by ``evaluate_split``, after the model is final.
+``cross_validate`` trains one model per fold and scores the pooled out-of-fold predictions.
 """
 
 from __future__ import annotations
@@ -19,13 +20,29 @@ from lungxray.bundle import Predictor, attach_metrics, save_bundle
 from lungxray.config import DataConfig, SplitConfig, TrainConfig, TuneConfig
 from lungxray.data import Dataset, DataError, load_dataset
 from lungxray.evaluate import compute_metrics, plot_confusion_matrix, plot_curves, write_metrics
-from lungxray.splits import Split, make_split
-from lungxray.train import FitResult, fit, set_threads, to_tensor
+from lungxray.models import get_spec
+from lungxray.splits import Split, make_folds, make_split
+from lungxray.train import FitResult, fit, predict_logits, set_threads, to_tensor
 
 
 def _write_json(path: Path, obj) -> Path:
     path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     return path
+
+
+def _jsonable(obj):
+    """Paths as strings, so settings can go into config.json and run.json."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def training_recipe(model_name: str, cfg: TrainConfig) -> dict:
+    """What training actually used: ``cfg`` with the model's recipe filled in where ``cfg`` is unset."""
+    from lungxray.train import _augment_config
+
+    recipe = get_spec(model_name).recipe
+    augment = _augment_config(cfg, recipe.augment)
+    return {"optimizer": cfg.optimizer or recipe.optimizer, "schedule": cfg.schedule or recipe.schedule,
+            "augment": asdict(augment) if augment else None}
 
 
 def prepare(data: Path, data_cfg: DataConfig, split_cfg: SplitConfig, out: Path | None = None,
@@ -81,7 +98,8 @@ def train_stage(ds: Dataset, split: Split, model_name: str, params: dict, train_
                   "input_shape": [1, data_cfg.img_size, data_cfg.img_size]},
         "preprocessing": {"img_size": data_cfg.img_size, "color": "grayscale", "resize": "bilinear",
                           "scale": "pixel / 255", "jpeg_reduced_decoding": True},
-        "training": {**asdict(train_cfg), "best_epoch": result.best_epoch,
+        "training": {**_jsonable(asdict(train_cfg)), **training_recipe(model_name, train_cfg),
+                     "best_epoch": result.best_epoch,
                      "epochs_run": len(result.history), "split_seed": split.seed, "split_mode": split.mode,
                      "from_best_trial": trained is not None,
                      "split_sizes": split.sizes(), "torch_version": torch.__version__},
@@ -137,9 +155,9 @@ def run(data: Path, out: Path, model_name: str, data_cfg: DataConfig, split_cfg:
     clock.lap("evaluate_s")
     summary = {
         "lungxray_version": __version__, "data": str(data), "model": model_name, "seed": split_cfg.seed,
-        "settings": {"data": {**asdict(data_cfg), "cache_dir": str(data_cfg.cache_dir)},
-                     "split": asdict(split_cfg), "tune": asdict(tune_cfg), "trial": asdict(trial_cfg),
-                     "final": asdict(final_cfg)},
+        "settings": _jsonable({"data": asdict(data_cfg), "split": asdict(split_cfg), "tune": asdict(tune_cfg),
+                               "trial": asdict(trial_cfg), "final": asdict(final_cfg),
+                               "recipe": training_recipe(model_name, final_cfg)}),
         "best_params": tuned.best_params, "trials_complete": tuned.n_complete,
         "trials_pruned": tuned.n_pruned, "best_epoch": fitted.best_epoch,
         "final_model": "best trial (same training settings)" if same is not None else "retrained",
@@ -149,6 +167,105 @@ def run(data: Path, out: Path, model_name: str, data_cfg: DataConfig, split_cfg:
         | {"study": tune_cfg.storage or str(out / "study.db")},
     }
     _write_json(out / "run.json", summary)
+    return summary
+
+
+CV_METRICS = ("accuracy", "macro_f1", "macro_auroc")
+
+
+def _fold_values(metrics: dict) -> dict[str, float | None]:
+    """The cross-validated figures of one metrics dict, flat: accuracy, ..., recall/<class>, ..."""
+    values = {k: metrics[k] for k in CV_METRICS}
+    for name, m in metrics["per_class"].items():
+        if m["support"]:
+            values |= {f"recall/{name}": m["recall"], f"specificity/{name}": m["specificity"],
+                       f"auroc/{name}": m["auroc"]}
+    return values
+
+
+def _fold_model(ds: Dataset, fold: Split, index: int, model_name: str, params: dict | None,
+                train_cfg: TrainConfig, tune_cfg: TuneConfig, trial_cfg: TrainConfig, out: Path,
+                progress: bool) -> tuple[FitResult, dict]:
+    """Fit one fold's model on its training part, with fixed ``params`` or tuned on its val part."""
+    train, val = tensors(ds, fold.train), tensors(ds, fold.val)
+    if params is not None:
+        return fit(model_name, params, train, val, len(ds.classes), train_cfg, progress=progress), params
+    from lungxray.tune import tune
+
+    storage = tune_cfg.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    fold_tune = replace(tune_cfg, study_name=f"{tune_cfg.study_name}-fold{index + 1}")
+    tuned = tune(model_name, train, val, len(ds.classes), fold_tune, trial_cfg, storage, progress=progress)
+    same = tuned.best_fit if replace(trial_cfg, threads=0) == replace(train_cfg, threads=0) else None
+    return same or fit(model_name, tuned.best_params, train, val, len(ds.classes), train_cfg,
+                       progress=progress), tuned.best_params
+
+
+def cross_validate(data: Path, out: Path, model_name: str, data_cfg: DataConfig, folds: int, seed: int,
+                   train_cfg: TrainConfig, params: dict | None = None, tune_cfg: TuneConfig | None = None,
+                   trial_cfg: TrainConfig | None = None, *, progress: bool = True) -> dict:
+    """k-fold cross-validation; writes cv.json (per fold, mean +- std, pooled out-of-fold metrics
+    with bootstrap CIs), folds.json and cv_confusion_matrix.png to ``out``; returns cv.json's content.
+
+    ``params``: fixed hyperparameters for every fold; None tunes inside each fold's training part.
+    """
+    from tqdm.auto import tqdm
+
+    set_threads(train_cfg.threads)
+    clock = _Clock()
+    ds = load_dataset(data, data_cfg, progress=progress)
+    parts = make_folds(ds.labels, ds.groups, folds, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "scan.json", ds.summary())
+    _write_json(out / "folds.json", [part.to_json(ds) for part in parts])
+    probs = np.zeros((len(ds.samples), len(ds.classes)), dtype=np.float64)
+    per_fold = []
+    for i, fold in enumerate(tqdm(parts, desc="folds", unit="fold", disable=not progress)):
+        start = time.perf_counter()
+        result, hp = _fold_model(ds, fold, i, model_name, params, train_cfg, tune_cfg or TuneConfig(),
+                                 trial_cfg or train_cfg, out, progress)
+        fit_s = time.perf_counter() - start
+        x_test = tensors(ds, fold.test)[0]
+        start = time.perf_counter()
+        probs[fold.test] = torch.softmax(predict_logits(result.model, x_test).double(), dim=1).numpy()
+        infer_s = time.perf_counter() - start
+        metrics = compute_metrics(ds.labels[fold.test], probs[fold.test], ds.classes, resamples=0)
+        trained = sum(len(fold.train) for _ in result.history)
+        per_fold.append({"fold": i + 1, **fold.sizes(), "params": hp, "best_epoch": result.best_epoch,
+                         "epochs_run": len(result.history), "fit_s": fit_s,
+                         "train_images_per_s": trained / fit_s if params is not None else None,
+                         "predict_images_per_s": len(fold.test) / infer_s, "metrics": metrics})
+    clock.lap("folds_s")
+    pooled = compute_metrics(ds.labels, probs, ds.classes, seed=seed)
+    plot_confusion_matrix(pooled, out / "cv_confusion_matrix.png")
+    summary = _cv_summary(per_fold, pooled)
+    fold_of = np.zeros(len(ds.samples), dtype=np.int64)
+    for j, part in enumerate(parts):
+        fold_of[part.test] = j + 1
+    n_params = sum(p.numel() for p in result.model.parameters())
+    report = {"lungxray_version": __version__, "data": str(data), "model": model_name, "folds": folds,
+              "seed": seed, "n_parameters": n_params, "tuned_in_each_fold": params is None,
+              "settings": _jsonable({"data": asdict(data_cfg), "train": asdict(train_cfg),
+                                     "recipe": training_recipe(model_name, train_cfg),
+                                     "tune": asdict(tune_cfg) if params is None and tune_cfg else None}),
+              "summary": summary, "pooled": pooled, "per_fold": per_fold,
+              "out_of_fold": [{"path": str(s.path), "label": s.label, "fold": int(fold_of[k]),
+                               "probabilities": dict(zip(ds.classes, map(float, probs[k])))}
+                              for k, s in enumerate(ds.samples)],
+              "timings": clock.laps}
+    _write_json(out / "cv.json", report)
+    return report
+
+
+def _cv_summary(per_fold: list[dict], pooled: dict) -> dict:
+    """Per metric: mean and sample standard deviation over folds, pooled value and its 95% CI."""
+    folds = [_fold_values(f["metrics"]) for f in per_fold]
+    pooled_values = _fold_values(pooled)
+    summary = {}
+    for name in pooled_values:
+        values = [f[name] for f in folds if f.get(name) is not None]
+        summary[name] = {"mean": float(np.mean(values)) if values else None,
+                         "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                         "pooled": pooled_values[name], "ci95": pooled.get("ci95", {}).get(name)}
     return summary
 
 

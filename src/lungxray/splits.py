@@ -100,6 +100,33 @@ def make_split(ds: Dataset, cfg: SplitConfig) -> Split:
     return random_split(ds.labels, ds.groups, cfg)
 
 
+def make_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int,
+               val_fraction: float = 0.125) -> list[Split]:
+    """``k`` cross-validation folds: fold i tests on part i and trains on the rest, minus a
+    validation part (``val_fraction`` of the rest) for early stopping and tuning.
+
+    Parts are stratified by label and hold whole duplicate groups, so no near-copy sits on both
+    sides of a fold; every image is tested exactly once. Each fold passes the leakage check.
+    """
+    if k < 2:
+        raise ValueError(f"--folds must be at least 2, got {k}")
+    n_groups = len(np.unique(groups))
+    if n_groups < 2 * k:
+        raise ValueError(f"only {n_groups} distinct images for {k} folds; use fewer --folds or add images")
+    everything = np.arange(len(labels))
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    folds = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        parts = list(splitter.split(everything, labels, groups))
+    for i, (rest, test) in enumerate(parts):
+        train, val = _hold_out(everything[rest], labels, groups, val_fraction, seed + 1 + i)
+        fold = Split(train, val, np.sort(everything[test]), f"fold {i + 1}/{k}", seed)
+        check_no_leakage(fold, groups)
+        folds.append(fold)
+    return folds
+
+
 def check_no_leakage(split: Split, groups: np.ndarray, *, allow_test_duplicates: bool = False) -> None:
     """Raise LeakageError when parts share an index, or a duplicate group (unless allowed for test)."""
     parts = {"train": split.train, "val": split.val, "test": split.test}

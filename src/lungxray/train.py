@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from lungxray.config import TrainConfig
-from lungxray.models import create_model, seed_dropout
+from lungxray.augment import BatchAugment
+from lungxray.config import AugmentConfig, ConfigError, TrainConfig
+from lungxray.models import create_model, get_spec, load_init_weights, seed_dropout
 
 _INIT_LOCK = threading.Lock()  # weight init draws from torch's global generator
 
@@ -60,22 +61,44 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-                    y: torch.Tensor, batch_size: int, generator: torch.Generator) -> tuple[float, float]:
-    """One pass over (x, y) in shuffled mini-batches; returns mean loss and accuracy."""
+                    y: torch.Tensor, batch_size: int, generator: torch.Generator, *,
+                    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                    class_weight: torch.Tensor | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> tuple[float, float]:
+    """One pass over (x, y) in shuffled mini-batches; returns mean loss and accuracy.
+
+    ``scaler`` turns on float16 mixed precision (CUDA). A last batch of one image is skipped for
+    models with batch norm, which cannot normalise a single image in training mode.
+    """
     model.train()
-    order = torch.randperm(len(x), generator=generator)
-    total_loss, correct = 0.0, 0
+    order = torch.randperm(len(x), generator=generator).to(x.device)
+    skip_single = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    total_loss, correct, seen = 0.0, 0, 0
     for start in range(0, len(x), batch_size):
         idx = order[start:start + batch_size]
+        if len(idx) == 1 and skip_single:
+            continue
         xb, yb = x[idx], y[idx]  # (B, 1, H, W), (B,)
-        logits = model(xb)
-        loss = nn.functional.cross_entropy(logits, yb)
+        if augment is not None:
+            xb = augment(xb)
+        with torch.autocast(x.device.type, dtype=torch.float16, enabled=scaler is not None):
+            logits = model(xb)
+        loss = nn.functional.cross_entropy(logits.float(), yb, weight=class_weight)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         total_loss += loss.item() * len(idx)
         correct += (logits.argmax(1) == yb).sum().item()
-    return total_loss / len(x), correct / len(x)
+        seen += len(idx)
+    return total_loss / seen, correct / seen
 
 
 @torch.no_grad()
@@ -100,29 +123,82 @@ def is_better(stats: EpochStats, best: EpochStats | None, select_by: str) -> boo
     return (stats.val_accuracy, -stats.val_loss) > (best.val_accuracy, -best.val_loss)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when torch sees a GPU, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but torch sees no CUDA GPU (the CPU build of torch, or no "
+                          "driver); use --device cpu or auto")
+    return torch.device(name)
+
+
+def make_optimizer(model: nn.Module, hp: dict, name: str) -> torch.optim.Optimizer:
+    """Adam (the tutorial's) or AdamW with the trial's weight decay, fused into one kernel.
+
+    Fused: small-batch MLP steps are memory-bound, and the unfused optimiser reads and writes
+    each weight tensor several times.
+    """
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=hp["learning_rate"], fused=True)
+    return torch.optim.AdamW(model.parameters(), lr=hp["learning_rate"],
+                             weight_decay=hp.get("weight_decay", 1e-2), fused=True)
+
+
+def _augment_config(cfg: TrainConfig, recipe_augments: bool) -> AugmentConfig | None:
+    if cfg.augment is None:
+        return AugmentConfig() if recipe_augments else None
+    if isinstance(cfg.augment, bool):
+        return AugmentConfig() if cfg.augment else None
+    return cfg.augment
+
+
+def class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Inverse class frequency, scaled so a balanced set gets weight 1 for every class."""
+    counts = torch.bincount(y, minlength=n_classes).float().clamp_(min=1)
+    return len(y) / (n_classes * counts)
+
+
 def fit(model_name: str, hp: dict, train: tuple[torch.Tensor, torch.Tensor],
         val: tuple[torch.Tensor, torch.Tensor], n_classes: int, cfg: TrainConfig,
         on_epoch: Callable[[EpochStats], bool] | None = None, progress: bool = False) -> FitResult:
     """Train ``model_name`` with ``hp`` on ``train``, watch ``val``, keep the best epoch's weights.
 
     ``on_epoch`` is called after every epoch; returning True stops training (the tuner prunes
-    there). Safe to call from several threads at once: each call owns its generators.
+    there). Safe to call from several threads at once: each call owns its generators. The
+    optimiser, schedule and augmentation come from ``cfg``, or from the model's recipe where
+    ``cfg`` leaves them unset. The returned model is on the CPU.
     """
     from tqdm.auto import tqdm
 
-    x_train, y_train = train
+    recipe = get_spec(model_name).recipe
+    device = resolve_device(cfg.device)
     with _INIT_LOCK:
         torch.manual_seed(cfg.seed)
-        model = create_model(model_name, tuple(x_train.shape[1:]), n_classes, **hp)
+        model = create_model(model_name, tuple(train[0].shape[1:]), n_classes, **hp)
+    if cfg.init_weights is not None:
+        load_init_weights(model, cfg.init_weights)
+    model.to(device)
+    (x_train, y_train), val = [tuple(t.to(device) for t in part) for part in (train, val)]
     generator = torch.Generator().manual_seed(cfg.seed)  # batch order
-    seed_dropout(model, torch.Generator().manual_seed(cfg.seed + 1))
-    # Fused Adam updates all parameters in one kernel: small-batch MLP steps are memory-bound
-    # and the unfused optimiser reads and writes each weight tensor several times.
-    optimizer = torch.optim.Adam(model.parameters(), lr=hp["learning_rate"], fused=True)
+    seed_dropout(model, torch.Generator(device).manual_seed(cfg.seed + 1))
+    augment_cfg = _augment_config(cfg, recipe.augment)
+    batch_size = int(hp.get("batch_size", cfg.batch_size))
+    optimizer = make_optimizer(model, hp, cfg.optimizer or recipe.optimizer)
+    scheduler = None
+    if (cfg.schedule or recipe.schedule) == "cosine":  # to zero at the last step of the last epoch
+        steps = cfg.epochs * math.ceil(len(x_train) / batch_size)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    options = {
+        "augment": BatchAugment(augment_cfg, torch.Generator().manual_seed(cfg.seed + 2)) if augment_cfg else None,
+        "scheduler": scheduler,
+        "class_weight": class_weights(y_train, n_classes) if cfg.class_weighted else None,
+        "scaler": torch.amp.GradScaler("cuda") if device.type == "cuda" else None,
+    }
     history: list[EpochStats] = []
     best, best_state, diverged, stopped_at = None, None, False, None
     for epoch in tqdm(range(1, cfg.epochs + 1), desc="epochs", leave=False, disable=not progress):
-        loss, acc = train_one_epoch(model, optimizer, x_train, y_train, cfg.batch_size, generator)
+        loss, acc = train_one_epoch(model, optimizer, x_train, y_train, batch_size, generator, **options)
         val_loss, val_acc = evaluate_loss(model, *val)
         stats = EpochStats(epoch, loss, acc, val_loss, val_acc)
         history.append(stats)
@@ -140,5 +216,5 @@ def fit(model_name: str, hp: dict, train: tuple[torch.Tensor, torch.Tensor],
         raise FloatingPointError(f"training diverged in the first epoch with {hp}; "
                                  "lower the learning rate")
     model.load_state_dict(best_state)
-    model.eval()
+    model.cpu().eval()
     return FitResult(model, best.epoch, history, diverged, stopped_at)

@@ -127,9 +127,9 @@ def tune(model_name: str, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
          progress: bool = True) -> TuneResult:
     """Run trials until the study holds ``cfg.trials`` finished trials.
 
-    Trials run ``cfg.jobs`` at a time, in threads (torch releases the GIL), one torch thread each:
-    small-batch MLP steps are memory- and dispatch-bound, and two trials side by side beat one
-    trial on two threads. Each batch is asked in a fixed order and waited for as a whole, so the
+    Trials run ``cfg.jobs`` at a time (default: the model's recipe), in threads (torch releases the
+    GIL), with the torch threads shared out: small-batch MLP steps are memory- and dispatch-bound,
+    and two MLP trials side by side beat one trial on two threads; a CNN uses every core itself. Each batch is asked in a fixed order and waited for as a whole, so the
     sampler and the pruner see the same history on every run with the same seed.
     """
     from concurrent.futures import ThreadPoolExecutor
@@ -139,7 +139,8 @@ def tune(model_name: str, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it instead
     direction = "minimize" if train_cfg.select_by == "val_loss" else "maximize"
     study = open_study(cfg, storage, train_cfg.seed, direction, train_cfg.epochs)
-    space = get_spec(model_name).space
+    spec = get_spec(model_name)
+    space, jobs = spec.space, cfg.jobs or spec.recipe.jobs
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     bar = tqdm(total=cfg.trials, initial=min(done, cfg.trials), desc="trials", unit="trial",
                disable=not progress)
@@ -158,11 +159,11 @@ def tune(model_name: str, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
 
     best_fit = None
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads_before // cfg.jobs))
+    torch.set_num_threads(max(1, threads_before // jobs))
     try:
-        with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
             while done < cfg.trials:
-                batch = [study.ask() for _ in range(min(cfg.jobs, cfg.trials - done))]
+                batch = [study.ask() for _ in range(min(jobs, cfg.trials - done))]
                 hps = [space(trial) for trial in batch]
                 frozen = (_FrozenCompleted(study) if isinstance(study.pruner, (optuna.pruners.PercentilePruner,
                                                                                     optuna.pruners.NopPruner)) else None)
