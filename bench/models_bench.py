@@ -7,6 +7,9 @@ mean +- std over folds, pooled macro AUROC with its bootstrap CI, parameters, tr
 inference images/s and wall time. Writes BENCHMARKS.md unless --no-write.
 
     .venv/bin/python bench/models_bench.py [DATA] [--models cnn mlp resnet18 densenet121] [--big-epochs 8]
+
+It also runs the default CNN without augmentation and with larger augmentation ranges (--no-ablation
+skips them), the measurement behind the mild default ranges.
 """
 
 from __future__ import annotations
@@ -28,17 +31,25 @@ MLP_PARAMS = {"activation": "tanh", "layer_1": 128, "layer_2": 128, "layer_3": 1
 BIG = ("resnet18", "densenet121")
 
 
-def cross_validate(model: str, data: Path, out: Path, folds: int, seed: int, epochs: int | None) -> tuple[dict, float]:
+# Augmentation ablation rows for the default CNN: name -> TrainConfig.augment
+ABLATION = {"cnn, no augmentation": False,
+            "cnn, larger augmentation (10 deg, 6% shift, 10% zoom and brightness, 15% contrast)":
+                {"rotation": 10.0, "shift": 0.06, "scale": 0.10, "brightness": 0.10, "contrast": 0.15}}
+
+
+def cross_validate(model: str, data: Path, out: Path, folds: int, seed: int, epochs: int | None,
+                   augment=None) -> tuple[dict, float]:
     from lungxray import pipeline
-    from lungxray.config import DataConfig, TrainConfig
+    from lungxray.config import AugmentConfig, DataConfig, TrainConfig
     from lungxray.models import get_spec
 
     spec = get_spec(model)
     params = MLP_PARAMS if model == "mlp" else dict(spec.defaults)
     cfg = TrainConfig(epochs=epochs or spec.recipe.epochs, batch_size=spec.recipe.batch_size, seed=seed,
-                      augment=None)
+                      augment=AugmentConfig(**augment) if isinstance(augment, dict) else augment)
     start = time.perf_counter()
-    report = pipeline.cross_validate(data, out / model, model, DataConfig(cache_dir=out / "cache"), folds, seed,
+    name = model if augment is None else f"{model}-augment-{'off' if augment is False else 'large'}"
+    report = pipeline.cross_validate(data, out / name, model, DataConfig(cache_dir=out / "cache"), folds, seed,
                                      cfg, params, progress=False)
     return report, time.perf_counter() - start
 
@@ -64,6 +75,8 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--big-epochs", type=int, default=8, help="epochs for ResNet-18 and DenseNet-121")
+    parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the default CNN without and with larger augmentation")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "models")
     parser.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     args = parser.parse_args()
@@ -73,8 +86,14 @@ def main() -> None:
                                       args.big_epochs if model in BIG else None)
         rows.append(row(model, report, wall))
         print(rows[-1], flush=True)
+    if args.ablation:
+        for name, augment in ABLATION.items():
+            report, wall = cross_validate("cnn", args.data, args.out, args.folds, args.seed, None, augment)
+            rows.append(row(name, report, wall))
+            print(rows[-1], flush=True)
     command = (f"`.venv/bin/python bench/models_bench.py {args.data} --models {' '.join(args.models)} "
-               f"--folds {args.folds} --seed {args.seed} --big-epochs {args.big_epochs}`")
+               f"--folds {args.folds} --seed {args.seed} --big-epochs {args.big_epochs}"
+               f"{'' if args.ablation else ' --no-ablation'}`")
     body = "\n".join([
         "## Models compared: 5-fold cross-validation", "",
         f"Command: {command} ({machine()}). The same folds for every model (stratified, duplicate groups "

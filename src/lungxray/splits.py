@@ -44,7 +44,8 @@ class Split:
 def _hold_out(idx: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float,
               seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split ``idx`` into (rest, held-out ~fraction), stratified by label, whole groups only."""
-    n_splits = max(2, round(1 / fraction))
+    # On a tiny dataset no class may have 1/fraction members: hold out a larger share instead.
+    n_splits = max(2, min(round(1 / fraction), int(np.bincount(labels[idx]).max())))
     if len(np.unique(groups[idx])) < n_splits:
         raise ValueError(f"only {len(np.unique(groups[idx]))} distinct images to split into "
                          f"{n_splits} parts; add images or raise --val-fraction/--test-fraction")
