@@ -50,7 +50,7 @@ def cross_validate(model: str, data: Path, out: Path, folds: int, seed: int, epo
     start = time.perf_counter()
     name = model if augment is None else f"{model}-augment-{'off' if augment is False else 'large'}"
     report = pipeline.cross_validate(data, out / name, model, DataConfig(cache_dir=out / "cache"), folds, seed,
-                                     cfg, params, progress=False)
+                                     cfg, params, force=True, progress=False)
     return report, time.perf_counter() - start
 
 

@@ -148,3 +148,27 @@ def test_vectorised_resample_metrics_equal_sklearn_on_the_data_itself():
         assert same[f"recall/{i}"][0] == pytest.approx(m["per_class"][c]["recall"])
         assert same[f"specificity/{i}"][0] == pytest.approx(m["per_class"][c]["specificity"])
         assert same[f"auroc/{i}"][0] == pytest.approx(m["per_class"][c]["auroc"])
+
+
+def test_temperature_scaling_lowers_ece_on_an_over_confident_model():
+    from lungxray.evaluate import expected_calibration_error, fit_temperature, softmax
+
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(0, 1.5, (3000, 3))  # a calibrated model's logits ...
+    y = np.array([rng.choice(3, p=p) for p in softmax(true_logits)])  # ... and labels drawn from them
+    over = 4.0 * true_logits  # the same ranking, 4x too sure of itself
+    before = expected_calibration_error(y, softmax(over))
+    temperature = fit_temperature(over, y)
+    after = expected_calibration_error(y, softmax(over, temperature))
+    assert temperature == pytest.approx(4.0, rel=0.15)
+    assert before > 0.15 and after < 0.05 and after < before / 3
+    assert np.array_equal(softmax(over).argmax(1), softmax(over, temperature).argmax(1))  # accuracy untouched
+
+
+def test_ece_of_a_hand_computed_case():
+    from lungxray.evaluate import expected_calibration_error
+
+    # two images at confidence 0.9 (one right), two at 0.6 (both right): |0.5-0.9|/2 + |1-0.6|/2 = 0.4
+    probs = np.array([[.9, .1], [.9, .1], [.6, .4], [.6, .4]])
+    y = np.array([0, 1, 0, 0])
+    assert expected_calibration_error(y, probs) == pytest.approx(0.4)

@@ -227,6 +227,11 @@ def test_cv_writes_per_fold_and_pooled_metrics_with_intervals(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "3-fold cross-validation on 36 images" in printed and "macro_f1" in printed
     assert (out / "cv_confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    # a second cv into the same folder asks first
+    before = (out / "cv.json").read_bytes()
+    assert main(["cv", str(data), "--folds", "3", "--img-size", "32", "--cache-dir", str(tmp_path / "cache"),
+                 "--out", str(out), "--quiet"]) == 2
+    assert "--force" in capsys.readouterr().err and (out / "cv.json").read_bytes() == before
 
 
 def test_cv_can_tune_inside_each_fold(tmp_path):

@@ -111,13 +111,21 @@ class Predictor:
         except RuntimeError as exc:
             raise BundleError(f"weights in {self.folder / WEIGHTS} do not fit the model in config.json: {exc}") from None
         self.model_.eval()
+        # Temperature scaling fitted on the validation split at training time (1.0: none).
+        self.temperature_: float = float(self.config_.get("calibration", {}).get("temperature", 1.0))
 
     @torch.no_grad()
-    def predict_arrays(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """(N, H, W) uint8 preprocessed images -> (N, n_classes) probabilities."""
+    def predict_logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """(N, H, W) uint8 preprocessed images -> (N, n_classes) raw logits, before any temperature."""
         from lungxray.train import predict_logits, to_tensor
 
-        return torch.softmax(predict_logits(self.model_, to_tensor(images), batch_size), dim=1).numpy()
+        return predict_logits(self.model_, to_tensor(images), batch_size).numpy()
+
+    def predict_arrays(self, images: np.ndarray, batch_size: int = 256, calibrated: bool = True) -> np.ndarray:
+        """(N, H, W) uint8 preprocessed images -> (N, n_classes) probabilities, temperature-scaled
+        unless ``calibrated=False``."""
+        logits = torch.from_numpy(self.predict_logits(images, batch_size))
+        return torch.softmax(logits / (self.temperature_ if calibrated else 1.0), dim=1).numpy()
 
     def predict_files(self, paths: list[Path]) -> list[dict]:
         """One dict per path: ``{"path", "class", "probabilities"}`` or ``{"path", "error"}``."""

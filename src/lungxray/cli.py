@@ -1,7 +1,7 @@
 """Command line: one subcommand per stage, each a thin call into the library.
 
 ``lungxray run`` does everything; ``scan``, ``tune``, ``train``, ``evaluate`` and ``predict`` run
-one stage each; ``cv`` cross-validates. Errors the user can fix are printed as one line (exit code 2), not as a traceback.
+one stage each; ``cv`` cross-validates; ``explain`` and ``audit`` show where a model looks. Errors the user can fix are printed as one line (exit code 2), not as a traceback.
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p), _split_args(p)
     _train_args(p, "--epochs")
     p.add_argument("--params", type=Path, default=None,
-                   help="JSON of hyperparameters (default OUT/best_params.json from `tune`)")
+                   help="JSON of hyperparameters, or 'defaults' for the model's registered ones "
+                        "(default OUT/best_params.json from `tune`)")
     p.add_argument("--out", type=Path, required=True, help="run folder")
     p.add_argument("--force", action="store_true", help="replace a model already in OUT")
 
@@ -133,6 +134,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tune inside each fold's training part instead of using fixed hyperparameters")
     _tune_args(p)
     p.add_argument("--out", type=Path, required=True, help="folder for cv.json, folds.json and the plot")
+    p.add_argument("--force", action="store_true", help="replace a cv.json already in OUT")
+
+    p = sub.add_parser("report", help="write RUN/report.html from what run, evaluate or cv left in RUN")
+    p.add_argument("run_dir", metavar="RUN", type=Path, help="folder written by run, evaluate --out or cv --out")
+    p.add_argument("--model", dest="model_dir", type=Path, default=None,
+                   help="model bundle that explains the errors in the gallery (default RUN/model)")
+
+    p = sub.add_parser("explain", help="probabilities and a Grad-CAM (CNN) or gradient (MLP) overlay per image")
+    p.add_argument("model_dir", metavar="MODEL", type=Path, help="model bundle folder (RUN/model)")
+    p.add_argument("images", metavar="IMAGE", type=Path, nargs="+", help="image files")
+    p.add_argument("--out", type=Path, required=True, help="folder for the overlay PNGs and explain.json")
+
+    p = sub.add_parser("audit", help="shortcut check: scores with the lungs hidden and with the borders hidden")
+    p.add_argument("model_dir", metavar="MODEL", type=Path, help="model bundle folder (RUN/model)")
+    _data_args(p, img_size=False)
+    p.add_argument("--splits", type=Path, default=None,
+                   help="splits.json of a run: audit only its test images (default: every image in DATA)")
+    p.add_argument("--out", type=Path, required=True, help="folder for audit.json")
 
     p = sub.add_parser("predict", help="class and probabilities for each image")
     p.add_argument("model_dir", metavar="MODEL", type=Path, help="model bundle folder (RUN/model)")
@@ -254,10 +273,16 @@ def cmd_tune(args) -> int:
 def cmd_train(args) -> int:
     from lungxray import pipeline
 
+    from lungxray.models import get_spec
+
     params_file = args.params or args.out / "best_params.json"
-    if not params_file.is_file():
-        raise FileNotFoundError(f"{params_file} not found; run `lungxray tune` first or pass --params FILE")
-    params = _read_params(params_file)
+    if str(params_file) == "defaults":
+        params = dict(get_spec(args.model).defaults)
+    elif not params_file.is_file():
+        raise FileNotFoundError(f"{params_file} not found; run `lungxray tune` first, or pass --params FILE "
+                                "or --params defaults")
+    else:
+        params = _read_params(params_file)
     data_cfg = _data_cfg(args)
     ds, split = pipeline.prepare(args.data, data_cfg, _split_cfg(args), args.out, not args.quiet)
     result, folder = pipeline.train_stage(ds, split, args.model, params, _train_cfg(args, args.epochs),
@@ -268,10 +293,11 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_evaluate(args) -> int:
+def _model_and_data(args):
+    """The loaded bundle, DATA preprocessed as the bundle expects, and the indices to score
+    (all images, or the test images named in --splits)."""
     import numpy as np
 
-    from lungxray import pipeline
     from lungxray.bundle import Predictor
     from lungxray.data import load_dataset
 
@@ -284,11 +310,23 @@ def cmd_evaluate(args) -> int:
         if len(idx) == 0:
             raise ValueError(f"none of the test images in {args.splits} is in {args.data}; "
                              "pass the dataset folder the run was made from")
+    return predictor, ds, idx
+
+
+def cmd_evaluate(args) -> int:
+    from lungxray import pipeline
+
+    predictor, ds, idx = _model_and_data(args)
+    from lungxray.report import write_report
+
     metrics = pipeline.evaluate_split(predictor, ds, idx, args.out)  # preprocessed as in training
+    pipeline.audit_split(predictor, ds, idx, args.out)
+    write_report(args.out, args.model_dir)
     auroc = "n/a" if metrics["macro_auroc"] is None else f"{metrics['macro_auroc']:.4f}"
     print(f"accuracy {metrics['accuracy']:.4f}{_ci(metrics, 'accuracy')}, macro-F1 {metrics['macro_f1']:.4f}"
           f"{_ci(metrics, 'macro_f1')}, macro AUROC {auroc}, loss {metrics['loss']:.4f} on {metrics['n']} images")
-    print(f"written: {args.out / 'metrics.json'}, {args.out / 'confusion_matrix.png'}")
+    print(f"written: {args.out / 'report.html'}, {args.out / 'metrics.json'}, {args.out / 'audit.json'}, "
+          f"{args.out / 'confusion_matrix.png'}")
     return 0
 
 
@@ -314,7 +352,7 @@ def cmd_cv(args) -> int:
     train_cfg = _train_cfg(args, args.epochs)
     report = pipeline.cross_validate(args.data, args.out, args.model, _data_cfg(args), args.folds, args.seed,
                                      train_cfg, params, _tune_cfg(args), _train_cfg(args, args.epochs, True),
-                                     progress=not args.quiet)
+                                     force=args.force, progress=not args.quiet)
     print(f"{args.model}, {args.folds}-fold cross-validation on {report['pooled']['n']} images "
           f"(folds grouped by duplicate group, seed {args.seed}"
           f"{', tuned in each fold' if args.tune else ''}):")
@@ -325,7 +363,47 @@ def cmd_cv(args) -> int:
         pooled = "n/a" if row["pooled"] is None else f"{row['pooled']:.4f}"
         ci = "n/a" if row["ci95"] is None else f"[{row['ci95'][0]:.4f}, {row['ci95'][1]:.4f}]"
         print(f"  {name:<28} {spread:>24} {pooled:>8}  {ci}")
-    print(f"written: {args.out / 'cv.json'}, {args.out / 'folds.json'}, {args.out / 'cv_confusion_matrix.png'}")
+    print(f"written: {args.out / 'report.html'}, {args.out / 'cv.json'}, {args.out / 'folds.json'}, "
+          f"{args.out / 'cv_confusion_matrix.png'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from lungxray.report import write_report
+
+    print(f"written: {write_report(args.run_dir, args.model_dir)}")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from lungxray.bundle import Predictor
+    from lungxray.explain import explain_files
+
+    results = explain_files(Predictor(args.model_dir), args.images, args.out)
+    for r in results:
+        if "error" in r:
+            print(f"{r['path']}: skipped, {r['error']}")
+        else:
+            probs = ", ".join(f"{c} {p:.3f}" for c, p in r["probabilities"].items())
+            print(f"{r['path']}: {r['class']} ({probs}) -> {r['overlay']}")
+    print(f"written: {args.out / 'explain.json'}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+def cmd_audit(args) -> int:
+    from lungxray import pipeline
+
+    predictor, ds, idx = _model_and_data(args)
+    report = pipeline.audit_split(predictor, ds, idx, args.out)
+    chance = report["chance"]
+    print(f"shortcut audit on {report['n']} images (chance: accuracy {chance['accuracy']:.4f}, "
+          f"macro-F1 {chance['macro_f1']:.4f}):")
+    for name, view in report["views"].items():
+        ci = view["accuracy_ci95"]
+        interval = f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else ""
+        print(f"  {name.replace('_', ' '):<16} accuracy {view['accuracy']:.4f}{interval}, macro-F1 {view['macro_f1']:.4f}")
+    print(report["verdict"])
+    print(f"written: {args.out / 'audit.json'}")
     return 0
 
 
@@ -358,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _one_line_warning
     handler = {"scan": cmd_scan, "run": cmd_run, "tune": cmd_tune, "train": cmd_train, "cv": cmd_cv,
-               "evaluate": cmd_evaluate, "predict": cmd_predict}[args.command]
+               "evaluate": cmd_evaluate, "report": cmd_report, "explain": cmd_explain, "audit": cmd_audit,
+               "predict": cmd_predict}[args.command]
     try:
         return handler(args)
     except (ConfigError, DataError, BundleError, UnknownModelError, InitWeightsError, LeakageError,

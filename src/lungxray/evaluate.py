@@ -3,7 +3,8 @@
 ``compute_metrics`` turns labels and probabilities into the ``metrics.json`` schema that other
 tools read: loss, accuracy, per-class precision/recall (sensitivity)/specificity/F1/AUROC,
 macro-F1, macro AUROC, confusion matrix, and a seeded percentile-bootstrap 95% interval per
-headline metric (``bootstrap_ci``). ``plot_confusion_matrix`` and ``plot_curves`` write the PNGs.
+headline metric (``bootstrap_ci``), and the expected calibration error. Temperature scaling
+(``fit_temperature``) and the plots (confusion matrix, curves, ROC, reliability) live here too.
 Holds no training code.
 """
 
@@ -97,6 +98,47 @@ def bootstrap_ci(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *,
             for k, i in readable.items()}
 
 
+ECE_BINS = 15
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE: the gap between confidence (top probability) and accuracy, averaged over equal-width
+    confidence bins weighted by how many images fall in each (Guo et al., 2017)."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y_true
+    which = np.minimum((confidence * bins).astype(int), bins - 1)  # (N,) bin of each image
+    gap = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            gap += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(gap)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
+    """The temperature T that minimises the log-loss of softmax(logits / T) (Guo et al., 2017).
+
+    One scalar, fitted on validation logits. A bounded 1-D search over log T is all it takes;
+    calibration libraries (netcal) would bring a second deep-learning stack for these lines.
+    """
+    from scipy.optimize import minimize_scalar
+
+    labels = np.arange(logits.shape[1])
+
+    def nll(log_t: float) -> float:
+        return log_loss(y_true, softmax(logits, float(np.exp(log_t))), labels=labels)
+
+    best = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(best.x))
+
+
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *,
                     resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
     """``metrics.json`` content for integer labels ``y_true`` (N,) and probabilities ``probs`` (N, C).
@@ -128,6 +170,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *
                              "f1": float(f1[i]), "auroc": auroc[i], "support": int(support[i])}
                       for i, name in enumerate(classes)},
         "confusion_matrix": cm.tolist(),
+        "ece": expected_calibration_error(y_true, probs),
     }
     if resamples:
         metrics["ci95"] = bootstrap_ci(y_true, probs, list(classes), resamples=resamples, seed=seed)

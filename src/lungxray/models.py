@@ -175,6 +175,7 @@ class ModelSpec:
     space: Callable[..., dict]
     defaults: dict
     recipe: Recipe = field(default_factory=Recipe)
+    cam_layer: str | None = None  # the module Grad-CAM reads; None: explain by input gradient
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -185,12 +186,12 @@ REGISTRY: dict[str, ModelSpec] = {
                      Recipe(optimizer="adam", schedule="constant", augment=False, epochs=64, batch_size=8, jobs=2)),
     "cnn": ModelSpec(small_cnn, small_cnn_space, {"depth": 1, "width": 16, "dropout": 0.1, "learning_rate": 2e-3,
                                                   "weight_decay": 1e-2, "batch_size": 16},
-                     Recipe(epochs=30)),
+                     Recipe(epochs=30), cam_layer="layer4"),
     "resnet18": ModelSpec(resnet18, resnet18_space, {"learning_rate": 1e-3, "weight_decay": 1e-2, "batch_size": 16},
-                          Recipe(epochs=12)),
+                          Recipe(epochs=12), cam_layer="layer4"),
     "densenet121": ModelSpec(densenet121, densenet121_space, {"dropout": 0.0, "learning_rate": 1e-3,
                                                               "weight_decay": 1e-2, "batch_size": 16},
-                             Recipe(epochs=12)),
+                             Recipe(epochs=12), cam_layer="class_layers.relu"),
 }
 DEFAULT_MODEL = "cnn"
 

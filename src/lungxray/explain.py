@@ -1,0 +1,153 @@
+"""Where a model looks, and whether it needs the lungs at all.
+
+``saliency`` gives one map per image: Grad-CAM for the CNNs (MONAI's ``GradCAM`` on the model's
+last convolutional stage) and the input gradient for the MLP (MONAI's ``VanillaGrad``).
+``overlay`` blends a map onto its image. ``audit`` scores a model on the same images three ways:
+as they are, with the central lung field hidden, and with the borders hidden; a model that stays
+well above chance without the lungs is reading the image source (markers, text, exposure), not
+the disease. Holds no training code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lungxray.bundle import Predictor
+from lungxray.models import get_spec
+
+# The central box that holds the lung field on a PA chest film, as shares of the image side:
+# rows 15%..90%, columns 15%..85%. Markers, text and collimation edges sit outside it.
+LUNG_FIELD = (0.15, 0.90, 0.15, 0.85)
+
+
+def saliency(predictor: Predictor, images: np.ndarray) -> np.ndarray:
+    """(N, H, W) uint8 preprocessed images -> (N, H, W) maps in [0, 1] for each predicted class."""
+    from monai.visualize import GradCAM, VanillaGrad
+
+    from lungxray.train import to_tensor
+
+    model = predictor.model_.eval()
+    x = to_tensor(images)  # (N, 1, H, W)
+    layer = get_spec(predictor.config_["model"]["name"]).cam_layer
+    if layer is not None:
+        # One GradCAM per loaded model: each one hooks the layer for good, so a new one per call
+        # would stack hooks on a model that serves many requests.
+        if getattr(predictor, "gradcam_", None) is None:
+            predictor.gradcam_ = GradCAM(nn_module=model, target_layers=layer)
+        maps = predictor.gradcam_(x)  # (N, 1, H, W), upsampled to the input, 0..1 per image
+        return maps[:, 0].detach().numpy().astype(np.float32)
+    vanilla = VanillaGrad(model)  # one image per call
+    grads = torch.cat([vanilla(x[i:i + 1]) for i in range(len(x))]).abs()[:, 0]  # (N, H, W): pull on the logit
+    peak = grads.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
+    return (grads / peak).detach().numpy().astype(np.float32)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """(H, W) uint8 image + (H, W) map in [0, 1] -> (H, W, 3) uint8 RGB, the map in 'jet' colours."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["jet"](np.clip(heat, 0, 1))[..., :3]  # (H, W, 3) in [0, 1]
+    gray = np.repeat(image[..., None] / 255.0, 3, axis=2)
+    return np.rint(255 * ((1 - alpha) * gray + alpha * colours)).astype(np.uint8)
+
+
+def explain_files(predictor: Predictor, paths: list[Path], out: Path) -> list[dict]:
+    """Probabilities and an overlay PNG per image file, written to ``out``; bad files get an error."""
+    from PIL import Image
+
+    from lungxray.data import UnusableImage, decode
+
+    out.mkdir(parents=True, exist_ok=True)
+    results, arrays = [], []
+    for path in paths:
+        try:
+            arrays.append(decode(Path(path).read_bytes(), predictor.img_size_))
+            results.append({"path": str(path)})
+        except (UnusableImage, OSError) as exc:
+            results.append({"path": str(path), "error": str(exc)})
+    good = [r for r in results if "error" not in r]
+    if good:
+        images = np.stack(arrays)
+        probs = predictor.predict_arrays(images)
+        maps = saliency(predictor, images)
+        for k, (r, image, p, heat) in enumerate(zip(good, images, probs, maps)):
+            target = out / f"{k:03d}_{Path(r['path']).stem}_overlay.png"
+            Image.fromarray(overlay(image, heat)).save(target)
+            r.update({"class": predictor.classes_[int(p.argmax())],
+                      "probabilities": {c: float(v) for c, v in zip(predictor.classes_, p)},
+                      "overlay": str(target)})
+    (out / "explain.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def lung_box(size: int) -> np.ndarray:
+    """(size, size) bool: True inside the central lung-field box."""
+    top, bottom, left, right = (round(f * size) for f in LUNG_FIELD)
+    box = np.zeros((size, size), dtype=bool)
+    box[top:bottom, left:right] = True
+    return box
+
+
+def hide(images: np.ndarray, region: str) -> np.ndarray:
+    """Copy of (N, H, W) uint8 ``images`` with ``region`` ('lungs' or 'borders') filled with each
+    image's mean grey: a flat fill, so no edge or texture is left there to read."""
+    box = lung_box(images.shape[1])
+    hidden = box if region == "lungs" else ~box
+    out = images.copy()
+    fill = np.rint(images.reshape(len(images), -1).mean(axis=1)).astype(np.uint8)  # (N,)
+    out[:, hidden] = fill[:, None]
+    return out
+
+
+@dataclass
+class AuditView:
+    accuracy: float
+    macro_f1: float
+    accuracy_ci95: list[float] | None
+
+
+def audit(predictor: Predictor, images: np.ndarray, y: np.ndarray) -> dict:
+    """Accuracy and macro-F1 on the images as they are, with the lungs hidden, and with the borders
+    hidden, next to chance; ``verdict`` says in words what they mean."""
+    from lungxray.evaluate import compute_metrics
+
+    views = {}
+    for name, batch in (("original", images), ("lungs_hidden", hide(images, "lungs")),
+                        ("borders_hidden", hide(images, "borders"))):
+        m = compute_metrics(y, predictor.predict_arrays(batch), predictor.classes_)
+        views[name] = AuditView(m["accuracy"], m["macro_f1"], m["ci95"]["accuracy"]).__dict__
+    chance = chance_level(y, len(predictor.classes_))
+    return {"n": int(len(y)), "lung_field_box": dict(zip(("top", "bottom", "left", "right"), LUNG_FIELD)),
+            "chance": chance, "views": views, "verdict": verdict(views, chance)}
+
+
+def chance_level(y: np.ndarray, n_classes: int) -> dict:
+    """Accuracy of always answering the commonest class; macro-F1 of guessing uniformly at random."""
+    prior = np.bincount(y, minlength=n_classes) / len(y)
+    present = prior > 0
+    guess = 1 / n_classes
+    f1 = 2 * prior[present] * guess / (prior[present] + guess)  # per class: precision = prior, recall = 1/C
+    return {"accuracy": float(prior.max()), "macro_f1": float(f1.mean())}
+
+
+def _low(view: dict) -> float:
+    return view["accuracy_ci95"][0] if view["accuracy_ci95"] else view["accuracy"]
+
+
+def verdict(views: dict, chance: dict) -> str:
+    if _low(views["original"]) <= chance["accuracy"]:
+        return (f"The model is not clearly above chance ({chance['accuracy']:.2f}) even on the images as they are "
+                f"(accuracy {views['original']['accuracy']:.2f}), so hiding parts of them shows nothing.")
+    hidden = views["lungs_hidden"]
+    if _low(hidden) > chance["accuracy"] + 0.10:
+        return (f"With the lungs hidden the model still scores accuracy {hidden['accuracy']:.2f} against a chance "
+                f"level of {chance['accuracy']:.2f}: the model can tell the classes apart without seeing the "
+                "lungs, so it is likely learning the image source (markers, text, exposure, patient age) "
+                "rather than the disease. Test it on data from another hospital before trusting it.")
+    return (f"With the lungs hidden the model falls to accuracy {hidden['accuracy']:.2f}, near the chance level "
+            f"of {chance['accuracy']:.2f}: it needs the lung field, and the borders alone do not give the class away.")

@@ -1,0 +1,277 @@
+"""The HTML report: one self-contained file (plots embedded as PNG data, no network) per run folder.
+
+``write_report(folder)`` reads what ``run``, ``evaluate`` or ``cv`` left there (scan.json,
+splits.json or folds.json, trials.json, history.json, metrics.json, predictions.json or cv.json,
+audit.json, model/) and writes ``report.html`` with a section for each part it finds: dataset,
+search, training, test metrics with 95% CIs, confusion matrices, ROC curves, calibration, the
+most confident errors with saliency overlays, and the shortcut audit. Plots by matplotlib.
+Holds no training code.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lungxray.evaluate import ECE_BINS, expected_calibration_error
+
+GALLERY_SIZE = 8
+
+
+def _read(folder: Path, name: str):
+    path = folder / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _png(fig) -> str:
+    """A matplotlib figure as an <img> with the PNG inline."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))  # noqa: E731
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{body}</section>'
+
+
+def _dataset(scan: dict, parts: dict | None) -> str:
+    rows = [[name, n] for name, n in scan["counts"].items()]
+    body = f"<p>{html.escape(scan['root'])}: {scan['layout']} layout, {scan['n_images']} usable images.</p>"
+    body += _table(["class", "images"], rows)
+    if parts:
+        body += "<h3>Splits</h3>" + _table(["part", "images"], [[k, v] for k, v in parts.items()])
+    skipped = [[s["path"], s["reason"]] for s in scan["skipped"]]
+    body += f"<h3>Skipped files ({len(skipped)})</h3>" + (_table(["file", "reason"], skipped) if skipped else "<p>None.</p>")
+    groups = [[len(g), " == ".join(Path(p).name for p in g)] for g in scan["duplicate_groups"]]
+    body += f"<h3>Duplicate groups ({len(groups)}), each kept in one split</h3>"
+    return body + (_table(["images", "files"], groups) if groups else "<p>None found.</p>")
+
+
+def _search(trials: list[dict], best: dict | None) -> str:
+    import matplotlib.pyplot as plt
+
+    done = [t for t in trials if t["value"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    values = [t["value"] for t in done]
+    ax.plot([t["number"] for t in done], values, "o", label="trial")
+    best_so_far = np.minimum.accumulate(values) if best and best.get("objective") == "val_loss" else np.maximum.accumulate(values)
+    ax.step([t["number"] for t in done], best_so_far, where="post", label="best so far")
+    ax.set_xlabel("trial")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel(best.get("objective", "objective") if best else "objective")
+    ax.set_title("optimisation history")
+    ax.legend()
+    keys = sorted({k for t in trials for k in t["params"]})
+    rows = [[t["number"], t["state"], t["value"] if t["value"] is not None else "-",
+             "stopped early" if t.get("pruned_at_epoch") else "full"] + [t["params"].get(k, "-") for k in keys]
+            for t in trials]
+    text = f"<p>Best parameters: <code>{html.escape(json.dumps(best['params']))}</code></p>" if best else ""
+    return text + _png(fig) + _table(["trial", "state", "value", "run"] + keys, rows)
+
+
+def _curves(history: dict) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        ax.plot(history["epoch"], history[f"train_{key}"], label=f"train {key}")
+        ax.plot(history["epoch"], history[f"val_{key}"], label=f"val {key}")
+        ax.axvline(history["best_epoch"], color="grey", linestyle="--", label=f"kept epoch {history['best_epoch']}")
+        ax.set_xlabel("epoch")
+        ax.legend()
+    return _png(fig)
+
+
+def _metrics(metrics: dict) -> str:
+    ci = metrics.get("ci95", {})
+
+    def with_ci(name: str, value) -> list:
+        interval = ci.get(name)
+        return [name, value if value is not None else "n/a",
+                f"{interval[0]:.4f} - {interval[1]:.4f}" if interval else "n/a"]
+
+    rows = [with_ci(k, metrics.get(k)) for k in ("accuracy", "macro_f1", "macro_auroc")]
+    for c, m in metrics["per_class"].items():
+        rows += [with_ci(f"recall/{c}", m["recall"]), with_ci(f"specificity/{c}", m["specificity"]),
+                 with_ci(f"auroc/{c}", m["auroc"])]
+    per_class = [[c, m["precision"], m["recall"], m["specificity"] if m["specificity"] is not None else "n/a",
+                  m["f1"], m["auroc"] if m["auroc"] is not None else "n/a", m["support"]]
+                 for c, m in metrics["per_class"].items()]
+    return (f"<p>{metrics['n']} images. Intervals: 95% percentile bootstrap over images "
+            f"({metrics.get('bootstrap', {}).get('resamples', 0)} resamples).</p>"
+            + _table(["metric", "value", "95% CI"], rows)
+            + _table(["class", "precision", "recall", "specificity", "F1", "AUROC", "support"], per_class))
+
+
+def _confusion(metrics: dict) -> str:
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    cm = np.array(metrics["confusion_matrix"], dtype=float)
+    rows = cm.sum(axis=1, keepdims=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, matrix, title, fmt in ((axes[0], cm.astype(int), "counts", "d"),
+                                   (axes[1], np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0),
+                                    "row-normalised (recall on the diagonal)", ".2f")):
+        ConfusionMatrixDisplay(matrix, display_labels=metrics["classes"]).plot(
+            ax=ax, cmap="Blues", colorbar=False, xticks_rotation=30, values_format=fmt)
+        ax.set_title(title)
+    return _png(fig)
+
+
+def _roc(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> str:
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import RocCurveDisplay
+
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for i, name in enumerate(classes):
+        if 0 < (y == i).sum() < len(y):
+            RocCurveDisplay.from_predictions(y == i, probs[:, i], name=name, ax=ax)
+    ax.plot([0, 1], [0, 1], "k:", label="chance")
+    ax.set_title("one-vs-rest ROC")
+    ax.legend(loc="lower right")
+    return _png(fig)
+
+
+def _calibration(y: np.ndarray, probs: np.ndarray, raw: np.ndarray | None, temperature: float) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    edges = np.linspace(0, 1, ECE_BINS + 1)
+    rows = []
+    for label, p in (("before scaling", raw), (f"after (T = {temperature:.2f})", probs)):
+        if p is None:
+            continue
+        confidence, correct = p.max(axis=1), p.argmax(axis=1) == y
+        which = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
+        used = [b for b in range(ECE_BINS) if (which == b).any()]
+        ax.plot([confidence[which == b].mean() for b in used], [correct[which == b].mean() for b in used], "o-",
+                label=f"{label}: ECE {expected_calibration_error(y, p):.3f}")
+        rows.append([label, expected_calibration_error(y, p)])
+    ax.plot(edges, edges, "k:", label="perfect calibration")
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("reliability diagram")
+    ax.legend(loc="upper left", fontsize=8)
+    return _png(fig) + _table(["probabilities", f"expected calibration error ({ECE_BINS} bins)"], rows)
+
+
+def _gallery(model_dir: Path, predictions: dict, y: np.ndarray, probs: np.ndarray) -> str:
+    """The most confident errors, each with the model's saliency overlay."""
+    from PIL import Image
+
+    from lungxray.bundle import Predictor
+    from lungxray.data import decode
+    from lungxray.explain import overlay, saliency
+
+    wrong = np.flatnonzero(probs.argmax(axis=1) != y)
+    if len(wrong) == 0:
+        return "<p>No errors on these images.</p>"
+    wrong = wrong[np.argsort(-probs[wrong].max(axis=1))][:GALLERY_SIZE]
+    if not (model_dir / "config.json").is_file():
+        return f"<p>No model bundle at {html.escape(str(model_dir))}: overlays left out.</p>"
+    predictor = Predictor(model_dir)
+    items = [predictions["images"][i] for i in wrong]
+    images = np.stack([decode(Path(it["path"]).read_bytes(), predictor.img_size_) for it in items])
+    maps = saliency(predictor, images)
+    cards = []
+    for it, image, heat, i in zip(items, images, maps, wrong):
+        buf = io.BytesIO()
+        Image.fromarray(overlay(image, heat)).resize((192, 192), Image.Resampling.NEAREST).save(buf, format="PNG")
+        guess = predictions["classes"][int(probs[i].argmax())]
+        cards.append(f'<figure><img alt="overlay" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+                     f"<figcaption>{html.escape(Path(it['path']).name)}<br>true {html.escape(it['label'])}, "
+                     f"predicted {html.escape(guess)} ({probs[i].max():.2f})</figcaption></figure>")
+    return f'<p>{len(cards)} most confident errors; colour shows where the model looked.</p><div class="gallery">{"".join(cards)}</div>'
+
+
+def _audit(audit: dict) -> str:
+    rows = [[name.replace("_", " "), v["accuracy"], v["macro_f1"],
+             f"{v['accuracy_ci95'][0]:.4f} - {v['accuracy_ci95'][1]:.4f}" if v["accuracy_ci95"] else "n/a"]
+            for name, v in audit["views"].items()]
+    rows.append(["chance", audit["chance"]["accuracy"], audit["chance"]["macro_f1"], "-"])
+    return _table(["images", "accuracy", "macro-F1", "accuracy 95% CI"], rows) + f"<p><strong>{html.escape(audit['verdict'])}</strong></p>"
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+th{background:#f2f2f2}section{margin-bottom:2.2em}img{max-width:100%}.gallery{display:flex;flex-wrap:wrap;gap:1em}
+figure{margin:0;width:200px;font-size:.8em}code{background:#f4f4f4;padding:.1em .3em}"""
+
+
+def _scores(cv: dict | None, predictions: dict | None) -> tuple:
+    """(labels, probabilities, uncalibrated probabilities, temperature) of the scored images."""
+    if cv:
+        classes = cv["pooled"]["classes"]
+        y = np.array([classes.index(o["label"]) for o in cv["out_of_fold"]])
+        return y, np.array([[o["probabilities"][c] for c in classes] for o in cv["out_of_fold"]]), None, 1.0
+    if predictions:
+        classes = predictions["classes"]
+        y = np.array([classes.index(it["label"]) for it in predictions["images"]])
+        return (y, np.array([it["probabilities"] for it in predictions["images"]]),
+                np.array([it["uncalibrated"] for it in predictions["images"]]), predictions["temperature"])
+    return None, None, None, 1.0
+
+
+def _cv_table(cv: dict) -> str:
+    rows = [[name, "n/a" if row["mean"] is None else row["mean"], "n/a" if row["std"] is None else row["std"]]
+            for name, row in cv["summary"].items()]
+    return _table(["metric", "mean over folds", "std over folds"], rows)
+
+
+def write_report(folder: Path, model_dir: Path | None = None) -> Path:
+    """Write ``folder/report.html`` from the run, evaluate or cv outputs found in ``folder``;
+    ``model_dir`` (default ``folder/model``) explains the errors in the gallery."""
+    folder = Path(folder)
+    model_dir = Path(model_dir) if model_dir is not None else folder / "model"
+    found = {name: _read(folder, f"{name}.json") for name in
+             ("scan", "splits", "trials", "best_params", "history", "metrics", "predictions", "cv", "audit")}
+    cv, metrics = found["cv"], found["metrics"] or (found["cv"] or {}).get("pooled")
+    if metrics is None:
+        raise FileNotFoundError(f"{folder} holds no metrics.json or cv.json; run `lungxray run`, "
+                                "`evaluate` or `cv` with --out there first")
+    sections = []
+    if found["scan"]:
+        sizes = (found["splits"]["sizes"] if found["splits"] else
+                 {f"fold {f['fold']} (train / val / test)": f"{f['train']} / {f['val']} / {f['test']}"
+                  for f in cv["per_fold"]} if cv else None)
+        sections.append(_section("dataset", "Dataset", _dataset(found["scan"], sizes)))
+    if found["trials"]:
+        sections.append(_section("search", "Hyperparameter search", _search(found["trials"], found["best_params"])))
+    if found["history"]:
+        sections.append(_section("training", "Training curves", _curves(found["history"])))
+    if cv:
+        sections.append(_section("folds", f"{cv['folds']}-fold cross-validation ({cv['model']})", _cv_table(cv)))
+    sections.append(_section("metrics", "Pooled out-of-fold metrics" if cv else "Test metrics", _metrics(metrics)))
+    sections.append(_section("confusion", "Confusion matrix", _confusion(metrics)))
+    y, probs, raw, temperature = _scores(cv, found["predictions"])
+    if probs is not None:
+        sections.append(_section("roc", "ROC curves", _roc(y, probs, metrics["classes"])))
+        sections.append(_section("calibration", "Calibration", _calibration(y, probs, raw, temperature)))
+    if found["predictions"] and not cv:
+        sections.append(_section("errors", "Most confident errors", _gallery(model_dir, found["predictions"], y, probs)))
+    if found["audit"]:
+        sections.append(_section("audit", "Shortcut audit", _audit(found["audit"])))
+    title = f"lungxray report: {folder.name}"
+    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p>Research use only: see the README on reading these numbers.</p>{''.join(sections)}</body></html>")
+    path = folder / "report.html"
+    path.write_text(page)
+    return path

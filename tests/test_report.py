@@ -1,0 +1,100 @@
+"""The HTML report of a tiny run, opened in headless Chromium: every section, no broken image,
+no console error, and a screenshot. Also the report of a cv folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import write_tree
+from lungxray.cli import main
+from lungxray.report import write_report
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run"]
+RUN_SECTIONS = ["dataset", "search", "training", "metrics", "confusion", "roc", "calibration", "errors", "audit"]
+
+
+def _browser_or_skip():
+    """Playwright driving Debian's chromium; outside CI a missing browser skips, in CI it fails."""
+    missing = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing = "playwright is not installed (pip install playwright)"
+    if missing is None and not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
+        missing = f"{CHROMIUM} not found (apt-get install chromium chromium-driver)"
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"browser test cannot run in CI: {missing}")
+        pytest.skip(missing)
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    data = write_tree(root / "data", per_class=14)
+    out = root / "run"
+    assert main(["run", str(data), "--out", str(out), "--img-size", "32", "--cache-dir", str(root / "cache"),
+                 "--trials", "2", "--epochs", "3", "--seed", "3", "--quiet"]) == 0
+    return out
+
+
+def _open(path: Path, screenshot: Path) -> dict:
+    sync_playwright = _browser_or_skip()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        errors = []
+        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(path.resolve().as_uri())
+        page.wait_for_load_state("load")
+        found = page.evaluate("""() => ({
+            sections: Array.from(document.querySelectorAll('section')).map(s => s.id),
+            images: document.images.length,
+            broken: Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).length,
+            external: Array.from(document.querySelectorAll('[src],[href]'))
+                .map(e => e.getAttribute('src') || e.getAttribute('href'))
+                .filter(u => /^(https?:)?\\/\\//.test(u)).length,
+            text: document.body.innerText})""")
+        page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    return {**found, "errors": errors}
+
+
+def test_run_report_in_chromium_has_every_section_and_no_broken_image(tiny_run):
+    report = tiny_run / "report.html"
+    assert report.is_file()  # written by `run` itself
+    shot = tiny_run / "report.png"
+    page = _open(report, shot)
+    assert page["sections"] == RUN_SECTIONS
+    assert page["images"] >= 7 and page["broken"] == 0
+    assert page["external"] == 0  # self-contained: nothing fetched from the network
+    assert page["errors"] == []
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert f"{metrics['accuracy']:.4f}" in page["text"]  # the test metrics, as written in metrics.json
+    audit = json.loads((tiny_run / "audit.json").read_text())
+    assert audit["verdict"] in page["text"]
+
+
+def test_report_command_rewrites_the_report_and_cv_gets_one(tiny_run, tmp_path):
+    (tiny_run / "report.html").unlink()
+    assert main(["report", str(tiny_run)]) == 0
+    assert "Shortcut audit" in (tiny_run / "report.html").read_text()
+    data = write_tree(tmp_path / "data", per_class=10)
+    out = tmp_path / "cv"
+    assert main(["cv", str(data), "--model", "mlp", "--folds", "2", "--epochs", "2", "--img-size", "16",
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--quiet"]) == 0
+    page = _open(out / "report.html", tmp_path / "cv.png")
+    assert page["sections"] == ["dataset", "folds", "metrics", "confusion", "roc", "calibration"]
+    assert page["broken"] == 0 and page["errors"] == []
+    with pytest.raises(FileNotFoundError, match="no metrics.json or cv.json"):
+        write_report(tmp_path / "data")
