@@ -75,7 +75,7 @@ def split_tree(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if SHARED_DATA is None:
         if os.environ.get("CI") == "true":

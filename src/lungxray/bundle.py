@@ -1,8 +1,9 @@
-"""The model bundle (a folder: safetensors weights, config.json, metrics.json, checksums.json) and
-the ``Predictor`` that loads one.
+"""The model bundle (a folder: safetensors weights, config.json, metrics.json, checksums.json,
+optionally model.onnx), the ``Predictor`` that loads one, and ``export_onnx``.
 
-Loading never unpickles: weights come from safetensors, everything else is JSON, and every file is
-checked against its SHA-256 before use. Holds no training code.
+Loading never unpickles: weights come from safetensors (or the ONNX graph, run by ONNX Runtime),
+everything else is JSON, and every file is checked against its SHA-256 before use. Holds no
+training code.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from lungxray.models import create_model
 FORMAT = "lungxray-bundle"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+ONNX = "model.onnx"
 
 
 class BundleError(ValueError):
@@ -95,11 +97,25 @@ def verify_bundle(folder: Path) -> dict:
 
 
 class Predictor:
-    """A loaded bundle: ``predict_arrays`` and ``predict_files`` return class probabilities."""
+    """A loaded bundle: ``predict_arrays`` and ``predict_files`` return class probabilities.
 
-    def __init__(self, folder: Path) -> None:
+    ``backend``: "torch", "onnx" (ONNX Runtime on the bundle's model.onnx), or "auto": ONNX
+    Runtime when the bundle holds a verified model.onnx. Explanations always use the torch model.
+    """
+
+    def __init__(self, folder: Path, backend: str = "auto") -> None:
         self.folder = Path(folder)
         self.config_ = verify_bundle(self.folder)
+        if backend not in ("auto", "torch", "onnx"):
+            raise ValueError(f"backend must be auto, torch or onnx, got {backend!r}")
+        if backend == "onnx" and not (self.folder / ONNX).is_file():
+            raise BundleError(f"{self.folder} has no {ONNX}; run `lungxray export {self.folder} --onnx` first")
+        self.backend_ = "onnx" if backend != "torch" and (self.folder / ONNX).is_file() else "torch"
+        self.session_ = None
+        if self.backend_ == "onnx":
+            import onnxruntime
+
+            self.session_ = onnxruntime.InferenceSession(str(self.folder / ONNX), providers=["CPUExecutionProvider"])
         self.classes_: list[str] = self.config_["classes"]
         self.img_size_: int = self.config_["preprocessing"]["img_size"]
         model_cfg = self.config_["model"]
@@ -119,7 +135,11 @@ class Predictor:
         """(N, H, W) uint8 preprocessed images -> (N, n_classes) raw logits, before any temperature."""
         from lungxray.train import predict_logits, to_tensor
 
-        return predict_logits(self.model_, to_tensor(images), batch_size).numpy()
+        x = to_tensor(images)  # (N, 1, H, W)
+        if self.session_ is not None:
+            return np.concatenate([self.session_.run(None, {"image": x[i:i + batch_size].numpy()})[0]
+                                   for i in range(0, len(x), batch_size)])
+        return predict_logits(self.model_, x, batch_size).numpy()
 
     def predict_arrays(self, images: np.ndarray, batch_size: int = 256, calibrated: bool = True) -> np.ndarray:
         """(N, H, W) uint8 preprocessed images -> (N, n_classes) probabilities, temperature-scaled
@@ -145,3 +165,36 @@ class Predictor:
                 results[i]["class"] = self.classes_[int(p.argmax())]
                 results[i]["probabilities"] = {c: float(v) for c, v in zip(self.classes_, p)}
         return results
+
+
+def export_onnx(folder: Path, check_images: np.ndarray | None = None) -> tuple[Path, float]:
+    """Write model.onnx into the bundle (batch size left dynamic) and update its checksums.
+
+    Returns the path and the largest absolute difference between ONNX Runtime's and PyTorch's
+    probabilities on ``check_images`` ((N, H, W) uint8; random images when None); a difference of
+    1e-4 or more is an error and leaves no model.onnx behind.
+    """
+    import warnings
+
+    folder = Path(folder)
+    torch_predictor = Predictor(folder, backend="torch")
+    size = torch_predictor.img_size_
+    dummy = torch.zeros(1, 1, size, size)
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter is deprecated in favour of the dynamo one, which needs
+        # onnxscript; it still writes a standard graph that ONNX Runtime runs.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.onnx.export(torch_predictor.model_, (dummy,), str(folder / ONNX), input_names=["image"],
+                          output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    if check_images is None:
+        check_images = np.random.default_rng(0).integers(0, 256, (8, size, size), dtype=np.uint8)
+    write_checksums(folder)
+    onnx_probs = Predictor(folder, backend="onnx").predict_arrays(check_images)
+    gap = float(np.abs(onnx_probs - torch_predictor.predict_arrays(check_images)).max())
+    if gap >= 1e-4:
+        (folder / ONNX).unlink()
+        write_checksums(folder)
+        raise BundleError(f"ONNX Runtime and PyTorch disagree by {gap:.2e} on the check images; model.onnx not kept")
+    return folder / ONNX, gap

@@ -153,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="splits.json of a run: audit only its test images (default: every image in DATA)")
     p.add_argument("--out", type=Path, required=True, help="folder for audit.json")
 
+    p = sub.add_parser("export", help="add model.onnx to a bundle (checked against PyTorch)")
+    p.add_argument("model_dir", metavar="MODEL", type=Path, help="model bundle folder (RUN/model)")
+    p.add_argument("--onnx", action="store_true", required=True, help="export to ONNX (the only format so far)")
+
+    p = sub.add_parser("serve", help="web service and upload page for a model (FastAPI + uvicorn)")
+    p.add_argument("model_dir", metavar="MODEL", type=Path, help="model bundle folder (RUN/model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
+                   help="auto: ONNX Runtime when the bundle has model.onnx (default)")
+
     p = sub.add_parser("predict", help="class and probabilities for each image")
     p.add_argument("model_dir", metavar="MODEL", type=Path, help="model bundle folder (RUN/model)")
     p.add_argument("images", metavar="IMAGE", type=Path, nargs="+", help="image files")
@@ -407,6 +418,23 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from lungxray.bundle import export_onnx
+
+    path, gap = export_onnx(args.model_dir)
+    print(f"written: {path} (ONNX Runtime vs PyTorch: largest probability difference {gap:.1e})")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from lungxray.bundle import Predictor
+    from lungxray.serve import serve
+
+    Predictor(args.model_dir, backend=args.backend)  # a broken bundle fails here, in one line
+    serve(args.model_dir, args.host, args.port, args.backend)
+    return 0
+
+
 def cmd_predict(args) -> int:
     from lungxray.bundle import Predictor
 
@@ -436,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _one_line_warning
     handler = {"scan": cmd_scan, "run": cmd_run, "tune": cmd_tune, "train": cmd_train, "cv": cmd_cv,
-               "evaluate": cmd_evaluate, "report": cmd_report, "explain": cmd_explain, "audit": cmd_audit,
+               "evaluate": cmd_evaluate, "report": cmd_report, "explain": cmd_explain, "export": cmd_export,
+               "serve": cmd_serve, "audit": cmd_audit,
                "predict": cmd_predict}[args.command]
     try:
         return handler(args)

@@ -57,7 +57,10 @@ def set_threads(threads: int) -> None:
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """(N, H, W) uint8 -> (N, 1, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).float().div_(255.0)
+    images = np.ascontiguousarray(images)
+    if not images.flags.writeable:  # decoded uploads are read-only views; torch wants to own its memory
+        images = images.copy()
+    return torch.from_numpy(images).unsqueeze(1).float().div_(255.0)
 
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,

@@ -1,0 +1,125 @@
+"""The web service: a FastAPI app built around one ``Predictor``, loaded once at start-up.
+
+``POST /predict`` and ``POST /explain`` take a multipart upload (field ``file``); ``GET /health``,
+``GET /model`` and the upload page at ``/``. Inference runs in a worker thread so the event loop
+never waits on the model. Every bad upload gets a 4xx with a message that says what was wrong:
+too large (413), empty, not an image, truncated, a decompression bomb, an unsupported mode (422).
+Holds no training code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from lungxray.bundle import Predictor
+
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+PAGE = Path(__file__).with_name("upload.html")
+
+
+def _decode_upload(predictor: Predictor, data: bytes) -> np.ndarray:
+    """Upload bytes -> (H, W) uint8 preprocessed image, or a 422 that says why not."""
+    from lungxray.data import UnusableImage, decode
+
+    try:
+        return decode(data, predictor.img_size_)
+    except UnusableImage as exc:
+        raise HTTPException(status_code=422, detail=f"unusable image: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a hostile file may break a decoder in any way; never a 500
+        raise HTTPException(status_code=422, detail=f"could not read the upload as an image "
+                                                    f"({type(exc).__name__}: {exc})") from None
+
+
+async def _read_limited(file: UploadFile, limit: int) -> bytes:
+    """The upload's bytes; 413 as soon as it passes ``limit``."""
+    chunks, size = [], 0
+    while chunk := await file.read(1 << 20):
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(status_code=413, detail=f"upload larger than the {limit // (1 << 20)} MB limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(model_dir: Path, backend: str = "auto", max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
+    """The app for the bundle in ``model_dir``; the model is loaded when the app starts."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.predictor = Predictor(model_dir, backend=backend)
+        app.state.explain_lock = threading.Lock()  # Grad-CAM keeps per-call state in its hooks
+        metrics = Path(model_dir) / "metrics.json"
+        app.state.metrics = json.loads(metrics.read_text()) if metrics.is_file() else None
+        yield
+
+    app = FastAPI(title="lungxray", summary="Chest X-ray classifier: predictions and where the model looked",
+                  lifespan=lifespan)
+
+    @app.middleware("http")
+    async def refuse_large_bodies(request: Request, call_next):
+        # Refuse by the declared length before reading a byte; _read_limited covers bodies without one.
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_upload_bytes + 64 * 1024:
+            return JSONResponse(status_code=413,
+                                content={"detail": f"upload larger than the {max_upload_bytes // (1 << 20)} MB limit"})
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/model")
+    async def model(request: Request) -> dict:
+        p = request.app.state.predictor
+        return {"classes": p.classes_, "model": p.config_["model"], "preprocessing": p.config_["preprocessing"],
+                "backend": p.backend_, "temperature": p.temperature_, "metrics": request.app.state.metrics}
+
+    @app.post("/predict")
+    async def predict(request: Request, file: UploadFile) -> dict:
+        p = request.app.state.predictor
+        image = await run_in_threadpool(_decode_upload, p, await _read_limited(file, max_upload_bytes))
+        probs = (await run_in_threadpool(p.predict_arrays, image[None]))[0]
+        return {"class": p.classes_[int(probs.argmax())],
+                "probabilities": {c: float(v) for c, v in zip(p.classes_, probs)},
+                "model": p.config_["model"]["name"]}
+
+    @app.post("/explain", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    async def explain(request: Request, file: UploadFile) -> Response:
+        p = request.app.state.predictor
+        image = await run_in_threadpool(_decode_upload, p, await _read_limited(file, max_upload_bytes))
+        png = await run_in_threadpool(_overlay_png, p, image, request.app.state.explain_lock)
+        return Response(content=png, media_type="image/png")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return PAGE.read_text()
+
+    return app
+
+
+def _overlay_png(predictor: Predictor, image: np.ndarray, lock: threading.Lock) -> bytes:
+    from PIL import Image
+
+    from lungxray.explain import overlay, saliency
+
+    with lock:
+        heat = saliency(predictor, image[None])[0]
+    buf = io.BytesIO()
+    Image.fromarray(overlay(image, heat)).resize((384, 384), Image.Resampling.BILINEAR).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def serve(model_dir: Path, host: str = "127.0.0.1", port: int = 8000, backend: str = "auto") -> None:
+    """Run the app with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(model_dir, backend), host=host, port=port, log_level="info")

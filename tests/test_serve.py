@@ -1,0 +1,167 @@
+"""ONNX export, the web service and its upload page, driven with real X-rays and hostile uploads."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from conftest import png_bomb
+from lungxray.bundle import Predictor, export_onnx, save_bundle
+from lungxray.config import DataConfig, TrainConfig
+from lungxray.data import load_dataset
+from lungxray.models import get_spec
+from lungxray.serve import create_app
+from lungxray.train import fit, to_tensor
+from test_report import CHROMIUM, FLAGS, _browser_or_skip
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def real(shared_data, tmp_path_factory):
+    """A small CNN trained briefly on 12 real X-rays per class, its bundle with model.onnx, and real files."""
+    root = tmp_path_factory.mktemp("serve")
+    data = root / "slice"
+    files = []
+    for folder in sorted((shared_data / "train").iterdir()):
+        (data / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:12]:
+            (data / folder.name / image.name).symlink_to(image)
+            files.append(image)
+    ds = load_dataset(data, DataConfig(img_size=SIZE, cache_dir=root / "cache"), progress=False)
+    x, y = to_tensor(ds.images), torch.from_numpy(ds.labels)
+    hp = {**get_spec("cnn").defaults, "width": 8}
+    result = fit("cnn", hp, (x, y), (x, y), 3, TrainConfig(epochs=2, batch_size=8, augment=False))
+    bundle = root / "model"
+    save_bundle(bundle, result.model, {"classes": ds.classes, "model": {"name": "cnn", "hyperparameters": hp,
+                                       "input_shape": [1, SIZE, SIZE]}, "preprocessing": {"img_size": SIZE}})
+    path, gap = export_onnx(bundle, ds.images)
+    return bundle, ds, files, gap
+
+
+def test_onnx_runtime_agrees_with_pytorch_on_real_images(real):
+    bundle, ds, _, gap = real
+    assert gap < 1e-4
+    onnx, eager = Predictor(bundle), Predictor(bundle, backend="torch")
+    assert onnx.backend_ == "onnx" and eager.backend_ == "torch"
+    a, b = onnx.predict_arrays(ds.images), eager.predict_arrays(ds.images)
+    assert np.abs(a - b).max() < 1e-4 and np.array_equal(a.argmax(1), b.argmax(1))
+    # model.onnx is under the bundle's checksums: an altered graph is refused
+    import json
+
+    assert "model.onnx" in json.loads((bundle / "checksums.json").read_text())
+
+
+def test_predict_explain_model_health_on_a_real_xray(real):
+    bundle, _, files, _ = real
+    with TestClient(create_app(bundle)) as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        info = client.get("/model").json()
+        assert info["classes"] == ["covid", "normal", "viral_pneumonia"] and info["backend"] == "onnx"
+        answer = client.post("/predict", files={"file": (files[0].name, files[0].read_bytes(), "image/jpeg")})
+        assert answer.status_code == 200
+        body = answer.json()
+        assert body["class"] in info["classes"] and body["model"] == "cnn"
+        assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        expected = Predictor(bundle).predict_files([files[0]])[0]["probabilities"]
+        assert body["probabilities"] == pytest.approx(expected, abs=1e-6)
+        picture = client.post("/explain", files={"file": (files[0].name, files[0].read_bytes(), "image/jpeg")})
+        assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
+        with Image.open(io.BytesIO(picture.content)) as img:
+            assert img.size == (384, 384) and len(np.unique(np.asarray(img).reshape(-1, 3), axis=0)) > 50
+        assert "/predict" in client.get("/openapi.json").json()["paths"]
+        assert "<input id=\"file\"" in client.get("/").text
+
+
+def _hostile_uploads(real_bytes: bytes, png_bytes: bytes) -> list[tuple[str, bytes]]:
+    """At least 200 generated malformed uploads, each one unreadable by construction."""
+    rng = np.random.default_rng(0)
+    cases = [("empty", b"")]
+    for n in np.linspace(1, len(real_bytes) - 400, 70).astype(int):  # JPEG cut short, before its end marker
+        cases.append((f"truncated-jpeg-{n}", real_bytes[:n]))
+    for k in range(40):  # bit flips in the PNG signature and header chunk, which carry a checksum
+        data = bytearray(png_bytes)
+        position = int(rng.integers(0, 33))
+        data[position] ^= 1 << int(rng.integers(0, 8))
+        cases.append((f"bitflip-png-header-{k}", bytes(data)))
+    for k in range(40):  # wrong magic bytes: a real file's body behind another format's signature
+        magic = [b"%PDF-1.7\n", b"PK\x03\x04", b"GIF89a", b"\x7fELF", b"<html>"][k % 5]
+        cases.append((f"wrong-magic-{k}", magic + real_bytes[len(magic) + k:]))
+    for k in range(30):  # random noise of various sizes
+        cases.append((f"noise-{k}", rng.integers(0, 256, int(rng.integers(1, 5000)), dtype=np.uint8).tobytes()))
+    for k in range(20):  # decompression bombs: headers declaring huge dimensions
+        cases.append((f"bomb-{k}", png_bomb()))
+    cases.append(("cmyk-renamed-text", b"this is not an image at all"))
+    return cases
+
+
+def test_fuzz_every_hostile_upload_gets_a_4xx_and_the_server_stays_healthy(real):
+    bundle, _, files, _ = real
+    real_bytes = files[0].read_bytes()
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((40, 40), dtype=np.uint8)).save(buf, format="PNG")
+    cases = _hostile_uploads(real_bytes, buf.getvalue())
+    limit = 2 * len(real_bytes)  # small enough to send oversized files quickly, large enough for the real one
+    cases += [(f"oversized-{k}", b"\xff\xd8\xff" + bytes(limit + 1000 * (k + 1))) for k in range(5)]
+    assert len(cases) >= 200
+    with TestClient(create_app(bundle, max_upload_bytes=limit), raise_server_exceptions=False) as client:
+        for name, data in cases:
+            for route in ("/predict",) if not name.startswith("bitflip") else ("/predict", "/explain"):
+                answer = client.post(route, files={"file": (f"{name}.png", data, "image/png")})
+                assert 400 <= answer.status_code < 500, (name, answer.status_code, answer.text[:200])
+                detail = answer.json()["detail"]
+                assert isinstance(detail, str) and "Traceback" not in detail, name
+                if name.startswith("oversized"):
+                    assert answer.status_code == 413 and "limit" in detail
+        assert client.post("/predict", files={"file": ("x.jpg", real_bytes, "image/jpeg")}).status_code == 200
+        assert client.get("/health").json() == {"status": "ok"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_upload_page_in_chromium_shows_the_class_and_the_overlay(real, tmp_path):
+    sync_playwright = _browser_or_skip()
+    import uvicorn
+
+    bundle, _, files, _ = real
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(bundle), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.1)
+        assert server.started
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.set_input_files("#file", str(files[0]))
+            page.wait_for_function("document.getElementById('overlay').naturalWidth > 0", timeout=30_000)
+            shown = page.inner_text("#class")
+            bars = page.locator(".bar").count()
+            overlay_width = page.evaluate("document.getElementById('overlay').naturalWidth")
+            page.screenshot(path=str(tmp_path / "upload.png"), full_page=True)
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert shown in ("covid", "normal", "viral_pneumonia")
+    assert bars == 3 and overlay_width == 384 and errors == []
+    assert (tmp_path / "upload.png").stat().st_size > 10_000
