@@ -101,9 +101,10 @@ class Predictor:
 
     ``backend``: "torch", "onnx" (ONNX Runtime on the bundle's model.onnx), or "auto": ONNX
     Runtime when the bundle holds a verified model.onnx. Explanations always use the torch model.
+    ``threads``: ONNX Runtime's threads per call (0: one per core).
     """
 
-    def __init__(self, folder: Path, backend: str = "auto") -> None:
+    def __init__(self, folder: Path, backend: str = "auto", threads: int = 0) -> None:
         self.folder = Path(folder)
         self.config_ = verify_bundle(self.folder)
         if backend not in ("auto", "torch", "onnx"):
@@ -115,7 +116,10 @@ class Predictor:
         if self.backend_ == "onnx":
             import onnxruntime
 
-            self.session_ = onnxruntime.InferenceSession(str(self.folder / ONNX), providers=["CPUExecutionProvider"])
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = threads  # 0: ONNX Runtime's default, one per core
+            self.session_ = onnxruntime.InferenceSession(str(self.folder / ONNX), options,
+                                                         providers=["CPUExecutionProvider"])
         self.classes_: list[str] = self.config_["classes"]
         self.img_size_: int = self.config_["preprocessing"]["img_size"]
         model_cfg = self.config_["model"]

@@ -177,7 +177,7 @@ def _gallery(model_dir: Path, predictions: dict, y: np.ndarray, probs: np.ndarra
     from PIL import Image
 
     from lungxray.bundle import Predictor
-    from lungxray.data import decode
+    from lungxray.data import UnusableImage, decode
     from lungxray.explain import overlay, saliency
 
     wrong = np.flatnonzero(probs.argmax(axis=1) != y)
@@ -187,8 +187,17 @@ def _gallery(model_dir: Path, predictions: dict, y: np.ndarray, probs: np.ndarra
     if not (model_dir / "config.json").is_file():
         return f"<p>No model bundle at {html.escape(str(model_dir))}: overlays left out.</p>"
     predictor = Predictor(model_dir)
-    items = [predictions["images"][i] for i in wrong]
-    images = np.stack([decode(Path(it["path"]).read_bytes(), predictor.img_size_) for it in items])
+    items, arrays, kept = [], [], []
+    for i in wrong:  # an image moved or deleted since the run is left out, not a crash
+        try:
+            arrays.append(decode(Path(predictions["images"][i]["path"]).read_bytes(), predictor.img_size_))
+        except (OSError, UnusableImage):
+            continue
+        items.append(predictions["images"][i])
+        kept.append(i)
+    if not items:
+        return "<p>The images of the errors are no longer where the run found them: overlays left out.</p>"
+    wrong, images = np.array(kept), np.stack(arrays)
     maps = saliency(predictor, images)
     cards = []
     for it, image, heat, i in zip(items, images, maps, wrong):
