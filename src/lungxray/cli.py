@@ -28,6 +28,14 @@ def _data_args(p: argparse.ArgumentParser, img_size: bool = True) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _model_data_args(p: argparse.ArgumentParser, verb: str) -> None:
+    """MODEL, DATA (preprocessed at the model's size) and --splits, for the commands that score a bundle."""
+    p.add_argument("model_dir", metavar="MODEL", type=Path, help="model bundle folder (RUN/model)")
+    _data_args(p, img_size=False)
+    p.add_argument("--splits", type=Path, default=None,
+                   help=f"splits.json of a run: {verb} only its test images (default: every image in DATA)")
+
+
 def _split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=["random", "folders"], default="random",
                    help="random: stratified, duplicate-grouped train/val/test (default); folders: the "
@@ -116,12 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="run folder")
     p.add_argument("--force", action="store_true", help="replace a model already in OUT")
 
-    p = sub.add_parser("evaluate", help="metrics.json and confusion_matrix.png of a model on a dataset")
-    p.add_argument("model_dir", metavar="MODEL", type=Path, help="model bundle folder (RUN/model)")
-    _data_args(p, img_size=False)
-    p.add_argument("--splits", type=Path, default=None,
-                   help="splits.json of a run: evaluate only its test images (default: every image in DATA)")
-    p.add_argument("--out", type=Path, required=True, help="folder for metrics.json and the plot")
+    p = sub.add_parser("evaluate", help="metrics, audit and report of a model on a labelled dataset")
+    _model_data_args(p, "evaluate")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for metrics.json, predictions.json, audit.json, the plots and report.html")
 
     p = sub.add_parser("cv", help="k-fold cross-validation: mean +- std over folds and bootstrap CIs; writes OUT/cv.json")
     _data_args(p)
@@ -147,10 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for the overlay PNGs and explain.json")
 
     p = sub.add_parser("audit", help="shortcut check: scores with the lungs hidden and with the borders hidden")
-    p.add_argument("model_dir", metavar="MODEL", type=Path, help="model bundle folder (RUN/model)")
-    _data_args(p, img_size=False)
-    p.add_argument("--splits", type=Path, default=None,
-                   help="splits.json of a run: audit only its test images (default: every image in DATA)")
+    _model_data_args(p, "audit")
     p.add_argument("--out", type=Path, required=True, help="folder for audit.json")
 
     p = sub.add_parser("export", help="add model.onnx to a bundle (checked against PyTorch)")
@@ -391,14 +394,20 @@ def cmd_explain(args) -> int:
     from lungxray.explain import explain_files
 
     results = explain_files(Predictor(args.model_dir), args.images, args.out)
+    _print_predictions(results)
+    print(f"written: {args.out / 'explain.json'}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _print_predictions(results: list[dict]) -> None:
+    """One line per image: its class and probabilities (and overlay), or why it was skipped."""
     for r in results:
         if "error" in r:
             print(f"{r['path']}: skipped, {r['error']}")
         else:
             probs = ", ".join(f"{c} {p:.3f}" for c, p in r["probabilities"].items())
-            print(f"{r['path']}: {r['class']} ({probs}) -> {r['overlay']}")
-    print(f"written: {args.out / 'explain.json'}")
-    return 1 if any("error" in r for r in results) else 0
+            overlay = f" -> {r['overlay']}" if "overlay" in r else ""
+            print(f"{r['path']}: {r['class']} ({probs}){overlay}")
 
 
 def cmd_audit(args) -> int:
@@ -442,12 +451,7 @@ def cmd_predict(args) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        for r in results:
-            if "error" in r:
-                print(f"{r['path']}: skipped, {r['error']}")
-            else:
-                probs = ", ".join(f"{c} {p:.3f}" for c, p in r["probabilities"].items())
-                print(f"{r['path']}: {r['class']} ({probs})")
+        _print_predictions(results)
     return 1 if any("error" in r for r in results) else 0
 
 
