@@ -11,7 +11,6 @@ the disease. Holds no training code.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -104,13 +103,6 @@ def hide(images: np.ndarray, region: str) -> np.ndarray:
     return out
 
 
-@dataclass
-class AuditView:
-    accuracy: float
-    macro_f1: float
-    accuracy_ci95: list[float] | None
-
-
 def audit(predictor: Predictor, images: np.ndarray, y: np.ndarray) -> dict:
     """Accuracy and macro-F1 on the images as they are, with the lungs hidden, and with the borders
     hidden, next to chance; ``verdict`` says in words what they mean."""
@@ -120,7 +112,7 @@ def audit(predictor: Predictor, images: np.ndarray, y: np.ndarray) -> dict:
     for name, batch in (("original", images), ("lungs_hidden", hide(images, "lungs")),
                         ("borders_hidden", hide(images, "borders"))):
         m = compute_metrics(y, predictor.predict_arrays(batch), predictor.classes_)
-        views[name] = AuditView(m["accuracy"], m["macro_f1"], m["ci95"]["accuracy"]).__dict__
+        views[name] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "accuracy_ci95": m["ci95"]["accuracy"]}
     chance = chance_level(y, len(predictor.classes_))
     return {"n": int(len(y)), "lung_field_box": dict(zip(("top", "bottom", "left", "right"), LUNG_FIELD)),
             "chance": chance, "views": views, "verdict": verdict(views, chance)}

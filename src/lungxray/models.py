@@ -193,7 +193,6 @@ REGISTRY: dict[str, ModelSpec] = {
                                                               "weight_decay": 1e-2, "batch_size": 16},
                              Recipe(epochs=12), cam_layer="class_layers.relu"),
 }
-DEFAULT_MODEL = "cnn"
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -38,10 +38,10 @@ def _jsonable(obj):
 
 def training_recipe(model_name: str, cfg: TrainConfig) -> dict:
     """What training actually used: ``cfg`` with the model's recipe filled in where ``cfg`` is unset."""
-    from lungxray.train import _augment_config
+    from lungxray.train import augment_config
 
     recipe = get_spec(model_name).recipe
-    augment = _augment_config(cfg, recipe.augment)
+    augment = augment_config(cfg, recipe.augment)
     return {"optimizer": cfg.optimizer or recipe.optimizer, "schedule": cfg.schedule or recipe.schedule,
             "augment": asdict(augment) if augment else None}
 

@@ -60,14 +60,15 @@ def create_app(model_dir: Path, backend: str = "auto", max_upload_bytes: int = M
         # Requests run side by side, one thread each, at most one per core: a request never
         # splits its model call over cores another request is using, and waiting requests queue
         # in order instead of thrashing (p99 at 32 clients: 2.6 s before, see BENCHMARKS.md).
-        cores = os.cpu_count() or 1
+        threads_before = torch.get_num_threads()
         torch.set_num_threads(1)
         app.state.predictor = Predictor(model_dir, backend=backend, threads=1)
-        app.state.limiter = anyio.CapacityLimiter(cores)
+        app.state.limiter = anyio.CapacityLimiter(os.cpu_count() or 1)
         app.state.explain_lock = threading.Lock()  # Grad-CAM keeps per-call state in its hooks
         metrics = Path(model_dir) / "metrics.json"
         app.state.metrics = json.loads(metrics.read_text()) if metrics.is_file() else None
         yield
+        torch.set_num_threads(threads_before)
 
     app = FastAPI(title="lungxray", summary="Chest X-ray classifier: predictions and where the model looked",
                   lifespan=lifespan)

@@ -148,7 +148,8 @@ def make_optimizer(model: nn.Module, hp: dict, name: str) -> torch.optim.Optimiz
                              weight_decay=hp.get("weight_decay", 1e-2), fused=True)
 
 
-def _augment_config(cfg: TrainConfig, recipe_augments: bool) -> AugmentConfig | None:
+def augment_config(cfg: TrainConfig, recipe_augments: bool) -> AugmentConfig | None:
+    """The augmentation a fit uses: ``cfg.augment`` resolved against the model's recipe (None: off)."""
     if cfg.augment is None:
         return AugmentConfig() if recipe_augments else None
     if isinstance(cfg.augment, bool):
@@ -185,7 +186,7 @@ def fit(model_name: str, hp: dict, train: tuple[torch.Tensor, torch.Tensor],
     (x_train, y_train), val = [tuple(t.to(device) for t in part) for part in (train, val)]
     generator = torch.Generator().manual_seed(cfg.seed)  # batch order
     seed_dropout(model, torch.Generator(device).manual_seed(cfg.seed + 1))
-    augment_cfg = _augment_config(cfg, recipe.augment)
+    augment_cfg = augment_config(cfg, recipe.augment)
     batch_size = int(hp.get("batch_size", cfg.batch_size))
     optimizer = make_optimizer(model, hp, cfg.optimizer or recipe.optimizer)
     scheduler = None
