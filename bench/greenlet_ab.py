@@ -1,0 +1,20 @@
+"""The README's main job with and without greenlet, to attribute the GP sampler's ask time.
+
+Optuna's GPSampler optimises its acquisition function in batches when greenlet can be imported,
+and falls back to one L-BFGS-B run at a time otherwise; the trials are the same. `off` hides
+greenlet from this process before Optuna is imported. Run both, one after the other:
+
+    for m in off on; do .venv/bin/python bench/greenlet_ab.py $m; done
+"""
+
+import sys
+import time
+
+if sys.argv[1] == "off":
+    sys.modules["greenlet"] = None  # import greenlet now raises ImportError
+from lungxray.cli import main  # noqa: E402
+
+start = time.perf_counter()
+main(["run", "../shared/data/covid19-image-dataset", "--model", "mlp", "--out", f"/tmp/ab-{sys.argv[1]}",
+      "--seed", "0", "--force", "--quiet"])
+print(sys.argv[1], "wall", round(time.perf_counter() - start, 1), "s; search s in", f"/tmp/ab-{sys.argv[1]}/run.json")
