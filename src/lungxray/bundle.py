@@ -151,23 +151,32 @@ class Predictor:
         logits = torch.from_numpy(self.predict_logits(images, batch_size))
         return torch.softmax(logits / (self.temperature_ if calibrated else 1.0), dim=1).numpy()
 
-    def predict_files(self, paths: list[Path]) -> list[dict]:
-        """One dict per path: ``{"path", "class", "probabilities"}`` or ``{"path", "error"}``."""
+    def decode_files(self, paths: list[Path]) -> tuple[list[dict], np.ndarray]:
+        """``({"path"} or {"path", "error"} per path, (N_good, H, W) uint8 images of the readable ones)``."""
         from lungxray.data import UnusableImage
 
-        results, good, arrays = [], [], []
+        results, arrays = [], []
         for path in paths:
             try:
                 arrays.append(decode(Path(path).read_bytes(), self.img_size_))
-                good.append(len(results))
                 results.append({"path": str(path)})
             except (UnusableImage, OSError) as exc:
                 results.append({"path": str(path), "error": str(exc)})
-        if arrays:
-            probs = self.predict_arrays(np.stack(arrays))
-            for i, p in zip(good, probs):
-                results[i]["class"] = self.classes_[int(p.argmax())]
-                results[i]["probabilities"] = {c: float(v) for c, v in zip(self.classes_, p)}
+        size = self.img_size_
+        return results, np.stack(arrays) if arrays else np.zeros((0, size, size), dtype=np.uint8)
+
+    def describe(self, probs: np.ndarray) -> dict:
+        """One image's probabilities (n_classes,) -> ``{"class", "probabilities": {name: p}}``."""
+        return {"class": self.classes_[int(probs.argmax())],
+                "probabilities": {c: float(v) for c, v in zip(self.classes_, probs)}}
+
+    def predict_files(self, paths: list[Path]) -> list[dict]:
+        """One dict per path: ``{"path", "class", "probabilities"}`` or ``{"path", "error"}``."""
+        results, images = self.decode_files(paths)
+        if len(images):
+            good = [r for r in results if "error" not in r]
+            for r, probs in zip(good, self.predict_arrays(images)):
+                r.update(self.describe(probs))
         return results
 
 

@@ -101,18 +101,21 @@ def bootstrap_ci(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *,
 ECE_BINS = 15
 
 
-def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:
-    """ECE: the gap between confidence (top probability) and accuracy, averaged over equal-width
-    confidence bins weighted by how many images fall in each (Guo et al., 2017)."""
+def reliability_bins(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> list[tuple[float, float, float]]:
+    """(mean confidence, accuracy, share of images) of each non-empty equal-width confidence bin,
+    confidence being the top probability."""
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == y_true
     which = np.minimum((confidence * bins).astype(int), bins - 1)  # (N,) bin of each image
-    gap = 0.0
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            gap += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(gap)
+    return [(float(confidence[which == b].mean()), float(correct[which == b].mean()), float((which == b).mean()))
+            for b in range(bins) if (which == b).any()]
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE: the gap between confidence and accuracy, averaged over the confidence bins weighted by
+    how many images fall in each (Guo et al., 2017)."""
+    return float(sum(share * abs(accuracy - confidence)
+                     for confidence, accuracy, share in reliability_bins(y_true, probs, bins)))
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

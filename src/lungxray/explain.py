@@ -59,27 +59,15 @@ def explain_files(predictor: Predictor, paths: list[Path], out: Path) -> list[di
     """Probabilities and an overlay PNG per image file, written to ``out``; bad files get an error."""
     from PIL import Image
 
-    from lungxray.data import UnusableImage, decode
-
     out.mkdir(parents=True, exist_ok=True)
-    results, arrays = [], []
-    for path in paths:
-        try:
-            arrays.append(decode(Path(path).read_bytes(), predictor.img_size_))
-            results.append({"path": str(path)})
-        except (UnusableImage, OSError) as exc:
-            results.append({"path": str(path), "error": str(exc)})
-    good = [r for r in results if "error" not in r]
-    if good:
-        images = np.stack(arrays)
-        probs = predictor.predict_arrays(images)
-        maps = saliency(predictor, images)
+    results, images = predictor.decode_files(paths)
+    if len(images):
+        good = [r for r in results if "error" not in r]
+        probs, maps = predictor.predict_arrays(images), saliency(predictor, images)
         for k, (r, image, p, heat) in enumerate(zip(good, images, probs, maps)):
             target = out / f"{k:03d}_{Path(r['path']).stem}_overlay.png"
             Image.fromarray(overlay(image, heat)).save(target)
-            r.update({"class": predictor.classes_[int(p.argmax())],
-                      "probabilities": {c: float(v) for c, v in zip(predictor.classes_, p)},
-                      "overlay": str(target)})
+            r.update({**predictor.describe(p), "overlay": str(target)})
     (out / "explain.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 

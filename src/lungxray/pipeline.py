@@ -286,7 +286,7 @@ def cross_validate(data: Path, out: Path, model_name: str, data_cfg: DataConfig,
         probs[fold.test] = torch.softmax(predict_logits(result.model, x_test).double(), dim=1).numpy()
         infer_s = time.perf_counter() - start
         metrics = compute_metrics(ds.labels[fold.test], probs[fold.test], ds.classes, resamples=0)
-        trained = sum(len(fold.train) for _ in result.history)
+        trained = len(fold.train) * len(result.history)  # images through training, every epoch
         per_fold.append({"fold": i + 1, **fold.sizes(), "params": hp, "best_epoch": result.best_epoch,
                          "epochs_run": len(result.history), "fit_s": fit_s,
                          "train_images_per_s": trained / fit_s if params is not None else None,

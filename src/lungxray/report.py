@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungxray.evaluate import ECE_BINS, expected_calibration_error
+from lungxray.evaluate import ECE_BINS, expected_calibration_error, reliability_bins
 
 GALLERY_SIZE = 8
 
@@ -153,18 +153,16 @@ def _calibration(y: np.ndarray, probs: np.ndarray, raw: np.ndarray | None, tempe
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 4.5))
-    edges = np.linspace(0, 1, ECE_BINS + 1)
+    diagonal = [0.0, 1.0]
     rows = []
     for label, p in (("before scaling", raw), (f"after (T = {temperature:.2f})", probs)):
         if p is None:
             continue
-        confidence, correct = p.max(axis=1), p.argmax(axis=1) == y
-        which = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
-        used = [b for b in range(ECE_BINS) if (which == b).any()]
-        ax.plot([confidence[which == b].mean() for b in used], [correct[which == b].mean() for b in used], "o-",
+        points = reliability_bins(y, p)
+        ax.plot([c for c, _, _ in points], [a for _, a, _ in points], "o-",
                 label=f"{label}: ECE {expected_calibration_error(y, p):.3f}")
         rows.append([label, expected_calibration_error(y, p)])
-    ax.plot(edges, edges, "k:", label="perfect calibration")
+    ax.plot(diagonal, diagonal, "k:", label="perfect calibration")
     ax.set_xlabel("confidence (top probability)")
     ax.set_ylabel("accuracy")
     ax.set_title("reliability diagram")

@@ -97,9 +97,7 @@ def create_app(model_dir: Path, backend: str = "auto", max_upload_bytes: int = M
         p = request.app.state.predictor
         data = await _read_limited(file, max_upload_bytes)
         probs = await _in_worker(request, _decode_and_predict, p, data)
-        return {"class": p.classes_[int(probs.argmax())],
-                "probabilities": {c: float(v) for c, v in zip(p.classes_, probs)},
-                "model": p.config_["model"]["name"]}
+        return {**p.describe(probs), "model": p.config_["model"]["name"]}
 
     @app.post("/explain", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     async def explain(request: Request, file: UploadFile) -> Response:
