@@ -125,12 +125,15 @@ def test_train_from_best_params(tiny_run, tmp_path):
     run2 = tmp_path / "run2"
     run2.mkdir()
     code = main(["train", str(data), "--out", str(run2), "--params", str(out / "best_params.json"),
-                 "--img-size", "16", "--cache-dir", str(root / "cache"), "--epochs", "2", "--seed", "1", "--quiet"])
+                 "--img-size", "16", "--cache-dir", str(root / "cache"), "--epochs", "2", "--seed", "1", "--quiet",
+                 "--ema", "0.99", "--keep", "last", "--label-smoothing", "0.1"])
     assert code == 0
     config = json.loads((run2 / "model" / "config.json").read_text())
     best = json.loads((out / "best_params.json").read_text())["params"]
     assert config["model"]["hyperparameters"] == best
     assert json.loads((run2 / "history.json").read_text())["epoch"] == [1, 2]
+    training = config["training"]
+    assert (training["ema"], training["keep"], training["label_smoothing"]) == (0.99, "last", 0.1)
 
 
 def test_scan_json(split_tree, tmp_path, capsys):
@@ -143,7 +146,8 @@ def test_scan_json(split_tree, tmp_path, capsys):
 
 @pytest.mark.parametrize("flag, value, message", [("--trials", "0", "--trials"), ("--img-size", "4", "--img-size"),
                                                   ("--batch-size", "0", "--batch-size"), ("--zoom", "0.7", "--zoom"),
-                                                  ("--rotate", "90", "--rotate"),
+                                                  ("--rotate", "90", "--rotate"), ("--ema", "1", "--ema"),
+                                                  ("--label-smoothing", "-0.1", "--label-smoothing"),
                                                   ("--device", "cuda", "torch sees no CUDA GPU")])
 def test_bad_settings_name_the_flag(flat_tree, tmp_path, capsys, flag, value, message):
     code = main(["run", str(flat_tree), "--out", str(tmp_path / "r"), flag, value, "--quiet"])

@@ -66,6 +66,14 @@ def _train_args(p: argparse.ArgumentParser, epochs_flag: str) -> None:
     p.add_argument("--schedule", choices=["constant", "cosine"], default=None,
                    help="learning rate over a run (default: the model's, cosine for CNNs, constant for mlp)")
     p.add_argument("--class-weighted", action="store_true", help="weight the loss by inverse class frequency")
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="share of each target spread over all classes (default 0: off)")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="validate and keep an exponential moving average of the weights with this decay, "
+                        "e.g. 0.999; it warms up as (1+n)/(10+n) over the first updates (default 0: off)")
+    p.add_argument("--keep", choices=["best", "last"], default="best",
+                   help="weights a run returns: the best validation epoch, or the last (no early "
+                        "stopping) (default best)")
     p.add_argument("--init-weights", type=Path, default=None,
                    help="start from a local weights file (.safetensors, or a torch state dict read with "
                         "weights_only=True) instead of random weights")
@@ -207,7 +215,8 @@ def _train_cfg(args, epochs: int | None, in_trials: bool = False) -> TrainConfig
     return TrainConfig(epochs=epochs, batch_size=batch_size,
                        seed=args.seed, threads=args.threads, patience=patience, select_by=args.objective,
                        schedule=args.schedule, augment=_augment(args, recipe.augment),
-                       class_weighted=args.class_weighted, device=args.device, init_weights=args.init_weights)
+                       class_weighted=args.class_weighted, device=args.device, init_weights=args.init_weights,
+                       label_smoothing=args.label_smoothing, ema=args.ema, keep=args.keep)
 
 
 def _tune_cfg(args) -> TuneConfig:

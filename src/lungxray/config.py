@@ -147,6 +147,13 @@ class TrainConfig:
     """cpu, cuda, or auto: cuda when present (--device). Mixed precision on cuda."""
     init_weights: Path | None = None
     """Start from this weights file (safetensors, or a state dict) instead of random (--init-weights)."""
+    label_smoothing: float = 0.0
+    """Share of each target spread evenly over all classes (--label-smoothing)."""
+    ema: float = 0.0
+    """Decay of an exponential moving average of the weights, evaluated and kept instead of the
+    raw weights; 0 turns it off (--ema)."""
+    keep: str = "best"
+    """Which epoch's weights a fit returns: best (by --objective on val) or last (--keep)."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in (None, "adam", "adamw"):
@@ -163,6 +170,12 @@ class TrainConfig:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.patience < 0:
             raise ConfigError(f"--patience must be 0 (off) or more, got {self.patience}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"--ema must be in [0, 1) (0: off), got {self.ema}")
+        if self.keep not in ("best", "last"):
+            raise ConfigError(f"--keep must be best or last, got {self.keep!r}")
         if self.select_by not in ("val_loss", "val_accuracy"):
             raise ConfigError(f"--objective must be val_loss or val_accuracy, got {self.select_by!r}")
 

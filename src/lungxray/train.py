@@ -68,10 +68,12 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch
                     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                     class_weight: torch.Tensor | None = None,
-                    scaler: torch.amp.GradScaler | None = None) -> tuple[float, float]:
+                    scaler: torch.amp.GradScaler | None = None, label_smoothing: float = 0.0,
+                    averaged: torch.optim.swa_utils.AveragedModel | None = None) -> tuple[float, float]:
     """One pass over (x, y) in shuffled mini-batches; returns mean loss and accuracy.
 
-    ``scaler`` turns on float16 mixed precision (CUDA). A last batch of one image is skipped for
+    ``scaler`` turns on float16 mixed precision (CUDA); ``averaged`` is updated after every step
+    (exponential moving average of the weights). A last batch of one image is skipped for
     models with batch norm, which cannot normalise a single image in training mode.
     """
     model.train()
@@ -87,7 +89,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch
             xb = augment(xb)
         with torch.autocast(x.device.type, dtype=torch.float16, enabled=scaler is not None):
             logits = model(xb)
-        loss = nn.functional.cross_entropy(logits.float(), yb, weight=class_weight)
+        loss = nn.functional.cross_entropy(logits.float(), yb, weight=class_weight,
+                                           label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -98,6 +101,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if averaged is not None:
+            averaged.update_parameters(model)
         total_loss += loss.item() * len(idx)
         correct += (logits.argmax(1) == yb).sum().item()
         seen += len(idx)
@@ -148,6 +153,25 @@ def make_optimizer(model: nn.Module, hp: dict, name: str) -> torch.optim.Optimiz
                              weight_decay=hp.get("weight_decay", 1e-2), fused=True)
 
 
+def ema_with_warmup(decay: float) -> Callable:
+    """``AveragedModel`` update: exponential moving average whose decay ramps up as
+    min(decay, (1 + n) / (10 + n)) after n updates.
+
+    Written here because torch's ``get_ema_multi_avg_fn`` uses the full decay from the first step:
+    the average then holds the untrained batch-norm statistics (mean 0, variance 1) for hundreds
+    of steps, and on the default CNN it predicted one class for whole 30-epoch fits.
+    """
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        n = int(n_averaged)
+        weight = 1 - min(decay, (1 + n) / (10 + n))
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, weight)
+        else:  # integer buffers (batch norm's step count): follow the model
+            for a, c in zip(averaged, current, strict=True):
+                a.copy_(c)
+    return update
+
+
 def augment_config(cfg: TrainConfig, recipe_augments: bool) -> AugmentConfig | None:
     """The augmentation a fit uses: ``cfg.augment`` resolved against the model's recipe (None: off)."""
     if cfg.augment is None:
@@ -184,6 +208,11 @@ def fit(model_name: str, hp: dict, train: tuple[torch.Tensor, torch.Tensor],
         load_init_weights(model, cfg.init_weights)
     model.to(device)
     (x_train, y_train), val = [tuple(t.to(device) for t in part) for part in (train, val)]
+    # The moving average is a copy of the model (made before its dropout gets a generator), with
+    # batch-norm statistics averaged alongside the weights; validation and the kept state read it.
+    averaged = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema), use_buffers=True)
+                if cfg.ema else None)
+    watched = averaged.module if averaged is not None else model
     generator = torch.Generator().manual_seed(cfg.seed)  # batch order
     seed_dropout(model, torch.Generator(device).manual_seed(cfg.seed + 1))
     augment_cfg = augment_config(cfg, recipe.augment)
@@ -198,23 +227,25 @@ def fit(model_name: str, hp: dict, train: tuple[torch.Tensor, torch.Tensor],
         "scheduler": scheduler,
         "class_weight": class_weights(y_train, n_classes) if cfg.class_weighted else None,
         "scaler": torch.amp.GradScaler("cuda") if device.type == "cuda" else None,
+        "label_smoothing": cfg.label_smoothing,
+        "averaged": averaged,
     }
     history: list[EpochStats] = []
     best, best_state, diverged, stopped_at = None, None, False, None
     for epoch in tqdm(range(1, cfg.epochs + 1), desc="epochs", leave=False, disable=not progress):
         loss, acc = train_one_epoch(model, optimizer, x_train, y_train, batch_size, generator, **options)
-        val_loss, val_acc = evaluate_loss(model, *val)
+        val_loss, val_acc = evaluate_loss(watched, *val)
         stats = EpochStats(epoch, loss, acc, val_loss, val_acc)
         history.append(stats)
         if not (math.isfinite(loss) and math.isfinite(val_loss)):
             diverged = True
             break
-        if is_better(stats, best, cfg.select_by):
-            best, best_state = stats, copy.deepcopy(model.state_dict())
+        if cfg.keep == "last" or is_better(stats, best, cfg.select_by):
+            best, best_state = stats, copy.deepcopy(watched.state_dict())
         if on_epoch is not None and on_epoch(stats):
             stopped_at = epoch
             break
-        if cfg.patience and epoch - best.epoch >= cfg.patience:
+        if cfg.keep == "best" and cfg.patience and epoch - best.epoch >= cfg.patience:
             break  # early stopping: no better validation figure for cfg.patience epochs
     if best_state is None:
         raise FloatingPointError(f"training diverged in the first epoch with {hp}; "
