@@ -12,6 +12,8 @@ numbers that count are re-measured with ``lungxray cv`` on the target machine.
     .venv/bin/python bench/cnn_sweep.py run bench/out/sweep/data.npz out.jsonl --seeds 0 1 2 --workers 2
     # markdown table of one or more logs
     .venv/bin/python bench/cnn_sweep.py table out.jsonl
+    # images that several `lungxray cv` runs (same folds) get wrong; averages of their predictions
+    .venv/bin/python bench/cnn_sweep.py oof bench/out/models/*/cv.json
 """
 
 from __future__ import annotations
@@ -179,6 +181,39 @@ def table(logs: list[Path], drop: list[str]) -> None:
               f"{delta} | {errors} |")
 
 
+def out_of_fold(cvs: list[Path], min_wrong: int) -> None:
+    """Across ``lungxray cv`` runs on the same folds: images most of them get wrong, and the
+    macro-F1 of averaging their out-of-fold probabilities (every combination; chosen after the
+    fact, so an optimistic figure)."""
+    from itertools import combinations
+
+    from sklearn.metrics import f1_score
+
+    runs = {}
+    for path in cvs:
+        cv = json.loads(path.read_text())
+        classes = list(cv["out_of_fold"][0]["probabilities"])
+        runs[path.parent.name] = np.array([[o["probabilities"][c] for c in classes] for o in cv["out_of_fold"]])
+        labels = np.array([classes.index(o["label"]) for o in cv["out_of_fold"]])
+        folds = np.array([o["fold"] for o in cv["out_of_fold"]])
+        paths = [o["path"] for o in cv["out_of_fold"]]
+
+    def mean_f1(probs: np.ndarray) -> float:
+        return float(np.mean([f1_score(labels[folds == f], probs[folds == f].argmax(1), average="macro")
+                              for f in np.unique(folds)]))
+
+    wrong = sum((p.argmax(1) != labels).astype(int) for p in runs.values())
+    print(f"images wrong in at least {min_wrong} of {len(runs)} runs:")
+    for i in np.argsort(-wrong, kind="stable"):
+        if wrong[i] >= min_wrong:
+            print(f"  {wrong[i]}  {classes[labels[i]]:<16} {paths[i]}")
+    scored = [(mean_f1(sum(runs[n] for n in combo) / len(combo)), combo)
+              for k in range(1, len(runs) + 1) for combo in combinations(runs, k)]
+    print("macro-F1 mean over folds of averaged probabilities (best 5 combinations, then each run alone):")
+    for f1, combo in sorted(scored, reverse=True)[:5] + [s for s in scored if len(s[1]) == 1]:
+        print(f"  {f1:.4f}  {' + '.join(combo)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,9 +235,14 @@ def main() -> None:
     p = sub.add_parser("table", help="markdown table of JSON-line logs")
     p.add_argument("logs", type=Path, nargs="+")
     p.add_argument("--drop", nargs="*", default=[], help="variants to leave out")
+    p = sub.add_parser("oof", help="images several cv runs get wrong, and averages of their predictions")
+    p.add_argument("cvs", type=Path, nargs="+", help="cv.json files of runs on the same folds")
+    p.add_argument("--min-wrong", type=int, default=4)
     args = parser.parse_args()
     if args.command == "table":
         table(args.logs, args.drop)
+    elif args.command == "oof":
+        out_of_fold(args.cvs, args.min_wrong)
     elif args.command == "export":
         export(args.data, args.out, args.sizes, args.folds, args.seed, args.cache)
     else:
