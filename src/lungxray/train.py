@@ -1,4 +1,4 @@
-"""Training: ``train_one_epoch``, ``evaluate_loss`` and ``fit`` (keeps the best validation epoch).
+"""Training: ``train_one_epoch``, ``evaluate_loss`` and ``fit`` (keeps the best validation epoch, or the last).
 
 Works on in-memory tensors (the whole preprocessed dataset fits in RAM: 317 images at 128x128 are
 21 MB), so batches are index lookups rather than a DataLoader. Holds no tuning and no test-set code:
@@ -36,8 +36,8 @@ class EpochStats:
 
 @dataclass
 class FitResult:
-    model: nn.Module  # holds the weights of the best epoch
-    best_epoch: int  # 1-based
+    model: nn.Module  # holds the weights of the kept epoch (the moving average's with --ema)
+    best_epoch: int  # 1-based: the kept epoch (the last with keep="last")
     history: list[EpochStats] = field(default_factory=list)
     diverged: bool = False  # training loss became NaN/inf; the best finite epoch was kept
     stopped_at: int | None = None  # epoch after which ``on_epoch`` asked to stop (pruning)
@@ -190,7 +190,7 @@ def class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
 def fit(model_name: str, hp: dict, train: tuple[torch.Tensor, torch.Tensor],
         val: tuple[torch.Tensor, torch.Tensor], n_classes: int, cfg: TrainConfig,
         on_epoch: Callable[[EpochStats], bool] | None = None, progress: bool = False) -> FitResult:
-    """Train ``model_name`` with ``hp`` on ``train``, watch ``val``, keep the best epoch's weights.
+    """Train ``model_name`` with ``hp`` on ``train``, watch ``val``, keep the best (or last) epoch's weights.
 
     ``on_epoch`` is called after every epoch; returning True stops training (the tuner prunes
     there). Safe to call from several threads at once: each call owns its generators. The
