@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lungxray.augment import BatchAugment
-from lungxray.config import AugmentConfig, ConfigError, TrainConfig
+from lungxray.config import AugmentConfig, ConfigError, Recipe, TrainConfig
 from lungxray.models import create_model, get_spec, load_init_weights, seed_dropout
 
 _INIT_LOCK = threading.Lock()  # weight init draws from torch's global generator
@@ -187,6 +187,30 @@ def class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
     return len(y) / (n_classes * counts)
 
 
+def _training_parts(model: nn.Module, hp: dict, cfg: TrainConfig, recipe: Recipe, y_train: torch.Tensor,
+                    n_classes: int, batch_size: int, device: torch.device) -> tuple[torch.optim.Optimizer, dict]:
+    """The optimiser and ``train_one_epoch``'s options for one fit; seeds the model's dropout."""
+    # The moving average is a copy of the model (made before its dropout gets a generator), with
+    # batch-norm statistics averaged alongside the weights; validation and the kept state read it.
+    averaged = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema), use_buffers=True)
+                if cfg.ema else None)
+    seed_dropout(model, torch.Generator(device).manual_seed(cfg.seed + 1))
+    augment_cfg = augment_config(cfg, recipe.augment)
+    optimizer = make_optimizer(model, hp, cfg.optimizer or recipe.optimizer)
+    scheduler = None
+    if (cfg.schedule or recipe.schedule) == "cosine":  # to zero at the last step of the last epoch
+        steps = cfg.epochs * math.ceil(len(y_train) / batch_size)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    return optimizer, {
+        "augment": BatchAugment(augment_cfg, torch.Generator().manual_seed(cfg.seed + 2)) if augment_cfg else None,
+        "scheduler": scheduler,
+        "class_weight": class_weights(y_train, n_classes) if cfg.class_weighted else None,
+        "scaler": torch.amp.GradScaler("cuda") if device.type == "cuda" else None,
+        "label_smoothing": cfg.label_smoothing,
+        "averaged": averaged,
+    }
+
+
 def fit(model_name: str, hp: dict, train: tuple[torch.Tensor, torch.Tensor],
         val: tuple[torch.Tensor, torch.Tensor], n_classes: int, cfg: TrainConfig,
         on_epoch: Callable[[EpochStats], bool] | None = None, progress: bool = False) -> FitResult:
@@ -208,28 +232,10 @@ def fit(model_name: str, hp: dict, train: tuple[torch.Tensor, torch.Tensor],
         load_init_weights(model, cfg.init_weights)
     model.to(device)
     (x_train, y_train), val = [tuple(t.to(device) for t in part) for part in (train, val)]
-    # The moving average is a copy of the model (made before its dropout gets a generator), with
-    # batch-norm statistics averaged alongside the weights; validation and the kept state read it.
-    averaged = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema), use_buffers=True)
-                if cfg.ema else None)
-    watched = averaged.module if averaged is not None else model
-    generator = torch.Generator().manual_seed(cfg.seed)  # batch order
-    seed_dropout(model, torch.Generator(device).manual_seed(cfg.seed + 1))
-    augment_cfg = augment_config(cfg, recipe.augment)
     batch_size = int(hp.get("batch_size", cfg.batch_size))
-    optimizer = make_optimizer(model, hp, cfg.optimizer or recipe.optimizer)
-    scheduler = None
-    if (cfg.schedule or recipe.schedule) == "cosine":  # to zero at the last step of the last epoch
-        steps = cfg.epochs * math.ceil(len(x_train) / batch_size)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    options = {
-        "augment": BatchAugment(augment_cfg, torch.Generator().manual_seed(cfg.seed + 2)) if augment_cfg else None,
-        "scheduler": scheduler,
-        "class_weight": class_weights(y_train, n_classes) if cfg.class_weighted else None,
-        "scaler": torch.amp.GradScaler("cuda") if device.type == "cuda" else None,
-        "label_smoothing": cfg.label_smoothing,
-        "averaged": averaged,
-    }
+    optimizer, options = _training_parts(model, hp, cfg, recipe, y_train, n_classes, batch_size, device)
+    watched = options["averaged"].module if options["averaged"] is not None else model
+    generator = torch.Generator().manual_seed(cfg.seed)  # batch order
     history: list[EpochStats] = []
     best, best_state, diverged, stopped_at = None, None, False, None
     for epoch in tqdm(range(1, cfg.epochs + 1), desc="epochs", leave=False, disable=not progress):
