@@ -94,9 +94,10 @@ def _fold_probs(npz: str, name: str, fold: int, seed: int, device: str, threads:
     """One variant, one fold, one training seed: (test probabilities, seconds)."""
     import torch
 
-    from lungxray.config import TrainConfig
+    from lungxray.config import TrainConfig, resolve_train
+    from lungxray.infer import predict_logits, to_tensor
     from lungxray.models import get_spec
-    from lungxray.train import fit, predict_logits, to_tensor
+    from lungxray.train import fit
 
     torch.set_num_threads(threads)
     if npz not in _DATA:
@@ -107,14 +108,14 @@ def _fold_probs(npz: str, name: str, fold: int, seed: int, device: str, threads:
     hp = {**spec.defaults, **v.get("hp", {})}
     x, y = to_tensor(d[f"x{v.get('size', 128)}"]), torch.as_tensor(d["labels"], dtype=torch.long)
     train, val, test = (d[f"{p}{fold}"] for p in ("train", "val", "test"))
-    cfg = {"epochs": spec.recipe.epochs, "batch_size": spec.recipe.batch_size, "device": device, **v.get("cfg", {})}
+    cfg = {"device": device, **v.get("cfg", {})}  # the rest is the cnn's recipe, filled by resolve_train
     if v.get("trainval"):
         train, cfg["keep"] = np.concatenate([train, val]), "last"
     start = time.perf_counter()
     probs = 0
     for m in range(v.get("members", 1)):
         result = fit("cnn", hp, (x[train], y[train]), (x[val], y[val]), len(d["classes"]),
-                     TrainConfig(seed=seed + 1000 * m, threads=threads, **cfg))
+                     resolve_train(TrainConfig(seed=seed + 1000 * m, threads=threads, **cfg), spec.recipe, hp))
         probs = probs + torch.softmax(predict_logits(result.model, x[test]).double(), 1).numpy()
     return probs / v.get("members", 1), time.perf_counter() - start
 

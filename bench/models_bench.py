@@ -39,18 +39,18 @@ ABLATION = {"cnn, no augmentation": False,
 
 def cross_validate(model: str, data: Path, out: Path, folds: int, seed: int, epochs: int | None,
                    augment=None) -> tuple[dict, float]:
-    from lungxray import pipeline
     from lungxray.config import AugmentConfig, DataConfig, TrainConfig
+    from lungxray.cv import cross_validate as lungxray_cv
     from lungxray.models import get_spec
 
-    spec = get_spec(model)
-    params = MLP_PARAMS if model == "mlp" else dict(spec.defaults)
-    cfg = TrainConfig(epochs=epochs or spec.recipe.epochs, batch_size=spec.recipe.batch_size, seed=seed,
-                      augment=AugmentConfig(**augment) if isinstance(augment, dict) else augment)
+    params = MLP_PARAMS if model == "mlp" else dict(get_spec(model).defaults)
+    # Unset fields (epochs, optimizer, schedule, augmentation) are the model's recipe: cv resolves them.
+    cfg = TrainConfig(epochs=epochs, seed=seed,
+                      augment=AugmentConfig(enabled=True, **augment) if isinstance(augment, dict) else augment)
     start = time.perf_counter()
     name = model if augment is None else f"{model}-augment-{'off' if augment is False else 'large'}"
-    report = pipeline.cross_validate(data, out / name, model, DataConfig(cache_dir=out / "cache"), folds, seed,
-                                     cfg, params, force=True, progress=False)
+    report = lungxray_cv(data, out / name, model, DataConfig(cache_dir=out / "cache"), cfg, folds=folds,
+                         params=params, force=True, progress=False)
     return report, time.perf_counter() - start
 
 

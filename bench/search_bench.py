@@ -3,7 +3,8 @@
 Side by side in one run, on the same duplicate-grouped split (lungxray writes splits.json, the
 Keras reference reads the same image files): the tutorial's space, 16 trials x 64 epochs at batch
 size 8. lungxray runs with pruning on (its default) and, for the first seed, with pruning off.
-The Keras reference is installed into bench/.keras-venv on first use. Also measures predict
+The Keras reference is installed into bench/.keras-venv from the pins in
+bench/keras-requirements.txt on first use (and again when the pins change). Also measures predict
 throughput of both final models, and, over every seed given, lungxray's test accuracy on the
 duplicate-free holdout (the robust-selection check). Prints a table and writes BENCHMARKS.md.
 
@@ -24,16 +25,21 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 KERAS_VENV = ROOT / "bench" / ".keras-venv"
-KERAS_PACKAGES = ["tensorflow-cpu", "keras", "keras-tuner", "tensorboard", "opencv-python-headless"]
+KERAS_REQUIREMENTS = ROOT / "bench" / "keras-requirements.txt"
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import machine, update_section  # noqa: E402
 
 
 def keras_python() -> Path:
+    """The Keras reference's interpreter, its venv made or brought up to the pinned requirements."""
     python = KERAS_VENV / "bin" / "python"
+    stamp = KERAS_VENV / ".installed"  # touched only after a full install, so a failed one is retried
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(KERAS_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *KERAS_PACKAGES], check=True)
+    # a venv installed from an older pin set is updated, not benchmarked as it is
+    if not stamp.exists() or stamp.stat().st_mtime < KERAS_REQUIREMENTS.stat().st_mtime:
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "-r", str(KERAS_REQUIREMENTS)], check=True)
+        stamp.touch()
     return python
 
 

@@ -123,7 +123,7 @@ def main() -> None:
     model_dir = bundle(args.data, args.out)
     files = sorted(p for p in (args.data / "test").rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:32]
     from lungxray.bundle import Predictor
-    from lungxray.data import decode
+    from lungxray.decode import decode
 
     size = Predictor(model_dir).img_size_
     rates = in_process(model_dir, np.stack([decode(f.read_bytes(), size) for f in files]))

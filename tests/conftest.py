@@ -1,24 +1,41 @@
-"""Tiny synthetic X-ray-like image trees made in tmp_path, plus the path of the shared dataset."""
+"""Shared test helpers and fixtures: tiny synthetic X-ray-like image trees made in tmp_path, toy
+tensors, resolved training settings, the metrics.json schema check, the browser, one trained run
+shared by the whole session, and the path of the shared dataset.
+
+Markers (registered in pyproject.toml, --strict-markers): ``slow`` (trains for more than a few
+seconds or runs the shared dataset through a whole run), ``browser`` (drives Debian's chromium).
+``make test-fast`` runs everything else.
+"""
 
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-import os
+from lungxray.config import TrainConfig, resolve_train
+from lungxray.infer import to_tensor
+from lungxray.models import get_spec
 
+# $LUNGXRAY_SHARED_DATA (make test passes DATA), else ../shared next to the checkout. Resolved:
+# tests link to its files from tmp_path, where a relative path would point nowhere.
 _CANDIDATES = [os.environ.get("LUNGXRAY_SHARED_DATA", ""),
-               Path(__file__).resolve().parents[2] / "shared" / "data" / "covid19-image-dataset",
-               "/work/shared/data/covid19-image-dataset"]
-# Resolved: tests link to its files from tmp_path, where a relative path would point nowhere.
+               Path(__file__).resolve().parents[2] / "shared" / "data" / "covid19-image-dataset"]
 SHARED_DATA = next((Path(p).resolve() for p in _CANDIDATES if p and Path(p).is_dir()), None)
 CLASSES = ("Covid", "Normal", "Viral Pneumonia")
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run"]
+METRIC_KEYS = {"classes", "n", "loss", "accuracy", "macro_f1", "macro_auroc", "per_class", "confusion_matrix",
+               "ci95", "bootstrap"}
 
 
 def synthetic_image(label: int, index: int, size: int = 32) -> np.ndarray:
@@ -52,6 +69,69 @@ def jpeg_bytes(pixels: np.ndarray, **save) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="JPEG", **save)
     return buf.getvalue()
+
+
+def toy(n_per_class: int = 10, size: int = 16, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x (N, 1, size, size), y (N,)) of synthetic images, ``n_per_class`` of each of 3 classes."""
+    images = np.stack([synthetic_image(c, i, size) for c in range(3) for i in range(start, start + n_per_class)])
+    labels = np.repeat(np.arange(3), n_per_class)
+    return to_tensor(images), torch.from_numpy(labels)
+
+
+def settings(model: str, params: dict | None = None, **fields) -> TrainConfig:
+    """``TrainConfig(**fields)`` resolved against ``model``'s recipe (and ``params``' batch size), as
+    the pipeline hands it to ``train.fit``."""
+    return resolve_train(TrainConfig(**fields), get_spec(model).recipe, params)
+
+
+def check_metrics_schema(metrics: dict, classes: list[str]) -> None:
+    """metrics.json has every key, finite headline values, intervals around them and a consistent matrix."""
+    assert METRIC_KEYS <= set(metrics)
+    assert metrics["classes"] == classes
+    assert isinstance(metrics["n"], int) and metrics["n"] > 0
+    for key in ("loss", "accuracy", "macro_f1"):
+        assert isinstance(metrics[key], float) and np.isfinite(metrics[key])
+    assert 0 <= metrics["accuracy"] <= 1
+    assert set(metrics["per_class"]) == set(classes)
+    for stats in metrics["per_class"].values():
+        assert set(stats) == {"precision", "recall", "specificity", "f1", "auroc", "support"}
+    for key in ("accuracy", "macro_f1"):  # a bootstrap interval around the point estimate
+        low, high = metrics["ci95"][key]
+        assert 0 <= low <= metrics[key] <= high <= 1
+    cm = np.array(metrics["confusion_matrix"])
+    assert cm.shape == (len(classes), len(classes)) and cm.sum() == metrics["n"]
+    assert np.trace(cm) / cm.sum() == pytest.approx(metrics["accuracy"])
+
+
+def browser_or_skip():
+    """Playwright driving Debian's chromium; outside CI a missing browser skips, in CI it fails."""
+    missing = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing = "playwright is not installed (pip install playwright)"
+    if missing is None and not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
+        missing = f"{CHROMIUM} not found (apt-get install chromium chromium-driver)"
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"browser test cannot run in CI: {missing}")
+        pytest.skip(missing)
+    return sync_playwright
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """One `lungxray run` on a synthetic tree (16 px, 2 trials, 3 epochs), shared by every test
+    that reads a run folder: (data, run folder, root with the cache)."""
+    from lungxray.cli import main
+
+    root = tmp_path_factory.mktemp("trained_run")
+    data = write_tree(root / "data", per_class=14)
+    out = root / "run"
+    code = main(["run", str(data), "--out", str(out), "--img-size", "16", "--cache-dir", str(root / "cache"),
+                 "--trials", "2", "--epochs", "3", "--final-epochs", "3", "--seed", "1", "--quiet"])
+    assert code == 0
+    return data, out, root
 
 
 @pytest.fixture

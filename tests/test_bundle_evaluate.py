@@ -62,8 +62,9 @@ def test_not_a_bundle_and_no_overwrite(tmp_path):
     with pytest.raises(BundleError, match="not a lungxray model bundle"):
         Predictor(tmp_path)
     model, folder = _bundle(tmp_path)
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(FileExistsError, match="already holds a model") as info:
         save_bundle(folder, model, {})
+    assert "--force" in info.value.hint
 
 
 def test_predict_files_reports_bad_files(tmp_path):

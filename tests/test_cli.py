@@ -10,52 +10,18 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import write_tree
+from conftest import check_metrics_schema, write_tree
 from lungxray.bundle import Predictor
 from lungxray.cli import main
 
-METRIC_KEYS = {"classes", "n", "loss", "accuracy", "macro_f1", "macro_auroc", "per_class", "confusion_matrix",
-               "ci95", "bootstrap"}
-
-
-def _check_metrics_schema(metrics: dict, classes: list[str]) -> None:
-    assert METRIC_KEYS <= set(metrics)
-    assert metrics["classes"] == classes
-    assert isinstance(metrics["n"], int) and metrics["n"] > 0
-    for key in ("loss", "accuracy", "macro_f1"):
-        assert isinstance(metrics[key], float) and np.isfinite(metrics[key])
-    assert 0 <= metrics["accuracy"] <= 1
-    assert set(metrics["per_class"]) == set(classes)
-    for stats in metrics["per_class"].values():
-        assert set(stats) == {"precision", "recall", "specificity", "f1", "auroc", "support"}
-    for key in ("accuracy", "macro_f1"):  # a bootstrap interval around the point estimate
-        low, high = metrics["ci95"][key]
-        assert 0 <= low <= metrics[key] <= high <= 1
-    cm = np.array(metrics["confusion_matrix"])
-    assert cm.shape == (len(classes), len(classes)) and cm.sum() == metrics["n"]
-    assert np.trace(cm) / cm.sum() == pytest.approx(metrics["accuracy"])
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """One `lungxray run` on a synthetic tree, shared by the tests that read its outputs."""
-    root = tmp_path_factory.mktemp("cli")
-    data = write_tree(root / "data", per_class=14)
-    out = root / "run"
-    code = main(["run", str(data), "--out", str(out), "--img-size", "16", "--cache-dir", str(root / "cache"),
-                 "--trials", "2", "--epochs", "3", "--final-epochs", "3", "--seed", "1", "--quiet"])
-    assert code == 0
-    return data, out, root
-
-
-def test_run_writes_bundle_metrics_plots_and_study(tiny_run):
-    data, out, _ = tiny_run
+def test_run_writes_bundle_metrics_plots_and_study(trained_run):
+    data, out, _ = trained_run
     for name in ("metrics.json", "confusion_matrix.png", "curves.png", "study.db", "splits.json",
                  "trials.json", "best_params.json", "run.json", "scan.json", "history.json"):
         assert (out / name).is_file(), name
     assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((out / "metrics.json").read_text())
-    _check_metrics_schema(metrics, ["covid", "normal", "viral_pneumonia"])
+    check_metrics_schema(metrics, ["covid", "normal", "viral_pneumonia"])
     splits = json.loads((out / "splits.json").read_text())
     assert metrics["n"] == len(splits["test"]) and splits["seed"] == 1
     assert not set(splits["test"]) & (set(splits["train"]) | set(splits["val"]))
@@ -65,16 +31,16 @@ def test_run_writes_bundle_metrics_plots_and_study(tiny_run):
     Predictor(out / "model")  # the checksums still hold after metrics were added
 
 
-def test_run_refuses_to_overwrite_a_model(tiny_run, capsys):
-    data, out, root = tiny_run
+def test_run_refuses_to_overwrite_a_model(trained_run, capsys):
+    data, out, root = trained_run
     code = main(["run", str(data), "--out", str(out), "--img-size", "16", "--cache-dir", str(root / "cache"),
                  "--trials", "2", "--epochs", "1", "--quiet"])
     assert code == 2
     assert "--force" in capsys.readouterr().err
 
 
-def test_evaluate_reproduces_the_run_metrics(tiny_run, tmp_path):
-    data, out, root = tiny_run
+def test_evaluate_reproduces_the_run_metrics(trained_run, tmp_path):
+    data, out, root = trained_run
     code = main(["evaluate", str(out / "model"), str(data), "--splits", str(out / "splits.json"),
                  "--out", str(tmp_path), "--cache-dir", str(root / "cache"), "--quiet"])
     assert code == 0
@@ -84,8 +50,8 @@ def test_evaluate_reproduces_the_run_metrics(tiny_run, tmp_path):
     assert again["loss"] == pytest.approx(first["loss"], rel=1e-6)
 
 
-def test_evaluate_on_data_with_only_some_classes(tiny_run, tmp_path):
-    _, out, root = tiny_run
+def test_evaluate_on_data_with_only_some_classes(trained_run, tmp_path):
+    _, out, root = trained_run
     other = tmp_path / "other_hospital"
     write_tree(other, per_class=3, start=40)
     shutil.rmtree(other / "Viral Pneumonia")
@@ -94,12 +60,12 @@ def test_evaluate_on_data_with_only_some_classes(tiny_run, tmp_path):
                  "--cache-dir", str(root / "cache"), "--quiet"])
     assert code == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    _check_metrics_schema(metrics, ["covid", "normal", "viral_pneumonia"])
+    check_metrics_schema(metrics, ["covid", "normal", "viral_pneumonia"])
     assert metrics["n"] == 6 and metrics["per_class"]["viral_pneumonia"]["support"] == 0
 
 
-def test_evaluate_rejects_an_unknown_class(tiny_run, tmp_path, capsys):
-    _, out, root = tiny_run
+def test_evaluate_rejects_an_unknown_class(trained_run, tmp_path, capsys):
+    _, out, root = trained_run
     other = write_tree(tmp_path / "other", per_class=2)
     (other / "Covid").rename(other / "Tuberculosis")
     code = main(["evaluate", str(out / "model"), str(other), "--out", str(tmp_path / "ev"),
@@ -109,8 +75,8 @@ def test_evaluate_rejects_an_unknown_class(tiny_run, tmp_path, capsys):
     assert "tuberculosis" in err and "covid, normal, viral_pneumonia" in err
 
 
-def test_predict_json(tiny_run, capsys):
-    data, out, _ = tiny_run
+def test_predict_json(trained_run, capsys):
+    data, out, _ = trained_run
     images = sorted((data / "Normal").glob("*.png"))[:2]
     assert main(["predict", str(out / "model"), *map(str, images), "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
@@ -120,8 +86,8 @@ def test_predict_json(tiny_run, capsys):
         assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_train_from_best_params(tiny_run, tmp_path):
-    data, out, root = tiny_run
+def test_train_from_best_params(trained_run, tmp_path):
+    data, out, root = trained_run
     run2 = tmp_path / "run2"
     run2.mkdir()
     code = main(["train", str(data), "--out", str(run2), "--params", str(out / "best_params.json"),
@@ -168,6 +134,7 @@ def test_console_script_help():
         assert flag in out.stdout
 
 
+@pytest.mark.slow
 def test_integration_on_a_slice_of_the_shared_dataset(shared_data, tmp_path):
     """12 real X-rays per class from the official train/ folders, the whole pipeline, small mode."""
     data = tmp_path / "slice"
@@ -180,12 +147,13 @@ def test_integration_on_a_slice_of_the_shared_dataset(shared_data, tmp_path):
                  "--trials", "2", "--epochs", "4", "--final-epochs", "4", "--quiet"])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    _check_metrics_schema(metrics, ["covid", "normal", "viral_pneumonia"])
+    check_metrics_schema(metrics, ["covid", "normal", "viral_pneumonia"])
     assert metrics["accuracy"] > 1 / 3  # better than chance on real X-rays after 4 epochs
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["preprocessing"]["img_size"] == 64
 
 
+@pytest.mark.slow
 def test_run_with_folder_split_says_when_test_copies_train(split_tree, tmp_path, capsys):
     common = [str(split_tree), "--img-size", "16", "--cache-dir", str(tmp_path / "c"), "--split", "folders",
               "--trials", "1", "--epochs", "1", "--final-epochs", "1", "--quiet"]
@@ -198,6 +166,7 @@ def test_run_with_folder_split_says_when_test_copies_train(split_tree, tmp_path,
     assert json.loads((tmp_path / "dropped" / "metrics.json").read_text())["n"] == 12
 
 
+@pytest.mark.slow
 def test_cv_writes_per_fold_and_pooled_metrics_with_intervals(tmp_path, capsys):
     data = write_tree(tmp_path / "data", per_class=12)
     params = tmp_path / "params.json"
@@ -209,7 +178,9 @@ def test_cv_writes_per_fold_and_pooled_metrics_with_intervals(tmp_path, capsys):
     assert code == 0
     report = json.loads((out / "cv.json").read_text())
     assert report["model"] == "cnn" and report["folds"] == 3 and report["seed"] == 4
-    assert report["settings"]["recipe"]["optimizer"] == "adamw" and report["settings"]["recipe"]["augment"]
+    train = report["settings"]["train"]  # resolved against the cnn's recipe
+    assert (train["optimizer"], train["schedule"], train["augment"]["enabled"]) == ("adamw", "cosine", True)
+    assert train["batch_size"] == 16 and train["epochs"] == 4
     assert [f["fold"] for f in report["per_fold"]] == [1, 2, 3]
     assert all(f["params"]["width"] == 8 and f["epochs_run"] <= 4 for f in report["per_fold"])
     # every image predicted exactly once, by the fold that did not train on it
@@ -220,7 +191,7 @@ def test_cv_writes_per_fold_and_pooled_metrics_with_intervals(tmp_path, capsys):
         fold = folds[o["fold"] - 1]
         assert o["path"] in fold["test"] and o["path"] not in fold["train"] + fold["val"]
         assert sum(o["probabilities"].values()) == pytest.approx(1.0)
-    _check_metrics_schema(report["pooled"], ["covid", "normal", "viral_pneumonia"])
+    check_metrics_schema(report["pooled"], ["covid", "normal", "viral_pneumonia"])
     row = report["summary"]["macro_f1"]
     fold_f1 = [f["metrics"]["macro_f1"] for f in report["per_fold"]]
     assert row["mean"] == pytest.approx(np.mean(fold_f1)) and row["std"] == pytest.approx(np.std(fold_f1, ddof=1))
@@ -238,6 +209,7 @@ def test_cv_writes_per_fold_and_pooled_metrics_with_intervals(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err and (out / "cv.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_cv_can_tune_inside_each_fold(tmp_path):
     data = write_tree(tmp_path / "data", per_class=10)
     out = tmp_path / "cv"

@@ -111,7 +111,7 @@ def test_exif_orientation_is_applied():
 
 
 def test_decode_rejects_unsupported_mode():
-    from lungxray.data import _to_gray_uint8
+    from lungxray.decode import _to_gray_uint8
 
     with pytest.raises(UnusableImage, match="unsupported image mode 'HSV'"):
         _to_gray_uint8(Image.new("HSV", (8, 8)))

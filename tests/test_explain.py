@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import synthetic_image
+from conftest import settings, synthetic_image
 from lungxray.bundle import Predictor, save_bundle
-from lungxray.config import TrainConfig
 from lungxray.explain import LUNG_FIELD, audit, hide, lung_box, overlay, saliency
 from lungxray.models import get_spec
-from lungxray.train import fit, to_tensor
+from lungxray.infer import to_tensor
+from lungxray.train import fit
 
 SIZE = 32
 
@@ -25,7 +25,7 @@ def _bundle(tmp_path, name: str, images: np.ndarray, labels: np.ndarray, epochs:
     hp = dict(get_spec(name).defaults)
     if name == "cnn":
         hp.update(width=8, batch_size=8)
-    result = fit(name, hp, (x, y), (x, y), 3, TrainConfig(epochs=epochs, batch_size=8, patience=0, augment=False))
+    result = fit(name, hp, (x, y), (x, y), 3, settings(name, hp, epochs=epochs, batch_size=8, patience=0, augment=False))
     folder = tmp_path / f"{name}-bundle"
     save_bundle(folder, result.model, {"classes": ["a", "b", "c"],
                                        "model": {"name": name, "hyperparameters": hp, "input_shape": [1, SIZE, SIZE]},

@@ -7,19 +7,13 @@ import optuna
 import pytest
 import torch
 
-from conftest import synthetic_image
 from dataclasses import replace
 
+from conftest import settings, toy
 from lungxray.augment import BatchAugment
-from lungxray.config import AugmentConfig, TrainConfig
+from lungxray.config import AugmentConfig
 from lungxray.models import REGISTRY, UnknownModelError, create_model, get_spec
-from lungxray.train import fit, to_tensor
-
-
-def _toy(n_per_class=10, size=16, start=0):
-    images = np.stack([synthetic_image(c, i, size) for c in range(3) for i in range(start, start + n_per_class)])
-    labels = np.repeat(np.arange(3), n_per_class)
-    return to_tensor(images), torch.from_numpy(labels)
+from lungxray.train import fit
 
 
 def test_unknown_model_lists_known_ones():
@@ -31,7 +25,7 @@ def test_unknown_model_lists_known_ones():
 def test_every_model_forward_backward_finite_with_gradient_everywhere(name):
     torch.manual_seed(0)
     model = create_model(name, (1, 32, 32), 3, **get_spec(name).defaults)
-    x, y = _toy(2, size=32)  # (6, 1, 32, 32): the smallest side DenseNet-121's four poolings allow
+    x, y = toy(2, size=32)  # (6, 1, 32, 32): the smallest side DenseNet-121's four poolings allow
     logits = model(x)
     assert logits.shape == (6, 3)
     loss = torch.nn.functional.cross_entropy(logits, y)
@@ -69,9 +63,9 @@ def test_mlp_search_space_is_the_tutorials():
 
 
 def test_fit_learns_and_keeps_the_best_epoch():
-    train, val = _toy(10), _toy(4, start=50)
+    train, val = toy(10), toy(4, start=50)
     hp = dict(get_spec("mlp").defaults)
-    result = fit("mlp", hp, train, val, 3, TrainConfig(epochs=12, batch_size=8, patience=0))
+    result = fit("mlp", hp, train, val, 3, settings("mlp", hp, epochs=12, batch_size=8, patience=0))
     losses = [h.val_loss for h in result.history]
     assert result.best_epoch == int(np.argmin(losses)) + 1
     assert result.best.val_accuracy >= 0.9
@@ -83,30 +77,30 @@ def test_fit_learns_and_keeps_the_best_epoch():
 
 
 def test_fit_is_reproducible_from_its_seed():
-    train, val = _toy(6), _toy(3, start=50)
+    train, val = toy(6), toy(3, start=50)
     hp = {**get_spec("mlp").defaults, "dropout_1": 0.3, "dropout_2": 0.2}
-    a = fit("mlp", hp, train, val, 3, TrainConfig(epochs=3, seed=5))
-    b = fit("mlp", hp, train, val, 3, TrainConfig(epochs=3, seed=5))
-    c = fit("mlp", hp, train, val, 3, TrainConfig(epochs=3, seed=6))
+    a = fit("mlp", hp, train, val, 3, settings("mlp", hp, epochs=3, seed=5))
+    b = fit("mlp", hp, train, val, 3, settings("mlp", hp, epochs=3, seed=5))
+    c = fit("mlp", hp, train, val, 3, settings("mlp", hp, epochs=3, seed=6))
     assert [h.train_loss for h in a.history] == [h.train_loss for h in b.history]
     assert [h.train_loss for h in a.history] != [h.train_loss for h in c.history]
 
 
 def test_patience_stops_a_run_that_stopped_improving():
-    train, val = _toy(6), _toy(3, start=50)
+    train, val = toy(6), toy(3, start=50)
     hp = {**get_spec("mlp").defaults, "learning_rate": 1e-2}
-    result = fit("mlp", hp, train, val, 3, TrainConfig(epochs=60, patience=3))
+    result = fit("mlp", hp, train, val, 3, settings("mlp", hp, epochs=60, patience=3))
     assert len(result.history) == result.best_epoch + 3 < 60
 
 
 def test_cnn_fit_with_augmentation_schedule_and_seeded_dropout_is_reproducible():
-    train, val = _toy(6, size=32), _toy(3, size=32, start=50)
+    train, val = toy(6, size=32), toy(3, size=32, start=50)
     hp = {**get_spec("cnn").defaults, "depth": 1, "width": 8, "dropout": 0.3, "batch_size": 8}
-    cfg = TrainConfig(epochs=3, seed=2, class_weighted=True)  # recipe: AdamW, cosine, augmentation
+    cfg = settings("cnn", hp, epochs=3, seed=2, class_weighted=True)  # recipe: AdamW, cosine, augmentation
     a, b = fit("cnn", hp, train, val, 3, cfg), fit("cnn", hp, train, val, 3, cfg)
     assert [h.train_loss for h in a.history] == [h.train_loss for h in b.history]
     assert all(np.isfinite(h.train_loss) for h in a.history)
-    off = fit("cnn", hp, train, val, 3, replace(cfg, augment=False))
+    off = fit("cnn", hp, train, val, 3, settings("cnn", hp, epochs=3, seed=2, class_weighted=True, augment=False))
     assert [h.train_loss for h in off.history] != [h.train_loss for h in a.history]
 
 
@@ -124,9 +118,9 @@ def test_ema_update_warms_up_and_copies_integer_buffers():
 
 
 def test_ema_fit_validates_and_returns_the_averaged_weights():
-    train, val = _toy(10, size=32), _toy(4, size=32, start=50)
+    train, val = toy(10, size=32), toy(4, size=32, start=50)
     hp = {**get_spec("cnn").defaults, "width": 8, "batch_size": 10}
-    cfg = TrainConfig(epochs=20, patience=0, augment=False, ema=0.99, keep="last")
+    cfg = settings("cnn", hp, epochs=20, patience=0, augment=False, ema=0.99, keep="last")
     ema = fit("cnn", hp, train, val, 3, cfg)
     plain = fit("cnn", hp, train, val, 3, replace(cfg, ema=0.0))
     from lungxray.train import evaluate_loss
@@ -142,9 +136,9 @@ def test_ema_fit_validates_and_returns_the_averaged_weights():
 
 
 def test_keep_last_returns_the_last_epoch_and_never_stops_early():
-    train, val = _toy(6), _toy(3, start=50)
+    train, val = toy(6), toy(3, start=50)
     hp = {**get_spec("mlp").defaults, "learning_rate": 1e-2}
-    result = fit("mlp", hp, train, val, 3, TrainConfig(epochs=12, patience=2, keep="last"))
+    result = fit("mlp", hp, train, val, 3, settings("mlp", hp, epochs=12, patience=2, keep="last"))
     assert len(result.history) == 12 and result.best_epoch == 12
 
 
@@ -152,7 +146,7 @@ def test_label_smoothing_changes_the_loss_by_the_formula():
     from lungxray.train import train_one_epoch
 
     torch.manual_seed(0)
-    x, y = _toy(2)
+    x, y = toy(2)
     losses = []
     for smoothing in (0.0, 0.3):
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 3))
@@ -173,7 +167,7 @@ def test_standardized_cnn_gives_each_image_zero_mean_and_unit_variance():
     model = create_model("cnn", (1, 32, 32), 3, width=8, standardize=True)
     seen = {}
     model.conv1[1].register_forward_hook(lambda m, inp, out: seen.update(x=inp[0]))  # returns None: output kept
-    x = _toy(1, size=32)[0] * 0.5 + 0.2
+    x = toy(1, size=32)[0] * 0.5 + 0.2
     model.eval()(x)
     assert seen["x"].mean(dim=(1, 2, 3)).abs().max() < 1e-5
     assert seen["x"].std(dim=(1, 2, 3)) == pytest.approx(torch.ones(3), abs=1e-3)
@@ -181,7 +175,7 @@ def test_standardized_cnn_gives_each_image_zero_mean_and_unit_variance():
 
 
 def test_augmentation_keeps_shape_and_range_changes_images_and_follows_its_seed():
-    x = _toy(2, size=32)[0]  # (6, 1, 32, 32)
+    x = toy(2, size=32)[0]  # (6, 1, 32, 32)
     make = lambda seed, **kw: BatchAugment(AugmentConfig(**kw), torch.Generator().manual_seed(seed))  # noqa: E731
     out = make(0)(x)
     assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
@@ -213,9 +207,9 @@ def test_init_weights_round_trip_a_file_the_test_writes(tmp_path, suffix):
     for key, value in state.items():
         assert torch.equal(target.state_dict()[key], value), key
     # and fit() starts from it: one epoch at learning rate ~0 leaves the weights where the file put them
-    train, val = _toy(3, size=32), _toy(2, size=32, start=50)
+    train, val = toy(3, size=32), toy(2, size=32, start=50)
     hp = {"depth": 1, "width": 8, "dropout": 0.0, "learning_rate": 1e-12, "weight_decay": 0.0, "batch_size": 9}
-    result = fit("cnn", hp, train, val, 3, TrainConfig(epochs=1, augment=False, init_weights=path))
+    result = fit("cnn", hp, train, val, 3, settings("cnn", hp, epochs=1, augment=False, init_weights=path))
     conv = result.model.state_dict()["conv1.weight"]
     assert torch.allclose(conv, state["conv1.weight"], atol=1e-6)
 

@@ -4,52 +4,21 @@ no console error, and a screenshot. Also the report of a cv folder."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import write_tree
+from conftest import CHROMIUM, CHROMIUM_FLAGS, browser_or_skip, write_tree
 from lungxray.cli import main
 from lungxray.report import write_report
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run"]
 RUN_SECTIONS = ["dataset", "search", "training", "metrics", "confusion", "roc", "calibration", "errors", "audit"]
 
 
-def _browser_or_skip():
-    """Playwright driving Debian's chromium; outside CI a missing browser skips, in CI it fails."""
-    missing = None
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        missing = "playwright is not installed (pip install playwright)"
-    if missing is None and not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
-        missing = f"{CHROMIUM} not found (apt-get install chromium chromium-driver)"
-    if missing:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"browser test cannot run in CI: {missing}")
-        pytest.skip(missing)
-    return sync_playwright
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("report")
-    data = write_tree(root / "data", per_class=14)
-    out = root / "run"
-    assert main(["run", str(data), "--out", str(out), "--img-size", "32", "--cache-dir", str(root / "cache"),
-                 "--trials", "2", "--epochs", "3", "--seed", "3", "--quiet"]) == 0
-    return out
-
-
 def _open(path: Path, screenshot: Path) -> dict:
-    sync_playwright = _browser_or_skip()
+    sync_playwright = browser_or_skip()
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         errors = []
         page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
@@ -69,7 +38,9 @@ def _open(path: Path, screenshot: Path) -> dict:
     return {**found, "errors": errors}
 
 
-def test_run_report_in_chromium_has_every_section_and_no_broken_image(tiny_run):
+@pytest.mark.browser
+def test_run_report_in_chromium_has_every_section_and_no_broken_image(trained_run):
+    tiny_run = trained_run[1]
     report = tiny_run / "report.html"
     assert report.is_file()  # written by `run` itself
     shot = tiny_run / "report.png"
@@ -85,7 +56,9 @@ def test_run_report_in_chromium_has_every_section_and_no_broken_image(tiny_run):
     assert audit["verdict"] in page["text"]
 
 
-def test_report_command_rewrites_the_report_and_cv_gets_one(tiny_run, tmp_path):
+@pytest.mark.browser
+def test_report_command_rewrites_the_report_and_cv_gets_one(trained_run, tmp_path):
+    tiny_run = trained_run[1]
     (tiny_run / "report.html").unlink()
     assert main(["report", str(tiny_run)]) == 0
     assert "Shortcut audit" in (tiny_run / "report.html").read_text()

@@ -13,14 +13,14 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import png_bomb
+from conftest import CHROMIUM, CHROMIUM_FLAGS, browser_or_skip, png_bomb, settings
 from lungxray.bundle import Predictor, export_onnx, save_bundle
-from lungxray.config import DataConfig, TrainConfig
+from lungxray.config import DataConfig
 from lungxray.data import load_dataset
 from lungxray.models import get_spec
 from lungxray.serve import create_app
-from lungxray.train import fit, to_tensor
-from test_report import CHROMIUM, FLAGS, _browser_or_skip
+from lungxray.infer import to_tensor
+from lungxray.train import fit
 
 SIZE = 64
 
@@ -39,7 +39,7 @@ def real(shared_data, tmp_path_factory):
     ds = load_dataset(data, DataConfig(img_size=SIZE, cache_dir=root / "cache"), progress=False)
     x, y = to_tensor(ds.images), torch.from_numpy(ds.labels)
     hp = {**get_spec("cnn").defaults, "width": 8}
-    result = fit("cnn", hp, (x, y), (x, y), 3, TrainConfig(epochs=2, batch_size=8, augment=False))
+    result = fit("cnn", hp, (x, y), (x, y), 3, settings("cnn", hp, epochs=2, augment=False))
     bundle = root / "model"
     save_bundle(bundle, result.model, {"classes": ds.classes, "model": {"name": "cnn", "hyperparameters": hp,
                                        "input_shape": [1, SIZE, SIZE]}, "preprocessing": {"img_size": SIZE}})
@@ -131,8 +131,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.browser
 def test_upload_page_in_chromium_shows_the_class_and_the_overlay(real, tmp_path):
-    sync_playwright = _browser_or_skip()
+    sync_playwright = browser_or_skip()
     import uvicorn
 
     bundle, _, files, _ = real
@@ -147,7 +148,7 @@ def test_upload_page_in_chromium_shows_the_class_and_the_overlay(real, tmp_path)
             time.sleep(0.1)
         assert server.started
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
             page = browser.new_page()
             errors = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))

@@ -103,5 +103,6 @@ def test_folds_are_disjoint_stratified_grouped_and_test_every_image_once(k, seed
 
 def test_too_few_images_for_the_folds_is_a_clear_error():
     labels, groups = np.array([0, 1, 0, 1]), np.arange(4)
-    with pytest.raises(ValueError, match="fewer --folds"):
+    with pytest.raises(ValueError, match="distinct images for 5 folds") as info:
         make_folds(labels, groups, 5, 0)
+    assert "fewer --folds" in info.value.hint

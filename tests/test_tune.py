@@ -11,9 +11,10 @@ import time
 import optuna
 import pytest
 
-from lungxray.config import TrainConfig, TuneConfig
+from conftest import settings, toy
+from lungxray.config import TuneConfig, resolve_tune
+from lungxray.models import get_spec
 from lungxray.tune import tune
-from test_models_train import _toy
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
@@ -33,6 +34,7 @@ def _finished(storage):
     return {t.number: (t.value, t.params) for t in study.get_trials(states=FINISHED)}, study
 
 
+@pytest.mark.slow
 def test_killed_study_resumes_and_keeps_finished_trials(flat_tree, tmp_path):
     out = tmp_path / "run"
     storage = f"sqlite:///{out / 'study.db'}"
@@ -60,11 +62,11 @@ def test_killed_study_resumes_and_keeps_finished_trials(flat_tree, tmp_path):
 
 
 def test_same_seed_gives_the_same_trials(tmp_path):
-    train, val = _toy(6, size=16), _toy(3, size=16, start=50)
+    train, val = toy(6, size=16), toy(3, size=16, start=50)
     cfg = TuneConfig(trials=4, sampler="gp", startup_trials=2, jobs=2)
     runs = []
     for name in ("a", "b"):
-        result = tune("mlp", train, val, 3, cfg, TrainConfig(epochs=3, seed=7),
+        result = tune("mlp", train, val, 3, cfg, settings("mlp", epochs=3, seed=7),
                       f"sqlite:///{tmp_path / name}.db", progress=False)
         runs.append([(t.params, t.value) for t in result.study.trials])
     assert runs[0] == runs[1]
@@ -97,9 +99,10 @@ def test_pruning_on_the_frozen_view_decides_as_optuna_does():
 
 @pytest.mark.parametrize("sampler, pruner", [("tpe", "hyperband"), ("random", "none"), ("gp", "median")])
 def test_every_sampler_and_pruner_finishes_the_study(tmp_path, sampler, pruner):
-    train, val = _toy(6, size=16), _toy(3, size=16, start=50)
-    cfg = TuneConfig(trials=5, sampler=sampler, pruner=pruner, startup_trials=2, warmup_epochs=1)
-    result = tune("mlp", train, val, 3, cfg, TrainConfig(epochs=4, patience=0),
+    train, val = toy(6, size=16), toy(3, size=16, start=50)
+    cfg = resolve_tune(TuneConfig(trials=5, sampler=sampler, pruner=pruner, startup_trials=2, warmup_epochs=1),
+                       get_spec("mlp").recipe)
+    result = tune("mlp", train, val, 3, cfg, settings("mlp", epochs=4, patience=0),
                   f"sqlite:///{tmp_path / 's.db'}", progress=False)
     finished = result.study.get_trials(states=FINISHED)
     assert len(finished) == 5 and result.n_complete + result.n_pruned == 5

@@ -2,8 +2,8 @@
 optionally model.onnx), the ``Predictor`` that loads one, and ``export_onnx``.
 
 Loading never unpickles: weights come from safetensors (or the ONNX graph, run by ONNX Runtime),
-everything else is JSON, and every file is checked against its SHA-256 before use. Holds no
-training code.
+everything else is JSON, and every file is checked against its SHA-256 before use. Every file is
+written to a temporary name, then renamed. Imports nothing from the training modules.
 """
 
 from __future__ import annotations
@@ -17,17 +17,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lungxray import __version__
-from lungxray.data import decode
+from lungxray.decode import decode
+from lungxray.errors import BundleError, OutputExistsError, UnusableImage
+from lungxray.infer import predict_logits, to_tensor
 from lungxray.models import create_model
+from lungxray.runfolder import atomic_path, write_text
 
 FORMAT = "lungxray-bundle"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 ONNX = "model.onnx"
-
-
-class BundleError(ValueError):
-    """The bundle folder is missing, incomplete or altered."""
+CONFIG = "config.json"
+METRICS = "metrics.json"  # the test metrics of the run that trained it, when it had a test split
+CHECKSUMS = "checksums.json"
 
 
 def _sha256(path: Path) -> str:
@@ -39,16 +41,17 @@ def save_bundle(folder: Path, model: torch.nn.Module, config: dict, metrics: dic
     """Write the bundle to ``folder``; an existing non-empty folder needs ``overwrite=True``."""
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise FileExistsError(f"{folder} already exists and is not empty; pass --force to replace "
-                              "the model there, or choose another --out")
+        raise OutputExistsError(f"{folder} already holds a model",
+                                hint="pass --force to replace it, or choose another --out")
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.iterdir():
         if stale.is_file():
             stale.unlink()
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, folder / WEIGHTS, metadata={"format": FORMAT})
+    with atomic_path(folder / WEIGHTS) as tmp:
+        save_file(state, tmp, metadata={"format": FORMAT})
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__, **config}
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_text(folder / CONFIG, json.dumps(config, indent=2, default=str) + "\n")
     if metrics is not None:
         attach_metrics(folder, metrics)
     else:
@@ -58,28 +61,31 @@ def save_bundle(folder: Path, model: torch.nn.Module, config: dict, metrics: dic
 
 def attach_metrics(folder: Path, metrics: dict) -> None:
     """Add (or replace) metrics.json in a bundle and update its checksums."""
-    (Path(folder) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text(Path(folder) / METRICS, json.dumps(metrics, indent=2) + "\n")
     write_checksums(folder)
 
 
 def write_checksums(folder: Path) -> None:
     """(Re)write checksums.json over every other file in the bundle."""
-    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name != "checksums.json")
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name != CHECKSUMS)
     sums = {p.name: _sha256(p) for p in files}
-    (Path(folder) / "checksums.json").write_text(json.dumps(sums, indent=2) + "\n")
+    write_text(Path(folder) / CHECKSUMS, json.dumps(sums, indent=2) + "\n")
 
 
 def verify_bundle(folder: Path) -> dict:
     """Check every file against checksums.json; return the parsed config.json."""
     folder = Path(folder)
-    if not (folder / "checksums.json").is_file():
-        raise BundleError(f"{folder} is not a lungxray model bundle (no checksums.json); "
-                          "pass the model/ folder written by `lungxray run` or `lungxray train`")
+    if not (folder / CHECKSUMS).is_file():
+        inside = folder / "model"
+        hint = (f"did you mean {inside}? A run folder holds the bundle in model/"
+                if (inside / CHECKSUMS).is_file() else
+                "pass the model/ folder written by `lungxray run` or `lungxray train`")
+        raise BundleError(f"{folder} is not a lungxray model bundle (no checksums.json)", hint=hint)
     try:
-        sums = json.loads((folder / "checksums.json").read_text())
+        sums = json.loads((folder / CHECKSUMS).read_text())
     except ValueError as exc:
         raise BundleError(f"{folder}/checksums.json is not valid JSON: {exc}") from None
-    for name in ("config.json", WEIGHTS):
+    for name in (CONFIG, WEIGHTS):
         if name not in sums:
             raise BundleError(f"{folder}/checksums.json does not list {name}; the bundle is incomplete")
     for name, expected in sums.items():
@@ -89,7 +95,7 @@ def verify_bundle(folder: Path) -> dict:
         if _sha256(path) != expected:
             raise BundleError(f"{path} does not match its checksum: the file was altered or damaged; "
                               "re-export the model rather than loading it")
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / CONFIG).read_text())
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{folder} holds format {config.get('format')!r} version "
                           f"{config.get('format_version')!r}; this lungxray reads {FORMAT} v{FORMAT_VERSION}")
@@ -107,6 +113,7 @@ class Predictor:
     def __init__(self, folder: Path, backend: str = "auto", threads: int = 0) -> None:
         self.folder = Path(folder)
         self.config_ = verify_bundle(self.folder)
+        self.checksums_: dict = json.loads((self.folder / CHECKSUMS).read_text())
         if backend not in ("auto", "torch", "onnx"):
             raise ValueError(f"backend must be auto, torch or onnx, got {backend!r}")
         if backend == "onnx" and not (self.folder / ONNX).is_file():
@@ -131,14 +138,15 @@ class Predictor:
         except RuntimeError as exc:
             raise BundleError(f"weights in {self.folder / WEIGHTS} do not fit the model in config.json: {exc}") from None
         self.model_.eval()
+        # The run's test metrics, only when checksums.json lists them (an unlisted file is ignored).
+        self.metrics_: dict | None = (json.loads((self.folder / METRICS).read_text())
+                                      if METRICS in self.checksums_ else None)
         # Temperature scaling fitted on the validation split at training time (1.0: none).
         self.temperature_: float = float(self.config_.get("calibration", {}).get("temperature", 1.0))
 
     @torch.no_grad()
     def predict_logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """(N, H, W) uint8 preprocessed images -> (N, n_classes) raw logits, before any temperature."""
-        from lungxray.train import predict_logits, to_tensor
-
         x = to_tensor(images)  # (N, 1, H, W)
         if self.session_ is not None:
             return np.concatenate([self.session_.run(None, {"image": x[i:i + batch_size].numpy()})[0]
@@ -153,8 +161,6 @@ class Predictor:
 
     def decode_files(self, paths: list[Path]) -> tuple[list[dict], np.ndarray]:
         """``({"path"} or {"path", "error"} per path, (N_good, H, W) uint8 images of the readable ones)``."""
-        from lungxray.data import UnusableImage
-
         results, arrays = [], []
         for path in paths:
             try:

@@ -1,17 +1,44 @@
-"""Typed settings for every stage: data, splits, tuning and training.
+"""Typed settings for every stage (data, splits, augmentation, training, tuning) and their resolution.
 
-Each field has a default and a one-line doc; cross-field checks live in ``__post_init__`` and their
-errors name the CLI flag to change. Nothing here reads files or imports torch.
+Each field has a default and a one-line doc; a field that is a command-line option names its flag
+(and its choices) in its metadata, so the CLI builds its flags, defaults and help from the fields
+(``lungxray.cli``) and errors name the flag to change. Cross-field checks live in ``__post_init__``.
+
+"A setting left unset means the model's recipe" is decided here and only here: ``resolve_train``
+and ``resolve_tune`` fill every unset field from the model's ``Recipe``; ``trial_settings`` gives
+the training settings inside trials. Everything downstream receives a fully filled config and never
+re-derives a default. Nothing here reads files or imports torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from lungxray.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A setting is out of range; the message names the flag to change."""
+
+def option(flag: str, default=None, *, choices: tuple | None = None, metavar: str | None = None,
+           default_factory=None):
+    """A dataclass field that is also a command-line option ``flag`` (with ``choices``, if any)."""
+    metadata = {"flag": flag, "choices": choices, "metavar": metavar}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def flag_of(cls, name: str) -> str:
+    """The command-line flag of field ``name`` of dataclass ``cls`` (its name when it has none)."""
+    return next((f.metadata.get("flag") or name for f in fields(cls) if f.name == name), name)
+
+
+def _check_choices(obj) -> None:
+    """Every field with choices holds one of them (None, where allowed, means 'the recipe's')."""
+    for f in fields(obj):
+        choices = f.metadata.get("choices")
+        value = getattr(obj, f.name)
+        if choices and value is not None and value not in choices:
+            raise ConfigError(f"{f.metadata['flag']} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 def default_cache_dir() -> Path:
@@ -24,12 +51,12 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class DataConfig:
-    img_size: int = 128
-    """Side of the square grayscale image fed to the model (--img-size)."""
-    cache_dir: Path = field(default_factory=default_cache_dir)
-    """Folder of preprocessed arrays keyed by file content hash (--cache-dir)."""
-    workers: int = 0
-    """Decoding processes; 0 means one per CPU core (--workers)."""
+    img_size: int = option("--img-size", 128)
+    """Side of the square grayscale image fed to the model."""
+    cache_dir: Path = option("--cache-dir", default_factory=default_cache_dir)
+    """Folder of preprocessed arrays keyed by file content hash ($LUNGXRAY_CACHE or ~/.cache/lungxray)."""
+    workers: int = option("--workers", 0)
+    """Decoding processes; 0 means one per CPU core."""
     near_duplicate_distance: int = 10
     """Largest perceptual-hash Hamming distance (of 64 bits) for a near-duplicate candidate pair."""
     near_duplicate_correlation: float = 0.95
@@ -42,27 +69,25 @@ class DataConfig:
         if self.workers < 0:
             raise ConfigError(f"--workers must be 0 (all cores) or more, got {self.workers}")
         if not 0 <= self.near_duplicate_distance <= 32:
-            raise ConfigError(
-                f"near_duplicate_distance must be in 0..32, got {self.near_duplicate_distance}"
-            )
+            raise ConfigError(f"near_duplicate_distance must be in 0..32, got {self.near_duplicate_distance}")
 
 
 @dataclass
 class SplitConfig:
-    mode: str = "random"
-    """'random': stratified, duplicate-grouped 70/10/20; 'folders': the dataset's own train/test (--split)."""
-    val_fraction: float = 0.10
-    """Share of all images held out for validation (--val-fraction)."""
-    test_fraction: float = 0.20
-    """Share of all images held out for the final test (--test-fraction); ignored with --split folders."""
-    drop_test_duplicates: bool = False
-    """With --split folders, drop test images that duplicate a training image (--drop-test-duplicates)."""
-    seed: int = 0
-    """Seed of the split (--seed)."""
+    mode: str = option("--split", "random", choices=("random", "folders"))
+    """random: stratified, duplicate-grouped train/val/test; folders: the dataset's own train/ and
+    test/ folders, val carved out of train."""
+    val_fraction: float = option("--val-fraction", 0.10)
+    """Share of all images held out for validation."""
+    test_fraction: float = option("--test-fraction", 0.20)
+    """Share of all images held out for the final test; ignored with --split folders."""
+    drop_test_duplicates: bool = option("--drop-test-duplicates", False)
+    """With --split folders, drop test images that duplicate a training image."""
+    seed: int = option("--seed", 0)
+    """Seed of the split, the search and training."""
 
     def __post_init__(self) -> None:
-        if self.mode not in ("random", "folders"):
-            raise ConfigError(f"--split must be 'random' or 'folders', got {self.mode!r}")
+        _check_choices(self)
         if not 0 < self.val_fraction < 1 or not 0 < self.test_fraction < 1:
             raise ConfigError("--val-fraction and --test-fraction must each lie strictly between 0 and 1")
         if self.val_fraction + self.test_fraction >= 0.9:
@@ -99,74 +124,76 @@ class AugmentConfig:
     while these ranges did no harm (BENCHMARKS.md, "Models compared").
     """
 
-    rotation: float = 5.0
-    """Largest rotation, degrees either way (--rotate)."""
-    shift: float = 0.03
-    """Largest shift, as a share of the image side (--shift)."""
-    scale: float = 0.05
-    """Largest zoom in or out, as a share (--zoom)."""
-    brightness: float = 0.05
-    """Largest brightness change, added to pixels in [0, 1] (--brightness)."""
-    contrast: float = 0.05
-    """Largest contrast change, as a share (--contrast)."""
-    hflip: bool = False
-    """Mirror half the images left-right (--hflip). Off: the heart sits on the left in a PA film."""
+    enabled: bool | None = option("--augment", None)
+    """Augment training batches; unset: the model's recipe (on for CNNs, off for mlp)."""
+    rotation: float = option("--rotate", 5.0)
+    """Largest rotation, degrees either way."""
+    shift: float = option("--shift", 0.03)
+    """Largest shift, as a share of the image side."""
+    scale: float = option("--zoom", 0.05)
+    """Largest zoom in or out, as a share."""
+    brightness: float = option("--brightness", 0.05)
+    """Largest brightness change, added to pixels in [0, 1]."""
+    contrast: float = option("--contrast", 0.05)
+    """Largest contrast change, as a share."""
+    hflip: bool = option("--hflip", False)
+    """Mirror half the images left-right (off: the heart sits on the left in a PA film)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.rotation <= 45:
             raise ConfigError(f"--rotate must be between 0 and 45 degrees, got {self.rotation}")
-        for flag, value in (("--shift", self.shift), ("--zoom", self.scale),
-                            ("--brightness", self.brightness), ("--contrast", self.contrast)):
+        for name in ("shift", "scale", "brightness", "contrast"):
+            value = getattr(self, name)
             if not 0 <= value < 0.5:
-                raise ConfigError(f"{flag} must be in [0, 0.5), got {value}")
+                raise ConfigError(f"{flag_of(AugmentConfig, name)} must be in [0, 0.5), got {value}")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 64
-    """Epochs of training (--final-epochs for the final model, --epochs inside each trial)."""
-    batch_size: int = 8
-    """Mini-batch size (--batch-size)."""
-    seed: int = 0
-    """Seed of weight initialisation, dropout and batch order (--seed)."""
-    threads: int = 0
-    """Torch intra-op threads; 0 means one per CPU core (--threads)."""
-    patience: int = 16
-    """Stop when the validation figure has not improved for this many epochs; 0 never stops (--patience)."""
-    select_by: str = "val_loss"
-    """Which validation figure picks the kept epoch and the best trial: val_loss or val_accuracy (--objective)."""
-    optimizer: str | None = None
-    """adam or adamw; None: the model's recipe."""
-    schedule: str | None = None
-    """constant or cosine (--schedule); None: the model's recipe."""
-    augment: AugmentConfig | bool | None = None
-    """Training-batch augmentation: settings, True (default settings), False (off), None (the model's recipe)."""
-    class_weighted: bool = False
-    """Weight the loss by inverse class frequency (--class-weighted)."""
-    device: str = "auto"
-    """cpu, cuda, or auto: cuda when present (--device). Mixed precision on cuda."""
-    init_weights: Path | None = None
-    """Start from this weights file (safetensors, or a state dict) instead of random (--init-weights)."""
-    label_smoothing: float = 0.0
-    """Share of each target spread evenly over all classes (--label-smoothing)."""
-    ema: float = 0.0
-    """Decay of an exponential moving average of the weights, evaluated and kept instead of the
-    raw weights; 0 turns it off (--ema)."""
-    keep: str = "best"
-    """Which epoch's weights a fit returns: best (by --objective on val) or last (--keep)."""
+    """How one model is fitted. Fields left None are the model's recipe until ``resolve_train``."""
+
+    epochs: int | None = option("--epochs", None)
+    """Epochs per training run; unset: the model's (64 for mlp, 30 for cnn)."""
+    batch_size: int | None = option("--batch-size", None)
+    """Mini-batch size where the hyperparameters set none; unset: the model's (8 for mlp, 16 for CNNs)."""
+    seed: int = option("--seed", 0)
+    """Seed of weight initialisation, dropout and batch order."""
+    threads: int = option("--threads", 0)
+    """Torch intra-op threads; 0 means one per CPU core."""
+    patience: int = option("--patience", 16)
+    """Stop a training run after this many epochs without a better validation figure; 0 never stops early."""
+    select_by: str = option("--objective", "val_loss", choices=("val_loss", "val_accuracy"))
+    """Validation figure that picks the kept epoch and the best trial."""
+    optimizer: str | None = option("--optimizer", None, choices=("adam", "adamw"))
+    """adam (the tutorial's) or adamw; unset: the model's (adamw for CNNs, adam for mlp)."""
+    schedule: str | None = option("--schedule", None, choices=("constant", "cosine"))
+    """Learning rate over a run; unset: the model's (cosine for CNNs, constant for mlp)."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Training-batch augmentation; True or False turn it on or off with the default ranges."""
+    class_weighted: bool = option("--class-weighted", False)
+    """Weight the loss by inverse class frequency."""
+    device: str = option("--device", "auto", choices=("auto", "cpu", "cuda"))
+    """auto: CUDA with mixed precision when a GPU is there, else the CPU."""
+    init_weights: Path | None = option("--init-weights", None)
+    """Start from a local weights file (.safetensors, or a torch state dict read with weights_only=True)
+    instead of random weights."""
+    label_smoothing: float = option("--label-smoothing", 0.0)
+    """Share of each target spread evenly over all classes (0: off)."""
+    ema: float = option("--ema", 0.0, metavar="DECAY")
+    """Validate and keep an exponential moving average of the weights with this decay, e.g. 0.999; it
+    warms up as (1+n)/(10+n) over the first updates (0: off)."""
+    keep: str = option("--keep", "best", choices=("best", "last"))
+    """Weights a run returns: the best validation epoch, or the last (no early stopping)."""
 
     def __post_init__(self) -> None:
-        if self.optimizer not in (None, "adam", "adamw"):
-            raise ConfigError(f"optimizer must be adam or adamw, got {self.optimizer!r}")
-        if self.schedule not in (None, "constant", "cosine"):
-            raise ConfigError(f"--schedule must be constant or cosine, got {self.schedule!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        _check_choices(self)
+        if isinstance(self.augment, bool) or self.augment is None:
+            self.augment = AugmentConfig(enabled=self.augment)
         if self.init_weights is not None:
             self.init_weights = Path(self.init_weights)
-        if self.epochs < 1:
+        if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"--epochs/--final-epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.patience < 0:
             raise ConfigError(f"--patience must be 0 (off) or more, got {self.patience}")
@@ -174,37 +201,68 @@ class TrainConfig:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"--ema must be in [0, 1) (0: off), got {self.ema}")
-        if self.keep not in ("best", "last"):
-            raise ConfigError(f"--keep must be best or last, got {self.keep!r}")
-        if self.select_by not in ("val_loss", "val_accuracy"):
-            raise ConfigError(f"--objective must be val_loss or val_accuracy, got {self.select_by!r}")
+
+    @property
+    def resolved(self) -> bool:
+        """True when no field is left to the model's recipe (``resolve_train`` has run)."""
+        unset = (self.epochs, self.batch_size, self.optimizer, self.schedule, self.augment.enabled)
+        return all(v is not None for v in unset)
 
 
 @dataclass
 class TuneConfig:
-    trials: int = 16
-    """Number of finished (complete or pruned) trials the study should hold (--trials)."""
-    sampler: str = "gp"
-    """Optuna sampler: gp (Gaussian-process Bayesian optimisation), tpe or random (--sampler)."""
-    pruner: str = "median"
-    """Optuna pruner: median, hyperband or none (--pruner)."""
-    storage: str | None = None
-    """Optuna storage URL; None means a SQLite file in the run folder (--storage)."""
-    study_name: str = "lungxray"
-    """Name of the study inside the storage (--study-name)."""
-    jobs: int = 0
-    """Trials trained side by side, in threads (--jobs); 0: the model's recipe (MLP 2, CNNs 1)."""
+    trials: int = option("--trials", 16)
+    """Finished (complete or pruned) trials the study should hold."""
+    sampler: str = option("--sampler", "gp", choices=("gp", "tpe", "random"))
+    """gp: Gaussian-process Bayesian optimisation; tpe; random."""
+    pruner: str = option("--pruner", "median", choices=("median", "hyperband", "none"))
+    """Stop hopeless trials early; none also turns --patience off inside trials."""
+    storage: str | None = option("--storage", None)
+    """Optuna storage URL; unset: a SQLite file OUT/study.db."""
+    study_name: str = option("--study-name", "lungxray")
+    """Name of the study inside the storage."""
+    jobs: int = option("--jobs", 0)
+    """Trials trained side by side, in threads; 0: the model's (2 for mlp, 1 for CNNs)."""
     startup_trials: int = 4
     """Random trials before the sampler models the objective and before pruning starts."""
     warmup_epochs: int = 8
     """Epochs every trial runs before it may be pruned."""
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         if self.trials < 1:
             raise ConfigError(f"--trials must be at least 1, got {self.trials}")
         if self.jobs < 0:
             raise ConfigError(f"--jobs must be 0 (the model's default) or more, got {self.jobs}")
-        if self.sampler not in ("gp", "tpe", "random"):
-            raise ConfigError(f"--sampler must be gp, tpe or random, got {self.sampler!r}")
-        if self.pruner not in ("median", "hyperband", "none"):
-            raise ConfigError(f"--pruner must be median, hyperband or none, got {self.pruner!r}")
+
+
+def resolve_train(cfg: TrainConfig, recipe: Recipe, params: dict | None = None) -> TrainConfig:
+    """``cfg`` with every field left unset taken from the model's ``recipe``.
+
+    ``params`` (a model's hyperparameters) set the batch size when they hold one: a searched batch
+    size wins over ``--batch-size``, which only applies where the hyperparameters set none.
+    Idempotent: a resolved config comes back unchanged (with ``params``' batch size applied).
+    """
+    batch_size = cfg.batch_size if cfg.batch_size is not None else recipe.batch_size
+    if params and "batch_size" in params:
+        batch_size = int(params["batch_size"])
+    enabled = cfg.augment.enabled if cfg.augment.enabled is not None else recipe.augment
+    return replace(
+        cfg,
+        epochs=cfg.epochs if cfg.epochs is not None else recipe.epochs,
+        batch_size=batch_size,
+        optimizer=cfg.optimizer or recipe.optimizer,
+        schedule=cfg.schedule or recipe.schedule,
+        augment=replace(cfg.augment, enabled=enabled),
+    )
+
+
+def resolve_tune(cfg: TuneConfig, recipe: Recipe) -> TuneConfig:
+    """``cfg`` with the trials run side by side taken from the model's ``recipe`` when unset (0)."""
+    return replace(cfg, jobs=cfg.jobs or recipe.jobs)
+
+
+def trial_settings(cfg: TrainConfig, tune: TuneConfig) -> TrainConfig:
+    """Training settings inside trials: early stopping on patience is part of pruning, so
+    ``--pruner none`` turns it off there (the final training keeps ``--patience``)."""
+    return replace(cfg, patience=0) if tune.pruner == "none" else cfg

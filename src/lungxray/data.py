@@ -1,17 +1,15 @@
 """Folder of X-rays -> samples (path, label, group, hashes) and preprocessed pixel arrays.
 
-Holds: discovery of both dataset layouts, robust decoding (every unusable file gets a one-line
-reason), grayscale + resize preprocessing, the on-disk content-hash cache, and duplicate finding
-(identical pixels and perceptual-hash near-copies). It does not split (see ``splits.py``) and does
-not import torch.
+Holds: discovery of both dataset layouts, the parallel scan that reads, hashes and decodes every
+file once (through the cache), duplicate finding (identical pixels and perceptual-hash
+near-copies) and the assembly of the ``Dataset``. Decoding one file is ``decode.py``, the cache is
+``cache.py``. It does not split (see ``splits.py``) and does not import torch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
-import json
 import multiprocessing
 import os
 import re
@@ -21,21 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+from lungxray.cache import PreprocessCache
 from lungxray.config import DataConfig
+from lungxray.decode import decode
+from lungxray.errors import DataError, UnusableImage
 
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                "validation": "val", "test": "test", "testing": "test"}
-CACHE_VERSION = 2  # bump when preprocessing changes, so old cache entries are not reused
-
-
-class DataError(ValueError):
-    """The dataset folder cannot be used as given; the message says how to fix it."""
-
-
-class UnusableImage(ValueError):
-    """One file cannot be used; its message is the one-line reason shown to the user."""
 
 
 @dataclass
@@ -144,46 +136,6 @@ def discover(root: Path) -> tuple[str, list[tuple[Path, str, str | None]], list[
     return layout, files, stray
 
 
-def _to_gray_uint8(img: Image.Image) -> Image.Image:
-    """Any supported mode -> 8-bit grayscale image."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # High-bit-depth X-rays often use 10-14 of 16 bits: stretch each image's own range so a
-        # 12-bit image does not come out almost black.
-        arr = np.asarray(img, dtype=np.float32)
-        low, high = float(arr.min()), float(arr.max())
-        arr = (arr - low) * (255.0 / (high - low)) if high > low else np.zeros_like(arr)
-        return Image.fromarray(np.rint(arr).astype(np.uint8), mode="L")
-    if img.mode in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La"):
-        return img.convert("L")
-    raise UnusableImage(f"unsupported image mode {img.mode!r}; save it as 8- or 16-bit grayscale or RGB")
-
-
-def decode(data: bytes, img_size: int) -> np.ndarray:
-    """Encoded bytes -> (img_size, img_size) uint8 grayscale; raises UnusableImage with a reason."""
-    if not data:
-        raise UnusableImage("empty file (zero bytes)")
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    with warnings.catch_warnings():
-        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; treat both as a bomb.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                # JPEG only: decode at the smallest DCT scale >= img_size and in grayscale.
-                img.draft("L", (img_size, img_size))
-                img = ImageOps.exif_transpose(img)
-                gray = _to_gray_uint8(img)
-                gray = gray.resize((img_size, img_size), Image.Resampling.BILINEAR)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise UnusableImage(f"too many pixels (possible decompression bomb): {exc}") from None
-        except UnidentifiedImageError:
-            raise UnusableImage("not an image Pillow can read (unknown format or wrong content)") from None
-        except UnusableImage:
-            raise
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise UnusableImage(f"cannot decode image: {exc}") from None
-    return np.asarray(gray, dtype=np.uint8)
-
-
 def perceptual_hash(pixels: np.ndarray) -> str:
     """64-bit DCT perceptual hash (hex) of a preprocessed image."""
     import imagehash
@@ -204,71 +156,6 @@ def _process_file(args: tuple[str, int]) -> tuple[str, str | None, np.ndarray | 
     except UnusableImage as exc:
         return path, sha, None, None, str(exc)
     return path, sha, pixels, perceptual_hash(pixels), None
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
-class PreprocessCache:
-    """Content-addressed store of preprocessed images, safe to delete at any time.
-
-    ``index.json`` maps a file path to (size, mtime_ns, sha256), as git's index does, so unchanged
-    files are not re-hashed. ``<settings>/<sha256>.npy`` holds the pixels and
-    ``<settings>/entries.json`` the perceptual hash or the reason a file is unusable.
-    """
-
-    def __init__(self, root: Path, img_size: int) -> None:
-        self.root = Path(root)
-        self.shape = (img_size, img_size)
-        self.folder = self.root / f"v{CACHE_VERSION}-gray-bilinear-{img_size}"
-        self._index = self._read(self.root / "index.json")
-        self._entries = self._read(self.folder / "entries.json")
-        self._dirty = False
-
-    @staticmethod
-    def _read(path: Path) -> dict:
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            return {}  # no cache yet, or a damaged one: it is rebuilt
-
-    def lookup(self, path: Path) -> tuple[str, dict] | None:
-        """(sha256, entry) when the file is unchanged since it was cached, else None."""
-        key = str(path)  # discover() yields absolute paths
-        stat = path.stat()
-        known = self._index.get(key)
-        if not known or known[:2] != [stat.st_size, stat.st_mtime_ns]:
-            return None
-        entry = self._entries.get(known[2])
-        return (known[2], entry) if entry is not None else None
-
-    def pixels(self, sha: str) -> np.ndarray | None:
-        # Raw bytes, shape known from the settings: np.load's header parsing cost more than the read.
-        try:
-            return np.fromfile(self.folder / f"{sha}.u8", dtype=np.uint8).reshape(self.shape)
-        except (OSError, ValueError):
-            return None  # missing or damaged: decoded again
-
-    def put(self, path: Path, sha: str, pixels: np.ndarray | None, phash: str | None, reason: str | None) -> None:
-        stat = path.stat()
-        self._index[str(path)] = [stat.st_size, stat.st_mtime_ns, sha]
-        if pixels is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            pixels.tofile(self.folder / f"{sha}.u8")
-            self._entries[sha] = {"phash": phash}
-        else:
-            self._entries[sha] = {"reason": reason}
-        self._dirty = True
-
-    def save(self) -> None:
-        if self._dirty:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(self.root / "index.json", self._index)
-            _write_json_atomic(self.folder / "entries.json", self._entries)
-            self._dirty = False
 
 
 def _decode_all(todo: list[Path], cfg: DataConfig, progress: bool):

@@ -10,14 +10,15 @@ the disease. Holds no training code.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lungxray.bundle import Predictor
+from lungxray.infer import to_tensor
 from lungxray.models import get_spec
+from lungxray.runfolder import EXPLAIN, write_json
 
 # The central box that holds the lung field on a PA chest film, as shares of the image side:
 # rows 15%..90%, columns 15%..85%. Markers, text and collimation edges sit outside it.
@@ -27,8 +28,6 @@ LUNG_FIELD = (0.15, 0.90, 0.15, 0.85)
 def saliency(predictor: Predictor, images: np.ndarray) -> np.ndarray:
     """(N, H, W) uint8 preprocessed images -> (N, H, W) maps in [0, 1] for each predicted class."""
     from monai.visualize import GradCAM, VanillaGrad
-
-    from lungxray.train import to_tensor
 
     model = predictor.model_.eval()
     x = to_tensor(images)  # (N, 1, H, W)
@@ -68,7 +67,7 @@ def explain_files(predictor: Predictor, paths: list[Path], out: Path) -> list[di
             target = out / f"{k:03d}_{Path(r['path']).stem}_overlay.png"
             Image.fromarray(overlay(image, heat)).save(target)
             r.update({**predictor.describe(p), "overlay": str(target)})
-    (out / "explain.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out, EXPLAIN, results)
     return results
 
 

@@ -17,19 +17,9 @@ import torch
 from torch import nn
 
 from lungxray.config import Recipe
+from lungxray.errors import InitWeightsError, UnknownModelError
 
 TRAINING_KEYS = ("learning_rate", "weight_decay", "batch_size")
-
-
-class InitWeightsError(ValueError):
-    """An ``--init-weights`` file cannot be read or does not fit the model; the message lists why."""
-
-
-class UnknownModelError(KeyError):
-    """The model name is not registered; the message lists the known ones."""
-
-    def __str__(self) -> str:  # KeyError would print the message with quotes
-        return str(self.args[0])
 
 
 class Dropout(nn.Dropout):
@@ -209,7 +199,8 @@ REGISTRY: dict[str, ModelSpec] = {
 
 def get_spec(name: str) -> ModelSpec:
     if name not in REGISTRY:
-        raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(sorted(REGISTRY))}")
+        raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(sorted(REGISTRY))}",
+                                hint="choose one with --model")
     return REGISTRY[name]
 
 

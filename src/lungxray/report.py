@@ -18,14 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lungxray.evaluate import ECE_BINS, expected_calibration_error, reliability_bins
+from lungxray import runfolder
+from lungxray.errors import MissingInputError
+from lungxray.evaluate import ECE_BINS, confusion_figure, curves_figure, expected_calibration_error, reliability_bins
 
 GALLERY_SIZE = 8
-
-
-def _read(folder: Path, name: str):
-    path = folder / name
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _png(fig) -> str:
@@ -86,16 +83,7 @@ def _search(trials: list[dict], best: dict | None) -> str:
 
 
 def _curves(history: dict) -> str:
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, key in zip(axes, ("loss", "accuracy")):
-        ax.plot(history["epoch"], history[f"train_{key}"], label=f"train {key}")
-        ax.plot(history["epoch"], history[f"val_{key}"], label=f"val {key}")
-        ax.axvline(history["best_epoch"], color="grey", linestyle="--", label=f"kept epoch {history['best_epoch']}")
-        ax.set_xlabel("epoch")
-        ax.legend()
-    return _png(fig)
+    return _png(curves_figure(history, history["best_epoch"]))
 
 
 def _metrics(metrics: dict) -> str:
@@ -120,19 +108,7 @@ def _metrics(metrics: dict) -> str:
 
 
 def _confusion(metrics: dict) -> str:
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    cm = np.array(metrics["confusion_matrix"], dtype=float)
-    rows = cm.sum(axis=1, keepdims=True)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, matrix, title, fmt in ((axes[0], cm.astype(int), "counts", "d"),
-                                   (axes[1], np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0),
-                                    "row-normalised (recall on the diagonal)", ".2f")):
-        ConfusionMatrixDisplay(matrix, display_labels=metrics["classes"]).plot(
-            ax=ax, cmap="Blues", colorbar=False, xticks_rotation=30, values_format=fmt)
-        ax.set_title(title)
-    return _png(fig)
+    return _png(confusion_figure(metrics, normalised=True))
 
 
 def _roc(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> str:
@@ -175,7 +151,8 @@ def _gallery(model_dir: Path, predictions: dict, y: np.ndarray, probs: np.ndarra
     from PIL import Image
 
     from lungxray.bundle import Predictor
-    from lungxray.data import UnusableImage, decode
+    from lungxray.decode import decode
+    from lungxray.errors import UnusableImage
     from lungxray.explain import overlay, saliency
 
     wrong = np.flatnonzero(probs.argmax(axis=1) != y)
@@ -246,13 +223,16 @@ def write_report(folder: Path, model_dir: Path | None = None) -> Path:
     """Write ``folder/report.html`` from the run, evaluate or cv outputs found in ``folder``;
     ``model_dir`` (default ``folder/model``) explains the errors in the gallery."""
     folder = Path(folder)
-    model_dir = Path(model_dir) if model_dir is not None else folder / "model"
-    found = {name: _read(folder, f"{name}.json") for name in
-             ("scan", "splits", "trials", "best_params", "history", "metrics", "predictions", "cv", "audit")}
+    model_dir = Path(model_dir) if model_dir is not None else folder / runfolder.MODEL
+    found = {key: runfolder.read_json(folder, name) for key, name in
+             (("scan", runfolder.SCAN), ("splits", runfolder.SPLITS), ("trials", runfolder.TRIALS),
+              ("best_params", runfolder.BEST_PARAMS), ("history", runfolder.HISTORY),
+              ("metrics", runfolder.METRICS), ("predictions", runfolder.PREDICTIONS), ("cv", runfolder.CV),
+              ("audit", runfolder.AUDIT))}
     cv, metrics = found["cv"], found["metrics"] or (found["cv"] or {}).get("pooled")
     if metrics is None:
-        raise FileNotFoundError(f"{folder} holds no metrics.json or cv.json; run `lungxray run`, "
-                                "`evaluate` or `cv` with --out there first")
+        raise MissingInputError(f"{folder} holds no {runfolder.METRICS} or {runfolder.CV}",
+                                hint="run `lungxray run`, `evaluate` or `cv` with --out there first")
     sections = []
     if found["scan"]:
         sizes = (found["splits"]["sizes"] if found["splits"] else
@@ -279,6 +259,4 @@ def write_report(folder: Path, model_dir: Path | None = None) -> Path:
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p>Research use only: see the README on reading these numbers.</p>{''.join(sections)}</body></html>")
-    path = folder / "report.html"
-    path.write_text(page)
-    return path
+    return runfolder.write_text(folder / runfolder.REPORT, page)

@@ -10,7 +10,6 @@ Holds no training code.
 from __future__ import annotations
 
 import io
-import json
 import os
 import threading
 from contextlib import asynccontextmanager
@@ -23,6 +22,8 @@ from fastapi import FastAPI, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from lungxray.bundle import Predictor
+from lungxray.decode import decode
+from lungxray.errors import UnusableImage
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 PAGE = Path(__file__).with_name("upload.html")
@@ -30,8 +31,6 @@ PAGE = Path(__file__).with_name("upload.html")
 
 def _decode_upload(predictor: Predictor, data: bytes) -> np.ndarray:
     """Upload bytes -> (H, W) uint8 preprocessed image, or a 422 that says why not."""
-    from lungxray.data import UnusableImage, decode
-
     try:
         return decode(data, predictor.img_size_)
     except UnusableImage as exc:
@@ -65,8 +64,6 @@ def create_app(model_dir: Path, backend: str = "auto", max_upload_bytes: int = M
         app.state.predictor = Predictor(model_dir, backend=backend, threads=1)
         app.state.limiter = anyio.CapacityLimiter(os.cpu_count() or 1)
         app.state.explain_lock = threading.Lock()  # Grad-CAM keeps per-call state in its hooks
-        metrics = Path(model_dir) / "metrics.json"
-        app.state.metrics = json.loads(metrics.read_text()) if metrics.is_file() else None
         yield
         torch.set_num_threads(threads_before)
 
@@ -90,7 +87,7 @@ def create_app(model_dir: Path, backend: str = "auto", max_upload_bytes: int = M
     async def model(request: Request) -> dict:
         p = request.app.state.predictor
         return {"classes": p.classes_, "model": p.config_["model"], "preprocessing": p.config_["preprocessing"],
-                "backend": p.backend_, "temperature": p.temperature_, "metrics": request.app.state.metrics}
+                "backend": p.backend_, "temperature": p.temperature_, "metrics": p.metrics_}
 
     @app.post("/predict")
     async def predict(request: Request, file: UploadFile) -> dict:

@@ -14,10 +14,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from lungxray.config import SplitConfig
 from lungxray.data import Dataset
-
-
-class LeakageError(RuntimeError):
-    """Two splits share an image or a duplicate group."""
+from lungxray.errors import ConfigError, DataError, LeakageError
 
 
 @dataclass
@@ -47,7 +44,7 @@ def _hold_out(idx: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction:
     # On a tiny dataset no class may have 1/fraction members: hold out a larger share instead.
     n_splits = max(2, min(round(1 / fraction), int(np.bincount(labels[idx]).max())))
     if len(np.unique(groups[idx])) < n_splits:
-        raise ValueError(f"only {len(np.unique(groups[idx]))} distinct images to split into "
+        raise DataError(f"only {len(np.unique(groups[idx]))} distinct images to split into "
                          f"{n_splits} parts; add images or raise --val-fraction/--test-fraction")
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
@@ -70,13 +67,13 @@ def random_split(labels: np.ndarray, groups: np.ndarray, cfg: SplitConfig) -> Sp
 def folder_split(ds: Dataset, cfg: SplitConfig) -> Split:
     """The dataset's own train/test folders; val is its val/ folder or is carved out of train."""
     if ds.layout != "split":
-        raise ValueError(f"--split folders needs train/ and test/ folders in {ds.root}; "
+        raise DataError(f"--split folders needs train/ and test/ folders in {ds.root}; "
                          "it holds class folders only, so use --split random")
     where = np.array([s.folder_split for s in ds.samples])
     labels, groups = ds.labels, ds.groups
     train, test = np.flatnonzero(where == "train"), np.flatnonzero(where == "test")
     if len(test) == 0:
-        raise ValueError(f"{ds.root} has no test/ folder with images; use --split random")
+        raise DataError(f"{ds.root} has no test/ folder with images", hint="use --split random")
     val = np.flatnonzero(where == "val")
     if len(val) == 0:
         train, val = _hold_out(train, labels, groups, cfg.val_fraction / (1 - cfg.test_fraction), cfg.seed)
@@ -110,10 +107,10 @@ def make_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int,
     sides of a fold; every image is tested exactly once. Each fold passes the leakage check.
     """
     if k < 2:
-        raise ValueError(f"--folds must be at least 2, got {k}")
+        raise ConfigError(f"--folds must be at least 2, got {k}")
     n_groups = len(np.unique(groups))
     if n_groups < 2 * k:
-        raise ValueError(f"only {n_groups} distinct images for {k} folds; use fewer --folds or add images")
+        raise DataError(f"only {n_groups} distinct images for {k} folds", hint="use fewer --folds or add images")
     everything = np.arange(len(labels))
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     folds = []

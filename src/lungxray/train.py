@@ -1,26 +1,27 @@
 """Training: ``train_one_epoch``, ``evaluate_loss`` and ``fit`` (keeps the best validation epoch, or the last).
 
 Works on in-memory tensors (the whole preprocessed dataset fits in RAM: 317 images at 128x128 are
-21 MB), so batches are index lookups rather than a DataLoader. Holds no tuning and no test-set code:
-the test split never reaches this module.
+21 MB), so batches are index lookups rather than a DataLoader. Takes a resolved ``TrainConfig``
+(``config.resolve_train``) and never re-derives a default. Holds no tuning and no test-set code: the
+test split never reaches this module; the serving side imports nothing from it.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import os
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 from lungxray.augment import BatchAugment
-from lungxray.config import AugmentConfig, ConfigError, Recipe, TrainConfig
-from lungxray.models import create_model, get_spec, load_init_weights, seed_dropout
+from lungxray.config import TrainConfig
+from lungxray.errors import ConfigError, TrainingDiverged
+from lungxray.infer import predict_logits
+from lungxray.models import create_model, load_init_weights, seed_dropout
 
 _INIT_LOCK = threading.Lock()  # weight init draws from torch's global generator
 
@@ -48,19 +49,6 @@ class FitResult:
 
     def history_dict(self) -> dict[str, list[float]]:
         return {k: [asdict(h)[k] for h in self.history] for k in asdict(self.history[0])}
-
-
-def set_threads(threads: int) -> None:
-    """Use ``threads`` intra-op threads (0: one per core)."""
-    torch.set_num_threads(threads or os.cpu_count() or 1)
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """(N, H, W) uint8 -> (N, 1, H, W) float32 in [0, 1]."""
-    images = np.ascontiguousarray(images)
-    if not images.flags.writeable:  # decoded uploads are read-only views; torch wants to own its memory
-        images = images.copy()
-    return torch.from_numpy(images).unsqueeze(1).float().div_(255.0)
 
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
@@ -107,13 +95,6 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch
         correct += (logits.argmax(1) == yb).sum().item()
         seen += len(idx)
     return total_loss / seen, correct / seen
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """(N, 1, H, W) -> (N, n_classes) logits, in eval mode."""
-    model.eval()
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def evaluate_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -172,37 +153,28 @@ def ema_with_warmup(decay: float) -> Callable:
     return update
 
 
-def augment_config(cfg: TrainConfig, recipe_augments: bool) -> AugmentConfig | None:
-    """The augmentation a fit uses: ``cfg.augment`` resolved against the model's recipe (None: off)."""
-    if cfg.augment is None:
-        return AugmentConfig() if recipe_augments else None
-    if isinstance(cfg.augment, bool):
-        return AugmentConfig() if cfg.augment else None
-    return cfg.augment
-
-
 def class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
     """Inverse class frequency, scaled so a balanced set gets weight 1 for every class."""
     counts = torch.bincount(y, minlength=n_classes).float().clamp_(min=1)
     return len(y) / (n_classes * counts)
 
 
-def _training_parts(model: nn.Module, hp: dict, cfg: TrainConfig, recipe: Recipe, y_train: torch.Tensor,
-                    n_classes: int, batch_size: int, device: torch.device) -> tuple[torch.optim.Optimizer, dict]:
+def _training_parts(model: nn.Module, hp: dict, cfg: TrainConfig, y_train: torch.Tensor, n_classes: int,
+                    device: torch.device) -> tuple[torch.optim.Optimizer, dict]:
     """The optimiser and ``train_one_epoch``'s options for one fit; seeds the model's dropout."""
     # The moving average is a copy of the model (made before its dropout gets a generator), with
     # batch-norm statistics averaged alongside the weights; validation and the kept state read it.
     averaged = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema), use_buffers=True)
                 if cfg.ema else None)
     seed_dropout(model, torch.Generator(device).manual_seed(cfg.seed + 1))
-    augment_cfg = augment_config(cfg, recipe.augment)
-    optimizer = make_optimizer(model, hp, cfg.optimizer or recipe.optimizer)
+    optimizer = make_optimizer(model, hp, cfg.optimizer)
     scheduler = None
-    if (cfg.schedule or recipe.schedule) == "cosine":  # to zero at the last step of the last epoch
-        steps = cfg.epochs * math.ceil(len(y_train) / batch_size)
+    if cfg.schedule == "cosine":  # to zero at the last step of the last epoch
+        steps = cfg.epochs * math.ceil(len(y_train) / cfg.batch_size)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     return optimizer, {
-        "augment": BatchAugment(augment_cfg, torch.Generator().manual_seed(cfg.seed + 2)) if augment_cfg else None,
+        "augment": (BatchAugment(cfg.augment, torch.Generator().manual_seed(cfg.seed + 2))
+                    if cfg.augment.enabled else None),
         "scheduler": scheduler,
         "class_weight": class_weights(y_train, n_classes) if cfg.class_weighted else None,
         "scaler": torch.amp.GradScaler("cuda") if device.type == "cuda" else None,
@@ -217,13 +189,17 @@ def fit(model_name: str, hp: dict, train: tuple[torch.Tensor, torch.Tensor],
     """Train ``model_name`` with ``hp`` on ``train``, watch ``val``, keep the best (or last) epoch's weights.
 
     ``on_epoch`` is called after every epoch; returning True stops training (the tuner prunes
-    there). Safe to call from several threads at once: each call owns its generators. The
-    optimiser, schedule and augmentation come from ``cfg``, or from the model's recipe where
-    ``cfg`` leaves them unset. The returned model is on the CPU.
+    there). Safe to call from several threads at once: each call owns its generators. ``cfg`` must
+    be resolved (``config.resolve_train`` with ``hp``): the batch size, optimiser, schedule and
+    augmentation are read from it as they are. The returned model is on the CPU.
     """
     from tqdm.auto import tqdm
 
-    recipe = get_spec(model_name).recipe
+    if not cfg.resolved:
+        raise ValueError("fit() needs a resolved TrainConfig; pass config.resolve_train(cfg, recipe, hp)")
+    if "batch_size" in hp and int(hp["batch_size"]) != cfg.batch_size:
+        raise ValueError(f"the hyperparameters set batch_size {hp['batch_size']} but cfg has {cfg.batch_size}; "
+                         "resolve the config with them: config.resolve_train(cfg, recipe, hp)")
     device = resolve_device(cfg.device)
     with _INIT_LOCK:
         torch.manual_seed(cfg.seed)
@@ -232,14 +208,13 @@ def fit(model_name: str, hp: dict, train: tuple[torch.Tensor, torch.Tensor],
         load_init_weights(model, cfg.init_weights)
     model.to(device)
     (x_train, y_train), val = [tuple(t.to(device) for t in part) for part in (train, val)]
-    batch_size = int(hp.get("batch_size", cfg.batch_size))
-    optimizer, options = _training_parts(model, hp, cfg, recipe, y_train, n_classes, batch_size, device)
+    optimizer, options = _training_parts(model, hp, cfg, y_train, n_classes, device)
     watched = options["averaged"].module if options["averaged"] is not None else model
     generator = torch.Generator().manual_seed(cfg.seed)  # batch order
     history: list[EpochStats] = []
     best, best_state, diverged, stopped_at = None, None, False, None
     for epoch in tqdm(range(1, cfg.epochs + 1), desc="epochs", leave=False, disable=not progress):
-        loss, acc = train_one_epoch(model, optimizer, x_train, y_train, batch_size, generator, **options)
+        loss, acc = train_one_epoch(model, optimizer, x_train, y_train, cfg.batch_size, generator, **options)
         val_loss, val_acc = evaluate_loss(watched, *val)
         stats = EpochStats(epoch, loss, acc, val_loss, val_acc)
         history.append(stats)
@@ -254,8 +229,8 @@ def fit(model_name: str, hp: dict, train: tuple[torch.Tensor, torch.Tensor],
         if cfg.keep == "best" and cfg.patience and epoch - best.epoch >= cfg.patience:
             break  # early stopping: no better validation figure for cfg.patience epochs
     if best_state is None:
-        raise FloatingPointError(f"training diverged in the first epoch with {hp}; "
-                                 "lower the learning rate")
+        raise TrainingDiverged(f"training diverged in the first epoch with {hp}",
+                               hint="lower the learning rate")
     model.load_state_dict(best_state)
     model.cpu().eval()
     return FitResult(model, best.epoch, history, diverged, stopped_at)

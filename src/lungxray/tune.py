@@ -14,7 +14,8 @@ from typing import Callable
 import optuna
 import torch
 
-from lungxray.config import TrainConfig, TuneConfig
+from lungxray.config import TrainConfig, TuneConfig, resolve_train
+from lungxray.errors import StudyError
 from lungxray.models import get_spec
 from lungxray.train import EpochStats, FitResult, fit
 
@@ -55,8 +56,9 @@ def open_study(cfg: TuneConfig, storage: str, seed: int, direction: str, epochs:
         storage=storage, study_name=cfg.study_name, direction=direction, load_if_exists=True,
         sampler=make_sampler(cfg.sampler, seed, cfg.startup_trials), pruner=make_pruner(cfg, epochs))
     if study.direction != optuna.study.StudyDirection[direction.upper()]:
-        raise ValueError(f"study {cfg.study_name!r} in {storage} was created to "
-                         f"{study.direction.name.lower()}; use another --study-name or --out")
+        raise StudyError(f"study {cfg.study_name!r} in {storage} was created to {study.direction.name.lower()}, "
+                         f"but --objective {'val_loss' if direction == 'minimize' else 'val_accuracy'} needs {direction}",
+                         hint="use another --study-name or --out, or the --objective the study was made with")
     # One lungxray process works on a study at a time, so a RUNNING trial here was interrupted.
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
@@ -109,7 +111,8 @@ def _run_trial(trial: optuna.Trial, hp: dict, model_name: str, train, val, n_cla
         return _should_prune(trial, values, frozen)
 
     try:
-        result = fit(model_name, hp, train, val, n_classes, train_cfg, on_epoch=report)
+        cfg = resolve_train(train_cfg, get_spec(model_name).recipe, hp)  # the trial's own batch size
+        result = fit(model_name, hp, train, val, n_classes, cfg, on_epoch=report)
     except FloatingPointError as exc:
         on_epoch(trial.number, None)
         trial.set_user_attr("error", str(exc))
@@ -127,7 +130,9 @@ def tune(model_name: str, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
          progress: bool = True) -> TuneResult:
     """Run trials until the study holds ``cfg.trials`` finished trials.
 
-    Trials run ``cfg.jobs`` at a time (default: the model's recipe), in threads (torch releases the
+    ``cfg`` and ``train_cfg`` come resolved (``config.resolve_tune``, ``config.trial_settings`` and
+    ``config.resolve_train``); each trial resolves its own batch size from its hyperparameters.
+    Trials run ``cfg.jobs`` at a time, in threads (torch releases the
     GIL), with the torch threads shared out: small-batch MLP steps are memory- and dispatch-bound,
     and two MLP trials side by side beat one trial on two threads; a CNN uses every core itself. Each batch is asked in a fixed order and waited for as a whole, so the
     sampler and the pruner see the same history on every run with the same seed.
@@ -136,11 +141,12 @@ def tune(model_name: str, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
 
     from tqdm.auto import tqdm
 
+    if not cfg.jobs or not train_cfg.resolved:
+        raise ValueError("tune() needs resolved configs: config.resolve_tune and config.resolve_train")
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it instead
     direction = "minimize" if train_cfg.select_by == "val_loss" else "maximize"
     study = open_study(cfg, storage, train_cfg.seed, direction, train_cfg.epochs)
-    spec = get_spec(model_name)
-    space, jobs = spec.space, cfg.jobs or spec.recipe.jobs
+    space, jobs = get_spec(model_name).space, cfg.jobs
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     bar = tqdm(total=cfg.trials, initial=min(done, cfg.trials), desc="trials", unit="trial",
                disable=not progress)
@@ -194,7 +200,7 @@ def _has_complete(study: optuna.Study) -> bool:
 def _summarise(study: optuna.Study) -> TuneResult:
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
-        raise RuntimeError("no trial completed (all failed); lower the learning rates or check the data")
+        raise StudyError("no trial completed (all failed)", hint="lower the learning rates or check the data")
     pruned = [t for t in complete if t.user_attrs.get("pruned_at_epoch")]
     best = study.best_trial
     return TuneResult(study, dict(best.params), float(best.value), best.number,

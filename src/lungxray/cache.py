@@ -1,0 +1,75 @@
+"""The on-disk cache of preprocessed images, keyed by file content hash; safe to delete at any time.
+
+Holds ``PreprocessCache`` only: what it stores and how it finds an unchanged file without reading
+it again. Decoding is in ``decode.py``; the scan that fills the cache is in ``data.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lungxray.runfolder import write_text
+
+CACHE_VERSION = 2  # bump when preprocessing changes, so old cache entries are not reused
+
+
+class PreprocessCache:
+    """Content-addressed store of preprocessed images, safe to delete at any time.
+
+    ``index.json`` maps a file path to (size, mtime_ns, sha256), as git's index does, so unchanged
+    files are not re-hashed. ``<settings>/<sha256>.npy`` holds the pixels and
+    ``<settings>/entries.json`` the perceptual hash or the reason a file is unusable.
+    """
+
+    def __init__(self, root: Path, img_size: int) -> None:
+        self.root = Path(root)
+        self.shape = (img_size, img_size)
+        self.folder = self.root / f"v{CACHE_VERSION}-gray-bilinear-{img_size}"
+        self._index = self._read(self.root / "index.json")
+        self._entries = self._read(self.folder / "entries.json")
+        self._dirty = False
+
+    @staticmethod
+    def _read(path: Path) -> dict:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}  # no cache yet, or a damaged one: it is rebuilt
+
+    def lookup(self, path: Path) -> tuple[str, dict] | None:
+        """(sha256, entry) when the file is unchanged since it was cached, else None."""
+        key = str(path)  # discover() yields absolute paths
+        stat = path.stat()
+        known = self._index.get(key)
+        if not known or known[:2] != [stat.st_size, stat.st_mtime_ns]:
+            return None
+        entry = self._entries.get(known[2])
+        return (known[2], entry) if entry is not None else None
+
+    def pixels(self, sha: str) -> np.ndarray | None:
+        # Raw bytes, shape known from the settings: np.load's header parsing cost more than the read.
+        try:
+            return np.fromfile(self.folder / f"{sha}.u8", dtype=np.uint8).reshape(self.shape)
+        except (OSError, ValueError):
+            return None  # missing or damaged: decoded again
+
+    def put(self, path: Path, sha: str, pixels: np.ndarray | None, phash: str | None, reason: str | None) -> None:
+        stat = path.stat()
+        self._index[str(path)] = [stat.st_size, stat.st_mtime_ns, sha]
+        if pixels is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            pixels.tofile(self.folder / f"{sha}.u8")
+            self._entries[sha] = {"phash": phash}
+        else:
+            self._entries[sha] = {"reason": reason}
+        self._dirty = True
+
+    def save(self) -> None:
+        if self._dirty:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_text(self.root / "index.json", json.dumps(self._index))
+            write_text(self.folder / "entries.json", json.dumps(self._entries))
+            self._dirty = False

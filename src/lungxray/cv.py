@@ -1,0 +1,133 @@
+"""k-fold cross-validation: one model per fold, scored on the pooled out-of-fold predictions.
+
+``cross_validate`` makes stratified, duplicate-grouped folds (``splits.make_folds``), fits each
+fold's model with fixed hyperparameters or tunes it inside the fold's training part, and writes
+cv.json (per fold, mean +- std over folds, pooled metrics with bootstrap CIs, every image's
+out-of-fold probabilities), folds.json, scan.json and the report into the output folder.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lungxray import __version__, runfolder
+from lungxray.config import DataConfig, TrainConfig, TuneConfig, resolve_train
+from lungxray.data import Dataset, load_dataset
+from lungxray.evaluate import compute_metrics, confusion_figure, save_figure
+from lungxray.infer import predict_logits, set_threads
+from lungxray.models import get_spec
+from lungxray.pipeline import Clock, jsonable, settings, tensors
+from lungxray.splits import Split, make_folds
+from lungxray.train import FitResult, fit, resolve_device
+
+CV_METRICS = ("accuracy", "macro_f1", "macro_auroc")
+
+
+def _fold_values(metrics: dict) -> dict[str, float | None]:
+    """The cross-validated figures of one metrics dict, flat: accuracy, ..., recall/<class>, ..."""
+    values = {k: metrics[k] for k in CV_METRICS}
+    for name, m in metrics["per_class"].items():
+        if m["support"]:
+            values |= {f"recall/{name}": m["recall"], f"specificity/{name}": m["specificity"],
+                       f"auroc/{name}": m["auroc"]}
+    return values
+
+
+def _fold_model(ds: Dataset, fold: Split, index: int, model_name: str, params: dict | None,
+                train_cfg: TrainConfig, tune_cfg: TuneConfig, trial_cfg: TrainConfig, out: Path,
+                progress: bool) -> tuple[FitResult, dict]:
+    """Fit one fold's model on its training part, with fixed ``params`` or tuned on its val part.
+
+    The configs come resolved (``pipeline.settings``); ``params`` only add their batch size."""
+    train, val = tensors(ds, fold.train), tensors(ds, fold.val)
+    recipe = get_spec(model_name).recipe
+    if params is not None:
+        cfg = resolve_train(train_cfg, recipe, params)
+        return fit(model_name, params, train, val, len(ds.classes), cfg, progress=progress), params
+    from lungxray.tune import tune
+
+    storage = runfolder.study_storage(out, tune_cfg.storage)
+    fold_tune = replace(tune_cfg, study_name=f"{tune_cfg.study_name}-fold{index + 1}")
+    tuned = tune(model_name, train, val, len(ds.classes), fold_tune, trial_cfg, storage, progress=progress)
+    same = tuned.best_fit if replace(trial_cfg, threads=0) == replace(train_cfg, threads=0) else None
+    cfg = resolve_train(train_cfg, recipe, tuned.best_params)
+    return same or fit(model_name, tuned.best_params, train, val, len(ds.classes), cfg,
+                       progress=progress), tuned.best_params
+
+
+def cross_validate(data: Path, out: Path, model_name: str, data_cfg: DataConfig, train_cfg: TrainConfig, *,
+                   folds: int = 5, params: dict | None = None, tune_cfg: TuneConfig | None = None,
+                   force: bool = False, progress: bool = True) -> dict:
+    """k-fold cross-validation; writes cv.json, folds.json, scan.json, cv_confusion_matrix.png and
+    report.html to ``out``; returns cv.json's content.
+
+    ``params``: fixed hyperparameters for every fold; None tunes inside each fold's training part
+    with ``tune_cfg``. ``train_cfg.seed`` seeds the folds, the training and the bootstrap.
+    """
+    from tqdm.auto import tqdm
+
+    runfolder.refuse_to_replace(out, runfolder.CV, force, "a cross-validation")
+    trial_cfg, train_cfg, tune_cfg = settings(model_name, train_cfg, tune_cfg or TuneConfig())
+    resolve_device(train_cfg.device)  # a missing GPU is an error now, not after the scan
+    set_threads(train_cfg.threads)
+    seed = train_cfg.seed
+    clock = Clock()
+    ds = load_dataset(data, data_cfg, progress=progress)
+    parts = make_folds(ds.labels, ds.groups, folds, seed)
+    runfolder.write_json(out, runfolder.SCAN, ds.summary())
+    runfolder.write_json(out, runfolder.FOLDS, [part.to_json(ds) for part in parts])
+    probs = np.zeros((len(ds.samples), len(ds.classes)), dtype=np.float64)
+    per_fold = []
+    for i, fold in enumerate(tqdm(parts, desc="folds", unit="fold", disable=not progress)):
+        start = time.perf_counter()
+        result, hp = _fold_model(ds, fold, i, model_name, params, train_cfg, tune_cfg, trial_cfg, out, progress)
+        fit_s = time.perf_counter() - start
+        x_test = tensors(ds, fold.test)[0]
+        start = time.perf_counter()
+        probs[fold.test] = torch.softmax(predict_logits(result.model, x_test).double(), dim=1).numpy()
+        infer_s = time.perf_counter() - start
+        metrics = compute_metrics(ds.labels[fold.test], probs[fold.test], ds.classes, resamples=0)
+        trained = len(fold.train) * len(result.history)  # images through training, every epoch
+        per_fold.append({"fold": i + 1, **fold.sizes(), "params": hp, "best_epoch": result.best_epoch,
+                         "epochs_run": len(result.history), "fit_s": fit_s,
+                         "train_images_per_s": trained / fit_s if params is not None else None,
+                         "predict_images_per_s": len(fold.test) / infer_s, "metrics": metrics})
+    clock.lap("folds_s")
+    pooled = compute_metrics(ds.labels, probs, ds.classes, seed=seed)
+    save_figure(confusion_figure(pooled), out / runfolder.CV_CONFUSION)
+    fold_of = np.zeros(len(ds.samples), dtype=np.int64)
+    for j, part in enumerate(parts):
+        fold_of[part.test] = j + 1
+    n_params = sum(p.numel() for p in result.model.parameters())
+    report = {"lungxray_version": __version__, "data": str(data), "model": model_name, "folds": folds,
+              "seed": seed, "n_parameters": n_params, "tuned_in_each_fold": params is None,
+              "settings": jsonable({"data": asdict(data_cfg), "train": asdict(train_cfg),
+                                    "tune": asdict(tune_cfg) if params is None else None}),
+              "summary": _cv_summary(per_fold, pooled), "pooled": pooled, "per_fold": per_fold,
+              "out_of_fold": [{"path": str(s.path), "label": s.label, "fold": int(fold_of[k]),
+                               "probabilities": dict(zip(ds.classes, map(float, probs[k])))}
+                              for k, s in enumerate(ds.samples)],
+              "timings": clock.laps}
+    runfolder.write_json(out, runfolder.CV, report)
+    from lungxray.report import write_report
+
+    write_report(out)
+    return report
+
+
+def _cv_summary(per_fold: list[dict], pooled: dict) -> dict:
+    """Per metric: mean and sample standard deviation over folds, pooled value and its 95% CI."""
+    folds = [_fold_values(f["metrics"]) for f in per_fold]
+    pooled_values = _fold_values(pooled)
+    summary = {}
+    for name in pooled_values:
+        values = [f[name] for f in folds if f.get(name) is not None]
+        summary[name] = {"mean": float(np.mean(values)) if values else None,
+                         "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                         "pooled": pooled_values[name], "ci95": pooled.get("ci95", {}).get(name)}
+    return summary

@@ -1,0 +1,57 @@
+"""Decoding: the bytes of one image file -> a preprocessed (size, size) uint8 grayscale array.
+
+Every format Pillow reads (JPEG decoded at a reduced DCT scale, PNG, 8- and 16-bit, EXIF
+orientation applied); every file it cannot use raises ``UnusableImage`` with a one-line reason
+(empty, not an image, truncated, a decompression bomb, an unsupported mode). New input formats
+(DICOM) arrive here. Used by the dataset scan and by the serving side alike; imports no torch.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from lungxray.errors import UnusableImage
+
+
+def _to_gray_uint8(img: Image.Image) -> Image.Image:
+    """Any supported mode -> 8-bit grayscale image."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # High-bit-depth X-rays often use 10-14 of 16 bits: stretch each image's own range so a
+        # 12-bit image does not come out almost black.
+        arr = np.asarray(img, dtype=np.float32)
+        low, high = float(arr.min()), float(arr.max())
+        arr = (arr - low) * (255.0 / (high - low)) if high > low else np.zeros_like(arr)
+        return Image.fromarray(np.rint(arr).astype(np.uint8), mode="L")
+    if img.mode in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La"):
+        return img.convert("L")
+    raise UnusableImage(f"unsupported image mode {img.mode!r}; save it as 8- or 16-bit grayscale or RGB")
+
+
+def decode(data: bytes, img_size: int) -> np.ndarray:
+    """Encoded bytes -> (img_size, img_size) uint8 grayscale; raises UnusableImage with a reason."""
+    if not data:
+        raise UnusableImage("empty file (zero bytes)")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    with warnings.catch_warnings():
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; treat both as a bomb.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                # JPEG only: decode at the smallest DCT scale >= img_size and in grayscale.
+                img.draft("L", (img_size, img_size))
+                img = ImageOps.exif_transpose(img)
+                gray = _to_gray_uint8(img)
+                gray = gray.resize((img_size, img_size), Image.Resampling.BILINEAR)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise UnusableImage(f"too many pixels (possible decompression bomb): {exc}") from None
+        except UnidentifiedImageError:
+            raise UnusableImage("not an image Pillow can read (unknown format or wrong content)") from None
+        except UnusableImage:
+            raise
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise UnusableImage(f"cannot decode image: {exc}") from None
+    return np.asarray(gray, dtype=np.uint8)

@@ -1,0 +1,106 @@
+"""The run folder contract: the name of every artifact, and how each is written and read.
+
+``run``, ``tune``, ``train``, ``evaluate``, ``audit`` and ``cv`` write into a run folder, and
+``report`` and the CLI read from it, all through the names and functions here. Every artifact is
+written once, to a temporary name in the same folder, then renamed over the target, so a reader (or
+a crash) never sees half a file. The model bundle inside (``MODEL``) keeps its own file names in
+``bundle.py``. Imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+from lungxray.errors import OutputExistsError
+
+SCAN = "scan.json"  # the dataset: classes, counts, skipped files, duplicate groups
+SPLITS = "splits.json"  # the paths in train / val / test
+FOLDS = "folds.json"  # cv: the paths in each fold's train / val / test
+TRIALS = "trials.json"  # every trial of the study: state, value, parameters
+BEST_PARAMS = "best_params.json"  # the best trial's hyperparameters
+STUDY = "study.db"  # the Optuna study (SQLite) unless --storage names another
+HISTORY = "history.json"  # the final training's loss and accuracy per epoch
+CURVES = "curves.png"
+MODEL = "model"  # the bundle folder (bundle.py)
+METRICS = "metrics.json"  # test metrics with confidence intervals
+PREDICTIONS = "predictions.json"  # every scored image's probabilities
+CONFUSION = "confusion_matrix.png"
+AUDIT = "audit.json"  # the shortcut audit
+RUN = "run.json"  # what `run` did: settings, timings, headline figures, artifacts
+CV = "cv.json"  # cross-validation: per fold, pooled, out-of-fold probabilities
+CV_CONFUSION = "cv_confusion_matrix.png"
+REPORT = "report.html"
+EXPLAIN = "explain.json"  # explain: probabilities and overlay file per image
+
+# What `run` lists as its artifacts, in this order.
+RUN_ARTIFACTS = {"report": REPORT, "model": MODEL, "metrics": METRICS, "confusion_matrix": CONFUSION,
+                 "curves": CURVES, "audit": AUDIT, "trials": TRIALS, "splits": SPLITS, "scan": SCAN}
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path next to ``path`` to write to; renamed over ``path`` when the block succeeds,
+    removed when it fails."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(folder: Path, name: str, obj, indent: int | None = 2) -> Path:
+    """``obj`` as JSON in ``folder/name``, atomically; Paths and other objects become strings."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(obj, indent=indent, default=str)
+    return write_text(folder / name, text + "\n" if indent else text)
+
+
+def read_json(folder: Path, name: str):
+    """The parsed ``folder/name``, or None when there is no such file."""
+    path = Path(folder) / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def refuse_to_replace(folder: Path, name: str, force: bool, what: str) -> None:
+    """Raise OutputExistsError when ``folder/name`` exists and ``force`` is off."""
+    target = Path(folder) / name
+    if target.exists() and not force:
+        raise OutputExistsError(f"{target} already holds {what}",
+                                hint="pass --force to replace it, or choose another --out")
+
+
+def study_storage(folder: Path, storage: str | None) -> str:
+    """The Optuna storage URL: ``storage`` when given, else the SQLite file ``folder/study.db``."""
+    return storage or f"sqlite:///{(Path(folder) / STUDY).resolve()}"
+
+
+def read_params(path: Path) -> dict:
+    """Hyperparameters from a best_params.json (its ``params``) or a plain ``{name: value}`` JSON file."""
+    from lungxray.errors import MissingInputError, ParamsError
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"{path} not found",
+                                hint="pass a JSON file of hyperparameters (best_params.json of a run, or a "
+                                     "plain {name: value} object), or run `lungxray tune` first")
+    try:
+        params = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ParamsError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(params, dict):
+        raise ParamsError(f"{path} holds a JSON {type(params).__name__}, not an object of hyperparameters")
+    return params.get("params", params)  # best_params.json wraps them; a plain dict works too
