@@ -1,14 +1,15 @@
 # Two commands for a fresh clone: `make demo` (set up, then the whole job on the shared dataset)
-# and `make test` (set up, then the test suite). `make setup` alone builds .venv.
+# and `make test` (set up, then the test suite). `make setup` alone builds .venv; `make test-fast`
+# leaves out the slow and browser tests (under a minute); `make lint` runs ruff.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# The shared dataset next to the checkout, or where this workplace keeps it; override with DATA=...
-DATA   ?= $(firstword $(wildcard ../shared/data/covid19-image-dataset /work/shared/data/covid19-image-dataset) ../shared/data/covid19-image-dataset)
+# The shared dataset: ../shared next to the checkout unless DATA=... (or $LUNGXRAY_SHARED_DATA) says where.
+DATA   ?= $(or $(LUNGXRAY_SHARED_DATA),../shared/data/covid19-image-dataset)
 OUT    ?= runs/demo
 SEED   ?= 0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast lint format clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +25,17 @@ demo: setup
 
 test: setup
 	LUNGXRAY_SHARED_DATA="$(DATA)" $(BIN)/python -m pytest -q
+
+test-fast: setup
+	LUNGXRAY_SHARED_DATA="$(DATA)" $(BIN)/python -m pytest -q -m "not slow and not browser and not postgres"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -9,16 +9,19 @@ from pathlib import Path
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
-HEADER = ("# Benchmarks\n\nEvery figure below was printed by the command written above it, which "
-          "measures the things it compares side by side in one run. Absolute times on a shared machine "
-          "are noisy; compare the ratios.\n")
+HEADER = (
+    "# Benchmarks\n\nEvery figure below was printed by the command written above it, which "
+    "measures the things it compares side by side in one run. Absolute times on a shared machine "
+    "are noisy; compare the ratios.\n"
+)
 
 
 def machine() -> str:
     import os
 
-    return (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"torch {torch.__version__}")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+    )
 
 
 def update_section(name: str, body: str) -> None:

@@ -114,8 +114,14 @@ def _fold_probs(npz: str, name: str, fold: int, seed: int, device: str, threads:
     start = time.perf_counter()
     probs = 0
     for m in range(v.get("members", 1)):
-        result = fit("cnn", hp, (x[train], y[train]), (x[val], y[val]), len(d["classes"]),
-                     resolve_train(TrainConfig(seed=seed + 1000 * m, threads=threads, **cfg), spec.recipe, hp))
+        result = fit(
+            "cnn",
+            hp,
+            (x[train], y[train]),
+            (x[val], y[val]),
+            len(d["classes"]),
+            resolve_train(TrainConfig(seed=seed + 1000 * m, threads=threads, **cfg), spec.recipe, hp),
+        )
         probs = probs + torch.softmax(predict_logits(result.model, x[test]).double(), 1).numpy()
     return probs / v.get("members", 1), time.perf_counter() - start
 
@@ -129,13 +135,16 @@ def run(npz: Path, out: Path, names: list[str], seeds: list[int], workers: int, 
     results: dict[tuple[str, int], dict] = {}
     done_variants = set()
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool, out.open("a") as log:
-        futures = {pool.submit(_fold_probs, str(npz), name, fold, seed, device, threads): (name, seed, fold)
-                   for name, seed, fold in tasks}
+        futures = {
+            pool.submit(_fold_probs, str(npz), name, fold, seed, device, threads): (name, seed, fold)
+            for name, seed, fold in tasks
+        }
         for future in as_completed(futures):
             name, seed, fold = futures[future]
             probs, seconds = future.result()
-            entry = results.setdefault((name, seed), {"probs": np.zeros((len(labels), len(d["classes"]))),
-                                                      "folds": {}, "seconds": 0.0})
+            entry = results.setdefault(
+                (name, seed), {"probs": np.zeros((len(labels), len(d["classes"]))), "folds": {}, "seconds": 0.0}
+            )
             test = d[f"test{fold}"]
             entry["probs"][test] = probs
             entry["folds"][fold] = f1_score(labels[test], probs.argmax(1), average="macro")
@@ -146,19 +155,33 @@ def run(npz: Path, out: Path, names: list[str], seeds: list[int], workers: int, 
             per_seed = []
             for s in seeds:
                 e = results[(name, s)]
-                per_seed.append({"seed": s, "mean": float(np.mean([e["folds"][f] for f in range(k)])),
-                                 "std": float(np.std([e["folds"][f] for f in range(k)], ddof=1)),
-                                 "pooled": float(f1_score(labels, e["probs"].argmax(1), average="macro")),
-                                 "errors": int((e["probs"].argmax(1) != labels).sum()),
-                                 "fit_s": e["seconds"]})
-            line = {"variant": name, "changes": VARIANTS[name], "device": device,
-                    "mean_of_means": float(np.mean([p["mean"] for p in per_seed])), "per_seed": per_seed}
+                per_seed.append(
+                    {
+                        "seed": s,
+                        "mean": float(np.mean([e["folds"][f] for f in range(k)])),
+                        "std": float(np.std([e["folds"][f] for f in range(k)], ddof=1)),
+                        "pooled": float(f1_score(labels, e["probs"].argmax(1), average="macro")),
+                        "errors": int((e["probs"].argmax(1) != labels).sum()),
+                        "fit_s": e["seconds"],
+                    }
+                )
+            line = {
+                "variant": name,
+                "changes": VARIANTS[name],
+                "device": device,
+                "mean_of_means": float(np.mean([p["mean"] for p in per_seed])),
+                "per_seed": per_seed,
+            }
             log.write(json.dumps(line) + "\n")
             log.flush()
-            print(f"{name:28s} macro-F1 mean over folds, per seed: "
-                  + " ".join(f"{p['mean']:.4f}" for p in per_seed)
-                  + f" | avg {line['mean_of_means']:.4f} | errors " + " ".join(str(p["errors"]) for p in per_seed)
-                  + f" | {np.mean([p['fit_s'] for p in per_seed]):.0f} s fit per seed", flush=True)
+            print(
+                f"{name:28s} macro-F1 mean over folds, per seed: "
+                + " ".join(f"{p['mean']:.4f}" for p in per_seed)
+                + f" | avg {line['mean_of_means']:.4f} | errors "
+                + " ".join(str(p["errors"]) for p in per_seed)
+                + f" | {np.mean([p['fit_s'] for p in per_seed]):.0f} s fit per seed",
+                flush=True,
+            )
 
 
 def table(logs: list[Path], drop: list[str]) -> None:
@@ -170,16 +193,20 @@ def table(logs: list[Path], drop: list[str]) -> None:
             if line["variant"] not in drop:
                 lines[line["variant"]] = line
     base = lines.get("baseline", {}).get("mean_of_means")
-    print("| variant | changes | macro-F1 mean over folds, per training seed | average | vs baseline | "
-          "pooled errors of 317, per seed |")
+    print(
+        "| variant | changes | macro-F1 mean over folds, per training seed | average | vs baseline | "
+        "pooled errors of 317, per seed |"
+    )
     print("|---|---|---|---|---|---|")
     for line in sorted(lines.values(), key=lambda line: -line["mean_of_means"]):
         seeds = line["per_seed"]
         delta = f"{line['mean_of_means'] - base:+.4f}" if base is not None else ""
         means = " / ".join(f"{s['mean']:.4f}" for s in seeds)
         errors = " / ".join(str(s["errors"]) for s in seeds)
-        print(f"| {line['variant']} | `{json.dumps(line['changes'])}` | {means} | {line['mean_of_means']:.4f} | "
-              f"{delta} | {errors} |")
+        print(
+            f"| {line['variant']} | `{json.dumps(line['changes'])}` | {means} | {line['mean_of_means']:.4f} | "
+            f"{delta} | {errors} |"
+        )
 
 
 def out_of_fold(cvs: list[Path], min_wrong: int) -> None:
@@ -200,16 +227,22 @@ def out_of_fold(cvs: list[Path], min_wrong: int) -> None:
         paths = [o["path"] for o in cv["out_of_fold"]]
 
     def mean_f1(probs: np.ndarray) -> float:
-        return float(np.mean([f1_score(labels[folds == f], probs[folds == f].argmax(1), average="macro")
-                              for f in np.unique(folds)]))
+        return float(
+            np.mean(
+                [f1_score(labels[folds == f], probs[folds == f].argmax(1), average="macro") for f in np.unique(folds)]
+            )
+        )
 
     wrong = sum((p.argmax(1) != labels).astype(int) for p in runs.values())
     print(f"images wrong in at least {min_wrong} of {len(runs)} runs:")
     for i in np.argsort(-wrong, kind="stable"):
         if wrong[i] >= min_wrong:
             print(f"  {wrong[i]}  {classes[labels[i]]:<16} {paths[i]}")
-    scored = [(mean_f1(sum(runs[n] for n in combo) / len(combo)), combo)
-              for k in range(1, len(runs) + 1) for combo in combinations(runs, k)]
+    scored = [
+        (mean_f1(sum(runs[n] for n in combo) / len(combo)), combo)
+        for k in range(1, len(runs) + 1)
+        for combo in combinations(runs, k)
+    ]
     print("macro-F1 mean over folds of averaged probabilities (best 5 combinations, then each run alone):")
     for f1, combo in sorted(scored, reverse=True)[:5] + [s for s in scored if len(s[1]) == 1]:
         print(f"  {f1:.4f}  {' + '.join(combo)}")

@@ -15,6 +15,18 @@ if sys.argv[1] == "off":
 from lungxray.cli import main  # noqa: E402
 
 start = time.perf_counter()
-main(["run", "../shared/data/covid19-image-dataset", "--model", "mlp", "--out", f"/tmp/ab-{sys.argv[1]}",
-      "--seed", "0", "--force", "--quiet"])
+main(
+    [
+        "run",
+        "../shared/data/covid19-image-dataset",
+        "--model",
+        "mlp",
+        "--out",
+        f"/tmp/ab-{sys.argv[1]}",
+        "--seed",
+        "0",
+        "--force",
+        "--quiet",
+    ]
+)
 print(sys.argv[1], "wall", round(time.perf_counter() - start, 1), "s; search s in", f"/tmp/ab-{sys.argv[1]}/run.json")

@@ -44,8 +44,11 @@ def build_model(hp, n_classes: int):
     model.add(layers.Dense(hp.Int("layer_3", 16, 128, step=16), activation=activation))
     model.add(layers.Dropout(dropout_2))
     model.add(layers.Dense(n_classes, activation="softmax"))
-    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                  optimizer=keras.optimizers.Adam(learning_rate=hp.Choice("learning_rate", [1e-2, 1e-3, 1e-4])))
+    model.compile(
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        optimizer=keras.optimizers.Adam(learning_rate=hp.Choice("learning_rate", [1e-2, 1e-3, 1e-4])),
+    )
     return model
 
 
@@ -59,20 +62,31 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     keras.utils.set_random_seed(args.seed)
-    splits = json.load(open(args.splits))
+    with open(args.splits) as f:
+        splits = json.load(f)
     label_of = lambda p: os.path.basename(os.path.dirname(p))  # noqa: E731
     classes = sorted({label_of(p) for p in splits["train"]})
     start = time.perf_counter()
-    data = {k: (load(splits[k]), np.array([classes.index(label_of(p)) for p in splits[k]])) for k in ("train", "val", "test")}
+    data = {
+        k: (load(splits[k]), np.array([classes.index(label_of(p)) for p in splits[k]]))
+        for k in ("train", "val", "test")
+    }
     load_s = time.perf_counter() - start
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = data["train"], data["val"], data["test"]
     with tempfile.TemporaryDirectory() as workdir:
-        tuner = keras_tuner.BayesianOptimization(lambda hp: build_model(hp, len(classes)), objective="val_accuracy",
-                                                 max_trials=args.trials, seed=args.seed, overwrite=True,
-                                                 directory=workdir, project_name="tutorial")
+        tuner = keras_tuner.BayesianOptimization(
+            lambda hp: build_model(hp, len(classes)),
+            objective="val_accuracy",
+            max_trials=args.trials,
+            seed=args.seed,
+            overwrite=True,
+            directory=workdir,
+            project_name="tutorial",
+        )
         start = time.perf_counter()
-        tuner.search(x_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
-                     validation_data=(x_val, y_val), verbose=0)
+        tuner.search(
+            x_train, y_train, epochs=args.epochs, batch_size=args.batch_size, validation_data=(x_val, y_val), verbose=0
+        )
         search_s = time.perf_counter() - start
         best = tuner.get_best_hyperparameters(num_trials=1)[0]
         model = tuner.hypermodel.build(best)
@@ -86,12 +100,24 @@ def main() -> None:
     model.predict(many, verbose=0)
     predict_ips = len(many) / (time.perf_counter() - start)
     y_pred = model.predict(x_test, verbose=0).argmax(1)
-    print(json.dumps({"load_s": load_s, "search_s": search_s, "final_train_s": final_s,
-                      "test_accuracy": float(test_acc), "test_loss": float(test_loss),
-                      "best_params": best.values, "predict_images_per_s": predict_ips,
-                      "confusion": [[int(((y_test == i) & (y_pred == j)).sum()) for j in range(len(classes))]
-                                    for i in range(len(classes))],
-                      "versions": {"keras": keras.__version__, "keras_tuner": keras_tuner.__version__}}))
+    print(
+        json.dumps(
+            {
+                "load_s": load_s,
+                "search_s": search_s,
+                "final_train_s": final_s,
+                "test_accuracy": float(test_acc),
+                "test_loss": float(test_loss),
+                "best_params": best.values,
+                "predict_images_per_s": predict_ips,
+                "confusion": [
+                    [int(((y_test == i) & (y_pred == j)).sum()) for j in range(len(classes))]
+                    for i in range(len(classes))
+                ],
+                "versions": {"keras": keras.__version__, "keras_tuner": keras_tuner.__version__},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -26,31 +26,58 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _report import machine, update_section  # noqa: E402
 
 # The best parameters of `make demo`'s search (seed 0, BENCHMARKS.md section (b)).
-MLP_PARAMS = {"activation": "tanh", "layer_1": 128, "layer_2": 128, "layer_3": 128, "dropout_1": 0.1,
-              "dropout_2": 0.2, "learning_rate": 0.0001}
+MLP_PARAMS = {
+    "activation": "tanh",
+    "layer_1": 128,
+    "layer_2": 128,
+    "layer_3": 128,
+    "dropout_1": 0.1,
+    "dropout_2": 0.2,
+    "learning_rate": 0.0001,
+}
 BIG = ("resnet18", "densenet121")
 
 
 # Augmentation ablation rows for the default CNN: name -> TrainConfig.augment
-ABLATION = {"cnn, no augmentation": False,
-            "cnn, larger augmentation (10 deg, 6% shift, 10% zoom and brightness, 15% contrast)":
-                {"rotation": 10.0, "shift": 0.06, "scale": 0.10, "brightness": 0.10, "contrast": 0.15}}
+ABLATION = {
+    "cnn, no augmentation": False,
+    "cnn, larger augmentation (10 deg, 6% shift, 10% zoom and brightness, 15% contrast)": {
+        "rotation": 10.0,
+        "shift": 0.06,
+        "scale": 0.10,
+        "brightness": 0.10,
+        "contrast": 0.15,
+    },
+}
 
 
-def cross_validate(model: str, data: Path, out: Path, folds: int, seed: int, epochs: int | None,
-                   augment=None) -> tuple[dict, float]:
+def cross_validate(
+    model: str, data: Path, out: Path, folds: int, seed: int, epochs: int | None, augment=None
+) -> tuple[dict, float]:
     from lungxray.config import AugmentConfig, DataConfig, TrainConfig
     from lungxray.cv import cross_validate as lungxray_cv
     from lungxray.models import get_spec
 
     params = MLP_PARAMS if model == "mlp" else dict(get_spec(model).defaults)
     # Unset fields (epochs, optimizer, schedule, augmentation) are the model's recipe: cv resolves them.
-    cfg = TrainConfig(epochs=epochs, seed=seed,
-                      augment=AugmentConfig(enabled=True, **augment) if isinstance(augment, dict) else augment)
+    cfg = TrainConfig(
+        epochs=epochs,
+        seed=seed,
+        augment=AugmentConfig(enabled=True, **augment) if isinstance(augment, dict) else augment,
+    )
     start = time.perf_counter()
     name = model if augment is None else f"{model}-augment-{'off' if augment is False else 'large'}"
-    report = lungxray_cv(data, out / name, model, DataConfig(cache_dir=out / "cache"), cfg, folds=folds,
-                         params=params, force=True, progress=False)
+    report = lungxray_cv(
+        data,
+        out / name,
+        model,
+        DataConfig(cache_dir=out / "cache"),
+        cfg,
+        folds=folds,
+        params=params,
+        force=True,
+        progress=False,
+    )
     return report, time.perf_counter() - start
 
 
@@ -62,28 +89,36 @@ def row(model: str, report: dict, wall: float) -> str:
     infer_ips = statistics.mean(f["predict_images_per_s"] for f in folds)
     epochs = report["settings"]["train"]["epochs"]
     ci = auroc["ci95"]
-    return (f"| {model} | {f1['mean']:.4f} +- {f1['std']:.4f} | {s['accuracy']['mean']:.4f} | "
-            f"{auroc['pooled']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}] | {report['n_parameters']:,} | {epochs} | "
-            f"{train_ips:,.0f} | {infer_ips:,.0f} | {wall:.0f} |")
+    return (
+        f"| {model} | {f1['mean']:.4f} +- {f1['std']:.4f} | {s['accuracy']['mean']:.4f} | "
+        f"{auroc['pooled']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}] | {report['n_parameters']:,} | {epochs} | "
+        f"{train_ips:,.0f} | {infer_ips:,.0f} | {wall:.0f} |"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", nargs="?", type=Path,
-                        default=Path(__file__).resolve().parents[2] / "shared/data/covid19-image-dataset")
+    parser.add_argument(
+        "data", nargs="?", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/covid19-image-dataset"
+    )
     parser.add_argument("--models", nargs="+", default=["cnn", "mlp", "resnet18", "densenet121"])
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--big-epochs", type=int, default=8, help="epochs for ResNet-18 and DenseNet-121")
-    parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
-                        help="also run the default CNN without and with larger augmentation")
+    parser.add_argument(
+        "--ablation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the default CNN without and with larger augmentation",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "models")
     parser.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     args = parser.parse_args()
     rows = []
     for model in args.models:
-        report, wall = cross_validate(model, args.data, args.out, args.folds, args.seed,
-                                      args.big_epochs if model in BIG else None)
+        report, wall = cross_validate(
+            model, args.data, args.out, args.folds, args.seed, args.big_epochs if model in BIG else None
+        )
         rows.append(row(model, report, wall))
         print(rows[-1], flush=True)
     if args.ablation:
@@ -91,24 +126,33 @@ def main() -> None:
             report, wall = cross_validate("cnn", args.data, args.out, args.folds, args.seed, None, augment)
             rows.append(row(name, report, wall))
             print(rows[-1], flush=True)
-    command = (f"`.venv/bin/python bench/models_bench.py {args.data} --models {' '.join(args.models)} "
-               f"--folds {args.folds} --seed {args.seed} --big-epochs {args.big_epochs}"
-               f"{'' if args.ablation else ' --no-ablation'}`")
-    body = "\n".join([
-        "## Models compared: 5-fold cross-validation", "",
-        f"Command: {command} ({machine()}). The same folds for every model (stratified, duplicate groups "
-        "kept whole), fixed hyperparameters: each CNN's registered defaults, the MLP with the best "
-        f"parameters of the seed-0 search above (`{json.dumps(MLP_PARAMS)}`). Each model's own recipe: "
-        "the MLP trains as the tutorial (Adam, constant rate, no augmentation); the CNNs with AdamW, "
-        "cosine decay and augmentation. ResNet-18 and DenseNet-121 run "
-        f"{args.big_epochs} epochs instead of their recipe's 12 to fit the run in the time of one sitting. "
-        "Early stopping (patience 16) on each fold's validation part.", "",
-        "| model | macro-F1 mean +- std over folds | accuracy mean | macro AUROC, pooled [95% CI] | parameters | "
-        "epochs | training images/s | inference images/s | wall s (5 folds) |",
-        "|---|---|---|---|---|---|---|---|---|", *rows, "",
-        "Training images/s counts every epoch's training images over the fold's fit time (validation "
-        "passes included); inference images/s is one pass over the fold's test part in batches of 256. "
-        "Both on all CPU threads."])
+    command = (
+        f"`.venv/bin/python bench/models_bench.py {args.data} --models {' '.join(args.models)} "
+        f"--folds {args.folds} --seed {args.seed} --big-epochs {args.big_epochs}"
+        f"{'' if args.ablation else ' --no-ablation'}`"
+    )
+    body = "\n".join(
+        [
+            "## Models compared: 5-fold cross-validation",
+            "",
+            f"Command: {command} ({machine()}). The same folds for every model (stratified, duplicate groups "
+            "kept whole), fixed hyperparameters: each CNN's registered defaults, the MLP with the best "
+            f"parameters of the seed-0 search above (`{json.dumps(MLP_PARAMS)}`). Each model's own recipe: "
+            "the MLP trains as the tutorial (Adam, constant rate, no augmentation); the CNNs with AdamW, "
+            "cosine decay and augmentation. ResNet-18 and DenseNet-121 run "
+            f"{args.big_epochs} epochs instead of their recipe's 12 to fit the run in the time of one sitting. "
+            "Early stopping (patience 16) on each fold's validation part.",
+            "",
+            "| model | macro-F1 mean +- std over folds | accuracy mean | macro AUROC, pooled [95% CI] | parameters | "
+            "epochs | training images/s | inference images/s | wall s (5 folds) |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            "Training images/s counts every epoch's training images over the fold's fit time (validation "
+            "passes included); inference images/s is one pass over the fold's test part in batches of 256. "
+            "Both on all CPU threads.",
+        ]
+    )
     print(body)
     if not args.no_write:
         update_section("models", body)

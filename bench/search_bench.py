@@ -44,8 +44,23 @@ def keras_python() -> Path:
 
 
 def lungxray_run(data: Path, out: Path, seed: int, pruner: str, cache: Path) -> dict:
-    cmd = [str(ROOT / ".venv" / "bin" / "lungxray"), "run", str(data), "--model", "mlp", "--out", str(out), "--seed", str(seed),
-           "--pruner", pruner, "--cache-dir", str(cache), "--force", "--quiet"]
+    cmd = [
+        str(ROOT / ".venv" / "bin" / "lungxray"),
+        "run",
+        str(data),
+        "--model",
+        "mlp",
+        "--out",
+        str(out),
+        "--seed",
+        str(seed),
+        "--pruner",
+        pruner,
+        "--cache-dir",
+        str(cache),
+        "--force",
+        "--quiet",
+    ]
     if (out / "study.db").exists():
         (out / "study.db").unlink()  # a fresh study, not a resumed one
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -60,8 +75,9 @@ def lungxray_predict_speed(model_dir: Path, data_out: Path) -> float:
     predictor = Predictor(model_dir)
     test = set(json.loads((data_out / "splits.json").read_text())["test"])
     run = json.loads((data_out / "run.json").read_text())
-    ds = load_dataset(Path(run["data"]), DataConfig(cache_dir=Path(run["settings"]["data"]["cache_dir"])),
-                      progress=False)
+    ds = load_dataset(
+        Path(run["data"]), DataConfig(cache_dir=Path(run["settings"]["data"]["cache_dir"])), progress=False
+    )
     images = ds.images[[i for i, s in enumerate(ds.samples) if str(s.path) in test]]
     many = np.concatenate([images] * max(1, 2048 // len(images)))
     predictor.predict_arrays(many[:64])  # warm-up
@@ -72,8 +88,9 @@ def lungxray_predict_speed(model_dir: Path, data_out: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", nargs="?", type=Path,
-                        default=Path(__file__).resolve().parents[2] / "shared/data/covid19-image-dataset")
+    parser.add_argument(
+        "data", nargs="?", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/covid19-image-dataset"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--keras-seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
@@ -84,59 +101,117 @@ def main() -> None:
     for seed in args.seeds:
         on = lungxray_run(args.data, args.out / f"lx-seed{seed}", seed, "median", cache)
         results[seed] = {"on": on}
-        print(f"seed {seed}: lungxray pruning on: search {on['timings']['tune_s']:.1f} s, "
-              f"test accuracy {on['test_accuracy']:.4f}", flush=True)
+        print(
+            f"seed {seed}: lungxray pruning on: search {on['timings']['tune_s']:.1f} s, "
+            f"test accuracy {on['test_accuracy']:.4f}",
+            flush=True,
+        )
         if seed == args.seeds[0]:
             off = lungxray_run(args.data, args.out / f"lx-seed{seed}-nopruning", seed, "none", cache)
             results[seed]["off"] = off
-            print(f"seed {seed}: lungxray pruning off: search {off['timings']['tune_s']:.1f} s, "
-                  f"test accuracy {off['test_accuracy']:.4f}", flush=True)
+            print(
+                f"seed {seed}: lungxray pruning off: search {off['timings']['tune_s']:.1f} s, "
+                f"test accuracy {off['test_accuracy']:.4f}",
+                flush=True,
+            )
         if seed in args.keras_seeds:
-            out = subprocess.run([str(keras_python()), str(ROOT / "bench" / "keras_reference.py"),
-                                  str(args.out / f"lx-seed{seed}" / "splits.json"), "--seed", str(seed)],
-                                 check=True, capture_output=True, text=True)
+            out = subprocess.run(
+                [
+                    str(keras_python()),
+                    str(ROOT / "bench" / "keras_reference.py"),
+                    str(args.out / f"lx-seed{seed}" / "splits.json"),
+                    "--seed",
+                    str(seed),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             results[seed]["keras"] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"seed {seed}: keras reference: search {results[seed]['keras']['search_s']:.1f} s, "
-                  f"test accuracy {results[seed]['keras']['test_accuracy']:.4f}", flush=True)
+            print(
+                f"seed {seed}: keras reference: search {results[seed]['keras']['search_s']:.1f} s, "
+                f"test accuracy {results[seed]['keras']['test_accuracy']:.4f}",
+                flush=True,
+            )
     (args.out / "search_bench.json").write_text(json.dumps(results, indent=2, default=str))
     first = results[args.seeds[0]]
-    body = render(args, results, first, lungxray_predict_speed(args.out / f"lx-seed{args.seeds[0]}" / "model",
-                                                                  args.out / f"lx-seed{args.seeds[0]}"))
+    body = render(
+        args,
+        results,
+        first,
+        lungxray_predict_speed(args.out / f"lx-seed{args.seeds[0]}" / "model", args.out / f"lx-seed{args.seeds[0]}"),
+    )
     print(body)
     if not args.no_write:
         update_section("search", body)
 
 
+def _row(*cells) -> str:
+    """One markdown table row: seconds with one decimal, accuracies with four."""
+    text = [
+        f"{c:.4f}" if isinstance(c, float) and c <= 1 else f"{c:.1f}" if isinstance(c, float) else str(c) for c in cells
+    ]
+    return "| " + " | ".join(text) + " |"
+
+
+def _lungxray_row(name: str, run: dict, keras: dict) -> str:
+    search = run["timings"]["tune_s"]
+    return _row(name, search, f"{keras['search_s'] / search:.1f}x", run["timings"]["train_s"], run["test_accuracy"])
+
+
 def render(args, results: dict, first: dict, lx_ips: float) -> str:
-    command = (f"`.venv/bin/python bench/search_bench.py {args.data} --seeds {' '.join(map(str, args.seeds))} "
-               f"--keras-seeds {' '.join(map(str, args.keras_seeds))}`")
-    lines = ["## (b) The tutorial's search: lungxray vs Keras 3 + KerasTuner, and (c) predict speed", "",
-             f"Command: {command} ({machine()}). Same split for both (stratified 70/10/20, duplicate groups "
-             "kept whole), 16 trials x 64 epochs, batch size 8; the Keras reference is the tutorial's code "
-             "(BayesianOptimization on val_accuracy, final fit 128 epochs); lungxray selects by validation "
-             "loss and keeps the best epoch.", ""]
+    command = (
+        f"`.venv/bin/python bench/search_bench.py {args.data} --seeds {' '.join(map(str, args.seeds))} "
+        f"--keras-seeds {' '.join(map(str, args.keras_seeds))}`"
+    )
+    lines = [
+        "## (b) The tutorial's search: lungxray vs Keras 3 + KerasTuner, and (c) predict speed",
+        "",
+        f"Command: {command} ({machine()}). Same split for both (stratified 70/10/20, duplicate groups "
+        "kept whole), 16 trials x 64 epochs, batch size 8; the Keras reference is the tutorial's code "
+        "(BayesianOptimization on val_accuracy, final fit 128 epochs); lungxray selects by validation "
+        "loss and keeps the best epoch.",
+        "",
+    ]
     if "keras" in first:
         k, on, off = first["keras"], first["on"], first["off"]
-        lines += ["| seed %d | search s | vs Keras | final training s | test accuracy |" % args.seeds[0],
-                  "|---|---|---|---|---|",
-                  f"| Keras 3 + KerasTuner (reference) | {k['search_s']:.1f} | 1.0x | {k['final_train_s']:.1f} | {k['test_accuracy']:.4f} |",
-                  f"| lungxray, pruning on (default) | {on['timings']['tune_s']:.1f} | {k['search_s'] / on['timings']['tune_s']:.1f}x | {on['timings']['train_s']:.1f} | {on['test_accuracy']:.4f} |",
-                  f"| lungxray, pruning off | {off['timings']['tune_s']:.1f} | {k['search_s'] / off['timings']['tune_s']:.1f}x | {off['timings']['train_s']:.1f} | {off['test_accuracy']:.4f} |",
-                  "", f"Predict throughput (preprocessed 128x128 images, each tool's own predict call): "
-                  f"lungxray {lx_ips:,.0f} images/s, Keras {k['predict_images_per_s']:,.0f} images/s "
-                  f"({lx_ips / k['predict_images_per_s']:.1f}x).", ""]
+        lines += [
+            f"| seed {args.seeds[0]} | search s | vs Keras | final training s | test accuracy |",
+            "|---|---|---|---|---|",
+            _row("Keras 3 + KerasTuner (reference)", k["search_s"], "1.0x", k["final_train_s"], k["test_accuracy"]),
+            _lungxray_row("lungxray, pruning on (default)", on, k),
+            _lungxray_row("lungxray, pruning off", off, k),
+            "",
+            f"Predict throughput (preprocessed 128x128 images, each tool's own predict call): "
+            f"lungxray {lx_ips:,.0f} images/s, Keras {k['predict_images_per_s']:,.0f} images/s "
+            f"({lx_ips / k['predict_images_per_s']:.1f}x).",
+            "",
+        ]
         for seed in args.keras_seeds[1:]:
             k = results[seed]["keras"]
-            lines.append(f"Keras reference, seed {seed}: search {k['search_s']:.1f} s, test accuracy {k['test_accuracy']:.4f}.")
+            lines.append(
+                f"Keras reference, seed {seed}: search {k['search_s']:.1f} s, test accuracy {k['test_accuracy']:.4f}."
+            )
     accs = [results[s]["on"]["test_accuracy"] for s in args.seeds]
-    lines += ["", "### Robust selection: lungxray's tuned MLP over seeds (split + search)", "",
-              "| seed | test accuracy | macro-F1 | n test | best parameters | whole run s (sum of the stages in run.json; start-up and imports not included) |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "### Robust selection: lungxray's tuned MLP over seeds (split + search)",
+        "",
+        "| seed | test accuracy | macro-F1 | n test | best parameters | whole run s (sum of the stages in "
+        "run.json; start-up and imports not included) |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in args.seeds:
         on = results[s]["on"]
-        lines.append(f"| {s} | {on['test_accuracy']:.4f} | {on['test_macro_f1']:.4f} | {on['n_test']} | "
-                     f"`{json.dumps(on['best_params'])}` | {sum(on['timings'].values()):.1f} |")
-    lines += ["", f"Mean test accuracy {statistics.mean(accs):.4f}, lowest {min(accs):.4f} "
-              "(targets: mean >= 0.92, no seed below 0.85)."]
+        lines.append(
+            f"| {s} | {on['test_accuracy']:.4f} | {on['test_macro_f1']:.4f} | {on['n_test']} | "
+            f"`{json.dumps(on['best_params'])}` | {sum(on['timings'].values()):.1f} |"
+        )
+    lines += [
+        "",
+        f"Mean test accuracy {statistics.mean(accs):.4f}, lowest {min(accs):.4f} "
+        "(targets: mean >= 0.92, no seed below 0.85).",
+    ]
     return "\n".join(lines)
 
 

@@ -32,8 +32,11 @@ LUNGXRAY = ROOT / ".venv" / "bin" / "lungxray"
 
 def bundle(data: Path, out: Path) -> Path:
     if not (out / "model" / "config.json").is_file():
-        subprocess.run([str(LUNGXRAY), "train", str(data), "--params", "defaults", "--out", str(out), "--force",
-                        "--quiet"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [str(LUNGXRAY), "train", str(data), "--params", "defaults", "--out", str(out), "--force", "--quiet"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     if not (out / "model" / "model.onnx").is_file():
         subprocess.run([str(LUNGXRAY), "export", str(out / "model"), "--onnx"], check=True, stdout=subprocess.DEVNULL)
     return out / "model"
@@ -52,7 +55,9 @@ def in_process(model_dir: Path, images: np.ndarray) -> dict:
             for _ in range(3):
                 start, n = time.perf_counter(), 0
                 while n < 256:
-                    p.predict_arrays(images[n % len(images):n % len(images) + batch] if batch == 1 else images[:batch])
+                    p.predict_arrays(
+                        images[n % len(images) : n % len(images) + batch] if batch == 1 else images[:batch]
+                    )
                     n += batch
                 runs.append(n / (time.perf_counter() - start))
             rates[(backend, batch)] = float(np.median(runs))
@@ -87,16 +92,24 @@ async def load(url: str, payloads: list[bytes], clients: int, requests: int, lim
         await asyncio.gather(*(client(http, k) for k in range(clients)))
         wall = time.perf_counter() - start
     ms = np.array(latencies) * 1000
-    return {"requests": len(latencies), "errors": errors, "per_s": len(latencies) / wall,
-            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "per_s": len(latencies) / wall,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+    }
 
 
 def serve_and_load(model_dir: Path, backend: str, payloads: list[bytes], requests: int) -> dict:
     import httpx
 
     port = free_port()
-    server = subprocess.Popen([str(LUNGXRAY), "serve", str(model_dir), "--port", str(port), "--backend", backend],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [str(LUNGXRAY), "serve", str(model_dir), "--port", str(port), "--backend", backend],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(300):
             try:
@@ -114,8 +127,9 @@ def serve_and_load(model_dir: Path, backend: str, payloads: list[bytes], request
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", nargs="?", type=Path,
-                        default=Path(__file__).resolve().parents[2] / "shared/data/covid19-image-dataset")
+    parser.add_argument(
+        "data", nargs="?", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/covid19-image-dataset"
+    )
     parser.add_argument("--requests", type=int, default=320, help="requests per concurrency level")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "serve")
     parser.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
@@ -130,20 +144,30 @@ def main() -> None:
     payloads = [f.read_bytes() for f in files]
     served = {backend: serve_and_load(model_dir, backend, payloads, args.requests) for backend in ("onnx", "torch")}
     command = f"`.venv/bin/python bench/serve_bench.py {args.data} --requests {args.requests}`"
-    lines = ["## Serving: `lungxray serve` on loopback, ONNX Runtime vs PyTorch eager", "",
-             f"Command: {command} ({machine()}). The default CNN (registered defaults, trained by the bench), "
-             f"{len(files)} real X-rays from the test/ folder sent as JPEG uploads (decoding and preprocessing "
-             f"included), {args.requests} requests per level, each level capped at 60 s.", "",
-             "| in-process predictions/s | PyTorch eager | ONNX Runtime | ONNX Runtime / eager |", "|---|---|---|---|"]
+    lines = [
+        "## Serving: `lungxray serve` on loopback, ONNX Runtime vs PyTorch eager",
+        "",
+        f"Command: {command} ({machine()}). The default CNN (registered defaults, trained by the bench), "
+        f"{len(files)} real X-rays from the test/ folder sent as JPEG uploads (decoding and preprocessing "
+        f"included), {args.requests} requests per level, each level capped at 60 s.",
+        "",
+        "| in-process predictions/s | PyTorch eager | ONNX Runtime | ONNX Runtime / eager |",
+        "|---|---|---|---|",
+    ]
     for batch in (1, 64):
         t, o = rates[("torch", batch)], rates[("onnx", batch)]
         lines.append(f"| {batch} image{'s' if batch > 1 else ''} per call | {t:,.0f} | {o:,.0f} | {o / t:.2f}x |")
-    lines += ["", "| server backend | clients | requests | errors | requests/s | p50 ms | p99 ms |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| server backend | clients | requests | errors | requests/s | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for backend, levels in served.items():
         for clients, r in levels.items():
-            lines.append(f"| {backend} | {clients} | {r['requests']} | {r['errors']} | {r['per_s']:.1f} | "
-                         f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+            lines.append(
+                f"| {backend} | {clients} | {r['requests']} | {r['errors']} | {r['per_s']:.1f} | "
+                f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
+            )
     body = "\n".join(lines)
     print(body)
     if not args.no_write:

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import synthetic_image
+
 from lungxray.bundle import BundleError, Predictor, save_bundle
 from lungxray.evaluate import bootstrap_ci, compute_metrics
 from lungxray.models import create_model, get_spec
@@ -19,9 +19,11 @@ HP = dict(get_spec("mlp").defaults)
 def _bundle(tmp_path):
     torch.manual_seed(0)
     model = create_model("mlp", (1, 16, 16), 3, **HP).eval()
-    config = {"classes": ["covid", "normal", "viral_pneumonia"],
-              "model": {"name": "mlp", "hyperparameters": HP, "input_shape": [1, 16, 16]},
-              "preprocessing": {"img_size": 16}}
+    config = {
+        "classes": ["covid", "normal", "viral_pneumonia"],
+        "model": {"name": "mlp", "hyperparameters": HP, "input_shape": [1, 16, 16]},
+        "preprocessing": {"img_size": 16},
+    }
     return model, save_bundle(tmp_path / "model", model, config, {"accuracy": 1.0})
 
 
@@ -32,8 +34,12 @@ def test_reloaded_bundle_predicts_identically(tmp_path):
         expected = torch.softmax(model(torch.from_numpy(images).unsqueeze(1).float() / 255), 1).numpy()
     got = Predictor(folder).predict_arrays(images)
     assert np.array_equal(got, expected)
-    assert sorted(p.name for p in folder.iterdir()) == ["checksums.json", "config.json", "metrics.json",
-                                                       "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "checksums.json",
+        "config.json",
+        "metrics.json",
+        "model.safetensors",
+    ]
     assert json.loads((folder / "config.json").read_text())["library_version"]
 
 
@@ -83,21 +89,27 @@ def test_predict_files_reports_bad_files(tmp_path):
 
 def test_metrics_match_a_hand_computed_case():
     y = np.array([0, 0, 0, 1, 1, 2])
-    probs = np.array([[.8, .1, .1], [.6, .3, .1], [.2, .7, .1], [.1, .8, .1], [.3, .6, .1], [.1, .2, .7]])
+    probs = np.array(
+        [[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.3, 0.6, 0.1], [0.1, 0.2, 0.7]]
+    )
     m = compute_metrics(y, probs, ["a", "b", "c"])
     assert m["n"] == 6 and m["accuracy"] == pytest.approx(5 / 6)
     assert m["confusion_matrix"] == [[2, 1, 0], [0, 2, 0], [0, 0, 1]]
     assert {k: v for k, v in m["per_class"]["b"].items() if k not in ("specificity", "auroc")} == {
-        "precision": pytest.approx(2 / 3), "recall": 1.0, "f1": pytest.approx(0.8), "support": 2}
+        "precision": pytest.approx(2 / 3),
+        "recall": 1.0,
+        "f1": pytest.approx(0.8),
+        "support": 2,
+    }
     assert m["per_class"]["a"]["recall"] == pytest.approx(2 / 3)
     assert m["macro_f1"] == pytest.approx((0.8 + 0.8 + 1.0) / 3)
-    expected_loss = -np.mean(np.log([.8, .6, .2, .8, .6, .7]))
+    expected_loss = -np.mean(np.log([0.8, 0.6, 0.2, 0.8, 0.6, 0.7]))
     assert m["loss"] == pytest.approx(expected_loss, rel=1e-6)
 
 
 def test_metrics_with_only_some_classes_present():
     y = np.array([0, 0, 1])
-    probs = np.array([[.9, .05, .05], [.2, .1, .7], [.1, .8, .1]])
+    probs = np.array([[0.9, 0.05, 0.05], [0.2, 0.1, 0.7], [0.1, 0.8, 0.1]])
     m = compute_metrics(y, probs, ["covid", "normal", "viral_pneumonia"])
     assert m["per_class"]["viral_pneumonia"]["support"] == 0
     assert m["confusion_matrix"] == [[1, 0, 1], [0, 1, 0], [0, 0, 0]]
@@ -106,7 +118,9 @@ def test_metrics_with_only_some_classes_present():
 
 def test_auroc_and_specificity_match_a_hand_computed_case():
     y = np.array([0, 0, 0, 1, 1, 2])
-    probs = np.array([[.8, .1, .1], [.6, .3, .1], [.2, .7, .1], [.1, .8, .1], [.3, .6, .1], [.1, .2, .7]])
+    probs = np.array(
+        [[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.3, 0.6, 0.1], [0.1, 0.2, 0.7]]
+    )
     m = compute_metrics(y, probs, ["a", "b", "c"], resamples=0)
     # class a: scores of positives .8 .6 .2, of negatives .1 .3 .1 -> 8 of 9 pairs ranked right
     assert m["per_class"]["a"]["auroc"] == pytest.approx(8 / 9)
@@ -129,7 +143,8 @@ def test_bootstrap_ci_matches_the_binomial_case():
     assert ci["recall/x"] == pytest.approx([0.72, 0.88])
     assert ci["auroc/x"] is None  # one class only: AUROC undefined, an interval of None, not a crash
     assert bootstrap_ci(y, probs, ["x", "y"], resamples=500, seed=3) == bootstrap_ci(
-        y, probs, ["x", "y"], resamples=500, seed=3)  # seeded
+        y, probs, ["x", "y"], resamples=500, seed=3
+    )  # seeded
 
 
 def test_vectorised_resample_metrics_equal_sklearn_on_the_data_itself():
@@ -170,6 +185,6 @@ def test_ece_of_a_hand_computed_case():
     from lungxray.evaluate import expected_calibration_error
 
     # two images at confidence 0.9 (one right), two at 0.6 (both right): |0.5-0.9|/2 + |1-0.6|/2 = 0.4
-    probs = np.array([[.9, .1], [.9, .1], [.6, .4], [.6, .4]])
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
     y = np.array([0, 1, 0, 0])
     assert expected_calibration_error(y, probs) == pytest.approx(0.4)

@@ -9,15 +9,26 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import check_metrics_schema, write_tree
+
 from lungxray.bundle import Predictor
 from lungxray.cli import main
 
+
 def test_run_writes_bundle_metrics_plots_and_study(trained_run):
     data, out, _ = trained_run
-    for name in ("metrics.json", "confusion_matrix.png", "curves.png", "study.db", "splits.json",
-                 "trials.json", "best_params.json", "run.json", "scan.json", "history.json"):
+    for name in (
+        "metrics.json",
+        "confusion_matrix.png",
+        "curves.png",
+        "study.db",
+        "splits.json",
+        "trials.json",
+        "best_params.json",
+        "run.json",
+        "scan.json",
+        "history.json",
+    ):
         assert (out / name).is_file(), name
     assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -33,16 +44,43 @@ def test_run_writes_bundle_metrics_plots_and_study(trained_run):
 
 def test_run_refuses_to_overwrite_a_model(trained_run, capsys):
     data, out, root = trained_run
-    code = main(["run", str(data), "--out", str(out), "--img-size", "16", "--cache-dir", str(root / "cache"),
-                 "--trials", "2", "--epochs", "1", "--quiet"])
+    code = main(
+        [
+            "run",
+            str(data),
+            "--out",
+            str(out),
+            "--img-size",
+            "16",
+            "--cache-dir",
+            str(root / "cache"),
+            "--trials",
+            "2",
+            "--epochs",
+            "1",
+            "--quiet",
+        ]
+    )
     assert code == 2
     assert "--force" in capsys.readouterr().err
 
 
 def test_evaluate_reproduces_the_run_metrics(trained_run, tmp_path):
     data, out, root = trained_run
-    code = main(["evaluate", str(out / "model"), str(data), "--splits", str(out / "splits.json"),
-                 "--out", str(tmp_path), "--cache-dir", str(root / "cache"), "--quiet"])
+    code = main(
+        [
+            "evaluate",
+            str(out / "model"),
+            str(data),
+            "--splits",
+            str(out / "splits.json"),
+            "--out",
+            str(tmp_path),
+            "--cache-dir",
+            str(root / "cache"),
+            "--quiet",
+        ]
+    )
     assert code == 0
     again = json.loads((tmp_path / "metrics.json").read_text())
     first = json.loads((out / "metrics.json").read_text())
@@ -56,8 +94,18 @@ def test_evaluate_on_data_with_only_some_classes(trained_run, tmp_path):
     write_tree(other, per_class=3, start=40)
     shutil.rmtree(other / "Viral Pneumonia")
     (other / "Normal").rename(other / "NORMAL")  # matched after normalising
-    code = main(["evaluate", str(out / "model"), str(other), "--out", str(tmp_path / "ev"),
-                 "--cache-dir", str(root / "cache"), "--quiet"])
+    code = main(
+        [
+            "evaluate",
+            str(out / "model"),
+            str(other),
+            "--out",
+            str(tmp_path / "ev"),
+            "--cache-dir",
+            str(root / "cache"),
+            "--quiet",
+        ]
+    )
     assert code == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     check_metrics_schema(metrics, ["covid", "normal", "viral_pneumonia"])
@@ -68,8 +116,18 @@ def test_evaluate_rejects_an_unknown_class(trained_run, tmp_path, capsys):
     _, out, root = trained_run
     other = write_tree(tmp_path / "other", per_class=2)
     (other / "Covid").rename(other / "Tuberculosis")
-    code = main(["evaluate", str(out / "model"), str(other), "--out", str(tmp_path / "ev"),
-                 "--cache-dir", str(root / "cache"), "--quiet"])
+    code = main(
+        [
+            "evaluate",
+            str(out / "model"),
+            str(other),
+            "--out",
+            str(tmp_path / "ev"),
+            "--cache-dir",
+            str(root / "cache"),
+            "--quiet",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "tuberculosis" in err and "covid, normal, viral_pneumonia" in err
@@ -90,9 +148,31 @@ def test_train_from_best_params(trained_run, tmp_path):
     data, out, root = trained_run
     run2 = tmp_path / "run2"
     run2.mkdir()
-    code = main(["train", str(data), "--out", str(run2), "--params", str(out / "best_params.json"),
-                 "--img-size", "16", "--cache-dir", str(root / "cache"), "--epochs", "2", "--seed", "1", "--quiet",
-                 "--ema", "0.99", "--keep", "last", "--label-smoothing", "0.1"])
+    code = main(
+        [
+            "train",
+            str(data),
+            "--out",
+            str(run2),
+            "--params",
+            str(out / "best_params.json"),
+            "--img-size",
+            "16",
+            "--cache-dir",
+            str(root / "cache"),
+            "--epochs",
+            "2",
+            "--seed",
+            "1",
+            "--quiet",
+            "--ema",
+            "0.99",
+            "--keep",
+            "last",
+            "--label-smoothing",
+            "0.1",
+        ]
+    )
     assert code == 0
     config = json.loads((run2 / "model" / "config.json").read_text())
     best = json.loads((out / "best_params.json").read_text())["params"]
@@ -110,11 +190,19 @@ def test_scan_json(split_tree, tmp_path, capsys):
     assert len(summary["cross_split_duplicates"]) == 1
 
 
-@pytest.mark.parametrize("flag, value, message", [("--trials", "0", "--trials"), ("--img-size", "4", "--img-size"),
-                                                  ("--batch-size", "0", "--batch-size"), ("--zoom", "0.7", "--zoom"),
-                                                  ("--rotate", "90", "--rotate"), ("--ema", "1", "--ema"),
-                                                  ("--label-smoothing", "-0.1", "--label-smoothing"),
-                                                  ("--device", "cuda", "torch sees no CUDA GPU")])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--trials", "0", "--trials"),
+        ("--img-size", "4", "--img-size"),
+        ("--batch-size", "0", "--batch-size"),
+        ("--zoom", "0.7", "--zoom"),
+        ("--rotate", "90", "--rotate"),
+        ("--ema", "1", "--ema"),
+        ("--label-smoothing", "-0.1", "--label-smoothing"),
+        ("--device", "cuda", "torch sees no CUDA GPU"),
+    ],
+)
 def test_bad_settings_name_the_flag(flat_tree, tmp_path, capsys, flag, value, message):
     code = main(["run", str(flat_tree), "--out", str(tmp_path / "r"), flag, value, "--quiet"])
     assert code == 2
@@ -129,8 +217,19 @@ def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "lungxray.cli", "run", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for flag in ("--trials", "--epochs", "--final-epochs", "--seed", "--model", "--sampler", "--pruner",
-                 "--storage", "--split", "--drop-test-duplicates", "--img-size"):
+    for flag in (
+        "--trials",
+        "--epochs",
+        "--final-epochs",
+        "--seed",
+        "--model",
+        "--sampler",
+        "--pruner",
+        "--storage",
+        "--split",
+        "--drop-test-duplicates",
+        "--img-size",
+    ):
         assert flag in out.stdout
 
 
@@ -143,8 +242,25 @@ def test_integration_on_a_slice_of_the_shared_dataset(shared_data, tmp_path):
         for image in sorted(folder.iterdir())[:12]:
             (data / folder.name / image.name).symlink_to(image)
     out = tmp_path / "run"
-    code = main(["run", str(data), "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--img-size", "64",
-                 "--trials", "2", "--epochs", "4", "--final-epochs", "4", "--quiet"])
+    code = main(
+        [
+            "run",
+            str(data),
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--img-size",
+            "64",
+            "--trials",
+            "2",
+            "--epochs",
+            "4",
+            "--final-epochs",
+            "4",
+            "--quiet",
+        ]
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     check_metrics_schema(metrics, ["covid", "normal", "viral_pneumonia"])
@@ -155,8 +271,22 @@ def test_integration_on_a_slice_of_the_shared_dataset(shared_data, tmp_path):
 
 @pytest.mark.slow
 def test_run_with_folder_split_says_when_test_copies_train(split_tree, tmp_path, capsys):
-    common = [str(split_tree), "--img-size", "16", "--cache-dir", str(tmp_path / "c"), "--split", "folders",
-              "--trials", "1", "--epochs", "1", "--final-epochs", "1", "--quiet"]
+    common = [
+        str(split_tree),
+        "--img-size",
+        "16",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--split",
+        "folders",
+        "--trials",
+        "1",
+        "--epochs",
+        "1",
+        "--final-epochs",
+        "1",
+        "--quiet",
+    ]
     assert main(["run", *common, "--out", str(tmp_path / "kept")]) == 0
     out = capsys.readouterr()
     assert "1 test images copy a training image" in out.out and "--drop-test-duplicates" in out.err
@@ -170,11 +300,33 @@ def test_run_with_folder_split_says_when_test_copies_train(split_tree, tmp_path,
 def test_cv_writes_per_fold_and_pooled_metrics_with_intervals(tmp_path, capsys):
     data = write_tree(tmp_path / "data", per_class=12)
     params = tmp_path / "params.json"
-    params.write_text(json.dumps({"depth": 1, "width": 8, "dropout": 0.0, "learning_rate": 3e-3,
-                                  "weight_decay": 1e-4, "batch_size": 8}))
+    params.write_text(
+        json.dumps(
+            {"depth": 1, "width": 8, "dropout": 0.0, "learning_rate": 3e-3, "weight_decay": 1e-4, "batch_size": 8}
+        )
+    )
     out = tmp_path / "cv"
-    code = main(["cv", str(data), "--folds", "3", "--params", str(params), "--epochs", "4", "--img-size", "32",
-                 "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--seed", "4", "--quiet"])
+    code = main(
+        [
+            "cv",
+            str(data),
+            "--folds",
+            "3",
+            "--params",
+            str(params),
+            "--epochs",
+            "4",
+            "--img-size",
+            "32",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(out),
+            "--seed",
+            "4",
+            "--quiet",
+        ]
+    )
     assert code == 0
     report = json.loads((out / "cv.json").read_text())
     assert report["model"] == "cnn" and report["folds"] == 3 and report["seed"] == 4
@@ -204,8 +356,24 @@ def test_cv_writes_per_fold_and_pooled_metrics_with_intervals(tmp_path, capsys):
     assert (out / "cv_confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
     # a second cv into the same folder asks first
     before = (out / "cv.json").read_bytes()
-    assert main(["cv", str(data), "--folds", "3", "--img-size", "32", "--cache-dir", str(tmp_path / "cache"),
-                 "--out", str(out), "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "cv",
+                str(data),
+                "--folds",
+                "3",
+                "--img-size",
+                "32",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "--force" in capsys.readouterr().err and (out / "cv.json").read_bytes() == before
 
 
@@ -213,8 +381,28 @@ def test_cv_writes_per_fold_and_pooled_metrics_with_intervals(tmp_path, capsys):
 def test_cv_can_tune_inside_each_fold(tmp_path):
     data = write_tree(tmp_path / "data", per_class=10)
     out = tmp_path / "cv"
-    code = main(["cv", str(data), "--model", "mlp", "--tune", "--trials", "2", "--folds", "2", "--epochs", "2",
-                 "--img-size", "16", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "cv",
+            str(data),
+            "--model",
+            "mlp",
+            "--tune",
+            "--trials",
+            "2",
+            "--folds",
+            "2",
+            "--epochs",
+            "2",
+            "--img-size",
+            "16",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     report = json.loads((out / "cv.json").read_text())
     assert report["tuned_in_each_fold"] and (out / "study.db").is_file()
@@ -232,6 +420,26 @@ def test_cv_refuses_tune_with_params_and_a_bad_init_weights_file(flat_tree, tmp_
     assert "--tune and --params" in capsys.readouterr().err
     bad = tmp_path / "w.safetensors"
     bad.write_bytes(b"garbage")
-    assert main(["cv", str(flat_tree), "--img-size", "16", "--folds", "2", "--epochs", "1", "--init-weights", str(bad),
-                 "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "cv",
+                str(flat_tree),
+                "--img-size",
+                "16",
+                "--folds",
+                "2",
+                "--epochs",
+                "1",
+                "--init-weights",
+                str(bad),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--out",
+                str(tmp_path / "o"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "not a readable safetensors file" in capsys.readouterr().err

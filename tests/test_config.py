@@ -20,7 +20,12 @@ def test_resolve_fills_every_unset_field_from_the_recipe():
     done = resolve_train(cfg, recipe)
     assert done.resolved
     assert (done.epochs, done.batch_size, done.optimizer, done.schedule, done.augment.enabled) == (
-        7, 4, "adam", "constant", False)
+        7,
+        4,
+        "adam",
+        "constant",
+        False,
+    )
     assert resolve_train(done, recipe) == done  # idempotent
     assert resolve_tune(TuneConfig(), recipe).jobs == 2 and resolve_tune(TuneConfig(jobs=3), recipe).jobs == 3
 
@@ -59,8 +64,21 @@ def test_every_flagged_field_is_a_cli_option_with_the_dataclass_default():
                 assert f.metadata["flag"] in options, f.name
     args = parser.parse_args(["run", "data", "--out", "o"])
     assert from_args(TrainConfig, args) == TrainConfig()  # nothing given: every dataclass default
-    args = parser.parse_args(["run", "data", "--out", "o", "--objective", "val_accuracy", "--rotate", "7",
-                              "--no-augment", "--batch-size", "4"])
+    args = parser.parse_args(
+        [
+            "run",
+            "data",
+            "--out",
+            "o",
+            "--objective",
+            "val_accuracy",
+            "--rotate",
+            "7",
+            "--no-augment",
+            "--batch-size",
+            "4",
+        ]
+    )
     cfg = from_args(TrainConfig, args, augment=from_args(AugmentConfig, args))
     assert (cfg.select_by, cfg.batch_size, cfg.augment.rotation, cfg.augment.enabled) == ("val_accuracy", 4, 7.0, False)
 

@@ -8,16 +8,23 @@ import os
 
 import numpy as np
 import pytest
+from conftest import jpeg_bytes, png_bomb, synthetic_image
 from PIL import Image
 
-from conftest import jpeg_bytes, png_bomb, synthetic_image
 from lungxray.config import DataConfig
 from lungxray.data import DataError, UnusableImage, decode, load_dataset, normalise_class_name
 
 
-@pytest.mark.parametrize("name, expected", [("Viral Pneumonia", "viral_pneumonia"), ("COVID-19", "covid_19"),
-                                            ("normal", "normal"), ("ViralPneumonia", "viral_pneumonia"),
-                                            ("  Bacterial  pneumonia ", "bacterial_pneumonia")])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("Viral Pneumonia", "viral_pneumonia"),
+        ("COVID-19", "covid_19"),
+        ("normal", "normal"),
+        ("ViralPneumonia", "viral_pneumonia"),
+        ("  Bacterial  pneumonia ", "bacterial_pneumonia"),
+    ],
+)
 def test_class_names_are_snake_case(name, expected):
     assert normalise_class_name(name) == expected
 
@@ -41,8 +48,9 @@ def test_split_layout_finds_cross_split_copy(split_tree, cache_dir):
     assert summary["counts_by_folder"]["train"] == {"covid": 10, "normal": 10, "viral_pneumonia": 10}
     assert summary["counts_by_folder"]["test"]["covid"] == 5
     pairs = [sorted(p) for p in summary["cross_split_duplicates"]]
-    assert pairs == [sorted([str(split_tree / "test/Covid/copy_of_train.png"),
-                             str(split_tree / "train/Covid/img000.png")])]
+    assert pairs == [
+        sorted([str(split_tree / "test/Covid/copy_of_train.png"), str(split_tree / "train/Covid/img000.png")])
+    ]
     assert len(summary["duplicate_groups"]) == 1
 
 
@@ -85,8 +93,19 @@ def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("mode, fmt", [("L", "PNG"), ("RGB", "JPEG"), ("RGBA", "PNG"), ("P", "PNG"),
-                                       ("CMYK", "JPEG"), ("L", "BMP"), ("RGB", "TIFF"), ("I;16", "PNG")])
+@pytest.mark.parametrize(
+    "mode, fmt",
+    [
+        ("L", "PNG"),
+        ("RGB", "JPEG"),
+        ("RGBA", "PNG"),
+        ("P", "PNG"),
+        ("CMYK", "JPEG"),
+        ("L", "BMP"),
+        ("RGB", "TIFF"),
+        ("I;16", "PNG"),
+    ],
+)
 def test_decodes_modes_and_formats(mode, fmt):
     base = synthetic_image(1, 0, size=64)  # bright middle band
     img = Image.fromarray(base)
@@ -163,7 +182,6 @@ def test_shared_dataset_duplicates_are_found(shared_data, tmp_path):
     assert ds.layout == "split" and ds.classes == ["covid", "normal", "viral_pneumonia"]
     assert len(ds.samples) == 317 and ds.skipped == []
     # byte-identical copies across train/ and test/ are found without being named in the code
-    identical = [(a, b) for a, b in ds.cross_split_duplicates
-                 if ds.samples[a].sha256 == ds.samples[b].sha256]
+    identical = [(a, b) for a, b in ds.cross_split_duplicates if ds.samples[a].sha256 == ds.samples[b].sha256]
     assert len(identical) >= 5
     assert all(ds.samples[a].group == ds.samples[b].group for a, b in ds.cross_split_duplicates)

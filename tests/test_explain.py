@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import settings, synthetic_image
 from PIL import Image
 
-from conftest import settings, synthetic_image
 from lungxray.bundle import Predictor, save_bundle
 from lungxray.explain import LUNG_FIELD, audit, hide, lung_box, overlay, saliency
-from lungxray.models import get_spec
 from lungxray.infer import to_tensor
+from lungxray.models import get_spec
 from lungxray.train import fit
 
 SIZE = 32
@@ -25,11 +25,19 @@ def _bundle(tmp_path, name: str, images: np.ndarray, labels: np.ndarray, epochs:
     hp = dict(get_spec(name).defaults)
     if name == "cnn":
         hp.update(width=8, batch_size=8)
-    result = fit(name, hp, (x, y), (x, y), 3, settings(name, hp, epochs=epochs, batch_size=8, patience=0, augment=False))
+    result = fit(
+        name, hp, (x, y), (x, y), 3, settings(name, hp, epochs=epochs, batch_size=8, patience=0, augment=False)
+    )
     folder = tmp_path / f"{name}-bundle"
-    save_bundle(folder, result.model, {"classes": ["a", "b", "c"],
-                                       "model": {"name": name, "hyperparameters": hp, "input_shape": [1, SIZE, SIZE]},
-                                       "preprocessing": {"img_size": SIZE}})
+    save_bundle(
+        folder,
+        result.model,
+        {
+            "classes": ["a", "b", "c"],
+            "model": {"name": name, "hyperparameters": hp, "input_shape": [1, SIZE, SIZE]},
+            "preprocessing": {"img_size": SIZE},
+        },
+    )
     return Predictor(folder)
 
 
@@ -66,8 +74,16 @@ def test_saliency_overlay_has_the_image_size_and_is_not_constant(tmp_path, name)
         files.append(tmp_path / f"x{k}.png")
         Image.fromarray(images[k * 9]).save(files[-1])
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    code = main(["explain", str(predictor.folder), *map(str, files), str(tmp_path / "broken.png"),
-                 "--out", str(tmp_path / "explained")])
+    code = main(
+        [
+            "explain",
+            str(predictor.folder),
+            *map(str, files),
+            str(tmp_path / "broken.png"),
+            "--out",
+            str(tmp_path / "explained"),
+        ]
+    )
     assert code == 1  # one file could not be read, and says so
     results = json.loads((tmp_path / "explained" / "explain.json").read_text())
     assert "error" in results[2]

@@ -18,9 +18,13 @@ def _imports(module: str) -> set[str]:
     tree = ast.parse((PACKAGE / f"{module}.py").read_text())
     found = set()
     for node in ast.walk(tree):
-        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                 else [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
-                 if isinstance(node, ast.ImportFrom) else [])
+        names = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            if isinstance(node, ast.ImportFrom)
+            else []
+        )
         for name in names:
             parts = name.split(".")
             if parts[0] == "lungxray" and len(parts) > 1 and (PACKAGE / f"{parts[1]}.py").is_file():
@@ -55,9 +59,25 @@ def test_settings_and_errors_sit_at_the_bottom():
 
 def test_run_folder_names_are_written_in_one_module():
     """No module but runfolder spells an artifact's file name as a string literal."""
-    names = {"scan.json", "splits.json", "folds.json", "trials.json", "best_params.json", "history.json",
-             "metrics.json", "predictions.json", "audit.json", "run.json", "cv.json", "report.html",
-             "curves.png", "confusion_matrix.png", "cv_confusion_matrix.png", "explain.json", "study.db"}
+    names = {
+        "scan.json",
+        "splits.json",
+        "folds.json",
+        "trials.json",
+        "best_params.json",
+        "history.json",
+        "metrics.json",
+        "predictions.json",
+        "audit.json",
+        "run.json",
+        "cv.json",
+        "report.html",
+        "curves.png",
+        "confusion_matrix.png",
+        "cv_confusion_matrix.png",
+        "explain.json",
+        "study.db",
+    }
     offenders = []
     for path in PACKAGE.glob("*.py"):
         if path.stem in ("runfolder", "bundle"):  # bundle keeps its own files (metrics.json inside model/)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import optuna
 import pytest
 import torch
-
-from dataclasses import replace
-
 from conftest import settings, toy
+
 from lungxray.augment import BatchAugment
 from lungxray.config import AugmentConfig
 from lungxray.models import REGISTRY, UnknownModelError, create_model, get_spec
@@ -38,8 +38,18 @@ def test_every_model_forward_backward_finite_with_gradient_everywhere(name):
 
 
 def test_mlp_matches_the_tutorial_architecture():
-    model = create_model("mlp", (1, 128, 128), 3, activation="tanh", layer_1=128, layer_2=32, layer_3=16,
-                         dropout_1=0.3, dropout_2=0.1, learning_rate=1e-3)
+    model = create_model(
+        "mlp",
+        (1, 128, 128),
+        3,
+        activation="tanh",
+        layer_1=128,
+        layer_2=32,
+        layer_3=16,
+        dropout_1=0.3,
+        dropout_2=0.1,
+        learning_rate=1e-3,
+    )
     linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linear] == [(16384, 128), (128, 32), (32, 16), (16, 3)]
     dropouts = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
@@ -152,8 +162,9 @@ def test_label_smoothing_changes_the_loss_by_the_formula():
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 3))
         torch.nn.init.zeros_(model[1].weight), torch.nn.init.zeros_(model[1].bias)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        losses.append(train_one_epoch(model, opt, x, y, 6, torch.Generator().manual_seed(0),
-                                      label_smoothing=smoothing)[0])
+        losses.append(
+            train_one_epoch(model, opt, x, y, 6, torch.Generator().manual_seed(0), label_smoothing=smoothing)[0]
+        )
     # all-zero logits: cross-entropy is log(3) whatever the smoothing
     assert losses == pytest.approx([np.log(3), np.log(3)])
     logits = torch.tensor([[4.0, 0.0, 0.0]])

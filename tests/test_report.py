@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import CHROMIUM, CHROMIUM_FLAGS, browser_or_skip, write_tree
+
 from lungxray.cli import main
 from lungxray.report import write_report
 
@@ -64,8 +64,28 @@ def test_report_command_rewrites_the_report_and_cv_gets_one(trained_run, tmp_pat
     assert "Shortcut audit" in (tiny_run / "report.html").read_text()
     data = write_tree(tmp_path / "data", per_class=10)
     out = tmp_path / "cv"
-    assert main(["cv", str(data), "--model", "mlp", "--folds", "2", "--epochs", "2", "--img-size", "16",
-                 "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "cv",
+                str(data),
+                "--model",
+                "mlp",
+                "--folds",
+                "2",
+                "--epochs",
+                "2",
+                "--img-size",
+                "16",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     page = _open(out / "report.html", tmp_path / "cv.png")
     assert page["sections"] == ["dataset", "folds", "metrics", "confusion", "roc", "calibration"]
     assert page["broken"] == 0 and page["errors"] == []

@@ -10,16 +10,16 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import CHROMIUM, CHROMIUM_FLAGS, browser_or_skip, png_bomb, settings
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import CHROMIUM, CHROMIUM_FLAGS, browser_or_skip, png_bomb, settings
 from lungxray.bundle import Predictor, export_onnx, save_bundle
 from lungxray.config import DataConfig
 from lungxray.data import load_dataset
+from lungxray.infer import to_tensor
 from lungxray.models import get_spec
 from lungxray.serve import create_app
-from lungxray.infer import to_tensor
 from lungxray.train import fit
 
 SIZE = 64
@@ -41,8 +41,15 @@ def real(shared_data, tmp_path_factory):
     hp = {**get_spec("cnn").defaults, "width": 8}
     result = fit("cnn", hp, (x, y), (x, y), 3, settings("cnn", hp, epochs=2, augment=False))
     bundle = root / "model"
-    save_bundle(bundle, result.model, {"classes": ds.classes, "model": {"name": "cnn", "hyperparameters": hp,
-                                       "input_shape": [1, SIZE, SIZE]}, "preprocessing": {"img_size": SIZE}})
+    save_bundle(
+        bundle,
+        result.model,
+        {
+            "classes": ds.classes,
+            "model": {"name": "cnn", "hyperparameters": hp, "input_shape": [1, SIZE, SIZE]},
+            "preprocessing": {"img_size": SIZE},
+        },
+    )
     path, gap = export_onnx(bundle, ds.images)
     return bundle, ds, files, gap
 
@@ -78,7 +85,7 @@ def test_predict_explain_model_health_on_a_real_xray(real):
         with Image.open(io.BytesIO(picture.content)) as img:
             assert img.size == (384, 384) and len(np.unique(np.asarray(img).reshape(-1, 3), axis=0)) > 50
         assert "/predict" in client.get("/openapi.json").json()["paths"]
-        assert "<input id=\"file\"" in client.get("/").text
+        assert '<input id="file"' in client.get("/").text
 
 
 def _hostile_uploads(real_bytes: bytes, png_bytes: bytes) -> list[tuple[str, bytes]]:
@@ -94,7 +101,7 @@ def _hostile_uploads(real_bytes: bytes, png_bytes: bytes) -> list[tuple[str, byt
         cases.append((f"bitflip-png-header-{k}", bytes(data)))
     for k in range(40):  # wrong magic bytes: a real file's body behind another format's signature
         magic = [b"%PDF-1.7\n", b"PK\x03\x04", b"GIF89a", b"\x7fELF", b"<html>"][k % 5]
-        cases.append((f"wrong-magic-{k}", magic + real_bytes[len(magic) + k:]))
+        cases.append((f"wrong-magic-{k}", magic + real_bytes[len(magic) + k :]))
     for k in range(30):  # random noise of various sizes
         cases.append((f"noise-{k}", rng.integers(0, 256, int(rng.integers(1, 5000)), dtype=np.uint8).tobytes()))
     for k in range(20):  # decompression bombs: headers declaring huge dimensions

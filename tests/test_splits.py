@@ -98,7 +98,7 @@ def test_folds_are_disjoint_stratified_grouped_and_test_every_image_once(k, seed
         assert counts.max() - counts.min() <= 2  # 30 per class over k folds: balanced test parts
         assert abs(len(fold.test) - len(labels) / k) <= 3
     again = make_folds(labels, groups, k, seed)
-    assert all(np.array_equal(a.test, b.test) for a, b in zip(folds, again))
+    assert all(np.array_equal(a.test, b.test) for a, b in zip(folds, again, strict=True))
 
 
 def test_too_few_images_for_the_folds_is_a_clear_error():

@@ -10,8 +10,8 @@ import time
 
 import optuna
 import pytest
-
 from conftest import settings, toy
+
 from lungxray.config import TuneConfig, resolve_tune
 from lungxray.models import get_spec
 from lungxray.tune import tune
@@ -38,9 +38,28 @@ def _finished(storage):
 def test_killed_study_resumes_and_keeps_finished_trials(flat_tree, tmp_path):
     out = tmp_path / "run"
     storage = f"sqlite:///{out / 'study.db'}"
-    cmd = [sys.executable, "-m", "lungxray.cli", "tune", str(flat_tree), "--out", str(out), "--img-size", "16",
-           "--cache-dir", str(tmp_path / "cache"), "--epochs", "40", "--patience", "0", "--jobs", "1",
-           "--val-fraction", "0.2", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lungxray.cli",
+        "tune",
+        str(flat_tree),
+        "--out",
+        str(out),
+        "--img-size",
+        "16",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--epochs",
+        "40",
+        "--patience",
+        "0",
+        "--jobs",
+        "1",
+        "--val-fraction",
+        "0.2",
+        "--quiet",
+    ]
     proc = subprocess.Popen([*cmd, "--trials", "200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None and _count_finished(out / "study.db") < 2:
@@ -66,8 +85,16 @@ def test_same_seed_gives_the_same_trials(tmp_path):
     cfg = TuneConfig(trials=4, sampler="gp", startup_trials=2, jobs=2)
     runs = []
     for name in ("a", "b"):
-        result = tune("mlp", train, val, 3, cfg, settings("mlp", epochs=3, seed=7),
-                      f"sqlite:///{tmp_path / name}.db", progress=False)
+        result = tune(
+            "mlp",
+            train,
+            val,
+            3,
+            cfg,
+            settings("mlp", epochs=3, seed=7),
+            f"sqlite:///{tmp_path / name}.db",
+            progress=False,
+        )
         runs.append([(t.params, t.value) for t in result.study.trials])
     assert runs[0] == runs[1]
     assert len({str(p) for p, _ in runs[0]}) == 4  # no point proposed twice
@@ -100,12 +127,28 @@ def test_pruning_on_the_frozen_view_decides_as_optuna_does():
 @pytest.mark.parametrize("sampler, pruner", [("tpe", "hyperband"), ("random", "none"), ("gp", "median")])
 def test_every_sampler_and_pruner_finishes_the_study(tmp_path, sampler, pruner):
     train, val = toy(6, size=16), toy(3, size=16, start=50)
-    cfg = resolve_tune(TuneConfig(trials=5, sampler=sampler, pruner=pruner, startup_trials=2, warmup_epochs=1),
-                       get_spec("mlp").recipe)
-    result = tune("mlp", train, val, 3, cfg, settings("mlp", epochs=4, patience=0),
-                  f"sqlite:///{tmp_path / 's.db'}", progress=False)
+    cfg = resolve_tune(
+        TuneConfig(trials=5, sampler=sampler, pruner=pruner, startup_trials=2, warmup_epochs=1), get_spec("mlp").recipe
+    )
+    result = tune(
+        "mlp",
+        train,
+        val,
+        3,
+        cfg,
+        settings("mlp", epochs=4, patience=0),
+        f"sqlite:///{tmp_path / 's.db'}",
+        progress=False,
+    )
     finished = result.study.get_trials(states=FINISHED)
     assert len(finished) == 5 and result.n_complete + result.n_pruned == 5
     assert result.best_value == min(t.value for t in finished)
-    assert set(result.best_params) == {"activation", "layer_1", "layer_2", "layer_3", "dropout_1",
-                                       "dropout_2", "learning_rate"}
+    assert set(result.best_params) == {
+        "activation",
+        "layer_1",
+        "layer_2",
+        "layer_3",
+        "dropout_1",
+        "dropout_2",
+        "learning_rate",
+    }

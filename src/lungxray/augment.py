@@ -40,8 +40,13 @@ class BatchAugment:
             mirror = torch.where(torch.rand(n, generator=self.generator) < 0.5, -1.0, 1.0)
         shift = torch.stack([self._uniform(n, 2 * cfg.shift), self._uniform(n, 2 * cfg.shift)], dim=1)
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom  # sampling grid: zoom in = smaller step
-        return torch.stack([torch.stack([cos * mirror, -sin, shift[:, 0]], dim=1),
-                            torch.stack([sin * mirror, cos, shift[:, 1]], dim=1)], dim=1)
+        return torch.stack(
+            [
+                torch.stack([cos * mirror, -sin, shift[:, 0]], dim=1),
+                torch.stack([sin * mirror, cos, shift[:, 1]], dim=1),
+            ],
+            dim=1,
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = len(x)

@@ -36,13 +36,15 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def save_bundle(folder: Path, model: torch.nn.Module, config: dict, metrics: dict | None = None,
-                *, overwrite: bool = False) -> Path:
+def save_bundle(
+    folder: Path, model: torch.nn.Module, config: dict, metrics: dict | None = None, *, overwrite: bool = False
+) -> Path:
     """Write the bundle to ``folder``; an existing non-empty folder needs ``overwrite=True``."""
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{folder} already holds a model",
-                                hint="pass --force to replace it, or choose another --out")
+        raise OutputExistsError(
+            f"{folder} already holds a model", hint="pass --force to replace it, or choose another --out"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.iterdir():
         if stale.is_file():
@@ -77,9 +79,11 @@ def verify_bundle(folder: Path) -> dict:
     folder = Path(folder)
     if not (folder / CHECKSUMS).is_file():
         inside = folder / "model"
-        hint = (f"did you mean {inside}? A run folder holds the bundle in model/"
-                if (inside / CHECKSUMS).is_file() else
-                "pass the model/ folder written by `lungxray run` or `lungxray train`")
+        hint = (
+            f"did you mean {inside}? A run folder holds the bundle in model/"
+            if (inside / CHECKSUMS).is_file()
+            else "pass the model/ folder written by `lungxray run` or `lungxray train`"
+        )
         raise BundleError(f"{folder} is not a lungxray model bundle (no checksums.json)", hint=hint)
     try:
         sums = json.loads((folder / CHECKSUMS).read_text())
@@ -93,12 +97,16 @@ def verify_bundle(folder: Path) -> dict:
         if not path.is_file():
             raise BundleError(f"{path} is missing from the bundle; re-export the model")
         if _sha256(path) != expected:
-            raise BundleError(f"{path} does not match its checksum: the file was altered or damaged; "
-                              "re-export the model rather than loading it")
+            raise BundleError(
+                f"{path} does not match its checksum: the file was altered or damaged; "
+                "re-export the model rather than loading it"
+            )
     config = json.loads((folder / CONFIG).read_text())
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{folder} holds format {config.get('format')!r} version "
-                          f"{config.get('format_version')!r}; this lungxray reads {FORMAT} v{FORMAT_VERSION}")
+        raise BundleError(
+            f"{folder} holds format {config.get('format')!r} version "
+            f"{config.get('format_version')!r}; this lungxray reads {FORMAT} v{FORMAT_VERSION}"
+        )
     return config
 
 
@@ -125,22 +133,27 @@ class Predictor:
 
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = threads  # 0: ONNX Runtime's default, one per core
-            self.session_ = onnxruntime.InferenceSession(str(self.folder / ONNX), options,
-                                                         providers=["CPUExecutionProvider"])
+            self.session_ = onnxruntime.InferenceSession(
+                str(self.folder / ONNX), options, providers=["CPUExecutionProvider"]
+            )
         self.classes_: list[str] = self.config_["classes"]
         self.img_size_: int = self.config_["preprocessing"]["img_size"]
         model_cfg = self.config_["model"]
-        self.model_ = create_model(model_cfg["name"], tuple(model_cfg["input_shape"]), len(self.classes_),
-                                   **model_cfg["hyperparameters"])
+        self.model_ = create_model(
+            model_cfg["name"], tuple(model_cfg["input_shape"]), len(self.classes_), **model_cfg["hyperparameters"]
+        )
         state = load_file(self.folder / WEIGHTS)  # safetensors: tensors only, nothing executed
         try:
             self.model_.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise BundleError(f"weights in {self.folder / WEIGHTS} do not fit the model in config.json: {exc}") from None
+            raise BundleError(
+                f"weights in {self.folder / WEIGHTS} do not fit the model in config.json: {exc}"
+            ) from None
         self.model_.eval()
         # The run's test metrics, only when checksums.json lists them (an unlisted file is ignored).
-        self.metrics_: dict | None = (json.loads((self.folder / METRICS).read_text())
-                                      if METRICS in self.checksums_ else None)
+        self.metrics_: dict | None = (
+            json.loads((self.folder / METRICS).read_text()) if METRICS in self.checksums_ else None
+        )
         # Temperature scaling fitted on the validation split at training time (1.0: none).
         self.temperature_: float = float(self.config_.get("calibration", {}).get("temperature", 1.0))
 
@@ -149,8 +162,12 @@ class Predictor:
         """(N, H, W) uint8 preprocessed images -> (N, n_classes) raw logits, before any temperature."""
         x = to_tensor(images)  # (N, 1, H, W)
         if self.session_ is not None:
-            return np.concatenate([self.session_.run(None, {"image": x[i:i + batch_size].numpy()})[0]
-                                   for i in range(0, len(x), batch_size)])
+            return np.concatenate(
+                [
+                    self.session_.run(None, {"image": x[i : i + batch_size].numpy()})[0]
+                    for i in range(0, len(x), batch_size)
+                ]
+            )
         return predict_logits(self.model_, x, batch_size).numpy()
 
     def predict_arrays(self, images: np.ndarray, batch_size: int = 256, calibrated: bool = True) -> np.ndarray:
@@ -173,15 +190,17 @@ class Predictor:
 
     def describe(self, probs: np.ndarray) -> dict:
         """One image's probabilities (n_classes,) -> ``{"class", "probabilities": {name: p}}``."""
-        return {"class": self.classes_[int(probs.argmax())],
-                "probabilities": {c: float(v) for c, v in zip(self.classes_, probs)}}
+        return {
+            "class": self.classes_[int(probs.argmax())],
+            "probabilities": {c: float(v) for c, v in zip(self.classes_, probs, strict=True)},
+        }
 
     def predict_files(self, paths: list[Path]) -> list[dict]:
         """One dict per path: ``{"path", "class", "probabilities"}`` or ``{"path", "error"}``."""
         results, images = self.decode_files(paths)
         if len(images):
             good = [r for r in results if "error" not in r]
-            for r, probs in zip(good, self.predict_arrays(images)):
+            for r, probs in zip(good, self.predict_arrays(images), strict=True):
                 r.update(self.describe(probs))
         return results
 
@@ -204,9 +223,16 @@ def export_onnx(folder: Path, check_images: np.ndarray | None = None) -> tuple[P
         # onnxscript; it still writes a standard graph that ONNX Runtime runs.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        torch.onnx.export(torch_predictor.model_, (dummy,), str(folder / ONNX), input_names=["image"],
-                          output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=17, dynamo=False)
+        torch.onnx.export(
+            torch_predictor.model_,
+            (dummy,),
+            str(folder / ONNX),
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
     if check_images is None:
         check_images = np.random.default_rng(0).integers(0, 256, (8, size, size), dtype=np.uint8)
     write_checksums(folder)

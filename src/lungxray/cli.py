@@ -46,7 +46,9 @@ def add_options(parser, cls, *, skip: tuple[str, ...] = (), helps: dict[str, str
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction if f.default is None else "store_true"
         else:
-            metavar = f.metadata.get("metavar") or (None if f.metadata.get("choices") else flag[2:].upper().replace("-", "_"))
+            metavar = f.metadata.get("metavar") or (
+                None if f.metadata.get("choices") else flag[2:].upper().replace("-", "_")
+            )
             kw |= {"type": kind, "choices": f.metadata.get("choices"), "metavar": metavar}
         parser.add_argument(flag, **kw)
 
@@ -62,8 +64,11 @@ def _train_cfg(args: argparse.Namespace) -> TrainConfig:
 
 
 def _data_args(p: argparse.ArgumentParser, img_size: bool = True) -> None:
-    p.add_argument("data", type=Path, help="dataset folder: one sub-folder per class, or train/ test/ [val/] "
-                                           "folders that each hold class folders")
+    p.add_argument(
+        "data",
+        type=Path,
+        help="dataset folder: one sub-folder per class, or train/ test/ [val/] folders that each hold class folders",
+    )
     add_options(p, DataConfig, skip=() if img_size else ("img_size",))  # evaluate: the bundle's size
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -72,17 +77,24 @@ def _model_data_args(p: argparse.ArgumentParser, verb: str) -> None:
     """MODEL, DATA (preprocessed at the model's size) and --splits, for the commands that score a bundle."""
     p.add_argument("model_dir", metavar="MODEL", type=Path, help="model bundle folder (RUN/model)")
     _data_args(p, img_size=False)
-    p.add_argument("--splits", type=Path, default=None,
-                   help=f"splits.json of a run: {verb} only its test images (default: every image in DATA)")
+    p.add_argument(
+        "--splits",
+        type=Path,
+        default=None,
+        help=f"splits.json of a run: {verb} only its test images (default: every image in DATA)",
+    )
 
 
 def _train_args(p: argparse.ArgumentParser, seed: bool = False) -> None:
-    p.add_argument("--model", default="cnn",
-                   help="registered model: cnn (small MONAI CNN, default), resnet18, densenet121, or mlp "
-                        "(the tutorial's)")
+    p.add_argument(
+        "--model",
+        default="cnn",
+        help="registered model: cnn (small MONAI CNN, default), resnet18, densenet121, or mlp (the tutorial's)",
+    )
     add_options(p, TrainConfig, skip=() if seed else ("seed",))  # --seed comes with the split options
-    add_options(p.add_argument_group("augmentation of training batches (default: on for CNNs, off for mlp)"),
-                AugmentConfig)
+    add_options(
+        p.add_argument_group("augmentation of training batches (default: on for CNNs, off for mlp)"), AugmentConfig
+    )
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -110,33 +122,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train with the best (or given) hyperparameters; writes OUT/model/")
     _data_args(p), add_options(p, SplitConfig), _train_args(p)
-    p.add_argument("--params", default=None,
-                   help="JSON of hyperparameters, or 'defaults' for the model's registered ones "
-                        "(default OUT/best_params.json from `tune`)")
+    p.add_argument(
+        "--params",
+        default=None,
+        help="JSON of hyperparameters, or 'defaults' for the model's registered ones "
+        "(default OUT/best_params.json from `tune`)",
+    )
     p.add_argument("--out", type=Path, required=True, help="run folder")
     p.add_argument("--force", action="store_true", help="replace a model already in OUT")
 
     p = sub.add_parser("evaluate", help="metrics, audit and report of a model on a labelled dataset")
     _model_data_args(p, "evaluate")
-    p.add_argument("--out", type=Path, required=True,
-                   help="folder for metrics.json, predictions.json, audit.json, the plots and report.html")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder for metrics.json, predictions.json, audit.json, the plots and report.html",
+    )
 
-    p = sub.add_parser("cv", help="k-fold cross-validation: mean +- std over folds and bootstrap CIs; writes OUT/cv.json")
+    p = sub.add_parser(
+        "cv", help="k-fold cross-validation: mean +- std over folds and bootstrap CIs; writes OUT/cv.json"
+    )
     _data_args(p)
     _train_args(p, seed=True)
     p.add_argument("--folds", type=int, default=5, help="folds, stratified and grouped by duplicate group (default 5)")
-    p.add_argument("--params", type=Path, default=None,
-                   help="JSON of fixed hyperparameters for every fold (default: the model's defaults)")
-    p.add_argument("--tune", action="store_true",
-                   help="tune inside each fold's training part instead of using fixed hyperparameters")
+    p.add_argument(
+        "--params",
+        type=Path,
+        default=None,
+        help="JSON of fixed hyperparameters for every fold (default: the model's defaults)",
+    )
+    p.add_argument(
+        "--tune",
+        action="store_true",
+        help="tune inside each fold's training part instead of using fixed hyperparameters",
+    )
     add_options(p, TuneConfig)
     p.add_argument("--out", type=Path, required=True, help="folder for cv.json, folds.json and the plot")
     p.add_argument("--force", action="store_true", help="replace a cv.json already in OUT")
 
     p = sub.add_parser("report", help="write RUN/report.html from what run, evaluate or cv left in RUN")
     p.add_argument("run_dir", metavar="RUN", type=Path, help="folder written by run, evaluate --out or cv --out")
-    p.add_argument("--model", dest="model_dir", type=Path, default=None,
-                   help="model bundle that explains the errors in the gallery (default RUN/model)")
+    p.add_argument(
+        "--model",
+        dest="model_dir",
+        type=Path,
+        default=None,
+        help="model bundle that explains the errors in the gallery (default RUN/model)",
+    )
 
     p = sub.add_parser("explain", help="probabilities and a Grad-CAM (CNN) or gradient (MLP) overlay per image")
     _model_arg(p)
@@ -155,8 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
-                   help="auto: ONNX Runtime when the bundle has model.onnx (default)")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnx"],
+        default="auto",
+        help="auto: ONNX Runtime when the bundle has model.onnx (default)",
+    )
 
     p = sub.add_parser("predict", help="class and probabilities for each image")
     _model_arg(p)
@@ -187,6 +224,7 @@ def _ci(metrics: dict, name: str) -> str:
     interval = metrics.get("ci95", {}).get(name)
     return f" (95% CI {interval[0]:.4f}-{interval[1]:.4f})" if interval else ""
 
+
 def cmd_scan(args) -> int:
     from lungxray.data import load_dataset
 
@@ -201,19 +239,33 @@ def cmd_scan(args) -> int:
 def cmd_run(args) -> int:
     from lungxray import pipeline
 
-    result = pipeline.run(args.data, args.out, args.model, from_args(DataConfig, args), from_args(SplitConfig, args),
-                          from_args(TuneConfig, args), _train_cfg(args), final_epochs=args.final_epochs,
-                          force=args.force, progress=not args.quiet)
+    result = pipeline.run(
+        args.data,
+        args.out,
+        args.model,
+        from_args(DataConfig, args),
+        from_args(SplitConfig, args),
+        from_args(TuneConfig, args),
+        _train_cfg(args),
+        final_epochs=args.final_epochs,
+        force=args.force,
+        progress=not args.quiet,
+    )
     summary, metrics = result.summary, result.metrics
     split = metrics["split"]
     print(f"best hyperparameters: {json.dumps(summary['best_params'])}")
     print(f"trials: {summary['trials_complete']} ran to the end, {summary['trials_pruned']} stopped early")
     leaked = split["test_duplicates_of_train"]
-    duplicates = (f"{leaked} test images copy a training image: optimistic, see --drop-test-duplicates"
-                  if leaked else f"{summary['duplicate_groups']} duplicate groups kept whole")
-    print(f"test accuracy {summary['test_accuracy']:.4f}{_ci(metrics, 'accuracy')}, macro-F1 "
-          f"{summary['test_macro_f1']:.4f}{_ci(metrics, 'macro_f1')} on {summary['n_test']} held-out images "
-          f"({split['mode']} split, seed {split['seed']}, {duplicates})")
+    duplicates = (
+        f"{leaked} test images copy a training image: optimistic, see --drop-test-duplicates"
+        if leaked
+        else f"{summary['duplicate_groups']} duplicate groups kept whole"
+    )
+    print(
+        f"test accuracy {summary['test_accuracy']:.4f}{_ci(metrics, 'accuracy')}, macro-F1 "
+        f"{summary['test_macro_f1']:.4f}{_ci(metrics, 'macro_f1')} on {summary['n_test']} held-out images "
+        f"({split['mode']} split, seed {split['seed']}, {duplicates})"
+    )
     print("artifacts:")
     for name, path in summary["artifacts"].items():
         print(f"  {name:<17} {path}")
@@ -223,13 +275,16 @@ def cmd_run(args) -> int:
 def cmd_tune(args) -> int:
     from lungxray import pipeline, runfolder
 
-    ds, split = pipeline.prepare(args.data, from_args(DataConfig, args), from_args(SplitConfig, args), args.out,
-                                 not args.quiet)
-    result = pipeline.tune_stage(ds, split, args.model, from_args(TuneConfig, args), _train_cfg(args), args.out,
-                                 progress=not args.quiet)
+    ds, split = pipeline.prepare(
+        args.data, from_args(DataConfig, args), from_args(SplitConfig, args), args.out, not args.quiet
+    )
+    result = pipeline.tune_stage(
+        ds, split, args.model, from_args(TuneConfig, args), _train_cfg(args), args.out, progress=not args.quiet
+    )
     objective = json.loads((args.out / runfolder.BEST_PARAMS).read_text())["objective"]
-    print(f"best trial {result.best_trial}: {objective} {result.best_value:.4f}, "
-          f"params {json.dumps(result.best_params)}")
+    print(
+        f"best trial {result.best_trial}: {objective} {result.best_value:.4f}, params {json.dumps(result.best_params)}"
+    )
     print(f"written: {args.out / runfolder.BEST_PARAMS}, {args.out / runfolder.TRIALS}")
     return 0
 
@@ -240,10 +295,13 @@ def cmd_train(args) -> int:
     params = pipeline.training_params(args.model, args.params, args.out)
     data_cfg = from_args(DataConfig, args)
     ds, split = pipeline.prepare(args.data, data_cfg, from_args(SplitConfig, args), args.out, not args.quiet)
-    result, folder = pipeline.train_stage(ds, split, args.model, params, _train_cfg(args), data_cfg, args.out,
-                                          force=args.force, progress=not args.quiet)
-    print(f"kept epoch {result.best_epoch}: val accuracy {result.best.val_accuracy:.4f}, "
-          f"val loss {result.best.val_loss:.4f}")
+    result, folder = pipeline.train_stage(
+        ds, split, args.model, params, _train_cfg(args), data_cfg, args.out, force=args.force, progress=not args.quiet
+    )
+    print(
+        f"kept epoch {result.best_epoch}: val accuracy {result.best.val_accuracy:.4f}, "
+        f"val loss {result.best.val_loss:.4f}"
+    )
     print(f"written: {folder}, {args.out / runfolder.CURVES}, {args.out / runfolder.HISTORY}")
     return 0
 
@@ -251,8 +309,9 @@ def cmd_train(args) -> int:
 def _model_and_data(args):
     from lungxray import pipeline
 
-    return pipeline.model_and_data(args.model_dir, args.data, from_args(DataConfig, args), args.splits,
-                                   progress=not args.quiet)
+    return pipeline.model_and_data(
+        args.model_dir, args.data, from_args(DataConfig, args), args.splits, progress=not args.quiet
+    )
 
 
 def cmd_evaluate(args) -> int:
@@ -264,10 +323,16 @@ def cmd_evaluate(args) -> int:
     pipeline.audit_split(predictor, ds, idx, args.out)
     write_report(args.out, args.model_dir)
     auroc = "n/a" if metrics["macro_auroc"] is None else f"{metrics['macro_auroc']:.4f}"
-    print(f"accuracy {metrics['accuracy']:.4f}{_ci(metrics, 'accuracy')}, macro-F1 {metrics['macro_f1']:.4f}"
-          f"{_ci(metrics, 'macro_f1')}, macro AUROC {auroc}, loss {metrics['loss']:.4f} on {metrics['n']} images")
-    print("written: " + ", ".join(str(args.out / name) for name in
-                                  (runfolder.REPORT, runfolder.METRICS, runfolder.AUDIT, runfolder.CONFUSION)))
+    print(
+        f"accuracy {metrics['accuracy']:.4f}{_ci(metrics, 'accuracy')}, macro-F1 {metrics['macro_f1']:.4f}"
+        f"{_ci(metrics, 'macro_f1')}, macro AUROC {auroc}, loss {metrics['loss']:.4f} on {metrics['n']} images"
+    )
+    print(
+        "written: "
+        + ", ".join(
+            str(args.out / name) for name in (runfolder.REPORT, runfolder.METRICS, runfolder.AUDIT, runfolder.CONFUSION)
+        )
+    )
     return 0
 
 
@@ -278,26 +343,51 @@ def cmd_cv(args) -> int:
     from lungxray.models import get_spec
 
     if args.tune and args.params:
-        raise ParamsError("--tune and --params exclude each other",
-                          hint="tune inside each fold (--tune), or give fixed parameters (--params FILE)")
-    params = None if args.tune else (runfolder.read_params(args.params) if args.params
-                                     else dict(get_spec(args.model).defaults))
+        raise ParamsError(
+            "--tune and --params exclude each other",
+            hint="tune inside each fold (--tune), or give fixed parameters (--params FILE)",
+        )
+    params = (
+        None
+        if args.tune
+        else (runfolder.read_params(args.params) if args.params else dict(get_spec(args.model).defaults))
+    )
     train_cfg = _train_cfg(args)
-    report = cross_validate(args.data, args.out, args.model, from_args(DataConfig, args), train_cfg,
-                            folds=args.folds, params=params, tune_cfg=from_args(TuneConfig, args),
-                            force=args.force, progress=not args.quiet)
-    print(f"{args.model}, {args.folds}-fold cross-validation on {report['pooled']['n']} images "
-          f"(folds grouped by duplicate group, seed {report['seed']}"
-          f"{', tuned in each fold' if args.tune else ''}):")
+    report = cross_validate(
+        args.data,
+        args.out,
+        args.model,
+        from_args(DataConfig, args),
+        train_cfg,
+        folds=args.folds,
+        params=params,
+        tune_cfg=from_args(TuneConfig, args),
+        force=args.force,
+        progress=not args.quiet,
+    )
+    print(
+        f"{args.model}, {args.folds}-fold cross-validation on {report['pooled']['n']} images "
+        f"(folds grouped by duplicate group, seed {report['seed']}"
+        f"{', tuned in each fold' if args.tune else ''}):"
+    )
     print(f"  {'metric':<28} {'mean +- std over folds':>24} {'pooled':>8}  95% CI (bootstrap)")
     for name, row in report["summary"].items():
-        spread = (f"{row['mean']:.4f} +- {row['std']:.4f}" if row["std"] is not None
-                  else "n/a" if row["mean"] is None else f"{row['mean']:.4f}")
+        spread = (
+            f"{row['mean']:.4f} +- {row['std']:.4f}"
+            if row["std"] is not None
+            else "n/a"
+            if row["mean"] is None
+            else f"{row['mean']:.4f}"
+        )
         pooled = "n/a" if row["pooled"] is None else f"{row['pooled']:.4f}"
         ci = "n/a" if row["ci95"] is None else f"[{row['ci95'][0]:.4f}, {row['ci95'][1]:.4f}]"
         print(f"  {name:<28} {spread:>24} {pooled:>8}  {ci}")
-    print("written: " + ", ".join(str(args.out / name) for name in
-                                  (runfolder.REPORT, runfolder.CV, runfolder.FOLDS, runfolder.CV_CONFUSION)))
+    print(
+        "written: "
+        + ", ".join(
+            str(args.out / name) for name in (runfolder.REPORT, runfolder.CV, runfolder.FOLDS, runfolder.CV_CONFUSION)
+        )
+    )
     return 0
 
 
@@ -336,12 +426,16 @@ def cmd_audit(args) -> int:
     predictor, ds, idx = _model_and_data(args)
     report = pipeline.audit_split(predictor, ds, idx, args.out)
     chance = report["chance"]
-    print(f"shortcut audit on {report['n']} images (chance: accuracy {chance['accuracy']:.4f}, "
-          f"macro-F1 {chance['macro_f1']:.4f}):")
+    print(
+        f"shortcut audit on {report['n']} images (chance: accuracy {chance['accuracy']:.4f}, "
+        f"macro-F1 {chance['macro_f1']:.4f}):"
+    )
     for name, view in report["views"].items():
         ci = view["accuracy_ci95"]
         interval = f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else ""
-        print(f"  {name.replace('_', ' '):<16} accuracy {view['accuracy']:.4f}{interval}, macro-F1 {view['macro_f1']:.4f}")
+        print(
+            f"  {name.replace('_', ' '):<16} accuracy {view['accuracy']:.4f}{interval}, macro-F1 {view['macro_f1']:.4f}"
+        )
     print(report["verdict"])
     print(f"written: {args.out / runfolder.AUDIT}")
     return 0
@@ -379,9 +473,20 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"warning: {message}", file=sys.stderr)
 
 
-COMMANDS = {"scan": cmd_scan, "run": cmd_run, "tune": cmd_tune, "train": cmd_train, "cv": cmd_cv,
-            "evaluate": cmd_evaluate, "report": cmd_report, "explain": cmd_explain, "export": cmd_export,
-            "serve": cmd_serve, "audit": cmd_audit, "predict": cmd_predict}
+COMMANDS = {
+    "scan": cmd_scan,
+    "run": cmd_run,
+    "tune": cmd_tune,
+    "train": cmd_train,
+    "cv": cmd_cv,
+    "evaluate": cmd_evaluate,
+    "report": cmd_report,
+    "explain": cmd_explain,
+    "export": cmd_export,
+    "serve": cmd_serve,
+    "audit": cmd_audit,
+    "predict": cmd_predict,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,7 @@ from pathlib import Path
 from lungxray.errors import ConfigError
 
 
-def option(flag: str, default=None, *, choices: tuple | None = None, metavar: str | None = None,
-           default_factory=None):
+def option(flag: str, default=None, *, choices: tuple | None = None, metavar: str | None = None, default_factory=None):
     """A dataclass field that is also a command-line option ``flag`` (with ``choices``, if any)."""
     metadata = {"flag": flag, "choices": choices, "metavar": metavar}
     if default_factory is not None:

@@ -33,14 +33,26 @@ def _fold_values(metrics: dict) -> dict[str, float | None]:
     values = {k: metrics[k] for k in CV_METRICS}
     for name, m in metrics["per_class"].items():
         if m["support"]:
-            values |= {f"recall/{name}": m["recall"], f"specificity/{name}": m["specificity"],
-                       f"auroc/{name}": m["auroc"]}
+            values |= {
+                f"recall/{name}": m["recall"],
+                f"specificity/{name}": m["specificity"],
+                f"auroc/{name}": m["auroc"],
+            }
     return values
 
 
-def _fold_model(ds: Dataset, fold: Split, index: int, model_name: str, params: dict | None,
-                train_cfg: TrainConfig, tune_cfg: TuneConfig, trial_cfg: TrainConfig, out: Path,
-                progress: bool) -> tuple[FitResult, dict]:
+def _fold_model(
+    ds: Dataset,
+    fold: Split,
+    index: int,
+    model_name: str,
+    params: dict | None,
+    train_cfg: TrainConfig,
+    tune_cfg: TuneConfig,
+    trial_cfg: TrainConfig,
+    out: Path,
+    progress: bool,
+) -> tuple[FitResult, dict]:
     """Fit one fold's model on its training part, with fixed ``params`` or tuned on its val part.
 
     The configs come resolved (``pipeline.settings``); ``params`` only add their batch size."""
@@ -56,13 +68,24 @@ def _fold_model(ds: Dataset, fold: Split, index: int, model_name: str, params: d
     tuned = tune(model_name, train, val, len(ds.classes), fold_tune, trial_cfg, storage, progress=progress)
     same = tuned.best_fit if replace(trial_cfg, threads=0) == replace(train_cfg, threads=0) else None
     cfg = resolve_train(train_cfg, recipe, tuned.best_params)
-    return same or fit(model_name, tuned.best_params, train, val, len(ds.classes), cfg,
-                       progress=progress), tuned.best_params
+    return same or fit(
+        model_name, tuned.best_params, train, val, len(ds.classes), cfg, progress=progress
+    ), tuned.best_params
 
 
-def cross_validate(data: Path, out: Path, model_name: str, data_cfg: DataConfig, train_cfg: TrainConfig, *,
-                   folds: int = 5, params: dict | None = None, tune_cfg: TuneConfig | None = None,
-                   force: bool = False, progress: bool = True) -> dict:
+def cross_validate(
+    data: Path,
+    out: Path,
+    model_name: str,
+    data_cfg: DataConfig,
+    train_cfg: TrainConfig,
+    *,
+    folds: int = 5,
+    params: dict | None = None,
+    tune_cfg: TuneConfig | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
     """k-fold cross-validation; writes cv.json, folds.json, scan.json, cv_confusion_matrix.png and
     report.html to ``out``; returns cv.json's content.
 
@@ -93,10 +116,19 @@ def cross_validate(data: Path, out: Path, model_name: str, data_cfg: DataConfig,
         infer_s = time.perf_counter() - start
         metrics = compute_metrics(ds.labels[fold.test], probs[fold.test], ds.classes, resamples=0)
         trained = len(fold.train) * len(result.history)  # images through training, every epoch
-        per_fold.append({"fold": i + 1, **fold.sizes(), "params": hp, "best_epoch": result.best_epoch,
-                         "epochs_run": len(result.history), "fit_s": fit_s,
-                         "train_images_per_s": trained / fit_s if params is not None else None,
-                         "predict_images_per_s": len(fold.test) / infer_s, "metrics": metrics})
+        per_fold.append(
+            {
+                "fold": i + 1,
+                **fold.sizes(),
+                "params": hp,
+                "best_epoch": result.best_epoch,
+                "epochs_run": len(result.history),
+                "fit_s": fit_s,
+                "train_images_per_s": trained / fit_s if params is not None else None,
+                "predict_images_per_s": len(fold.test) / infer_s,
+                "metrics": metrics,
+            }
+        )
     clock.lap("folds_s")
     pooled = compute_metrics(ds.labels, probs, ds.classes, seed=seed)
     save_figure(confusion_figure(pooled), out / runfolder.CV_CONFUSION)
@@ -104,15 +136,31 @@ def cross_validate(data: Path, out: Path, model_name: str, data_cfg: DataConfig,
     for j, part in enumerate(parts):
         fold_of[part.test] = j + 1
     n_params = sum(p.numel() for p in result.model.parameters())
-    report = {"lungxray_version": __version__, "data": str(data), "model": model_name, "folds": folds,
-              "seed": seed, "n_parameters": n_params, "tuned_in_each_fold": params is None,
-              "settings": jsonable({"data": asdict(data_cfg), "train": asdict(train_cfg),
-                                    "tune": asdict(tune_cfg) if params is None else None}),
-              "summary": _cv_summary(per_fold, pooled), "pooled": pooled, "per_fold": per_fold,
-              "out_of_fold": [{"path": str(s.path), "label": s.label, "fold": int(fold_of[k]),
-                               "probabilities": dict(zip(ds.classes, map(float, probs[k])))}
-                              for k, s in enumerate(ds.samples)],
-              "timings": clock.laps}
+    report = {
+        "lungxray_version": __version__,
+        "data": str(data),
+        "model": model_name,
+        "folds": folds,
+        "seed": seed,
+        "n_parameters": n_params,
+        "tuned_in_each_fold": params is None,
+        "settings": jsonable(
+            {"data": asdict(data_cfg), "train": asdict(train_cfg), "tune": asdict(tune_cfg) if params is None else None}
+        ),
+        "summary": _cv_summary(per_fold, pooled),
+        "pooled": pooled,
+        "per_fold": per_fold,
+        "out_of_fold": [
+            {
+                "path": str(s.path),
+                "label": s.label,
+                "fold": int(fold_of[k]),
+                "probabilities": dict(zip(ds.classes, map(float, probs[k]), strict=True)),
+            }
+            for k, s in enumerate(ds.samples)
+        ],
+        "timings": clock.laps,
+    }
     runfolder.write_json(out, runfolder.CV, report)
     from lungxray.report import write_report
 
@@ -127,7 +175,10 @@ def _cv_summary(per_fold: list[dict], pooled: dict) -> dict:
     summary = {}
     for name in pooled_values:
         values = [f[name] for f in folds if f.get(name) is not None]
-        summary[name] = {"mean": float(np.mean(values)) if values else None,
-                         "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
-                         "pooled": pooled_values[name], "ci95": pooled.get("ci95", {}).get(name)}
+        summary[name] = {
+            "mean": float(np.mean(values)) if values else None,
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+            "pooled": pooled_values[name],
+            "ci95": pooled.get("ci95", {}).get(name),
+        }
     return summary

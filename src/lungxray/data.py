@@ -26,8 +26,15 @@ from lungxray.config import DataConfig
 from lungxray.decode import decode
 from lungxray.errors import DataError, UnusableImage
 
-SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-               "validation": "val", "test": "test", "testing": "test"}
+SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 
 @dataclass
@@ -108,21 +115,28 @@ def discover(root: Path) -> tuple[str, list[tuple[Path, str, str | None]], list[
     """Find (path, class, folder split) for every file; return the layout and stray files."""
     root = Path(os.path.abspath(root))
     if not root.is_dir():
-        raise DataError(f"dataset folder {root} does not exist or is not a folder; pass the folder "
-                        "that holds one sub-folder per class (or train/ and test/ folders)")
+        raise DataError(
+            f"dataset folder {root} does not exist or is not a folder; pass the folder "
+            "that holds one sub-folder per class (or train/ and test/ folders)"
+        )
     top = _class_dirs(root)
     split_dirs = [d for d in top if normalise_class_name(d.name) in SPLIT_NAMES and _class_dirs(d)]
     layout = "split" if split_dirs else "flat"
     if split_dirs and len(split_dirs) != len(top):
         others = sorted(d.name for d in top if d not in split_dirs)
-        raise DataError(f"{root} mixes split folders ({', '.join(d.name for d in split_dirs)}) with "
-                        f"other folders ({', '.join(others)}); use either class folders or "
-                        "train/ test/ [val/] folders that each hold class folders")
+        raise DataError(
+            f"{root} mixes split folders ({', '.join(d.name for d in split_dirs)}) with "
+            f"other folders ({', '.join(others)}); use either class folders or "
+            "train/ test/ [val/] folders that each hold class folders"
+        )
     parents = [(d, SPLIT_NAMES[normalise_class_name(d.name)]) for d in split_dirs] or [(root, None)]
     files, stray = [], []
     for parent, split in parents:
-        stray += [Skipped(str(p), "not inside a class folder") for p in sorted(parent.iterdir())
-                  if p.is_file() and not p.name.startswith(".")]
+        stray += [
+            Skipped(str(p), "not inside a class folder")
+            for p in sorted(parent.iterdir())
+            if p.is_file() and not p.name.startswith(".")
+        ]
         for class_dir in _class_dirs(parent):
             label = normalise_class_name(class_dir.name)
             for path in sorted(class_dir.rglob("*")):
@@ -131,8 +145,11 @@ def discover(root: Path) -> tuple[str, list[tuple[Path, str, str | None]], list[
                 if path.is_file():
                     files.append((path, label, split))
                 elif path.is_symlink() and not path.exists():
-                    stray.append(Skipped(str(path), f"broken symbolic link (points to {os.readlink(path)}, "
-                                                    "which does not exist)"))
+                    stray.append(
+                        Skipped(
+                            str(path), f"broken symbolic link (points to {os.readlink(path)}, which does not exist)"
+                        )
+                    )
     return layout, files, stray
 
 
@@ -165,8 +182,7 @@ def _decode_all(todo: list[Path], cfg: DataConfig, progress: bool):
     args = [(str(p), cfg.img_size) for p in todo]
     workers = min(cfg.workers or os.cpu_count() or 1, len(todo))
     with contextlib.ExitStack() as stack:
-        bar = stack.enter_context(tqdm(total=len(todo), desc="decoding", unit="img",
-                                       disable=not progress or not todo))
+        bar = stack.enter_context(tqdm(total=len(todo), desc="decoding", unit="img", disable=not progress or not todo))
         if workers <= 1 or len(todo) < 8:
             results = map(_process_file, args)
         else:
@@ -201,21 +217,28 @@ def _load_pixels(files: list[tuple[Path, str, str | None]], cfg: DataConfig, pro
     try:
         cache.save()
     except OSError as exc:
-        warnings.warn(f"could not write the preprocessing cache in {cfg.cache_dir}: {exc}; "
-                      "set --cache-dir to a writable folder", stacklevel=2)
+        warnings.warn(
+            f"could not write the preprocessing cache in {cfg.cache_dir}: {exc}; set --cache-dir to a writable folder",
+            stacklevel=2,
+        )
     return out
 
 
 def _thumbnails(images: np.ndarray) -> np.ndarray:
     """(N, H, W) uint8 -> (N, 1024) standardised 32x32 box-filtered thumbnails."""
-    thumbs = np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.Resampling.BOX),
-                                  dtype=np.float32).ravel() for im in images])
+    thumbs = np.stack(
+        [
+            np.asarray(Image.fromarray(im).resize((32, 32), Image.Resampling.BOX), dtype=np.float32).ravel()
+            for im in images
+        ]
+    )
     thumbs -= thumbs.mean(axis=1, keepdims=True)
     return thumbs / np.maximum(thumbs.std(axis=1, keepdims=True), 1e-6)
 
 
-def find_duplicate_groups(images: np.ndarray, pixel_hashes: list[str], phashes: list[str],
-                          max_distance: int, min_correlation: float) -> np.ndarray:
+def find_duplicate_groups(
+    images: np.ndarray, pixel_hashes: list[str], phashes: list[str], max_distance: int, min_correlation: float
+) -> np.ndarray:
     """Cluster id per image: identical pixels, or near-copies.
 
     A near-copy pair has perceptual hashes within ``max_distance`` bits *and* 32x32 thumbnails
@@ -230,14 +253,15 @@ def find_duplicate_groups(images: np.ndarray, pixel_hashes: list[str], phashes: 
     n = len(pixel_hashes)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    bits = np.unpackbits(np.frombuffer(b"".join(bytes.fromhex(h) for h in phashes), dtype=np.uint8)
-                         .reshape(n, 8), axis=1).astype(np.int16)  # (N, 64)
+    bits = np.unpackbits(
+        np.frombuffer(b"".join(bytes.fromhex(h) for h in phashes), dtype=np.uint8).reshape(n, 8), axis=1
+    ).astype(np.int16)  # (N, 64)
     distance = bits @ (1 - bits).T + (1 - bits) @ bits.T  # (N, N) Hamming distances
     rows, cols = np.nonzero(np.triu(distance <= max_distance, k=1))
     if len(rows):
         involved, position = np.unique(np.concatenate([rows, cols]), return_inverse=True)
         thumbs = _thumbnails(images[involved])  # only images in a candidate pair
-        a, b = position[: len(rows)], position[len(rows):]
+        a, b = position[: len(rows)], position[len(rows) :]
         corr = np.einsum("ij,ij->i", thumbs[a], thumbs[b]) / thumbs.shape[1]
         rows, cols = rows[corr >= min_correlation], cols[corr >= min_correlation]
     # identical pixels: link every image to the first one with the same hash
@@ -247,8 +271,7 @@ def find_duplicate_groups(images: np.ndarray, pixel_hashes: list[str], phashes: 
     return connected_components(graph, directed=False)[1].astype(np.int64)
 
 
-def load_dataset(root: Path, cfg: DataConfig | None = None, *, progress: bool = True,
-                 min_classes: int = 2) -> Dataset:
+def load_dataset(root: Path, cfg: DataConfig | None = None, *, progress: bool = True, min_classes: int = 2) -> Dataset:
     """Scan ``root``, preprocess every image (cached), and find duplicate groups.
 
     Raises DataError when a class folder has no usable image or fewer than ``min_classes`` classes
@@ -272,22 +295,36 @@ def load_dataset(root: Path, cfg: DataConfig | None = None, *, progress: bool = 
         images.append(pixels)
     empty = [f"{s + '/' if s else ''}{label}" for (s, label), n in usable.items() if n == 0]
     if empty:
-        raise DataError(f"class folder(s) with no usable image in {root}: {', '.join(empty)}; "
-                        "add images or remove the folder (skipped files: "
-                        f"{'; '.join(f'{k.path}: {k.reason}' for k in skipped[:5])})")
+        raise DataError(
+            f"class folder(s) with no usable image in {root}: {', '.join(empty)}; "
+            "add images or remove the folder (skipped files: "
+            f"{'; '.join(f'{k.path}: {k.reason}' for k in skipped[:5])})"
+        )
     classes = sorted({s.label for s in samples})
     if len(classes) < min_classes:
-        raise DataError(f"found {len(classes)} class folder(s) in {root} ({', '.join(classes) or 'none'}); "
-                        f"need at least {min_classes}: one sub-folder of images per class")
+        raise DataError(
+            f"found {len(classes)} class folder(s) in {root} ({', '.join(classes) or 'none'}); "
+            f"need at least {min_classes}: one sub-folder of images per class"
+        )
     pixels = np.stack(images) if images else np.zeros((0, cfg.img_size, cfg.img_size), np.uint8)
-    groups = find_duplicate_groups(pixels, [s.pixel_hash for s in samples], [s.phash for s in samples],
-                                   cfg.near_duplicate_distance, cfg.near_duplicate_correlation)
-    for sample, group in zip(samples, groups):
+    groups = find_duplicate_groups(
+        pixels,
+        [s.pixel_hash for s in samples],
+        [s.phash for s in samples],
+        cfg.near_duplicate_distance,
+        cfg.near_duplicate_correlation,
+    )
+    for sample, group in zip(samples, groups, strict=True):
         sample.group = int(group)
     members: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(int(g), []).append(i)
     dup_groups = [m for m in members.values() if len(m) > 1]
-    cross = [(a, b) for m in dup_groups for j, a in enumerate(m) for b in m[j + 1:]
-             if samples[a].folder_split != samples[b].folder_split]
+    cross = [
+        (a, b)
+        for m in dup_groups
+        for j, a in enumerate(m)
+        for b in m[j + 1 :]
+        if samples[a].folder_split != samples[b].folder_split
+    ]
     return Dataset(root, layout, classes, samples, pixels, skipped, dup_groups, cross)

@@ -15,8 +15,14 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, log_loss, precision_recall_fscore_support,
-                             roc_auc_score)
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
 
 BOOTSTRAP_RESAMPLES = 2000
 
@@ -29,8 +35,9 @@ def _auroc(y_true: np.ndarray, scores: np.ndarray, label: int) -> float | None:
     return float(roc_auc_score(positive, scores))
 
 
-def _resampled_metrics(y_true: np.ndarray, probs: np.ndarray, present: list[int],
-                       idx: np.ndarray) -> dict[str, np.ndarray]:
+def _resampled_metrics(
+    y_true: np.ndarray, probs: np.ndarray, present: list[int], idx: np.ndarray
+) -> dict[str, np.ndarray]:
     """Headline metrics of every bootstrap resample at once: ``idx`` (B, N) -> {name: (B,)}.
 
     Vectorised over resamples (one confusion-matrix bincount, one rank pass per class): a
@@ -49,8 +56,9 @@ def _resampled_metrics(y_true: np.ndarray, probs: np.ndarray, present: list[int]
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = tp / actual
         specificity = (n - actual - predicted + tp) / (n - actual)
-        f1 = np.where(2 * tp + (predicted - tp) + (actual - tp) > 0,
-                      2 * tp / (2 * tp + (predicted - tp) + (actual - tp)), 0.0)
+        f1 = np.where(
+            2 * tp + (predicted - tp) + (actual - tp) > 0, 2 * tp / (2 * tp + (predicted - tp) + (actual - tp)), 0.0
+        )
         auroc = np.full((n_res, n_classes), np.nan)
         for c in range(n_classes):
             ranks = rankdata(probs[:, c][idx], axis=1)  # ties get their average rank
@@ -67,9 +75,15 @@ def _resampled_metrics(y_true: np.ndarray, probs: np.ndarray, present: list[int]
     return out
 
 
-def bootstrap_ci(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *,
-                 resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
-                 confidence: float = 0.95) -> dict[str, list[float] | None]:
+def bootstrap_ci(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, list[float] | None]:
     """Percentile-bootstrap intervals of the headline metrics, resampling images with replacement.
 
     scipy.stats.bootstrap draws the resamples (seeded) and takes the percentiles; the metrics
@@ -89,13 +103,22 @@ def bootstrap_ci(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *,
     with warnings.catch_warnings():
         # scipy warns when a metric is undefined in some resamples; those intervals become None.
         warnings.simplefilter("ignore", DegenerateDataWarning)
-        result = bootstrap((np.arange(len(y_true)),), statistic, vectorized=True, n_resamples=resamples,
-                           confidence_level=confidence, method="percentile", rng=seed,
-                           batch=max(1, 20_000_000 // max(1, len(y_true))))
+        result = bootstrap(
+            (np.arange(len(y_true)),),
+            statistic,
+            vectorized=True,
+            n_resamples=resamples,
+            confidence_level=confidence,
+            method="percentile",
+            rng=seed,
+            batch=max(1, 20_000_000 // max(1, len(y_true))),
+        )
     low, high = result.confidence_interval
     readable = {f"{k.split('/')[0]}/{classes[int(k.split('/')[1])]}" if "/" in k else k: i for i, k in enumerate(names)}
-    return {k: None if not (np.isfinite(low[i]) and np.isfinite(high[i])) else [float(low[i]), float(high[i])]
-            for k, i in readable.items()}
+    return {
+        k: None if not (np.isfinite(low[i]) and np.isfinite(high[i])) else [float(low[i]), float(high[i])]
+        for k, i in readable.items()
+    }
 
 
 ECE_BINS = 15
@@ -107,15 +130,19 @@ def reliability_bins(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == y_true
     which = np.minimum((confidence * bins).astype(int), bins - 1)  # (N,) bin of each image
-    return [(float(confidence[which == b].mean()), float(correct[which == b].mean()), float((which == b).mean()))
-            for b in range(bins) if (which == b).any()]
+    return [
+        (float(confidence[which == b].mean()), float(correct[which == b].mean()), float((which == b).mean()))
+        for b in range(bins)
+        if (which == b).any()
+    ]
 
 
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:
     """ECE: the gap between confidence and accuracy, averaged over the confidence bins weighted by
     how many images fall in each (Guo et al., 2017)."""
-    return float(sum(share * abs(accuracy - confidence)
-                     for confidence, accuracy, share in reliability_bins(y_true, probs, bins)))
+    return float(
+        sum(share * abs(accuracy - confidence) for confidence, accuracy, share in reliability_bins(y_true, probs, bins))
+    )
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -154,17 +181,26 @@ def calibrate(logits: np.ndarray, y_true: np.ndarray) -> dict:
     """
     logits = np.asarray(logits, dtype=np.float64)
     if len(y_true) < MIN_CALIBRATION_IMAGES:
-        return {"method": "none", "temperature": 1.0, "n": int(len(y_true)),
-                "reason": f"fewer than {MIN_CALIBRATION_IMAGES} validation images"}
+        return {
+            "method": "none",
+            "temperature": 1.0,
+            "n": int(len(y_true)),
+            "reason": f"fewer than {MIN_CALIBRATION_IMAGES} validation images",
+        }
     temperature = fit_temperature(logits, y_true)
-    return {"method": "temperature scaling", "fitted_on": "validation", "n": int(len(y_true)),
-            "temperature": temperature,
-            "val_ece_before": expected_calibration_error(y_true, softmax(logits)),
-            "val_ece_after": expected_calibration_error(y_true, softmax(logits, temperature))}
+    return {
+        "method": "temperature scaling",
+        "fitted_on": "validation",
+        "n": int(len(y_true)),
+        "temperature": temperature,
+        "val_ece_before": expected_calibration_error(y_true, softmax(logits)),
+        "val_ece_after": expected_calibration_error(y_true, softmax(logits, temperature)),
+    }
 
 
-def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *,
-                    resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+def compute_metrics(
+    y_true: np.ndarray, probs: np.ndarray, classes: list[str], *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> dict:
     """``metrics.json`` content for integer labels ``y_true`` (N,) and probabilities ``probs`` (N, C).
 
     Macro-F1 and macro AUROC average over the classes present in ``y_true`` (a dataset from
@@ -175,8 +211,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *
     labels = list(range(len(classes)))
     y_pred = probs.argmax(axis=1)
     present = sorted(set(y_true.tolist()))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0)
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     cm = confusion_matrix(y_true, y_pred, labels=labels)
     negatives = len(y_true) - cm.sum(axis=1)
     true_negatives = negatives - (cm.sum(axis=0) - np.diag(cm))
@@ -189,10 +224,17 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
         "macro_auroc": float(np.mean(defined)) if defined else None,
-        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]),
-                             "specificity": float(true_negatives[i] / negatives[i]) if negatives[i] else None,
-                             "f1": float(f1[i]), "auroc": auroc[i], "support": int(support[i])}
-                      for i, name in enumerate(classes)},
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "specificity": float(true_negatives[i] / negatives[i]) if negatives[i] else None,
+                "f1": float(f1[i]),
+                "auroc": auroc[i],
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(classes)
+        },
         "confusion_matrix": cm.tolist(),
         "ece": expected_calibration_error(y_true, probs),
     }
@@ -234,15 +276,23 @@ def confusion_figure(metrics: dict, normalised: bool = False):
     panels = [(cm.astype(int), "counts", "d")]
     if normalised:
         rows = cm.sum(axis=1, keepdims=True)
-        panels.append((np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0),
-                       "row-normalised (recall on the diagonal)", ".2f"))
+        panels.append(
+            (
+                np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0),
+                "row-normalised (recall on the diagonal)",
+                ".2f",
+            )
+        )
     fig, axes = plt.subplots(1, len(panels), figsize=((1.6 + 1.2 * n) * len(panels), 1.2 + 1.2 * n), squeeze=False)
-    for ax, (matrix, title, fmt) in zip(axes[0], panels):
+    for ax, (matrix, title, fmt) in zip(axes[0], panels, strict=True):
         ConfusionMatrixDisplay(matrix, display_labels=metrics["classes"]).plot(
-            ax=ax, cmap="Blues", colorbar=False, xticks_rotation=30, values_format=fmt)
+            ax=ax, cmap="Blues", colorbar=False, xticks_rotation=30, values_format=fmt
+        )
         ax.set_title(title)
     if not normalised:
-        axes[0][0].set_title(f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} (n={metrics['n']})")
+        axes[0][0].set_title(
+            f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} (n={metrics['n']})"
+        )
     return fig
 
 

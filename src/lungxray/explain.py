@@ -40,7 +40,7 @@ def saliency(predictor: Predictor, images: np.ndarray) -> np.ndarray:
         maps = predictor.gradcam_(x)  # (N, 1, H, W), upsampled to the input, 0..1 per image
         return maps[:, 0].detach().numpy().astype(np.float32)
     vanilla = VanillaGrad(model)  # one image per call
-    grads = torch.cat([vanilla(x[i:i + 1]) for i in range(len(x))]).abs()[:, 0]  # (N, H, W): pull on the logit
+    grads = torch.cat([vanilla(x[i : i + 1]) for i in range(len(x))]).abs()[:, 0]  # (N, H, W): pull on the logit
     peak = grads.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
     return (grads / peak).detach().numpy().astype(np.float32)
 
@@ -63,7 +63,7 @@ def explain_files(predictor: Predictor, paths: list[Path], out: Path) -> list[di
     if len(images):
         good = [r for r in results if "error" not in r]
         probs, maps = predictor.predict_arrays(images), saliency(predictor, images)
-        for k, (r, image, p, heat) in enumerate(zip(good, images, probs, maps)):
+        for k, (r, image, p, heat) in enumerate(zip(good, images, probs, maps, strict=True)):
             target = out / f"{k:03d}_{Path(r['path']).stem}_overlay.png"
             Image.fromarray(overlay(image, heat)).save(target)
             r.update({**predictor.describe(p), "overlay": str(target)})
@@ -96,13 +96,21 @@ def audit(predictor: Predictor, images: np.ndarray, y: np.ndarray) -> dict:
     from lungxray.evaluate import compute_metrics
 
     views = {}
-    for name, batch in (("original", images), ("lungs_hidden", hide(images, "lungs")),
-                        ("borders_hidden", hide(images, "borders"))):
+    for name, batch in (
+        ("original", images),
+        ("lungs_hidden", hide(images, "lungs")),
+        ("borders_hidden", hide(images, "borders")),
+    ):
         m = compute_metrics(y, predictor.predict_arrays(batch), predictor.classes_)
         views[name] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "accuracy_ci95": m["ci95"]["accuracy"]}
     chance = chance_level(y, len(predictor.classes_))
-    return {"n": int(len(y)), "lung_field_box": dict(zip(("top", "bottom", "left", "right"), LUNG_FIELD)),
-            "chance": chance, "views": views, "verdict": verdict(views, chance)}
+    return {
+        "n": int(len(y)),
+        "lung_field_box": dict(zip(("top", "bottom", "left", "right"), LUNG_FIELD, strict=True)),
+        "chance": chance,
+        "views": views,
+        "verdict": verdict(views, chance),
+    }
 
 
 def chance_level(y: np.ndarray, n_classes: int) -> dict:
@@ -120,13 +128,19 @@ def _low(view: dict) -> float:
 
 def verdict(views: dict, chance: dict) -> str:
     if _low(views["original"]) <= chance["accuracy"]:
-        return (f"The model is not clearly above chance ({chance['accuracy']:.2f}) even on the images as they are "
-                f"(accuracy {views['original']['accuracy']:.2f}), so hiding parts of them shows nothing.")
+        return (
+            f"The model is not clearly above chance ({chance['accuracy']:.2f}) even on the images as they are "
+            f"(accuracy {views['original']['accuracy']:.2f}), so hiding parts of them shows nothing."
+        )
     hidden = views["lungs_hidden"]
     if _low(hidden) > chance["accuracy"] + 0.10:
-        return (f"With the lungs hidden the model still scores accuracy {hidden['accuracy']:.2f} against a chance "
-                f"level of {chance['accuracy']:.2f}: the model can tell the classes apart without seeing the "
-                "lungs, so it is likely learning the image source (markers, text, exposure, patient age) "
-                "rather than the disease. Test it on data from another hospital before trusting it.")
-    return (f"With the lungs hidden the model falls to accuracy {hidden['accuracy']:.2f}, near the chance level "
-            f"of {chance['accuracy']:.2f}: it needs the lung field, and the borders alone do not give the class away.")
+        return (
+            f"With the lungs hidden the model still scores accuracy {hidden['accuracy']:.2f} against a chance "
+            f"level of {chance['accuracy']:.2f}: the model can tell the classes apart without seeing the "
+            "lungs, so it is likely learning the image source (markers, text, exposure, patient age) "
+            "rather than the disease. Test it on data from another hospital before trusting it."
+        )
+    return (
+        f"With the lungs hidden the model falls to accuracy {hidden['accuracy']:.2f}, near the chance level "
+        f"of {chance['accuracy']:.2f}: it needs the lung field, and the borders alone do not give the class away."
+    )

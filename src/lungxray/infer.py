@@ -31,4 +31,4 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """(N, 1, H, W) -> (N, n_classes) logits, in eval mode."""
     model.eval()
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])

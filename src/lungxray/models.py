@@ -9,9 +9,9 @@ files. Holds no training loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -52,9 +52,17 @@ class MLP(nn.Module):
     The softmax is left to the loss and to ``predict`` (logits are numerically safer to train on).
     """
 
-    def __init__(self, in_shape: tuple[int, int, int], n_classes: int, activation: str = "relu",
-                 layer_1: int = 64, layer_2: int = 64, layer_3: int = 64,
-                 dropout_1: float = 0.0, dropout_2: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int],
+        n_classes: int,
+        activation: str = "relu",
+        layer_1: int = 64,
+        layer_2: int = 64,
+        layer_3: int = 64,
+        dropout_1: float = 0.0,
+        dropout_2: float = 0.0,
+    ) -> None:
         super().__init__()
         act = {"relu": nn.ReLU, "tanh": nn.Tanh}
         if activation not in act:
@@ -62,9 +70,15 @@ class MLP(nn.Module):
         n_in = in_shape[0] * in_shape[1] * in_shape[2]
         self.net = nn.Sequential(
             nn.Flatten(),  # (N, 1, H, W) -> (N, H*W)
-            nn.Linear(n_in, layer_1), act[activation](), Dropout(dropout_1),
-            nn.Linear(layer_1, layer_2), act[activation](), Dropout(dropout_2),
-            nn.Linear(layer_2, layer_3), act[activation](), Dropout(dropout_2),
+            nn.Linear(n_in, layer_1),
+            act[activation](),
+            Dropout(dropout_1),
+            nn.Linear(layer_1, layer_2),
+            act[activation](),
+            Dropout(dropout_2),
+            nn.Linear(layer_2, layer_3),
+            act[activation](),
+            Dropout(dropout_2),
             nn.Linear(layer_3, n_classes),
         )
         # Keras defaults (Glorot-uniform weights, zero biases) so the tutorial's search space and
@@ -109,8 +123,14 @@ class Standardize(nn.Module):
         return (x - mean) / (std + 1e-5)
 
 
-def small_cnn(in_shape: tuple[int, int, int], n_classes: int, depth: int = 1, width: int = 16,
-              dropout: float = 0.1, standardize: bool = False) -> nn.Module:
+def small_cnn(
+    in_shape: tuple[int, int, int],
+    n_classes: int,
+    depth: int = 1,
+    width: int = 16,
+    dropout: float = 0.1,
+    standardize: bool = False,
+) -> nn.Module:
     """A small MONAI ResNet: four stages of ``depth`` basic residual blocks, ``width`` channels
     doubling per stage, global average pooling, dropout, then the class layer.
 
@@ -122,8 +142,15 @@ def small_cnn(in_shape: tuple[int, int, int], n_classes: int, depth: int = 1, wi
     """
     from monai.networks.nets import ResNet
 
-    net = ResNet(block="basic", layers=(depth,) * 4, block_inplanes=[width * 2 ** i for i in range(4)],
-                 spatial_dims=2, n_input_channels=in_shape[0], conv1_t_stride=2, num_classes=n_classes)
+    net = ResNet(
+        block="basic",
+        layers=(depth,) * 4,
+        block_inplanes=[width * 2**i for i in range(4)],
+        spatial_dims=2,
+        n_input_channels=in_shape[0],
+        conv1_t_stride=2,
+        num_classes=n_classes,
+    )
     net.fc = nn.Sequential(Dropout(dropout), net.fc)
     if standardize:  # inside the stem, so layer names (Grad-CAM's layer4) stay the same
         net.conv1 = nn.Sequential(Standardize(), net.conv1)
@@ -134,8 +161,7 @@ def resnet18(in_shape: tuple[int, int, int], n_classes: int) -> nn.Module:
     """MONAI ResNet-18 with the usual stride-2 stem (MONAI's default stride 1 costs 4x the compute)."""
     from monai.networks.nets import resnet18 as monai_resnet18
 
-    return monai_resnet18(spatial_dims=2, n_input_channels=in_shape[0], num_classes=n_classes,
-                          conv1_t_stride=2)
+    return monai_resnet18(spatial_dims=2, n_input_channels=in_shape[0], num_classes=n_classes, conv1_t_stride=2)
 
 
 def densenet121(in_shape: tuple[int, int, int], n_classes: int, dropout: float = 0.0) -> nn.Module:
@@ -182,25 +208,49 @@ class ModelSpec:
 
 REGISTRY: dict[str, ModelSpec] = {
     # The tutorial's model and training, unchanged: Adam, constant learning rate, no augmentation.
-    "mlp": ModelSpec(MLP, mlp_space, {"activation": "relu", "layer_1": 64, "layer_2": 64,
-                                      "layer_3": 64, "dropout_1": 0.0, "dropout_2": 0.0,
-                                      "learning_rate": 1e-3},
-                     Recipe(optimizer="adam", schedule="constant", augment=False, epochs=64, batch_size=8, jobs=2)),
-    "cnn": ModelSpec(small_cnn, small_cnn_space, {"depth": 1, "width": 16, "dropout": 0.1, "learning_rate": 2e-3,
-                                                  "weight_decay": 1e-2, "batch_size": 16},
-                     Recipe(epochs=30), cam_layer="layer4"),
-    "resnet18": ModelSpec(resnet18, resnet18_space, {"learning_rate": 1e-3, "weight_decay": 1e-2, "batch_size": 16},
-                          Recipe(epochs=12), cam_layer="layer4"),
-    "densenet121": ModelSpec(densenet121, densenet121_space, {"dropout": 0.0, "learning_rate": 1e-3,
-                                                              "weight_decay": 1e-2, "batch_size": 16},
-                             Recipe(epochs=12), cam_layer="class_layers.relu"),
+    "mlp": ModelSpec(
+        MLP,
+        mlp_space,
+        {
+            "activation": "relu",
+            "layer_1": 64,
+            "layer_2": 64,
+            "layer_3": 64,
+            "dropout_1": 0.0,
+            "dropout_2": 0.0,
+            "learning_rate": 1e-3,
+        },
+        Recipe(optimizer="adam", schedule="constant", augment=False, epochs=64, batch_size=8, jobs=2),
+    ),
+    "cnn": ModelSpec(
+        small_cnn,
+        small_cnn_space,
+        {"depth": 1, "width": 16, "dropout": 0.1, "learning_rate": 2e-3, "weight_decay": 1e-2, "batch_size": 16},
+        Recipe(epochs=30),
+        cam_layer="layer4",
+    ),
+    "resnet18": ModelSpec(
+        resnet18,
+        resnet18_space,
+        {"learning_rate": 1e-3, "weight_decay": 1e-2, "batch_size": 16},
+        Recipe(epochs=12),
+        cam_layer="layer4",
+    ),
+    "densenet121": ModelSpec(
+        densenet121,
+        densenet121_space,
+        {"dropout": 0.0, "learning_rate": 1e-3, "weight_decay": 1e-2, "batch_size": 16},
+        Recipe(epochs=12),
+        cam_layer="class_layers.relu",
+    ),
 }
 
 
 def get_spec(name: str) -> ModelSpec:
     if name not in REGISTRY:
-        raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(sorted(REGISTRY))}",
-                                hint="choose one with --model")
+        raise UnknownModelError(
+            f"unknown model {name!r}; known models: {', '.join(sorted(REGISTRY))}", hint="choose one with --model"
+        )
     return REGISTRY[name]
 
 
@@ -227,9 +277,11 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, refused globals: all mean "not a state dict"
-        raise InitWeightsError(f"--init-weights {path}: not a state dict torch can read with "
-                               f"weights_only=True ({type(exc).__name__}: {exc}); save it with "
-                               "torch.save(model.state_dict(), path) or as .safetensors") from None
+        raise InitWeightsError(
+            f"--init-weights {path}: not a state dict torch can read with "
+            f"weights_only=True ({type(exc).__name__}: {exc}); save it with "
+            "torch.save(model.state_dict(), path) or as .safetensors"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -243,15 +295,28 @@ def load_init_weights(model: nn.Module, path: Path) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    misshapen = sorted(f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
-                       for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    misshapen = sorted(
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
+        for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
+    )
     if missing or unexpected or misshapen:
+
         def listed(keys: list[str]) -> str:
             return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
 
-        problems = [f"{len(v)} {name}: {listed(v)}" for name, v in
-                    (("missing from the file", missing), ("unexpected in the file", unexpected),
-                     ("with another shape", misshapen)) if v]
-        raise InitWeightsError(f"--init-weights {path} does not fit this model; " + "; ".join(problems)
-                               + ". Check --model, the number of classes and that the file has one input channel")
+        problems = [
+            f"{len(v)} {name}: {listed(v)}"
+            for name, v in (
+                ("missing from the file", missing),
+                ("unexpected in the file", unexpected),
+                ("with another shape", misshapen),
+            )
+            if v
+        ]
+        raise InitWeightsError(
+            f"--init-weights {path} does not fit this model; "
+            + "; ".join(problems)
+            + ". Check --model, the number of classes and that the file has one input channel"
+        )
     model.load_state_dict(state, strict=True)

@@ -19,12 +19,26 @@ import torch
 
 from lungxray import __version__, runfolder
 from lungxray.bundle import Predictor, attach_metrics, save_bundle
-from lungxray.config import (DataConfig, SplitConfig, TrainConfig, TuneConfig, resolve_train, resolve_tune,
-                             trial_settings)
+from lungxray.config import (
+    DataConfig,
+    SplitConfig,
+    TrainConfig,
+    TuneConfig,
+    resolve_train,
+    resolve_tune,
+    trial_settings,
+)
 from lungxray.data import Dataset, load_dataset
 from lungxray.errors import DataError, MissingInputError
-from lungxray.evaluate import (calibrate, compute_metrics, confusion_figure, curves_figure, expected_calibration_error,
-                               save_figure, softmax)
+from lungxray.evaluate import (
+    calibrate,
+    compute_metrics,
+    confusion_figure,
+    curves_figure,
+    expected_calibration_error,
+    save_figure,
+    softmax,
+)
 from lungxray.infer import predict_logits, set_threads, to_tensor
 from lungxray.models import get_spec
 from lungxray.splits import Split, make_split
@@ -38,8 +52,9 @@ def jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
-def settings(model_name: str, train_cfg: TrainConfig, tune_cfg: TuneConfig,
-             final_epochs: int | None = None) -> tuple[TrainConfig, TrainConfig, TuneConfig]:
+def settings(
+    model_name: str, train_cfg: TrainConfig, tune_cfg: TuneConfig, final_epochs: int | None = None
+) -> tuple[TrainConfig, TrainConfig, TuneConfig]:
     """Resolved (trial, final, tune) settings: the trials' training, the final training (its own
     ``final_epochs`` when given) and the search, each filled from the model's recipe."""
     recipe = get_spec(model_name).recipe
@@ -49,8 +64,9 @@ def settings(model_name: str, train_cfg: TrainConfig, tune_cfg: TuneConfig,
     return trial_cfg, final_cfg, tune_cfg
 
 
-def prepare(data: Path, data_cfg: DataConfig, split_cfg: SplitConfig, out: Path | None = None,
-            progress: bool = True) -> tuple[Dataset, Split]:
+def prepare(
+    data: Path, data_cfg: DataConfig, split_cfg: SplitConfig, out: Path | None = None, progress: bool = True
+) -> tuple[Dataset, Split]:
     """Scan and split; with ``out``, write scan.json and splits.json there."""
     ds = load_dataset(data, data_cfg, progress=progress)
     split = make_split(ds, split_cfg)
@@ -65,27 +81,63 @@ def tensors(ds: Dataset, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return to_tensor(ds.images[idx]), torch.from_numpy(ds.labels[idx])
 
 
-def tune_stage(ds: Dataset, split: Split, model_name: str, tune_cfg: TuneConfig, train_cfg: TrainConfig,
-               out: Path, progress: bool = True):
+def tune_stage(
+    ds: Dataset,
+    split: Split,
+    model_name: str,
+    tune_cfg: TuneConfig,
+    train_cfg: TrainConfig,
+    out: Path,
+    progress: bool = True,
+):
     """Optuna search on train/val; writes best_params.json and trials.json to ``out``."""
     from lungxray.tune import tune
 
     trial_cfg, _, tune_cfg = settings(model_name, train_cfg, tune_cfg)
     storage = runfolder.study_storage(out, tune_cfg.storage)
-    result = tune(model_name, tensors(ds, split.train), tensors(ds, split.val), len(ds.classes),
-                  tune_cfg, trial_cfg, storage, progress=progress)
-    trials = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-               **t.user_attrs} for t in result.study.trials]
+    result = tune(
+        model_name,
+        tensors(ds, split.train),
+        tensors(ds, split.val),
+        len(ds.classes),
+        tune_cfg,
+        trial_cfg,
+        storage,
+        progress=progress,
+    )
+    trials = [
+        {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params, **t.user_attrs}
+        for t in result.study.trials
+    ]
     runfolder.write_json(out, runfolder.TRIALS, trials)
-    runfolder.write_json(out, runfolder.BEST_PARAMS, {
-        "model": model_name, "params": result.best_params, "objective": trial_cfg.select_by,
-        "value": result.best_value, "trial": result.best_trial, "storage": storage})
+    runfolder.write_json(
+        out,
+        runfolder.BEST_PARAMS,
+        {
+            "model": model_name,
+            "params": result.best_params,
+            "objective": trial_cfg.select_by,
+            "value": result.best_value,
+            "trial": result.best_trial,
+            "storage": storage,
+        },
+    )
     return result
 
 
-def train_stage(ds: Dataset, split: Split, model_name: str, params: dict, train_cfg: TrainConfig,
-                data_cfg: DataConfig, out: Path, *, force: bool = False, progress: bool = True,
-                trained: FitResult | None = None) -> tuple[FitResult, Path]:
+def train_stage(
+    ds: Dataset,
+    split: Split,
+    model_name: str,
+    params: dict,
+    train_cfg: TrainConfig,
+    data_cfg: DataConfig,
+    out: Path,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    trained: FitResult | None = None,
+) -> tuple[FitResult, Path]:
     """Final training on train (watching val); writes history.json, curves.png and model/.
 
     ``trained``: a run of exactly this training (the best trial, same settings and seed) whose
@@ -93,8 +145,9 @@ def train_stage(ds: Dataset, split: Split, model_name: str, params: dict, train_
     """
     runfolder.refuse_to_replace(out, runfolder.MODEL, force, "a model")
     cfg = resolve_train(train_cfg, get_spec(model_name).recipe, params)
-    result = trained or fit(model_name, params, tensors(ds, split.train), tensors(ds, split.val),
-                            len(ds.classes), cfg, progress=progress)
+    result = trained or fit(
+        model_name, params, tensors(ds, split.train), tensors(ds, split.val), len(ds.classes), cfg, progress=progress
+    )
     x_val, y_val = tensors(ds, split.val)
     calibration = calibrate(predict_logits(result.model, x_val).double().numpy(), y_val.numpy())
     history = result.history_dict()
@@ -102,14 +155,28 @@ def train_stage(ds: Dataset, split: Split, model_name: str, params: dict, train_
     save_figure(curves_figure(history, result.best_epoch), out / runfolder.CURVES)
     config = {
         "classes": ds.classes,
-        "model": {"name": model_name, "hyperparameters": params,
-                  "input_shape": [1, data_cfg.img_size, data_cfg.img_size]},
-        "preprocessing": {"img_size": data_cfg.img_size, "color": "grayscale", "resize": "bilinear",
-                          "scale": "pixel / 255", "jpeg_reduced_decoding": True},
-        "training": {**jsonable(asdict(cfg)), "best_epoch": result.best_epoch,
-                     "epochs_run": len(result.history), "split_seed": split.seed, "split_mode": split.mode,
-                     "from_best_trial": trained is not None,
-                     "split_sizes": split.sizes(), "torch_version": torch.__version__},
+        "model": {
+            "name": model_name,
+            "hyperparameters": params,
+            "input_shape": [1, data_cfg.img_size, data_cfg.img_size],
+        },
+        "preprocessing": {
+            "img_size": data_cfg.img_size,
+            "color": "grayscale",
+            "resize": "bilinear",
+            "scale": "pixel / 255",
+            "jpeg_reduced_decoding": True,
+        },
+        "training": {
+            **jsonable(asdict(cfg)),
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+            "split_seed": split.seed,
+            "split_mode": split.mode,
+            "from_best_trial": trained is not None,
+            "split_sizes": split.sizes(),
+            "torch_version": torch.__version__,
+        },
         "calibration": calibration,
     }
     folder = save_bundle(out / runfolder.MODEL, result.model, config, overwrite=force)
@@ -124,8 +191,9 @@ def training_params(model_name: str, source: Path | str | None, out: Path) -> di
     return runfolder.read_params(Path(source) if source is not None else Path(out) / runfolder.BEST_PARAMS)
 
 
-def model_and_data(model_dir: Path, data: Path, data_cfg: DataConfig, splits: Path | None = None,
-                   progress: bool = True) -> tuple[Predictor, Dataset, np.ndarray]:
+def model_and_data(
+    model_dir: Path, data: Path, data_cfg: DataConfig, splits: Path | None = None, progress: bool = True
+) -> tuple[Predictor, Dataset, np.ndarray]:
     """The verified bundle, ``data`` preprocessed at the bundle's size, and the indices to score:
     every image, or the test images named in a run's ``splits`` (splits.json)."""
     predictor = Predictor(model_dir)  # verified and loaded once
@@ -134,11 +202,15 @@ def model_and_data(model_dir: Path, data: Path, data_cfg: DataConfig, splits: Pa
     if splits is not None:
         test = set(runfolder.read_json(splits.parent, splits.name)["test"]) if splits.is_file() else None
         if test is None:
-            raise MissingInputError(f"{splits} not found", hint="pass the splits.json of the run that trained the model")
+            raise MissingInputError(
+                f"{splits} not found", hint="pass the splits.json of the run that trained the model"
+            )
         idx = np.array([i for i, s in enumerate(ds.samples) if str(s.path) in test], dtype=np.int64)
         if len(idx) == 0:
-            raise DataError(f"none of the test images in {splits} is in {data}",
-                            hint="pass the dataset folder the run was made from")
+            raise DataError(
+                f"none of the test images in {splits} is in {data}",
+                hint="pass the dataset folder the run was made from",
+            )
     return predictor, ds, idx
 
 
@@ -147,13 +219,17 @@ def _labels_for(predictor: Predictor, ds: Dataset, idx: np.ndarray) -> np.ndarra
     index = {c: i for i, c in enumerate(predictor.classes_)}
     unknown = sorted(set(ds.classes) - set(index))
     if unknown:
-        raise DataError(f"{ds.root} has class folder(s) the model does not know: {', '.join(unknown)}; "
-                        f"the model knows {', '.join(predictor.classes_)}",
-                        hint="folder names are matched after normalising, e.g. 'Viral Pneumonia' -> "
-                             "viral_pneumonia; rename or remove the other folders")
+        raise DataError(
+            f"{ds.root} has class folder(s) the model does not know: {', '.join(unknown)}; "
+            f"the model knows {', '.join(predictor.classes_)}",
+            hint="folder names are matched after normalising, e.g. 'Viral Pneumonia' -> "
+            "viral_pneumonia; rename or remove the other folders",
+        )
     if ds.images.shape[1] != predictor.img_size_:
-        raise ValueError(f"images were preprocessed at {ds.images.shape[1]} px but the model expects "
-                         f"{predictor.img_size_} px; load the data with img_size={predictor.img_size_}")
+        raise ValueError(
+            f"images were preprocessed at {ds.images.shape[1]} px but the model expects "
+            f"{predictor.img_size_} px; load the data with img_size={predictor.img_size_}"
+        )
     return np.array([index[ds.samples[i].label] for i in idx], dtype=np.int64)
 
 
@@ -174,14 +250,29 @@ def evaluate_split(predictor: Predictor, ds: Dataset, idx: np.ndarray, out: Path
     logits = predictor.predict_logits(ds.images[idx]).astype(np.float64)
     probs, raw = softmax(logits, predictor.temperature_), softmax(logits)
     metrics = compute_metrics(y, probs, predictor.classes_)
-    metrics["calibration"] = {"temperature": predictor.temperature_, "ece": metrics["ece"],
-                              "ece_uncalibrated": expected_calibration_error(y, raw)}
+    metrics["calibration"] = {
+        "temperature": predictor.temperature_,
+        "ece": metrics["ece"],
+        "ece_uncalibrated": expected_calibration_error(y, raw),
+    }
     metrics |= extra or {}
-    runfolder.write_json(out, runfolder.PREDICTIONS, {
-        "classes": predictor.classes_, "temperature": predictor.temperature_,
-        "images": [{"path": str(ds.samples[i].path), "label": ds.samples[i].label,
+    runfolder.write_json(
+        out,
+        runfolder.PREDICTIONS,
+        {
+            "classes": predictor.classes_,
+            "temperature": predictor.temperature_,
+            "images": [
+                {
+                    "path": str(ds.samples[i].path),
+                    "label": ds.samples[i].label,
                     "probabilities": [float(v) for v in probs[k]],
-                    "uncalibrated": [float(v) for v in raw[k]]} for k, i in enumerate(idx)]})
+                    "uncalibrated": [float(v) for v in raw[k]],
+                }
+                for k, i in enumerate(idx)
+            ],
+        },
+    )
     runfolder.write_json(out, runfolder.METRICS, metrics)
     save_figure(confusion_figure(metrics), out / runfolder.CONFUSION)
     return metrics
@@ -195,9 +286,19 @@ class RunResult:
     metrics: dict
 
 
-def run(data: Path, out: Path, model_name: str, data_cfg: DataConfig, split_cfg: SplitConfig,
-        tune_cfg: TuneConfig, train_cfg: TrainConfig, *, final_epochs: int | None = None, force: bool = False,
-        progress: bool = True) -> RunResult:
+def run(
+    data: Path,
+    out: Path,
+    model_name: str,
+    data_cfg: DataConfig,
+    split_cfg: SplitConfig,
+    tune_cfg: TuneConfig,
+    train_cfg: TrainConfig,
+    *,
+    final_epochs: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> RunResult:
     """The whole job; writes the run folder and run.json (settings, timings, headline figures).
 
     ``train_cfg`` trains the trials and, with ``final_epochs`` epochs when given, the final model.
@@ -214,12 +315,17 @@ def run(data: Path, out: Path, model_name: str, data_cfg: DataConfig, split_cfg:
     # The final training repeats the best trial exactly when the settings match (same data, seed,
     # epochs, patience): then the trial's model is the final model and is not trained twice.
     same = tuned.best_fit if replace(trial_cfg, threads=0) == replace(final_cfg, threads=0) else None
-    fitted, model_dir = train_stage(ds, split, model_name, tuned.best_params, final_cfg, data_cfg,
-                                    out, force=force, progress=progress, trained=same)
+    fitted, model_dir = train_stage(
+        ds, split, model_name, tuned.best_params, final_cfg, data_cfg, out, force=force, progress=progress, trained=same
+    )
     clock.lap("train_s")
     predictor = Predictor(model_dir)
-    split_info = {"mode": split.mode, "seed": split.seed, **split.sizes(),
-                  "test_duplicates_of_train": split.test_duplicates_of_train}
+    split_info = {
+        "mode": split.mode,
+        "seed": split.seed,
+        **split.sizes(),
+        "test_duplicates_of_train": split.test_duplicates_of_train,
+    }
     metrics = evaluate_split(predictor, ds, split.test, out, {"split": split_info})  # the one read of the test split
     attach_metrics(model_dir, metrics)
     audited = audit_split(predictor, ds, split.test, out)  # the same images, lungs or borders hidden
@@ -229,18 +335,32 @@ def run(data: Path, out: Path, model_name: str, data_cfg: DataConfig, split_cfg:
     write_report(out)
     clock.lap("report_s")
     summary = {
-        "lungxray_version": __version__, "data": str(data), "model": model_name, "seed": split_cfg.seed,
-        "settings": jsonable({"data": asdict(data_cfg), "split": asdict(split_cfg), "tune": asdict(tune_cfg),
-                              "trial": asdict(trial_cfg),
-                              "final": asdict(resolve_train(final_cfg, get_spec(model_name).recipe,
-                                                            tuned.best_params))}),
-        "best_params": tuned.best_params, "trials_complete": tuned.n_complete,
-        "trials_pruned": tuned.n_pruned, "best_epoch": fitted.best_epoch,
+        "lungxray_version": __version__,
+        "data": str(data),
+        "model": model_name,
+        "seed": split_cfg.seed,
+        "settings": jsonable(
+            {
+                "data": asdict(data_cfg),
+                "split": asdict(split_cfg),
+                "tune": asdict(tune_cfg),
+                "trial": asdict(trial_cfg),
+                "final": asdict(resolve_train(final_cfg, get_spec(model_name).recipe, tuned.best_params)),
+            }
+        ),
+        "best_params": tuned.best_params,
+        "trials_complete": tuned.n_complete,
+        "trials_pruned": tuned.n_pruned,
+        "best_epoch": fitted.best_epoch,
         "final_model": "best trial (same training settings)" if same is not None else "retrained",
-        "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"], "n_test": metrics["n"],
+        "test_accuracy": metrics["accuracy"],
+        "test_macro_f1": metrics["macro_f1"],
+        "n_test": metrics["n"],
         "audit": {name: view["accuracy"] for name, view in audited["views"].items()}
         | {"chance": audited["chance"]["accuracy"]},
-        "duplicate_groups": len(ds.duplicate_groups), "skipped": len(ds.skipped), "timings": clock.laps,
+        "duplicate_groups": len(ds.duplicate_groups),
+        "skipped": len(ds.skipped),
+        "timings": clock.laps,
         "artifacts": {name: str(out / file) for name, file in runfolder.RUN_ARTIFACTS.items()}
         | {"study": tune_cfg.storage or str(out / runfolder.STUDY)},
     }

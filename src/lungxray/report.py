@@ -54,7 +54,9 @@ def _dataset(scan: dict, parts: dict | None) -> str:
     if parts:
         body += "<h3>Splits</h3>" + _table(["part", "images"], [[k, v] for k, v in parts.items()])
     skipped = [[s["path"], s["reason"]] for s in scan["skipped"]]
-    body += f"<h3>Skipped files ({len(skipped)})</h3>" + (_table(["file", "reason"], skipped) if skipped else "<p>None.</p>")
+    body += f"<h3>Skipped files ({len(skipped)})</h3>" + (
+        _table(["file", "reason"], skipped) if skipped else "<p>None.</p>"
+    )
     groups = [[len(g), " == ".join(Path(p).name for p in g)] for g in scan["duplicate_groups"]]
     body += f"<h3>Duplicate groups ({len(groups)}), each kept in one split</h3>"
     return body + (_table(["images", "files"], groups) if groups else "<p>None found.</p>")
@@ -67,7 +69,9 @@ def _search(trials: list[dict], best: dict | None) -> str:
     fig, ax = plt.subplots(figsize=(7, 3.2))
     values = [t["value"] for t in done]
     ax.plot([t["number"] for t in done], values, "o", label="trial")
-    best_so_far = np.minimum.accumulate(values) if best and best.get("objective") == "val_loss" else np.maximum.accumulate(values)
+    best_so_far = (
+        np.minimum.accumulate(values) if best and best.get("objective") == "val_loss" else np.maximum.accumulate(values)
+    )
     ax.step([t["number"] for t in done], best_so_far, where="post", label="best so far")
     ax.set_xlabel("trial")
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -75,9 +79,16 @@ def _search(trials: list[dict], best: dict | None) -> str:
     ax.set_title("optimisation history")
     ax.legend()
     keys = sorted({k for t in trials for k in t["params"]})
-    rows = [[t["number"], t["state"], t["value"] if t["value"] is not None else "-",
-             "stopped early" if t.get("pruned_at_epoch") else "full"] + [t["params"].get(k, "-") for k in keys]
-            for t in trials]
+    rows = [
+        [
+            t["number"],
+            t["state"],
+            t["value"] if t["value"] is not None else "-",
+            "stopped early" if t.get("pruned_at_epoch") else "full",
+        ]
+        + [t["params"].get(k, "-") for k in keys]
+        for t in trials
+    ]
     text = f"<p>Best parameters: <code>{html.escape(json.dumps(best['params']))}</code></p>" if best else ""
     return text + _png(fig) + _table(["trial", "state", "value", "run"] + keys, rows)
 
@@ -91,20 +102,37 @@ def _metrics(metrics: dict) -> str:
 
     def with_ci(name: str, value) -> list:
         interval = ci.get(name)
-        return [name, value if value is not None else "n/a",
-                f"{interval[0]:.4f} - {interval[1]:.4f}" if interval else "n/a"]
+        return [
+            name,
+            value if value is not None else "n/a",
+            f"{interval[0]:.4f} - {interval[1]:.4f}" if interval else "n/a",
+        ]
 
     rows = [with_ci(k, metrics.get(k)) for k in ("accuracy", "macro_f1", "macro_auroc")]
     for c, m in metrics["per_class"].items():
-        rows += [with_ci(f"recall/{c}", m["recall"]), with_ci(f"specificity/{c}", m["specificity"]),
-                 with_ci(f"auroc/{c}", m["auroc"])]
-    per_class = [[c, m["precision"], m["recall"], m["specificity"] if m["specificity"] is not None else "n/a",
-                  m["f1"], m["auroc"] if m["auroc"] is not None else "n/a", m["support"]]
-                 for c, m in metrics["per_class"].items()]
-    return (f"<p>{metrics['n']} images. Intervals: 95% percentile bootstrap over images "
-            f"({metrics.get('bootstrap', {}).get('resamples', 0)} resamples).</p>"
-            + _table(["metric", "value", "95% CI"], rows)
-            + _table(["class", "precision", "recall", "specificity", "F1", "AUROC", "support"], per_class))
+        rows += [
+            with_ci(f"recall/{c}", m["recall"]),
+            with_ci(f"specificity/{c}", m["specificity"]),
+            with_ci(f"auroc/{c}", m["auroc"]),
+        ]
+    per_class = [
+        [
+            c,
+            m["precision"],
+            m["recall"],
+            m["specificity"] if m["specificity"] is not None else "n/a",
+            m["f1"],
+            m["auroc"] if m["auroc"] is not None else "n/a",
+            m["support"],
+        ]
+        for c, m in metrics["per_class"].items()
+    ]
+    return (
+        f"<p>{metrics['n']} images. Intervals: 95% percentile bootstrap over images "
+        f"({metrics.get('bootstrap', {}).get('resamples', 0)} resamples).</p>"
+        + _table(["metric", "value", "95% CI"], rows)
+        + _table(["class", "precision", "recall", "specificity", "F1", "AUROC", "support"], per_class)
+    )
 
 
 def _confusion(metrics: dict) -> str:
@@ -135,8 +163,12 @@ def _calibration(y: np.ndarray, probs: np.ndarray, raw: np.ndarray | None, tempe
         if p is None:
             continue
         points = reliability_bins(y, p)
-        ax.plot([c for c, _, _ in points], [a for _, a, _ in points], "o-",
-                label=f"{label}: ECE {expected_calibration_error(y, p):.3f}")
+        ax.plot(
+            [c for c, _, _ in points],
+            [a for _, a, _ in points],
+            "o-",
+            label=f"{label}: ECE {expected_calibration_error(y, p):.3f}",
+        )
         rows.append([label, expected_calibration_error(y, p)])
     ax.plot(diagonal, diagonal, "k:", label="perfect calibration")
     ax.set_xlabel("confidence (top probability)")
@@ -175,26 +207,39 @@ def _gallery(model_dir: Path, predictions: dict, y: np.ndarray, probs: np.ndarra
     wrong, images = np.array(kept), np.stack(arrays)
     maps = saliency(predictor, images)
     cards = []
-    for it, image, heat, i in zip(items, images, maps, wrong):
+    for it, image, heat, i in zip(items, images, maps, wrong, strict=True):
         buf = io.BytesIO()
         Image.fromarray(overlay(image, heat)).resize((192, 192), Image.Resampling.NEAREST).save(buf, format="PNG")
         guess = predictions["classes"][int(probs[i].argmax())]
-        cards.append(f'<figure><img alt="overlay" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
-                     f"<figcaption>{html.escape(Path(it['path']).name)}<br>true {html.escape(it['label'])}, "
-                     f"predicted {html.escape(guess)} ({probs[i].max():.2f})</figcaption></figure>")
-    return f'<p>{len(cards)} most confident errors; colour shows where the model looked.</p><div class="gallery">{"".join(cards)}</div>'
+        cards.append(
+            f'<figure><img alt="overlay" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+            f"<figcaption>{html.escape(Path(it['path']).name)}<br>true {html.escape(it['label'])}, "
+            f"predicted {html.escape(guess)} ({probs[i].max():.2f})</figcaption></figure>"
+        )
+    intro = f"<p>{len(cards)} most confident errors; colour shows where the model looked.</p>"
+    return f'{intro}<div class="gallery">{"".join(cards)}</div>'
 
 
 def _audit(audit: dict) -> str:
-    rows = [[name.replace("_", " "), v["accuracy"], v["macro_f1"],
-             f"{v['accuracy_ci95'][0]:.4f} - {v['accuracy_ci95'][1]:.4f}" if v["accuracy_ci95"] else "n/a"]
-            for name, v in audit["views"].items()]
+    rows = [
+        [
+            name.replace("_", " "),
+            v["accuracy"],
+            v["macro_f1"],
+            f"{v['accuracy_ci95'][0]:.4f} - {v['accuracy_ci95'][1]:.4f}" if v["accuracy_ci95"] else "n/a",
+        ]
+        for name, v in audit["views"].items()
+    ]
     rows.append(["chance", audit["chance"]["accuracy"], audit["chance"]["macro_f1"], "-"])
-    return _table(["images", "accuracy", "macro-F1", "accuracy 95% CI"], rows) + f"<p><strong>{html.escape(audit['verdict'])}</strong></p>"
+    return (
+        _table(["images", "accuracy", "macro-F1", "accuracy 95% CI"], rows)
+        + f"<p><strong>{html.escape(audit['verdict'])}</strong></p>"
+    )
 
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
+td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 th{background:#f2f2f2}section{margin-bottom:2.2em}img{max-width:100%}.gallery{display:flex;flex-wrap:wrap;gap:1em}
 figure{margin:0;width:200px;font-size:.8em}code{background:#f4f4f4;padding:.1em .3em}"""
 
@@ -208,14 +253,20 @@ def _scores(cv: dict | None, predictions: dict | None) -> tuple:
     if predictions:
         classes = predictions["classes"]
         y = np.array([classes.index(it["label"]) for it in predictions["images"]])
-        return (y, np.array([it["probabilities"] for it in predictions["images"]]),
-                np.array([it["uncalibrated"] for it in predictions["images"]]), predictions["temperature"])
+        return (
+            y,
+            np.array([it["probabilities"] for it in predictions["images"]]),
+            np.array([it["uncalibrated"] for it in predictions["images"]]),
+            predictions["temperature"],
+        )
     return None, None, None, 1.0
 
 
 def _cv_table(cv: dict) -> str:
-    rows = [[name, "n/a" if row["mean"] is None else row["mean"], "n/a" if row["std"] is None else row["std"]]
-            for name, row in cv["summary"].items()]
+    rows = [
+        [name, "n/a" if row["mean"] is None else row["mean"], "n/a" if row["std"] is None else row["std"]]
+        for name, row in cv["summary"].items()
+    ]
     return _table(["metric", "mean over folds", "std over folds"], rows)
 
 
@@ -224,20 +275,38 @@ def write_report(folder: Path, model_dir: Path | None = None) -> Path:
     ``model_dir`` (default ``folder/model``) explains the errors in the gallery."""
     folder = Path(folder)
     model_dir = Path(model_dir) if model_dir is not None else folder / runfolder.MODEL
-    found = {key: runfolder.read_json(folder, name) for key, name in
-             (("scan", runfolder.SCAN), ("splits", runfolder.SPLITS), ("trials", runfolder.TRIALS),
-              ("best_params", runfolder.BEST_PARAMS), ("history", runfolder.HISTORY),
-              ("metrics", runfolder.METRICS), ("predictions", runfolder.PREDICTIONS), ("cv", runfolder.CV),
-              ("audit", runfolder.AUDIT))}
+    found = {
+        key: runfolder.read_json(folder, name)
+        for key, name in (
+            ("scan", runfolder.SCAN),
+            ("splits", runfolder.SPLITS),
+            ("trials", runfolder.TRIALS),
+            ("best_params", runfolder.BEST_PARAMS),
+            ("history", runfolder.HISTORY),
+            ("metrics", runfolder.METRICS),
+            ("predictions", runfolder.PREDICTIONS),
+            ("cv", runfolder.CV),
+            ("audit", runfolder.AUDIT),
+        )
+    }
     cv, metrics = found["cv"], found["metrics"] or (found["cv"] or {}).get("pooled")
     if metrics is None:
-        raise MissingInputError(f"{folder} holds no {runfolder.METRICS} or {runfolder.CV}",
-                                hint="run `lungxray run`, `evaluate` or `cv` with --out there first")
+        raise MissingInputError(
+            f"{folder} holds no {runfolder.METRICS} or {runfolder.CV}",
+            hint="run `lungxray run`, `evaluate` or `cv` with --out there first",
+        )
     sections = []
     if found["scan"]:
-        sizes = (found["splits"]["sizes"] if found["splits"] else
-                 {f"fold {f['fold']} (train / val / test)": f"{f['train']} / {f['val']} / {f['test']}"
-                  for f in cv["per_fold"]} if cv else None)
+        sizes = (
+            found["splits"]["sizes"]
+            if found["splits"]
+            else {
+                f"fold {f['fold']} (train / val / test)": f"{f['train']} / {f['val']} / {f['test']}"
+                for f in cv["per_fold"]
+            }
+            if cv
+            else None
+        )
         sections.append(_section("dataset", "Dataset", _dataset(found["scan"], sizes)))
     if found["trials"]:
         sections.append(_section("search", "Hyperparameter search", _search(found["trials"], found["best_params"])))
@@ -252,11 +321,15 @@ def write_report(folder: Path, model_dir: Path | None = None) -> Path:
         sections.append(_section("roc", "ROC curves", _roc(y, probs, metrics["classes"])))
         sections.append(_section("calibration", "Calibration", _calibration(y, probs, raw, temperature)))
     if found["predictions"] and not cv:
-        sections.append(_section("errors", "Most confident errors", _gallery(model_dir, found["predictions"], y, probs)))
+        sections.append(
+            _section("errors", "Most confident errors", _gallery(model_dir, found["predictions"], y, probs))
+        )
     if found["audit"]:
         sections.append(_section("audit", "Shortcut audit", _audit(found["audit"])))
     title = f"lungxray report: {folder.name}"
-    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-            f"<p>Research use only: see the README on reading these numbers.</p>{''.join(sections)}</body></html>")
+    page = (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<p>Research use only: see the README on reading these numbers.</p>{''.join(sections)}</body></html>"
+    )
     return runfolder.write_text(folder / runfolder.REPORT, page)

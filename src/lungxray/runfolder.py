@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from lungxray.errors import OutputExistsError
 
@@ -37,8 +37,17 @@ REPORT = "report.html"
 EXPLAIN = "explain.json"  # explain: probabilities and overlay file per image
 
 # What `run` lists as its artifacts, in this order.
-RUN_ARTIFACTS = {"report": REPORT, "model": MODEL, "metrics": METRICS, "confusion_matrix": CONFUSION,
-                 "curves": CURVES, "audit": AUDIT, "trials": TRIALS, "splits": SPLITS, "scan": SCAN}
+RUN_ARTIFACTS = {
+    "report": REPORT,
+    "model": MODEL,
+    "metrics": METRICS,
+    "confusion_matrix": CONFUSION,
+    "curves": CURVES,
+    "audit": AUDIT,
+    "trials": TRIALS,
+    "splits": SPLITS,
+    "scan": SCAN,
+}
 
 
 @contextlib.contextmanager
@@ -79,8 +88,9 @@ def refuse_to_replace(folder: Path, name: str, force: bool, what: str) -> None:
     """Raise OutputExistsError when ``folder/name`` exists and ``force`` is off."""
     target = Path(folder) / name
     if target.exists() and not force:
-        raise OutputExistsError(f"{target} already holds {what}",
-                                hint="pass --force to replace it, or choose another --out")
+        raise OutputExistsError(
+            f"{target} already holds {what}", hint="pass --force to replace it, or choose another --out"
+        )
 
 
 def study_storage(folder: Path, storage: str | None) -> str:
@@ -94,9 +104,11 @@ def read_params(path: Path) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise MissingInputError(f"{path} not found",
-                                hint="pass a JSON file of hyperparameters (best_params.json of a run, or a "
-                                     "plain {name: value} object), or run `lungxray tune` first")
+        raise MissingInputError(
+            f"{path} not found",
+            hint="pass a JSON file of hyperparameters (best_params.json of a run, or a "
+            "plain {name: value} object), or run `lungxray tune` first",
+        )
     try:
         params = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

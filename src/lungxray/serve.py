@@ -2,8 +2,9 @@
 
 ``POST /predict`` and ``POST /explain`` take a multipart upload (field ``file``); ``GET /health``,
 ``GET /model`` and the upload page at ``/``. Inference runs in a worker thread so the event loop
-never waits on the model; at most one model call per core runs at a time. Every bad upload gets a 4xx with a message that says what was wrong:
-too large (413), empty, not an image, truncated, a decompression bomb, an unsupported mode (422).
+never waits on the model; at most one model call per core runs at a time. Every bad upload gets a
+4xx with a message that says what was wrong: too large (413), empty, not an image, truncated, a
+decompression bomb, an unsupported mode (422).
 Holds no training code.
 """
 
@@ -36,8 +37,9 @@ def _decode_upload(predictor: Predictor, data: bytes) -> np.ndarray:
     except UnusableImage as exc:
         raise HTTPException(status_code=422, detail=f"unusable image: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - a hostile file may break a decoder in any way; never a 500
-        raise HTTPException(status_code=422, detail=f"could not read the upload as an image "
-                                                    f"({type(exc).__name__}: {exc})") from None
+        raise HTTPException(
+            status_code=422, detail=f"could not read the upload as an image ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 async def _read_limited(file: UploadFile, limit: int) -> bytes:
@@ -67,16 +69,18 @@ def create_app(model_dir: Path, backend: str = "auto", max_upload_bytes: int = M
         yield
         torch.set_num_threads(threads_before)
 
-    app = FastAPI(title="lungxray", summary="Chest X-ray classifier: predictions and where the model looked",
-                  lifespan=lifespan)
+    app = FastAPI(
+        title="lungxray", summary="Chest X-ray classifier: predictions and where the model looked", lifespan=lifespan
+    )
 
     @app.middleware("http")
     async def refuse_large_bodies(request: Request, call_next):
         # Refuse by the declared length before reading a byte; _read_limited covers bodies without one.
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > max_upload_bytes + 64 * 1024:
-            return JSONResponse(status_code=413,
-                                content={"detail": f"upload larger than the {max_upload_bytes // (1 << 20)} MB limit"})
+            return JSONResponse(
+                status_code=413, content={"detail": f"upload larger than the {max_upload_bytes // (1 << 20)} MB limit"}
+            )
         return await call_next(request)
 
     @app.get("/health")
@@ -86,8 +90,14 @@ def create_app(model_dir: Path, backend: str = "auto", max_upload_bytes: int = M
     @app.get("/model")
     async def model(request: Request) -> dict:
         p = request.app.state.predictor
-        return {"classes": p.classes_, "model": p.config_["model"], "preprocessing": p.config_["preprocessing"],
-                "backend": p.backend_, "temperature": p.temperature_, "metrics": p.metrics_}
+        return {
+            "classes": p.classes_,
+            "model": p.config_["model"],
+            "preprocessing": p.config_["preprocessing"],
+            "backend": p.backend_,
+            "temperature": p.temperature_,
+            "metrics": p.metrics_,
+        }
 
     @app.post("/predict")
     async def predict(request: Request, file: UploadFile) -> dict:

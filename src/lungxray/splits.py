@@ -33,19 +33,28 @@ class Split:
 
     def to_json(self, ds: Dataset) -> dict:
         part = lambda idx: [str(ds.samples[i].path) for i in idx]  # noqa: E731
-        return {"mode": self.mode, "seed": self.seed, "sizes": self.sizes(),
-                "test_duplicates_of_train": self.test_duplicates_of_train,
-                "train": part(self.train), "val": part(self.val), "test": part(self.test)}
+        return {
+            "mode": self.mode,
+            "seed": self.seed,
+            "sizes": self.sizes(),
+            "test_duplicates_of_train": self.test_duplicates_of_train,
+            "train": part(self.train),
+            "val": part(self.val),
+            "test": part(self.test),
+        }
 
 
-def _hold_out(idx: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float,
-              seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _hold_out(
+    idx: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Split ``idx`` into (rest, held-out ~fraction), stratified by label, whole groups only."""
     # On a tiny dataset no class may have 1/fraction members: hold out a larger share instead.
     n_splits = max(2, min(round(1 / fraction), int(np.bincount(labels[idx]).max())))
     if len(np.unique(groups[idx])) < n_splits:
-        raise DataError(f"only {len(np.unique(groups[idx]))} distinct images to split into "
-                         f"{n_splits} parts; add images or raise --val-fraction/--test-fraction")
+        raise DataError(
+            f"only {len(np.unique(groups[idx]))} distinct images to split into "
+            f"{n_splits} parts; add images or raise --val-fraction/--test-fraction"
+        )
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         # sklearn warns when a class has fewer members than folds; tiny classes are still split.
@@ -67,8 +76,10 @@ def random_split(labels: np.ndarray, groups: np.ndarray, cfg: SplitConfig) -> Sp
 def folder_split(ds: Dataset, cfg: SplitConfig) -> Split:
     """The dataset's own train/test folders; val is its val/ folder or is carved out of train."""
     if ds.layout != "split":
-        raise DataError(f"--split folders needs train/ and test/ folders in {ds.root}; "
-                         "it holds class folders only, so use --split random")
+        raise DataError(
+            f"--split folders needs train/ and test/ folders in {ds.root}; "
+            "it holds class folders only, so use --split random"
+        )
     where = np.array([s.folder_split for s in ds.samples])
     labels, groups = ds.labels, ds.groups
     train, test = np.flatnonzero(where == "train"), np.flatnonzero(where == "test")
@@ -82,11 +93,14 @@ def folder_split(ds: Dataset, cfg: SplitConfig) -> Split:
     if len(leaked) and cfg.drop_test_duplicates:
         test = np.setdiff1d(test, leaked)
     elif len(leaked):
-        warnings.warn(f"{len(leaked)} test image(s) duplicate a training/validation image, so the "
-                      "test score is optimistic; pass --drop-test-duplicates to remove them",
-                      stacklevel=2)
-    split = Split(train, val, test, "folders", cfg.seed,
-                  test_duplicates_of_train=0 if cfg.drop_test_duplicates else len(leaked))
+        warnings.warn(
+            f"{len(leaked)} test image(s) duplicate a training/validation image, so the "
+            "test score is optimistic; pass --drop-test-duplicates to remove them",
+            stacklevel=2,
+        )
+    split = Split(
+        train, val, test, "folders", cfg.seed, test_duplicates_of_train=0 if cfg.drop_test_duplicates else len(leaked)
+    )
     check_no_leakage(split, groups, allow_test_duplicates=not cfg.drop_test_duplicates)
     return split
 
@@ -98,8 +112,7 @@ def make_split(ds: Dataset, cfg: SplitConfig) -> Split:
     return random_split(ds.labels, ds.groups, cfg)
 
 
-def make_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int,
-               val_fraction: float = 0.125) -> list[Split]:
+def make_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int, val_fraction: float = 0.125) -> list[Split]:
     """``k`` cross-validation folds: fold i tests on part i and trains on the rest, minus a
     validation part (``val_fraction`` of the rest) for early stopping and tuning.
 
@@ -130,7 +143,7 @@ def check_no_leakage(split: Split, groups: np.ndarray, *, allow_test_duplicates:
     parts = {"train": split.train, "val": split.val, "test": split.test}
     names = list(parts)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             shared = np.intersect1d(parts[a], parts[b])
             if len(shared):
                 raise LeakageError(f"{len(shared)} image(s) are in both {a} and {b}")
@@ -138,5 +151,7 @@ def check_no_leakage(split: Split, groups: np.ndarray, *, allow_test_duplicates:
                 continue
             shared_groups = np.intersect1d(groups[parts[a]], groups[parts[b]])
             if len(shared_groups):
-                raise LeakageError(f"{len(shared_groups)} duplicate group(s) straddle {a} and {b}: "
-                                   "a near-copy of a held-out image would be seen in training")
+                raise LeakageError(
+                    f"{len(shared_groups)} duplicate group(s) straddle {a} and {b}: "
+                    "a near-copy of a held-out image would be seen in training"
+                )

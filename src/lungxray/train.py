@@ -11,8 +11,8 @@ from __future__ import annotations
 import copy
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -51,13 +51,21 @@ class FitResult:
         return {k: [asdict(h)[k] for h in self.history] for k in asdict(self.history[0])}
 
 
-def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-                    y: torch.Tensor, batch_size: int, generator: torch.Generator, *,
-                    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                    class_weight: torch.Tensor | None = None,
-                    scaler: torch.amp.GradScaler | None = None, label_smoothing: float = 0.0,
-                    averaged: torch.optim.swa_utils.AveragedModel | None = None) -> tuple[float, float]:
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    *,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    class_weight: torch.Tensor | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    label_smoothing: float = 0.0,
+    averaged: torch.optim.swa_utils.AveragedModel | None = None,
+) -> tuple[float, float]:
     """One pass over (x, y) in shuffled mini-batches; returns mean loss and accuracy.
 
     ``scaler`` turns on float16 mixed precision (CUDA); ``averaged`` is updated after every step
@@ -69,7 +77,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch
     skip_single = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     total_loss, correct, seen = 0.0, 0, 0
     for start in range(0, len(x), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         if len(idx) == 1 and skip_single:
             continue
         xb, yb = x[idx], y[idx]  # (B, 1, H, W), (B,)
@@ -77,8 +85,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch
             xb = augment(xb)
         with torch.autocast(x.device.type, dtype=torch.float16, enabled=scaler is not None):
             logits = model(xb)
-        loss = nn.functional.cross_entropy(logits.float(), yb, weight=class_weight,
-                                           label_smoothing=label_smoothing)
+        loss = nn.functional.cross_entropy(logits.float(), yb, weight=class_weight, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -117,8 +124,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda, but torch sees no CUDA GPU (the CPU build of torch, or no "
-                          "driver); use --device cpu or auto")
+        raise ConfigError(
+            "--device cuda, but torch sees no CUDA GPU (the CPU build of torch, or no driver); use --device cpu or auto"
+        )
     return torch.device(name)
 
 
@@ -130,8 +138,9 @@ def make_optimizer(model: nn.Module, hp: dict, name: str) -> torch.optim.Optimiz
     """
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=hp["learning_rate"], fused=True)
-    return torch.optim.AdamW(model.parameters(), lr=hp["learning_rate"],
-                             weight_decay=hp.get("weight_decay", 1e-2), fused=True)
+    return torch.optim.AdamW(
+        model.parameters(), lr=hp["learning_rate"], weight_decay=hp.get("weight_decay", 1e-2), fused=True
+    )
 
 
 def ema_with_warmup(decay: float) -> Callable:
@@ -142,6 +151,7 @@ def ema_with_warmup(decay: float) -> Callable:
     the average then holds the untrained batch-norm statistics (mean 0, variance 1) for hundreds
     of steps, and on the default CNN it predicted one class for whole 30-epoch fits.
     """
+
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
         n = int(n_averaged)
         weight = 1 - min(decay, (1 + n) / (10 + n))
@@ -150,6 +160,7 @@ def ema_with_warmup(decay: float) -> Callable:
         else:  # integer buffers (batch norm's step count): follow the model
             for a, c in zip(averaged, current, strict=True):
                 a.copy_(c)
+
     return update
 
 
@@ -159,13 +170,17 @@ def class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
     return len(y) / (n_classes * counts)
 
 
-def _training_parts(model: nn.Module, hp: dict, cfg: TrainConfig, y_train: torch.Tensor, n_classes: int,
-                    device: torch.device) -> tuple[torch.optim.Optimizer, dict]:
+def _training_parts(
+    model: nn.Module, hp: dict, cfg: TrainConfig, y_train: torch.Tensor, n_classes: int, device: torch.device
+) -> tuple[torch.optim.Optimizer, dict]:
     """The optimiser and ``train_one_epoch``'s options for one fit; seeds the model's dropout."""
     # The moving average is a copy of the model (made before its dropout gets a generator), with
     # batch-norm statistics averaged alongside the weights; validation and the kept state read it.
-    averaged = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema), use_buffers=True)
-                if cfg.ema else None)
+    averaged = (
+        torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema), use_buffers=True)
+        if cfg.ema
+        else None
+    )
     seed_dropout(model, torch.Generator(device).manual_seed(cfg.seed + 1))
     optimizer = make_optimizer(model, hp, cfg.optimizer)
     scheduler = None
@@ -173,8 +188,9 @@ def _training_parts(model: nn.Module, hp: dict, cfg: TrainConfig, y_train: torch
         steps = cfg.epochs * math.ceil(len(y_train) / cfg.batch_size)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     return optimizer, {
-        "augment": (BatchAugment(cfg.augment, torch.Generator().manual_seed(cfg.seed + 2))
-                    if cfg.augment.enabled else None),
+        "augment": (
+            BatchAugment(cfg.augment, torch.Generator().manual_seed(cfg.seed + 2)) if cfg.augment.enabled else None
+        ),
         "scheduler": scheduler,
         "class_weight": class_weights(y_train, n_classes) if cfg.class_weighted else None,
         "scaler": torch.amp.GradScaler("cuda") if device.type == "cuda" else None,
@@ -183,9 +199,16 @@ def _training_parts(model: nn.Module, hp: dict, cfg: TrainConfig, y_train: torch
     }
 
 
-def fit(model_name: str, hp: dict, train: tuple[torch.Tensor, torch.Tensor],
-        val: tuple[torch.Tensor, torch.Tensor], n_classes: int, cfg: TrainConfig,
-        on_epoch: Callable[[EpochStats], bool] | None = None, progress: bool = False) -> FitResult:
+def fit(
+    model_name: str,
+    hp: dict,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    n_classes: int,
+    cfg: TrainConfig,
+    on_epoch: Callable[[EpochStats], bool] | None = None,
+    progress: bool = False,
+) -> FitResult:
     """Train ``model_name`` with ``hp`` on ``train``, watch ``val``, keep the best (or last) epoch's weights.
 
     ``on_epoch`` is called after every epoch; returning True stops training (the tuner prunes
@@ -198,8 +221,10 @@ def fit(model_name: str, hp: dict, train: tuple[torch.Tensor, torch.Tensor],
     if not cfg.resolved:
         raise ValueError("fit() needs a resolved TrainConfig; pass config.resolve_train(cfg, recipe, hp)")
     if "batch_size" in hp and int(hp["batch_size"]) != cfg.batch_size:
-        raise ValueError(f"the hyperparameters set batch_size {hp['batch_size']} but cfg has {cfg.batch_size}; "
-                         "resolve the config with them: config.resolve_train(cfg, recipe, hp)")
+        raise ValueError(
+            f"the hyperparameters set batch_size {hp['batch_size']} but cfg has {cfg.batch_size}; "
+            "resolve the config with them: config.resolve_train(cfg, recipe, hp)"
+        )
     device = resolve_device(cfg.device)
     with _INIT_LOCK:
         torch.manual_seed(cfg.seed)
@@ -229,8 +254,7 @@ def fit(model_name: str, hp: dict, train: tuple[torch.Tensor, torch.Tensor],
         if cfg.keep == "best" and cfg.patience and epoch - best.epoch >= cfg.patience:
             break  # early stopping: no better validation figure for cfg.patience epochs
     if best_state is None:
-        raise TrainingDiverged(f"training diverged in the first epoch with {hp}",
-                               hint="lower the learning rate")
+        raise TrainingDiverged(f"training diverged in the first epoch with {hp}", hint="lower the learning rate")
     model.load_state_dict(best_state)
     model.cpu().eval()
     return FitResult(model, best.epoch, history, diverged, stopped_at)

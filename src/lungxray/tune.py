@@ -8,8 +8,8 @@ finished trial. The test split never reaches this module.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import optuna
 import torch
@@ -43,8 +43,7 @@ def make_sampler(name: str, seed: int, startup_trials: int) -> optuna.samplers.B
 
 def make_pruner(cfg: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
     if cfg.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials,
-                                           n_warmup_steps=cfg.warmup_epochs)
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials, n_warmup_steps=cfg.warmup_epochs)
     if cfg.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=cfg.warmup_epochs, max_resource=epochs)
     return optuna.pruners.NopPruner()
@@ -53,12 +52,19 @@ def make_pruner(cfg: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
 def open_study(cfg: TuneConfig, storage: str, seed: int, direction: str, epochs: int) -> optuna.Study:
     """Create the study, or load it to resume; trials a killed process left RUNNING become FAIL."""
     study = optuna.create_study(
-        storage=storage, study_name=cfg.study_name, direction=direction, load_if_exists=True,
-        sampler=make_sampler(cfg.sampler, seed, cfg.startup_trials), pruner=make_pruner(cfg, epochs))
+        storage=storage,
+        study_name=cfg.study_name,
+        direction=direction,
+        load_if_exists=True,
+        sampler=make_sampler(cfg.sampler, seed, cfg.startup_trials),
+        pruner=make_pruner(cfg, epochs),
+    )
     if study.direction != optuna.study.StudyDirection[direction.upper()]:
-        raise StudyError(f"study {cfg.study_name!r} in {storage} was created to {study.direction.name.lower()}, "
-                         f"but --objective {'val_loss' if direction == 'minimize' else 'val_accuracy'} needs {direction}",
-                         hint="use another --study-name or --out, or the --objective the study was made with")
+        raise StudyError(
+            f"study {cfg.study_name!r} in {storage} was created to {study.direction.name.lower()}, "
+            f"but --objective {'val_loss' if direction == 'minimize' else 'val_accuracy'} needs {direction}",
+            hint="use another --study-name or --out, or the --objective the study was made with",
+        )
     # One lungxray process works on a study at a time, so a RUNNING trial here was interrupted.
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
@@ -85,16 +91,32 @@ def _should_prune(trial: optuna.Trial, values: dict[int, float], frozen: _Frozen
     if frozen is None:  # a pruner that needs the live study (hyperband)
         return trial.should_prune()
     running = optuna.trial.FrozenTrial(
-        number=trial.number, trial_id=-1, state=optuna.trial.TrialState.RUNNING, value=None,
-        datetime_start=None, datetime_complete=None, params={}, distributions={}, user_attrs={},
-        system_attrs={}, intermediate_values=values)
+        number=trial.number,
+        trial_id=-1,
+        state=optuna.trial.TrialState.RUNNING,
+        value=None,
+        datetime_start=None,
+        datetime_complete=None,
+        params={},
+        distributions={},
+        user_attrs={},
+        system_attrs={},
+        intermediate_values=values,
+    )
     return trial.study.pruner.prune(frozen, running)
 
 
-def _run_trial(trial: optuna.Trial, hp: dict, model_name: str, train, val, n_classes: int,
-               train_cfg: TrainConfig, on_epoch: Callable[[int, int | None], None] = lambda number, epoch: None,
-               frozen: _FrozenCompleted | None = None,
-               ) -> tuple[optuna.trial.TrialState, float | None, FitResult | None]:
+def _run_trial(
+    trial: optuna.Trial,
+    hp: dict,
+    model_name: str,
+    train,
+    val,
+    n_classes: int,
+    train_cfg: TrainConfig,
+    on_epoch: Callable[[int, int | None], None] = lambda number, epoch: None,
+    frozen: _FrozenCompleted | None = None,
+) -> tuple[optuna.trial.TrialState, float | None, FitResult | None]:
     """Train one trial, reporting every epoch; returns the state and value to tell the study.
 
     A trial the pruner stops is told as COMPLETE with the best value it reached, and tagged with
@@ -118,24 +140,36 @@ def _run_trial(trial: optuna.Trial, hp: dict, model_name: str, train, val, n_cla
         trial.set_user_attr("error", str(exc))
         return optuna.trial.TrialState.FAIL, None, None
     on_epoch(trial.number, None)  # finished: off the progress bar
-    for key, value in (("best_epoch", result.best_epoch), ("val_accuracy", result.best.val_accuracy),
-                       ("val_loss", result.best.val_loss), ("diverged", result.diverged),
-                       ("pruned_at_epoch", result.stopped_at)):
+    for key, value in (
+        ("best_epoch", result.best_epoch),
+        ("val_accuracy", result.best.val_accuracy),
+        ("val_loss", result.best.val_loss),
+        ("diverged", result.diverged),
+        ("pruned_at_epoch", result.stopped_at),
+    ):
         trial.set_user_attr(key, value)
     return optuna.trial.TrialState.COMPLETE, float(getattr(result.best, select_by)), result
 
 
-def tune(model_name: str, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
-         n_classes: int, cfg: TuneConfig, train_cfg: TrainConfig, storage: str,
-         progress: bool = True) -> TuneResult:
+def tune(
+    model_name: str,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    n_classes: int,
+    cfg: TuneConfig,
+    train_cfg: TrainConfig,
+    storage: str,
+    progress: bool = True,
+) -> TuneResult:
     """Run trials until the study holds ``cfg.trials`` finished trials.
 
     ``cfg`` and ``train_cfg`` come resolved (``config.resolve_tune``, ``config.trial_settings`` and
     ``config.resolve_train``); each trial resolves its own batch size from its hyperparameters.
-    Trials run ``cfg.jobs`` at a time, in threads (torch releases the
-    GIL), with the torch threads shared out: small-batch MLP steps are memory- and dispatch-bound,
-    and two MLP trials side by side beat one trial on two threads; a CNN uses every core itself. Each batch is asked in a fixed order and waited for as a whole, so the
-    sampler and the pruner see the same history on every run with the same seed.
+    Trials run ``cfg.jobs`` at a time, in threads (torch releases the GIL), with the torch threads
+    shared out: small-batch MLP steps are memory- and dispatch-bound, and two MLP trials side by
+    side beat one trial on two threads; a CNN uses every core itself. Each batch is asked in a
+    fixed order and waited for as a whole, so the sampler and the pruner see the same history on
+    every run with the same seed.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -148,8 +182,7 @@ def tune(model_name: str, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
     study = open_study(cfg, storage, train_cfg.seed, direction, train_cfg.epochs)
     space, jobs = get_spec(model_name).space, cfg.jobs
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
-    bar = tqdm(total=cfg.trials, initial=min(done, cfg.trials), desc="trials", unit="trial",
-               disable=not progress)
+    bar = tqdm(total=cfg.trials, initial=min(done, cfg.trials), desc="trials", unit="trial", disable=not progress)
     running: dict[int, int] = {}  # trial number -> epochs done, shown on the bar
     best_text = [f"best {train_cfg.select_by} {study.best_value:.4f}, " if _has_complete(study) else ""]
     lock = threading.Lock()
@@ -160,8 +193,9 @@ def tune(model_name: str, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
                 running.pop(number, None)
             else:
                 running[number] = epoch
-            bar.set_postfix_str(best_text[0] + "epochs " + " ".join(
-                f"#{n}:{e}/{train_cfg.epochs}" for n, e in sorted(running.items())))
+            bar.set_postfix_str(
+                best_text[0] + "epochs " + " ".join(f"#{n}:{e}/{train_cfg.epochs}" for n, e in sorted(running.items()))
+            )
 
     best_fit = None
     threads_before = torch.get_num_threads()
@@ -171,12 +205,17 @@ def tune(model_name: str, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
             while done < cfg.trials:
                 batch = [study.ask() for _ in range(min(jobs, cfg.trials - done))]
                 hps = [space(trial) for trial in batch]
-                frozen = (_FrozenCompleted(study) if isinstance(study.pruner, (optuna.pruners.PercentilePruner,
-                                                                                    optuna.pruners.NopPruner)) else None)
-                futures = [pool.submit(_run_trial, t, hp, model_name, train, val, n_classes, train_cfg, show,
-                                       frozen) for t, hp in zip(batch, hps)]
+                frozen = (
+                    _FrozenCompleted(study)
+                    if isinstance(study.pruner, (optuna.pruners.PercentilePruner, optuna.pruners.NopPruner))
+                    else None
+                )
+                futures = [
+                    pool.submit(_run_trial, t, hp, model_name, train, val, n_classes, train_cfg, show, frozen)
+                    for t, hp in zip(batch, hps, strict=True)
+                ]
                 outcomes = [future.result() for future in futures]  # tell only once the batch is done
-                for trial, (state, value, result) in zip(batch, outcomes):
+                for trial, (state, value, result) in zip(batch, outcomes, strict=True):
                     study.tell(trial, value, state=state)
                     if result is not None:
                         best_text[0] = f"best {train_cfg.select_by} {study.best_value:.4f}, "
@@ -203,5 +242,6 @@ def _summarise(study: optuna.Study) -> TuneResult:
         raise StudyError("no trial completed (all failed)", hint="lower the learning rates or check the data")
     pruned = [t for t in complete if t.user_attrs.get("pruned_at_epoch")]
     best = study.best_trial
-    return TuneResult(study, dict(best.params), float(best.value), best.number,
-                      len(complete) - len(pruned), len(pruned))
+    return TuneResult(
+        study, dict(best.params), float(best.value), best.number, len(complete) - len(pruned), len(pruned)
+    )
