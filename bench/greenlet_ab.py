@@ -8,11 +8,15 @@ greenlet from this process before Optuna is imported. Run both, one after the ot
 """
 
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 if sys.argv[1] == "off":
     sys.modules["greenlet"] = None  # import greenlet now raises ImportError
 from lungxray.cli import main  # noqa: E402
+
+out = Path(tempfile.gettempdir()) / f"ab-{sys.argv[1]}"
 
 start = time.perf_counter()
 main(
@@ -22,11 +26,11 @@ main(
         "--model",
         "mlp",
         "--out",
-        f"/tmp/ab-{sys.argv[1]}",
+        str(out),
         "--seed",
         "0",
         "--force",
         "--quiet",
     ]
 )
-print(sys.argv[1], "wall", round(time.perf_counter() - start, 1), "s; search s in", f"/tmp/ab-{sys.argv[1]}/run.json")
+print(sys.argv[1], "wall", round(time.perf_counter() - start, 1), "s; search s in", out / "run.json")

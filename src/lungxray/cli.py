@@ -275,15 +275,15 @@ def cmd_run(args) -> int:
 def cmd_tune(args) -> int:
     from lungxray import pipeline, runfolder
 
+    train_cfg, tune_cfg = _train_cfg(args), from_args(TuneConfig, args)
+    pipeline.settings(args.model, train_cfg, tune_cfg)  # a bad model or device fails before the scan
     ds, split = pipeline.prepare(
         args.data, from_args(DataConfig, args), from_args(SplitConfig, args), args.out, not args.quiet
     )
-    result = pipeline.tune_stage(
-        ds, split, args.model, from_args(TuneConfig, args), _train_cfg(args), args.out, progress=not args.quiet
-    )
-    objective = json.loads((args.out / runfolder.BEST_PARAMS).read_text())["objective"]
+    result = pipeline.tune_stage(ds, split, args.model, tune_cfg, train_cfg, args.out, progress=not args.quiet)
     print(
-        f"best trial {result.best_trial}: {objective} {result.best_value:.4f}, params {json.dumps(result.best_params)}"
+        f"best trial {result.best_trial}: {train_cfg.select_by} {result.best_value:.4f}, "
+        f"params {json.dumps(result.best_params)}"
     )
     print(f"written: {args.out / runfolder.BEST_PARAMS}, {args.out / runfolder.TRIALS}")
     return 0
@@ -293,6 +293,7 @@ def cmd_train(args) -> int:
     from lungxray import pipeline, runfolder
 
     params = pipeline.training_params(args.model, args.params, args.out)
+    pipeline.settings(args.model, _train_cfg(args))  # a bad model or device fails before the scan
     data_cfg = from_args(DataConfig, args)
     ds, split = pipeline.prepare(args.data, data_cfg, from_args(SplitConfig, args), args.out, not args.quiet)
     result, folder = pipeline.train_stage(
@@ -339,19 +340,8 @@ def cmd_evaluate(args) -> int:
 def cmd_cv(args) -> int:
     from lungxray import runfolder
     from lungxray.cv import cross_validate
-    from lungxray.errors import ParamsError
-    from lungxray.models import get_spec
 
-    if args.tune and args.params:
-        raise ParamsError(
-            "--tune and --params exclude each other",
-            hint="tune inside each fold (--tune), or give fixed parameters (--params FILE)",
-        )
-    params = (
-        None
-        if args.tune
-        else (runfolder.read_params(args.params) if args.params else dict(get_spec(args.model).defaults))
-    )
+    params = runfolder.read_params(args.params) if args.params else None
     train_cfg = _train_cfg(args)
     report = cross_validate(
         args.data,
@@ -361,6 +351,7 @@ def cmd_cv(args) -> int:
         train_cfg,
         folds=args.folds,
         params=params,
+        tune=args.tune,
         tune_cfg=from_args(TuneConfig, args),
         force=args.force,
         progress=not args.quiet,

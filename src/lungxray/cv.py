@@ -18,12 +18,13 @@ import torch
 from lungxray import __version__, runfolder
 from lungxray.config import DataConfig, TrainConfig, TuneConfig, resolve_train
 from lungxray.data import Dataset, load_dataset
+from lungxray.errors import ParamsError
 from lungxray.evaluate import compute_metrics, confusion_figure, save_figure
 from lungxray.infer import predict_logits, set_threads
 from lungxray.models import get_spec
 from lungxray.pipeline import Clock, jsonable, settings, tensors
 from lungxray.splits import Split, make_folds
-from lungxray.train import FitResult, fit, resolve_device
+from lungxray.train import FitResult, fit
 
 CV_METRICS = ("accuracy", "macro_f1", "macro_auroc")
 
@@ -82,6 +83,7 @@ def cross_validate(
     *,
     folds: int = 5,
     params: dict | None = None,
+    tune: bool = False,
     tune_cfg: TuneConfig | None = None,
     force: bool = False,
     progress: bool = True,
@@ -89,14 +91,21 @@ def cross_validate(
     """k-fold cross-validation; writes cv.json, folds.json, scan.json, cv_confusion_matrix.png and
     report.html to ``out``; returns cv.json's content.
 
-    ``params``: fixed hyperparameters for every fold; None tunes inside each fold's training part
-    with ``tune_cfg``. ``train_cfg.seed`` seeds the folds, the training and the bootstrap.
+    ``params``: fixed hyperparameters for every fold (None: the model's registered defaults);
+    ``tune`` instead tunes inside each fold's training part with ``tune_cfg``. ``train_cfg.seed``
+    seeds the folds, the training and the bootstrap.
     """
     from tqdm.auto import tqdm
 
+    if tune and params is not None:
+        raise ParamsError(
+            "--tune and --params exclude each other",
+            hint="tune inside each fold (--tune), or give fixed parameters (--params FILE)",
+        )
+    if not tune and params is None:
+        params = dict(get_spec(model_name).defaults)
     runfolder.refuse_to_replace(out, runfolder.CV, force, "a cross-validation")
-    trial_cfg, train_cfg, tune_cfg = settings(model_name, train_cfg, tune_cfg or TuneConfig())
-    resolve_device(train_cfg.device)  # a missing GPU is an error now, not after the scan
+    trial_cfg, train_cfg, tune_cfg = settings(model_name, train_cfg, tune_cfg)  # before the scan
     set_threads(train_cfg.threads)
     seed = train_cfg.seed
     clock = Clock()

@@ -53,11 +53,14 @@ def jsonable(obj):
 
 
 def settings(
-    model_name: str, train_cfg: TrainConfig, tune_cfg: TuneConfig, final_epochs: int | None = None
+    model_name: str, train_cfg: TrainConfig, tune_cfg: TuneConfig | None = None, final_epochs: int | None = None
 ) -> tuple[TrainConfig, TrainConfig, TuneConfig]:
     """Resolved (trial, final, tune) settings: the trials' training, the final training (its own
-    ``final_epochs`` when given) and the search, each filled from the model's recipe."""
+    ``final_epochs`` when given) and the search, each filled from the model's recipe. Raises for
+    an unknown model or a missing GPU, so a command fails before it scans the data."""
     recipe = get_spec(model_name).recipe
+    resolve_device(train_cfg.device)
+    tune_cfg = tune_cfg or TuneConfig()
     tune_cfg = resolve_tune(tune_cfg, recipe)
     trial_cfg = trial_settings(resolve_train(train_cfg, recipe), tune_cfg)
     final_cfg = resolve_train(replace(train_cfg, epochs=final_epochs) if final_epochs else train_cfg, recipe)
@@ -144,7 +147,8 @@ def train_stage(
     model is saved instead of training it a second time.
     """
     runfolder.refuse_to_replace(out, runfolder.MODEL, force, "a model")
-    cfg = resolve_train(train_cfg, get_spec(model_name).recipe, params)
+    _, cfg, _ = settings(model_name, train_cfg)
+    cfg = resolve_train(cfg, get_spec(model_name).recipe, params)  # the batch size the parameters set
     result = trained or fit(
         model_name, params, tensors(ds, split.train), tensors(ds, split.val), len(ds.classes), cfg, progress=progress
     )
@@ -304,8 +308,7 @@ def run(
     ``train_cfg`` trains the trials and, with ``final_epochs`` epochs when given, the final model.
     """
     runfolder.refuse_to_replace(out, runfolder.MODEL, force, "a model (the study resumes with --force)")
-    trial_cfg, final_cfg, tune_cfg = settings(model_name, train_cfg, tune_cfg, final_epochs)
-    resolve_device(final_cfg.device)  # a missing GPU is an error now, not after the scan
+    trial_cfg, final_cfg, tune_cfg = settings(model_name, train_cfg, tune_cfg, final_epochs)  # before the scan
     set_threads(final_cfg.threads)
     clock = Clock()
     ds, split = prepare(data, data_cfg, split_cfg, out, progress)
