@@ -141,35 +141,29 @@ def browser_or_skip():
     return sync_playwright
 
 
+def cli(*parts) -> int:
+    """``lungxray`` run in-process: a str part is split on spaces (flags and values), anything else
+    (a Path) is one argument."""
+    from lungxray.cli import main
+
+    return main([arg for part in parts for arg in (part.split() if isinstance(part, str) else [str(part)])])
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> tuple[Path, Path, Path]:
     """One `lungxray run` on a synthetic tree (16 px, 2 trials, 3 epochs), shared by every test
     that reads a run folder: (data, run folder, root with the cache)."""
-    from lungxray.cli import main
-
     root = tmp_path_factory.mktemp("trained_run")
     data = write_tree(root / "data", per_class=14)
     out = root / "run"
-    code = main(
-        [
-            "run",
-            str(data),
-            "--out",
-            str(out),
-            "--img-size",
-            "16",
-            "--cache-dir",
-            str(root / "cache"),
-            "--trials",
-            "2",
-            "--epochs",
-            "3",
-            "--final-epochs",
-            "3",
-            "--seed",
-            "1",
-            "--quiet",
-        ]
+    code = cli(
+        "run",
+        data,
+        "--out",
+        out,
+        "--img-size 16 --cache-dir",
+        root / "cache",
+        "--trials 2 --epochs 3 --final-epochs 3 --seed 1 --quiet",
     )
     assert code == 0
     return data, out, root

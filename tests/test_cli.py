@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import check_metrics_schema, write_tree
+from conftest import check_metrics_schema, cli, write_tree
 
 from lungxray.bundle import Predictor
 from lungxray.cli import main
@@ -44,42 +44,24 @@ def test_run_writes_bundle_metrics_plots_and_study(trained_run):
 
 def test_run_refuses_to_overwrite_a_model(trained_run, capsys):
     data, out, root = trained_run
-    code = main(
-        [
-            "run",
-            str(data),
-            "--out",
-            str(out),
-            "--img-size",
-            "16",
-            "--cache-dir",
-            str(root / "cache"),
-            "--trials",
-            "2",
-            "--epochs",
-            "1",
-            "--quiet",
-        ]
-    )
+    code = cli("run", data, "--out", out, "--img-size 16 --cache-dir", root / "cache", "--trials 2 --epochs 1 --quiet")
     assert code == 2
     assert "--force" in capsys.readouterr().err
 
 
 def test_evaluate_reproduces_the_run_metrics(trained_run, tmp_path):
     data, out, root = trained_run
-    code = main(
-        [
-            "evaluate",
-            str(out / "model"),
-            str(data),
-            "--splits",
-            str(out / "splits.json"),
-            "--out",
-            str(tmp_path),
-            "--cache-dir",
-            str(root / "cache"),
-            "--quiet",
-        ]
+    code = cli(
+        "evaluate",
+        out / "model",
+        data,
+        "--splits",
+        out / "splits.json",
+        "--out",
+        tmp_path,
+        "--cache-dir",
+        root / "cache",
+        "--quiet",
     )
     assert code == 0
     again = json.loads((tmp_path / "metrics.json").read_text())
@@ -94,18 +76,7 @@ def test_evaluate_on_data_with_only_some_classes(trained_run, tmp_path):
     write_tree(other, per_class=3, start=40)
     shutil.rmtree(other / "Viral Pneumonia")
     (other / "Normal").rename(other / "NORMAL")  # matched after normalising
-    code = main(
-        [
-            "evaluate",
-            str(out / "model"),
-            str(other),
-            "--out",
-            str(tmp_path / "ev"),
-            "--cache-dir",
-            str(root / "cache"),
-            "--quiet",
-        ]
-    )
+    code = cli("evaluate", out / "model", other, "--out", tmp_path / "ev", "--cache-dir", root / "cache", "--quiet")
     assert code == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     check_metrics_schema(metrics, ["covid", "normal", "viral_pneumonia"])
@@ -116,18 +87,7 @@ def test_evaluate_rejects_an_unknown_class(trained_run, tmp_path, capsys):
     _, out, root = trained_run
     other = write_tree(tmp_path / "other", per_class=2)
     (other / "Covid").rename(other / "Tuberculosis")
-    code = main(
-        [
-            "evaluate",
-            str(out / "model"),
-            str(other),
-            "--out",
-            str(tmp_path / "ev"),
-            "--cache-dir",
-            str(root / "cache"),
-            "--quiet",
-        ]
-    )
+    code = cli("evaluate", out / "model", other, "--out", tmp_path / "ev", "--cache-dir", root / "cache", "--quiet")
     assert code == 2
     err = capsys.readouterr().err
     assert "tuberculosis" in err and "covid, normal, viral_pneumonia" in err
@@ -148,30 +108,16 @@ def test_train_from_best_params(trained_run, tmp_path):
     data, out, root = trained_run
     run2 = tmp_path / "run2"
     run2.mkdir()
-    code = main(
-        [
-            "train",
-            str(data),
-            "--out",
-            str(run2),
-            "--params",
-            str(out / "best_params.json"),
-            "--img-size",
-            "16",
-            "--cache-dir",
-            str(root / "cache"),
-            "--epochs",
-            "2",
-            "--seed",
-            "1",
-            "--quiet",
-            "--ema",
-            "0.99",
-            "--keep",
-            "last",
-            "--label-smoothing",
-            "0.1",
-        ]
+    code = cli(
+        "train",
+        data,
+        "--out",
+        run2,
+        "--params",
+        out / "best_params.json",
+        "--img-size 16 --cache-dir",
+        root / "cache",
+        "--epochs 2 --seed 1 --quiet --ema 0.99 --keep last --label-smoothing 0.1",
     )
     assert code == 0
     config = json.loads((run2 / "model" / "config.json").read_text())
@@ -183,7 +129,7 @@ def test_train_from_best_params(trained_run, tmp_path):
 
 
 def test_scan_json(split_tree, tmp_path, capsys):
-    assert main(["scan", str(split_tree), "--json", "--cache-dir", str(tmp_path / "c"), "--img-size", "16"]) == 0
+    assert cli("scan", split_tree, "--json --cache-dir", tmp_path / "c", "--img-size 16") == 0
     summary = json.loads(capsys.readouterr().out)
     assert {"classes", "counts", "skipped", "duplicate_groups", "cross_split_duplicates"} <= set(summary)
     assert summary["counts"] == {"covid": 15, "normal": 14, "viral_pneumonia": 14}
@@ -204,13 +150,13 @@ def test_scan_json(split_tree, tmp_path, capsys):
     ],
 )
 def test_bad_settings_name_the_flag(flat_tree, tmp_path, capsys, flag, value, message):
-    code = main(["run", str(flat_tree), "--out", str(tmp_path / "r"), flag, value, "--quiet"])
+    code = cli("run", flat_tree, "--out", tmp_path / "r", flag, value, "--quiet")
     assert code == 2
     assert message in capsys.readouterr().err
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
-    assert main(["scan", str(tmp_path / "nope")]) == 2
+    assert cli("scan", tmp_path / "nope") == 2
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -242,24 +188,14 @@ def test_integration_on_a_slice_of_the_shared_dataset(shared_data, tmp_path):
         for image in sorted(folder.iterdir())[:12]:
             (data / folder.name / image.name).symlink_to(image)
     out = tmp_path / "run"
-    code = main(
-        [
-            "run",
-            str(data),
-            "--out",
-            str(out),
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--img-size",
-            "64",
-            "--trials",
-            "2",
-            "--epochs",
-            "4",
-            "--final-epochs",
-            "4",
-            "--quiet",
-        ]
+    code = cli(
+        "run",
+        data,
+        "--out",
+        out,
+        "--cache-dir",
+        tmp_path / "cache",
+        "--img-size 64 --trials 2 --epochs 4 --final-epochs 4 --quiet",
     )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -306,26 +242,16 @@ def test_cv_writes_per_fold_and_pooled_metrics_with_intervals(tmp_path, capsys):
         )
     )
     out = tmp_path / "cv"
-    code = main(
-        [
-            "cv",
-            str(data),
-            "--folds",
-            "3",
-            "--params",
-            str(params),
-            "--epochs",
-            "4",
-            "--img-size",
-            "32",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--out",
-            str(out),
-            "--seed",
-            "4",
-            "--quiet",
-        ]
+    code = cli(
+        "cv",
+        data,
+        "--folds 3 --params",
+        params,
+        "--epochs 4 --img-size 32 --cache-dir",
+        tmp_path / "cache",
+        "--out",
+        out,
+        "--seed 4 --quiet",
     )
     assert code == 0
     report = json.loads((out / "cv.json").read_text())
@@ -356,24 +282,7 @@ def test_cv_writes_per_fold_and_pooled_metrics_with_intervals(tmp_path, capsys):
     assert (out / "cv_confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
     # a second cv into the same folder asks first
     before = (out / "cv.json").read_bytes()
-    assert (
-        main(
-            [
-                "cv",
-                str(data),
-                "--folds",
-                "3",
-                "--img-size",
-                "32",
-                "--cache-dir",
-                str(tmp_path / "cache"),
-                "--out",
-                str(out),
-                "--quiet",
-            ]
-        )
-        == 2
-    )
+    assert cli("cv", data, "--folds 3 --img-size 32 --cache-dir", tmp_path / "cache", "--out", out, "--quiet") == 2
     assert "--force" in capsys.readouterr().err and (out / "cv.json").read_bytes() == before
 
 
@@ -381,27 +290,14 @@ def test_cv_writes_per_fold_and_pooled_metrics_with_intervals(tmp_path, capsys):
 def test_cv_can_tune_inside_each_fold(tmp_path):
     data = write_tree(tmp_path / "data", per_class=10)
     out = tmp_path / "cv"
-    code = main(
-        [
-            "cv",
-            str(data),
-            "--model",
-            "mlp",
-            "--tune",
-            "--trials",
-            "2",
-            "--folds",
-            "2",
-            "--epochs",
-            "2",
-            "--img-size",
-            "16",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--out",
-            str(out),
-            "--quiet",
-        ]
+    code = cli(
+        "cv",
+        data,
+        "--model mlp --tune --trials 2 --folds 2 --epochs 2 --img-size 16 --cache-dir",
+        tmp_path / "cache",
+        "--out",
+        out,
+        "--quiet",
     )
     assert code == 0
     report = json.loads((out / "cv.json").read_text())
@@ -416,29 +312,21 @@ def test_cv_can_tune_inside_each_fold(tmp_path):
 def test_cv_refuses_tune_with_params_and_a_bad_init_weights_file(flat_tree, tmp_path, capsys):
     params = tmp_path / "p.json"
     params.write_text("{}")
-    assert main(["cv", str(flat_tree), "--tune", "--params", str(params), "--out", str(tmp_path / "o")]) == 2
+    assert cli("cv", flat_tree, "--tune --params", params, "--out", tmp_path / "o") == 2
     assert "--tune and --params" in capsys.readouterr().err
     bad = tmp_path / "w.safetensors"
     bad.write_bytes(b"garbage")
     assert (
-        main(
-            [
-                "cv",
-                str(flat_tree),
-                "--img-size",
-                "16",
-                "--folds",
-                "2",
-                "--epochs",
-                "1",
-                "--init-weights",
-                str(bad),
-                "--cache-dir",
-                str(tmp_path / "cache"),
-                "--out",
-                str(tmp_path / "o"),
-                "--quiet",
-            ]
+        cli(
+            "cv",
+            flat_tree,
+            "--img-size 16 --folds 2 --epochs 1 --init-weights",
+            bad,
+            "--cache-dir",
+            tmp_path / "cache",
+            "--out",
+            tmp_path / "o",
+            "--quiet",
         )
         == 2
     )

@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import fields
 
 import pytest
+from conftest import cli
 
-from lungxray.cli import build_parser, from_args, main
+from lungxray.cli import build_parser, from_args
 from lungxray.config import AugmentConfig, Recipe, TrainConfig, TuneConfig, resolve_train, resolve_tune, trial_settings
 from lungxray.errors import ConfigError, LungxrayError
 from lungxray.models import REGISTRY
@@ -85,7 +86,7 @@ def test_every_flagged_field_is_a_cli_option_with_the_dataclass_default():
 
 def test_help_shows_field_docs_and_defaults(capsys):
     with pytest.raises(SystemExit):
-        main(["run", "--help"])
+        cli("run --help")
     text = " ".join(capsys.readouterr().out.split())
     assert "Validation figure that picks the kept epoch and the best trial (default val_loss)" in text
     assert "--zoom ZOOM Largest zoom in or out, as a share (default 0.05)" in text
@@ -98,15 +99,15 @@ def test_a_bad_setting_names_its_flag_and_user_errors_share_one_base():
 
 
 def test_a_bug_keeps_its_traceback_a_user_error_gets_a_hint(tmp_path, capsys, monkeypatch):
-    import lungxray.cli as cli
+    import lungxray.cli
 
     def boom(args):
         raise ValueError("an internal bug")
 
-    monkeypatch.setitem(cli.COMMANDS, "report", boom)
+    monkeypatch.setitem(lungxray.cli.COMMANDS, "report", boom)
     with pytest.raises(ValueError, match="an internal bug"):
-        main(["report", str(tmp_path)])
+        cli("report", tmp_path)
     monkeypatch.undo()
-    assert main(["report", str(tmp_path)]) == 2
+    assert cli("report", tmp_path) == 2
     err = capsys.readouterr().err
     assert "holds no metrics.json or cv.json" in err and "hint: run `lungxray run`" in err

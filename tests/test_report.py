@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import CHROMIUM, CHROMIUM_FLAGS, browser_or_skip, write_tree
+from conftest import CHROMIUM, CHROMIUM_FLAGS, browser_or_skip, cli, write_tree
 
-from lungxray.cli import main
 from lungxray.report import write_report
 
 RUN_SECTIONS = ["dataset", "search", "training", "metrics", "confusion", "roc", "calibration", "errors", "audit"]
@@ -60,29 +59,19 @@ def test_run_report_in_chromium_has_every_section_and_no_broken_image(trained_ru
 def test_report_command_rewrites_the_report_and_cv_gets_one(trained_run, tmp_path):
     tiny_run = trained_run[1]
     (tiny_run / "report.html").unlink()
-    assert main(["report", str(tiny_run)]) == 0
+    assert cli("report", tiny_run) == 0
     assert "Shortcut audit" in (tiny_run / "report.html").read_text()
     data = write_tree(tmp_path / "data", per_class=10)
     out = tmp_path / "cv"
     assert (
-        main(
-            [
-                "cv",
-                str(data),
-                "--model",
-                "mlp",
-                "--folds",
-                "2",
-                "--epochs",
-                "2",
-                "--img-size",
-                "16",
-                "--cache-dir",
-                str(tmp_path / "cache"),
-                "--out",
-                str(out),
-                "--quiet",
-            ]
+        cli(
+            "cv",
+            data,
+            "--model mlp --folds 2 --epochs 2 --img-size 16 --cache-dir",
+            tmp_path / "cache",
+            "--out",
+            out,
+            "--quiet",
         )
         == 0
     )

@@ -42,7 +42,7 @@ def add_options(parser, cls, *, skip: tuple[str, ...] = (), helps: dict[str, str
         text = (helps or {}).get(f.name) or docs.get(f.name, "")
         if f.default is not MISSING and f.default is not None and kind is not bool:
             text = f"{text.rstrip('.')} (default {f.default})"
-        kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
+        kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}  # argparse formats help
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction if f.default is None else "store_true"
         else:
@@ -91,7 +91,10 @@ def _train_args(p: argparse.ArgumentParser, seed: bool = False) -> None:
         default="cnn",
         help="registered model: cnn (small MONAI CNN, default), resnet18, densenet121, or mlp (the tutorial's)",
     )
-    add_options(p, TrainConfig, skip=() if seed else ("seed",))  # --seed comes with the split options
+    # run/tune/train take --seed with the split options; cv has no split, its seed draws the folds too
+    add_options(
+        p, TrainConfig, skip=() if seed else ("seed",), helps={"seed": "Seed of the folds, training and bootstrap."}
+    )
     add_options(
         p.add_argument_group("augmentation of training batches (default: on for CNNs, off for mlp)"), AugmentConfig
     )
