@@ -181,6 +181,26 @@ def test_temperature_scaling_lowers_ece_on_an_over_confident_model():
     assert np.array_equal(softmax(over).argmax(1), softmax(over, temperature).argmax(1))  # accuracy untouched
 
 
+def test_calibration_applies_a_temperature_that_helps_and_refuses_one_that_cannot():
+    from lungxray.evaluate import calibrate, softmax
+
+    rng = np.random.default_rng(1)
+    true_logits = rng.normal(0, 1.5, (400, 3))
+    y = np.array([rng.choice(3, p=p) for p in softmax(true_logits)])
+    over = calibrate(4.0 * true_logits, y)  # over-confident: scaling helps and is applied
+    assert over["applied"] and over["temperature"] == pytest.approx(4.0, rel=0.3)
+    assert over["val_loss_after"] < over["val_loss_before"]
+    # a separable validation set with no error: the fit runs to sharpen without limit; T stays 1
+    separable = np.eye(3)[np.arange(60) % 3] * 3.0  # (60, 3), every image right, top probability 0.91
+    refused = calibrate(separable, np.arange(60) % 3)
+    assert refused["fitted_temperature"] < 0.1  # towards the lower bound of the search, 0.05
+    assert not refused["applied"] and refused["temperature"] == 1.0 and "bound" in refused["reason"]
+    assert refused["val_loss_after"] == refused["val_loss_before"]
+    # a calibrated model: the fitted T changes the log-loss by less than the margin, so it is not used
+    calibrated = calibrate(true_logits, y)
+    assert not calibrated["applied"] and "scored on the rest" in calibrated["reason"]
+
+
 def test_ece_of_a_hand_computed_case():
     from lungxray.evaluate import expected_calibration_error
 

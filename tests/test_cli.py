@@ -70,6 +70,43 @@ def test_evaluate_reproduces_the_run_metrics(trained_run, tmp_path):
     assert again["loss"] == pytest.approx(first["loss"], rel=1e-6)
 
 
+def test_evaluate_leaves_out_images_it_has_seen_under_any_path(trained_run, tmp_path, capsys):
+    """A renamed copy of the training data: train and val images are recognised by content and left
+    out; --include-seen keeps them and says the figures are not a test."""
+    data, out, root = trained_run
+    splits = json.loads((out / "splits.json").read_text())
+    copy = tmp_path / "renamed"
+    for k, path in enumerate(sorted(data.rglob("*.png"))):
+        target = copy / path.parent.name.upper() / f"x{k}.png"  # other folder spelling, other file name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    assert cli("evaluate", out / "model", copy, "--out", tmp_path / "ev", "--cache-dir", root / "cache", "--quiet") == 0
+    printed = capsys.readouterr().out
+    n_seen, n_all = len(splits["train"]) + len(splits["val"]), len(list(data.rglob("*.png")))
+    assert f"{n_seen} of {n_all} images were used in training or validation: scored on the other" in printed
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["n"] == len(splits["test"]) == n_all - n_seen and metrics["seen_excluded"] == n_seen
+    assert len(metrics["seen_images"]["paths"]) == n_seen
+    assert "left out, the figures are on the other" in (tmp_path / "ev" / "report.html").read_text()
+    assert (
+        cli(
+            "evaluate",
+            out / "model",
+            copy,
+            "--out",
+            tmp_path / "all",
+            "--cache-dir",
+            root / "cache",
+            "--quiet --include-seen",
+        )
+        == 0
+    )
+    assert "NOT A TEST" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "all" / "metrics.json").read_text())
+    assert metrics["n"] == n_all and metrics["seen_excluded"] == 0 and metrics["seen_images"]["included"]
+    assert "Not a test" in (tmp_path / "all" / "report.html").read_text()
+
+
 def test_evaluate_on_data_with_only_some_classes(trained_run, tmp_path):
     _, out, root = trained_run
     other = tmp_path / "other_hospital"
@@ -258,7 +295,8 @@ def test_cv_writes_per_fold_and_pooled_metrics_with_intervals(tmp_path, capsys):
     assert report["model"] == "cnn" and report["folds"] == 3 and report["seed"] == 4
     train = report["settings"]["train"]  # resolved against the cnn's recipe
     assert (train["optimizer"], train["schedule"], train["augment"]["enabled"]) == ("adamw", "cosine", True)
-    assert train["batch_size"] == 16 and train["epochs"] == 4
+    assert train["batch_size"] == 8 and train["epochs"] == 4  # the params file's batch size
+    assert all(f["batch_size"] == 8 for f in report["per_fold"])
     assert [f["fold"] for f in report["per_fold"]] == [1, 2, 3]
     assert all(f["params"]["width"] == 8 and f["epochs_run"] <= 4 for f in report["per_fold"])
     # every image predicted exactly once, by the fold that did not train on it

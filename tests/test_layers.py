@@ -18,6 +18,8 @@ def _imports(module: str) -> set[str]:
     tree = ast.parse((PACKAGE / f"{module}.py").read_text())
     found = set()
     for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:  # from .train import fit
+            node = ast.ImportFrom(module=f"lungxray.{node.module}" if node.module else "lungxray", names=node.names)
         names = (
             [a.name for a in node.names]
             if isinstance(node, ast.Import)

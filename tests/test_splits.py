@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lungxray.config import ConfigError, DataConfig, SplitConfig
 from lungxray.data import load_dataset
+from lungxray.errors import DataError
 from lungxray.splits import LeakageError, Split, check_no_leakage, folder_split, make_folds, random_split
 
 
@@ -106,3 +109,64 @@ def test_too_few_images_for_the_folds_is_a_clear_error():
     with pytest.raises(ValueError, match="distinct images for 5 folds") as info:
         make_folds(labels, groups, 5, 0)
     assert "fewer --folds" in info.value.hint
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    patients=st.lists(st.one_of(st.none(), st.sampled_from("ABCDEFGHIJ")), min_size=60, max_size=60),
+    copies=st.lists(st.integers(0, 59), min_size=0, max_size=15),
+    seed=st.integers(0, 10_000),
+)
+def test_patient_groups_never_straddle_a_split_or_a_fold(patients, copies, seed):
+    """Random patient files joined with random duplicate pairs: every patient's images, and every
+    chain of copies, stay in one part of the random split and of every cv fold."""
+    from lungxray.data import join_groups
+
+    labels = np.arange(60) % 3
+    duplicates = np.arange(60)
+    for a, b in zip(copies[::2], copies[1::2], strict=False):
+        duplicates[duplicates == duplicates[b]] = duplicates[a]  # b's cluster joins a's
+    groups = join_groups(duplicates, patients)
+    for i in range(60):
+        for j in range(60):
+            if (patients[i] is not None and patients[i] == patients[j]) or duplicates[i] == duplicates[j]:
+                assert groups[i] == groups[j]
+    if len(np.unique(groups)) < 10:
+        return  # too few groups to split into 70/10/20 or 3 folds
+    split = random_split(labels, groups, SplitConfig(seed=seed))
+    parts = [set(groups[split.train]), set(groups[split.val]), set(groups[split.test])]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    for fold in make_folds(labels, groups, 3, seed):
+        assert not set(groups[fold.test]) & (set(groups[fold.train]) | set(groups[fold.val]))
+
+
+def test_groups_file_joins_patients_and_unknown_paths_are_listed(flat_tree, cache_dir, tmp_path):
+    rows = ["path,group", "Covid/img000.png,p1", "Normal/img005.png,p1", "Viral Pneumonia/img003.png,p2"]
+    (tmp_path / "groups.csv").write_text("\n".join(rows) + "\n")
+    ds = load_dataset(flat_tree, DataConfig(cache_dir=cache_dir, groups=tmp_path / "groups.csv"), progress=False)
+    by_name = {f"{s.path.parent.name}/{s.path.name}": s.group for s in ds.samples}
+    assert by_name["Covid/img000.png"] == by_name["Normal/img005.png"] != by_name["Viral Pneumonia/img003.png"]
+    assert ds.summary()["groups"] == {"n": 35, "largest": 2, "file": str(tmp_path / "groups.csv")}
+    (tmp_path / "bad.csv").write_text("path,group\nCovid/img000.png,p1\nCovid/nope.png,p1\nNormal/gone.png,p2\n")
+    with pytest.raises(DataError, match="names 2 path") as info:
+        load_dataset(flat_tree, DataConfig(cache_dir=cache_dir, groups=tmp_path / "bad.csv"), progress=False)
+    assert "Covid/nope.png" in str(info.value) and "Normal/gone.png" in str(info.value)
+
+
+def test_exclude_drops_the_listed_images_and_says_which(flat_tree, cache_dir, tmp_path):
+    (tmp_path / "issues.csv").write_text("path,given,suggested\nCovid/img001.png,covid,normal\n")
+    (tmp_path / "plain.txt").write_text(f"{flat_tree / 'Normal' / 'img002.png'}\n")  # absolute works too
+    for file, gone in ((tmp_path / "issues.csv", "Covid/img001.png"), (tmp_path / "plain.txt", "Normal/img002.png")):
+        ds = load_dataset(flat_tree, DataConfig(cache_dir=cache_dir, exclude=file), progress=False)
+        assert len(ds.samples) == 35 and ds.excluded == [str(flat_tree / gone)]
+        assert ds.summary()["excluded"] == [str(flat_tree / gone)]
+    (tmp_path / "typo.txt").write_text("Covid/img0001.png\n")
+    with pytest.raises(DataError, match="Covid/img0001.png"):
+        load_dataset(flat_tree, DataConfig(cache_dir=cache_dir, exclude=tmp_path / "typo.txt"), progress=False)
+
+
+def test_scan_flags_a_duplicate_group_whose_copies_disagree(flat_tree, cache_dir):
+    (flat_tree / "Normal" / "copy.png").write_bytes((flat_tree / "Covid" / "img000.png").read_bytes())
+    ds = load_dataset(flat_tree, DataConfig(cache_dir=cache_dir), progress=False)
+    mixed = ds.summary()["mixed_label_duplicate_groups"]
+    assert len(mixed) == 1 and {m["label"] for m in mixed[0]} == {"covid", "normal"}

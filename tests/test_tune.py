@@ -152,3 +152,15 @@ def test_every_sampler_and_pruner_finishes_the_study(tmp_path, sampler, pruner):
         "dropout_2",
         "learning_rate",
     }
+
+
+def test_a_study_made_for_another_model_is_refused_with_a_hint(tmp_path):
+    from lungxray.errors import StudyError
+    from lungxray.tune import open_study
+
+    storage, cfg = f"sqlite:///{tmp_path / 's.db'}", TuneConfig()
+    open_study(cfg, storage, 0, "minimize", 4, "cnn")
+    assert open_study(cfg, storage, 0, "minimize", 4, "cnn").user_attrs["model"] == "cnn"  # resumes
+    with pytest.raises(StudyError, match="searches the cnn model, not mlp") as info:
+        open_study(cfg, storage, 0, "minimize", 4, "mlp")
+    assert "--study-name" in info.value.hint

@@ -21,7 +21,7 @@ from lungxray.decode import decode
 from lungxray.errors import BundleError, OutputExistsError, UnusableImage
 from lungxray.infer import predict_logits, to_tensor
 from lungxray.models import create_model
-from lungxray.runfolder import atomic_path, write_text
+from lungxray.runfolder import MODEL, atomic_path, write_text
 
 FORMAT = "lungxray-bundle"
 FORMAT_VERSION = 1
@@ -30,6 +30,7 @@ ONNX = "model.onnx"
 CONFIG = "config.json"
 METRICS = "metrics.json"  # the test metrics of the run that trained it, when it had a test split
 CHECKSUMS = "checksums.json"
+SEEN = "seen.json"  # SHA-256 of the files the model was trained and validated on
 
 
 def _sha256(path: Path) -> str:
@@ -37,9 +38,18 @@ def _sha256(path: Path) -> str:
 
 
 def save_bundle(
-    folder: Path, model: torch.nn.Module, config: dict, metrics: dict | None = None, *, overwrite: bool = False
+    folder: Path,
+    model: torch.nn.Module,
+    config: dict,
+    metrics: dict | None = None,
+    *,
+    seen: dict[str, list[str]] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the bundle to ``folder``; an existing non-empty folder needs ``overwrite=True``."""
+    """Write the bundle to ``folder``; an existing non-empty folder needs ``overwrite=True``.
+
+    ``seen``: the SHA-256 of every file's bytes by part (``{"train": [...], "val": [...]}``), so that
+    evaluation anywhere recognises the images the model has already seen, whatever their path."""
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise OutputExistsError(
@@ -54,6 +64,8 @@ def save_bundle(
         save_file(state, tmp, metadata={"format": FORMAT})
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__, **config}
     write_text(folder / CONFIG, json.dumps(config, indent=2, default=str) + "\n")
+    if seen is not None:
+        write_text(folder / SEEN, json.dumps({part: sorted(set(h)) for part, h in seen.items()}) + "\n")
     if metrics is not None:
         attach_metrics(folder, metrics)
     else:
@@ -78,7 +90,7 @@ def verify_bundle(folder: Path) -> dict:
     """Check every file against checksums.json; return the parsed config.json."""
     folder = Path(folder)
     if not (folder / CHECKSUMS).is_file():
-        inside = folder / "model"
+        inside = folder / MODEL
         hint = (
             f"did you mean {inside}? A run folder holds the bundle in model/"
             if (inside / CHECKSUMS).is_file()
@@ -154,6 +166,9 @@ class Predictor:
         self.metrics_: dict | None = (
             json.loads((self.folder / METRICS).read_text()) if METRICS in self.checksums_ else None
         )
+        # Content hashes of the training and validation files (empty: a bundle that did not record them).
+        seen = json.loads((self.folder / SEEN).read_text()) if SEEN in self.checksums_ else {}
+        self.seen_: frozenset[str] = frozenset(h for hashes in seen.values() for h in hashes)
         # Temperature scaling fitted on the validation split at training time (1.0: none).
         self.temperature_: float = float(self.config_.get("calibration", {}).get("temperature", 1.0))
 

@@ -83,6 +83,12 @@ def _model_data_args(p: argparse.ArgumentParser, verb: str) -> None:
         default=None,
         help=f"splits.json of a run: {verb} only its test images (default: every image in DATA)",
     )
+    p.add_argument(
+        "--include-seen",
+        action="store_true",
+        help="keep the images the model was trained or validated on (recognised by content, whatever "
+        "their path); by default they are left out and listed, as scoring them is not a test",
+    )
 
 
 def _train_args(p: argparse.ArgumentParser, seed: bool = False) -> None:
@@ -221,6 +227,16 @@ def _print_scan(summary: dict) -> None:
         print("  " + "  ==  ".join(map(rel, group)))
     if summary["layout"] == "split":
         print(f"{len(summary['cross_split_duplicates'])} duplicate pair(s) straddle two split folders")
+    mixed = summary["mixed_label_duplicate_groups"]
+    if mixed:
+        print(f"{len(mixed)} duplicate group(s) whose copies carry different labels (check these labels):")
+        for group in mixed:
+            print("  " + "  ==  ".join(f"{rel(m['path'])} ({m['label']})" for m in group))
+    groups = summary["groups"]
+    source = f"patients from {groups['file']} joined with duplicate groups" if groups["file"] else "duplicate groups"
+    print(f"{groups['n']} group(s) kept whole by every split ({source}); the largest holds {groups['largest']} images")
+    if summary["excluded"]:
+        print(f"{len(summary['excluded'])} image(s) left out by --exclude")
 
 
 def _ci(metrics: dict, name: str) -> str:
@@ -297,6 +313,7 @@ def cmd_train(args) -> int:
 
     params = pipeline.training_params(args.model, args.params, args.out)
     pipeline.settings(args.model, _train_cfg(args))  # a bad model or device fails before the scan
+    runfolder.refuse_to_replace(args.out, runfolder.MODEL, args.force, "a model")  # before splits.json is rewritten
     data_cfg = from_args(DataConfig, args)
     ds, split = pipeline.prepare(args.data, data_cfg, from_args(SplitConfig, args), args.out, not args.quiet)
     result, folder = pipeline.train_stage(
@@ -311,20 +328,38 @@ def cmd_train(args) -> int:
 
 
 def _model_and_data(args):
+    """(predictor, dataset, indices to score, extra for metrics.json/audit.json) for evaluate and audit."""
     from lungxray import pipeline
 
-    return pipeline.model_and_data(
-        args.model_dir, args.data, from_args(DataConfig, args), args.splits, progress=not args.quiet
+    predictor, ds, idx, seen = pipeline.model_and_data(
+        args.model_dir, args.data, from_args(DataConfig, args), args.splits, not args.quiet, args.include_seen
     )
+    print(_seen_line(seen))
+    return predictor, ds, idx, {"seen_excluded": 0 if seen["included"] else seen["n_seen"], "seen_images": seen}
+
+
+def _seen_line(seen: dict) -> str:
+    """The headline on images the model was trained or validated on."""
+    if not seen["known"]:
+        return "this model does not record which images it was trained on: seen images cannot be left out"
+    n, k = seen["n_images"], seen["n_seen"]
+    if not k:
+        return f"none of the {n} images was used in training or validation: this is a test"
+    if seen["included"]:
+        return (
+            f"NOT A TEST: {k} of {n} images were used in training or validation and are included "
+            "(--include-seen); these figures overstate how the model does on new images"
+        )
+    return f"{k} of {n} images were used in training or validation: scored on the other {n - k}"
 
 
 def cmd_evaluate(args) -> int:
     from lungxray import pipeline, runfolder
     from lungxray.report import write_report
 
-    predictor, ds, idx = _model_and_data(args)
-    metrics = pipeline.evaluate_split(predictor, ds, idx, args.out)  # preprocessed as in training
-    pipeline.audit_split(predictor, ds, idx, args.out)
+    predictor, ds, idx, extra = _model_and_data(args)
+    metrics = pipeline.evaluate_split(predictor, ds, idx, args.out, extra)  # preprocessed as in training
+    pipeline.audit_split(predictor, ds, idx, args.out, extra)
     write_report(args.out, args.model_dir)
     auroc = "n/a" if metrics["macro_auroc"] is None else f"{metrics['macro_auroc']:.4f}"
     print(
@@ -403,13 +438,22 @@ def cmd_explain(args) -> int:
     return 1 if any("error" in r for r in results) else 0
 
 
+def _probability(p: float) -> str:
+    """Three decimals, never rounded to certainty: a model is not 1.000 sure unless p is exactly 1."""
+    if 0.9995 <= p < 1:
+        return ">0.999"
+    if 0 < p < 0.0005:
+        return "<0.001"
+    return f"{p:.3f}"
+
+
 def _print_predictions(results: list[dict]) -> None:
     """One line per image: its class and probabilities (and overlay), or why it was skipped."""
     for r in results:
         if "error" in r:
             print(f"{r['path']}: skipped, {r['error']}")
         else:
-            probs = ", ".join(f"{c} {p:.3f}" for c, p in r["probabilities"].items())
+            probs = ", ".join(f"{c} {_probability(p)}" for c, p in r["probabilities"].items())
             overlay = f" -> {r['overlay']}" if "overlay" in r else ""
             print(f"{r['path']}: {r['class']} ({probs}){overlay}")
 
@@ -417,8 +461,8 @@ def _print_predictions(results: list[dict]) -> None:
 def cmd_audit(args) -> int:
     from lungxray import pipeline, runfolder
 
-    predictor, ds, idx = _model_and_data(args)
-    report = pipeline.audit_split(predictor, ds, idx, args.out)
+    predictor, ds, idx, extra = _model_and_data(args)
+    report = pipeline.audit_split(predictor, ds, idx, args.out, extra)
     chance = report["chance"]
     print(
         f"shortcut audit on {report['n']} images (chance: accuracy {chance['accuracy']:.4f}, "

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from lungxray.errors import ConfigError
+from lungxray.errors import ConfigError, ParamsError
 
 
 def option(flag: str, default=None, *, choices: tuple | None = None, metavar: str | None = None, default_factory=None):
@@ -56,6 +56,12 @@ class DataConfig:
     """Folder of preprocessed arrays keyed by file content hash ($LUNGXRAY_CACHE or ~/.cache/lungxray)."""
     workers: int = option("--workers", 0)
     """Decoding processes; 0 means one per CPU core."""
+    groups: Path | None = option("--groups", None, metavar="CSV")
+    """CSV with columns path,group (paths relative to DATA): images of one group (a patient) never
+    straddle train/val/test or cv folds; images without a row are their own group."""
+    exclude: Path | None = option("--exclude", None, metavar="FILE")
+    """Images to leave out: a CSV with a path column (e.g. checked rows of label_issues.csv) or one
+    path per line, relative to DATA or absolute; run.json and scan.json list them."""
     near_duplicate_distance: int = 10
     """Largest perceptual-hash Hamming distance (of 64 bits) for a near-duplicate candidate pair."""
     near_duplicate_correlation: float = 0.95
@@ -63,6 +69,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         self.cache_dir = Path(self.cache_dir)
+        self.groups = Path(self.groups) if self.groups is not None else None
+        self.exclude = Path(self.exclude) if self.exclude is not None else None
         if not 8 <= self.img_size <= 1024:
             raise ConfigError(f"--img-size must be between 8 and 1024, got {self.img_size}")
         if self.workers < 0:
@@ -139,6 +147,8 @@ class AugmentConfig:
     """Mirror half the images left-right (off: the heart sits on the left in a PA film)."""
 
     def __post_init__(self) -> None:
+        if self.enabled is False:
+            return  # ranges of augmentation that is off are never used, so never wrong
         if not 0 <= self.rotation <= 45:
             raise ConfigError(f"--rotate must be between 0 and 45 degrees, got {self.rotation}")
         for name in ("shift", "scale", "brightness", "contrast"):
@@ -244,7 +254,12 @@ def resolve_train(cfg: TrainConfig, recipe: Recipe, params: dict | None = None) 
     """
     batch_size = cfg.batch_size if cfg.batch_size is not None else recipe.batch_size
     if params and "batch_size" in params:
-        batch_size = int(params["batch_size"])
+        try:
+            batch_size = int(params["batch_size"])
+        except (TypeError, ValueError):
+            raise ParamsError(
+                f"the hyperparameters set batch_size to {params['batch_size']!r}, not a whole number"
+            ) from None
     enabled = cfg.augment.enabled if cfg.augment.enabled is not None else recipe.augment
     return replace(
         cfg,

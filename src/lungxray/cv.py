@@ -130,6 +130,7 @@ def cross_validate(
                 "fold": i + 1,
                 **fold.sizes(),
                 "params": hp,
+                "batch_size": resolve_train(train_cfg, get_spec(model_name).recipe, hp).batch_size,
                 "best_epoch": result.best_epoch,
                 "epochs_run": len(result.history),
                 "fit_s": fit_s,
@@ -152,9 +153,16 @@ def cross_validate(
         "folds": folds,
         "seed": seed,
         "n_parameters": n_params,
+        "groups": ds.group_sizes(),
+        "excluded": ds.excluded,
         "tuned_in_each_fold": params is None,
         "settings": jsonable(
-            {"data": asdict(data_cfg), "train": asdict(train_cfg), "tune": asdict(tune_cfg) if params is None else None}
+            {
+                "data": asdict(data_cfg),
+                # with fixed parameters, their batch size; tuned folds record theirs in per_fold
+                "train": asdict(resolve_train(train_cfg, get_spec(model_name).recipe, params)),
+                "tune": asdict(tune_cfg) if params is None else None,
+            }
         ),
         "summary": _cv_summary(per_fold, pooled),
         "pooled": pooled,

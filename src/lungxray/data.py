@@ -68,6 +68,8 @@ class Dataset:
     skipped: list[Skipped] = field(default_factory=list)
     duplicate_groups: list[list[int]] = field(default_factory=list)  # sample indices, size >= 2
     cross_split_duplicates: list[tuple[int, int]] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)  # paths left out by --exclude
+    groups_file: str | None = None  # the --groups CSV joined into the groups, if any
 
     @property
     def labels(self) -> np.ndarray:
@@ -98,7 +100,19 @@ class Dataset:
             "skipped": [{"path": s.path, "reason": s.reason} for s in self.skipped],
             "duplicate_groups": [[rel(i) for i in g] for g in self.duplicate_groups],
             "cross_split_duplicates": [[rel(a), rel(b)] for a, b in self.cross_split_duplicates],
+            "mixed_label_duplicate_groups": [
+                [{"path": rel(i), "label": self.samples[i].label} for i in g]
+                for g in self.duplicate_groups
+                if len({self.samples[i].label for i in g}) > 1
+            ],
+            "groups": self.group_sizes(),
+            "excluded": self.excluded,
         }
+
+    def group_sizes(self) -> dict:
+        """How many groups (patients and duplicate clusters joined) the splits keep whole, the largest."""
+        sizes = np.bincount(np.unique(self.groups, return_inverse=True)[1]) if self.samples else np.zeros(0, int)
+        return {"n": int(len(sizes)), "largest": int(sizes.max(initial=0)), "file": self.groups_file}
 
 
 def normalise_class_name(name: str) -> str:
@@ -280,6 +294,11 @@ def load_dataset(root: Path, cfg: DataConfig | None = None, *, progress: bool = 
     cfg = cfg or DataConfig()
     root = Path(root)
     layout, files, skipped = discover(root)
+    excluded = []
+    if cfg.exclude is not None:
+        drop = _known_paths(read_paths(cfg.exclude, root), {p for p, _, _ in files}, cfg.exclude, "--exclude")
+        excluded = sorted(str(p) for p in drop)
+        files = [f for f in files if f[0] not in drop]
     loaded = _load_pixels(files, cfg, progress)
     samples, images, usable = [], [], {}
     for path, label, split in files:
@@ -314,8 +333,6 @@ def load_dataset(root: Path, cfg: DataConfig | None = None, *, progress: bool = 
         cfg.near_duplicate_distance,
         cfg.near_duplicate_correlation,
     )
-    for sample, group in zip(samples, groups, strict=True):
-        sample.group = int(group)
     members: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(int(g), []).append(i)
@@ -327,4 +344,89 @@ def load_dataset(root: Path, cfg: DataConfig | None = None, *, progress: bool = 
         for b in m[j + 1 :]
         if samples[a].folder_split != samples[b].folder_split
     ]
-    return Dataset(root, layout, classes, samples, pixels, skipped, dup_groups, cross)
+    if cfg.groups is not None:
+        by_path = read_groups(cfg.groups, root, [s.path for s in samples], skipped)
+        groups = join_groups(groups, [by_path.get(s.path) for s in samples])
+    for sample, group in zip(samples, groups, strict=True):
+        sample.group = int(group)
+    return Dataset(
+        root,
+        layout,
+        classes,
+        samples,
+        pixels,
+        skipped,
+        dup_groups,
+        cross,
+        excluded,
+        str(cfg.groups) if cfg.groups is not None else None,
+    )
+
+
+def _resolve(entry: str, root: Path) -> Path:
+    """A path from a user's file: absolute as given, else relative to the dataset root."""
+    path = Path(entry.strip())
+    return Path(os.path.abspath(path if path.is_absolute() else Path(os.path.abspath(root)) / path))
+
+
+def read_paths(file: Path, root: Path) -> list[Path]:
+    """Paths listed in ``file``: a CSV whose header has a ``path`` column, or one path per line."""
+    import csv
+
+    if not Path(file).is_file():
+        raise DataError(f"{file} not found", hint="pass a CSV with a path column, or a file of one path per line")
+    lines = [line for line in Path(file).read_text().splitlines() if line.strip()]
+    if lines and "path" in next(csv.reader([lines[0]])):
+        return [_resolve(row["path"], root) for row in csv.DictReader(lines) if row.get("path")]
+    return [_resolve(line, root) for line in lines if not line.startswith("#")]
+
+
+def _known_paths(paths: list[Path], known: set[Path], file: Path, flag: str) -> set[Path]:
+    """``paths`` as a set; any path not among ``known`` files of the dataset is an error listing them."""
+    unknown = sorted(str(p) for p in set(paths) - known)
+    if unknown:
+        listed = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        raise DataError(
+            f"{flag} {file} names {len(unknown)} path(s) that are not images of the dataset: {listed}",
+            hint="paths are relative to the dataset folder (or absolute); check the spelling",
+        )
+    return set(paths)
+
+
+def read_groups(file: Path, root: Path, sample_paths: list[Path], skipped: list[Skipped]) -> dict[Path, str]:
+    """path -> group from a CSV with columns path,group; rows of skipped files are ignored, rows of
+    files that are not in the dataset are an error."""
+    import csv
+
+    if not Path(file).is_file():
+        raise DataError(f"--groups {file} not found", hint="pass a CSV with columns path,group")
+    with open(file, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not {"path", "group"} <= set(reader.fieldnames or []):
+            raise DataError(
+                f"--groups {file} has columns {reader.fieldnames}", hint="the header must name the columns path,group"
+            )
+        rows = {_resolve(row["path"], root): row["group"].strip() for row in reader if row.get("path")}
+    known = set(sample_paths) | {Path(s.path) for s in skipped}
+    _known_paths(list(rows), known, file, "--groups")
+    return rows
+
+
+def join_groups(duplicate_groups: np.ndarray, patients: list[str | None]) -> np.ndarray:
+    """Group id per sample: duplicate clusters and patient groups (None: no row) joined as connected
+    components, so two images share a group when a chain of copies or same-patient rows links them."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(duplicate_groups)
+    _, first_of_dup = np.unique(duplicate_groups, return_index=True)
+    rows = [np.arange(n)]
+    cols = [first_of_dup[np.unique(duplicate_groups, return_inverse=True)[1]]]
+    named = [i for i, p in enumerate(patients) if p is not None]
+    if named:
+        _, first, inverse = np.unique([patients[i] for i in named], return_index=True, return_inverse=True)
+        rows.append(np.array(named))
+        cols.append(np.array(named)[first[inverse]])
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+    return connected_components(graph, directed=False)[1].astype(np.int64)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lungxray.config import Recipe
-from lungxray.errors import InitWeightsError, UnknownModelError
+from lungxray.errors import InitWeightsError, ParamsError, UnknownModelError
 
 TRAINING_KEYS = ("learning_rate", "weight_decay", "batch_size")
 
@@ -66,7 +66,7 @@ class MLP(nn.Module):
         super().__init__()
         act = {"relu": nn.ReLU, "tanh": nn.Tanh}
         if activation not in act:
-            raise ValueError(f"activation must be one of {sorted(act)}, got {activation!r}")
+            raise ParamsError(f"activation must be one of {sorted(act)}, got {activation!r}")
         n_in = in_shape[0] * in_shape[1] * in_shape[2]
         self.net = nn.Sequential(
             nn.Flatten(),  # (N, 1, H, W) -> (N, H*W)

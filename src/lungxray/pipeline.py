@@ -36,6 +36,7 @@ from lungxray.evaluate import (
     confusion_figure,
     curves_figure,
     expected_calibration_error,
+    log_loss_at,
     save_figure,
     softmax,
 )
@@ -63,7 +64,9 @@ def settings(
     tune_cfg = tune_cfg or TuneConfig()
     tune_cfg = resolve_tune(tune_cfg, recipe)
     trial_cfg = trial_settings(resolve_train(train_cfg, recipe), tune_cfg)
-    final_cfg = resolve_train(replace(train_cfg, epochs=final_epochs) if final_epochs else train_cfg, recipe)
+    final_cfg = resolve_train(
+        replace(train_cfg, epochs=final_epochs) if final_epochs is not None else train_cfg, recipe
+    )
     return trial_cfg, final_cfg, tune_cfg
 
 
@@ -97,6 +100,7 @@ def tune_stage(
     from lungxray.tune import tune
 
     trial_cfg, _, tune_cfg = settings(model_name, train_cfg, tune_cfg)
+    set_threads(trial_cfg.threads)
     storage = runfolder.study_storage(out, tune_cfg.storage)
     result = tune(
         model_name,
@@ -149,6 +153,7 @@ def train_stage(
     runfolder.refuse_to_replace(out, runfolder.MODEL, force, "a model")
     _, cfg, _ = settings(model_name, train_cfg)
     cfg = resolve_train(cfg, get_spec(model_name).recipe, params)  # the batch size the parameters set
+    set_threads(cfg.threads)
     result = trained or fit(
         model_name, params, tensors(ds, split.train), tensors(ds, split.val), len(ds.classes), cfg, progress=progress
     )
@@ -183,7 +188,8 @@ def train_stage(
         },
         "calibration": calibration,
     }
-    folder = save_bundle(out / runfolder.MODEL, result.model, config, overwrite=force)
+    seen = {part: [ds.samples[i].sha256 for i in idx] for part, idx in (("train", split.train), ("val", split.val))}
+    folder = save_bundle(out / runfolder.MODEL, result.model, config, seen=seen, overwrite=force)
     return result, folder
 
 
@@ -196,10 +202,19 @@ def training_params(model_name: str, source: Path | str | None, out: Path) -> di
 
 
 def model_and_data(
-    model_dir: Path, data: Path, data_cfg: DataConfig, splits: Path | None = None, progress: bool = True
-) -> tuple[Predictor, Dataset, np.ndarray]:
-    """The verified bundle, ``data`` preprocessed at the bundle's size, and the indices to score:
-    every image, or the test images named in a run's ``splits`` (splits.json)."""
+    model_dir: Path,
+    data: Path,
+    data_cfg: DataConfig,
+    splits: Path | None = None,
+    progress: bool = True,
+    include_seen: bool = False,
+) -> tuple[Predictor, Dataset, np.ndarray, dict]:
+    """The verified bundle, ``data`` preprocessed at the bundle's size, the indices to score and
+    what the bundle has seen among them.
+
+    The indices are every image, or the test images named in a run's ``splits`` (splits.json),
+    less the images the model was trained or validated on (recognised by content hash, whatever
+    their path) unless ``include_seen``. The dict says how many were seen and which."""
     predictor = Predictor(model_dir)  # verified and loaded once
     ds = load_dataset(data, replace(data_cfg, img_size=predictor.img_size_), progress=progress, min_classes=1)
     idx = np.arange(len(ds.samples))
@@ -215,7 +230,22 @@ def model_and_data(
                 f"none of the test images in {splits} is in {data}",
                 hint="pass the dataset folder the run was made from",
             )
-    return predictor, ds, idx
+    seen = [i for i in idx if ds.samples[i].sha256 in predictor.seen_]
+    report = {
+        "n_images": int(len(idx)),
+        "n_seen": len(seen),
+        "included": include_seen,
+        "known": bool(predictor.seen_),  # False: a bundle from before lungxray recorded what it saw
+        "paths": [str(ds.samples[i].path) for i in seen],
+    }
+    if seen and not include_seen:
+        if len(seen) == len(idx):
+            raise DataError(
+                f"all {len(idx)} images in {data} were used to train or validate the model: nothing to test on",
+                hint="score other images, or pass --include-seen to score these anyway (not a test)",
+            )
+        idx = np.setdiff1d(idx, seen)
+    return predictor, ds, idx, report
 
 
 def _labels_for(predictor: Predictor, ds: Dataset, idx: np.ndarray) -> np.ndarray:
@@ -237,11 +267,12 @@ def _labels_for(predictor: Predictor, ds: Dataset, idx: np.ndarray) -> np.ndarra
     return np.array([index[ds.samples[i].label] for i in idx], dtype=np.int64)
 
 
-def audit_split(predictor: Predictor, ds: Dataset, idx: np.ndarray, out: Path) -> dict:
-    """The shortcut audit (``explain.audit``) of samples ``idx``; writes audit.json to ``out``."""
+def audit_split(predictor: Predictor, ds: Dataset, idx: np.ndarray, out: Path, extra: dict | None = None) -> dict:
+    """The shortcut audit (``explain.audit``) of samples ``idx``; writes audit.json (with ``extra``
+    added) to ``out``."""
     from lungxray.explain import audit
 
-    report = audit(predictor, ds.images[idx], _labels_for(predictor, ds, idx))
+    report = audit(predictor, ds.images[idx], _labels_for(predictor, ds, idx)) | (extra or {})
     runfolder.write_json(out, runfolder.AUDIT, report)
     return report
 
@@ -254,10 +285,15 @@ def evaluate_split(predictor: Predictor, ds: Dataset, idx: np.ndarray, out: Path
     logits = predictor.predict_logits(ds.images[idx]).astype(np.float64)
     probs, raw = softmax(logits, predictor.temperature_), softmax(logits)
     metrics = compute_metrics(y, probs, predictor.classes_)
+    fitted = predictor.config_.get("calibration", {})
     metrics["calibration"] = {
         "temperature": predictor.temperature_,
+        "applied": bool(fitted.get("applied", predictor.temperature_ != 1.0)),
+        "decision": fitted.get("reason"),
         "ece": metrics["ece"],
         "ece_uncalibrated": expected_calibration_error(y, raw),
+        "loss": metrics["loss"],
+        "loss_uncalibrated": log_loss_at(logits, y),
     }
     metrics |= extra or {}
     runfolder.write_json(
@@ -362,6 +398,8 @@ def run(
         "audit": {name: view["accuracy"] for name, view in audited["views"].items()}
         | {"chance": audited["chance"]["accuracy"]},
         "duplicate_groups": len(ds.duplicate_groups),
+        "groups": ds.group_sizes(),
+        "excluded": ds.excluded,
         "skipped": len(ds.skipped),
         "timings": clock.laps,
         "artifacts": {name: str(out / file) for name, file in runfolder.RUN_ARTIFACTS.items()}

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lungxray import runfolder
+from lungxray.bundle import CHECKSUMS
 from lungxray.errors import MissingInputError
 from lungxray.evaluate import ECE_BINS, confusion_figure, curves_figure, expected_calibration_error, reliability_bins
 
@@ -57,6 +58,15 @@ def _dataset(scan: dict, parts: dict | None) -> str:
     body += f"<h3>Skipped files ({len(skipped)})</h3>" + (
         _table(["file", "reason"], skipped) if skipped else "<p>None.</p>"
     )
+    mixed = scan.get("mixed_label_duplicate_groups") or []
+    if mixed:
+        body += (
+            f'<p class="warning"><strong>{len(mixed)} duplicate group(s) whose copies carry different labels: '
+            "at least one label in each is wrong.</strong></p>"
+            + _table(["copies (label)"], [[" == ".join(f"{m['path']} ({m['label']})" for m in g)] for g in mixed])
+        )
+    if scan.get("excluded"):
+        body += f"<p>{len(scan['excluded'])} image(s) left out by --exclude.</p>"
     groups = [[len(g), " == ".join(Path(p).name for p in g)] for g in scan["duplicate_groups"]]
     body += f"<h3>Duplicate groups ({len(groups)}), each kept in one split</h3>"
     return body + (_table(["images", "files"], groups) if groups else "<p>None found.</p>")
@@ -153,6 +163,39 @@ def _roc(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> str:
     return _png(fig)
 
 
+def _seen(seen: dict) -> str:
+    """The headline on images the model was trained or validated on, and their list."""
+    n, k = seen["n_images"], seen["n_seen"]
+    if not seen["known"]:
+        return "<p>This model does not record which images it was trained on: seen images could not be left out.</p>"
+    if not k:
+        return f"<p>None of the {n} images was used in training or validation.</p>"
+    listed = _table(["image used in training or validation"], [[p] for p in seen["paths"]])
+    if seen["included"]:
+        return (
+            f'<p class="warning"><strong>Not a test: {k} of {n} images were used in training or validation '
+            "and are included in these figures, which overstate how the model does on new images."
+            f"</strong></p><details><summary>the {k} images</summary>{listed}</details>"
+        )
+    return (
+        f"<p>{k} of {n} images were used in training or validation: left out, the figures are on the other "
+        f"{n - k}.</p><details><summary>the {k} images left out</summary>{listed}</details>"
+    )
+
+
+def _decision(calibration: dict | None) -> str:
+    """Whether temperature scaling was applied, why, and the test log-loss before and after."""
+    if not calibration or "decision" not in calibration:
+        return ""
+    applied = "applied" if calibration["applied"] else "not applied (T = 1)"
+    text = f"<p>Temperature scaling {applied}: {html.escape(str(calibration['decision']))}.</p>"
+    rows = [
+        ["log-loss", calibration["loss_uncalibrated"], calibration["loss"]],
+        ["expected calibration error", calibration["ece_uncalibrated"], calibration["ece"]],
+    ]
+    return text + _table(["on these images", "before scaling", "as served"], rows)
+
+
 def _calibration(y: np.ndarray, probs: np.ndarray, raw: np.ndarray | None, temperature: float) -> str:
     import matplotlib.pyplot as plt
 
@@ -191,7 +234,7 @@ def _gallery(model_dir: Path, predictions: dict, y: np.ndarray, probs: np.ndarra
     if len(wrong) == 0:
         return "<p>No errors on these images.</p>"
     wrong = wrong[np.argsort(-probs[wrong].max(axis=1))][:GALLERY_SIZE]
-    if not (model_dir / "config.json").is_file():
+    if not (model_dir / CHECKSUMS).is_file():
         return f"<p>No model bundle at {html.escape(str(model_dir))}: overlays left out.</p>"
     predictor = Predictor(model_dir)
     items, arrays, kept = [], [], []
@@ -241,7 +284,7 @@ STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em aut
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
 td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 th{background:#f2f2f2}section{margin-bottom:2.2em}img{max-width:100%}.gallery{display:flex;flex-wrap:wrap;gap:1em}
-figure{margin:0;width:200px;font-size:.8em}code{background:#f4f4f4;padding:.1em .3em}"""
+figure{margin:0;width:200px;font-size:.8em}.warning{color:#a40000}code{background:#f4f4f4;padding:.1em .3em}"""
 
 
 def _scores(cv: dict | None, predictions: dict | None) -> tuple:
@@ -319,17 +362,24 @@ def write_report(folder: Path, model_dir: Path | None = None) -> Path:
     y, probs, raw, temperature = _scores(cv, found["predictions"])
     if probs is not None:
         sections.append(_section("roc", "ROC curves", _roc(y, probs, metrics["classes"])))
-        sections.append(_section("calibration", "Calibration", _calibration(y, probs, raw, temperature)))
+        sections.append(
+            _section(
+                "calibration",
+                "Calibration",
+                _decision(metrics.get("calibration")) + _calibration(y, probs, raw, temperature),
+            )
+        )
     if found["predictions"] and not cv:
         sections.append(
             _section("errors", "Most confident errors", _gallery(model_dir, found["predictions"], y, probs))
         )
     if found["audit"]:
         sections.append(_section("audit", "Shortcut audit", _audit(found["audit"])))
+    seen = _seen(metrics["seen_images"]) if metrics.get("seen_images") else ""
     title = f"lungxray report: {folder.name}"
     page = (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-        f"<p>Research use only: see the README on reading these numbers.</p>{''.join(sections)}</body></html>"
+        f"<p>Research use only: see the README on reading these numbers.</p>{seen}{''.join(sections)}</body></html>"
     )
     return runfolder.write_text(folder / runfolder.REPORT, page)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,7 +56,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path next to ``path`` to write to; renamed over ``path`` when the block succeeds,
     removed when it fails."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh name per call (not per process): threads and processes in other PID namespaces that
+    # share the folder (the preprocessing cache) must never write into one temporary file.
+    # (A random name rather than mkstemp, whose 0600 mode would stay on the renamed file.)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -79,9 +84,18 @@ def write_json(folder: Path, name: str, obj, indent: int | None = 2) -> Path:
 
 
 def read_json(folder: Path, name: str):
-    """The parsed ``folder/name``, or None when there is no such file."""
+    """The parsed ``folder/name``, or None when there is no such file; a damaged file is an error."""
+    from lungxray.errors import DataError
+
     path = Path(folder) / name
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{path} is not valid JSON ({exc})", hint="the file is damaged; run the command that wrote it again"
+        ) from None
 
 
 def refuse_to_replace(folder: Path, name: str, force: bool, what: str) -> None:
@@ -107,7 +121,7 @@ def read_params(path: Path) -> dict:
         raise MissingInputError(
             f"{path} not found",
             hint="pass a JSON file of hyperparameters (best_params.json of a run, or a "
-            "plain {name: value} object), or run `lungxray tune` first",
+            "plain {name: value} object), --params defaults, or run `lungxray tune` first",
         )
     try:
         params = json.loads(path.read_text())

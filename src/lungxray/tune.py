@@ -49,8 +49,11 @@ def make_pruner(cfg: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(cfg: TuneConfig, storage: str, seed: int, direction: str, epochs: int) -> optuna.Study:
-    """Create the study, or load it to resume; trials a killed process left RUNNING become FAIL."""
+def open_study(
+    cfg: TuneConfig, storage: str, seed: int, direction: str, epochs: int, model_name: str = "mlp"
+) -> optuna.Study:
+    """Create the study, or load it to resume; trials a killed process left RUNNING become FAIL.
+    A study made for another model is refused (its search space would not fit)."""
     study = optuna.create_study(
         storage=storage,
         study_name=cfg.study_name,
@@ -64,6 +67,14 @@ def open_study(cfg: TuneConfig, storage: str, seed: int, direction: str, epochs:
             f"study {cfg.study_name!r} in {storage} was created to {study.direction.name.lower()}, "
             f"but --objective {'val_loss' if direction == 'minimize' else 'val_accuracy'} needs {direction}",
             hint="use another --study-name or --out, or the --objective the study was made with",
+        )
+    made_for = study.user_attrs.get("model")
+    if made_for is None:
+        study.set_user_attr("model", model_name)
+    elif made_for != model_name:
+        raise StudyError(
+            f"study {cfg.study_name!r} in {storage} searches the {made_for} model, not {model_name}",
+            hint="use another --study-name or --out for another --model",
         )
     # One lungxray process works on a study at a time, so a RUNNING trial here was interrupted.
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -179,7 +190,7 @@ def tune(
         raise ValueError("tune() needs resolved configs: config.resolve_tune and config.resolve_train")
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it instead
     direction = "minimize" if train_cfg.select_by == "val_loss" else "maximize"
-    study = open_study(cfg, storage, train_cfg.seed, direction, train_cfg.epochs)
+    study = open_study(cfg, storage, train_cfg.seed, direction, train_cfg.epochs, model_name)
     space, jobs = get_spec(model_name).space, cfg.jobs
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     bar = tqdm(total=cfg.trials, initial=min(done, cfg.trials), desc="trials", unit="trial", disable=not progress)
