@@ -347,6 +347,26 @@ def test_cv_can_tune_inside_each_fold(tmp_path):
     assert all(set(f["params"]) >= {"activation", "layer_1", "learning_rate"} for f in report["per_fold"])
 
 
+def test_cv_repeats_give_the_spread_over_training_seeds(tmp_path, capsys):
+    data = write_tree(tmp_path / "data", per_class=8)
+    out = tmp_path / "cv"
+    common = ("--model mlp --folds 2 --epochs 2 --img-size 16 --cache-dir", tmp_path / "cache", "--quiet")
+    assert cli("cv", data, *common, "--out", out, "--repeats 2") == 0
+    assert "over 2 training seeds (0, 1) on the same folds" in capsys.readouterr().out
+    report = json.loads((out / "cv.json").read_text())
+    spread = report["seed_spread"]["macro_f1"]
+    per_seed = [s["fold_mean"] for s in spread["per_seed"]]
+    assert [s["training_seed"] for s in spread["per_seed"]] == [0, 1]
+    assert spread["fold_mean"]["mean"] == pytest.approx(np.mean(per_seed))
+    assert spread["fold_mean"]["std"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert per_seed[0] == pytest.approx(report["summary"]["macro_f1"]["mean"])  # the first seed is the plain cv
+    mean = report["out_of_fold"][0]["probabilities_mean_over_seeds"]
+    assert sum(mean.values()) == pytest.approx(1.0)
+    assert cli("cv", data, *common, "--out", tmp_path / "once") == 0  # the same first seed alone
+    once = json.loads((tmp_path / "once" / "cv.json").read_text())
+    assert once["pooled"] == report["pooled"] and once["seed_spread"] is None
+
+
 def test_cv_refuses_tune_with_params_and_a_bad_init_weights_file(flat_tree, tmp_path, capsys):
     params = tmp_path / "p.json"
     params.write_text("{}")

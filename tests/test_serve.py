@@ -173,3 +173,34 @@ def test_upload_page_in_chromium_shows_the_class_and_the_overlay(real, tmp_path)
     assert shown in ("covid", "normal", "viral_pneumonia")
     assert bars == 3 and overlay_width == 384 and errors == []
     assert (tmp_path / "upload.png").stat().st_size > 10_000
+
+
+def test_an_ensemble_bundle_round_trips_through_save_load_predict_onnx_explain_and_serve(real, tmp_path):
+    """--members 2: one bundle whose output is the mean of its members' probabilities."""
+    from lungxray.explain import saliency
+
+    _, ds, files, _ = real
+    x, y = to_tensor(ds.images), torch.from_numpy(ds.labels)
+    hp = {**get_spec("cnn").defaults, "width": 8}
+    result = fit("cnn", hp, (x, y), (x, y), 3, settings("cnn", hp, epochs=1, augment=False, members=2))
+    assert result.member_epochs is not None and len(result.member_epochs) == 2
+    with torch.no_grad():
+        members = [torch.softmax(m(x[:6]), dim=1) for m in result.model.members]
+        assert torch.allclose(torch.softmax(result.model(x[:6]), dim=1), (members[0] + members[1]) / 2, atol=1e-6)
+    bundle = tmp_path / "ensemble"
+    config = {"classes": ds.classes, "model": {"name": "cnn", "members": 2, "hyperparameters": hp,
+              "input_shape": [1, SIZE, SIZE]}, "preprocessing": {"img_size": SIZE}}  # fmt: skip
+    save_bundle(bundle, result.model, config)
+    loaded = Predictor(bundle, backend="torch")
+    expected = ((members[0] + members[1]) / 2).numpy()
+    assert np.allclose(loaded.predict_arrays(ds.images[:6]), expected, atol=1e-5)
+    path, gap = export_onnx(bundle, ds.images)
+    assert gap < 1e-4 and Predictor(bundle).backend_ == "onnx"
+    maps = saliency(loaded, ds.images[:2])  # the members' Grad-CAM maps, averaged
+    assert maps.shape == (2, SIZE, SIZE) and maps.max() > maps.min()
+    with TestClient(create_app(bundle)) as client:
+        answer = client.post("/predict", files={"file": ("x.jpeg", files[0].read_bytes(), "image/jpeg")}).json()
+        assert set(answer["probabilities"]) == set(ds.classes)
+        assert (
+            client.post("/explain", files={"file": ("x.jpeg", files[0].read_bytes(), "image/jpeg")}).status_code == 200
+        )

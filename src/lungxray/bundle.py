@@ -152,7 +152,11 @@ class Predictor:
         self.img_size_: int = self.config_["preprocessing"]["img_size"]
         model_cfg = self.config_["model"]
         self.model_ = create_model(
-            model_cfg["name"], tuple(model_cfg["input_shape"]), len(self.classes_), **model_cfg["hyperparameters"]
+            model_cfg["name"],
+            tuple(model_cfg["input_shape"]),
+            len(self.classes_),
+            members=int(model_cfg.get("members", 1)),
+            **model_cfg["hyperparameters"],
         )
         state = load_file(self.folder / WEIGHTS)  # safetensors: tensors only, nothing executed
         try:

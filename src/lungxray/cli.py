@@ -1,10 +1,11 @@
 """Command line: one subcommand per stage, each a thin call into the library.
 
 ``lungxray run`` does everything; ``scan``, ``tune``, ``train``, ``evaluate`` and ``predict`` run
-one stage each; ``cv`` cross-validates; ``explain`` and ``audit`` show where a model looks. Flags,
-their defaults and their help come from the settings dataclasses (``config.py``): this module only
-parses and prints. A ``LungxrayError`` (a failure the user can fix) is printed as one line with its
-hint, exit code 2; anything else is a bug and keeps its traceback.
+one stage each; ``cv`` cross-validates; ``labels`` ranks doubtful labels from cv runs; ``explain``
+and ``audit`` show where a model looks. Flags, their defaults and their help come from the
+settings dataclasses (``config.py``): this module only parses and prints. A ``LungxrayError`` (a
+failure the user can fix) is printed as one line with its hint, exit code 2; anything else is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -156,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(p, seed=True)
     p.add_argument("--folds", type=int, default=5, help="folds, stratified and grouped by duplicate group (default 5)")
     p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="train the same folds with this many training seeds (seed, seed+1, ...) and report each "
+        "metric's mean +- std over them: one cv run is one draw (default 1)",
+    )
+    p.add_argument(
         "--params",
         type=Path,
         default=None,
@@ -169,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, TuneConfig)
     p.add_argument("--out", type=Path, required=True, help="folder for cv.json, folds.json and the plot")
     p.add_argument("--force", action="store_true", help="replace a cv.json already in OUT")
+
+    p = sub.add_parser(
+        "labels", help="rank images whose label is probably wrong, from the out-of-fold predictions of cv runs"
+    )
+    p.add_argument("cv_dirs", metavar="CV_DIR", type=Path, nargs="+", help="folders written by `lungxray cv --out`")
+    p.add_argument("--top", type=int, default=30, help="thumbnails on the HTML page (default 30)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="folder for label_issues.csv and .html (default: the first CV_DIR)"
+    )
 
     p = sub.add_parser("report", help="write RUN/report.html from what run, evaluate or cv left in RUN")
     p.add_argument("run_dir", metavar="RUN", type=Path, help="folder written by run, evaluate --out or cv --out")
@@ -388,6 +405,7 @@ def cmd_cv(args) -> int:
         from_args(DataConfig, args),
         train_cfg,
         folds=args.folds,
+        repeats=args.repeats,
         params=params,
         tune=args.tune,
         tune_cfg=from_args(TuneConfig, args),
@@ -411,12 +429,36 @@ def cmd_cv(args) -> int:
         pooled = "n/a" if row["pooled"] is None else f"{row['pooled']:.4f}"
         ci = "n/a" if row["ci95"] is None else f"[{row['ci95'][0]:.4f}, {row['ci95'][1]:.4f}]"
         print(f"  {name:<28} {spread:>24} {pooled:>8}  {ci}")
+    if report["seed_spread"]:
+        _print_seed_spread(report)
     print(
         "written: "
         + ", ".join(
             str(args.out / name) for name in (runfolder.REPORT, runfolder.CV, runfolder.FOLDS, runfolder.CV_CONFUSION)
         )
     )
+    return 0
+
+
+def _print_seed_spread(report: dict) -> None:
+    seeds = [p["training_seed"] for p in next(iter(report["seed_spread"].values()))["per_seed"]]
+    print(
+        f"over {len(seeds)} training seeds ({', '.join(map(str, seeds))}) on the same folds "
+        f"(the table above: seed {seeds[0]}):"
+    )
+    print(f"  {'metric':<28} {'fold mean: mean +- std':>24} {'pooled: mean +- std':>22}")
+    for name, row in report["seed_spread"].items():
+        cells = [f"{row[k]['mean']:.4f} +- {row[k]['std']:.4f}" if row[k] else "n/a" for k in ("fold_mean", "pooled")]
+        print(f"  {name:<28} {cells[0]:>24} {cells[1]:>22}")
+
+
+def cmd_labels(args) -> int:
+    from lungxray.labels import write_label_issues
+
+    csv_path, html_path, n = write_label_issues(args.cv_dirs, args.out or args.cv_dirs[0], args.top)
+    print(f"{n} image(s) whose given label the out-of-fold predictions doubt; check them by eye, nothing is relabelled")
+    print(f"written: {csv_path}, {html_path} (the top {min(n, args.top)} as thumbnails)")
+    print("to leave confirmed ones out: copy their rows into a file and pass it to --exclude")
     return 0
 
 
@@ -517,6 +559,7 @@ COMMANDS = {
     "tune": cmd_tune,
     "train": cmd_train,
     "cv": cmd_cv,
+    "labels": cmd_labels,
     "evaluate": cmd_evaluate,
     "report": cmd_report,
     "explain": cmd_explain,

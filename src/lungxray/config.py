@@ -193,6 +193,9 @@ class TrainConfig:
     warms up as (1+n)/(10+n) over the first updates (0: off)."""
     keep: str = option("--keep", "best", choices=("best", "last"))
     """Weights a run returns: the best validation epoch, or the last (no early stopping)."""
+    members: int = option("--members", 1)
+    """Fits from seeds seed, seed+1000, ... averaged into one model (their mean probability); trials
+    of a search fit one."""
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -210,6 +213,8 @@ class TrainConfig:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"--ema must be in [0, 1) (0: off), got {self.ema}")
+        if self.members < 1:
+            raise ConfigError(f"--members must be at least 1, got {self.members}")
 
     @property
     def resolved(self) -> bool:
@@ -277,6 +282,7 @@ def resolve_tune(cfg: TuneConfig, recipe: Recipe) -> TuneConfig:
 
 
 def trial_settings(cfg: TrainConfig, tune: TuneConfig) -> TrainConfig:
-    """Training settings inside trials: early stopping on patience is part of pruning, so
-    ``--pruner none`` turns it off there (the final training keeps ``--patience``)."""
-    return replace(cfg, patience=0) if tune.pruner == "none" else cfg
+    """Training settings inside trials: one fit per trial (``--members`` is for the final model),
+    and early stopping on patience is part of pruning, so ``--pruner none`` turns it off there (the
+    final training keeps ``--patience``)."""
+    return replace(cfg, members=1, patience=0 if tune.pruner == "none" else cfg.patience)

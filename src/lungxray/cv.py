@@ -82,6 +82,7 @@ def cross_validate(
     train_cfg: TrainConfig,
     *,
     folds: int = 5,
+    repeats: int = 1,
     params: dict | None = None,
     tune: bool = False,
     tune_cfg: TuneConfig | None = None,
@@ -93,7 +94,9 @@ def cross_validate(
 
     ``params``: fixed hyperparameters for every fold (None: the model's registered defaults);
     ``tune`` instead tunes inside each fold's training part with ``tune_cfg``. ``train_cfg.seed``
-    seeds the folds, the training and the bootstrap.
+    seeds the folds, the training and the bootstrap. ``repeats`` > 1 trains the same folds again
+    with the training seeds seed + 1, seed + 2, ...: cv.json's ``seed_spread`` gives each metric's
+    mean and std over those seeds, as one cv run is one draw.
     """
     from tqdm.auto import tqdm
 
@@ -102,6 +105,8 @@ def cross_validate(
             "--tune and --params exclude each other",
             hint="tune inside each fold (--tune), or give fixed parameters (--params FILE)",
         )
+    if repeats < 1:
+        raise ParamsError(f"--repeats must be at least 1, got {repeats}")
     if not tune and params is None:
         params = dict(get_spec(model_name).defaults)
     runfolder.refuse_to_replace(out, runfolder.CV, force, "a cross-validation")
@@ -113,45 +118,25 @@ def cross_validate(
     parts = make_folds(ds.labels, ds.groups, folds, seed)
     runfolder.write_json(out, runfolder.SCAN, ds.summary())
     runfolder.write_json(out, runfolder.FOLDS, [part.to_json(ds) for part in parts])
-    probs = np.zeros((len(ds.samples), len(ds.classes)), dtype=np.float64)
-    per_fold = []
-    for i, fold in enumerate(tqdm(parts, desc="folds", unit="fold", disable=not progress)):
-        start = time.perf_counter()
-        result, hp = _fold_model(ds, fold, i, model_name, params, train_cfg, tune_cfg, trial_cfg, out, progress)
-        fit_s = time.perf_counter() - start
-        x_test = tensors(ds, fold.test)[0]
-        start = time.perf_counter()
-        probs[fold.test] = torch.softmax(predict_logits(result.model, x_test).double(), dim=1).numpy()
-        infer_s = time.perf_counter() - start
-        metrics = compute_metrics(ds.labels[fold.test], probs[fold.test], ds.classes, resamples=0)
-        trained = len(fold.train) * len(result.history)  # images through training, every epoch
-        per_fold.append(
-            {
-                "fold": i + 1,
-                **fold.sizes(),
-                "params": hp,
-                "batch_size": resolve_train(train_cfg, get_spec(model_name).recipe, hp).batch_size,
-                "best_epoch": result.best_epoch,
-                "epochs_run": len(result.history),
-                "fit_s": fit_s,
-                "train_images_per_s": trained / fit_s if params is not None else None,
-                "predict_images_per_s": len(fold.test) / infer_s,
-                "metrics": metrics,
-            }
-        )
+    runs = []
+    for r in tqdm(range(repeats), desc="training seeds", unit="seed", disable=not progress or repeats == 1):
+        cfgs = (replace(trial_cfg, seed=seed + r), replace(train_cfg, seed=seed + r))
+        runs.append(_folds_once(ds, parts, model_name, params, *cfgs, tune_cfg, r, out, progress))
     clock.lap("folds_s")
+    probs, per_fold, n_params = runs[0]
     pooled = compute_metrics(ds.labels, probs, ds.classes, seed=seed)
     save_figure(confusion_figure(pooled), out / runfolder.CV_CONFUSION)
     fold_of = np.zeros(len(ds.samples), dtype=np.int64)
     for j, part in enumerate(parts):
         fold_of[part.test] = j + 1
-    n_params = sum(p.numel() for p in result.model.parameters())
+    mean_probs = np.mean([run[0] for run in runs], axis=0)
     report = {
         "lungxray_version": __version__,
         "data": str(data),
         "model": model_name,
         "folds": folds,
         "seed": seed,
+        "repeats": repeats,
         "n_parameters": n_params,
         "groups": ds.group_sizes(),
         "excluded": ds.excluded,
@@ -167,6 +152,7 @@ def cross_validate(
         "summary": _cv_summary(per_fold, pooled),
         "pooled": pooled,
         "per_fold": per_fold,
+        "seed_spread": _seed_spread(ds, runs, seed) if repeats > 1 else None,
         "out_of_fold": [
             {
                 "path": str(s.path),
@@ -174,6 +160,11 @@ def cross_validate(
                 "fold": int(fold_of[k]),
                 "probabilities": dict(zip(ds.classes, map(float, probs[k]), strict=True)),
             }
+            | (
+                {"probabilities_mean_over_seeds": dict(zip(ds.classes, map(float, mean_probs[k]), strict=True))}
+                if repeats > 1
+                else {}
+            )
             for k, s in enumerate(ds.samples)
         ],
         "timings": clock.laps,
@@ -183,6 +174,85 @@ def cross_validate(
 
     write_report(out)
     return report
+
+
+def _folds_once(
+    ds: Dataset,
+    parts: list[Split],
+    model_name: str,
+    params: dict | None,
+    trial_cfg: TrainConfig,
+    train_cfg: TrainConfig,
+    tune_cfg: TuneConfig,
+    repeat: int,
+    out: Path,
+    progress: bool,
+) -> tuple[np.ndarray, list[dict], int]:
+    """One model per fold with one training seed: (out-of-fold probabilities (N, C), per-fold
+    records, parameters of a fold's model)."""
+    from tqdm.auto import tqdm
+
+    probs = np.zeros((len(ds.samples), len(ds.classes)), dtype=np.float64)
+    per_fold = []
+    if repeat:  # a study per fold and training seed
+        tune_cfg = replace(tune_cfg, study_name=f"{tune_cfg.study_name}-seed{train_cfg.seed}")
+    for i, fold in enumerate(tqdm(parts, desc="folds", unit="fold", disable=not progress)):
+        start = time.perf_counter()
+        result, hp = _fold_model(ds, fold, i, model_name, params, train_cfg, tune_cfg, trial_cfg, out, progress)
+        fit_s = time.perf_counter() - start
+        x_test = tensors(ds, fold.test)[0]
+        start = time.perf_counter()
+        probs[fold.test] = torch.softmax(predict_logits(result.model, x_test).double(), dim=1).numpy()
+        infer_s = time.perf_counter() - start
+        trained = len(fold.train) * len(result.history) * train_cfg.members  # images through training
+        per_fold.append(
+            {
+                "fold": i + 1,
+                **fold.sizes(),
+                "training_seed": train_cfg.seed,
+                "params": hp,
+                "batch_size": resolve_train(train_cfg, get_spec(model_name).recipe, hp).batch_size,
+                "best_epoch": result.best_epoch,
+                "member_best_epochs": result.member_epochs,
+                "epochs_run": len(result.history),
+                "fit_s": fit_s,
+                "train_images_per_s": trained / fit_s if params is not None else None,
+                "predict_images_per_s": len(fold.test) / infer_s,
+                "metrics": compute_metrics(ds.labels[fold.test], probs[fold.test], ds.classes, resamples=0),
+            }
+        )
+    return probs, per_fold, sum(p.numel() for p in result.model.parameters())
+
+
+def _seed_spread(ds: Dataset, runs: list[tuple[np.ndarray, list[dict], int]], seed: int) -> dict:
+    """Per metric over training seeds: mean and std of the fold-mean and of the pooled value, each
+    seed's pooled value with its bootstrap CI."""
+    spread = {}
+    per_seed = []
+    for probs, per_fold, _ in runs:
+        pooled = compute_metrics(ds.labels, probs, ds.classes, seed=seed)
+        per_seed.append(_cv_summary(per_fold, pooled))
+    for name in per_seed[0]:
+        means = [s[name]["mean"] for s in per_seed if s[name]["mean"] is not None]
+        pooled = [s[name]["pooled"] for s in per_seed if s[name]["pooled"] is not None]
+        spread[name] = {
+            "fold_mean": {"mean": float(np.mean(means)), "std": float(np.std(means, ddof=1))}
+            if len(means) > 1
+            else None,
+            "pooled": {"mean": float(np.mean(pooled)), "std": float(np.std(pooled, ddof=1))}
+            if len(pooled) > 1
+            else None,
+            "per_seed": [
+                {
+                    "training_seed": seed + r,
+                    "fold_mean": s[name]["mean"],
+                    "pooled": s[name]["pooled"],
+                    "ci95": s[name]["ci95"],
+                }
+                for r, s in enumerate(per_seed)
+            ],
+        }
+    return spread
 
 
 def _cv_summary(per_fold: list[dict], pooled: dict) -> dict:

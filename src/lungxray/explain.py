@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from lungxray.bundle import Predictor
-from lungxray.infer import to_tensor
-from lungxray.models import get_spec
+from lungxray.infer import predict_logits, to_tensor
+from lungxray.models import Ensemble, get_spec
 from lungxray.runfolder import EXPLAIN, write_json
 
 # The central box that holds the lung field on a PA chest film, as shares of the image side:
@@ -33,12 +33,24 @@ def saliency(predictor: Predictor, images: np.ndarray) -> np.ndarray:
     x = to_tensor(images)  # (N, 1, H, W)
     layer = get_spec(predictor.config_["model"]["name"]).cam_layer
     if layer is not None:
-        # One GradCAM per loaded model: each one hooks the layer for good, so a new one per call
-        # would stack hooks on a model that serves many requests.
+        # One GradCAM per member of the loaded model: each one hooks its layer for good, so a new
+        # one per call would stack hooks on a model that serves many requests.
+        members = list(model.members) if isinstance(model, Ensemble) else [model]
         if getattr(predictor, "gradcam_", None) is None:
-            predictor.gradcam_ = GradCAM(nn_module=model, target_layers=layer)
-        maps = predictor.gradcam_(x)  # (N, 1, H, W), upsampled to the input, 0..1 per image
-        return maps[:, 0].detach().numpy().astype(np.float32)
+            predictor.gradcam_ = [GradCAM(nn_module=m, target_layers=layer) for m in members]
+        with torch.no_grad():
+            predicted = predict_logits(model, x).argmax(dim=1)  # (N,) the (ensemble's) answer
+        # One image per call: MONAI scores logits[:, class_idx] summed over the batch, which for
+        # a batch with several predicted classes would mix the classes in every image's map.
+        maps = [
+            torch.stack([cam(x[i : i + 1], class_idx=int(predicted[i]))[0, 0] for cam in predictor.gradcam_]).mean(0)
+            for i in range(len(x))
+        ]  # N x (H, W), each member's map 0..1, averaged
+        return (
+            torch.stack(maps).detach().numpy().astype(np.float32)
+            if maps
+            else np.zeros((0, *images.shape[1:]), np.float32)
+        )
     vanilla = VanillaGrad(model)  # one image per call
     grads = torch.cat([vanilla(x[i : i + 1]) for i in range(len(x))]).abs()[:, 0]  # (N, H, W): pull on the logit
     peak = grads.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)

@@ -254,10 +254,30 @@ def get_spec(name: str) -> ModelSpec:
     return REGISTRY[name]
 
 
-def create_model(name: str, in_shape: tuple[int, int, int], n_classes: int, **hp) -> nn.Module:
-    """Build a registered model; training keys in ``hp`` (learning rate, ...) are ignored."""
+class Ensemble(nn.Module):
+    """Members of one architecture as one model: (N, 1, H, W) -> (N, n_classes) log of the mean of
+    the members' softmax probabilities.
+
+    softmax of the output is exactly the mean probability, so temperature scaling, evaluation, ONNX
+    export (one graph holding every member) and serving treat an ensemble like any model.
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([torch.softmax(m(x), dim=1) for m in self.members]).mean(dim=0)  # (N, C)
+        return torch.log(probs.clamp_min(1e-12))
+
+
+def create_model(name: str, in_shape: tuple[int, int, int], n_classes: int, members: int = 1, **hp) -> nn.Module:
+    """Build a registered model (an ``Ensemble`` of ``members`` copies when more than one); training
+    keys in ``hp`` (learning rate, ...) are ignored."""
     spec = get_spec(name)
     arch = {k: v for k, v in hp.items() if k not in TRAINING_KEYS}
+    if members > 1:
+        return Ensemble([spec.build(in_shape, n_classes, **arch) for _ in range(members)])
     return spec.build(in_shape, n_classes, **arch)
 
 

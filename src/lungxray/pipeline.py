@@ -166,6 +166,7 @@ def train_stage(
         "classes": ds.classes,
         "model": {
             "name": model_name,
+            "members": cfg.members,
             "hyperparameters": params,
             "input_shape": [1, data_cfg.img_size, data_cfg.img_size],
         },
@@ -179,6 +180,7 @@ def train_stage(
         "training": {
             **jsonable(asdict(cfg)),
             "best_epoch": result.best_epoch,
+            "member_best_epochs": result.member_epochs,
             "epochs_run": len(result.history),
             "split_seed": split.seed,
             "split_mode": split.mode,

@@ -310,7 +310,18 @@ def _cv_table(cv: dict) -> str:
         [name, "n/a" if row["mean"] is None else row["mean"], "n/a" if row["std"] is None else row["std"]]
         for name, row in cv["summary"].items()
     ]
-    return _table(["metric", "mean over folds", "std over folds"], rows)
+    table = _table(["metric", "mean over folds", "std over folds"], rows)
+    spread = cv.get("seed_spread")
+    if not spread:
+        return table
+    seeds = [p["training_seed"] for p in next(iter(spread.values()))["per_seed"]]
+    cell = lambda s: "n/a" if s is None else f"{s['mean']:.4f} +- {s['std']:.4f}"  # noqa: E731
+    rows = [[name, cell(row["fold_mean"]), cell(row["pooled"])] for name, row in spread.items()]
+    return (
+        f"<p>Training seed {seeds[0]}:</p>{table}<h3>Over {len(seeds)} training seeds on the same folds</h3>"
+        "<p>One cross-validation is one draw: the training seed alone moves these figures.</p>"
+        + _table(["metric", "mean over folds: mean +- std over seeds", "pooled: mean +- std over seeds"], rows)
+    )
 
 
 def write_report(folder: Path, model_dir: Path | None = None) -> Path:

@@ -12,7 +12,7 @@ import copy
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from lungxray.augment import BatchAugment
 from lungxray.config import TrainConfig
 from lungxray.errors import ConfigError, TrainingDiverged
 from lungxray.infer import predict_logits
-from lungxray.models import create_model, load_init_weights, seed_dropout
+from lungxray.models import Ensemble, create_model, load_init_weights, seed_dropout
 
 _INIT_LOCK = threading.Lock()  # weight init draws from torch's global generator
 
@@ -42,6 +42,7 @@ class FitResult:
     history: list[EpochStats] = field(default_factory=list)
     diverged: bool = False  # training loss became NaN/inf; the best finite epoch was kept
     stopped_at: int | None = None  # epoch after which ``on_epoch`` asked to stop (pruning)
+    member_epochs: list[int] | None = None  # with --members: each member's kept epoch (history: the first's)
 
     @property
     def best(self) -> EpochStats:
@@ -220,6 +221,8 @@ def fit(
 
     if not cfg.resolved:
         raise ValueError("fit() needs a resolved TrainConfig; pass config.resolve_train(cfg, recipe, hp)")
+    if cfg.members > 1:
+        return _fit_members(model_name, hp, train, val, n_classes, cfg, progress)
     if "batch_size" in hp and int(hp["batch_size"]) != cfg.batch_size:
         raise ValueError(
             f"the hyperparameters set batch_size {hp['batch_size']} but cfg has {cfg.batch_size}; "
@@ -258,3 +261,27 @@ def fit(
     model.load_state_dict(best_state)
     model.cpu().eval()
     return FitResult(model, best.epoch, history, diverged, stopped_at)
+
+
+def _fit_members(
+    model_name: str,
+    hp: dict,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    n_classes: int,
+    cfg: TrainConfig,
+    progress: bool,
+) -> FitResult:
+    """``cfg.members`` fits from seeds seed, seed + 1000, ... as one ``Ensemble`` (mean probability)."""
+    fits = [
+        fit(model_name, hp, train, val, n_classes, replace(cfg, seed=cfg.seed + 1000 * m, members=1), progress=progress)
+        for m in range(cfg.members)
+    ]
+    first = fits[0]
+    return FitResult(
+        Ensemble([f.model for f in fits]).eval(),
+        first.best_epoch,
+        first.history,
+        diverged=any(f.diverged for f in fits),
+        member_epochs=[f.best_epoch for f in fits],
+    )

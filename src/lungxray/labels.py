@@ -1,0 +1,145 @@
+"""Label issues: images whose given label is probably wrong, found from out-of-fold probabilities.
+
+Confident learning (Northcutt, Jiang and Chuang, JAIR 2021): a per-class threshold (the mean
+probability the model gives a class on the images labelled with it), the confident joint (each
+image counted under its given label and the class it confidently belongs to), the images off its
+diagonal as the issues, ranked by normalised margin (the probability of the given label minus the
+largest other one). Written here, in a few dozen lines, because the reference implementation
+(cleanlab) is AGPL-3.0 and lungxray is MIT. Nothing is relabelled: the output is a list for a
+person to check, and ``--exclude`` takes the rows they confirm.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lungxray import runfolder
+from lungxray.errors import DataError, MissingInputError
+
+LABEL_ISSUES_CSV = "label_issues.csv"
+LABEL_ISSUES_HTML = "label_issues.html"
+
+
+@dataclass
+class LabelIssues:
+    """Images whose given label is doubtful, most doubtful first."""
+
+    index: np.ndarray  # (K,) indices into the scored images
+    suggested: np.ndarray  # (K,) the class each one confidently belongs to
+    margin: np.ndarray  # (K,) p(given) - max p(other): negative when another class is preferred
+    thresholds: np.ndarray  # (C,) per-class thresholds
+    confident_joint: np.ndarray  # (C, C) given label down, confident class across
+
+
+def find_label_issues(labels: np.ndarray, probs: np.ndarray) -> LabelIssues:
+    """Confident learning on integer ``labels`` (N,) and out-of-fold ``probs`` (N, C)."""
+    n, n_classes = probs.shape
+    thresholds = np.array(
+        [probs[labels == c, c].mean() if (labels == c).any() else 1.0 for c in range(n_classes)]
+    )  # (C,) average self-confidence per class
+    above = probs >= thresholds[None, :]  # (N, C): classes each image is confidently in
+    confident = np.where(above.any(axis=1), np.where(above, probs, -1.0).argmax(axis=1), -1)  # (N,), -1: none
+    joint = np.zeros((n_classes, n_classes), dtype=np.int64)
+    counted = confident >= 0
+    np.add.at(joint, (labels[counted], confident[counted]), 1)
+    issues = np.flatnonzero(counted & (confident != labels))
+    others = probs.copy()
+    others[np.arange(n), labels] = -np.inf
+    margin = probs[np.arange(n), labels] - others.max(axis=1)  # (N,) normalised margin
+    order = issues[np.argsort(margin[issues], kind="stable")]
+    return LabelIssues(order, confident[order], margin[order], thresholds, joint)
+
+
+def read_out_of_fold(cv_dirs: list[Path]) -> tuple[list[dict], list[str], np.ndarray]:
+    """(images with path and label, classes, probabilities (N, C) averaged over the cv runs) from
+    the cv.json of each folder; runs over different images are an error."""
+    runs = []
+    for folder in cv_dirs:
+        cv = runfolder.read_json(folder, runfolder.CV)
+        if cv is None:
+            raise MissingInputError(
+                f"{folder} holds no {runfolder.CV}", hint="pass folders written by `lungxray cv --out`"
+            )
+        runs.append(cv)
+    images = runs[0]["out_of_fold"]
+    classes = list(images[0]["probabilities"])
+    paths = [o["path"] for o in images]
+    stacked = []
+    for folder, cv in zip(cv_dirs, runs, strict=True):
+        if [o["path"] for o in cv["out_of_fold"]] != paths:
+            raise DataError(
+                f"{folder}/{runfolder.CV} scored other images than {cv_dirs[0]}/{runfolder.CV}",
+                hint="pass cv runs made on the same data (and the same --exclude)",
+            )
+        key = (
+            "probabilities_mean_over_seeds"
+            if "probabilities_mean_over_seeds" in cv["out_of_fold"][0]
+            else "probabilities"
+        )
+        stacked.append([[o[key][c] for c in classes] for o in cv["out_of_fold"]])
+    return images, classes, np.mean(np.array(stacked, dtype=np.float64), axis=0)
+
+
+def write_label_issues(cv_dirs: list[Path], out: Path, top: int = 30, thumb: int = 160) -> tuple[Path, Path, int]:
+    """label_issues.csv (every issue: rank, path, given, suggested, score) and label_issues.html (the
+    top ``top`` as thumbnails) in ``out``; returns both paths and the number of issues."""
+    images, classes, probs = read_out_of_fold(cv_dirs)
+    labels = np.array([classes.index(o["label"]) for o in images])
+    found = find_label_issues(labels, probs)
+    rows = [
+        {"rank": r + 1, "path": images[i]["path"], "given": classes[labels[i]], "suggested": classes[s],
+         "score": round(float(-m), 6), "p_given": round(float(probs[i, labels[i]]), 6),
+         "p_suggested": round(float(probs[i, s]), 6)}
+        for r, (i, s, m) in enumerate(zip(found.index, found.suggested, found.margin, strict=True))
+    ]  # fmt: skip
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["rank", "path", "given", "suggested", "score", "p_given", "p_suggested"])
+    writer.writeheader()
+    writer.writerows(rows)
+    csv_path = runfolder.write_text(Path(out) / LABEL_ISSUES_CSV, buf.getvalue())
+    html_path = runfolder.write_text(Path(out) / LABEL_ISSUES_HTML, _page(rows[:top], len(rows), cv_dirs, thumb))
+    return csv_path, html_path, len(rows)
+
+
+def _thumbnail(path: str, size: int) -> str:
+    """The image file as an inline PNG thumbnail, or a note when it cannot be read any more."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L")
+            img.thumbnail((size, size))
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+    except (OSError, UnidentifiedImageError):
+        return "<em>image not readable</em>"
+    data = base64.b64encode(buf.getvalue()).decode()
+    return f'<img alt="{html.escape(Path(path).name)}" src="data:image/png;base64,{data}">'
+
+
+def _page(rows: list[dict], total: int, cv_dirs: list[Path], thumb: int) -> str:
+    cards = "".join(
+        f"<figure>{_thumbnail(r['path'], thumb)}<figcaption>#{r['rank']} {html.escape(r['path'])}<br>given "
+        f"<strong>{html.escape(r['given'])}</strong> ({r['p_given']:.2f}), suggested "
+        f"<strong>{html.escape(r['suggested'])}</strong> ({r['p_suggested']:.2f}), score {r['score']:.3f}"
+        "</figcaption></figure>"
+        for r in rows
+    )
+    sources = ", ".join(html.escape(str(d)) for d in cv_dirs)
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+        'content="width=device-width, initial-scale=1"><title>lungxray: label issues</title><style>'
+        "body{font-family:system-ui,sans-serif;margin:2em}figure{display:inline-block;width:"
+        f"{thumb + 40}px;vertical-align:top;margin:0 1em 1em 0;font-size:.8em;word-break:break-all}}</style></head>"
+        f"<body><h1>Label issues</h1><p>{total} image(s) whose given label the out-of-fold predictions of "
+        f"{sources} doubt (confident learning); the top {len(rows)} below, most doubtful first. A score above "
+        "0 means the model prefers the suggested class. Check each by eye: none is relabelled; pass the rows "
+        f"you confirm to <code>--exclude</code>.</p>{cards}</body></html>"
+    )

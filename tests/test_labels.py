@@ -1,0 +1,68 @@
+"""Confident learning finds planted label errors; `lungxray labels` writes the CSV and the page."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from conftest import cli, synthetic_image
+from PIL import Image
+
+from lungxray.labels import find_label_issues
+
+
+def _noisy_probs(n_per_class: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and believable out-of-fold probabilities: mostly right, some unsure, none wrong yet."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(3), n_per_class)
+    logits = rng.normal(0, 1, (len(labels), 3))
+    logits[np.arange(len(labels)), labels] += rng.uniform(0.5, 3.0, len(labels))
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return labels, probs
+
+
+def test_a_planted_mislabel_ranks_first():
+    labels, probs = _noisy_probs()
+    planted = 7  # labelled 0, but the model is sure it is class 2
+    probs[planted] = [0.02, 0.03, 0.95]
+    found = find_label_issues(labels, probs)
+    assert found.index[0] == planted and found.suggested[0] == 2
+    assert found.margin[0] == pytest.approx(0.02 - 0.95)
+    assert np.all(np.diff(found.margin) >= 0)  # most doubtful first
+    joint = found.confident_joint  # the images it counts sit mostly on the diagonal
+    assert joint[0, 2] >= 1 and joint.trace() > 0.8 * joint.sum()
+    for c in range(3):  # the threshold of a class is its images' mean probability of it
+        assert found.thresholds[c] == pytest.approx(probs[labels == c, c].mean())
+
+
+def test_a_clean_confident_set_has_no_issues():
+    labels = np.repeat(np.arange(3), 10)
+    probs = np.full((30, 3), 0.05)
+    probs[np.arange(30), labels] = 0.9
+    assert len(find_label_issues(labels, probs).index) == 0
+
+
+def test_labels_command_writes_the_csv_and_a_self_contained_page(tmp_path, capsys):
+    labels, probs = _noisy_probs(n_per_class=4)
+    probs[5] = [0.05, 0.9, 0.05]  # labelled 1 already -> fine; plant on index 2 (label 0)
+    probs[2] = [0.01, 0.01, 0.98]
+    classes = ["covid", "normal", "viral_pneumonia"]
+    images = []
+    for k, (label, p) in enumerate(zip(labels, probs, strict=True)):
+        path = tmp_path / "data" / classes[label] / f"{k}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(synthetic_image(int(label), k)).save(path)
+        images.append({"path": str(path), "label": classes[label], "fold": 1,
+                       "probabilities": dict(zip(classes, map(float, p), strict=True))})  # fmt: skip
+    (tmp_path / "cv").mkdir()
+    (tmp_path / "cv" / "cv.json").write_text(json.dumps({"out_of_fold": images}))
+    assert cli("labels", tmp_path / "cv", "--top 1") == 0
+    assert "nothing is relabelled" in capsys.readouterr().out
+    rows = list(csv.DictReader((tmp_path / "cv" / "label_issues.csv").read_text().splitlines()))
+    assert rows[0]["path"] == str(tmp_path / "data" / "covid" / "2.png")
+    assert (rows[0]["given"], rows[0]["suggested"], rows[0]["rank"]) == ("covid", "viral_pneumonia", "1")
+    assert float(rows[0]["score"]) == pytest.approx(0.97)
+    page = (tmp_path / "cv" / "label_issues.html").read_text()
+    assert page.count("<figure>") == 1 and "data:image/png;base64," in page and "http" not in page
