@@ -61,8 +61,23 @@ def test_labels_command_writes_the_csv_and_a_self_contained_page(tmp_path, capsy
     assert cli("labels", tmp_path / "cv", "--top 1") == 0
     assert "nothing is relabelled" in capsys.readouterr().out
     rows = list(csv.DictReader((tmp_path / "cv" / "label_issues.csv").read_text().splitlines()))
-    assert rows[0]["path"] == str(tmp_path / "data" / "covid" / "2.png")
-    assert (rows[0]["given"], rows[0]["suggested"], rows[0]["rank"]) == ("covid", "viral_pneumonia", "1")
+    assert rows[0]["path"] == "covid/2.png"  # relative to the dataset folder, as --exclude reads it
+    assert (rows[0]["given"], rows[0]["suggested"], rows[0]["rank"], rows[0]["flagged"]) == (
+        "covid",
+        "viral_pneumonia",
+        "1",
+        "True",
+    )
+    assert len(rows) == 12 and [int(r["rank"]) for r in rows] == list(range(1, 13))  # every image, ranked
     assert float(rows[0]["score"]) == pytest.approx(0.97)
+    confirmed = tmp_path / "confirmed.csv"  # the rows a person confirmed, as they come
+    confirmed.write_text("\n".join((tmp_path / "cv" / "label_issues.csv").read_text().splitlines()[:2]) + "\n")
+    capsys.readouterr()
+    assert (
+        cli("scan", tmp_path / "data", "--json --img-size 16 --cache-dir", tmp_path / "cache", "--exclude", confirmed)
+        == 0
+    )
+    scan = json.loads(capsys.readouterr().out)
+    assert scan["n_images"] == 11 and scan["excluded"] == [str(tmp_path / "data" / "covid" / "2.png")]
     page = (tmp_path / "cv" / "label_issues.html").read_text()
     assert page.count("<figure>") == 1 and "data:image/png;base64," in page and "http" not in page

@@ -456,8 +456,9 @@ def cmd_labels(args) -> int:
     from lungxray.labels import write_label_issues
 
     csv_path, html_path, n = write_label_issues(args.cv_dirs, args.out or args.cv_dirs[0], args.top)
-    print(f"{n} image(s) whose given label the out-of-fold predictions doubt; check them by eye, nothing is relabelled")
-    print(f"written: {csv_path}, {html_path} (the top {min(n, args.top)} as thumbnails)")
+    print(f"confident learning flags {n} image(s) whose given label the out-of-fold predictions doubt")
+    print(f"written: {csv_path} (every image, most suspect first), {html_path} (the top {args.top} as thumbnails)")
+    print("check them by eye: nothing is relabelled")
     print("to leave confirmed ones out: copy their rows into a file and pass it to --exclude")
     return 0
 

@@ -15,6 +15,7 @@ import base64
 import csv
 import html
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,16 @@ def find_label_issues(labels: np.ndarray, probs: np.ndarray) -> LabelIssues:
     return LabelIssues(order, confident[order], margin[order], thresholds, joint)
 
 
+def rank_suspects(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every image ranked by normalised margin, most suspect first: (order (N,), margin (N,) in that
+    order, the most probable other class (N,) in that order)."""
+    others = probs.copy()
+    others[np.arange(len(labels)), labels] = -np.inf
+    margin = probs[np.arange(len(labels)), labels] - others.max(axis=1)
+    order = np.argsort(margin, kind="stable")
+    return order, margin[order], others.argmax(axis=1)[order]
+
+
 def read_out_of_fold(cv_dirs: list[Path]) -> tuple[list[dict], list[str], np.ndarray]:
     """(images with path and label, classes, probabilities (N, C) averaged over the cv runs) from
     the cv.json of each folder; runs over different images are an error."""
@@ -88,24 +99,33 @@ def read_out_of_fold(cv_dirs: list[Path]) -> tuple[list[dict], list[str], np.nda
 
 
 def write_label_issues(cv_dirs: list[Path], out: Path, top: int = 30, thumb: int = 160) -> tuple[Path, Path, int]:
-    """label_issues.csv (every issue: rank, path, given, suggested, score) and label_issues.html (the
-    top ``top`` as thumbnails) in ``out``; returns both paths and the number of issues."""
+    """label_issues.csv (every image, most suspect first: rank, path, given, suggested, score, and
+    whether confident learning flags it) and label_issues.html (the top ``top`` as thumbnails) in
+    ``out``; returns both paths and the number of flagged images."""
     images, classes, probs = read_out_of_fold(cv_dirs)
     labels = np.array([classes.index(o["label"]) for o in images])
     found = find_label_issues(labels, probs)
-    rows = [
-        {"rank": r + 1, "path": images[i]["path"], "given": classes[labels[i]], "suggested": classes[s],
-         "score": round(float(-m), 6), "p_given": round(float(probs[i, labels[i]]), 6),
-         "p_suggested": round(float(probs[i, s]), 6)}
-        for r, (i, s, m) in enumerate(zip(found.index, found.suggested, found.margin, strict=True))
-    ]  # fmt: skip
+    # Paths relative to the dataset folder (the images' common folder), as --exclude reads them.
+    root = Path(os.path.commonpath([o["path"] for o in images]))
+    relative = [os.path.relpath(o["path"], root) for o in images]
+    flagged = dict(zip(found.index.tolist(), found.suggested.tolist(), strict=True))
+    order, margin, other = rank_suspects(labels, probs)
+    rows = []
+    for r, (i, m, o) in enumerate(zip(order, margin, other, strict=True)):
+        s = flagged.get(int(i), int(o))  # the confident class when flagged, else the likeliest other one
+        rows.append({"rank": r + 1, "path": relative[i], "given": classes[labels[i]],
+                     "suggested": classes[s], "score": round(float(-m), 6), "flagged": int(i) in flagged,
+                     "p_given": round(float(probs[i, labels[i]]), 6),
+                     "p_suggested": round(float(probs[i, s]), 6)})  # fmt: skip
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["rank", "path", "given", "suggested", "score", "p_given", "p_suggested"])
+    fields = ["rank", "path", "given", "suggested", "score", "flagged", "p_given", "p_suggested"]
+    writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
     csv_path = runfolder.write_text(Path(out) / LABEL_ISSUES_CSV, buf.getvalue())
-    html_path = runfolder.write_text(Path(out) / LABEL_ISSUES_HTML, _page(rows[:top], len(rows), cv_dirs, thumb))
-    return csv_path, html_path, len(rows)
+    page = _page(rows[:top], len(flagged), cv_dirs, root, thumb)
+    html_path = runfolder.write_text(Path(out) / LABEL_ISSUES_HTML, page)
+    return csv_path, html_path, len(flagged)
 
 
 def _thumbnail(path: str, size: int) -> str:
@@ -124,12 +144,12 @@ def _thumbnail(path: str, size: int) -> str:
     return f'<img alt="{html.escape(Path(path).name)}" src="data:image/png;base64,{data}">'
 
 
-def _page(rows: list[dict], total: int, cv_dirs: list[Path], thumb: int) -> str:
+def _page(rows: list[dict], total: int, cv_dirs: list[Path], root: Path, thumb: int) -> str:
     cards = "".join(
-        f"<figure>{_thumbnail(r['path'], thumb)}<figcaption>#{r['rank']} {html.escape(r['path'])}<br>given "
+        f"<figure>{_thumbnail(str(root / r['path']), thumb)}<figcaption>#{r['rank']} {html.escape(r['path'])}<br>given "
         f"<strong>{html.escape(r['given'])}</strong> ({r['p_given']:.2f}), suggested "
         f"<strong>{html.escape(r['suggested'])}</strong> ({r['p_suggested']:.2f}), score {r['score']:.3f}"
-        "</figcaption></figure>"
+        f"{'<br><strong>flagged by confident learning</strong>' if r['flagged'] else ''}</figcaption></figure>"
         for r in rows
     )
     sources = ", ".join(html.escape(str(d)) for d in cv_dirs)
@@ -138,8 +158,9 @@ def _page(rows: list[dict], total: int, cv_dirs: list[Path], thumb: int) -> str:
         'content="width=device-width, initial-scale=1"><title>lungxray: label issues</title><style>'
         "body{font-family:system-ui,sans-serif;margin:2em}figure{display:inline-block;width:"
         f"{thumb + 40}px;vertical-align:top;margin:0 1em 1em 0;font-size:.8em;word-break:break-all}}</style></head>"
-        f"<body><h1>Label issues</h1><p>{total} image(s) whose given label the out-of-fold predictions of "
-        f"{sources} doubt (confident learning); the top {len(rows)} below, most doubtful first. A score above "
-        "0 means the model prefers the suggested class. Check each by eye: none is relabelled; pass the rows "
-        f"you confirm to <code>--exclude</code>.</p>{cards}</body></html>"
+        f"<body><h1>Label issues</h1><p>The {len(rows)} images whose given label the out-of-fold predictions "
+        f"of {sources} doubt most, most doubtful first; confident learning flags {total} of all images. A "
+        "score above 0 means the model prefers the suggested class. Check each by eye: none is relabelled; "
+        f"pass the rows you confirm to <code>--exclude</code> (paths are relative to {html.escape(str(root))})."
+        f"</p>{cards}</body></html>"
     )
