@@ -92,16 +92,15 @@ def _model_data_args(p: argparse.ArgumentParser, verb: str) -> None:
     )
 
 
-def _train_args(p: argparse.ArgumentParser, seed: bool = False) -> None:
+def _train_args(p: argparse.ArgumentParser, seed: bool = False, members: bool = True) -> None:
     p.add_argument(
         "--model",
         default="cnn",
         help="registered model: cnn (small MONAI CNN, default), resnet18, densenet121, or mlp (the tutorial's)",
     )
     # run/tune/train take --seed with the split options; cv has no split, its seed draws the folds too
-    add_options(
-        p, TrainConfig, skip=() if seed else ("seed",), helps={"seed": "Seed of the folds, training and bootstrap."}
-    )
+    skip = (() if seed else ("seed",)) + (() if members else ("members",))  # tune: one fit per trial
+    add_options(p, TrainConfig, skip=skip, helps={"seed": "Seed of the folds, training and bootstrap."})
     add_options(
         p.add_argument_group("augmentation of training batches (default: on for CNNs, off for mlp)"), AugmentConfig
     )
@@ -127,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a model already in OUT")
 
     p = sub.add_parser("tune", help="hyperparameter search on train/val; writes OUT/best_params.json")
-    _data_args(p), add_options(p, SplitConfig), add_options(p, TuneConfig), _train_args(p)
+    _data_args(p), add_options(p, SplitConfig), add_options(p, TuneConfig), _train_args(p, members=False)
     p.add_argument("--out", type=Path, required=True, help="run folder (study, splits, best_params.json)")
 
     p = sub.add_parser("train", help="train with the best (or given) hyperparameters; writes OUT/model/")
