@@ -208,3 +208,50 @@ def test_ece_of_a_hand_computed_case():
     probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
     y = np.array([0, 1, 0, 0])
     assert expected_calibration_error(y, probs) == pytest.approx(0.4)
+
+
+def test_a_bundle_is_exactly_its_manifest(tmp_path):
+    """Unlisted files (a planted model.onnx or metrics.json), names pointing outside, and a
+    malformed manifest refuse the bundle, naming the file (issue 14, failure 1)."""
+    _, folder = _bundle(tmp_path)
+    (folder / "model.onnx").write_bytes(b"a constant-logit graph")
+    with pytest.raises(BundleError, match="model.onnx, which checksums.json does not list"):
+        Predictor(folder)
+    (folder / "model.onnx").unlink()
+    Predictor(folder)  # clean again
+    sums = json.loads((folder / "checksums.json").read_text())
+    for bad in ({**sums, "../outside.json": "0" * 64}, {**sums, "/etc/hostname": "0" * 64}, list(sums)):
+        (folder / "checksums.json").write_text(json.dumps(bad))
+        with pytest.raises(BundleError, match="not a file of the bundle folder|not an object of file name"):
+            Predictor(folder)
+    (folder / "checksums.json").write_text(json.dumps(sums))
+    (folder / "metrics.json").unlink()  # listed but missing
+    with pytest.raises(BundleError, match="metrics.json is missing"):
+        Predictor(folder)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"calibration": {"temperature": 0}}, "temperature must be a finite number above 0"),
+        ({"calibration": {"temperature": -1}}, "temperature must be a finite number above 0"),
+        ({"calibration": {"temperature": float("nan")}}, "temperature must be a finite number above 0"),
+        ({"preprocessing": {"img_size": 40000}}, "img_size must be a whole number in 8..1024"),
+        ({"model": {"name": "mlp", "hyperparameters": {**HP, "layer_1": 100000}, "input_shape": [1, 16, 16]}},
+         "layer_1 = 100000 is outside 1..4096"),
+        ({"model": {"name": "mlp", "hyperparameters": {**HP, "depth": 3}, "input_shape": [1, 16, 16]}},
+         "depth is not a hyperparameter of mlp"),
+        ({"classes": "covid"}, "classes must be a list"),
+        ({"model": None}, "model.name must be one of"),
+    ],
+)  # fmt: skip
+def test_bundle_values_are_validated_before_anything_is_built(tmp_path, change, message):
+    """A config.json with its checksum recomputed is still checked (issue 14, failure 6)."""
+    from lungxray.bundle import write_checksums
+
+    _, folder = _bundle(tmp_path)
+    config = json.loads((folder / "config.json").read_text()) | change
+    (folder / "config.json").write_text(json.dumps(config))
+    write_checksums(folder)
+    with pytest.raises(BundleError, match=message):
+        Predictor(folder)

@@ -97,13 +97,7 @@ def verify_bundle(folder: Path) -> dict:
             else "pass the model/ folder written by `lungxray run` or `lungxray train`"
         )
         raise BundleError(f"{folder} is not a lungxray model bundle (no checksums.json)", hint=hint)
-    try:
-        sums = json.loads((folder / CHECKSUMS).read_text())
-    except ValueError as exc:
-        raise BundleError(f"{folder}/checksums.json is not valid JSON: {exc}") from None
-    for name in (CONFIG, WEIGHTS):
-        if name not in sums:
-            raise BundleError(f"{folder}/checksums.json does not list {name}; the bundle is incomplete")
+    sums = _read_manifest(folder)
     for name, expected in sums.items():
         path = folder / name
         if not path.is_file():
@@ -113,13 +107,73 @@ def verify_bundle(folder: Path) -> dict:
                 f"{path} does not match its checksum: the file was altered or damaged; "
                 "re-export the model rather than loading it"
             )
-    config = json.loads((folder / CONFIG).read_text())
-    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-        raise BundleError(
-            f"{folder} holds format {config.get('format')!r} version "
-            f"{config.get('format_version')!r}; this lungxray reads {FORMAT} v{FORMAT_VERSION}"
-        )
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except ValueError as exc:
+        raise BundleError(f"{folder / CONFIG} is not valid JSON: {exc}") from None
+    validate_config(config, folder)
     return config
+
+
+def _read_manifest(folder: Path) -> dict[str, str]:
+    """checksums.json as {file name: sha256}: a bundle is exactly its manifest, so a file present
+    but unlisted, a listed name that is not a plain file name in the folder, or a malformed
+    manifest refuses the bundle."""
+    try:
+        sums = json.loads((folder / CHECKSUMS).read_text())
+    except ValueError as exc:
+        raise BundleError(f"{folder}/checksums.json is not valid JSON: {exc}") from None
+    if not isinstance(sums, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items()):
+        raise BundleError(f"{folder}/checksums.json is not an object of file name -> SHA-256 strings")
+    for name in sums:
+        if Path(name).name != name or name in ("", ".", "..") or name == CHECKSUMS:
+            raise BundleError(f"{folder}/checksums.json lists {name!r}, which is not a file of the bundle folder")
+    for name in (CONFIG, WEIGHTS):
+        if name not in sums:
+            raise BundleError(f"{folder}/checksums.json does not list {name}; the bundle is incomplete")
+    unlisted = sorted(p.name for p in folder.iterdir() if p.name != CHECKSUMS and p.name not in sums)
+    if unlisted:
+        raise BundleError(
+            f"{folder} holds {', '.join(unlisted)}, which checksums.json does not list: the bundle was altered",
+            hint="remove the file(s), or re-export the model (a file added to a bundle is never used unchecked)",
+        )
+    return sums
+
+
+def validate_config(config: dict, folder: Path) -> None:
+    """config.json's values, checked before anything is allocated: format, classes, image size,
+    model and its hyperparameters within the registry's limits, a finite positive temperature."""
+    from lungxray.models import REGISTRY, check_hyperparameters
+
+    def bad(what: str) -> BundleError:
+        return BundleError(f"{folder / CONFIG}: {what}", hint="re-export the model; a bundle is not edited by hand")
+
+    if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+        found = (config.get("format"), config.get("format_version")) if isinstance(config, dict) else None
+        raise BundleError(f"{folder} holds format {found}; this lungxray reads {FORMAT} v{FORMAT_VERSION}")
+    classes = config.get("classes")
+    if not isinstance(classes, list) or not 2 <= len(classes) <= 1000 or len(set(classes)) != len(classes):
+        raise bad("classes must be a list of 2 to 1000 distinct names")
+    if not all(isinstance(c, str) and c for c in classes):
+        raise bad("every class name must be a non-empty string")
+    size = (config.get("preprocessing") or {}).get("img_size")
+    if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 1024:
+        raise bad(f"preprocessing.img_size must be a whole number in 8..1024, got {size!r}")
+    model = config.get("model")
+    if not isinstance(model, dict) or model.get("name") not in REGISTRY:
+        raise bad(f"model.name must be one of {', '.join(sorted(REGISTRY))}")
+    if model.get("input_shape") != [1, size, size]:
+        raise bad(f"model.input_shape must be [1, {size}, {size}], got {model.get('input_shape')!r}")
+    members = model.get("members", 1)
+    if isinstance(members, bool) or not isinstance(members, int) or not 1 <= members <= 32:
+        raise bad(f"model.members must be a whole number in 1..32, got {members!r}")
+    hp = model.get("hyperparameters")
+    problems = check_hyperparameters(model["name"], hp) if isinstance(hp, dict) else ["it is not an object"]
+    if problems:
+        raise bad("model.hyperparameters: " + "; ".join(problems))
+    temperature = (config.get("calibration") or {}).get("temperature", 1.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+        raise bad(f"calibration.temperature must be a finite number above 0, got {temperature!r}")
 
 
 class Predictor:
@@ -193,7 +247,12 @@ class Predictor:
         """(N, H, W) uint8 preprocessed images -> (N, n_classes) probabilities, temperature-scaled
         unless ``calibrated=False``."""
         logits = torch.from_numpy(self.predict_logits(images, batch_size))
-        return torch.softmax(logits / (self.temperature_ if calibrated else 1.0), dim=1).numpy()
+        probs = torch.softmax(logits / (self.temperature_ if calibrated else 1.0), dim=1).numpy()
+        if not np.isfinite(probs).all():  # never report a class for NaN probabilities
+            raise BundleError(
+                f"the model in {self.folder} produced non-finite probabilities", hint="re-train or re-export it"
+            )
+        return probs
 
     def decode_files(self, paths: list[Path]) -> tuple[list[dict], np.ndarray]:
         """``({"path"} or {"path", "error"} per path, (N_good, H, W) uint8 images of the readable ones)``."""

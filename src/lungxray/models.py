@@ -204,6 +204,9 @@ class ModelSpec:
     defaults: dict
     recipe: Recipe = field(default_factory=Recipe)
     cam_layer: str | None = None  # the module Grad-CAM reads; None: explain by input gradient
+    # What a saved bundle may ask of the architecture: (low, high) for a number, a tuple of choices
+    # otherwise. Wider than the search space, narrow enough that no config allocates gigabytes.
+    limits: dict = field(default_factory=dict)
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -221,6 +224,14 @@ REGISTRY: dict[str, ModelSpec] = {
             "learning_rate": 1e-3,
         },
         Recipe(optimizer="adam", schedule="constant", augment=False, epochs=64, batch_size=8, jobs=2),
+        limits={
+            "activation": ("relu", "tanh"),
+            "layer_1": (1, 4096),
+            "layer_2": (1, 4096),
+            "layer_3": (1, 4096),
+            "dropout_1": (0.0, 0.95),
+            "dropout_2": (0.0, 0.95),
+        },  # fmt: skip
     ),
     "cnn": ModelSpec(
         small_cnn,
@@ -228,6 +239,7 @@ REGISTRY: dict[str, ModelSpec] = {
         {"depth": 1, "width": 16, "dropout": 0.1, "learning_rate": 2e-3, "weight_decay": 1e-2, "batch_size": 16},
         Recipe(epochs=30),
         cam_layer="layer4",
+        limits={"depth": (1, 4), "width": (1, 128), "dropout": (0.0, 0.95), "standardize": (False, True)},
     ),
     "resnet18": ModelSpec(
         resnet18,
@@ -269,6 +281,33 @@ class Ensemble(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.stack([torch.softmax(m(x), dim=1) for m in self.members]).mean(dim=0)  # (N, C)
         return torch.log(probs.clamp_min(1e-12))
+
+
+def check_hyperparameters(name: str, hp: dict) -> list[str]:
+    """What is wrong with architecture hyperparameters ``hp`` for model ``name`` (empty: nothing):
+    unknown keys, wrong types, values outside the registry's limits."""
+    import inspect
+
+    spec = get_spec(name)
+    allowed = set(inspect.signature(spec.build).parameters) - {"in_shape", "n_classes"}
+    problems = []
+    for key, value in hp.items():
+        if key in TRAINING_KEYS:
+            continue
+        if key not in allowed:
+            problems.append(
+                f"{key} is not a hyperparameter of {name} (it takes {', '.join(sorted(allowed)) or 'none'})"
+            )
+            continue
+        limit = spec.limits.get(key)
+        numeric = limit is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit)
+        if numeric and len(limit) == 2:
+            low, high = limit
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                problems.append(f"{key} = {value!r} is outside {low}..{high}")
+        elif limit is not None and value not in limit:
+            problems.append(f"{key} = {value!r} is not one of {', '.join(map(str, limit))}")
+    return problems
 
 
 def create_model(name: str, in_shape: tuple[int, int, int], n_classes: int, members: int = 1, **hp) -> nn.Module:
