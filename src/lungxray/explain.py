@@ -29,12 +29,12 @@ def saliency(predictor: Predictor, images: np.ndarray) -> np.ndarray:
     """(N, H, W) uint8 preprocessed images -> (N, H, W) maps in [0, 1] for each predicted class."""
     from monai.visualize import GradCAM, VanillaGrad
 
-    model = predictor.model_.eval()
+    model = explainer_model(predictor)
     x = to_tensor(images)  # (N, 1, H, W)
     layer = get_spec(predictor.config_["model"]["name"]).cam_layer
     if layer is not None:
-        # One GradCAM per member of the loaded model: each one hooks its layer for good, so a new
-        # one per call would stack hooks on a model that serves many requests.
+        # One GradCAM per member of the explaining copy: each one hooks its layer for good, so a
+        # new one per call would stack hooks on a model that serves many requests.
         members = list(model.members) if isinstance(model, Ensemble) else [model]
         if getattr(predictor, "gradcam_", None) is None:
             predictor.gradcam_ = [GradCAM(nn_module=m, target_layers=layer) for m in members]
@@ -55,6 +55,21 @@ def saliency(predictor: Predictor, images: np.ndarray) -> np.ndarray:
     grads = torch.cat([vanilla(x[i : i + 1]) for i in range(len(x))]).abs()[:, 0]  # (N, H, W): pull on the logit
     peak = grads.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
     return (grads / peak).detach().numpy().astype(np.float32)
+
+
+def explainer_model(predictor: Predictor) -> torch.nn.Module:
+    """The predictor's own copy of its model for explanations, made once.
+
+    Grad-CAM keeps forward and backward hooks on the model it explains, and they store each
+    forward's activations: on the model that also serves predictions, a prediction running beside
+    an explanation overwrote them (seen: 5 of 60 overlays were another image's map). Predictions
+    never touch this copy.
+    """
+    import copy
+
+    if getattr(predictor, "explainer_", None) is None:
+        predictor.explainer_ = copy.deepcopy(predictor.model_).eval()
+    return predictor.explainer_
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
