@@ -185,3 +185,42 @@ def test_shared_dataset_duplicates_are_found(shared_data, tmp_path):
     identical = [(a, b) for a, b in ds.cross_split_duplicates if ds.samples[a].sha256 == ds.samples[b].sha256]
     assert len(identical) >= 5
     assert all(ds.samples[a].group == ds.samples[b].group for a, b in ds.cross_split_duplicates)
+
+
+def test_class_folders_that_change_the_labels_are_errors_naming_them(tmp_path, cache_dir):
+    """Issue 14, failure 3: colliding names merged, an empty folder vanished, and split folders
+    with different classes made an extra class with no training image, all without a word."""
+    from conftest import write_tree
+
+    clash = write_tree(tmp_path / "clash", per_class=3)
+    (clash / "Normal").rename(clash / "normal")
+    (clash / "NORMAL").mkdir()
+    (clash / "NORMAL" / "x.png").write_bytes((clash / "Covid" / "img000.png").read_bytes())
+    with pytest.raises(DataError, match="name the same class") as info:
+        load_dataset(clash, DataConfig(cache_dir=cache_dir), progress=False)
+    assert "NORMAL" in str(info.value) and "normal" in str(info.value)
+
+    empty = write_tree(tmp_path / "empty", per_class=3)
+    (empty / "Tuberculosis").mkdir()
+    with pytest.raises(DataError, match="Tuberculosis holds no file"):
+        load_dataset(empty, DataConfig(cache_dir=cache_dir), progress=False)
+
+    split = tmp_path / "split"
+    write_tree(split / "train", per_class=3)
+    write_tree(split / "test", per_class=2, start=5)
+    (split / "test" / "Covid").rename(split / "test" / "Covid19")
+    with pytest.raises(DataError, match="different classes") as info:
+        load_dataset(split, DataConfig(cache_dir=cache_dir), progress=False)
+    assert "test/ lacks covid" in str(info.value) and "train/ lacks covid19" in str(info.value)
+    # evaluating on part of the classes stays possible
+    assert len(load_dataset(split, DataConfig(cache_dir=cache_dir), progress=False, min_classes=1).classes) == 4
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every folder")
+def test_an_unreadable_class_folder_is_an_error(flat_tree, cache_dir):
+    (flat_tree / "Normal").chmod(0)
+    try:
+        with pytest.raises(DataError, match="cannot be read"):
+            load_dataset(flat_tree, DataConfig(cache_dir=cache_dir), progress=False)
+    finally:
+        (flat_tree / "Normal").chmod(0o755)

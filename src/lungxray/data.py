@@ -121,12 +121,47 @@ def normalise_class_name(name: str) -> str:
     return re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_").lower()
 
 
+def _check_class_folders(root: Path, parents: list[Path], same_classes: bool) -> None:
+    """Raise DataError for colliding, empty or unreadable class folders and differing class sets."""
+    class_sets = {}
+    for parent in parents:
+        by_label: dict[str, list[str]] = {}
+        for class_dir in _class_dirs(parent):
+            by_label.setdefault(normalise_class_name(class_dir.name), []).append(class_dir.name)
+            if not os.access(class_dir, os.R_OK | os.X_OK):
+                raise DataError(f"class folder {class_dir} cannot be read", hint="fix its permissions, or move it out")
+            if not any(p.is_file() for p in class_dir.rglob("*") if not p.name.startswith(".")):
+                raise DataError(f"class folder {class_dir} holds no file", hint="add its images, or remove the folder")
+        clashes = [names for names in by_label.values() if len(names) > 1]
+        if clashes:
+            listed = "; ".join(" and ".join(f"{parent / n}" for n in names) for names in clashes)
+            raise DataError(
+                f"class folders that name the same class: {listed}",
+                hint="folder names are matched after normalising (case, spaces); merge or rename them",
+            )
+        class_sets[parent.name] = set(by_label)
+    if same_classes and len({frozenset(s) for s in class_sets.values()}) > 1:
+        every = set().union(*class_sets.values())
+        missing = "; ".join(
+            f"{name}/ lacks {', '.join(sorted(every - s))}" for name, s in class_sets.items() if every - s
+        )
+        raise DataError(
+            f"the split folders of {root} hold different classes: {missing}",
+            hint="give every split folder the same class folders (check the spelling: covid vs covid19)",
+        )
+
+
 def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def discover(root: Path) -> tuple[str, list[tuple[Path, str, str | None]], list[Skipped]]:
-    """Find (path, class, folder split) for every file; return the layout and stray files."""
+def discover(root: Path, same_classes: bool = True) -> tuple[str, list[tuple[Path, str, str | None]], list[Skipped]]:
+    """Find (path, class, folder split) for every file; return the layout and stray files.
+
+    Class folders that mean the same class after normalising (Normal/ and normal/), a class
+    folder that is empty or cannot be read, and (unless ``same_classes`` is off, as for
+    evaluating on part of the classes) split folders with different class sets are errors that
+    name the folders: each would silently change the labels."""
     root = Path(os.path.abspath(root))
     if not root.is_dir():
         raise DataError(
@@ -144,6 +179,7 @@ def discover(root: Path) -> tuple[str, list[tuple[Path, str, str | None]], list[
             "train/ test/ [val/] folders that each hold class folders"
         )
     parents = [(d, SPLIT_NAMES[normalise_class_name(d.name)]) for d in split_dirs] or [(root, None)]
+    _check_class_folders(root, [parent for parent, _ in parents], same_classes)
     files, stray = [], []
     for parent, split in parents:
         stray += [
@@ -293,7 +329,7 @@ def load_dataset(root: Path, cfg: DataConfig | None = None, *, progress: bool = 
     """
     cfg = cfg or DataConfig()
     root = Path(root)
-    layout, files, skipped = discover(root)
+    layout, files, skipped = discover(root, same_classes=min_classes > 1)
     excluded = []
     if cfg.exclude is not None:
         drop = _known_paths(read_paths(cfg.exclude, root), {p for p, _, _ in files}, cfg.exclude, "--exclude")
