@@ -78,6 +78,24 @@ def test_killed_study_resumes_and_keeps_finished_trials(flat_tree, tmp_path):
         assert after[number] == (value, params)  # finished trials survived the kill untouched
     states = [t.state for t in study.trials]
     assert optuna.trial.TrialState.RUNNING not in states  # the interrupted trial was marked FAIL
+    # issue 14, failure 4: the killed trial's parameters are retried, and no finished trial is repeated
+    killed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(killed) == 1
+    retried = [t for t in study.trials if t.user_attrs.get("retry_of") == killed[0].number]
+    assert len(retried) == 1 and retried[0].params == killed[0].params and retried[0].number in after
+    new = [params for number, (_, params) in after.items() if number not in before and number != retried[0].number]
+    assert new and not any(params in [p for _, p in before.values()] for params in new)
+
+
+def test_an_extended_study_does_not_replay_its_first_trials(tmp_path):
+    train, val = toy(6, size=16), toy(3, size=16, start=50)
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    recipe = get_spec("mlp").recipe
+    for trials in (2, 4):
+        result = tune("mlp", train, val, 3, resolve_tune(TuneConfig(trials=trials, jobs=1), recipe),
+                      settings("mlp", epochs=2, seed=3), storage, progress=False)  # fmt: skip
+    params = [t.params for t in result.study.trials]
+    assert len(params) == 4 and params[2] not in params[:2] and params[3] not in params[:2]
 
 
 def test_same_seed_gives_the_same_trials(tmp_path):

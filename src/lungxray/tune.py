@@ -76,9 +76,17 @@ def open_study(
             f"study {cfg.study_name!r} in {storage} searches the {made_for} model, not {model_name}",
             hint="use another --study-name or --out for another --model",
         )
-    # One lungxray process works on a study at a time, so a RUNNING trial here was interrupted.
+    # A resumed or extended study must not replay the seeded sampler's first proposals (they would
+    # repeat the finished trials): its seed moves on by the number of trials already there. A fresh
+    # study keeps ``seed`` itself, so the same command gives the same trials.
+    if study.trials:
+        study.sampler = make_sampler(cfg.sampler, seed + len(study.trials), cfg.startup_trials)
+    # One lungxray process works on a study at a time, so a RUNNING trial here was interrupted:
+    # it is marked FAIL and its parameters are queued, so the next trial retries them.
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        if trial.params:
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
     return study
 
 
