@@ -255,3 +255,39 @@ def test_bundle_values_are_validated_before_anything_is_built(tmp_path, change, 
     write_checksums(folder)
     with pytest.raises(BundleError, match=message):
         Predictor(folder)
+
+
+def test_a_failed_save_leaves_no_partial_bundle_and_the_rerun_works(tmp_path, monkeypatch):
+    """A full disk while writing the weights (issue 14, failure 5): nothing half-written is left,
+    the old bundle (if any) stays whole, and the next save succeeds."""
+    import errno
+
+    import lungxray.bundle as bundle_module
+
+    model, folder = _bundle(tmp_path)
+    before = sorted(p.name for p in folder.iterdir())
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bundle_module, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_bundle(folder, model, {}, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == before and Predictor(folder)  # the old one, whole
+    with pytest.raises(OSError):
+        save_bundle(tmp_path / "fresh", model, {})
+    assert not (tmp_path / "fresh").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+    monkeypatch.undo()
+    _, again = _bundle(tmp_path / "second")
+    assert Predictor(again).classes_ == ["covid", "normal", "viral_pneumonia"]
+
+
+def test_an_empty_model_folder_left_by_a_crash_does_not_block_a_rerun(tmp_path):
+    from lungxray.runfolder import refuse_to_replace
+
+    (tmp_path / "model").mkdir()
+    refuse_to_replace(tmp_path, "model", force=False, what="a model")  # nothing to lose: no error
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="already holds a model"):
+        refuse_to_replace(tmp_path, "model", force=False, what="a model")

@@ -389,3 +389,31 @@ def test_cv_refuses_tune_with_params_and_a_bad_init_weights_file(flat_tree, tmp_
         == 2
     )
     assert "not a readable safetensors file" in capsys.readouterr().err
+
+
+def test_run_folders_are_protected(trained_run, tmp_path, capsys):
+    """Issue 14, failure 5: another seed reusing a run folder, a second writer, and evaluate --out
+    RUN are refused, saying why; nothing in the folder changes."""
+    import os
+    import subprocess as sp
+
+    data, out, root = trained_run
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    common = ("--img-size 16 --cache-dir", root / "cache", "--trials 2 --epochs 1 --quiet --force")
+    assert cli("run", data, "--out", out, *common, "--seed 2") == 2
+    err = capsys.readouterr().err
+    assert "made from other settings" in err and "'seed': 1" in err and "'seed': 2" in err
+    assert cli("evaluate", out / "model", data, "--out", out, "--cache-dir", root / "cache", "--quiet") == 2
+    assert "already holds test metrics" in capsys.readouterr().err
+    (out / ".lungxray.lock").write_text(str(os.getppid()))  # a live process holds the folder
+    assert cli("run", data, "--out", out, *common, "--seed 1") == 2
+    assert f"being written by another lungxray process (pid {os.getppid()})" in capsys.readouterr().err
+    (out / ".lungxray.lock").unlink()
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    dead = sp.Popen(["true"])
+    dead.wait()
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".lungxray.lock").write_text(str(dead.pid))  # its process is gone: taken over
+    assert cli("evaluate", out / "model", data, "--out", fresh, "--cache-dir", root / "cache", "--quiet") == 0
+    assert not (fresh / ".lungxray.lock").exists() and (fresh / "metrics.json").is_file()

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,7 @@ from lungxray.decode import decode
 from lungxray.errors import BundleError, OutputExistsError, UnusableImage
 from lungxray.infer import predict_logits, to_tensor
 from lungxray.models import create_model
-from lungxray.runfolder import MODEL, atomic_path, write_text
+from lungxray.runfolder import MODEL, write_text
 
 FORMAT = "lungxray-bundle"
 FORMAT_VERSION = 1
@@ -55,21 +58,30 @@ def save_bundle(
         raise OutputExistsError(
             f"{folder} already holds a model", hint="pass --force to replace it, or choose another --out"
         )
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.iterdir():
-        if stale.is_file():
-            stale.unlink()
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(folder / WEIGHTS) as tmp:
-        save_file(state, tmp, metadata={"format": FORMAT})
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__, **config}
-    write_text(folder / CONFIG, json.dumps(config, indent=2, default=str) + "\n")
-    if seen is not None:
-        write_text(folder / SEEN, json.dumps({part: sorted(set(h)) for part, h in seen.items()}) + "\n")
-    if metrics is not None:
-        attach_metrics(folder, metrics)
-    else:
-        write_checksums(folder)
+    # Written whole into a temporary folder, then renamed into place: a failure half-way (a full
+    # disk) leaves the old bundle, or none, never a partial one that blocks the next run.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
+    staging.mkdir()
+    try:
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, staging / WEIGHTS, metadata={"format": FORMAT})
+        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__, **config}
+        write_text(staging / CONFIG, json.dumps(config, indent=2, default=str) + "\n")
+        if seen is not None:
+            write_text(staging / SEEN, json.dumps({part: sorted(set(h)) for part, h in seen.items()}) + "\n")
+        if metrics is not None:
+            write_text(staging / METRICS, json.dumps(metrics, indent=2) + "\n")
+        write_checksums(staging)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.old")
+            os.replace(folder, old)
+            os.replace(staging, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 

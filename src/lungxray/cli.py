@@ -84,6 +84,7 @@ def _model_data_args(p: argparse.ArgumentParser, verb: str) -> None:
         default=None,
         help=f"splits.json of a run: {verb} only its test images (default: every image in DATA)",
     )
+    p.add_argument("--force", action="store_true", help=f"replace the results of an earlier {verb} (or run) in --out")
     p.add_argument(
         "--include-seen",
         action="store_true",
@@ -312,10 +313,11 @@ def cmd_tune(args) -> int:
 
     train_cfg, tune_cfg = _train_cfg(args), from_args(TuneConfig, args)
     pipeline.settings(args.model, train_cfg, tune_cfg)  # a bad model or device fails before the scan
-    ds, split = pipeline.prepare(
-        args.data, from_args(DataConfig, args), from_args(SplitConfig, args), args.out, not args.quiet
-    )
-    result = pipeline.tune_stage(ds, split, args.model, tune_cfg, train_cfg, args.out, progress=not args.quiet)
+    with runfolder.writer_lock(args.out):
+        ds, split = pipeline.prepare(
+            args.data, from_args(DataConfig, args), from_args(SplitConfig, args), args.out, not args.quiet, args.model
+        )
+        result = pipeline.tune_stage(ds, split, args.model, tune_cfg, train_cfg, args.out, progress=not args.quiet)
     print(
         f"best trial {result.best_trial}: {train_cfg.select_by} {result.best_value:.4f}, "
         f"params {json.dumps(result.best_params)}"
@@ -331,10 +333,14 @@ def cmd_train(args) -> int:
     pipeline.settings(args.model, _train_cfg(args))  # a bad model or device fails before the scan
     runfolder.refuse_to_replace(args.out, runfolder.MODEL, args.force, "a model")  # before splits.json is rewritten
     data_cfg = from_args(DataConfig, args)
-    ds, split = pipeline.prepare(args.data, data_cfg, from_args(SplitConfig, args), args.out, not args.quiet)
-    result, folder = pipeline.train_stage(
-        ds, split, args.model, params, _train_cfg(args), data_cfg, args.out, force=args.force, progress=not args.quiet
-    )
+    with runfolder.writer_lock(args.out):
+        ds, split = pipeline.prepare(
+            args.data, data_cfg, from_args(SplitConfig, args), args.out, not args.quiet, args.model
+        )
+        result, folder = pipeline.train_stage(
+            ds, split, args.model, params, _train_cfg(args), data_cfg, args.out, force=args.force,
+            progress=not args.quiet,
+        )  # fmt: skip
     print(
         f"kept epoch {result.best_epoch}: val accuracy {result.best.val_accuracy:.4f}, "
         f"val loss {result.best.val_loss:.4f}"
@@ -373,10 +379,12 @@ def cmd_evaluate(args) -> int:
     from lungxray import pipeline, runfolder
     from lungxray.report import write_report
 
-    predictor, ds, idx, extra = _model_and_data(args)
-    metrics = pipeline.evaluate_split(predictor, ds, idx, args.out, extra)  # preprocessed as in training
-    pipeline.audit_split(predictor, ds, idx, args.out, extra)
-    write_report(args.out, args.model_dir)
+    runfolder.refuse_to_replace(args.out, runfolder.METRICS, args.force, "test metrics (a run's or an evaluation's)")
+    with runfolder.writer_lock(args.out):
+        predictor, ds, idx, extra = _model_and_data(args)
+        metrics = pipeline.evaluate_split(predictor, ds, idx, args.out, extra)  # preprocessed as in training
+        pipeline.audit_split(predictor, ds, idx, args.out, extra)
+        write_report(args.out, args.model_dir)
     auroc = "n/a" if metrics["macro_auroc"] is None else f"{metrics['macro_auroc']:.4f}"
     print(
         f"accuracy {metrics['accuracy']:.4f}{_ci(metrics, 'accuracy')}, macro-F1 {metrics['macro_f1']:.4f}"
@@ -503,8 +511,10 @@ def _print_predictions(results: list[dict]) -> None:
 def cmd_audit(args) -> int:
     from lungxray import pipeline, runfolder
 
-    predictor, ds, idx, extra = _model_and_data(args)
-    report = pipeline.audit_split(predictor, ds, idx, args.out, extra)
+    runfolder.refuse_to_replace(args.out, runfolder.AUDIT, args.force, "an audit")
+    with runfolder.writer_lock(args.out):
+        predictor, ds, idx, extra = _model_and_data(args)
+        report = pipeline.audit_split(predictor, ds, idx, args.out, extra)
     chance = report["chance"]
     print(
         f"shortcut audit on {report['n']} images (chance: accuracy {chance['accuracy']:.4f}, "

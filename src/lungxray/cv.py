@@ -98,7 +98,6 @@ def cross_validate(
     with the training seeds seed + 1, seed + 2, ...: cv.json's ``seed_spread`` gives each metric's
     mean and std over those seeds, as one cv run is one draw.
     """
-    from tqdm.auto import tqdm
 
     if tune and params is not None:
         raise ParamsError(
@@ -110,6 +109,14 @@ def cross_validate(
     if not tune and params is None:
         params = dict(get_spec(model_name).defaults)
     runfolder.refuse_to_replace(out, runfolder.CV, force, "a cross-validation")
+    with runfolder.writer_lock(out):
+        return _cross_validate(data, out, model_name, data_cfg, train_cfg, folds, repeats, params, tune_cfg, progress)
+
+
+def _cross_validate(data, out, model_name, data_cfg, train_cfg, folds, repeats, params, tune_cfg, progress) -> dict:
+    """``cross_validate`` under the folder's writer lock."""
+    from tqdm.auto import tqdm
+
     trial_cfg, train_cfg, tune_cfg = settings(model_name, train_cfg, tune_cfg)  # before the scan
     set_threads(train_cfg.threads)
     seed = train_cfg.seed

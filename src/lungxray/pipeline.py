@@ -70,10 +70,26 @@ def settings(
     return trial_cfg, final_cfg, tune_cfg
 
 
+def fingerprint(data: Path, data_cfg: DataConfig, split_cfg: SplitConfig, model_name: str | None) -> dict:
+    """What a run folder is made from: the data, its preprocessing and selection, the split, the model."""
+    import os
+
+    return jsonable({"data": os.path.abspath(data), "model": model_name, "img_size": data_cfg.img_size,
+                     "groups": data_cfg.groups, "exclude": data_cfg.exclude, "split": asdict(split_cfg)})  # fmt: skip
+
+
 def prepare(
-    data: Path, data_cfg: DataConfig, split_cfg: SplitConfig, out: Path | None = None, progress: bool = True
+    data: Path,
+    data_cfg: DataConfig,
+    split_cfg: SplitConfig,
+    out: Path | None = None,
+    progress: bool = True,
+    model_name: str | None = None,
 ) -> tuple[Dataset, Split]:
-    """Scan and split; with ``out``, write scan.json and splits.json there."""
+    """Scan and split; with ``out``, write scan.json and splits.json there, after checking that
+    ``out`` was not made from other data, split or model (``runfolder.check_fingerprint``)."""
+    if out is not None:
+        runfolder.check_fingerprint(out, fingerprint(data, data_cfg, split_cfg, model_name))
     ds = load_dataset(data, data_cfg, progress=progress)
     split = make_split(ds, split_cfg)
     if out is not None:
@@ -344,12 +360,19 @@ def run(
     """The whole job; writes the run folder and run.json (settings, timings, headline figures).
 
     ``train_cfg`` trains the trials and, with ``final_epochs`` epochs when given, the final model.
+    One process writes ``out`` at a time (``runfolder.writer_lock``).
     """
     runfolder.refuse_to_replace(out, runfolder.MODEL, force, "a model (the study resumes with --force)")
+    with runfolder.writer_lock(out):
+        return _run(data, out, model_name, data_cfg, split_cfg, tune_cfg, train_cfg, final_epochs, force, progress)
+
+
+def _run(data, out, model_name, data_cfg, split_cfg, tune_cfg, train_cfg, final_epochs, force, progress) -> RunResult:
+    """``run``'s stages, under the folder's writer lock."""
     trial_cfg, final_cfg, tune_cfg = settings(model_name, train_cfg, tune_cfg, final_epochs)  # before the scan
     set_threads(final_cfg.threads)
     clock = Clock()
-    ds, split = prepare(data, data_cfg, split_cfg, out, progress)
+    ds, split = prepare(data, data_cfg, split_cfg, out, progress, model_name)
     clock.lap("scan_and_split_s")
     tuned = tune_stage(ds, split, model_name, tune_cfg, trial_cfg, out, progress)
     clock.lap("tune_s")

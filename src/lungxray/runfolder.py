@@ -101,7 +101,8 @@ def read_json(folder: Path, name: str):
 def refuse_to_replace(folder: Path, name: str, force: bool, what: str) -> None:
     """Raise OutputExistsError when ``folder/name`` exists and ``force`` is off."""
     target = Path(folder) / name
-    if target.exists() and not force:
+    empty_folder = target.is_dir() and not any(target.iterdir())  # left by a crash: holds nothing to lose
+    if target.exists() and not empty_folder and not force:
         raise OutputExistsError(
             f"{target} already holds {what}", hint="pass --force to replace it, or choose another --out"
         )
@@ -130,3 +131,76 @@ def read_params(path: Path) -> dict:
     if not isinstance(params, dict):
         raise ParamsError(f"{path} holds a JSON {type(params).__name__}, not an object of hyperparameters")
     return params.get("params", params)  # best_params.json wraps them; a plain dict works too
+
+
+LOCK = ".lungxray.lock"  # the pid of the one process writing the folder
+FINGERPRINT = "fingerprint.json"  # what a run folder was made from: data, model, split, preprocessing
+
+
+@contextlib.contextmanager
+def writer_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder`` for this process: a second lungxray writing the same folder is refused while
+    this one lives (a lock left by a process that died is taken over)."""
+    from lungxray.errors import OutputExistsError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK
+    for _ in range(2):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None:
+                raise OutputExistsError(
+                    f"{folder} is being written by another lungxray process (pid {holder})",
+                    hint="wait for it to finish, or choose another --out",
+                ) from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(handle, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _lock_holder(lock: Path) -> int | None:
+    """The pid in ``lock`` when that process still runs, else None."""
+    try:
+        pid = int(lock.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    if pid <= 0 or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid  # alive, another user's
+    return pid
+
+
+def check_fingerprint(folder: Path, fingerprint: dict) -> None:
+    """Record what the run folder is made from, or refuse a folder made from something else (a
+    study reused under another seed would put validation images of the old split in the new test
+    split), saying what differs."""
+    from lungxray.errors import OutputExistsError
+
+    known = read_json(folder, FINGERPRINT)
+    if known is None:
+        write_json(folder, FINGERPRINT, fingerprint)
+        return
+    differs = [
+        f"{key}: {known.get(key)!r} there, {value!r} now"
+        for key, value in fingerprint.items()
+        if known.get(key) != value
+    ]
+    if differs:
+        raise OutputExistsError(
+            f"{folder} holds a run made from other settings ({'; '.join(differs)})",
+            hint="choose another --out (its study, splits and model belong to those settings)",
+        )
