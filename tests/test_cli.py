@@ -417,3 +417,48 @@ def test_run_folders_are_protected(trained_run, tmp_path, capsys):
     (fresh / ".lungxray.lock").write_text(str(dead.pid))  # its process is gone: taken over
     assert cli("evaluate", out / "model", data, "--out", fresh, "--cache-dir", root / "cache", "--quiet") == 0
     assert not (fresh / ".lungxray.lock").exists() and (fresh / "metrics.json").is_file()
+
+
+def test_os_errors_are_one_line_messages_with_the_path(trained_run, tmp_path, capsys):
+    """Issue 14, failure 7: an impossible --out, a bad port and a garbage model.onnx printed tracebacks."""
+    data, out, root = trained_run
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code = cli("evaluate", out / "model", data, "--out", blocker / "ev", "--cache-dir", root / "cache", "--quiet")
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and str(blocker) in err and "hint:" in err
+    with pytest.raises(SystemExit) as info:
+        cli("serve", out / "model", "--port 99999")
+    assert info.value.code == 2 and "99999 is not a port" in capsys.readouterr().err
+    from lungxray.bundle import write_checksums
+
+    broken = tmp_path / "bundle"
+    shutil.copytree(out / "model", broken)
+    (broken / "model.onnx").write_bytes(b"garbage, not a protobuf")
+    write_checksums(broken)
+    assert cli("predict", broken, next(data.rglob("*.png"))) == 2
+    assert "is not a graph ONNX Runtime can run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_file_name_that_is_not_utf8_survives_a_whole_run(tmp_path, capsys):
+    """Issue 14, failure 7: such a name killed `run` after training (0-byte report, no run.json)."""
+    import os
+
+    data = write_tree(tmp_path / "data", per_class=8)
+    odd = data / "Covid" / os.fsdecode(b"scan-\xff\xfe.png")
+    odd.write_bytes((data / "Covid" / "img000.png").read_bytes()[:-20] + b"x" * 20)  # unreadable, listed by name
+    assert (
+        cli(
+            "run",
+            data,
+            "--out",
+            tmp_path / "run",
+            "--img-size 16 --cache-dir",
+            tmp_path / "c",
+            "--trials 1 --epochs 1 --quiet",
+        )
+        == 0
+    )
+    assert (tmp_path / "run" / "run.json").is_file() and (tmp_path / "run" / "report.html").stat().st_size > 1000
+    assert "scan-\\udcff\\udcfe.png" in (tmp_path / "run" / "report.html").read_text()

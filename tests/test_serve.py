@@ -6,6 +6,7 @@ import io
 import socket
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,7 +162,11 @@ def test_upload_page_in_chromium_shows_the_class_and_the_overlay(real, tmp_path)
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(f"http://127.0.0.1:{port}/")
             page.set_input_files("#file", str(files[0]))
-            page.wait_for_function("document.getElementById('overlay').naturalWidth > 0", timeout=30_000)
+            # polled from here: wait_for_function evaluates a string, which the page's CSP forbids
+            for _ in range(300):
+                if page.evaluate("document.getElementById('overlay').naturalWidth") > 0:
+                    break
+                time.sleep(0.1)
             shown = page.inner_text("#class")
             bars = page.locator(".bar").count()
             overlay_width = page.evaluate("document.getElementById('overlay').naturalWidth")
@@ -263,3 +268,47 @@ def test_explanations_beside_a_stream_of_predictions_are_the_reference(real):
     overlays = [(k, r.content) for (path, k), r in answers if path == "/explain"]
     assert len(overlays) == 50 and all(content == reference[k] for k, content in overlays)
     assert all(r.json() == expected[k] for (path, k), r in answers if path == "/predict")
+
+
+def test_the_service_sends_security_headers_and_refuses_foreign_hosts(real):
+    """Issue 14, failure 8: no security headers, any Host header answered (DNS rebinding)."""
+    from lungxray.serve import default_allowed_hosts
+
+    bundle = real[0]
+    assert default_allowed_hosts("127.0.0.1") == ["127.0.0.1", "localhost", "::1", "[::1]"]
+    assert default_allowed_hosts("0.0.0.0") == ["*"]
+    with TestClient(create_app(bundle, allowed_hosts=default_allowed_hosts("127.0.0.1"))) as client:
+        assert client.get("/health", headers={"Host": "rebound.example"}).status_code == 400
+        ok = client.get("/health", headers={"Host": "127.0.0.1:8000"})
+        assert ok.status_code == 200
+        assert ok.headers["X-Content-Type-Options"] == "nosniff" and ok.headers["X-Frame-Options"] == "DENY"
+        page = client.get("/", headers={"Host": "localhost"})
+        assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+
+
+def test_only_regular_image_files_of_sane_size_are_read(real, tmp_path):
+    """Issue 14, failure 8: predict on a FIFO hung, on /dev/zero read until MemoryError, and a small
+    PNG declaring 9400 x 9400 16-bit pixels cost ~700 MB to decode."""
+    import os
+    import struct
+    import zlib
+
+    from lungxray.decode import decode
+    from lungxray.errors import UnusableImage
+
+    predictor = Predictor(real[0])
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    results = predictor.predict_files([fifo, Path("/dev/zero"), real[2][0]])
+    assert [("error" in r) for r in results] == [True, True, False]
+    assert all("not a regular file" in r["error"] for r in results[:2])
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 9400, 9400, 16, 0, 0, 0, 0)  # 16-bit grayscale
+    big = (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+    with pytest.raises(UnusableImage, match="9400 x 9400 pixels"):
+        decode(big, 64)

@@ -19,12 +19,12 @@ from lungxray.tune import tune
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
-def _count_finished(db) -> int:
-    """Finished trials, read with plain read-only SQL: loading the study through Optuna while the
-    tune process is still creating it would race it to create the tables."""
+def _count(db, states: str = "'COMPLETE', 'PRUNED'") -> int:
+    """Trials in ``states``, read with plain read-only SQL: loading the study through Optuna while
+    the tune process is still creating it would race it to create the tables."""
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-            return conn.execute("SELECT COUNT(*) FROM trials WHERE state IN ('COMPLETE', 'PRUNED')").fetchone()[0]
+            return conn.execute(f"SELECT COUNT(*) FROM trials WHERE state IN ({states})").fetchone()[0]
     except sqlite3.OperationalError:
         return 0  # no database or no tables yet
 
@@ -62,7 +62,12 @@ def test_killed_study_resumes_and_keeps_finished_trials(flat_tree, tmp_path):
     ]
     proc = subprocess.Popen([*cmd, "--trials", "200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and _count_finished(out / "study.db") < 2:
+    # killed mid-trial: two finished, and the third one running (its parameters stored)
+    while (
+        time.monotonic() < deadline
+        and proc.poll() is None
+        and (_count(out / "study.db") < 2 or _count(out / "study.db", "'RUNNING'") < 1)
+    ):
         time.sleep(0.3)
     assert proc.poll() is None, f"tune ended before it could be killed: {proc.communicate()}"
     proc.send_signal(signal.SIGKILL)

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lungxray import __version__
-from lungxray.decode import decode
+from lungxray.decode import decode, read_image_file
 from lungxray.errors import BundleError, OutputExistsError, UnusableImage
 from lungxray.infer import predict_logits, to_tensor
 from lungxray.models import create_model
@@ -211,9 +211,15 @@ class Predictor:
 
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = threads  # 0: ONNX Runtime's default, one per core
-            self.session_ = onnxruntime.InferenceSession(
-                str(self.folder / ONNX), options, providers=["CPUExecutionProvider"]
-            )
+            try:
+                self.session_ = onnxruntime.InferenceSession(
+                    str(self.folder / ONNX), options, providers=["CPUExecutionProvider"]
+                )
+            except Exception as exc:  # ONNX Runtime raises its own classes for a broken graph
+                raise BundleError(
+                    f"{self.folder / ONNX} is not a graph ONNX Runtime can run ({type(exc).__name__})",
+                    hint=f"run `lungxray export {self.folder} --onnx` again, or pass --backend torch",
+                ) from None
         self.classes_: list[str] = self.config_["classes"]
         self.img_size_: int = self.config_["preprocessing"]["img_size"]
         model_cfg = self.config_["model"]
@@ -271,7 +277,7 @@ class Predictor:
         results, arrays = [], []
         for path in paths:
             try:
-                arrays.append(decode(Path(path).read_bytes(), self.img_size_))
+                arrays.append(decode(read_image_file(Path(path)), self.img_size_))
                 results.append({"path": str(path)})
             except (UnusableImage, OSError) as exc:
                 results.append({"path": str(path), "error": str(exc)})

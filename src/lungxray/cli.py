@@ -111,6 +111,13 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", metavar="MODEL", type=Path, help="model bundle folder (RUN/model)")
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port: use 1-65535")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lungxray", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"lungxray {__version__}")
@@ -213,7 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="web service and upload page for a model (FastAPI + uvicorn)")
     _model_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=_port, default=8000, help="port, 1-65535 (default 8000)")
+    p.add_argument(
+        "--allowed-hosts",
+        nargs="+",
+        default=None,
+        metavar="HOST",
+        help="Host headers the service answers (default: the bound address, and localhost when it is a "
+        "loopback address; any host when bound to 0.0.0.0): refuses DNS-rebinding requests",
+    )
     p.add_argument(
         "--backend",
         choices=["auto", "torch", "onnx"],
@@ -544,7 +559,7 @@ def cmd_serve(args) -> int:
     from lungxray.serve import serve
 
     Predictor(args.model_dir, backend=args.backend)  # a broken bundle fails here, in one line
-    serve(args.model_dir, args.host, args.port, args.backend)
+    serve(args.model_dir, args.host, args.port, args.backend, args.allowed_hosts)
     return 0
 
 
@@ -583,12 +598,20 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _one_line_warning
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints escaped, never crashes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return COMMANDS[args.command](args)
     except LungxrayError as exc:  # user-fixable: one line and a hint; anything else keeps its traceback
         print(f"lungxray {args.command}: error: {exc}", file=sys.stderr)
         if exc.hint:
             print(f"  hint: {exc.hint}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system: a read-only or missing folder, a full disk, a bad port
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"lungxray {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print("  hint: check the path, its permissions and the free space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished trials are kept in the study and resume on the next run", file=sys.stderr)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from lungxray.cache import PreprocessCache
 from lungxray.config import DataConfig
-from lungxray.decode import decode
+from lungxray.decode import decode, read_image_file
 from lungxray.errors import DataError, UnusableImage
 
 SPLIT_NAMES = {
@@ -214,7 +214,9 @@ def _process_file(args: tuple[str, int]) -> tuple[str, str | None, np.ndarray | 
     """Worker: read one file once, hash it, decode it. Returns (path, sha, pixels, phash, reason)."""
     path, img_size = args
     try:
-        data = Path(path).read_bytes()
+        data = read_image_file(Path(path))
+    except UnusableImage as exc:
+        return path, None, None, None, str(exc)
     except OSError as exc:
         return path, None, None, None, f"cannot read file: {exc.strerror or exc}"
     sha = hashlib.sha256(data).hexdigest()

@@ -9,7 +9,9 @@ orientation applied); every file it cannot use raises ``UnusableImage`` with a o
 from __future__ import annotations
 
 import io
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -31,6 +33,25 @@ def _to_gray_uint8(img: Image.Image) -> Image.Image:
     raise UnusableImage(f"unsupported image mode {img.mode!r}; save it as 8- or 16-bit grayscale or RGB")
 
 
+MAX_PIXELS = 40_000_000  # a chest radiograph has at most ~18 M (4280 x 4280); decoding costs 8 B per pixel
+MAX_FILE_BYTES = 256 * 1024 * 1024
+
+
+def read_image_file(path: Path) -> bytes:
+    """The bytes of an image file: only a regular file (a FIFO would hang, /dev/zero never end),
+    at most MAX_FILE_BYTES; UnusableImage says why not."""
+    import stat
+
+    info = os.stat(path)  # follows symbolic links, as opening the file would
+    if not stat.S_ISREG(info.st_mode):
+        raise UnusableImage("not a regular file (a folder, a pipe or a device); pass image files")
+    if info.st_size > MAX_FILE_BYTES:
+        raise UnusableImage(
+            f"file of {info.st_size / 2**20:.0f} MB, larger than the {MAX_FILE_BYTES // 2**20} MB limit"
+        )
+    return Path(path).read_bytes()
+
+
 def decode(data: bytes, img_size: int) -> np.ndarray:
     """Encoded bytes -> (img_size, img_size) uint8 grayscale; raises UnusableImage with a reason."""
     if not data:
@@ -41,6 +62,11 @@ def decode(data: bytes, img_size: int) -> np.ndarray:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             with Image.open(io.BytesIO(data)) as img:
+                if img.width * img.height > MAX_PIXELS:  # checked on the header, before any decoding
+                    raise UnusableImage(
+                        f"{img.width} x {img.height} pixels, more than the {MAX_PIXELS // 10**6} M an X-ray needs "
+                        "(decoding it would take gigabytes); downscale it first"
+                    )
                 # JPEG only: decode at the smallest DCT scale >= img_size and in grayscale.
                 img.draft("L", (img_size, img_size))
                 img = ImageOps.exif_transpose(img)

@@ -53,8 +53,16 @@ async def _read_limited(file: UploadFile, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(model_dir: Path, backend: str = "auto", max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
-    """The app for the bundle in ``model_dir``; the model is loaded when the app starts."""
+def create_app(
+    model_dir: Path,
+    backend: str = "auto",
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    allowed_hosts: list[str] | None = None,
+) -> FastAPI:
+    """The app for the bundle in ``model_dir``; the model is loaded when the app starts.
+
+    ``allowed_hosts``: the Host headers answered (None: any), so a web page that rebinds its own
+    domain to 127.0.0.1 cannot call the service from a browser."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -72,6 +80,24 @@ def create_app(model_dir: Path, backend: str = "auto", max_upload_bytes: int = M
     app = FastAPI(
         title="lungxray", summary="Chest X-ray classifier: predictions and where the model looked", lifespan=lifespan
     )
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        if request.url.path == "/":  # the upload page: its own inline script and style, images it makes
+            response.headers["Content-Security-Policy"] = (
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                "img-src data: blob:; connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
+            )
+        return response
+
+    if allowed_hosts is not None:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
 
     @app.middleware("http")
     async def refuse_large_bodies(request: Request, call_next):
@@ -142,8 +168,25 @@ def _overlay_png(predictor: Predictor, data: bytes, lock: threading.Lock) -> byt
     return buf.getvalue()
 
 
-def serve(model_dir: Path, host: str = "127.0.0.1", port: int = 8000, backend: str = "auto") -> None:
+def default_allowed_hosts(host: str) -> list[str]:
+    """The Host headers to answer when serving on ``host``: a loopback address and its names, the
+    address itself otherwise, or any host when bound to every interface."""
+    if host in ("0.0.0.0", "::", ""):
+        return ["*"]
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return ["127.0.0.1", "localhost", "::1", "[::1]"]
+    return [host]
+
+
+def serve(
+    model_dir: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    backend: str = "auto",
+    allowed_hosts: list[str] | None = None,
+) -> None:
     """Run the app with uvicorn until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(model_dir, backend), host=host, port=port, log_level="info")
+    app = create_app(model_dir, backend, allowed_hosts=allowed_hosts or default_allowed_hosts(host))
+    uvicorn.run(app, host=host, port=port, log_level="info")
