@@ -187,3 +187,28 @@ def test_a_study_made_for_another_model_is_refused_with_a_hint(tmp_path):
     with pytest.raises(StudyError, match="searches the cnn model, not mlp") as info:
         open_study(cfg, storage, 0, "minimize", 4, "mlp")
     assert "--study-name" in info.value.hint
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_running_trial_promptly_and_resume_retries_it(flat_tree, tmp_path):
+    """Issue 14, failure 8: Ctrl-C during tuning waited for the running trial, then discarded it."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lungxray.cli", "tune", str(flat_tree), "--out", str(out), "--img-size", "16",
+           "--cache-dir", str(tmp_path / "cache"), "--epochs", "400", "--patience", "0", "--jobs", "1",
+           "--val-fraction", "0.2", "--quiet", "--trials", "3"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and _count(out / "study.db", "'RUNNING'") < 1:
+        time.sleep(0.2)
+    time.sleep(1.0)  # a few epochs into a 400-epoch trial
+    interrupted_at = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and b"interrupted" in err
+    assert time.monotonic() - interrupted_at < 15  # did not wait for the 400 epochs
+    study = optuna.load_study(study_name="lungxray", storage=f"sqlite:///{out / 'study.db'}")
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    queued = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+    assert len(failed) == 1 and len(queued) == 1 and failed[0].params
+    assert queued[0].system_attrs["fixed_params"] == failed[0].params  # the resumed study asks these first
+    assert queued[0].user_attrs["retry_of"] == failed[0].number

@@ -135,6 +135,7 @@ def _run_trial(
     train_cfg: TrainConfig,
     on_epoch: Callable[[int, int | None], None] = lambda number, epoch: None,
     frozen: _FrozenCompleted | None = None,
+    stop: threading.Event | None = None,
 ) -> tuple[optuna.trial.TrialState, float | None, FitResult | None]:
     """Train one trial, reporting every epoch; returns the state and value to tell the study.
 
@@ -146,6 +147,8 @@ def _run_trial(
     values: dict[int, float] = {}
 
     def report(stats: EpochStats) -> bool:
+        if stop is not None and stop.is_set():
+            raise _Interrupted  # Ctrl-C: leave the fit at this epoch's end
         values[stats.epoch] = getattr(stats, select_by)
         trial.report(values[stats.epoch], stats.epoch)
         on_epoch(trial.number, stats.epoch)
@@ -217,6 +220,7 @@ def tune(
             )
 
     best_fit = None
+    stop = threading.Event()  # set on Ctrl-C: running trials end at their next epoch
     threads_before = torch.get_num_threads()
     torch.set_num_threads(max(1, threads_before // jobs))
     try:
@@ -230,10 +234,14 @@ def tune(
                     else None
                 )
                 futures = [
-                    pool.submit(_run_trial, t, hp, model_name, train, val, n_classes, train_cfg, show, frozen)
+                    pool.submit(_run_trial, t, hp, model_name, train, val, n_classes, train_cfg, show, frozen, stop)
                     for t, hp in zip(batch, hps, strict=True)
                 ]
-                outcomes = [future.result() for future in futures]  # tell only once the batch is done
+                try:
+                    outcomes = [future.result() for future in futures]  # tell only once the batch is done
+                except KeyboardInterrupt:
+                    _stop_and_requeue(study, batch, futures, stop)
+                    raise
                 for trial, (state, value, result) in zip(batch, outcomes, strict=True):
                     study.tell(trial, value, state=state)
                     if result is not None:
@@ -249,6 +257,23 @@ def tune(
     if best_fit is not None and study.best_trial.number == summary.best_trial:
         summary.best_fit = best_fit
     return summary
+
+
+class _Interrupted(Exception):
+    """Raised inside a trial's fit when the user pressed Ctrl-C."""
+
+
+def _stop_and_requeue(study: optuna.Study, batch: list, futures: list, stop: threading.Event) -> None:
+    """Ctrl-C: stop the running trials at their next epoch, mark them FAIL, and queue their
+    parameters so the resumed study retries them (before: it waited for them, then threw them away)."""
+    stop.set()
+    for trial, future in zip(batch, futures, strict=True):
+        try:
+            state, value, _ = future.result()  # it finished just before the stop: keep it
+            study.tell(trial, value, state=state)
+        except _Interrupted:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
 
 
 def _has_complete(study: optuna.Study) -> bool:
