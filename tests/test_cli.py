@@ -403,6 +403,8 @@ def test_run_folders_are_protected(trained_run, tmp_path, capsys):
     assert cli("run", data, "--out", out, *common, "--seed 2") == 2
     err = capsys.readouterr().err
     assert "made from other settings" in err and "'seed': 1" in err and "'seed': 2" in err
+    assert cli("run", data, "--out", out, *common, "--seed 1 --model mlp") == 2  # was a TypeError
+    assert "model: 'cnn' there, 'mlp' now" in capsys.readouterr().err
     assert cli("evaluate", out / "model", data, "--out", out, "--cache-dir", root / "cache", "--quiet") == 2
     assert "already holds test metrics" in capsys.readouterr().err
     (out / ".lungxray.lock").write_text(str(os.getppid()))  # a live process holds the folder
