@@ -31,9 +31,10 @@ def test_reloaded_bundle_predicts_identically(tmp_path):
     model, folder = _bundle(tmp_path)
     images = np.stack([synthetic_image(c, i, 16) for c in range(3) for i in range(4)])
     with torch.no_grad():
-        expected = torch.softmax(model(torch.from_numpy(images).unsqueeze(1).float() / 255), 1).numpy()
+        logits = model(torch.from_numpy(images).unsqueeze(1).float() / 255)  # the same float32 logits
+        expected = torch.softmax(logits.double(), 1).numpy()  # probabilities in float64, as served
     got = Predictor(folder).predict_arrays(images)
-    assert np.array_equal(got, expected)
+    assert got.dtype == np.float64 and np.array_equal(got, expected)
     assert sorted(p.name for p in folder.iterdir()) == [
         "checksums.json",
         "config.json",
@@ -242,7 +243,14 @@ def test_a_bundle_is_exactly_its_manifest(tmp_path):
         ({"model": {"name": "mlp", "hyperparameters": {**HP, "depth": 3}, "input_shape": [1, 16, 16]}},
          "depth is not a hyperparameter of mlp"),
         ({"classes": "covid"}, "classes must be a list"),
-        ({"model": None}, "model.name must be one of"),
+        ({"model": None}, "model must be an object"),
+        ({"model": {"name": "nope", "hyperparameters": HP, "input_shape": [1, 16, 16]}}, "model.name must be one of"),
+        ({"calibration": None}, "calibration must be an object"),
+        ({"preprocessing": "x"}, "preprocessing must be an object"),
+        ({"model": {"name": "mlp", "hyperparameters": {**HP, "layer_1": 8.5}, "input_shape": [1, 16, 16]}},
+         "layer_1 = 8.5 is outside 1..4096 or not whole"),
+        ({"preprocessing": {"img_size": 1024}, "model": {"name": "mlp", "members": 32, "input_shape": [1, 1024, 1024],
+          "hyperparameters": {**HP, "layer_1": 4096}}}, "parameters, more than the 200,000,000"),
     ],
 )  # fmt: skip
 def test_bundle_values_are_validated_before_anything_is_built(tmp_path, change, message):
@@ -291,3 +299,27 @@ def test_an_empty_model_folder_left_by_a_crash_does_not_block_a_rerun(tmp_path):
     (tmp_path / "model" / "config.json").write_text("{}")
     with pytest.raises(FileExistsError, match="already holds a model"):
         refuse_to_replace(tmp_path, "model", force=False, what="a model")
+
+
+def test_a_failed_metrics_update_leaves_the_bundle_whole(tmp_path, monkeypatch):
+    """A full disk while attach_metrics writes (issue 14, failure 5): the bundle loads as before."""
+    import errno
+
+    import lungxray.bundle as bundle_module
+    from lungxray.bundle import attach_metrics
+
+    _, folder = _bundle(tmp_path)
+    real_write = bundle_module.write_text
+
+    def full_disk(path, text):
+        if path.name == "checksums.json":  # metrics.json already written: the worst moment
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, text)
+
+    monkeypatch.setattr(bundle_module, "write_text", full_disk)
+    with pytest.raises(OSError):
+        attach_metrics(folder, {"accuracy": 0.5})
+    monkeypatch.undo()
+    assert json.loads((folder / "metrics.json").read_text()) == {"accuracy": 1.0}
+    assert Predictor(folder).metrics_ == {"accuracy": 1.0}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -392,13 +392,15 @@ def test_cv_refuses_tune_with_params_and_a_bad_init_weights_file(flat_tree, tmp_
 
 
 def test_run_folders_are_protected(trained_run, tmp_path, capsys):
-    """Issue 14, failure 5: another seed reusing a run folder, a second writer, and evaluate --out
-    RUN are refused, saying why; nothing in the folder changes."""
-    import os
+    """Issue 14, failure 5: another seed or model reusing a run folder, a second writer, and
+    evaluate --out RUN are refused, saying why, and nothing in the folder changes; a failed first
+    attempt does not block the corrected one."""
     import subprocess as sp
+    import sys
 
     data, out, root = trained_run
-    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    files = lambda: {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lungxray.lock"}  # noqa: E731
+    before = files()
     common = ("--img-size 16 --cache-dir", root / "cache", "--trials 2 --epochs 1 --quiet --force")
     assert cli("run", data, "--out", out, *common, "--seed 2") == 2
     err = capsys.readouterr().err
@@ -407,18 +409,24 @@ def test_run_folders_are_protected(trained_run, tmp_path, capsys):
     assert "model: 'cnn' there, 'mlp' now" in capsys.readouterr().err
     assert cli("evaluate", out / "model", data, "--out", out, "--cache-dir", root / "cache", "--quiet") == 2
     assert "already holds test metrics" in capsys.readouterr().err
-    (out / ".lungxray.lock").write_text(str(os.getppid()))  # a live process holds the folder
-    assert cli("run", data, "--out", out, *common, "--seed 1") == 2
-    assert f"being written by another lungxray process (pid {os.getppid()})" in capsys.readouterr().err
-    (out / ".lungxray.lock").unlink()
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
-    dead = sp.Popen(["true"])
-    dead.wait()
-    fresh = tmp_path / "fresh"
-    fresh.mkdir()
-    (fresh / ".lungxray.lock").write_text(str(dead.pid))  # its process is gone: taken over
-    assert cli("evaluate", out / "model", data, "--out", fresh, "--cache-dir", root / "cache", "--quiet") == 0
-    assert not (fresh / ".lungxray.lock").exists() and (fresh / "metrics.json").is_file()
+    hold = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); " \
+           "fcntl.flock(fd, fcntl.LOCK_EX); os.pwrite(fd, str(os.getpid()).encode(), 0); print('held', flush=True); " \
+           "time.sleep(60)"  # fmt: skip
+    holder = sp.Popen([sys.executable, "-c", hold, str(out / ".lungxray.lock")], stdout=sp.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        assert cli("run", data, "--out", out, *common, "--seed 1") == 2
+        assert f"being written by another lungxray process (pid {holder.pid})" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert files() == before
+    fresh = tmp_path / "fresh"  # the holder died: its lock went with it
+    assert cli("run", data, "--out", fresh, *common, "--seed 1 --trials 1") == 0
+    typo = tmp_path / "typo"
+    assert cli("run", tmp_path / "no-such-data", "--out", typo, *common) == 2
+    assert cli("run", data, "--out", typo, *common, "--seed 1 --trials 1") == 0  # not blocked by the failure
+    assert cli("run", data, "--out", typo, *common, "--seed 1 --trials 1") == 0  # the same rerun, as make demo
 
 
 def test_os_errors_are_one_line_messages_with_the_path(trained_run, tmp_path, capsys):

@@ -147,6 +147,14 @@ def test_groups_file_joins_patients_and_unknown_paths_are_listed(flat_tree, cach
     by_name = {f"{s.path.parent.name}/{s.path.name}": s.group for s in ds.samples}
     assert by_name["Covid/img000.png"] == by_name["Normal/img005.png"] != by_name["Viral Pneumonia/img003.png"]
     assert ds.summary()["groups"] == {"n": 35, "largest": 2, "file": str(tmp_path / "groups.csv")}
+    # with --exclude, rows of excluded images are fine; a blank group or a short row is its own group
+    (tmp_path / "drop.txt").write_text("Normal/img005.png\n")
+    (tmp_path / "more.csv").write_text(
+        "path,group\nCovid/img000.png,p1\nNormal/img005.png,p1\nCovid/img001.png,\nCovid/img002.png\n"
+    )
+    cfg = DataConfig(cache_dir=cache_dir, groups=tmp_path / "more.csv", exclude=tmp_path / "drop.txt")
+    ds = load_dataset(flat_tree, cfg, progress=False)
+    assert ds.summary()["groups"]["n"] == 35 and ds.summary()["groups"]["largest"] == 1
     (tmp_path / "bad.csv").write_text("path,group\nCovid/img000.png,p1\nCovid/nope.png,p1\nNormal/gone.png,p2\n")
     with pytest.raises(DataError, match="names 2 path") as info:
         load_dataset(flat_tree, DataConfig(cache_dir=cache_dir, groups=tmp_path / "bad.csv"), progress=False)

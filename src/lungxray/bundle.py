@@ -8,11 +8,13 @@ written to a temporary name, then renamed. Imports nothing from the training mod
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -86,9 +88,28 @@ def save_bundle(
 
 
 def attach_metrics(folder: Path, metrics: dict) -> None:
-    """Add (or replace) metrics.json in a bundle and update its checksums."""
-    write_text(Path(folder) / METRICS, json.dumps(metrics, indent=2) + "\n")
-    write_checksums(folder)
+    """Add (or replace) metrics.json in a bundle and update its checksums, as one swap."""
+    with restaged(folder) as staging:
+        write_text(staging / METRICS, json.dumps(metrics, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def restaged(folder: Path) -> Iterator[Path]:
+    """A staging copy of the bundle to change; when the block succeeds its checksums are rewritten
+    and it replaces the bundle in one rename, so a crash or a full disk half-way leaves the old
+    bundle whole (never an unlisted or half-written file that would refuse it)."""
+    folder = Path(folder)
+    staging = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
+    shutil.copytree(folder, staging)
+    try:
+        yield staging
+        write_checksums(staging)
+        old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.old")
+        os.replace(folder, old)
+        os.replace(staging, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_checksums(folder: Path) -> None:
@@ -163,6 +184,11 @@ def validate_config(config: dict, folder: Path) -> None:
     if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
         found = (config.get("format"), config.get("format_version")) if isinstance(config, dict) else None
         raise BundleError(f"{folder} holds format {found}; this lungxray reads {FORMAT} v{FORMAT_VERSION}")
+    for section in ("model", "preprocessing"):
+        if not isinstance(config.get(section), dict):
+            raise bad(f"{section} must be an object")
+    if not isinstance(config.get("calibration", {}), dict):
+        raise bad("calibration must be an object")
     classes = config.get("classes")
     if not isinstance(classes, list) or not 2 <= len(classes) <= 1000 or len(set(classes)) != len(classes):
         raise bad("classes must be a list of 2 to 1000 distinct names")
@@ -183,9 +209,25 @@ def validate_config(config: dict, folder: Path) -> None:
     problems = check_hyperparameters(model["name"], hp) if isinstance(hp, dict) else ["it is not an object"]
     if problems:
         raise bad("model.hyperparameters: " + "; ".join(problems))
-    temperature = (config.get("calibration") or {}).get("temperature", 1.0)
+    _check_size(model, len(classes), size, bad)
+    temperature = config.get("calibration", {}).get("temperature", 1.0)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
         raise bad(f"calibration.temperature must be a finite number above 0, got {temperature!r}")
+
+
+MAX_PARAMETERS = 200_000_000  # ~800 MB of float32 weights; the registry's defaults hold 0.3-11 M
+
+
+def _check_size(model: dict, n_classes: int, size: int, bad) -> None:
+    """Build the architecture on the meta device (no memory) and refuse one too large to load."""
+    from lungxray.models import create_model
+
+    with torch.device("meta"):
+        net = create_model(model["name"], (1, size, size), n_classes, members=model.get("members", 1),
+                           **model["hyperparameters"])  # fmt: skip
+    count = sum(p.numel() for p in net.parameters())
+    if count > MAX_PARAMETERS:
+        raise bad(f"the model would hold {count:,} parameters, more than the {MAX_PARAMETERS:,} lungxray loads")
 
 
 class Predictor:
@@ -246,7 +288,7 @@ class Predictor:
         seen = json.loads((self.folder / SEEN).read_text()) if SEEN in self.checksums_ else {}
         self.seen_: frozenset[str] = frozenset(h for hashes in seen.values() for h in hashes)
         # Temperature scaling fitted on the validation split at training time (1.0: none).
-        self.temperature_: float = float(self.config_.get("calibration", {}).get("temperature", 1.0))
+        self.temperature_: float = float((self.config_.get("calibration") or {}).get("temperature", 1.0))
 
     @torch.no_grad()
     def predict_logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -264,7 +306,7 @@ class Predictor:
     def predict_arrays(self, images: np.ndarray, batch_size: int = 256, calibrated: bool = True) -> np.ndarray:
         """(N, H, W) uint8 preprocessed images -> (N, n_classes) probabilities, temperature-scaled
         unless ``calibrated=False``."""
-        logits = torch.from_numpy(self.predict_logits(images, batch_size))
+        logits = torch.from_numpy(self.predict_logits(images, batch_size)).double()  # float32 rounds 1 - 1e-8 to 1
         probs = torch.softmax(logits / (self.temperature_ if calibrated else 1.0), dim=1).numpy()
         if not np.isfinite(probs).all():  # never report a class for NaN probabilities
             raise BundleError(
@@ -308,12 +350,22 @@ def export_onnx(folder: Path, check_images: np.ndarray | None = None) -> tuple[P
     probabilities on ``check_images`` ((N, H, W) uint8; random images when None); a difference of
     1e-4 or more is an error and leaves no model.onnx behind.
     """
-    import warnings
 
     folder = Path(folder)
     torch_predictor = Predictor(folder, backend="torch")
     size = torch_predictor.img_size_
     dummy = torch.zeros(1, 1, size, size)
+    if check_images is None:
+        check_images = np.random.default_rng(0).integers(0, 256, (8, size, size), dtype=np.uint8)
+    with restaged(folder) as staging:  # the bundle changes only once the graph passed its check
+        gap = _export_into(torch_predictor, staging, dummy, check_images)
+    return folder / ONNX, gap
+
+
+def _export_into(torch_predictor: Predictor, staging: Path, dummy: torch.Tensor, check_images: np.ndarray) -> float:
+    """Write model.onnx into ``staging`` and return its largest probability gap to PyTorch's."""
+    import warnings
+
     with warnings.catch_warnings():
         # The TorchScript-based exporter is deprecated in favour of the dynamo one, which needs
         # onnxscript; it still writes a standard graph that ONNX Runtime runs.
@@ -322,20 +374,16 @@ def export_onnx(folder: Path, check_images: np.ndarray | None = None) -> tuple[P
         torch.onnx.export(
             torch_predictor.model_,
             (dummy,),
-            str(folder / ONNX),
+            str(staging / ONNX),
             input_names=["image"],
             output_names=["logits"],
             dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
             opset_version=17,
             dynamo=False,
         )
-    if check_images is None:
-        check_images = np.random.default_rng(0).integers(0, 256, (8, size, size), dtype=np.uint8)
-    write_checksums(folder)
-    onnx_probs = Predictor(folder, backend="onnx").predict_arrays(check_images)
+    write_checksums(staging)
+    onnx_probs = Predictor(staging, backend="onnx").predict_arrays(check_images)
     gap = float(np.abs(onnx_probs - torch_predictor.predict_arrays(check_images)).max())
     if gap >= 1e-4:
-        (folder / ONNX).unlink()
-        write_checksums(folder)
         raise BundleError(f"ONNX Runtime and PyTorch disagree by {gap:.2e} on the check images; model.onnx not kept")
-    return folder / ONNX, gap
+    return gap

@@ -504,8 +504,8 @@ def cmd_explain(args) -> int:
 
 
 def _probability(p: float) -> str:
-    """Three decimals, never rounded to certainty: a model is not 1.000 sure unless p is exactly 1."""
-    if 0.9995 <= p < 1:
+    """Three decimals, never rounded to certainty (a softmax reaches 1.0 only by rounding)."""
+    if p >= 0.9995:
         return ">0.999"
     if 0 < p < 0.0005:
         return "<0.001"

@@ -8,6 +8,7 @@ out-of-fold probabilities), folds.json, scan.json and the report into the output
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -118,11 +119,16 @@ def _cross_validate(data, out, model_name, data_cfg, train_cfg, folds, repeats, 
     from tqdm.auto import tqdm
 
     trial_cfg, train_cfg, tune_cfg = settings(model_name, train_cfg, tune_cfg)  # before the scan
+    made_from = {"data": os.path.realpath(data), "model": model_name, "img_size": data_cfg.img_size,
+                 "groups": jsonable(data_cfg.groups), "exclude": jsonable(data_cfg.exclude), "folds": folds,
+                 "seed": train_cfg.seed}  # fmt: skip
+    runfolder.check_fingerprint(out, made_from)  # its studies (--tune) belong to these folds
     set_threads(train_cfg.threads)
     seed = train_cfg.seed
     clock = Clock()
     ds = load_dataset(data, data_cfg, progress=progress)
     parts = make_folds(ds.labels, ds.groups, folds, seed)
+    runfolder.record_fingerprint(out, made_from)
     runfolder.write_json(out, runfolder.SCAN, ds.summary())
     runfolder.write_json(out, runfolder.FOLDS, [part.to_json(ds) for part in parts])
     runs = []

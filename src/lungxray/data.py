@@ -383,7 +383,7 @@ def load_dataset(root: Path, cfg: DataConfig | None = None, *, progress: bool = 
         if samples[a].folder_split != samples[b].folder_split
     ]
     if cfg.groups is not None:
-        by_path = read_groups(cfg.groups, root, [s.path for s in samples], skipped)
+        by_path = read_groups(cfg.groups, root, [s.path for s in samples], skipped, [Path(p) for p in excluded])
         groups = join_groups(groups, [by_path.get(s.path) for s in samples])
     for sample, group in zip(samples, groups, strict=True):
         sample.group = int(group)
@@ -431,9 +431,11 @@ def _known_paths(paths: list[Path], known: set[Path], file: Path, flag: str) -> 
     return set(paths)
 
 
-def read_groups(file: Path, root: Path, sample_paths: list[Path], skipped: list[Skipped]) -> dict[Path, str]:
-    """path -> group from a CSV with columns path,group; rows of skipped files are ignored, rows of
-    files that are not in the dataset are an error."""
+def read_groups(
+    file: Path, root: Path, sample_paths: list[Path], skipped: list[Skipped], excluded: list[str] = ()
+) -> dict[Path, str]:
+    """path -> group from a CSV with columns path,group; rows of skipped or excluded files are
+    ignored, rows of files that are not in the dataset are an error."""
     import csv
 
     if not Path(file).is_file():
@@ -444,8 +446,9 @@ def read_groups(file: Path, root: Path, sample_paths: list[Path], skipped: list[
             raise DataError(
                 f"--groups {file} has columns {reader.fieldnames}", hint="the header must name the columns path,group"
             )
-        rows = {_resolve(row["path"], root): row["group"].strip() for row in reader if row.get("path")}
-    known = set(sample_paths) | {Path(s.path) for s in skipped}
+        rows = {_resolve(row["path"], root): (row.get("group") or "").strip() for row in reader if row.get("path")}
+    rows = {path: group for path, group in rows.items() if group}  # a blank group: its own group
+    known = set(sample_paths) | {Path(s.path) for s in skipped} | set(excluded)
     _known_paths(list(rows), known, file, "--groups")
     return rows
 

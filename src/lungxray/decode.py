@@ -62,13 +62,13 @@ def decode(data: bytes, img_size: int) -> np.ndarray:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             with Image.open(io.BytesIO(data)) as img:
-                if img.width * img.height > MAX_PIXELS:  # checked on the header, before any decoding
+                # JPEG only: decode at the smallest DCT scale >= img_size and in grayscale.
+                img.draft("L", (img_size, img_size))
+                if img.width * img.height > MAX_PIXELS:  # the size to decode (a JPEG's after draft), from its header
                     raise UnusableImage(
                         f"{img.width} x {img.height} pixels, more than the {MAX_PIXELS // 10**6} M an X-ray needs "
                         "(decoding it would take gigabytes); downscale it first"
                     )
-                # JPEG only: decode at the smallest DCT scale >= img_size and in grayscale.
-                img.draft("L", (img_size, img_size))
                 img = ImageOps.exif_transpose(img)
                 gray = _to_gray_uint8(img)
                 gray = gray.resize((img_size, img_size), Image.Resampling.BILINEAR)

@@ -138,7 +138,7 @@ def _thumbnail(path: str, size: int) -> str:
             img.thumbnail((size, size))
             buf = io.BytesIO()
             img.save(buf, format="PNG")
-    except (OSError, UnidentifiedImageError):
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError):
         return "<em>image not readable</em>"
     data = base64.b64encode(buf.getvalue()).decode()
     return f'<img alt="{html.escape(Path(path).name)}" src="data:image/png;base64,{data}">'

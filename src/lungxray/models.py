@@ -303,8 +303,11 @@ def check_hyperparameters(name: str, hp: dict) -> list[str]:
         numeric = limit is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit)
         if numeric and len(limit) == 2:
             low, high = limit
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-                problems.append(f"{key} = {value!r} is outside {low}..{high}")
+            kind = int if all(isinstance(v, int) for v in limit) else (int, float)  # layer sizes are whole
+            if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
+                problems.append(
+                    f"{key} = {value!r} is outside {low}..{high}" + (" or not whole" if kind is int else "")
+                )
         elif limit is not None and value not in limit:
             problems.append(f"{key} = {value!r} is not one of {', '.join(map(str, limit))}")
     return problems

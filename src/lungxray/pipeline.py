@@ -74,7 +74,7 @@ def fingerprint(data: Path, data_cfg: DataConfig, split_cfg: SplitConfig, model_
     """What a run folder is made from: the data, its preprocessing and selection, the split, the model."""
     import os
 
-    return jsonable({"data": os.path.abspath(data), "model": model_name, "img_size": data_cfg.img_size,
+    return jsonable({"data": os.path.realpath(data), "model": model_name, "img_size": data_cfg.img_size,
                      "groups": data_cfg.groups, "exclude": data_cfg.exclude, "split": asdict(split_cfg)})  # fmt: skip
 
 
@@ -88,11 +88,13 @@ def prepare(
 ) -> tuple[Dataset, Split]:
     """Scan and split; with ``out``, write scan.json and splits.json there, after checking that
     ``out`` was not made from other data, split or model (``runfolder.check_fingerprint``)."""
+    made_from = fingerprint(data, data_cfg, split_cfg, model_name)
     if out is not None:
-        runfolder.check_fingerprint(out, fingerprint(data, data_cfg, split_cfg, model_name))
+        runfolder.check_fingerprint(out, made_from)  # before the scan: fail fast
     ds = load_dataset(data, data_cfg, progress=progress)
     split = make_split(ds, split_cfg)
     if out is not None:
+        runfolder.record_fingerprint(out, made_from)
         runfolder.write_json(out, runfolder.SCAN, ds.summary())
         runfolder.write_json(out, runfolder.SPLITS, split.to_json(ds))
     return ds, split

@@ -226,7 +226,7 @@ def _gallery(model_dir: Path, predictions: dict, y: np.ndarray, probs: np.ndarra
     from PIL import Image
 
     from lungxray.bundle import Predictor
-    from lungxray.decode import decode
+    from lungxray.decode import decode, read_image_file
     from lungxray.errors import UnusableImage
     from lungxray.explain import overlay, saliency
 
@@ -240,7 +240,7 @@ def _gallery(model_dir: Path, predictions: dict, y: np.ndarray, probs: np.ndarra
     items, arrays, kept = [], [], []
     for i in wrong:  # an image moved or deleted since the run is left out, not a crash
         try:
-            arrays.append(decode(Path(predictions["images"][i]["path"]).read_bytes(), predictor.img_size_))
+            arrays.append(decode(read_image_file(Path(predictions["images"][i]["path"])), predictor.img_size_))
         except (OSError, UnusableImage):
             continue
         items.append(predictions["images"][i])

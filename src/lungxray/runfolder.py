@@ -140,67 +140,50 @@ FINGERPRINT = "fingerprint.json"  # what a run folder was made from: data, model
 @contextlib.contextmanager
 def writer_lock(folder: Path) -> Iterator[None]:
     """Hold ``folder`` for this process: a second lungxray writing the same folder is refused while
-    this one lives (a lock left by a process that died is taken over)."""
+    this one lives. The kernel's advisory lock (flock) is released when the process ends, however
+    it ends, so there is no stale lock to detect; the file keeps the holder's pid for the message."""
+    import fcntl
+
     from lungxray.errors import OutputExistsError
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / LOCK
-    for _ in range(2):
-        try:
-            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _lock_holder(lock)
-            if holder is not None:
-                raise OutputExistsError(
-                    f"{folder} is being written by another lungxray process (pid {holder})",
-                    hint="wait for it to finish, or choose another --out",
-                ) from None
-            lock.unlink(missing_ok=True)  # stale: its process is gone
-            continue
-        with os.fdopen(handle, "w") as f:
-            f.write(str(os.getpid()))
-        break
+    handle = os.open(folder / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
     try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(handle, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise OutputExistsError(
+                f"{folder} is being written by another lungxray process (pid {holder})",
+                hint="wait for it to finish, or choose another --out",
+            ) from None
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, str(os.getpid()).encode(), 0)
         yield
     finally:
-        lock.unlink(missing_ok=True)
-
-
-def _lock_holder(lock: Path) -> int | None:
-    """The pid in ``lock`` when that process still runs, else None."""
-    try:
-        pid = int(lock.read_text().strip() or 0)
-    except (OSError, ValueError):
-        return None
-    if pid <= 0 or pid == os.getpid():
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid  # alive, another user's
-    return pid
+        os.close(handle)  # releases the lock; the file stays (unlinking it would race a waiting writer)
 
 
 def check_fingerprint(folder: Path, fingerprint: dict) -> None:
-    """Record what the run folder is made from, or refuse a folder made from something else (a
-    study reused under another seed would put validation images of the old split in the new test
-    split), saying what differs."""
+    """Refuse a run folder made from something else (a study reused under another seed would put
+    validation images of the old split in the new test split), saying what differs. A folder with
+    no fingerprint yet passes; ``record_fingerprint`` writes it once the scan and split succeeded,
+    so a failed first attempt never blocks the corrected one."""
     from lungxray.errors import OutputExistsError
 
     known = read_json(folder, FINGERPRINT)
     if known is None:
-        write_json(folder, FINGERPRINT, fingerprint)
         return
-    differs = [
-        f"{key}: {known.get(key)!r} there, {value!r} now"
-        for key, value in fingerprint.items()
-        if known.get(key) != value
-    ]
+    differs = [f"{k}: {known.get(k)!r} there, {v!r} now" for k, v in fingerprint.items() if known.get(k) != v]
     if differs:
         raise OutputExistsError(
             f"{folder} holds a run made from other settings ({'; '.join(differs)})",
-            hint="choose another --out (its study, splits and model belong to those settings)",
+            hint=f"choose another --out (its study, splits and model belong to those settings), or delete {folder}",
         )
+
+
+def record_fingerprint(folder: Path, fingerprint: dict) -> None:
+    """Write what the run folder is made from (after ``check_fingerprint`` passed)."""
+    if read_json(folder, FINGERPRINT) is None:
+        write_json(folder, FINGERPRINT, fingerprint)

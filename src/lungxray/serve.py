@@ -81,19 +81,6 @@ def create_app(
         title="lungxray", summary="Chest X-ray classifier: predictions and where the model looked", lifespan=lifespan
     )
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["Referrer-Policy"] = "no-referrer"
-        if request.url.path == "/":  # the upload page: its own inline script and style, images it makes
-            response.headers["Content-Security-Policy"] = (
-                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-                "img-src data: blob:; connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
-            )
-        return response
-
     if allowed_hosts is not None:
         from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -108,6 +95,20 @@ def create_app(
                 status_code=413, content={"detail": f"upload larger than the {max_upload_bytes // (1 << 20)} MB limit"}
             )
         return await call_next(request)
+
+    # Added last, so outermost: the 400 of a foreign Host and the 413 carry the headers too.
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        if request.url.path == "/":  # the upload page: its own inline script and style, images it makes
+            response.headers["Content-Security-Policy"] = (
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                "img-src data: blob:; connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
+            )
+        return response
 
     @app.get("/health")
     async def health() -> dict:

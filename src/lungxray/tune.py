@@ -85,7 +85,7 @@ def open_study(
     # it is marked FAIL and its parameters are queued, so the next trial retries them.
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-        if trial.params:
+        if trial.params and "retry_of" not in trial.user_attrs:  # once: a trial that kills the process twice is left
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
     return study
 
