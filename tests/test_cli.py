@@ -472,3 +472,19 @@ def test_a_file_name_that_is_not_utf8_survives_a_whole_run(tmp_path, capsys):
     )
     assert (tmp_path / "run" / "run.json").is_file() and (tmp_path / "run" / "report.html").stat().st_size > 1000
     assert "scan-\\udcff\\udcfe.png" in (tmp_path / "run" / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_a_rerun_over_a_finished_study_gives_the_same_model(tmp_path):
+    """`make demo` twice: the second run resumes the finished study and retrains the best trial; on
+    the trial's thread layout, so the model is the same byte for byte."""
+    data = write_tree(tmp_path / "data", per_class=10)
+    args = ("run", data, "--out", tmp_path / "run", "--model mlp --img-size 16 --cache-dir", tmp_path / "c",
+            "--trials 2 --jobs 2 --epochs 3 --quiet --force")  # fmt: skip
+    assert cli(*args) == 0
+    first = (tmp_path / "run" / "model" / "model.safetensors").read_bytes()
+    assert cli(*args) == 0
+    assert (
+        json.loads((tmp_path / "run" / "run.json").read_text())["final_model"] == "best trial retrained (resumed study)"
+    )
+    assert (tmp_path / "run" / "model" / "model.safetensors").read_bytes() == first
