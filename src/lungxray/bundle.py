@@ -88,7 +88,7 @@ def save_bundle(
 
 
 def attach_metrics(folder: Path, metrics: dict) -> None:
-    """Add (or replace) metrics.json in a bundle and update its checksums, as one swap."""
+    """Add (or replace) metrics.json in a bundle and update its checksums, through a staging copy."""
     with restaged(folder) as staging:
         write_text(staging / METRICS, json.dumps(metrics, indent=2) + "\n")
 
@@ -96,8 +96,9 @@ def attach_metrics(folder: Path, metrics: dict) -> None:
 @contextlib.contextmanager
 def restaged(folder: Path) -> Iterator[Path]:
     """A staging copy of the bundle to change; when the block succeeds its checksums are rewritten
-    and it replaces the bundle in one rename, so a crash or a full disk half-way leaves the old
-    bundle whole (never an unlisted or half-written file that would refuse it)."""
+    and it replaces the bundle (the old one renamed aside, the new one renamed in, a moment apart),
+    so a crash or a full disk while writing leaves the old bundle whole, never an unlisted or
+    half-written file that would refuse it."""
     folder = Path(folder)
     staging = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
     shutil.copytree(folder, staging)
