@@ -488,3 +488,34 @@ def test_a_rerun_over_a_finished_study_gives_the_same_model(tmp_path):
         json.loads((tmp_path / "run" / "run.json").read_text())["final_model"] == "best trial retrained (resumed study)"
     )
     assert (tmp_path / "run" / "model" / "model.safetensors").read_bytes() == first
+
+
+def test_predict_takes_folders_and_a_run_folder_and_typos_get_a_suggestion(trained_run, tmp_path, capsys):
+    """Issue 13, item 6 (part): folders of images, a run folder where a bundle is expected, flag typos."""
+    data, out, _ = trained_run
+    assert cli("predict", out, data / "Normal", "--json") == 0  # RUN instead of RUN/model
+    results = json.loads(capsys.readouterr().out)
+    assert [r["path"] for r in results] == [str(p) for p in sorted((data / "Normal").glob("*.png"))]
+    with pytest.raises(SystemExit):
+        cli("run", data, "--out", tmp_path / "r", "--trails 4")
+    assert "--trails (did you mean --trials" in capsys.readouterr().err
+
+
+def test_help_imports_no_heavy_library_and_files_follow_the_umask(tmp_path):
+    """--help parses without torch, scikit-learn or Optuna (they took 3.6-5.4 s to import), and the
+    run folder's files get the user's umask (a temporary file from mkstemp would be 0600)."""
+    import os
+
+    heavy = "('torch', 'sklearn', 'optuna', 'monai', 'matplotlib')"
+    code = "import sys; from lungxray.cli import build_parser; build_parser(); "
+    code += f"print([m for m in {heavy} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    from lungxray.runfolder import write_json
+
+    umask = os.umask(0o022)
+    try:
+        path = write_json(tmp_path, "x.json", {"a": 1})
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -120,6 +120,14 @@ def write_checksums(folder: Path) -> None:
     write_text(Path(folder) / CHECKSUMS, json.dumps(sums, indent=2) + "\n")
 
 
+def bundle_folder(folder: Path) -> Path:
+    """``folder``, or its model/ when given a run folder (which holds the bundle there)."""
+    folder = Path(folder)
+    if not (folder / CHECKSUMS).is_file() and (folder / MODEL / CHECKSUMS).is_file():
+        return folder / MODEL
+    return folder
+
+
 def verify_bundle(folder: Path) -> dict:
     """Check every file against checksums.json; return the parsed config.json."""
     folder = Path(folder)
@@ -240,7 +248,7 @@ class Predictor:
     """
 
     def __init__(self, folder: Path, backend: str = "auto", threads: int = 0) -> None:
-        self.folder = Path(folder)
+        self.folder = bundle_folder(folder)
         self.config_ = verify_bundle(self.folder)
         self.checksums_: dict = json.loads((self.folder / CHECKSUMS).read_text())
         if backend not in ("auto", "torch", "onnx"):
@@ -352,7 +360,7 @@ def export_onnx(folder: Path, check_images: np.ndarray | None = None) -> tuple[P
     1e-4 or more is an error and leaves no model.onnx behind.
     """
 
-    folder = Path(folder)
+    folder = bundle_folder(folder)
     torch_predictor = Predictor(folder, backend="torch")
     size = torch_predictor.img_size_
     dummy = torch.zeros(1, 1, size, size)

@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="probabilities and a Grad-CAM (CNN) or gradient (MLP) overlay per image")
     _model_arg(p)
-    p.add_argument("images", metavar="IMAGE", type=Path, nargs="+", help="image files")
+    p.add_argument("images", metavar="IMAGE", type=Path, nargs="+", help="image files, or folders of them")
     p.add_argument("--out", type=Path, required=True, help="folder for the overlay PNGs and explain.json")
 
     p = sub.add_parser("audit", help="shortcut check: scores with the lungs hidden and with the borders hidden")
@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="class and probabilities for each image")
     _model_arg(p)
-    p.add_argument("images", metavar="IMAGE", type=Path, nargs="+", help="image files")
+    p.add_argument("images", metavar="IMAGE", type=Path, nargs="+", help="image files, or folders of them")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     return parser
 
@@ -495,9 +495,10 @@ def cmd_report(args) -> int:
 def cmd_explain(args) -> int:
     from lungxray import runfolder
     from lungxray.bundle import Predictor
+    from lungxray.decode import image_files
     from lungxray.explain import explain_files
 
-    results = explain_files(Predictor(args.model_dir), args.images, args.out)
+    results = explain_files(Predictor(args.model_dir), image_files(args.images), args.out)
     _print_predictions(results)
     print(f"written: {args.out / runfolder.EXPLAIN}")
     return 1 if any("error" in r for r in results) else 0
@@ -565,8 +566,9 @@ def cmd_serve(args) -> int:
 
 def cmd_predict(args) -> int:
     from lungxray.bundle import Predictor
+    from lungxray.decode import image_files
 
-    results = Predictor(args.model_dir).predict_files(args.images)
+    results = Predictor(args.model_dir).predict_files(image_files(args.images))
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -595,8 +597,25 @@ COMMANDS = {
 }
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse, and answer a mistyped flag with the flags it may have meant."""
+    import difflib
+
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        sub = parser._subparsers._group_actions[0].choices[args.command]  # the command's own parser
+        flags = [s for action in sub._actions for s in action.option_strings]
+        hints = []
+        for extra in extras:
+            close = difflib.get_close_matches(extra.split("=")[0], flags, n=2)
+            hints.append(f"{extra} (did you mean {' or '.join(close)}?)" if close else extra)
+        sub.error(f"unrecognized arguments: {' '.join(hints)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     warnings.showwarning = _one_line_warning
     for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints escaped, never crashes
         if hasattr(stream, "reconfigure"):

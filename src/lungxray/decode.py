@@ -52,6 +52,18 @@ def read_image_file(path: Path) -> bytes:
     return Path(path).read_bytes()
 
 
+def image_files(paths: list[Path]) -> list[Path]:
+    """``paths`` with every folder replaced by the files under it (sorted, hidden ones left out)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            inside = (p for p in path.rglob("*") if p.is_file())
+            files += sorted(p for p in inside if not any(x.startswith(".") for x in p.relative_to(path).parts))
+        else:
+            files.append(path)
+    return files
+
+
 def decode(data: bytes, img_size: int) -> np.ndarray:
     """Encoded bytes -> (img_size, img_size) uint8 grayscale; raises UnusableImage with a reason."""
     if not data:
