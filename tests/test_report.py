@@ -11,14 +11,25 @@ from conftest import CHROMIUM, CHROMIUM_FLAGS, browser_or_skip, cli, write_tree
 
 from lungxray.report import write_report
 
-RUN_SECTIONS = ["dataset", "search", "training", "metrics", "confusion", "roc", "calibration", "errors", "audit"]
+RUN_SECTIONS = [
+    "summary",
+    "dataset",
+    "search",
+    "training",
+    "metrics",
+    "confusion",
+    "roc",
+    "calibration",
+    "errors",
+    "audit",
+]
 
 
-def _open(path: Path, screenshot: Path) -> dict:
+def _open(path: Path, screenshot: Path, width: int = 1200) -> dict:
     sync_playwright = browser_or_skip()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page = browser.new_page(viewport={"width": width, "height": 900})
         errors = []
         page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
         page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -31,7 +42,9 @@ def _open(path: Path, screenshot: Path) -> dict:
             external: Array.from(document.querySelectorAll('[src],[href]'))
                 .map(e => e.getAttribute('src') || e.getAttribute('href'))
                 .filter(u => /^(https?:)?\\/\\//.test(u)).length,
-            text: document.body.innerText})""")
+            text: document.body.innerText,
+            overflow: document.documentElement.scrollWidth - window.innerWidth,
+            alts: Array.from(document.images).map(i => i.alt)})""")
         page.screenshot(path=str(screenshot), full_page=True)
         browser.close()
     return {**found, "errors": errors}
@@ -56,6 +69,19 @@ def test_run_report_in_chromium_has_every_section_and_no_broken_image(trained_ru
 
 
 @pytest.mark.browser
+@pytest.mark.parametrize("width", [390, 1366])
+def test_the_report_opens_with_a_summary_and_reads_on_a_phone(trained_run, width):
+    """Issue 13, item 2 (part): summary first, alt text per figure, no horizontal scrolling."""
+    from lungxray import __version__
+
+    page = _open(trained_run[1] / "report.html", trained_run[1] / f"report-{width}.png", width)
+    assert page["sections"][0] == "summary" and page["overflow"] <= 0
+    assert f"lungxray\t{__version__}" in page["text"] and "model\tcnn" in page["text"]
+    assert "test the model on data from another hospital" in page["text"]
+    assert page["alts"] and all(alt and alt != "plot" for alt in page["alts"])
+
+
+@pytest.mark.browser
 def test_report_command_rewrites_the_report_and_cv_gets_one(trained_run, tmp_path):
     tiny_run = trained_run[1]
     (tiny_run / "report.html").unlink()
@@ -76,7 +102,7 @@ def test_report_command_rewrites_the_report_and_cv_gets_one(trained_run, tmp_pat
         == 0
     )
     page = _open(out / "report.html", tmp_path / "cv.png")
-    assert page["sections"] == ["dataset", "folds", "metrics", "confusion", "roc", "calibration"]
+    assert page["sections"] == ["summary", "dataset", "folds", "metrics", "confusion", "roc", "calibration"]
     assert page["broken"] == 0 and page["errors"] == []
     with pytest.raises(FileNotFoundError, match="no metrics.json or cv.json"):
         write_report(tmp_path / "data")

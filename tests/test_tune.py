@@ -29,6 +29,17 @@ def _count(db, states: str = "'COMPLETE', 'PRUNED'") -> int:
         return 0  # no database or no tables yet
 
 
+def _running_with_an_epoch(db) -> int:
+    """RUNNING trials that have reported at least one epoch, read as ``_count`` does."""
+    query = ("SELECT COUNT(DISTINCT t.trial_id) FROM trials t JOIN trial_intermediate_values v "
+             "ON v.trial_id = t.trial_id WHERE t.state = 'RUNNING'")  # fmt: skip
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            return conn.execute(query).fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
 def _finished(storage):
     study = optuna.load_study(study_name="lungxray", storage=storage)
     return {t.number: (t.value, t.params) for t in study.get_trials(states=FINISHED)}, study
@@ -62,11 +73,12 @@ def test_killed_study_resumes_and_keeps_finished_trials(flat_tree, tmp_path):
     ]
     proc = subprocess.Popen([*cmd, "--trials", "200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    # killed mid-trial: two finished, and the third one running (its parameters stored)
+    # killed mid-trial: two finished, and the third one running, an epoch into its 40 (so it is not
+    # about to finish between the check and the kill)
     while (
         time.monotonic() < deadline
         and proc.poll() is None
-        and (_count(out / "study.db") < 2 or _count(out / "study.db", "'RUNNING'") < 1)
+        and (_count(out / "study.db") < 2 or _running_with_an_epoch(out / "study.db") < 1)
     ):
         time.sleep(0.3)
     assert proc.poll() is None, f"tune ended before it could be killed: {proc.communicate()}"

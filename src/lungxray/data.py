@@ -330,7 +330,7 @@ def load_dataset(root: Path, cfg: DataConfig | None = None, *, progress: bool = 
     are found. Unusable files are listed in ``Dataset.skipped`` with their reason.
     """
     cfg = cfg or DataConfig()
-    root = Path(root)
+    root = Path(os.path.abspath(root))  # absolute: scan.json and the report stay valid from any folder
     layout, files, skipped = discover(root, same_classes=min_classes > 1)
     excluded = []
     if cfg.exclude is not None:

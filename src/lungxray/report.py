@@ -26,22 +26,22 @@ from lungxray.evaluate import ECE_BINS, confusion_figure, curves_figure, expecte
 GALLERY_SIZE = 8
 
 
-def _png(fig) -> str:
-    """A matplotlib figure as an <img> with the PNG inline."""
+def _png(fig, alt: str) -> str:
+    """A matplotlib figure as an <img> with the PNG inline and ``alt`` saying what it shows."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
 def _table(header: list[str], rows: list[list]) -> str:
     cell = lambda v: f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))  # noqa: E731
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _section(anchor: str, title: str, body: str) -> str:
@@ -54,7 +54,8 @@ def _dataset(scan: dict, parts: dict | None) -> str:
     body += _table(["class", "images"], rows)
     if parts:
         body += "<h3>Splits</h3>" + _table(["part", "images"], [[k, v] for k, v in parts.items()])
-    skipped = [[s["path"], s["reason"]] for s in scan["skipped"]]
+    rel = lambda p: _relative(p, scan["root"])  # noqa: E731
+    skipped = [[rel(s["path"]), s["reason"]] for s in scan["skipped"]]
     body += f"<h3>Skipped files ({len(skipped)})</h3>" + (
         _table(["file", "reason"], skipped) if skipped else "<p>None.</p>"
     )
@@ -63,11 +64,11 @@ def _dataset(scan: dict, parts: dict | None) -> str:
         body += (
             f'<p class="warning"><strong>{len(mixed)} duplicate group(s) whose copies carry different labels: '
             "at least one label in each is wrong.</strong></p>"
-            + _table(["copies (label)"], [[" == ".join(f"{m['path']} ({m['label']})" for m in g)] for g in mixed])
+            + _table(["copies (label)"], [[" == ".join(f"{rel(m['path'])} ({m['label']})" for m in g)] for g in mixed])
         )
     if scan.get("excluded"):
         body += f"<p>{len(scan['excluded'])} image(s) left out by --exclude.</p>"
-    groups = [[len(g), " == ".join(Path(p).name for p in g)] for g in scan["duplicate_groups"]]
+    groups = [[len(g), " == ".join(rel(p) for p in g)] for g in scan["duplicate_groups"]]
     body += f"<h3>Duplicate groups ({len(groups)}), each kept in one split</h3>"
     return body + (_table(["images", "files"], groups) if groups else "<p>None found.</p>")
 
@@ -100,11 +101,13 @@ def _search(trials: list[dict], best: dict | None) -> str:
         for t in trials
     ]
     text = f"<p>Best parameters: <code>{html.escape(json.dumps(best['params']))}</code></p>" if best else ""
-    return text + _png(fig) + _table(["trial", "state", "value", "run"] + keys, rows)
+    alt = "each trial's validation figure and the best so far, by trial number"
+    return text + _png(fig, alt) + _table(["trial", "state", "value", "run"] + keys, rows)
 
 
 def _curves(history: dict) -> str:
-    return _png(curves_figure(history, history["best_epoch"]))
+    alt = f"training and validation loss and accuracy per epoch; the kept epoch, {history['best_epoch']}, marked"
+    return _png(curves_figure(history, history["best_epoch"]), alt)
 
 
 def _metrics(metrics: dict) -> str:
@@ -146,7 +149,8 @@ def _metrics(metrics: dict) -> str:
 
 
 def _confusion(metrics: dict) -> str:
-    return _png(confusion_figure(metrics, normalised=True))
+    alt = f"confusion matrix of {', '.join(metrics['classes'])}: counts, and shares of each true class"
+    return _png(confusion_figure(metrics, normalised=True), alt)
 
 
 def _roc(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> str:
@@ -158,9 +162,11 @@ def _roc(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> str:
         if 0 < (y == i).sum() < len(y):
             RocCurveDisplay.from_predictions(y == i, probs[:, i], name=name, ax=ax)
     ax.plot([0, 1], [0, 1], "k:", label="chance")
-    ax.set_title("one-vs-rest ROC")
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    ax.set_title("one-vs-rest ROC: each class against the others")
     ax.legend(loc="lower right")
-    return _png(fig)
+    return _png(fig, f"ROC curves, one per class ({', '.join(classes)}) against the others")
 
 
 def _seen(seen: dict) -> str:
@@ -218,7 +224,8 @@ def _calibration(y: np.ndarray, probs: np.ndarray, raw: np.ndarray | None, tempe
     ax.set_ylabel("accuracy")
     ax.set_title("reliability diagram")
     ax.legend(loc="upper left", fontsize=8)
-    return _png(fig) + _table(["probabilities", f"expected calibration error ({ECE_BINS} bins)"], rows)
+    alt = "reliability diagram: accuracy against confidence, before and after temperature scaling"
+    return _png(fig, alt) + _table(["probabilities", f"expected calibration error ({ECE_BINS} bins)"], rows)
 
 
 def _gallery(model_dir: Path, predictions: dict, y: np.ndarray, probs: np.ndarray) -> str:
@@ -256,7 +263,8 @@ def _gallery(model_dir: Path, predictions: dict, y: np.ndarray, probs: np.ndarra
         guess = predictions["classes"][int(probs[i].argmax())]
         cards.append(
             f'<figure><img alt="overlay" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
-            f"<figcaption>{html.escape(Path(it['path']).name)}<br>true {html.escape(it['label'])}, "
+            f"<figcaption>{html.escape(str(Path(Path(it['path']).parent.name) / Path(it['path']).name))}<br>"
+            f"true {html.escape(it['label'])}, "
             f"predicted {html.escape(guess)} ({probs[i].max():.2f})</figcaption></figure>"
         )
     intro = f"<p>{len(cards)} most confident errors; colour shows where the model looked.</p>"
@@ -277,10 +285,16 @@ def _audit(audit: dict) -> str:
     return (
         _table(["images", "accuracy", "macro-F1", "accuracy 95% CI"], rows)
         + f"<p><strong>{html.escape(audit['verdict'])}</strong></p>"
+        + "<p>What it can rule out: a model that tells the classes apart from markers, text or borders alone "
+        "stays above chance with the lungs hidden, and this check catches it. What it cannot: a source "
+        "difference inside the lung field itself (children's against adults' chests, one scanner's "
+        "contrast against another's) survives the mask, so falling to chance here does not show that the "
+        "model reads the disease. Only data from another hospital can.</p>"
     )
 
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+.scroll{overflow-x:auto;max-width:100%}.summary td:first-child{font-weight:600}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
 td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 th{background:#f2f2f2}section{margin-bottom:2.2em}img{max-width:100%}.gallery{display:flex;flex-wrap:wrap;gap:1em}
@@ -322,6 +336,58 @@ def _cv_table(cv: dict) -> str:
         "<p>One cross-validation is one draw: the training seed alone moves these figures.</p>"
         + _table(["metric", "mean over folds: mean +- std over seeds", "pooled: mean +- std over seeds"], rows)
     )
+
+
+CAVEAT = (
+    "Research use only. On public chest X-ray sets the classes often come from different hospitals and "
+    "patients (in the shared dataset the normal and viral pneumonia films are children's, the COVID-19 "
+    "films adults'), so a model can score well by recognising the source rather than the disease. These "
+    "figures hold for images like these; test the model on data from another hospital before trusting it."
+)
+
+
+def _relative(path: str, root: str | None) -> str:
+    """``path`` relative to the data folder ``root`` when it lies inside it."""
+    import os
+
+    if root:
+        try:
+            rel = os.path.relpath(path, root)
+            if not rel.startswith(".."):
+                return rel
+        except ValueError:
+            pass
+    return str(path)
+
+
+def _summary(folder: Path, model_dir: Path, found: dict, metrics: dict, cv: dict | None) -> str:
+    """What the page is about, first: model, version, date, data, seed, headline figures with CIs, caveat."""
+    import datetime
+
+    from lungxray import __version__
+
+    run = runfolder.read_json(folder, runfolder.RUN) or {}
+    config = runfolder.read_json(model_dir, "config.json") if (model_dir / CHECKSUMS).is_file() else None
+    model = (cv or {}).get("model") or run.get("model") or ((config or {}).get("model") or {}).get("name", "n/a")
+    data = (cv or {}).get("data") or run.get("data") or (found["scan"] or {}).get("root", "n/a")
+    seed = (cv or {}).get("seed", run.get("seed", "n/a"))
+    ci = metrics.get("ci95") or {}
+    figure = lambda k: "n/a" if metrics.get(k) is None else (  # noqa: E731
+        f"{metrics[k]:.4f}" + (f" (95% CI {ci[k][0]:.4f}-{ci[k][1]:.4f})" if ci.get(k) else ""))  # fmt: skip
+    rows = [
+        ["model", model],
+        ["lungxray", __version__],
+        ["report written", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")],
+        ["data", data],
+        ["seed", seed],
+        ["images scored", metrics.get("n", "n/a")],
+        ["accuracy", figure("accuracy")],
+        ["macro-F1", figure("macro_f1")],
+        ["macro AUROC", figure("macro_auroc")],
+    ]
+    kind = "pooled out-of-fold predictions of a cross-validation" if cv else "held-out or evaluated images"
+    return (f'<section id="summary" class="summary"><p>Figures on the {kind}.</p>'
+            + _table(["", "value"], rows) + f'<p class="warning">{html.escape(CAVEAT)}</p></section>')  # fmt: skip
 
 
 def write_report(folder: Path, model_dir: Path | None = None) -> Path:
@@ -388,9 +454,11 @@ def write_report(folder: Path, model_dir: Path | None = None) -> Path:
         sections.append(_section("audit", "Shortcut audit", _audit(found["audit"])))
     seen = _seen(metrics["seen_images"]) if metrics.get("seen_images") else ""
     title = f"lungxray report: {folder.name}"
+    summary = _summary(folder, model_dir, found, metrics, cv)
     page = (
-        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title>'
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-        f"<p>Research use only: see the README on reading these numbers.</p>{seen}{''.join(sections)}</body></html>"
+        f"{summary}{seen}{''.join(sections)}</body></html>"
     )
     return runfolder.write_text(folder / runfolder.REPORT, page)
