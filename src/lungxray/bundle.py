@@ -342,6 +342,15 @@ class Predictor:
             "probabilities": {c: float(v) for c, v in zip(self.classes_, probs, strict=True)},
         }
 
+    def predict(self, images) -> list[dict] | np.ndarray:
+        """Image files (paths, str or Path, or folders of them) -> one dict per file, as
+        ``predict_files``; a (N, H, W) uint8 array of preprocessed images -> (N, C) probabilities."""
+        if isinstance(images, np.ndarray):
+            return self.predict_arrays(images)
+        from lungxray.decode import image_files
+
+        return self.predict_files(image_files([images] if isinstance(images, (str, Path)) else list(images)))
+
     def predict_files(self, paths: list[Path]) -> list[dict]:
         """One dict per path: ``{"path", "class", "probabilities"}`` or ``{"path", "error"}``."""
         results, images = self.decode_files(paths)

@@ -1,0 +1,35 @@
+"""The README's Python example runs as written (on the shared dataset), and the API's options are
+the settings' field names."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import lungxray
+from lungxray.errors import ConfigError
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.mark.slow
+def test_the_readme_python_example_runs(shared_data, tmp_path, capsys, monkeypatch):
+    code = re.search(r"## Python API.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    code = code.replace("../shared/data/covid19-image-dataset", str(shared_data))
+    monkeypatch.chdir(tmp_path)  # runs/api and runs/api-cv land here
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 5 and printed[1].endswith("}")  # best params, accuracy and CI; 3 predictions; cv
+    assert (tmp_path / "runs" / "api" / "model" / "checksums.json").is_file()
+    assert (tmp_path / "runs" / "api-cv" / "cv.json").is_file()
+
+
+def test_options_are_field_names_and_a_typo_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="unknown option\\(s\\) trails") as info:
+        lungxray.run(tmp_path, tmp_path / "out", trails=4)
+    assert "trials" in info.value.hint
+    configs = lungxray._configs({"trials": 3, "seed": 5, "rotation": 9.0, "img_size": 64, "epochs": 2})
+    assert configs["tune"].trials == 3 and configs["split"].seed == configs["train"].seed == 5
+    assert configs["train"].augment.rotation == 9.0 and configs["data"].img_size == 64
