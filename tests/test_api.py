@@ -3,6 +3,7 @@ the settings' field names."""
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -33,3 +34,28 @@ def test_options_are_field_names_and_a_typo_is_refused(tmp_path):
     configs = lungxray._configs({"trials": 3, "seed": 5, "rotation": 9.0, "img_size": 64, "epochs": 2})
     assert configs["tune"].trials == 3 and configs["split"].seed == configs["train"].seed == 5
     assert configs["train"].augment.rotation == 9.0 and configs["data"].img_size == 64
+
+
+def test_the_readme_onnx_example_runs_with_onnxruntime_alone(trained_run, tmp_path, capsys):
+    """The exported graph carries classes, preprocessing and temperature; the README's snippet
+    classifies an image with ONNX Runtime, NumPy and Pillow only."""
+    import json
+    import shutil
+
+    from lungxray.bundle import Predictor, export_onnx
+
+    data, out, _ = trained_run
+    bundle = tmp_path / "model"
+    shutil.copytree(out / "model", bundle)
+    export_onnx(bundle)
+    image = sorted((data / "Normal").glob("*.png"))[0]
+    code = re.search(r"### ONNX Runtime alone.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    code = code.replace("runs/demo/model/model.onnx", str(bundle / "model.onnx"))
+    code = code.replace("../shared/data/covid19-image-dataset/test/Normal/0101.jpeg", str(image))
+    exec(compile(code, "README.md", "exec"), {})
+    printed = ast.literal_eval(capsys.readouterr().out.strip())  # the dict the example prints
+    predictor = Predictor(bundle, backend="torch")
+    assert list(printed) == predictor.classes_ and abs(sum(printed.values()) - 1) < 0.01
+    expected = predictor.predict([image])[0]["probabilities"]
+    assert max(abs(printed[c] - expected[c]) for c in printed) < 0.05  # PNG: the same pixels, rounding apart
+    assert json.loads(json.dumps(printed))  # plain floats

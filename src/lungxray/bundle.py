@@ -380,6 +380,25 @@ def export_onnx(folder: Path, check_images: np.ndarray | None = None) -> tuple[P
     return folder / ONNX, gap
 
 
+def _add_metadata(path: Path, predictor: Predictor) -> None:
+    """What ONNX Runtime alone needs to use the graph: class names, preprocessing, temperature."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    for key, value in (
+        ("lungxray.classes", json.dumps(predictor.classes_)),
+        ("lungxray.preprocessing", json.dumps(predictor.config_["preprocessing"])),
+        ("lungxray.temperature", repr(predictor.temperature_)),
+        (
+            "lungxray.input",
+            "image: (N, 1, H, W) float32 grayscale in [0, 1]; output logits: divide by the temperature, softmax",
+        ),
+    ):
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(graph, str(path))
+
+
 def _export_into(torch_predictor: Predictor, staging: Path, dummy: torch.Tensor, check_images: np.ndarray) -> float:
     """Write model.onnx into ``staging`` and return its largest probability gap to PyTorch's."""
     import warnings
@@ -399,6 +418,7 @@ def _export_into(torch_predictor: Predictor, staging: Path, dummy: torch.Tensor,
             opset_version=17,
             dynamo=False,
         )
+    _add_metadata(staging / ONNX, torch_predictor)
     write_checksums(staging)
     onnx_probs = Predictor(staging, backend="onnx").predict_arrays(check_images)
     gap = float(np.abs(onnx_probs - torch_predictor.predict_arrays(check_images)).max())
