@@ -130,6 +130,11 @@ def bundle_folder(folder: Path) -> Path:
 
 def verify_bundle(folder: Path) -> dict:
     """Check every file against checksums.json; return the parsed config.json."""
+    return _verify(folder)[0]
+
+
+def _verify(folder: Path) -> tuple[dict, dict[str, str]]:
+    """``verify_bundle``, also returning the manifest it checked (read once)."""
     folder = Path(folder)
     if not (folder / CHECKSUMS).is_file():
         inside = folder / MODEL
@@ -154,7 +159,7 @@ def verify_bundle(folder: Path) -> dict:
     except ValueError as exc:
         raise BundleError(f"{folder / CONFIG} is not valid JSON: {exc}") from None
     validate_config(config, folder)
-    return config
+    return config, sums
 
 
 def _read_manifest(folder: Path) -> dict[str, str]:
@@ -249,8 +254,7 @@ class Predictor:
 
     def __init__(self, folder: Path, backend: str = "auto", threads: int = 0) -> None:
         self.folder = bundle_folder(folder)
-        self.config_ = verify_bundle(self.folder)
-        self.checksums_: dict = json.loads((self.folder / CHECKSUMS).read_text())
+        self.config_, self.checksums_ = _verify(self.folder)
         if backend not in ("auto", "torch", "onnx"):
             raise ValueError(f"backend must be auto, torch or onnx, got {backend!r}")
         if backend == "onnx" and not (self.folder / ONNX).is_file():

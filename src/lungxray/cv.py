@@ -8,7 +8,6 @@ out-of-fold probabilities), folds.json, scan.json and the report into the output
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -23,7 +22,7 @@ from lungxray.errors import ParamsError
 from lungxray.evaluate import compute_metrics, confusion_figure, save_figure
 from lungxray.infer import predict_logits, set_threads
 from lungxray.models import get_spec
-from lungxray.pipeline import Clock, jsonable, settings, tensors
+from lungxray.pipeline import Clock, fingerprint, jsonable, settings, tensors
 from lungxray.splits import Split, make_folds
 from lungxray.train import FitResult, fit
 
@@ -119,9 +118,7 @@ def _cross_validate(data, out, model_name, data_cfg, train_cfg, folds, repeats, 
     from tqdm.auto import tqdm
 
     trial_cfg, train_cfg, tune_cfg = settings(model_name, train_cfg, tune_cfg)  # before the scan
-    made_from = {"data": os.path.realpath(data), "model": model_name, "img_size": data_cfg.img_size,
-                 "groups": jsonable(data_cfg.groups), "exclude": jsonable(data_cfg.exclude), "folds": folds,
-                 "seed": train_cfg.seed}  # fmt: skip
+    made_from = fingerprint(data, data_cfg, model_name, folds=folds, seed=train_cfg.seed)
     runfolder.check_fingerprint(out, made_from)  # its studies (--tune) belong to these folds
     set_threads(train_cfg.threads)
     seed = train_cfg.seed

@@ -51,21 +51,24 @@ def find_label_issues(labels: np.ndarray, probs: np.ndarray) -> LabelIssues:
     counted = confident >= 0
     np.add.at(joint, (labels[counted], confident[counted]), 1)
     issues = np.flatnonzero(counted & (confident != labels))
-    others = probs.copy()
-    others[np.arange(n), labels] = -np.inf
-    margin = probs[np.arange(n), labels] - others.max(axis=1)  # (N,) normalised margin
+    margin, _ = _margins(labels, probs)
     order = issues[np.argsort(margin[issues], kind="stable")]
     return LabelIssues(order, confident[order], margin[order], thresholds, joint)
+
+
+def _margins(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(normalised margin (N,): p(given) - max p(other), the most probable other class (N,))."""
+    others = probs.copy()
+    others[np.arange(len(labels)), labels] = -np.inf
+    return probs[np.arange(len(labels)), labels] - others.max(axis=1), others.argmax(axis=1)
 
 
 def rank_suspects(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every image ranked by normalised margin, most suspect first: (order (N,), margin (N,) in that
     order, the most probable other class (N,) in that order)."""
-    others = probs.copy()
-    others[np.arange(len(labels)), labels] = -np.inf
-    margin = probs[np.arange(len(labels)), labels] - others.max(axis=1)
+    margin, other = _margins(labels, probs)
     order = np.argsort(margin, kind="stable")
-    return order, margin[order], others.argmax(axis=1)[order]
+    return order, margin[order], other[order]
 
 
 def read_out_of_fold(cv_dirs: list[Path]) -> tuple[list[dict], list[str], np.ndarray]:

@@ -70,12 +70,13 @@ def settings(
     return trial_cfg, final_cfg, tune_cfg
 
 
-def fingerprint(data: Path, data_cfg: DataConfig, split_cfg: SplitConfig, model_name: str | None) -> dict:
-    """What a run folder is made from: the data, its preprocessing and selection, the split, the model."""
+def fingerprint(data: Path, data_cfg: DataConfig, model_name: str | None, **parts) -> dict:
+    """What a run or cv folder is made from: the data, its preprocessing and selection, the model,
+    and ``parts`` (the split of a run; the folds and seed of a cv)."""
     import os
 
     return jsonable({"data": os.path.realpath(data), "model": model_name, "img_size": data_cfg.img_size,
-                     "groups": data_cfg.groups, "exclude": data_cfg.exclude, "split": asdict(split_cfg)})  # fmt: skip
+                     "groups": data_cfg.groups, "exclude": data_cfg.exclude, **parts})  # fmt: skip
 
 
 def prepare(
@@ -88,7 +89,7 @@ def prepare(
 ) -> tuple[Dataset, Split]:
     """Scan and split; with ``out``, write scan.json and splits.json there, after checking that
     ``out`` was not made from other data, split or model (``runfolder.check_fingerprint``)."""
-    made_from = fingerprint(data, data_cfg, split_cfg, model_name)
+    made_from = fingerprint(data, data_cfg, model_name, split=asdict(split_cfg))
     if out is not None:
         runfolder.check_fingerprint(out, made_from)  # before the scan: fail fast
     ds = load_dataset(data, data_cfg, progress=progress)

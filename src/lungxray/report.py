@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lungxray import runfolder
-from lungxray.bundle import CHECKSUMS
+from lungxray.bundle import CHECKSUMS, CONFIG
 from lungxray.errors import MissingInputError
 from lungxray.evaluate import ECE_BINS, confusion_figure, curves_figure, expected_calibration_error, reliability_bins
 
@@ -367,7 +367,7 @@ def _summary(folder: Path, model_dir: Path, found: dict, metrics: dict, cv: dict
     from lungxray import __version__
 
     run = runfolder.read_json(folder, runfolder.RUN) or {}
-    config = runfolder.read_json(model_dir, "config.json") if (model_dir / CHECKSUMS).is_file() else None
+    config = runfolder.read_json(model_dir, CONFIG) if (model_dir / CHECKSUMS).is_file() else None
     model = (cv or {}).get("model") or run.get("model") or ((config or {}).get("model") or {}).get("name", "n/a")
     data = (cv or {}).get("data") or run.get("data") or (found["scan"] or {}).get("root", "n/a")
     seed = (cv or {}).get("seed", run.get("seed", "n/a"))

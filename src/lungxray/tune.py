@@ -49,9 +49,7 @@ def make_pruner(cfg: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(
-    cfg: TuneConfig, storage: str, seed: int, direction: str, epochs: int, model_name: str = "mlp"
-) -> optuna.Study:
+def open_study(cfg: TuneConfig, storage: str, seed: int, direction: str, epochs: int, model_name: str) -> optuna.Study:
     """Create the study, or load it to resume; trials a killed process left RUNNING become FAIL.
     A study made for another model is refused (its search space would not fit)."""
     study = optuna.create_study(
