@@ -1,4 +1,5 @@
-"""Training-batch augmentation: small random rotation, shift, zoom, brightness and contrast.
+"""Training-batch augmentation: small random rotation, shift, zoom, brightness and contrast, and
+(``--scanner-augment``) the look of other scanners: gamma, blur or sharpening, noise, quantisation.
 
 Parameters are drawn per image from the caller's ``torch.Generator`` (so trials trained side by
 side in threads stay reproducible from their seed); the warp of the whole batch is MONAI's
@@ -49,6 +50,11 @@ class BatchAugment:
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.geometry(x) if self.cfg.enabled is not False else x  # off only with scanner alone
+        return self.scanner(out) if self.cfg.scanner else out
+
+    def geometry(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotation, shift, zoom, brightness and contrast."""
         n = len(x)
         out = self._warp(x, self.theta(n).to(x.device, x.dtype))  # (B, 1, H, W)
         # Brightness and contrast are two tensor operations; a library transform would loop per image.
@@ -56,3 +62,27 @@ class BatchAugment:
         brightness = self._uniform(n, self.cfg.brightness).view(n, 1, 1, 1).to(x.device, x.dtype)
         mean = out.mean(dim=(1, 2, 3), keepdim=True)
         return ((out - mean) * contrast + mean + brightness).clamp_(0.0, 1.0)
+
+    def scanner(self, x: torch.Tensor) -> torch.Tensor:
+        """Another scanner's or encoder's look, drawn per image: gamma in [0.7, 1.4] (log-uniform),
+        blur (up to a 3x3 Gaussian) or sharpening (as much the other way), Gaussian noise with a
+        standard deviation up to 0.03, then quantisation to 16..256 grey levels.
+
+        Written as batch tensor operations because MONAI's per-image transforms would loop over
+        the batch in Python and draw from the global random state, not the trial's generator."""
+        n = len(x)
+
+        def per_image(values: torch.Tensor) -> torch.Tensor:
+            return values.view(n, 1, 1, 1).to(x.device, x.dtype)
+
+        gamma = per_image(torch.exp(self._uniform(n, 1.0) * 0.5 * math.log(2.0)).clamp(0.7, 1.4))
+        out = x.clamp(0.0, 1.0) ** gamma
+        kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], device=x.device, dtype=x.dtype) / 16
+        blurred = torch.nn.functional.conv2d(
+            torch.nn.functional.pad(out, (1, 1, 1, 1), mode="replicate"), kernel.view(1, 1, 3, 3)
+        )
+        out = out + per_image(self._uniform(n, 1.0)) * (blurred - out)  # > 0 blurs, < 0 sharpens
+        noise = torch.randn(x.shape, generator=self.generator).to(x.device, x.dtype)
+        out = out + noise * per_image(torch.rand(n, generator=self.generator) * 0.03)
+        levels = per_image(torch.randint(16, 257, (n,), generator=self.generator).float()) - 1
+        return (torch.round(out.clamp(0.0, 1.0) * levels) / levels).clamp_(0.0, 1.0)

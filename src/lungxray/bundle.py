@@ -22,10 +22,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lungxray import __version__
+from lungxray.config import EQUALIZE
 from lungxray.decode import decode, read_image_file
 from lungxray.errors import BundleError, OutputExistsError, UnusableImage
 from lungxray.infer import predict_logits, to_tensor
 from lungxray.models import create_model
+from lungxray.ood import METHOD, THUMB, OODScore, fields
 from lungxray.runfolder import MODEL, write_text
 
 FORMAT = "lungxray-bundle"
@@ -36,6 +38,7 @@ CONFIG = "config.json"
 METRICS = "metrics.json"  # the test metrics of the run that trained it, when it had a test split
 CHECKSUMS = "checksums.json"
 SEEN = "seen.json"  # SHA-256 of the files the model was trained and validated on
+OOD = "ood.safetensors"  # the out-of-distribution score's fitted tensors (lungxray.ood)
 
 
 def _sha256(path: Path) -> str:
@@ -49,12 +52,15 @@ def save_bundle(
     metrics: dict | None = None,
     *,
     seen: dict[str, list[str]] | None = None,
+    ood: OODScore | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write the bundle to ``folder``; an existing non-empty folder needs ``overwrite=True``.
 
     ``seen``: the SHA-256 of every file's bytes by part (``{"train": [...], "val": [...]}``), so that
-    evaluation anywhere recognises the images the model has already seen, whatever their path."""
+    evaluation anywhere recognises the images the model has already seen, whatever their path.
+    ``ood``: the fitted out-of-distribution score (its tensors in ood.safetensors, its threshold
+    and method in config.json's "ood")."""
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise OutputExistsError(
@@ -69,6 +75,11 @@ def save_bundle(
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, staging / WEIGHTS, metadata={"format": FORMAT})
         config = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__, **config}
+        if ood is not None:
+            from safetensors.numpy import save_file as save_arrays
+
+            save_arrays(ood.tensors(), str(staging / OOD), metadata={"format": FORMAT, "method": ood.info["method"]})
+            config["ood"] = ood.info
         write_text(staging / CONFIG, json.dumps(config, indent=2, default=str) + "\n")
         if seen is not None:
             write_text(staging / SEEN, json.dumps({part: sorted(set(h)) for part, h in seen.items()}) + "\n")
@@ -208,7 +219,10 @@ def validate_config(config: dict, folder: Path) -> None:
         raise bad("classes must be a list of 2 to 1000 distinct names")
     if not all(isinstance(c, str) and c for c in classes):
         raise bad("every class name must be a non-empty string")
-    size = (config.get("preprocessing") or {}).get("img_size")
+    prep = config.get("preprocessing") or {}
+    if prep.get("equalize", "none") not in EQUALIZE or prep.get("crop_borders", False) not in (True, False):
+        raise bad(f"preprocessing.equalize must be one of {', '.join(EQUALIZE)} and crop_borders true or false")
+    size = prep.get("img_size")
     if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 1024:
         raise bad(f"preprocessing.img_size must be a whole number in 8..1024, got {size!r}")
     model = config.get("model")
@@ -224,6 +238,13 @@ def validate_config(config: dict, folder: Path) -> None:
     if problems:
         raise bad("model.hyperparameters: " + "; ".join(problems))
     _check_size(model, len(classes), size, bad)
+    ood = config.get("ood")
+    if ood is not None:
+        threshold = ood.get("threshold") if isinstance(ood, dict) else None
+        if not isinstance(ood, dict) or ood.get("method") != METHOD:
+            raise bad(f"ood must be an object with method {METHOD!r}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < float("inf"):
+            raise bad(f"ood.threshold must be a finite number above 0, got {threshold!r}")
     temperature = config.get("calibration", {}).get("temperature", 1.0)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
         raise bad(f"calibration.temperature must be a finite number above 0, got {temperature!r}")
@@ -276,7 +297,13 @@ class Predictor:
                     hint=f"run `lungxray export {self.folder} --onnx` again, or pass --backend torch",
                 ) from None
         self.classes_: list[str] = self.config_["classes"]
-        self.img_size_: int = self.config_["preprocessing"]["img_size"]
+        prep = self.config_["preprocessing"]
+        self.img_size_: int = prep["img_size"]
+        # The preprocessing options as DataConfig fields (absent in bundles made before they existed: off).
+        self.data_options_: dict = {
+            "crop_borders": prep.get("crop_borders", False),
+            "equalize": prep.get("equalize", "none"),
+        }
         model_cfg = self.config_["model"]
         self.model_ = create_model(
             model_cfg["name"],
@@ -302,6 +329,32 @@ class Predictor:
         self.seen_: frozenset[str] = frozenset(h for hashes in seen.values() for h in hashes)
         # Temperature scaling fitted on the validation split at training time (1.0: none).
         self.temperature_: float = float((self.config_.get("calibration") or {}).get("temperature", 1.0))
+        # The out-of-distribution score (None: a bundle from before lungxray fitted one).
+        self.ood_: OODScore | None = self._load_ood()
+
+    def _load_ood(self) -> OODScore | None:
+        if "ood" not in self.config_:
+            return None
+        if OOD not in self.checksums_:
+            raise BundleError(f"{self.folder / CONFIG} names an out-of-distribution score but {OOD} is not listed")
+        from safetensors.numpy import load_file as load_arrays
+
+        tensors = load_arrays(str(self.folder / OOD))
+        n = tensors.get("location", np.zeros(0)).shape
+        shapes = {
+            "pca_mean": (THUMB**2,),
+            "pca_components": (n[0] - 11 if n else -1, THUMB**2),
+            "location": n,
+            "precision": n * 2,
+        }
+        if set(tensors) != set(shapes) or any(tensors[k].shape != v for k, v in shapes.items()) or not n or n[0] <= 11:
+            raise BundleError(f"{self.folder / OOD} does not hold the tensors of {METHOD}; re-export the model")
+        return OODScore({k: v.astype(np.float64) for k, v in tensors.items()}, self.config_["ood"])
+
+    def ood_scores(self, images: np.ndarray) -> np.ndarray | None:
+        """(N, H, W) uint8 preprocessed images -> (N,) out-of-distribution scores (above 1: flagged),
+        or None for a bundle without the score."""
+        return None if self.ood_ is None else self.ood_.score(images)
 
     @torch.no_grad()
     def predict_logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -332,18 +385,26 @@ class Predictor:
         results, arrays = [], []
         for path in paths:
             try:
-                arrays.append(decode(read_image_file(Path(path)), self.img_size_))
+                arrays.append(self.decode(read_image_file(Path(path))))
                 results.append({"path": str(path)})
             except (UnusableImage, OSError) as exc:
                 results.append({"path": str(path), "error": str(exc)})
         size = self.img_size_
         return results, np.stack(arrays) if arrays else np.zeros((0, size, size), dtype=np.uint8)
 
-    def describe(self, probs: np.ndarray) -> dict:
-        """One image's probabilities (n_classes,) -> ``{"class", "probabilities": {name: p}}``."""
+    def decode(self, data: bytes) -> np.ndarray:
+        """An image file's bytes -> (H, W) uint8, preprocessed as the model was trained."""
+        return decode(data, self.img_size_, equalize_method=self.data_options_["equalize"],
+                      crop=self.data_options_["crop_borders"])  # fmt: skip
+
+    def describe(self, probs: np.ndarray, ood_score: float | None = None) -> dict:
+        """One image's probabilities (n_classes,) and out-of-distribution score -> ``{"class",
+        "probabilities": {name: p}, "ood_score", "in_distribution"}`` (the last two None for a
+        bundle without the score)."""
         return {
             "class": self.classes_[int(probs.argmax())],
             "probabilities": {c: float(v) for c, v in zip(self.classes_, probs, strict=True)},
+            **fields(ood_score),
         }
 
     def predict(self, images) -> list[dict] | np.ndarray:
@@ -356,12 +417,14 @@ class Predictor:
         return self.predict_files(image_files([images] if isinstance(images, (str, Path)) else list(images)))
 
     def predict_files(self, paths: list[Path]) -> list[dict]:
-        """One dict per path: ``{"path", "class", "probabilities"}`` or ``{"path", "error"}``."""
+        """One dict per path: ``{"path", "class", "probabilities", "ood_score", "in_distribution"}``
+        or ``{"path", "error"}``."""
         results, images = self.decode_files(paths)
         if len(images):
             good = [r for r in results if "error" not in r]
-            for r, probs in zip(good, self.predict_arrays(images), strict=True):
-                r.update(self.describe(probs))
+            scores = self.ood_scores(images)
+            for k, (r, probs) in enumerate(zip(good, self.predict_arrays(images), strict=True)):
+                r.update(self.describe(probs, None if scores is None else scores[k]))
         return results
 
 

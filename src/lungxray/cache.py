@@ -24,10 +24,11 @@ class PreprocessCache:
     ``<settings>/entries.json`` the perceptual hash or the reason a file is unusable.
     """
 
-    def __init__(self, root: Path, img_size: int) -> None:
+    def __init__(self, root: Path, img_size: int, *, crop: bool = False, equalize: str = "none") -> None:
         self.root = Path(root)
         self.shape = (img_size, img_size)
-        self.folder = self.root / f"v{CACHE_VERSION}-gray-bilinear-{img_size}"
+        options = ("-crop" if crop else "") + (f"-{equalize}" if equalize != "none" else "")
+        self.folder = self.root / f"v{CACHE_VERSION}-gray-bilinear-{img_size}{options}"
         self._index = self._read(self.root / "index.json")
         self._entries = self._read(self.folder / "entries.json")
         self._dirty = False

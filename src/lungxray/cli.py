@@ -70,7 +70,8 @@ def _data_args(p: argparse.ArgumentParser, img_size: bool = True) -> None:
         type=Path,
         help="dataset folder: one sub-folder per class, or train/ test/ [val/] folders that each hold class folders",
     )
-    add_options(p, DataConfig, skip=() if img_size else ("img_size",))  # evaluate: the bundle's size
+    # evaluate and friends: the bundle's size and preprocessing
+    add_options(p, DataConfig, skip=() if img_size else ("img_size", "crop_borders", "equalize"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -130,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="scan, split, tune, train, evaluate and save: the whole job")
     _data_args(p), add_options(p, SplitConfig), add_options(p, TuneConfig), _train_args(p)
     p.add_argument("--final-epochs", type=int, default=None, help="epochs of the final training (default: --epochs)")
+    p.add_argument(
+        "--external",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a dataset from elsewhere (other hospitals; class folders as in DATA) to evaluate the final model "
+        "on after the internal test, never trained or tuned on; repeatable",
+    )
     p.add_argument("--out", type=Path, required=True, help="run folder for the model, metrics, plots and study")
     p.add_argument("--force", action="store_true", help="replace a model already in OUT")
 
@@ -299,6 +309,7 @@ def cmd_run(args) -> int:
         from_args(TuneConfig, args),
         _train_cfg(args),
         final_epochs=args.final_epochs,
+        external=args.external,
         force=args.force,
         progress=not args.quiet,
     )

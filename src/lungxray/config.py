@@ -48,10 +48,18 @@ def default_cache_dir() -> Path:
     return Path(root) / "lungxray" if root else Path.home() / ".cache" / "lungxray"
 
 
+EQUALIZE = ("none", "hist", "clahe")
+
+
 @dataclass
 class DataConfig:
     img_size: int = option("--img-size", 128)
     """Side of the square grayscale image fed to the model."""
+    crop_borders: bool = option("--crop-borders", False)
+    """Remove uniform borders (black or white frames, padding) of each image before resizing."""
+    equalize: str = option("--equalize", "none", choices=EQUALIZE)
+    """Spread each image's grey levels after resizing: hist (global histogram equalisation), clahe
+    (contrast-limited adaptive), or none. Stored in the bundle, so prediction repeats it."""
     cache_dir: Path = option("--cache-dir", default_factory=default_cache_dir)
     """Folder of preprocessed arrays keyed by file content hash ($LUNGXRAY_CACHE or ~/.cache/lungxray)."""
     workers: int = option("--workers", 0)
@@ -68,6 +76,7 @@ class DataConfig:
     """Smallest correlation of 32x32 thumbnails that confirms a candidate pair as a near-duplicate."""
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         self.cache_dir = Path(self.cache_dir)
         self.groups = Path(self.groups) if self.groups is not None else None
         self.exclude = Path(self.exclude) if self.exclude is not None else None
@@ -77,6 +86,10 @@ class DataConfig:
             raise ConfigError(f"--workers must be 0 (all cores) or more, got {self.workers}")
         if not 0 <= self.near_duplicate_distance <= 32:
             raise ConfigError(f"near_duplicate_distance must be in 0..32, got {self.near_duplicate_distance}")
+
+    def preprocessing(self) -> dict:
+        """The decoding options (``decode.decode``'s keywords) these settings ask for."""
+        return {"equalize_method": self.equalize, "crop": self.crop_borders}
 
 
 @dataclass
@@ -145,6 +158,10 @@ class AugmentConfig:
     """Largest contrast change, as a share."""
     hflip: bool = option("--hflip", False)
     """Mirror half the images left-right (off: the heart sits on the left in a PA film)."""
+    scanner: bool = option("--scanner-augment", False)
+    """Simulate other scanners and encoders on training images, whether or not --augment is on:
+    random gamma (0.7-1.4), blur or sharpening, noise (up to 3% of the range) and grey-level
+    quantisation (16-256 levels)."""
 
     def __post_init__(self) -> None:
         if self.enabled is False:

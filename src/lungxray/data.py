@@ -210,9 +210,9 @@ def perceptual_hash(pixels: np.ndarray) -> str:
     return str(imagehash.phash(Image.fromarray(pixels)))
 
 
-def _process_file(args: tuple[str, int]) -> tuple[str, str | None, np.ndarray | None, str | None, str | None]:
+def _process_file(args: tuple[str, int, dict]) -> tuple[str, str | None, np.ndarray | None, str | None, str | None]:
     """Worker: read one file once, hash it, decode it. Returns (path, sha, pixels, phash, reason)."""
-    path, img_size = args
+    path, img_size, options = args
     try:
         data = read_image_file(Path(path))
     except UnusableImage as exc:
@@ -221,7 +221,7 @@ def _process_file(args: tuple[str, int]) -> tuple[str, str | None, np.ndarray | 
         return path, None, None, None, f"cannot read file: {exc.strerror or exc}"
     sha = hashlib.sha256(data).hexdigest()
     try:
-        pixels = decode(data, img_size)
+        pixels = decode(data, img_size, **options)
     except UnusableImage as exc:
         return path, sha, None, None, str(exc)
     return path, sha, pixels, perceptual_hash(pixels), None
@@ -231,7 +231,7 @@ def _decode_all(todo: list[Path], cfg: DataConfig, progress: bool):
     """Yield _process_file results for every path, in parallel processes when worth it."""
     from tqdm.auto import tqdm
 
-    args = [(str(p), cfg.img_size) for p in todo]
+    args = [(str(p), cfg.img_size, cfg.preprocessing()) for p in todo]
     workers = min(cfg.workers or os.cpu_count() or 1, len(todo))
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(tqdm(total=len(todo), desc="decoding", unit="img", disable=not progress or not todo))
@@ -249,7 +249,7 @@ def _decode_all(todo: list[Path], cfg: DataConfig, progress: bool):
 
 def _load_pixels(files: list[tuple[Path, str, str | None]], cfg: DataConfig, progress: bool):
     """Return per-file (sha, pixels, phash, reason), using and filling the cache."""
-    cache = PreprocessCache(cfg.cache_dir, cfg.img_size)
+    cache = PreprocessCache(cfg.cache_dir, cfg.img_size, crop=cfg.crop_borders, equalize=cfg.equalize)
     out: dict[Path, tuple] = {}
     todo = []
     for path, _, _ in files:

@@ -3,7 +3,9 @@
 Every format Pillow reads (JPEG decoded at a reduced DCT scale, PNG, 8- and 16-bit, EXIF
 orientation applied); every file it cannot use raises ``UnusableImage`` with a one-line reason
 (empty, not an image, truncated, a decompression bomb, an unsupported mode). New input formats
-(DICOM) arrive here. Used by the dataset scan and by the serving side alike; imports no torch.
+(DICOM) arrive here. The preprocessing options (``--crop-borders``, ``--equalize``) are applied
+here too, so training, evaluation and serving repeat them from the bundle's config. Used by the
+dataset scan and by the serving side alike; imports no torch.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from lungxray.config import EQUALIZE
 from lungxray.errors import UnusableImage
 
 
@@ -64,8 +67,51 @@ def image_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def decode(data: bytes, img_size: int) -> np.ndarray:
-    """Encoded bytes -> (img_size, img_size) uint8 grayscale; raises UnusableImage with a reason."""
+def crop_borders(gray: np.ndarray, tolerance: float = 3.0, most: float = 0.25) -> np.ndarray:
+    """(H, W) uint8 without its uniform borders: rows and columns at the edges whose grey levels
+    hardly vary (standard deviation under ``tolerance``: black or white frames, padding), at most
+    ``most`` of the side from each edge, so a nearly flat image is never cropped to nothing.
+
+    Written here because neither Pillow (``getbbox`` wants one border colour) nor scikit-image
+    trims per side by uniformity: a film often has a black frame on one side and a white one on
+    another."""
+    h, w = gray.shape
+    rows, cols = gray.std(axis=1) >= tolerance, gray.std(axis=0) >= tolerance
+
+    def span(keep: np.ndarray, n: int) -> tuple[int, int]:
+        limit = int(n * most)
+        inside = np.flatnonzero(keep)
+        if not len(inside):
+            return 0, n
+        return min(int(inside[0]), limit), max(int(inside[-1]) + 1, n - limit)
+
+    top, bottom = span(rows, h)
+    left, right = span(cols, w)
+    return gray[top:bottom, left:right]
+
+
+def equalize(gray: np.ndarray, method: str) -> np.ndarray:
+    """(H, W) uint8 with its grey levels spread: ``hist`` (global histogram equalisation), ``clahe``
+    (contrast-limited adaptive equalisation in 8x8 tiles, clip limit 0.01: scikit-image's
+    defaults), ``none``. Flat images come back unchanged."""
+    if method == "none" or gray.min() == gray.max():
+        return gray
+    from skimage import exposure
+
+    if method == "hist":
+        out = exposure.equalize_hist(gray, nbins=256)
+    elif method == "clahe":
+        out = exposure.equalize_adapthist(gray, clip_limit=0.01, nbins=256)
+    else:
+        raise ValueError(f"equalize must be one of {', '.join(EQUALIZE)}, got {method!r}")
+    return np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def decode(data: bytes, img_size: int, *, equalize_method: str = "none", crop: bool = False) -> np.ndarray:
+    """Encoded bytes -> (img_size, img_size) uint8 grayscale; raises UnusableImage with a reason.
+
+    ``crop``: remove uniform borders before resizing (``crop_borders``); ``equalize_method``:
+    equalise the grey levels after it (``equalize``)."""
     if not data:
         raise UnusableImage("empty file (zero bytes)")
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -83,6 +129,8 @@ def decode(data: bytes, img_size: int) -> np.ndarray:
                     )
                 img = ImageOps.exif_transpose(img)
                 gray = _to_gray_uint8(img)
+                if crop:
+                    gray = Image.fromarray(crop_borders(np.asarray(gray)))
                 gray = gray.resize((img_size, img_size), Image.Resampling.BILINEAR)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise UnusableImage(f"too many pixels (possible decompression bomb): {exc}") from None
@@ -92,4 +140,4 @@ def decode(data: bytes, img_size: int) -> np.ndarray:
             raise
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise UnusableImage(f"cannot decode image: {exc}") from None
-    return np.asarray(gray, dtype=np.uint8)
+    return equalize(np.asarray(gray, dtype=np.uint8), equalize_method)

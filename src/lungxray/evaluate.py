@@ -379,3 +379,56 @@ def curves_figure(history: dict[str, list[float]], best_epoch: int | None = None
         ax.set_ylabel(key)
         ax.legend()
     return fig
+
+
+def ood_summary(y_true: np.ndarray, probs: np.ndarray, scores: np.ndarray | None, classes: list[str]) -> dict | None:
+    """What the out-of-distribution flag does on labelled images: how many it flags (per class),
+    the metrics on the images it accepts, next to all of them, and accuracy against coverage as its
+    threshold moves (images sorted by score, the most typical first). None without scores."""
+    if scores is None:
+        return None
+    flagged = scores > 1.0
+    correct = probs.argmax(axis=1) == y_true
+    order = np.argsort(scores, kind="stable")
+    kept = np.arange(1, len(order) + 1)
+    accuracy_at = np.cumsum(correct[order]) / kept
+    accepted = ~flagged
+    return {
+        "threshold": 1.0,
+        "n_flagged": int(flagged.sum()),
+        "share_flagged": float(flagged.mean()) if len(flagged) else None,
+        "share_flagged_per_class": {
+            name: float(flagged[y_true == i].mean()) for i, name in enumerate(classes) if (y_true == i).any()
+        },
+        "wrong_caught": int((flagged & ~correct).sum()),
+        "n_wrong": int((~correct).sum()),
+        "accepted": compute_metrics(y_true[accepted], probs[accepted], classes, resamples=0)
+        if len(set(y_true[accepted].tolist())) >= 1 and accepted.any()
+        else None,
+        "coverage_curve": {
+            "coverage": (kept / len(order)).round(4).tolist(),
+            "accuracy": accuracy_at.round(4).tolist(),
+            "score": scores[order].round(4).tolist(),
+        },
+    }
+
+
+def coverage_figure(summaries: dict[str, dict]):
+    """Accuracy on the accepted images against the share accepted, as the out-of-distribution
+    threshold moves; the model's threshold marked on each curve. ``summaries``: name -> ood_summary."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, s in summaries.items():
+        curve = s["coverage_curve"]
+        line = ax.plot(curve["coverage"], curve["accuracy"], label=name)[0]
+        at = 1 - s["share_flagged"]
+        if at > 0:
+            k = max(0, int(round(at * len(curve["coverage"]))) - 1)
+            ax.plot([curve["coverage"][k]], [curve["accuracy"][k]], "o", color=line.get_color())
+    ax.set_xlabel("share of images accepted (most typical first)")
+    ax.set_ylabel("accuracy on the accepted images")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Out-of-distribution flag: coverage vs accuracy (dot: the model's threshold)")
+    ax.legend(loc="lower left")
+    return fig

@@ -90,10 +90,11 @@ def explain_files(predictor: Predictor, paths: list[Path], out: Path) -> list[di
     if len(images):
         good = [r for r in results if "error" not in r]
         probs, maps = predictor.predict_arrays(images), saliency(predictor, images)
+        scores = predictor.ood_scores(images)
         for k, (r, image, p, heat) in enumerate(zip(good, images, probs, maps, strict=True)):
             target = out / f"{k:03d}_{Path(r['path']).stem}_overlay.png"
             Image.fromarray(overlay(image, heat)).save(target)
-            r.update({**predictor.describe(p), "overlay": str(target)})
+            r.update({**predictor.describe(p, None if scores is None else scores[k]), "overlay": str(target)})
     write_json(out, EXPLAIN, results)
     return results
 

@@ -34,14 +34,17 @@ from lungxray.evaluate import (
     calibrate,
     compute_metrics,
     confusion_figure,
+    coverage_figure,
     curves_figure,
     expected_calibration_error,
     log_loss_at,
+    ood_summary,
     save_figure,
     softmax,
 )
 from lungxray.infer import predict_logits, set_threads, to_tensor
 from lungxray.models import get_spec
+from lungxray.ood import fields, fit_ood
 from lungxray.splits import Split, make_split
 from lungxray.train import FitResult, fit, resolve_device
 
@@ -75,8 +78,11 @@ def fingerprint(data: Path, data_cfg: DataConfig, model_name: str | None, **part
     and ``parts`` (the split of a run; the folds and seed of a cv)."""
     import os
 
+    # Preprocessing options only when set, so folders made before they existed keep their fingerprint.
+    options = {k: v for k, v in (("crop_borders", data_cfg.crop_borders), ("equalize", data_cfg.equalize))
+               if v not in (False, "none")}  # fmt: skip
     return jsonable({"data": os.path.realpath(data), "model": model_name, "img_size": data_cfg.img_size,
-                     "groups": data_cfg.groups, "exclude": data_cfg.exclude, **parts})  # fmt: skip
+                     "groups": data_cfg.groups, "exclude": data_cfg.exclude, **options, **parts})  # fmt: skip
 
 
 def prepare(
@@ -191,6 +197,8 @@ def train_stage(
         },
         "preprocessing": {
             "img_size": data_cfg.img_size,
+            "crop_borders": data_cfg.crop_borders,
+            "equalize": data_cfg.equalize,
             "color": "grayscale",
             "resize": "bilinear",
             "scale": "pixel / 255",
@@ -210,7 +218,8 @@ def train_stage(
         "calibration": calibration,
     }
     seen = {part: [ds.samples[i].sha256 for i in idx] for part, idx in (("train", split.train), ("val", split.val))}
-    folder = save_bundle(out / runfolder.MODEL, result.model, config, seen=seen, overwrite=force)
+    ood = fit_ood(ds.images[split.train], ds.images[split.val])
+    folder = save_bundle(out / runfolder.MODEL, result.model, config, seen=seen, ood=ood, overwrite=force)
     return result, folder
 
 
@@ -237,7 +246,8 @@ def model_and_data(
     less the images the model was trained or validated on (recognised by content hash, whatever
     their path) unless ``include_seen``. The dict says how many were seen and which."""
     predictor = Predictor(model_dir)  # verified and loaded once
-    ds = load_dataset(data, replace(data_cfg, img_size=predictor.img_size_), progress=progress, min_classes=1)
+    as_trained = replace(data_cfg, img_size=predictor.img_size_, **predictor.data_options_)  # as in training
+    ds = load_dataset(data, as_trained, progress=progress, min_classes=1)
     idx = np.arange(len(ds.samples))
     if splits is not None:
         test = set(runfolder.read_json(splits.parent, splits.name)["test"]) if splits.is_file() else None
@@ -298,14 +308,20 @@ def audit_split(predictor: Predictor, ds: Dataset, idx: np.ndarray, out: Path, e
     return report
 
 
-def evaluate_split(predictor: Predictor, ds: Dataset, idx: np.ndarray, out: Path, extra: dict | None = None) -> dict:
+def evaluate_split(
+    predictor: Predictor, ds: Dataset, idx: np.ndarray, out: Path, extra: dict | None = None, name: str = "test"
+) -> dict:
     """Evaluate a loaded bundle on samples ``idx`` of ``ds``; writes metrics.json (with ``extra``
-    added), predictions.json (every image's probabilities, temperature-scaled and not) and the
-    confusion-matrix plot, each once. Returns the metrics."""
+    added), predictions.json (every image's probabilities, temperature-scaled and not, and its
+    out-of-distribution score), the confusion-matrix plot and, for a bundle with the score, the
+    coverage plot, each once. Returns the metrics; their "ood" holds the flagged share and the
+    metrics on the accepted images (``evaluate.ood_summary``)."""
     y = _labels_for(predictor, ds, idx)
     logits = predictor.predict_logits(ds.images[idx]).astype(np.float64)
     probs, raw = softmax(logits, predictor.temperature_), softmax(logits)
+    scores = predictor.ood_scores(ds.images[idx])
     metrics = compute_metrics(y, probs, predictor.classes_)
+    metrics["ood"] = ood_summary(y, probs, scores, predictor.classes_)
     fitted = predictor.config_.get("calibration", {})
     metrics["calibration"] = {
         "temperature": predictor.temperature_,
@@ -329,6 +345,7 @@ def evaluate_split(predictor: Predictor, ds: Dataset, idx: np.ndarray, out: Path
                     "label": ds.samples[i].label,
                     "probabilities": [float(v) for v in probs[k]],
                     "uncalibrated": [float(v) for v in raw[k]],
+                    **fields(None if scores is None else scores[k]),
                 }
                 for k, i in enumerate(idx)
             ],
@@ -336,6 +353,8 @@ def evaluate_split(predictor: Predictor, ds: Dataset, idx: np.ndarray, out: Path
     )
     runfolder.write_json(out, runfolder.METRICS, metrics)
     save_figure(confusion_figure(metrics), out / runfolder.CONFUSION)
+    if metrics["ood"] is not None:
+        save_figure(coverage_figure({name: metrics["ood"]}), out / runfolder.COVERAGE)
     return metrics
 
 
@@ -357,20 +376,70 @@ def run(
     train_cfg: TrainConfig,
     *,
     final_epochs: int | None = None,
+    external: list[Path] | tuple = (),
     force: bool = False,
     progress: bool = True,
 ) -> RunResult:
     """The whole job; writes the run folder and run.json (settings, timings, headline figures).
 
     ``train_cfg`` trains the trials and, with ``final_epochs`` epochs when given, the final model.
-    One process writes ``out`` at a time (``runfolder.writer_lock``).
+    ``external``: dataset folders from elsewhere (other hospitals) the final model is evaluated on
+    after the internal test (``external_stage``). One process writes ``out`` at a time
+    (``runfolder.writer_lock``).
     """
     runfolder.refuse_to_replace(out, runfolder.MODEL, force, "a model (the study resumes with --force)")
+    external = external_names(external)  # a missing folder fails before the scan
     with runfolder.writer_lock(out):
-        return _run(data, out, model_name, data_cfg, split_cfg, tune_cfg, train_cfg, final_epochs, force, progress)
+        return _run(
+            data, out, model_name, data_cfg, split_cfg, tune_cfg, train_cfg, final_epochs, external, force, progress
+        )
 
 
-def _run(data, out, model_name, data_cfg, split_cfg, tune_cfg, train_cfg, final_epochs, force, progress) -> RunResult:
+def external_names(folders: list[Path] | tuple) -> dict[str, Path]:
+    """A distinct name per external folder (its own name; -2, -3, ... for repeats); a folder that
+    does not exist is an error."""
+    names: dict[str, Path] = {}
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise MissingInputError(
+                f"--external {folder}: no such folder", hint="pass a folder of class sub-folders, as for DATA"
+            )
+        base = folder.resolve().name or "external"
+        name, k = base, 1
+        while name in names:
+            k += 1
+            name = f"{base}-{k}"
+        names[name] = folder
+    return names
+
+
+def external_stage(
+    model_dir: Path, data_cfg: DataConfig, folders: dict[str, Path], out: Path, progress: bool = True
+) -> dict[str, dict]:
+    """Evaluate the bundle on each external folder (its classes: some or all of the model's), less
+    any image it was trained or validated on; writes OUT/external/NAME/ (metrics.json with the
+    out-of-distribution summary, predictions.json, the plots). Returns name -> headline figures."""
+    results = {}
+    for name, folder in folders.items():
+        predictor, ds, idx, seen = model_and_data(model_dir, folder, data_cfg, progress=progress)
+        target = out / runfolder.EXTERNAL / name
+        metrics = evaluate_split(predictor, ds, idx, target, {"data": str(folder), "seen": seen}, name=name)
+        ood = metrics["ood"]
+        results[name] = {
+            "data": str(folder),
+            "n": metrics["n"],
+            "accuracy": metrics["accuracy"],
+            "macro_f1": metrics["macro_f1"],
+            "recall": {c: m["recall"] for c, m in metrics["per_class"].items() if m["support"]},
+            "share_flagged": ood["share_flagged"] if ood else None,
+            "metrics": str(target / runfolder.METRICS),
+        }
+    return results
+
+
+def _run(
+    data, out, model_name, data_cfg, split_cfg, tune_cfg, train_cfg, final_epochs, external, force, progress
+) -> RunResult:
     """``run``'s stages, under the folder's writer lock."""
     trial_cfg, final_cfg, tune_cfg = settings(model_name, train_cfg, tune_cfg, final_epochs)  # before the scan
     set_threads(final_cfg.threads)
@@ -405,6 +474,9 @@ def _run(data, out, model_name, data_cfg, split_cfg, tune_cfg, train_cfg, final_
     attach_metrics(model_dir, metrics)
     audited = audit_split(predictor, ds, split.test, out)  # the same images, lungs or borders hidden
     clock.lap("evaluate_s")
+    elsewhere = external_stage(model_dir, data_cfg, external, out, progress) if external else {}
+    if external:
+        clock.lap("external_s")
     from lungxray.report import write_report
 
     write_report(out)
@@ -435,6 +507,8 @@ def _run(data, out, model_name, data_cfg, split_cfg, tune_cfg, train_cfg, final_
         "test_accuracy": metrics["accuracy"],
         "test_macro_f1": metrics["macro_f1"],
         "n_test": metrics["n"],
+        "test_share_flagged": metrics["ood"]["share_flagged"] if metrics["ood"] else None,
+        "external": elsewhere,
         "audit": {name: view["accuracy"] for name, view in audited["views"].items()}
         | {"chance": audited["chance"]["accuracy"]},
         "duplicate_groups": len(ds.duplicate_groups),

@@ -11,6 +11,7 @@ Holds no training code.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -233,7 +234,7 @@ def _gallery(model_dir: Path, predictions: dict, y: np.ndarray, probs: np.ndarra
     from PIL import Image
 
     from lungxray.bundle import Predictor
-    from lungxray.decode import decode, read_image_file
+    from lungxray.decode import read_image_file
     from lungxray.errors import UnusableImage
     from lungxray.explain import overlay, saliency
 
@@ -247,7 +248,7 @@ def _gallery(model_dir: Path, predictions: dict, y: np.ndarray, probs: np.ndarra
     items, arrays, kept = [], [], []
     for i in wrong:  # an image moved or deleted since the run is left out, not a crash
         try:
-            arrays.append(decode(read_image_file(Path(predictions["images"][i]["path"])), predictor.img_size_))
+            arrays.append(predictor.decode(read_image_file(Path(predictions["images"][i]["path"]))))
         except (OSError, UnusableImage):
             continue
         items.append(predictions["images"][i])
@@ -360,7 +361,7 @@ def _relative(path: str, root: str | None) -> str:
     return str(path)
 
 
-def _summary(folder: Path, model_dir: Path, found: dict, metrics: dict, cv: dict | None) -> str:
+def _summary(folder: Path, model_dir: Path, found: dict, metrics: dict, cv: dict | None, external: dict) -> str:
     """What the page is about, first: model, version, date, data, seed, headline figures with CIs, caveat."""
     import datetime
 
@@ -385,9 +386,116 @@ def _summary(folder: Path, model_dir: Path, found: dict, metrics: dict, cv: dict
         ["macro-F1", figure("macro_f1")],
         ["macro AUROC", figure("macro_auroc")],
     ]
+    if metrics.get("ood"):
+        rows.append(["flagged out of distribution", f"{metrics['ood']['share_flagged']:.1%} of the images scored"])
+    for name, ext in external.items():
+        rows.append([f"{name} (external)", f"accuracy {ext['accuracy']:.4f} on {ext['n']} images"])
     kind = "pooled out-of-fold predictions of a cross-validation" if cv else "held-out or evaluated images"
     return (f'<section id="summary" class="summary"><p>Figures on the {kind}.</p>'
             + _table(["", "value"], rows) + f'<p class="warning">{html.escape(CAVEAT)}</p></section>')  # fmt: skip
+
+
+def _ood(metrics: dict, external: dict[str, dict]) -> str:
+    """The out-of-distribution flag on the test images (and each external set): how many it
+    flagged, the metrics on the ones it accepts, coverage against accuracy, and what it cannot do."""
+    from lungxray.evaluate import coverage_figure
+
+    ood = metrics["ood"]
+    sets = {"internal test": ood} | {name: m["ood"] for name, m in external.items() if m.get("ood")}
+    rows = []
+    for name, s in sets.items():
+        accepted = s["accepted"]
+        rows.append([
+            name, s["n_flagged"], f"{s['share_flagged']:.1%}",
+            f"{accepted['accuracy']:.4f} (n={accepted['n']})" if accepted else "n/a",
+            f"{s['wrong_caught']} of {s['n_wrong']}",
+        ])  # fmt: skip
+    text = (
+        "<p>Every prediction carries an out-of-distribution score: how far the image lies from the "
+        "training images (Mahalanobis distance of its thumbnail's principal components and its grey-level "
+        "and texture statistics), divided by the 95th percentile of the validation images' distances. "
+        "Above 1 the image is flagged: the upload page gives no verdict, and predictions say "
+        '<code>"in_distribution": false</code>. About 5% of images like the validation ones are '
+        "flagged by design.</p>"
+        '<p class="warning">What the flag does not do: it catches inputs unlike any training film (inverted, '
+        "rotated, upside down, cropped, blank, noise, text, photographs), not a plausible chest film from a "
+        "population the training data lacks. Adult normal films look like the adult COVID-19 films of the shared "
+        "set, so most of them pass the flag and are still called COVID-19; see Other hospitals.</p>"
+    )
+    figure = _png(coverage_figure(sets), "accuracy on the accepted images against the share accepted, per dataset")
+    table = _table(["images", "flagged", "share flagged", "accuracy on accepted", "errors flagged"], rows)
+    return text + table + figure
+
+
+def _external(metrics: dict, external: dict[str, dict]) -> str:
+    """Each external dataset next to the internal test: per-class recall with CIs, AUROC where
+    defined, the flagged share, and in words which class the model mistakes for which."""
+    parts = [
+        "<p>The final model on data from elsewhere, never used for training, tuning or calibration. "
+        "Figures for a class with few images have wide intervals.</p>"
+    ]
+    for name, ext in external.items():
+        interval = functools.partial(_interval, ext.get("ci95") or {})
+        internal_ci = metrics.get("ci95") or {}
+        rows = []
+        for c, m in ext["per_class"].items():
+            if not m["support"]:
+                continue
+            own = metrics["per_class"].get(c, {})
+            own_ci = internal_ci.get(f"recall/{c}")
+            rows.append([
+                c, m["support"],
+                f"{own['recall']:.2f}" + (f" ({own_ci[0]:.2f}-{own_ci[1]:.2f})" if own_ci else "") if own else "n/a",
+                f"{m['recall']:.2f}{interval(f'recall/{c}')}",
+                f"{m['auroc']:.2f}{interval(f'auroc/{c}')}" if m["auroc"] is not None else "n/a (one class only)",
+                f"{ext['ood']['share_flagged_per_class'].get(c, 0):.0%}" if ext.get("ood") else "n/a",
+            ])  # fmt: skip
+        parts.append(
+            f"<h3>{html.escape(name)}</h3><p>{html.escape(ext.get('data', ''))}: {ext['n']} images, accuracy "
+            f"{ext['accuracy']:.4f}{interval('accuracy')} (internal test {metrics['accuracy']:.4f}), macro-F1 "
+            f"{ext['macro_f1']:.4f}{interval('macro_f1')}.</p>"
+            + _table(
+                [
+                    "class",
+                    "images",
+                    "recall, internal test",
+                    f"recall, {name}",
+                    "AUROC (one vs rest)",
+                    "flagged out of distribution",
+                ],
+                rows,
+            )  # fmt: skip
+            + f"<p>{html.escape(gap_in_words(metrics, ext, name))}</p>"
+        )
+    return "".join(parts)
+
+
+def _interval(ci: dict, key: str) -> str:
+    """`` (low-high)`` of ``key`` in a metrics dict's ci95, or nothing."""
+    return f" ({ci[key][0]:.2f}-{ci[key][1]:.2f})" if ci.get(key) else ""
+
+
+def gap_in_words(internal: dict, external: dict, name: str) -> str:
+    """The gap as a clinician-researcher reads it: per class, internal and external recall, and the
+    class each external class is most often mistaken for."""
+    classes = external["classes"]
+    cm = np.array(external["confusion_matrix"])
+    sentences = []
+    for i, c in enumerate(classes):
+        n = int(cm[i].sum())
+        if not n:
+            continue
+        own = internal["per_class"].get(c, {}).get("recall")
+        recall = external["per_class"][c]["recall"]
+        wrong = cm[i].copy()
+        wrong[i] = 0
+        sentence = f"{c}: {int(cm[i, i])} of {n} {name} images recognised (recall {recall:.2f}"
+        sentence += f", against {own:.2f} on the internal test)" if own is not None else ")"
+        if wrong.max() > 0:
+            j = int(wrong.argmax())
+            sentence += f"; {int(wrong[j])} of them called {classes[j]}"
+        sentences.append(sentence + ".")
+    return " ".join(sentences)
 
 
 def write_report(folder: Path, model_dir: Path | None = None) -> Path:
@@ -450,11 +558,20 @@ def write_report(folder: Path, model_dir: Path | None = None) -> Path:
         sections.append(
             _section("errors", "Most confident errors", _gallery(model_dir, found["predictions"], y, probs))
         )
+    external = {
+        sub.name: runfolder.read_json(sub, runfolder.METRICS)
+        for sub in sorted((folder / runfolder.EXTERNAL).glob("*"))
+        if (sub / runfolder.METRICS).is_file()
+    }
+    if metrics.get("ood"):
+        sections.append(_section("ood", "Out-of-distribution flag", _ood(metrics, external)))
+    if external and not cv:
+        sections.append(_section("external", "Other hospitals", _external(metrics, external)))
     if found["audit"]:
         sections.append(_section("audit", "Shortcut audit", _audit(found["audit"])))
     seen = _seen(metrics["seen_images"]) if metrics.get("seen_images") else ""
     title = f"lungxray report: {folder.name}"
-    summary = _summary(folder, model_dir, found, metrics, cv)
+    summary = _summary(folder, model_dir, found, metrics, cv, external)
     page = (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title>'

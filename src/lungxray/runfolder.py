@@ -36,6 +36,8 @@ CV = "cv.json"  # cross-validation: per fold, pooled, out-of-fold probabilities
 CV_CONFUSION = "cv_confusion_matrix.png"
 REPORT = "report.html"
 EXPLAIN = "explain.json"  # explain: probabilities and overlay file per image
+COVERAGE = "coverage.png"  # accuracy against the share the out-of-distribution flag accepts
+EXTERNAL = "external"  # run --external: one sub-folder of evaluation per external dataset
 
 # What `run` lists as its artifacts, in this order.
 RUN_ARTIFACTS = {

@@ -23,7 +23,6 @@ from fastapi import FastAPI, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from lungxray.bundle import Predictor
-from lungxray.decode import decode
 from lungxray.errors import UnusableImage
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -33,7 +32,7 @@ PAGE = Path(__file__).with_name("upload.html")
 def _decode_upload(predictor: Predictor, data: bytes) -> np.ndarray:
     """Upload bytes -> (H, W) uint8 preprocessed image, or a 422 that says why not."""
     try:
-        return decode(data, predictor.img_size_)
+        return predictor.decode(data)
     except UnusableImage as exc:
         raise HTTPException(status_code=422, detail=f"unusable image: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - a hostile file may break a decoder in any way; never a 500
@@ -123,6 +122,7 @@ def create_app(
             "preprocessing": p.config_["preprocessing"],
             "backend": p.backend_,
             "temperature": p.temperature_,
+            "ood": p.config_.get("ood"),
             "metrics": p.metrics_,
         }
 
@@ -130,8 +130,8 @@ def create_app(
     async def predict(request: Request, file: UploadFile) -> dict:
         p = request.app.state.predictor
         data = await _read_limited(file, max_upload_bytes)
-        probs = await _in_worker(request, _decode_and_predict, p, data)
-        return {**p.describe(probs), "model": p.config_["model"]["name"]}
+        probs, score = await _in_worker(request, _decode_and_predict, p, data)
+        return {**p.describe(probs, score), "model": p.config_["model"]["name"]}
 
     @app.post("/explain", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     async def explain(request: Request, file: UploadFile) -> Response:
@@ -152,8 +152,11 @@ async def _in_worker(request: Request, func, *args):
     return await anyio.to_thread.run_sync(func, *args, limiter=request.app.state.limiter)
 
 
-def _decode_and_predict(predictor: Predictor, data: bytes) -> np.ndarray:
-    return predictor.predict_arrays(_decode_upload(predictor, data)[None])[0]
+def _decode_and_predict(predictor: Predictor, data: bytes) -> tuple[np.ndarray, float | None]:
+    """(class probabilities, out-of-distribution score or None) of one upload."""
+    image = _decode_upload(predictor, data)[None]
+    scores = predictor.ood_scores(image)
+    return predictor.predict_arrays(image)[0], None if scores is None else float(scores[0])
 
 
 def _overlay_png(predictor: Predictor, data: bytes, lock: threading.Lock) -> bytes:

@@ -190,7 +190,9 @@ def _training_parts(
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     return optimizer, {
         "augment": (
-            BatchAugment(cfg.augment, torch.Generator().manual_seed(cfg.seed + 2)) if cfg.augment.enabled else None
+            BatchAugment(cfg.augment, torch.Generator().manual_seed(cfg.seed + 2))
+            if cfg.augment.enabled or cfg.augment.scanner
+            else None
         ),
         "scheduler": scheduler,
         "class_weight": class_weights(y_train, n_classes) if cfg.class_weighted else None,
