@@ -75,8 +75,11 @@ class OODScore:
         return self.distance(images) / self.threshold
 
     def tensors(self) -> dict[str, np.ndarray]:
-        return {"pca_mean": self.mean, "pca_components": self.components, "location": self.location,
-                "precision": self.precision}  # fmt: skip
+        """The arrays to store, C-contiguous: safetensors writes an array's memory as it lies, so a
+        Fortran-ordered one (scikit-learn's PCA components) would come back transposed in place."""
+        arrays = {"pca_mean": self.mean, "pca_components": self.components, "location": self.location,
+                  "precision": self.precision}  # fmt: skip
+        return {k: np.ascontiguousarray(v) for k, v in arrays.items()}
 
 
 def fit_ood(train: np.ndarray, val: np.ndarray, percentile: float = PERCENTILE) -> OODScore:
