@@ -328,6 +328,10 @@ def cmd_run(args) -> int:
         f"{summary['test_macro_f1']:.4f}{_ci(metrics, 'macro_f1')} on {summary['n_test']} held-out images "
         f"({split['mode']} split, seed {split['seed']}, {duplicates})"
     )
+    _print_ood(metrics)
+    for name, ext in summary["external"].items():
+        recall = ", ".join(f"{c} {v:.2f}" for c, v in ext["recall"].items())
+        print(f"external {name}: accuracy {ext['accuracy']:.4f} on {ext['n']} images; recall {recall}")
     print("artifacts:")
     for name, path in summary["artifacts"].items():
         print(f"  {name:<17} {path}")
@@ -416,6 +420,7 @@ def cmd_evaluate(args) -> int:
         f"accuracy {metrics['accuracy']:.4f}{_ci(metrics, 'accuracy')}, macro-F1 {metrics['macro_f1']:.4f}"
         f"{_ci(metrics, 'macro_f1')}, macro AUROC {auroc}, loss {metrics['loss']:.4f} on {metrics['n']} images"
     )
+    _print_ood(metrics)
     print(
         "written: "
         + ", ".join(
@@ -515,6 +520,18 @@ def cmd_explain(args) -> int:
     return 1 if any("error" in r for r in results) else 0
 
 
+def _print_ood(metrics: dict) -> None:
+    """How many scored images the out-of-distribution flag set aside, and the accuracy on the rest."""
+    ood = metrics.get("ood")
+    if ood and ood["accepted"]:
+        print(
+            f"flagged out of distribution: {ood['n_flagged']} of {metrics['n']} ({ood['share_flagged']:.1%}); "
+            f"accuracy on the other {ood['accepted']['n']}: {ood['accepted']['accuracy']:.4f}"
+        )
+    elif ood:
+        print(f"flagged out of distribution: all {metrics['n']} images")
+
+
 def _probability(p: float) -> str:
     """Three decimals, never rounded to certainty (a softmax reaches 1.0 only by rounding)."""
     if p >= 0.9995:
@@ -532,6 +549,12 @@ def _print_predictions(results: list[dict]) -> None:
         else:
             probs = ", ".join(f"{c} {_probability(p)}" for c, p in r["probabilities"].items())
             overlay = f" -> {r['overlay']}" if "overlay" in r else ""
+            if r.get("in_distribution") is False:  # the answer is shown, but as one the model cannot vouch for
+                print(
+                    f"{r['path']}: NOT LIKE THE TRAINING IMAGES (out-of-distribution score {r['ood_score']:.2f} > 1): "
+                    f"no reliable answer; the model would say {r['class']} ({probs}){overlay}"
+                )
+                continue
             print(f"{r['path']}: {r['class']} ({probs}){overlay}")
 
 

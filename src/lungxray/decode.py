@@ -75,9 +75,6 @@ def crop_borders(gray: np.ndarray, tolerance: float = 3.0, most: float = 0.25) -
     Written here because neither Pillow (``getbbox`` wants one border colour) nor scikit-image
     trims per side by uniformity: a film often has a black frame on one side and a white one on
     another."""
-    h, w = gray.shape
-    rows, cols = gray.std(axis=1) >= tolerance, gray.std(axis=0) >= tolerance
-
     def span(keep: np.ndarray, n: int) -> tuple[int, int]:
         limit = int(n * most)
         inside = np.flatnonzero(keep)
@@ -85,8 +82,14 @@ def crop_borders(gray: np.ndarray, tolerance: float = 3.0, most: float = 0.25) -
             return 0, n
         return min(int(inside[0]), limit), max(int(inside[-1]) + 1, n - limit)
 
-    top, bottom = span(rows, h)
-    left, right = span(cols, w)
+    h, w = gray.shape
+    # Rows first, then columns of what is left (a white band along the top would otherwise make
+    # every column of a black side frame vary), then rows again for frames under side frames.
+    top, bottom = span(gray.std(axis=1) >= tolerance, h)
+    left, right = span(gray[top:bottom].std(axis=0) >= tolerance, w)
+    inner_top, inner_bottom = span(gray[top:bottom, left:right].std(axis=1) >= tolerance, bottom - top)
+    limit = int(h * most)
+    top, bottom = min(top + inner_top, limit), max(top + inner_bottom, h - limit)
     return gray[top:bottom, left:right]
 
 
