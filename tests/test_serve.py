@@ -20,6 +20,7 @@ from lungxray.config import DataConfig
 from lungxray.data import load_dataset
 from lungxray.infer import to_tensor
 from lungxray.models import get_spec
+from lungxray.ood import fit_ood
 from lungxray.serve import create_app
 from lungxray.train import fit
 
@@ -55,6 +56,18 @@ def real(shared_data, tmp_path_factory):
     return bundle, ds, files, gap
 
 
+@pytest.fixture(scope="module")
+def real_ood(real, tmp_path_factory):
+    """The same model saved with an out-of-distribution score fitted on its images (``real``'s bundle
+    has none: it stands for a bundle from before lungxray fitted one)."""
+    bundle, ds, files, _ = real
+    predictor = Predictor(bundle, backend="torch")
+    folder = tmp_path_factory.mktemp("serve_ood") / "model"
+    config = {k: predictor.config_[k] for k in ("classes", "model", "preprocessing")}
+    save_bundle(folder, predictor.model_, config, ood=fit_ood(ds.images[::2], ds.images[1::2]))
+    return folder, ds, files
+
+
 def test_onnx_runtime_agrees_with_pytorch_on_real_images(real):
     bundle, ds, _, gap = real
     assert gap < 1e-4
@@ -78,6 +91,8 @@ def test_predict_explain_model_health_on_a_real_xray(real):
         assert answer.status_code == 200
         body = answer.json()
         assert body["class"] in info["classes"] and body["model"] == "cnn"
+        assert body["ood_score"] is None and body["in_distribution"] is None  # a bundle without the score
+        assert info["ood"] is None
         assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
         expected = Predictor(bundle).predict_files([files[0]])[0]["probabilities"]
         assert body["probabilities"] == pytest.approx(expected, abs=1e-6)
@@ -87,6 +102,28 @@ def test_predict_explain_model_health_on_a_real_xray(real):
             assert img.size == (384, 384) and len(np.unique(np.asarray(img).reshape(-1, 3), axis=0)) > 50
         assert "/predict" in client.get("/openapi.json").json()["paths"]
         assert '<input id="file"' in client.get("/").text
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_the_service_flags_an_image_unlike_the_training_films(real_ood):
+    bundle, _, files = real_ood
+    with TestClient(create_app(bundle)) as client:
+        assert client.get("/model").json()["ood"]["method"] == "input-mahalanobis-v1"
+        film = client.post("/predict", files={"file": ("film.jpeg", files[0].read_bytes(), "image/jpeg")}).json()
+        assert film["in_distribution"] is True and 0 < film["ood_score"] <= 1
+        expected = Predictor(bundle).predict_files([files[0]])[0]
+        assert film["ood_score"] == pytest.approx(expected["ood_score"], rel=1e-9)
+        flat = _png_bytes(np.full((300, 300), 128, dtype=np.uint8))
+        blank = client.post("/predict", files={"file": ("flat.png", flat, "image/png")}).json()
+        assert blank["in_distribution"] is False and blank["ood_score"] > 1
+        inverted = 255 - np.asarray(Image.open(files[0]).convert("L"))
+        upside = client.post("/predict", files={"file": ("inv.png", _png_bytes(inverted), "image/png")}).json()
+        assert upside["in_distribution"] is False
 
 
 def _hostile_uploads(real_bytes: bytes, png_bytes: bytes) -> list[tuple[str, bytes]]:
@@ -140,11 +177,13 @@ def _free_port() -> int:
 
 
 @pytest.mark.browser
-def test_upload_page_in_chromium_shows_the_class_and_the_overlay(real, tmp_path):
+def test_upload_page_in_chromium_shows_the_class_and_the_overlay(real_ood, tmp_path):
     sync_playwright = browser_or_skip()
     import uvicorn
 
-    bundle, _, files, _ = real
+    bundle, _, files = real_ood
+    flat = tmp_path / "flat.png"
+    flat.write_bytes(_png_bytes(np.full((300, 300), 128, dtype=np.uint8)))
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(bundle), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -171,12 +210,22 @@ def test_upload_page_in_chromium_shows_the_class_and_the_overlay(real, tmp_path)
             bars = page.locator(".bar").count()
             overlay_width = page.evaluate("document.getElementById('overlay').naturalWidth")
             page.screenshot(path=str(tmp_path / "upload.png"), full_page=True)
+            ood_before = page.is_visible("#ood")
+            # an image unlike the training films: a plain warning instead of a verdict
+            page.set_input_files("#file", str(flat))
+            for _ in range(300):
+                if page.is_visible("#ood"):
+                    break
+                time.sleep(0.1)
+            warning = page.inner_text("#ood")
+            result_after = page.is_visible("#result")
             browser.close()
     finally:
         server.should_exit = True
         thread.join(timeout=10)
     assert shown in ("covid", "normal", "viral_pneumonia")
     assert bars == 3 and overlay_width == 384 and errors == []
+    assert not ood_before and warning.startswith("No answer") and not result_after
     assert (tmp_path / "upload.png").stat().st_size > 10_000
 
 

@@ -75,6 +75,7 @@ def crop_borders(gray: np.ndarray, tolerance: float = 3.0, most: float = 0.25) -
     Written here because neither Pillow (``getbbox`` wants one border colour) nor scikit-image
     trims per side by uniformity: a film often has a black frame on one side and a white one on
     another."""
+
     def span(keep: np.ndarray, n: int) -> tuple[int, int]:
         limit = int(n * most)
         inside = np.flatnonzero(keep)

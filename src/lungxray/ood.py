@@ -32,7 +32,7 @@ def thumbnails(images: np.ndarray) -> np.ndarray:
     """(N, H, W) uint8 -> (N, THUMB * THUMB) float64 in [0, 1], area-averaged."""
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().unsqueeze(1) / 255.0
+    x = torch.from_numpy(np.asarray(images, dtype=np.float32)).unsqueeze(1) / 255.0  # a copy: uploads are read-only
     return torch.nn.functional.adaptive_avg_pool2d(x, THUMB).flatten(1).double().numpy()
 
 
