@@ -6,6 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # The shared dataset: ../shared next to the checkout unless DATA=... (or $LUNGXRAY_SHARED_DATA) says where.
 DATA   ?= $(or $(LUNGXRAY_SHARED_DATA),../shared/data/covid19-image-dataset)
+# Adult X-rays from other hospitals, evaluated after the internal test (never trained on), when present.
+EXTERNAL ?= $(dir $(DATA))external-dev
 OUT    ?= runs/demo
 SEED   ?= 0
 
@@ -21,7 +23,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/lungxray run "$(DATA)" --model mlp --out $(OUT) --seed $(SEED) --force
+	$(BIN)/lungxray run "$(DATA)" --model mlp --out $(OUT) --seed $(SEED) --force \
+		$(if $(wildcard $(EXTERNAL)),--external "$(EXTERNAL)")
 
 test: setup
 	LUNGXRAY_SHARED_DATA="$(DATA)" $(BIN)/python -m pytest -q

@@ -225,3 +225,19 @@ def test_decode_repeats_the_options_for_any_file(tmp_path):
     plain, cropped = decode(path.read_bytes(), 16), decode(path.read_bytes(), 16, crop=True)
     assert not np.array_equal(plain, cropped)
     assert (plain[0] == 0).all() and not (cropped[0] == 0).all()  # the black band at the top is gone
+
+
+def test_evaluate_on_other_data_sets_it_against_the_models_own_test(trained_run, tmp_path):
+    _, run, root = trained_run
+    other = tmp_path / "other"
+    for label, name in ((0, "Covid"), (2, "Viral Pneumonia")):
+        (other / name).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(synthetic_image(label, 500 + i)).save(other / name / f"{i}.png")
+    out = tmp_path / "eval"
+    assert cli("evaluate", run / "model", other, "--out", out, "--cache-dir", root / "cache", "--quiet") == 0
+    report = (out / "report.html").read_text().replace("&#x27;", "'")
+    assert "Against the model's own test" in report and "images scored" in report
+    own = json.loads((run / "model" / "metrics.json").read_text())
+    theirs = json.loads((out / "metrics.json").read_text())
+    assert gap_in_words(own, theirs, "other") in report

@@ -8,7 +8,8 @@ functions below are the Python API, each a thin call into those modules:
     result = lungxray.run("DATA", "runs/api", model="mlp", trials=4, epochs=8)
     print(result.metrics["accuracy"], result.metrics["ci95"]["accuracy"])
     predictor = lungxray.load("runs/api")          # the run folder or its model/
-    predictor.predict(["x1.jpeg", "x2.png"])       # [{"path", "class", "probabilities"}, ...]
+    predictor.predict(["x1.jpeg", "x2.png"])       # [{"path", "class", "probabilities", "ood_score",
+                                                   #   "in_distribution"}, ...]
 
 Options are the settings' field names (``lungxray.config``): ``trials``, ``epochs``, ``img_size``,
 ``seed``, ``rotation``, ... as keyword arguments.
@@ -38,16 +39,18 @@ def _configs(options: dict) -> dict:
     return built
 
 
-def run(data, out, *, model: str = "cnn", final_epochs: int | None = None, force: bool = False,
+def run(data, out, *, model: str = "cnn", final_epochs: int | None = None, external=(), force: bool = False,
         progress: bool = True, **options):  # fmt: skip
-    """The whole job, as ``lungxray run``: returns ``pipeline.RunResult`` (``summary``, ``metrics``)."""
+    """The whole job, as ``lungxray run``: returns ``pipeline.RunResult`` (``summary``, ``metrics``).
+    ``external``: folders from other hospitals to evaluate the final model on (``--external``)."""
     from pathlib import Path
 
     from lungxray.pipeline import run as run_pipeline
 
     c = _configs(options)
     return run_pipeline(Path(data), Path(out), model, c["data"], c["split"], c["tune"], c["train"],
-                        final_epochs=final_epochs, force=force, progress=progress)  # fmt: skip
+                        final_epochs=final_epochs, external=[Path(e) for e in external], force=force,
+                        progress=progress)  # fmt: skip
 
 
 def cross_validate(data, out, *, model: str = "cnn", folds: int = 5, repeats: int = 1, params: dict | None = None,

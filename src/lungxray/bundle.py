@@ -339,7 +339,10 @@ class Predictor:
             raise BundleError(f"{self.folder / CONFIG} names an out-of-distribution score but {OOD} is not listed")
         from safetensors.numpy import load_file as load_arrays
 
-        tensors = load_arrays(str(self.folder / OOD))
+        try:
+            tensors = load_arrays(str(self.folder / OOD))
+        except Exception as exc:  # safetensors raises its own SafetensorError on a bad header
+            raise BundleError(f"{self.folder / OOD} is not a readable safetensors file ({exc})") from None
         n = tensors.get("location", np.zeros(0)).shape
         shapes = {
             "pca_mean": (THUMB**2,),

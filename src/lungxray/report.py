@@ -395,13 +395,13 @@ def _summary(folder: Path, model_dir: Path, found: dict, metrics: dict, cv: dict
             + _table(["", "value"], rows) + f'<p class="warning">{html.escape(CAVEAT)}</p></section>')  # fmt: skip
 
 
-def _ood(metrics: dict, external: dict[str, dict]) -> str:
+def _ood(metrics: dict, external: dict[str, dict], label: str = "internal test") -> str:
     """The out-of-distribution flag on the test images (and each external set): how many it
     flagged, the metrics on the ones it accepts, coverage against accuracy, and what it cannot do."""
     from lungxray.evaluate import coverage_figure
 
     ood = metrics["ood"]
-    sets = {"internal test": ood} | {name: m["ood"] for name, m in external.items() if m.get("ood")}
+    sets = {label: ood} | {name: m["ood"] for name, m in external.items() if m.get("ood")}
     rows = []
     for name, s in sets.items():
         accepted = s["accepted"]
@@ -468,6 +468,15 @@ def _external(metrics: dict, external: dict[str, dict]) -> str:
             + f"<p>{html.escape(gap_in_words(metrics, ext, name))}</p>"
         )
     return "".join(parts)
+
+
+def _internal_metrics(folder: Path, model_dir: Path) -> dict | None:
+    """The test metrics stored in the bundle, when ``folder`` is an evaluation of other data (not
+    the run that trained the bundle, whose metrics they are)."""
+    if (folder / runfolder.RUN).is_file() or not (model_dir / CHECKSUMS).is_file():
+        return None
+    listed = runfolder.read_json(model_dir, CHECKSUMS) or {}
+    return runfolder.read_json(model_dir, runfolder.METRICS) if runfolder.METRICS in listed else None
 
 
 def _interval(ci: dict, key: str) -> str:
@@ -563,9 +572,17 @@ def write_report(folder: Path, model_dir: Path | None = None) -> Path:
         for sub in sorted((folder / runfolder.EXTERNAL).glob("*"))
         if (sub / runfolder.METRICS).is_file()
     }
+    own_run = (folder / runfolder.RUN).is_file()
     if metrics.get("ood"):
-        sections.append(_section("ood", "Out-of-distribution flag", _ood(metrics, external)))
-    if external and not cv:
+        label = "internal test" if own_run else "images scored"
+        sections.append(_section("ood", "Out-of-distribution flag", _ood(metrics, external, label)))
+    internal = _internal_metrics(folder, model_dir) if not cv else None
+    if internal is not None and internal["confusion_matrix"] != metrics["confusion_matrix"]:
+        # `evaluate` on other data: this data against the model's own test
+        root = (found["scan"] or {}).get("root", "")
+        compared = {Path(root).name or "this data": metrics | {"data": root}}
+        sections.append(_section("external", "Against the model's own test", _external(internal, compared)))
+    elif external and not cv:
         sections.append(_section("external", "Other hospitals", _external(metrics, external)))
     if found["audit"]:
         sections.append(_section("audit", "Shortcut audit", _audit(found["audit"])))
