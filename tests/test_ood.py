@@ -241,3 +241,13 @@ def test_evaluate_on_other_data_sets_it_against_the_models_own_test(trained_run,
     own = json.loads((run / "model" / "metrics.json").read_text())
     theirs = json.loads((out / "metrics.json").read_text())
     assert gap_in_words(own, theirs, "other") in report
+
+
+def test_an_external_folder_with_a_class_the_model_lacks_fails_before_the_search(tmp_path):
+    data = write_tree(tmp_path / "data", per_class=8)
+    odd = tmp_path / "odd" / "tuberculosis"
+    odd.mkdir(parents=True)
+    Image.fromarray(synthetic_image(0, 1)).save(odd / "a.png")
+    out = tmp_path / "run"
+    assert cli("run", data, "--out", out, "--external", odd.parent, "--img-size 16 --trials 1 --epochs 1 --quiet") == 2
+    assert not (out / "trials.json").exists() and not (out / "model").exists()

@@ -402,9 +402,9 @@ def ood_summary(y_true: np.ndarray, probs: np.ndarray, scores: np.ndarray | None
         },
         "wrong_caught": int((flagged & ~correct).sum()),
         "n_wrong": int((~correct).sum()),
-        "accepted": compute_metrics(y_true[accepted], probs[accepted], classes, resamples=0)
-        if len(set(y_true[accepted].tolist())) >= 1 and accepted.any()
-        else None,
+        "accepted": (
+            compute_metrics(y_true[accepted], probs[accepted], classes, resamples=0) if accepted.any() else None
+        ),
         "coverage_curve": {
             "coverage": (kept / len(order)).round(4).tolist(),
             "accuracy": accuracy_at.round(4).tolist(),

@@ -413,6 +413,22 @@ def external_names(folders: list[Path] | tuple) -> dict[str, Path]:
     return names
 
 
+def _check_external_classes(folder: Path, classes: list[str]) -> None:
+    """An external folder holds class folders, each one of ``classes`` (after normalising names)."""
+    from lungxray.data import discover
+
+    _, files, _ = discover(folder, same_classes=False)
+    unknown = sorted({label for _, label, _ in files} - set(classes))
+    if not files or unknown:
+        raise DataError(
+            f"--external {folder}: "
+            + (f"class folder(s) {', '.join(unknown)} are not among the model's" if unknown else "no images found")
+            + f" ({', '.join(classes)})",
+            hint="an external folder holds some or all of DATA's class folders (names are matched after "
+            "normalising, e.g. 'Viral Pneumonia' = viral_pneumonia)",
+        )
+
+
 def external_stage(
     model_dir: Path, data_cfg: DataConfig, folders: dict[str, Path], out: Path, progress: bool = True
 ) -> dict[str, dict]:
@@ -445,6 +461,8 @@ def _run(
     set_threads(final_cfg.threads)
     clock = Clock()
     ds, split = prepare(data, data_cfg, split_cfg, out, progress, model_name)
+    for folder in external.values():  # before the search: an external set the model cannot score fails now
+        _check_external_classes(folder, ds.classes)
     clock.lap("scan_and_split_s")
     tuned = tune_stage(ds, split, model_name, tune_cfg, trial_cfg, out, progress)
     clock.lap("tune_s")
