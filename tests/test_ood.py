@@ -249,5 +249,6 @@ def test_an_external_folder_with_a_class_the_model_lacks_fails_before_the_search
     odd.mkdir(parents=True)
     Image.fromarray(synthetic_image(0, 1)).save(odd / "a.png")
     out = tmp_path / "run"
-    assert cli("run", data, "--out", out, "--external", odd.parent, "--img-size 16 --trials 1 --epochs 1 --quiet") == 2
+    flags = "--img-size 16 --trials 1 --epochs 1 --quiet --cache-dir"
+    assert cli("run", data, "--out", out, "--external", odd.parent, flags, tmp_path / "cache") == 2
     assert not (out / "trials.json").exists() and not (out / "model").exists()
