@@ -31,6 +31,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).parent))
+from _report import PLAIN  # noqa: E402
 
 # name -> changes to the default CNN. hp: model/optimiser hyperparameters; cfg: TrainConfig fields;
 # size: input side; members: fits (seeds) averaged per fold; trainval: train on train + val, keep
@@ -74,7 +76,7 @@ def export(data: Path, out: Path, sizes: list[int], folds: int, seed: int, cache
 
     arrays, first = {}, None
     for size in sizes:
-        ds = load_dataset(data, DataConfig(img_size=size, cache_dir=cache), progress=False)
+        ds = load_dataset(data, DataConfig(img_size=size, cache_dir=cache, **PLAIN), progress=False)
         first = first or ds
         assert [s.path for s in ds.samples] == [s.path for s in first.samples]
         arrays[f"x{size}"] = ds.images

@@ -38,15 +38,15 @@ from _report import machine, update_section  # noqa: E402
 MLP_PARAMS = {"activation": "tanh", "layer_1": 128, "layer_2": 128, "layer_3": 128, "dropout_1": 0.1,
               "dropout_2": 0.2, "learning_rate": 0.0001}  # fmt: skip
 
-# name -> (DataConfig fields, scanner augmentation)
+# name -> (DataConfig fields, scanner augmentation); each spells both options, whatever the defaults
 VARIANTS = {
-    "none": ({}, False),
-    "hist": ({"equalize": "hist"}, False),
-    "clahe": ({"equalize": "clahe"}, False),
-    "crop": ({"crop_borders": True}, False),
+    "none": ({"crop_borders": False, "equalize": "none"}, False),
+    "hist": ({"crop_borders": False, "equalize": "hist"}, False),
+    "clahe": ({"crop_borders": False, "equalize": "clahe"}, False),
+    "crop": ({"crop_borders": True, "equalize": "none"}, False),
     "crop+clahe": ({"crop_borders": True, "equalize": "clahe"}, False),
-    "scanner-aug": ({}, True),
-    "clahe+scanner-aug": ({"equalize": "clahe"}, True),
+    "scanner-aug": ({"crop_borders": False, "equalize": "none"}, True),
+    "clahe+scanner-aug": ({"crop_borders": False, "equalize": "clahe"}, True),
 }
 
 

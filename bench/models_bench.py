@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import machine, update_section  # noqa: E402
+from _report import PLAIN, machine, update_section  # noqa: E402
 
 # The best parameters of `make demo`'s search (seed 0, BENCHMARKS.md section (b)).
 MLP_PARAMS = {
@@ -71,7 +71,7 @@ def cross_validate(
         data,
         out / name,
         model,
-        DataConfig(cache_dir=out / "cache"),
+        DataConfig(cache_dir=out / "cache", **PLAIN),
         cfg,
         folds=folds,
         params=params,

@@ -25,7 +25,7 @@ from lungxray.config import DataConfig
 from lungxray.data import discover, load_dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import machine, update_section  # noqa: E402
+from _report import PLAIN, machine, update_section  # noqa: E402
 
 
 def naive(paths: list[Path], size: int) -> np.ndarray:
@@ -59,7 +59,8 @@ def main() -> None:
     for _ in range(args.repeats):
         naive_s.append(timed(lambda: naive(paths, 128)))
         with tempfile.TemporaryDirectory() as cache:
-            scan = functools.partial(load_dataset, args.data, DataConfig(cache_dir=Path(cache)), progress=False)
+            plain = DataConfig(cache_dir=Path(cache), **PLAIN)
+            scan = functools.partial(load_dataset, args.data, plain, progress=False)
             cold_s.append(timed(scan))  # empty cache
             cached_s.append(timed(scan))  # the cache the first call filled
     n, c, w = (statistics.median(x) for x in (naive_s, cold_s, cached_s))

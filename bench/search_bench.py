@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KERAS_VENV = ROOT / "bench" / ".keras-venv"
 KERAS_REQUIREMENTS = ROOT / "bench" / "keras-requirements.txt"
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import machine, update_section  # noqa: E402
+from _report import PLAIN, machine, update_section  # noqa: E402
 
 
 def keras_python() -> Path:
@@ -58,6 +58,10 @@ def lungxray_run(data: Path, out: Path, seed: int, pruner: str, cache: Path) -> 
         pruner,
         "--cache-dir",
         str(cache),
+        # the tutorial's preprocessing (plain resize), as the Keras reference reads the images
+        "--equalize",
+        "none",
+        "--no-crop-borders",
         "--force",
         "--quiet",
     ]
@@ -76,7 +80,7 @@ def lungxray_predict_speed(model_dir: Path, data_out: Path) -> float:
     test = set(json.loads((data_out / "splits.json").read_text())["test"])
     run = json.loads((data_out / "run.json").read_text())
     ds = load_dataset(
-        Path(run["data"]), DataConfig(cache_dir=Path(run["settings"]["data"]["cache_dir"])), progress=False
+        Path(run["data"]), DataConfig(cache_dir=Path(run["settings"]["data"]["cache_dir"]), **PLAIN), progress=False
     )
     images = ds.images[[i for i, s in enumerate(ds.samples) if str(s.path) in test]]
     many = np.concatenate([images] * max(1, 2048 // len(images)))
