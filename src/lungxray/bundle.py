@@ -27,7 +27,7 @@ from lungxray.decode import decode, read_image_file
 from lungxray.errors import BundleError, OutputExistsError, UnusableImage
 from lungxray.infer import predict_logits, to_tensor
 from lungxray.models import create_model
-from lungxray.ood import METHOD, THUMB, OODScore, fields
+from lungxray.ood import METHOD, N_STATISTICS, THUMB, OODScore, fields
 from lungxray.runfolder import MODEL, write_text
 
 FORMAT = "lungxray-bundle"
@@ -346,11 +346,12 @@ class Predictor:
         n = tensors.get("location", np.zeros(0)).shape
         shapes = {
             "pca_mean": (THUMB**2,),
-            "pca_components": (n[0] - 11 if n else -1, THUMB**2),
+            "pca_components": (n[0] - N_STATISTICS if n else -1, THUMB**2),
             "location": n,
             "precision": n * 2,
         }
-        if set(tensors) != set(shapes) or any(tensors[k].shape != v for k, v in shapes.items()) or not n or n[0] <= 11:
+        misshapen = set(tensors) != set(shapes) or any(tensors[k].shape != v for k, v in shapes.items())
+        if misshapen or not n or n[0] <= N_STATISTICS:
             raise BundleError(f"{self.folder / OOD} does not hold the tensors of {METHOD}; re-export the model")
         return OODScore({k: v.astype(np.float64) for k, v in tensors.items()}, self.config_["ood"])
 

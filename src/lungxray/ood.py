@@ -1,9 +1,10 @@
 """The out-of-distribution score: how unlike the training images an input is, and the flag.
 
-Each preprocessed image is described by 31 numbers: the first 20 principal components of its 32x32
+Each preprocessed image is described by 33 numbers: the first 20 principal components of its 32x32
 thumbnail (what is where: an upright chest film, not one rotated, upside down, inverted or cropped)
-and 11 intensity and texture statistics (grey-level percentiles, contrast, gradient energy along x
-and y: not a flat image, noise, text or a photograph). A Gaussian with Ledoit-Wolf shrinkage is
+and 13 intensity and texture statistics (grey-level percentiles, contrast, gradient energy along x
+and y, the detail lost at half and quarter resolution: not a flat image, noise, text, a photograph
+or an enlarged crop). A Gaussian with Ledoit-Wolf shrinkage is
 fitted to the training images' descriptors; an input's score is its Mahalanobis distance to it,
 divided by the 95th percentile of the validation images' distances, so a score above 1 is flagged
 ("in_distribution": false) and about 5% of images like the validation ones are flagged.
@@ -36,15 +37,34 @@ def thumbnails(images: np.ndarray) -> np.ndarray:
     return torch.nn.functional.adaptive_avg_pool2d(x, THUMB).flatten(1).double().numpy()
 
 
+N_STATISTICS = 13
+
+
+def _log_gradient(x: np.ndarray) -> np.ndarray:
+    """(N, H, W) float -> (N,) log of the mean absolute difference between neighbours, both ways."""
+    return np.log(np.abs(np.diff(x, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(x, axis=2)).mean(axis=(1, 2)) + 1e-4)
+
+
+def _halve(x: np.ndarray) -> np.ndarray:
+    """(N, H, W) -> (N, H // 2, W // 2) by 2x2 averaging."""
+    n, h, w = x.shape
+    return x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+
+
 def statistics(images: np.ndarray) -> np.ndarray:
-    """(N, H, W) uint8 -> (N, 11): grey-level percentiles 2..98, standard deviation, log mean
-    absolute gradient along x and along y, and their difference (a film on its side swaps them)."""
+    """(N, H, W) uint8 -> (N, N_STATISTICS): grey-level percentiles 2..98, standard deviation, log
+    mean absolute gradient along x and along y and their difference (a film on its side swaps
+    them), and how much detail each halving of the resolution removes, twice (a crop of part of a
+    film, enlarged, has less fine detail for its coarse structure)."""
     x = images.astype(np.float64) / 255.0
     flat = x.reshape(len(x), -1)
     quantiles = np.percentile(flat, [2, 10, 25, 50, 75, 90, 98], axis=1).T  # (N, 7)
     gx = np.log(np.abs(np.diff(x, axis=2)).mean(axis=(1, 2)) + 1e-4)
     gy = np.log(np.abs(np.diff(x, axis=1)).mean(axis=(1, 2)) + 1e-4)
-    return np.column_stack([quantiles, flat.std(axis=1), gx, gy, gx - gy])
+    half = _halve(x)
+    quarter = _halve(half)
+    detail = [_log_gradient(x) - _log_gradient(half), _log_gradient(half) - _log_gradient(quarter)]
+    return np.column_stack([quantiles, flat.std(axis=1), gx, gy, gx - gy, *detail])
 
 
 class OODScore:
@@ -53,13 +73,13 @@ class OODScore:
     def __init__(self, tensors: dict[str, np.ndarray], info: dict) -> None:
         self.mean = tensors["pca_mean"]  # (THUMB*THUMB,)
         self.components = tensors["pca_components"]  # (k, THUMB*THUMB)
-        self.location = tensors["location"]  # (k + 11,)
-        self.precision = tensors["precision"]  # (k + 11, k + 11)
+        self.location = tensors["location"]  # (k + N_STATISTICS,)
+        self.precision = tensors["precision"]  # (k + N_STATISTICS, k + N_STATISTICS)
         self.info = info  # method, threshold, percentile, counts: config.json's "ood"
         self.threshold = float(info["threshold"])
 
     def descriptors(self, images: np.ndarray) -> np.ndarray:
-        """(N, H, W) uint8 -> (N, k + 11)."""
+        """(N, H, W) uint8 -> (N, k + N_STATISTICS)."""
         pcs = (thumbnails(images) - self.mean) @ self.components.T
         return np.column_stack([pcs, statistics(images)])
 
@@ -99,8 +119,8 @@ def fit_ood(train: np.ndarray, val: np.ndarray, percentile: float = PERCENTILE) 
         {
             "pca_mean": pca.mean_,
             "pca_components": pca.components_,
-            "location": np.zeros(k + 11),
-            "precision": np.eye(k + 11),
+            "location": np.zeros(k + N_STATISTICS),
+            "precision": np.eye(k + N_STATISTICS),
         },
         {"threshold": 1.0},
     )
