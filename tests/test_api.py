@@ -21,6 +21,7 @@ def test_the_readme_python_example_runs(shared_data, tmp_path, capsys, monkeypat
     code = re.search(r"## Python API.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
     code = code.replace("../shared/data/covid19-image-dataset", str(shared_data))
     monkeypatch.chdir(tmp_path)  # runs/api and runs/api-cv land here
+    capsys.readouterr()  # what `train` printed
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 5 and printed[1].endswith("}")  # best params, accuracy and CI; 3 predictions; cv
@@ -57,6 +58,7 @@ def test_the_readme_onnx_example_runs_with_onnxruntime_alone(trained_run, tmp_pa
     code = re.search(r"### ONNX Runtime alone.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
     code = code.replace("runs/demo/model/model.onnx", str(bundle / "model.onnx"))
     code = code.replace("../shared/data/covid19-image-dataset/test/Normal/0101.jpeg", str(image))
+    capsys.readouterr()  # what `train` printed
     exec(compile(code, "README.md", "exec"), {})
     printed = ast.literal_eval(capsys.readouterr().out.strip())  # the dict the example prints
     predictor = Predictor(bundle, backend="torch")

@@ -28,9 +28,9 @@ def _films(n: int, start: int, size: int = 32) -> np.ndarray:
 
 
 def test_ood_score_is_higher_on_foreign_images_than_on_held_out_training_like_images():
-    train, val, held_out = _films(30, 0), _films(8, 100), _films(10, 200)
+    train, val, held_out = _films(40, 0), _films(20, 100), _films(30, 500)
     score = fit_ood(train, val)
-    assert score.info["threshold_from"] == "validation images" and score.info["n_fit"] == 90
+    assert score.info["threshold_from"] == "validation images" and score.info["n_fit"] == 120
     rng = np.random.default_rng(0)
     foreign = {
         "inverted": 255 - held_out,
@@ -39,7 +39,9 @@ def test_ood_score_is_higher_on_foreign_images_than_on_held_out_training_like_im
         "noise": rng.integers(0, 256, held_out.shape, dtype=np.uint8),
     }
     mine = score.score(held_out)
-    assert (mine > 1).mean() <= 0.2  # about 5% by design, on 30 images
+    # About 5% by design; on these toy images the distances concentrate near the threshold, so a
+    # held-out sample of 90 lands anywhere in 5-12% (measured over other draws).
+    assert (mine > 1).mean() <= 0.15
     for kind, images in foreign.items():
         theirs = score.score(images)
         assert np.median(theirs) > np.percentile(mine, 95), kind
@@ -82,20 +84,27 @@ def _framed_tree(root: Path, per_class: int = 10) -> Path:
     return root
 
 
-@pytest.mark.parametrize("options", [{"equalize": "hist"}, {"equalize": "clahe"}, {"crop_borders": True}, {}], ids=str)
+PLAIN = {"crop_borders": False, "equalize": "none"}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [PLAIN | {"equalize": "hist"}, PLAIN | {"equalize": "clahe"}, PLAIN | {"crop_borders": True}, PLAIN, {}],
+    ids=["hist", "clahe", "crop", "plain", "defaults"],
+)
 def test_each_preprocessing_option_round_trips_through_the_bundle(tmp_path, options):
     data = _framed_tree(tmp_path / "data")
     data_cfg = DataConfig(img_size=16, cache_dir=tmp_path / "cache", **options)
     ds, split = prepare(data, data_cfg, SplitConfig(val_fraction=0.2, test_fraction=0.2), progress=False)
-    if options:  # the option changed what the model sees
-        plain = prepare(data, DataConfig(img_size=16, cache_dir=tmp_path / "cache"), SplitConfig(), progress=False)[0]
-        assert not np.array_equal(plain.images, ds.images)
+    if options != PLAIN:  # the option changed what the model sees
+        plain_cfg = DataConfig(img_size=16, cache_dir=tmp_path / "cache", **PLAIN)
+        assert not np.array_equal(prepare(data, plain_cfg, SplitConfig(), progress=False)[0].images, ds.images)
     hp = {"layer_1": 16, "layer_2": 16, "layer_3": 16, "learning_rate": 1e-3}
     _, folder = train_stage(ds, split, "mlp", hp, TrainConfig(epochs=2), data_cfg, tmp_path / "run", progress=False)
     predictor = Predictor(folder)
     config = json.loads((folder / CONFIG).read_text())
-    assert config["preprocessing"]["equalize"] == options.get("equalize", "none")
-    assert config["preprocessing"]["crop_borders"] == options.get("crop_borders", False)
+    assert config["preprocessing"]["equalize"] == data_cfg.equalize == options.get("equalize", "clahe")
+    assert config["preprocessing"]["crop_borders"] == data_cfg.crop_borders == options.get("crop_borders", True)
     # load -> decode gives the array the model was trained on, file by file
     for sample, pixels in zip(ds.samples, ds.images, strict=True):
         assert np.array_equal(predictor.decode(sample.path.read_bytes()), pixels), sample.path

@@ -390,7 +390,8 @@ def _model_and_data(args):
         args.model_dir, args.data, from_args(DataConfig, args), args.splits, not args.quiet, args.include_seen
     )
     print(_seen_line(seen))
-    return predictor, ds, idx, {"seen_excluded": 0 if seen["included"] else seen["n_seen"], "seen_images": seen}
+    extra = {"data": str(ds.root), "seen_excluded": 0 if seen["included"] else seen["n_seen"], "seen_images": seen}
+    return predictor, ds, idx, extra
 
 
 def _seen_line(seen: dict) -> str:

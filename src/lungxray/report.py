@@ -579,7 +579,7 @@ def write_report(folder: Path, model_dir: Path | None = None) -> Path:
     internal = _internal_metrics(folder, model_dir) if not cv else None
     if internal is not None and internal["confusion_matrix"] != metrics["confusion_matrix"]:
         # `evaluate` on other data: this data against the model's own test
-        root = (found["scan"] or {}).get("root", "")
+        root = metrics.get("data") or (found["scan"] or {}).get("root", "")
         compared = {Path(root).name or "this data": metrics | {"data": root}}
         sections.append(_section("external", "Against the model's own test", _external(internal, compared)))
     elif external and not cv:
