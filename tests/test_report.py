@@ -21,6 +21,7 @@ RUN_SECTIONS = [
     "roc",
     "calibration",
     "errors",
+    "ood",
     "audit",
 ]
 
