@@ -10,8 +10,9 @@ inputs, each written as a PNG file and read back through the bundle's own decodi
 - things that are not radiographs: uniform noise, rendered text, a colour photograph-like image
   (gradients and shapes), a flat grey image;
 
-and prints the share each detector flags, each thresholded at the 95th percentile of the
-validation images' scores: lungxray's score (Mahalanobis distance of the input descriptors), the
+and prints the share each detector flags: lungxray's score (Mahalanobis distance of the input
+descriptors, its own cross-fitted threshold) and two alternatives thresholded at the 95th
+percentile of the validation images' scores, the
 Mahalanobis distance of the penultimate features to the training classes (Lee et al., 2018) and
 the energy score (Liu et al., 2020). Also: the internal test images, the external images, and the
 share of the external images the model gets wrong that the flag catches.
@@ -223,7 +224,8 @@ def main() -> None:
             "ood",
             f"## Out-of-distribution flag\n\nCommand: {command} ({machine()}; {time.perf_counter() - start:.0f} s). "
             f"The default model ({args.model}, registered hyperparameters, default preprocessing) trained on the "
-            "standard split (seed 0); each detector's threshold is the 95th percentile of its scores on the "
+            "standard split (seed 0); lungxray's threshold is the 95th percentile of the cross-fitted distances of "
+            "the training and validation images, each alternative's the 95th percentile of its scores on the "
             "validation images. Shares flagged:\n\n"
             + table
             + "\nThe flag (no network involved) per preprocessing variant, on the folds of bench/external_bench.py:\n\n"

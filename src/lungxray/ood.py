@@ -5,19 +5,20 @@ thumbnail (what is where: an upright chest film, not one rotated, upside down, i
 and 13 intensity and texture statistics (grey-level percentiles, contrast, gradient energy along x
 and y, the detail lost at half and quarter resolution: not a flat image, noise, text, a photograph
 or an enlarged crop). A Gaussian with Ledoit-Wolf shrinkage is fitted to the training images'
-descriptors; an input's score is its Mahalanobis distance to it,
-divided by the 95th percentile of the out-of-sample distances of the training and validation
-images (cross-fitted, ``fit_ood``), so a score above 1 is flagged ("in_distribution": false) and
-about 5% of images like the training ones are flagged.
+descriptors; an input's score is its Mahalanobis distance to it, divided by the 95th percentile of
+the out-of-sample distances of the training and validation images (cross-fitted, ``fit_ood``), so
+a score above 1 is flagged ("in_distribution": false) and about 5% of images like the training
+ones are flagged.
 
 Measured against two alternatives (BENCHMARKS.md, "Out-of-distribution flag"), each thresholded
-the same way: the Mahalanobis distance of the network's penultimate features to the training
-classes (Lee et al., 2018) flagged 57-72% of rotated, upside-down and quarter-cropped films, the
-energy score at most 30% of any foreign kind, where this score flags 95-100% of each; and this one
-does not depend on the network, so every model gets it the same way. scikit-learn fits it (PCA,
-LedoitWolf); scoring is two matrix products in NumPy, so the serving side needs neither
-scikit-learn nor the training code. What it cannot do: tell an adult
-normal film from the adult COVID-19 films the shared set holds (both are plausible chest films).
+at the 95th percentile of the validation images' scores: the Mahalanobis distance of the network's
+penultimate features to the training classes (Lee et al., 2018) flagged 57-72% of rotated,
+upside-down and quarter-cropped films, the energy score at most 30% of any foreign kind, where
+this score flags 95-100% of each; and this one does not depend on the network, so every model gets
+it the same way. scikit-learn fits it (PCA, LedoitWolf); scoring is two matrix products in NumPy,
+so the serving side needs neither scikit-learn nor the training code. What it cannot do: tell an
+adult normal film from the adult COVID-19 films the shared set holds (both are plausible chest
+films).
 """
 
 from __future__ import annotations

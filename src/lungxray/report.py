@@ -413,7 +413,8 @@ def _ood(metrics: dict, external: dict[str, dict], label: str = "internal test")
     text = (
         "<p>Every prediction carries an out-of-distribution score: how far the image lies from the "
         "training images (Mahalanobis distance of its thumbnail's principal components and its grey-level "
-        "and texture statistics), divided by the 95th percentile of the validation images' distances. "
+        "and texture statistics), divided by the 95th percentile of the training and validation images' "
+        "distances (each scored by a fit without it). "
         "Above 1 the image is flagged: the upload page gives no verdict, and predictions say "
         '<code>"in_distribution": false</code>. About 5% of images like the validation ones are '
         "flagged by design.</p>"
