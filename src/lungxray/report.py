@@ -416,12 +416,13 @@ def _ood(metrics: dict, external: dict[str, dict], label: str = "internal test")
         "and texture statistics), divided by the 95th percentile of the training and validation images' "
         "distances (each scored by a fit without it). "
         "Above 1 the image is flagged: the upload page gives no verdict, and predictions say "
-        '<code>"in_distribution": false</code>. About 5% of images like the validation ones are '
+        '<code>"in_distribution": false</code>. About 5% of images like the training ones are '
         "flagged by design.</p>"
         '<p class="warning">What the flag does not do: it catches inputs unlike any training film (inverted, '
         "rotated, upside down, cropped, blank, noise, text, photographs), not a plausible chest film from a "
-        "population the training data lacks. Adult normal films look like the adult COVID-19 films of the shared "
-        "set, so most of them pass the flag and are still called COVID-19; see Other hospitals.</p>"
+        "population the training data lacks. On the shared dataset, adult normal films look like its adult "
+        "COVID-19 films: most of them pass the flag and are still called COVID-19. Where an external set was "
+        "scored, its section below shows what the flag did there.</p>"
     )
     figure = _png(coverage_figure(sets), "accuracy on the accepted images against the share accepted, per dataset")
     table = _table(["images", "flagged", "share flagged", "accuracy on accepted", "errors flagged"], rows)
@@ -471,10 +472,9 @@ def _external(metrics: dict, external: dict[str, dict]) -> str:
     return "".join(parts)
 
 
-def _internal_metrics(folder: Path, model_dir: Path) -> dict | None:
-    """The test metrics stored in the bundle, when ``folder`` is an evaluation of other data (not
-    the run that trained the bundle, whose metrics they are)."""
-    if (folder / runfolder.RUN).is_file() or not (model_dir / CHECKSUMS).is_file():
+def _internal_metrics(model_dir: Path) -> dict | None:
+    """The test metrics stored in the bundle (listed in its checksums), if any."""
+    if not (model_dir / CHECKSUMS).is_file():
         return None
     listed = runfolder.read_json(model_dir, CHECKSUMS) or {}
     return runfolder.read_json(model_dir, runfolder.METRICS) if runfolder.METRICS in listed else None
@@ -573,11 +573,11 @@ def write_report(folder: Path, model_dir: Path | None = None) -> Path:
         for sub in sorted((folder / runfolder.EXTERNAL).glob("*"))
         if (sub / runfolder.METRICS).is_file()
     }
-    own_run = (folder / runfolder.RUN).is_file()
+    own_run = found["splits"] is not None  # a run's folder (its test split), not an evaluation of other data
     if metrics.get("ood"):
         label = "internal test" if own_run else "images scored"
         sections.append(_section("ood", "Out-of-distribution flag", _ood(metrics, external, label)))
-    internal = _internal_metrics(folder, model_dir) if not cv else None
+    internal = _internal_metrics(model_dir) if not cv and not own_run else None
     if internal is not None and internal["confusion_matrix"] != metrics["confusion_matrix"]:
         # `evaluate` on other data: this data against the model's own test
         root = metrics.get("data") or (found["scan"] or {}).get("root", "")
