@@ -69,6 +69,13 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+def without_scanner(cfg):
+    """The settings with scanner augmentation off: the sweep was measured before it was the cnn's default."""
+    from dataclasses import replace
+
+    return replace(cfg, augment=replace(cfg.augment, scanner=False))
+
+
 def export(data: Path, out: Path, sizes: list[int], folds: int, seed: int, cache: Path) -> None:
     from lungxray.config import DataConfig
     from lungxray.data import load_dataset
@@ -122,7 +129,7 @@ def _fold_probs(npz: str, name: str, fold: int, seed: int, device: str, threads:
             (x[train], y[train]),
             (x[val], y[val]),
             len(d["classes"]),
-            resolve_train(TrainConfig(seed=seed + 1000 * m, threads=threads, **cfg), spec.recipe, hp),
+            without_scanner(resolve_train(TrainConfig(seed=seed + 1000 * m, threads=threads, **cfg), spec.recipe, hp)),
         )
         probs = probs + torch.softmax(predict_logits(result.model, x[test]).double(), 1).numpy()
     return probs / v.get("members", 1), time.perf_counter() - start

@@ -49,7 +49,7 @@ def test_the_readme_onnx_example_runs_with_onnxruntime_alone(trained_run, tmp_pa
     data, out, root = trained_run
     # the example repeats the tutorial's plain resize: a model trained with that preprocessing
     run = tmp_path / "plain"
-    flags = "--img-size 16 --equalize none --no-crop-borders --params defaults --epochs 2 --quiet --cache-dir"
+    flags = "--img-size 16 --params defaults --epochs 2 --quiet --cache-dir"
     assert cli("train", data, "--out", run, "--model mlp", flags, root / "cache") == 0
     bundle = tmp_path / "model"
     shutil.copytree(run / "model", bundle)
