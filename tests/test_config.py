@@ -36,7 +36,7 @@ def test_user_values_win_over_the_recipe_and_params_over_batch_size():
     cfg = TrainConfig(epochs=3, batch_size=8, optimizer="adam", augment=AugmentConfig(enabled=False, rotation=9))
     done = resolve_train(cfg, recipe)
     assert (done.epochs, done.batch_size, done.optimizer, done.schedule) == (3, 8, "adam", "cosine")
-    assert done.augment == AugmentConfig(enabled=False, rotation=9)
+    assert done.augment == AugmentConfig(enabled=False, rotation=9, scanner=True)  # scanner: the cnn's recipe
     assert resolve_train(cfg, recipe, {"batch_size": 32, "learning_rate": 1e-3}).batch_size == 32
     assert resolve_train(cfg, recipe, {"learning_rate": 1e-3}).batch_size == 8
 
@@ -44,8 +44,11 @@ def test_user_values_win_over_the_recipe_and_params_over_batch_size():
 def test_augment_ranges_without_the_switch_follow_the_recipe():
     """--rotate 10 alone: on for a CNN (its recipe augments) with that range, off for the MLP."""
     cfg = TrainConfig(augment=AugmentConfig(rotation=10))
-    assert resolve_train(cfg, REGISTRY["cnn"].recipe).augment == AugmentConfig(enabled=True, rotation=10)
+    assert resolve_train(cfg, REGISTRY["cnn"].recipe).augment == AugmentConfig(enabled=True, rotation=10, scanner=True)
     assert resolve_train(cfg, REGISTRY["mlp"].recipe).augment.enabled is False
+    assert resolve_train(cfg, REGISTRY["mlp"].recipe).augment.scanner is False
+    off = TrainConfig(augment=AugmentConfig(scanner=False))  # --no-scanner-augment wins over the recipe
+    assert resolve_train(off, REGISTRY["cnn"].recipe).augment.scanner is False
     assert TrainConfig(augment=False).augment == AugmentConfig(enabled=False)  # the bool shorthand
 
 

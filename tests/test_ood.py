@@ -90,8 +90,13 @@ PLAIN = {"crop_borders": False, "equalize": "none"}
 
 @pytest.mark.parametrize(
     "options",
-    [{"equalize": "hist"}, {"equalize": "clahe"}, {"crop_borders": True}, {"crop_borders": True, "equalize": "clahe"},
-     {}],  # fmt: skip
+    [
+        {"equalize": "hist"},
+        {"equalize": "clahe"},
+        {"crop_borders": True},
+        {"crop_borders": True, "equalize": "clahe"},
+        {},
+    ],  # fmt: skip
     ids=["hist", "clahe", "crop", "crop+clahe", "defaults"],
 )
 def test_each_preprocessing_option_round_trips_through_the_bundle(tmp_path, options):
