@@ -4,6 +4,7 @@ augmentation, and external validation (`run --external`, the report's Other hosp
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -212,7 +213,8 @@ def test_run_with_external_folders_evaluates_each_and_reports_other_hospitals(tm
             )
     out = tmp_path / "run"
     args = ("run", data, "--out", out, "--external", elsewhere, "--external", elsewhere)
-    code = cli(*args, "--img-size 16 --cache-dir", tmp_path / "cache", "--trials 1 --epochs 2 --quiet --model mlp")
+    flags = "--trials 1 --epochs 2 --quiet --model mlp --seed 3 --img-size 16 --cache-dir"
+    code = cli(*args, flags, tmp_path / "cache")
     assert code == 0
     run = json.loads((out / "run.json").read_text())
     assert set(run["external"]) == {"elsewhere", "elsewhere-2"}
@@ -225,6 +227,7 @@ def test_run_with_external_folders_evaluates_each_and_reports_other_hospitals(tm
     assert len(predictions) == 12 and all("ood_score" in p for p in predictions)
     report = (out / "report.html").read_text()
     assert 'id="external"' in report and "Other hospitals" in report
+    assert re.search(r"<td>seed</td>\s*<td>3</td>", report)  # written before run.json, the seed is known
     assert gap_in_words(json.loads((out / "metrics.json").read_text()), metrics, "elsewhere") in report.replace(
         "&#x27;", "'"
     )

@@ -371,7 +371,8 @@ def _summary(folder: Path, model_dir: Path, found: dict, metrics: dict, cv: dict
     config = runfolder.read_json(model_dir, CONFIG) if (model_dir / CHECKSUMS).is_file() else None
     model = (cv or {}).get("model") or run.get("model") or ((config or {}).get("model") or {}).get("name", "n/a")
     data = (cv or {}).get("data") or run.get("data") or (found["scan"] or {}).get("root", "n/a")
-    seed = (cv or {}).get("seed", run.get("seed", "n/a"))
+    # run.json is written after the report: a run's first report reads its seed from splits.json
+    seed = (cv or {}).get("seed", run.get("seed", (found["splits"] or {}).get("seed", "n/a")))
     ci = metrics.get("ci95") or {}
     figure = lambda k: "n/a" if metrics.get(k) is None else (  # noqa: E731
         f"{metrics[k]:.4f}" + (f" (95% CI {ci[k][0]:.4f}-{ci[k][1]:.4f})" if ci.get(k) else ""))  # fmt: skip
