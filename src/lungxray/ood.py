@@ -12,9 +12,9 @@ ones are flagged.
 
 Measured against two alternatives (BENCHMARKS.md, "Out-of-distribution flag"), each thresholded
 at the 95th percentile of the validation images' scores: the Mahalanobis distance of the network's
-penultimate features to the training classes (Lee et al., 2018) flagged 57-72% of rotated,
-upside-down and quarter-cropped films, the energy score at most 30% of any foreign kind, where
-this score flags 95-100% of each; and this one does not depend on the network, so every model gets
+penultimate features to the training classes (Lee et al., 2018) flagged 47-80% of rotated,
+upside-down and quarter-cropped films, the energy score 0-57% of each foreign kind, where this
+score flags 95-100% of each; and this one does not depend on the network, so every model gets
 it the same way. scikit-learn fits it (PCA, LedoitWolf); scoring is two matrix products in NumPy,
 so the serving side needs neither scikit-learn nor the training code. What it cannot do: tell an
 adult normal film from the adult COVID-19 films the shared set holds (both are plausible chest
