@@ -52,6 +52,14 @@ def test_ood_score_is_higher_on_foreign_images_than_on_held_out_training_like_im
     assert np.array_equal(fit_ood(train, val).score(held_out), mine)
 
 
+def test_a_tiny_training_set_uses_the_same_dimensions_in_every_fit():
+    train, val = _films(3, 0), _films(2, 100)  # 9 + 6 images: fewer than 20 components allow
+    score = fit_ood(train, val)
+    assert score.info["components"] == len(score.components) <= 8
+    assert score.info["n_threshold"] == 15 and np.isfinite(score.threshold) and score.threshold > 0
+    assert (score.score(_films(3, 300)) > 1).mean() < 1  # not every new training-like image flagged
+
+
 def test_crop_borders_removes_uniform_frames_per_side_and_never_crops_a_flat_image_away():
     film = np.random.default_rng(0).integers(40, 220, (60, 80)).astype(np.uint8)
     framed = np.zeros((100, 120), dtype=np.uint8)
@@ -212,7 +220,9 @@ def test_run_with_external_folders_evaluates_each_and_reports_other_hospitals(tm
                 elsewhere / name / f"{i}.png"
             )
     out = tmp_path / "run"
-    args = ("run", data, "--out", out, "--external", elsewhere, "--external", elsewhere)
+    (tmp_path / "exclude.txt").write_text("Covid/img000.png\n")  # names DATA's files: not applied to the others
+    exclude = ("--exclude", tmp_path / "exclude.txt")
+    args = ("run", data, "--out", out, "--external", elsewhere, "--external", elsewhere, *exclude)
     flags = "--trials 1 --epochs 2 --quiet --model mlp --seed 3 --img-size 16 --cache-dir"
     code = cli(*args, flags, tmp_path / "cache")
     assert code == 0

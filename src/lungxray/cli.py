@@ -333,6 +333,9 @@ def cmd_run(args) -> int:
     )
     _print_ood(metrics)
     for name, ext in summary["external"].items():
+        if "error" in ext:
+            print(f"external {name}: not evaluated: {ext['error']}")
+            continue
         recall = ", ".join(f"{c} {v:.2f}" for c, v in ext["recall"].items())
         print(f"external {name}: accuracy {ext['accuracy']:.4f} on {ext['n']} images; recall {recall}")
     print("artifacts:")
@@ -416,7 +419,8 @@ def cmd_evaluate(args) -> int:
     runfolder.refuse_to_replace(args.out, runfolder.METRICS, args.force, "test metrics (a run's or an evaluation's)")
     with runfolder.writer_lock(args.out):
         predictor, ds, idx, extra = _model_and_data(args)
-        metrics = pipeline.evaluate_split(predictor, ds, idx, args.out, extra)  # preprocessed as in training
+        # preprocessed as in training; the coverage plot named after the data folder
+        metrics = pipeline.evaluate_split(predictor, ds, idx, args.out, extra, name=ds.root.name)
         pipeline.audit_split(predictor, ds, idx, args.out, extra)
         write_report(args.out, args.model_dir)
     auroc = "n/a" if metrics["macro_auroc"] is None else f"{metrics['macro_auroc']:.4f}"

@@ -385,7 +385,7 @@ def ood_summary(y_true: np.ndarray, probs: np.ndarray, scores: np.ndarray | None
     """What the out-of-distribution flag does on labelled images: how many it flags (per class),
     the metrics on the images it accepts, next to all of them, and accuracy against coverage as its
     threshold moves (images sorted by score, the most typical first). None without scores."""
-    if scores is None:
+    if scores is None or len(scores) == 0:
         return None
     flagged = scores > 1.0
     correct = probs.argmax(axis=1) == y_true

@@ -82,9 +82,13 @@ class OODScore:
         self.threshold = float(info["threshold"])
 
     def descriptors(self, images: np.ndarray) -> np.ndarray:
-        """(N, H, W) uint8 -> (N, k + N_STATISTICS)."""
-        pcs = (thumbnails(images) - self.mean) @ self.components.T
-        return np.column_stack([pcs, statistics(images)])
+        """(N, H, W) uint8 -> (N, k + N_STATISTICS), in chunks (the statistics take float copies)."""
+        return np.concatenate(
+            [
+                np.column_stack([(thumbnails(chunk) - self.mean) @ self.components.T, statistics(chunk)])
+                for chunk in _chunks(images)
+            ]
+        )
 
     def distance(self, images: np.ndarray) -> np.ndarray:
         """(N,) Mahalanobis distances to the training images."""
@@ -105,14 +109,21 @@ class OODScore:
         return {k: np.ascontiguousarray(v) for k, v in arrays.items()}
 
 
-def _gaussian(train: np.ndarray) -> OODScore:
-    """The descriptor Gaussian of ``train`` (threshold 1: raw distances). Deterministic: PCA by
-    full SVD, Ledoit-Wolf in closed form."""
+CHUNK = 512  # images per descriptor batch: bounded memory on large datasets
+
+
+def _chunks(images: np.ndarray):
+    for start in range(0, len(images), CHUNK):
+        yield images[start : start + CHUNK]
+
+
+def _gaussian(train: np.ndarray, k: int) -> OODScore:
+    """The descriptor Gaussian of ``train`` with ``k`` principal components (threshold 1: raw
+    distances). Deterministic: PCA by full SVD, Ledoit-Wolf in closed form."""
     from sklearn.covariance import LedoitWolf
     from sklearn.decomposition import PCA
 
-    k = min(COMPONENTS, len(train) - 1)
-    pca = PCA(n_components=k, svd_solver="full").fit(thumbnails(train))
+    pca = PCA(n_components=k, svd_solver="full").fit(np.concatenate([thumbnails(c) for c in _chunks(train)]))
     score = OODScore(
         {
             "pca_mean": pca.mean_,
@@ -141,12 +152,15 @@ def fit_ood(train: np.ndarray, val: np.ndarray, percentile: float = PERCENTILE, 
 
     if len(train) < 3:
         raise ValueError(f"the out-of-distribution score needs at least 3 training images, got {len(train)}")
-    score = _gaussian(train)
     pool = np.concatenate([train, val]) if len(val) else train
-    if len(pool) >= 2 * folds:
+    cross_fit = len(pool) >= 2 * folds
+    smallest_fit = len(pool) - -(-len(pool) // folds) if cross_fit else len(train)  # a fold's training part
+    k = max(1, min(COMPONENTS, len(train) - 1, smallest_fit - 1))  # the same dimensions in every fit
+    score = _gaussian(train, k)
+    if cross_fit:
         distances = np.zeros(len(pool))
         for rest, held_out in KFold(folds, shuffle=True, random_state=0).split(pool):
-            distances[held_out] = _gaussian(pool[rest]).distance(pool[held_out])
+            distances[held_out] = _gaussian(pool[rest], k).distance(pool[held_out])
         source = f"out-of-sample distances of the training and validation images ({folds}-fold cross-fitting)"
     else:
         distances = score.distance(train)

@@ -436,8 +436,14 @@ def external_stage(
     any image it was trained or validated on; writes OUT/external/NAME/ (metrics.json with the
     out-of-distribution summary, predictions.json, the plots). Returns name -> headline figures."""
     results = {}
+    # The run's --groups and --exclude name DATA's files, not these.
+    data_cfg = replace(data_cfg, groups=None, exclude=None)
     for name, folder in folders.items():
-        predictor, ds, idx, seen = model_and_data(model_dir, folder, data_cfg, progress=progress)
+        try:
+            predictor, ds, idx, seen = model_and_data(model_dir, folder, data_cfg, progress=progress)
+        except DataError as exc:  # e.g. every image was trained on: said in run.json, the run goes on
+            results[name] = {"data": str(folder), "error": str(exc)}
+            continue
         target = out / runfolder.EXTERNAL / name
         metrics = evaluate_split(predictor, ds, idx, target, {"data": str(folder), "seen": seen}, name=name)
         ood = metrics["ood"]
