@@ -155,7 +155,9 @@ def fit_ood(train: np.ndarray, val: np.ndarray, percentile: float = PERCENTILE, 
     pool = np.concatenate([train, val]) if len(val) else train
     cross_fit = len(pool) >= 2 * folds
     smallest_fit = len(pool) - -(-len(pool) // folds) if cross_fit else len(train)  # a fold's training part
-    k = max(1, min(COMPONENTS, len(train) - 1, smallest_fit - 1))  # the same dimensions in every fit
+    # The same dimensions in every fit, and at most half of the smallest fit's images: more
+    # components than that describe those images' own noise, and new images land far away.
+    k = max(1, min(COMPONENTS, len(train) // 2, smallest_fit // 2))
     score = _gaussian(train, k)
     if cross_fit:
         distances = np.zeros(len(pool))
