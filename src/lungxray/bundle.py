@@ -27,7 +27,7 @@ from lungxray.decode import decode, read_image_file
 from lungxray.errors import BundleError, OutputExistsError, UnusableImage
 from lungxray.infer import predict_logits, to_tensor
 from lungxray.models import create_model
-from lungxray.ood import METHOD, N_STATISTICS, THUMB, OODScore, fields
+from lungxray.ood import METHOD, N_STATISTICS, THUMB, OODScore, ood_fields
 from lungxray.runfolder import MODEL, write_text
 
 FORMAT = "lungxray-bundle"
@@ -408,7 +408,7 @@ class Predictor:
         return {
             "class": self.classes_[int(probs.argmax())],
             "probabilities": {c: float(v) for c, v in zip(self.classes_, probs, strict=True)},
-            **fields(ood_score),
+            **ood_fields(ood_score),
         }
 
     def predict(self, images) -> list[dict] | np.ndarray:

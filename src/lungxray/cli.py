@@ -45,10 +45,8 @@ def add_options(parser, cls, *, skip: tuple[str, ...] = (), helps: dict[str, str
             text = f"{text.rstrip('.')} (default {f.default})"
         kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}  # argparse formats help
         if kind is bool:
-            # a switch that is on by default (or left to the recipe) also needs its --no- form
+            # a switch left to the recipe (or on by default) also needs its --no- form
             kw["action"] = argparse.BooleanOptionalAction if f.default is not False else "store_true"
-            if f.default is True:
-                kw["help"] = f"{text.rstrip('.')} (default on)".replace("%", "%%")
         else:
             metavar = f.metadata.get("metavar") or (
                 None if f.metadata.get("choices") else flag[2:].upper().replace("-", "_")

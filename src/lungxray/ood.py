@@ -179,7 +179,7 @@ def fit_ood(train: np.ndarray, val: np.ndarray, percentile: float = PERCENTILE, 
     return OODScore({k: np.asarray(v, dtype=np.float64) for k, v in score.tensors().items()}, info)
 
 
-def fields(score: float | None) -> dict:
+def ood_fields(score: float | None) -> dict:
     """A prediction's ``{"ood_score", "in_distribution"}``; both None for a model without the score."""
     if score is None:
         return {"ood_score": None, "in_distribution": None}

@@ -44,7 +44,7 @@ from lungxray.evaluate import (
 )
 from lungxray.infer import predict_logits, set_threads, to_tensor
 from lungxray.models import get_spec
-from lungxray.ood import fields, fit_ood
+from lungxray.ood import fit_ood, ood_fields
 from lungxray.splits import Split, make_split
 from lungxray.train import FitResult, fit, resolve_device
 
@@ -232,20 +232,20 @@ def training_params(model_name: str, source: Path | str | None, out: Path) -> di
 
 
 def model_and_data(
-    model_dir: Path,
+    model: Path | Predictor,
     data: Path,
     data_cfg: DataConfig,
     splits: Path | None = None,
     progress: bool = True,
     include_seen: bool = False,
 ) -> tuple[Predictor, Dataset, np.ndarray, dict]:
-    """The verified bundle, ``data`` preprocessed at the bundle's size, the indices to score and
-    what the bundle has seen among them.
+    """The verified bundle (``model``: its folder, or one already loaded), ``data`` preprocessed as
+    the bundle was trained, the indices to score and what the bundle has seen among them.
 
     The indices are every image, or the test images named in a run's ``splits`` (splits.json),
     less the images the model was trained or validated on (recognised by content hash, whatever
     their path) unless ``include_seen``. The dict says how many were seen and which."""
-    predictor = Predictor(model_dir)  # verified and loaded once
+    predictor = model if isinstance(model, Predictor) else Predictor(model)  # verified and loaded once
     as_trained = replace(data_cfg, img_size=predictor.img_size_, **predictor.data_options_)  # as in training
     ds = load_dataset(data, as_trained, progress=progress, min_classes=1)
     idx = np.arange(len(ds.samples))
@@ -345,7 +345,7 @@ def evaluate_split(
                     "label": ds.samples[i].label,
                     "probabilities": [float(v) for v in probs[k]],
                     "uncalibrated": [float(v) for v in raw[k]],
-                    **fields(None if scores is None else scores[k]),
+                    **ood_fields(None if scores is None else scores[k]),
                 }
                 for k, i in enumerate(idx)
             ],
@@ -430,7 +430,7 @@ def _check_external_classes(folder: Path, classes: list[str]) -> None:
 
 
 def external_stage(
-    model_dir: Path, data_cfg: DataConfig, folders: dict[str, Path], out: Path, progress: bool = True
+    predictor: Predictor, data_cfg: DataConfig, folders: dict[str, Path], out: Path, progress: bool = True
 ) -> dict[str, dict]:
     """Evaluate the bundle on each external folder (its classes: some or all of the model's), less
     any image it was trained or validated on; writes OUT/external/NAME/ (metrics.json with the
@@ -440,7 +440,7 @@ def external_stage(
     data_cfg = replace(data_cfg, groups=None, exclude=None)
     for name, folder in folders.items():
         try:
-            predictor, ds, idx, seen = model_and_data(model_dir, folder, data_cfg, progress=progress)
+            _, ds, idx, seen = model_and_data(predictor, folder, data_cfg, progress=progress)
         except DataError as exc:  # e.g. every image was trained on: said in run.json, the run goes on
             results[name] = {"data": str(folder), "error": str(exc)}
             continue
@@ -498,7 +498,7 @@ def _run(
     attach_metrics(model_dir, metrics)
     audited = audit_split(predictor, ds, split.test, out)  # the same images, lungs or borders hidden
     clock.lap("evaluate_s")
-    elsewhere = external_stage(model_dir, data_cfg, external, out, progress) if external else {}
+    elsewhere = external_stage(predictor, data_cfg, external, out, progress) if external else {}
     if external:
         clock.lap("external_s")
     from lungxray.report import write_report
