@@ -93,6 +93,62 @@ def jpeg_bytes(pixels: np.ndarray, **save) -> bytes:
     return buf.getvalue()
 
 
+def dicom_bytes(
+    stored: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int | None = None,
+    rescale: tuple[float, float] | None = None,
+    window: tuple[float, float] | None = None,
+    voi_function: str | None = None,
+    patient: dict | None = None,
+    modality: str = "DX",
+    view: str = "PA",
+    preamble: bool = True,
+    syntax: str | None = None,
+) -> bytes:
+    """A DICOM file of ``stored`` pixel values, (H, W) or (frames, H, W), uint8 or uint16, written
+    by pydicom: ``rescale`` (slope, intercept), ``window`` (center, width), ``patient`` (element
+    keyword -> value, e.g. {"PatientID": ...}), ``syntax`` a transfer syntax UID (default explicit
+    VR little endian; a compressed one is encoded by pydicom's own encoders)."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image, for presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid(
+        entropy_srcs=[stored.tobytes().hex()[:4096], repr(patient), photometric]
+    )
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.ViewPosition = modality, view
+    for keyword, value in (patient or {}).items():
+        setattr(ds, keyword, value)
+    frames = stored.shape[0] if stored.ndim == 3 else 1
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.Rows, ds.Columns = stored.shape[-2:]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, photometric, 0
+    ds.BitsAllocated = stored.dtype.itemsize * 8
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit = ds.BitsStored - 1
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if voi_function is not None:
+        ds.VOILUTFunction = voi_function
+    ds.PixelData = np.ascontiguousarray(stored).astype(stored.dtype.newbyteorder("<")).tobytes()
+    if syntax is not None:
+        ds.compress(syntax, encoding_plugin="pylibjpeg" if "4.9" in syntax else "")
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue() if preamble else buf.getvalue()[132:]
+
+
 def toy(n_per_class: int = 10, size: int = 16, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(x (N, 1, size, size), y (N,)) of synthetic images, ``n_per_class`` of each of 3 classes."""
     images = np.stack([synthetic_image(c, i, size) for c in range(3) for i in range(start, start + n_per_class)])

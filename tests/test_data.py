@@ -12,7 +12,8 @@ from conftest import jpeg_bytes, png_bomb, synthetic_image
 from PIL import Image
 
 from lungxray.config import DataConfig
-from lungxray.data import DataError, UnusableImage, decode, load_dataset, normalise_class_name
+from lungxray.data import DataError, UnusableImage, load_dataset, normalise_class_name
+from lungxray.decode import decode
 
 
 @pytest.mark.parametrize(

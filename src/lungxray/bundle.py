@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lungxray import __version__
-from lungxray.config import EQUALIZE
+from lungxray.config import DICOM_KEEP, EQUALIZE
 from lungxray.decode import decode, read_image_file
 from lungxray.errors import BundleError, OutputExistsError, UnusableImage
 from lungxray.infer import predict_logits, to_tensor
@@ -222,6 +222,9 @@ def validate_config(config: dict, folder: Path) -> None:
     prep = config.get("preprocessing") or {}
     if prep.get("equalize", "none") not in EQUALIZE or prep.get("crop_borders", False) not in (True, False):
         raise bad(f"preprocessing.equalize must be one of {', '.join(EQUALIZE)} and crop_borders true or false")
+    keep = prep.get("dicom_keep", [])
+    if not isinstance(keep, list) or not set(keep) <= set(DICOM_KEEP):
+        raise bad(f"preprocessing.dicom_keep must be a list of {', '.join(DICOM_KEEP)}")
     size = prep.get("img_size")
     if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 1024:
         raise bad(f"preprocessing.img_size must be a whole number in 8..1024, got {size!r}")
@@ -303,6 +306,7 @@ class Predictor:
         self.data_options_: dict = {
             "crop_borders": prep.get("crop_borders", False),
             "equalize": prep.get("equalize", "none"),
+            "dicom_keep": tuple(prep.get("dicom_keep", [])),
         }
         model_cfg = self.config_["model"]
         self.model_ = create_model(
@@ -389,17 +393,19 @@ class Predictor:
         results, arrays = [], []
         for path in paths:
             try:
-                arrays.append(self.decode(read_image_file(Path(path))))
+                arrays.append(self.decode(read_image_file(Path(path)), name=Path(path).name))
                 results.append({"path": str(path)})
             except (UnusableImage, OSError) as exc:
                 results.append({"path": str(path), "error": str(exc)})
         size = self.img_size_
         return results, np.stack(arrays) if arrays else np.zeros((0, size, size), dtype=np.uint8)
 
-    def decode(self, data: bytes) -> np.ndarray:
-        """An image file's bytes -> (H, W) uint8, preprocessed as the model was trained."""
-        return decode(data, self.img_size_, equalize_method=self.data_options_["equalize"],
-                      crop=self.data_options_["crop_borders"])  # fmt: skip
+    def decode(self, data: bytes, name: str = "") -> np.ndarray:
+        """An image file's bytes -> (H, W) uint8, preprocessed as the model was trained; ``name``,
+        the file's, marks a DICOM file without its preamble (``.dcm``)."""
+        options = self.data_options_
+        return decode(data, self.img_size_, equalize_method=options["equalize"], crop=options["crop_borders"],
+                      dicom_keep=options["dicom_keep"], name=name)  # fmt: skip
 
     def describe(self, probs: np.ndarray, ood_score: float | None = None) -> dict:
         """One image's probabilities (n_classes,) and out-of-distribution score -> ``{"class",

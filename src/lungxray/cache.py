@@ -7,13 +7,14 @@ it again. Decoding is in ``decode.py``; the scan that fills the cache is in ``da
 from __future__ import annotations
 
 import json
+import secrets
 from pathlib import Path
 
 import numpy as np
 
-from lungxray.runfolder import write_text
+from lungxray.runfolder import secret_key, write_text
 
-CACHE_VERSION = 2  # bump when preprocessing changes, so old cache entries are not reused
+CACHE_VERSION = 3  # bump when preprocessing changes, so old cache entries are not reused
 
 
 class PreprocessCache:
@@ -21,13 +22,18 @@ class PreprocessCache:
 
     ``index.json`` maps a file path to (size, mtime_ns, sha256), as git's index does, so unchanged
     files are not re-hashed. ``<settings>/<sha256>.npy`` holds the pixels and
-    ``<settings>/entries.json`` the perceptual hash or the reason a file is unusable.
+    ``<settings>/entries.json`` the perceptual hash (and a DICOM file's patient pseudonym) or the
+    reason a file is unusable. Patient IDs are never stored: ``patient_key`` is the key of the
+    keyed hash that stands for them.
     """
 
-    def __init__(self, root: Path, img_size: int, *, crop: bool = False, equalize: str = "none") -> None:
+    def __init__(
+        self, root: Path, img_size: int, *, crop: bool = False, equalize: str = "none", dicom_keep: tuple = ()
+    ) -> None:
         self.root = Path(root)
         self.shape = (img_size, img_size)
         options = ("-crop" if crop else "") + (f"-{equalize}" if equalize != "none" else "")
+        options += "".join(f"-keep-{what}" for what in sorted(dicom_keep))
         self.folder = self.root / f"v{CACHE_VERSION}-gray-bilinear-{img_size}{options}"
         self._index = self._read(self.root / "index.json")
         self._entries = self._read(self.folder / "entries.json")
@@ -57,13 +63,30 @@ class PreprocessCache:
         except (OSError, ValueError):
             return None  # missing or damaged: decoded again
 
-    def put(self, path: Path, sha: str, pixels: np.ndarray | None, phash: str | None, reason: str | None) -> None:
+    def patient_key(self) -> bytes:
+        """The 32-byte key of the patient pseudonyms in this cache: ``patient-key`` in the cache
+        folder, made on first use and readable by its owner only. Where the folder cannot be
+        written, a key for this process alone (the entries are not saved either)."""
+        try:
+            return secret_key(self.root / "patient-key")
+        except OSError:
+            return secrets.token_bytes(32)
+
+    def put(
+        self,
+        path: Path,
+        sha: str,
+        pixels: np.ndarray | None,
+        phash: str | None,
+        reason: str | None,
+        patient: str | None = None,
+    ) -> None:
         stat = path.stat()
         self._index[str(path)] = [stat.st_size, stat.st_mtime_ns, sha]
         if pixels is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
             pixels.tofile(self.folder / f"{sha}.u8")
-            self._entries[sha] = {"phash": phash}
+            self._entries[sha] = {"phash": phash} | ({"patient": patient} if patient else {})
         else:
             self._entries[sha] = {"reason": reason}
         self._dirty = True

@@ -40,8 +40,9 @@ def add_options(parser, cls, *, skip: tuple[str, ...] = (), helps: dict[str, str
         if not flag or f.name in skip:
             continue
         kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+        repeated = typing.get_origin(hints[f.name]) is tuple  # tuple[str, ...]: the flag is repeated
         text = (helps or {}).get(f.name) or docs.get(f.name, "")
-        if f.default is not MISSING and f.default is not None and kind is not bool:
+        if f.default not in (MISSING, None, ()) and kind is not bool:
             text = f"{text.rstrip('.')} (default {f.default})"
         kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}  # argparse formats help
         if kind is bool:
@@ -52,6 +53,8 @@ def add_options(parser, cls, *, skip: tuple[str, ...] = (), helps: dict[str, str
                 None if f.metadata.get("choices") else flag[2:].upper().replace("-", "_")
             )
             kw |= {"type": kind, "choices": f.metadata.get("choices"), "metavar": metavar}
+            if repeated:
+                kw["action"] = "append"
         parser.add_argument(flag, **kw)
 
 
@@ -72,7 +75,7 @@ def _data_args(p: argparse.ArgumentParser, img_size: bool = True) -> None:
         help="dataset folder: one sub-folder per class, or train/ test/ [val/] folders that each hold class folders",
     )
     # evaluate and friends: the bundle's size and preprocessing
-    add_options(p, DataConfig, skip=() if img_size else ("img_size", "crop_borders", "equalize"))
+    add_options(p, DataConfig, skip=() if img_size else ("img_size", "crop_borders", "equalize", "dicom_keep"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

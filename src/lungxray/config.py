@@ -32,12 +32,14 @@ def flag_of(cls, name: str) -> str:
 
 
 def _check_choices(obj) -> None:
-    """Every field with choices holds one of them (None, where allowed, means 'the recipe's')."""
+    """Every field with choices holds one of them, or a tuple of them (None, where allowed, means
+    'the recipe's')."""
     for f in fields(obj):
         choices = f.metadata.get("choices")
-        value = getattr(obj, f.name)
-        if choices and value is not None and value not in choices:
-            raise ConfigError(f"{f.metadata['flag']} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        given = getattr(obj, f.name)
+        for value in given if isinstance(given, tuple) else (given,):
+            if choices and value is not None and value not in choices:
+                raise ConfigError(f"{f.metadata['flag']} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 def default_cache_dir() -> Path:
@@ -49,6 +51,7 @@ def default_cache_dir() -> Path:
 
 
 EQUALIZE = ("none", "hist", "clahe")
+DICOM_KEEP = ("multiframe", "lateral", "any-modality")  # as dicom.KEEP, without importing it
 
 
 @dataclass
@@ -62,6 +65,13 @@ class DataConfig:
     (global histogram equalisation), or none (the tutorial's plain resize). Stored in the bundle,
     so prediction repeats it. Measured on adult X-rays from other hospitals, no option raised the
     default CNN's external AUROC beyond the seed spread (BENCHMARKS.md, "External validation")."""
+    dicom_keep: tuple[str, ...] = option("--dicom-keep", (), choices=DICOM_KEEP)
+    """DICOM files to use instead of skipping (repeat the flag for several): multiframe (the first
+    frame of a series), lateral (ViewPosition LL/RL), any-modality (other than CR, DX, DR). Stored
+    in the bundle, so prediction accepts the same files."""
+    dicom_patients: bool = option("--dicom-patients", True)
+    """Keep the images of one DICOM PatientID in one group (--no-dicom-patients: for anonymised
+    files that all carry the same placeholder ID)."""
     cache_dir: Path = option("--cache-dir", default_factory=default_cache_dir)
     """Folder of preprocessed arrays keyed by file content hash ($LUNGXRAY_CACHE or ~/.cache/lungxray)."""
     workers: int = option("--workers", 0)
@@ -78,6 +88,7 @@ class DataConfig:
     """Smallest correlation of 32x32 thumbnails that confirms a candidate pair as a near-duplicate."""
 
     def __post_init__(self) -> None:
+        self.dicom_keep = tuple(sorted(set(self.dicom_keep or ())))  # a list from the CLI or JSON
         _check_choices(self)
         self.cache_dir = Path(self.cache_dir)
         self.groups = Path(self.groups) if self.groups is not None else None
@@ -91,7 +102,7 @@ class DataConfig:
 
     def preprocessing(self) -> dict:
         """The decoding options (``decode.decode``'s keywords) these settings ask for."""
-        return {"equalize_method": self.equalize, "crop": self.crop_borders}
+        return {"equalize_method": self.equalize, "crop": self.crop_borders, "dicom_keep": self.dicom_keep}
 
 
 @dataclass

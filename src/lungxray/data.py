@@ -23,7 +23,7 @@ from PIL import Image
 
 from lungxray.cache import PreprocessCache
 from lungxray.config import DataConfig
-from lungxray.decode import decode, read_image_file
+from lungxray.decode import decode_with_patient, read_image_file
 from lungxray.errors import DataError, UnusableImage
 
 SPLIT_NAMES = {
@@ -48,6 +48,7 @@ class Sample:
     pixel_hash: str  # of the preprocessed pixels: equal hashes mean identical images
     phash: str  # 64-bit perceptual hash (hex) of the preprocessed image
     group: int = -1  # duplicate cluster; samples sharing a group are one unit in every split
+    patient: str | None = None  # keyed hash of a DICOM file's PatientID (``pseudonym``), never the ID
 
 
 @dataclass
@@ -106,8 +107,27 @@ class Dataset:
                 if len({self.samples[i].label for i in g}) > 1
             ],
             "groups": self.group_sizes(),
+            "patients": self.patient_counts(),
             "excluded": self.excluded,
         }
+
+    def rekey_patients(self, key: bytes) -> None:
+        """Replace the cache's patient pseudonyms by ones keyed with ``key`` (a run folder's), so
+        the pseudonyms in one run's files cannot be matched with another run's."""
+        for s in self.samples:
+            s.patient = pseudonym(s.patient, key) if s.patient else None
+
+    def patient_counts(self) -> dict:
+        """Patients named by DICOM headers: how many, how many of the images they cover, and how
+        many patients have 1, 2, ... images (keyed pseudonyms only; no ID)."""
+        per_patient: dict[str, int] = {}
+        for s in self.samples:
+            if s.patient:
+                per_patient[s.patient] = per_patient.get(s.patient, 0) + 1
+        films: dict[str, int] = {}
+        for n in sorted(per_patient.values()):
+            films[str(n)] = films.get(str(n), 0) + 1
+        return {"n": len(per_patient), "images": sum(per_patient.values()), "images_per_patient": films}
 
     def group_sizes(self) -> dict:
         """How many groups (patients and duplicate clusters joined) the splits keep whole, the largest."""
@@ -210,28 +230,35 @@ def perceptual_hash(pixels: np.ndarray) -> str:
     return str(imagehash.phash(Image.fromarray(pixels)))
 
 
-def _process_file(args: tuple[str, int, dict]) -> tuple[str, str | None, np.ndarray | None, str | None, str | None]:
-    """Worker: read one file once, hash it, decode it. Returns (path, sha, pixels, phash, reason)."""
-    path, img_size, options = args
+def pseudonym(patient_id: str, key: bytes) -> str:
+    """A patient's stand-in: the keyed BLAKE2b hash (hex, 64 bits) of ``patient_id``. Without the
+    key, a list of likely IDs cannot be hashed to find who is who."""
+    return hashlib.blake2b(patient_id.encode("utf-8", "surrogateescape"), key=key, digest_size=8).hexdigest()
+
+
+def _process_file(args: tuple[str, int, dict, bytes]) -> tuple:
+    """Worker: read one file once, hash it, decode it. Returns (path, sha, pixels, phash, reason,
+    patient pseudonym or None); the PatientID itself never leaves this function."""
+    path, img_size, options, key = args
     try:
         data = read_image_file(Path(path))
     except UnusableImage as exc:
-        return path, None, None, None, str(exc)
+        return path, None, None, None, str(exc), None
     except OSError as exc:
-        return path, None, None, None, f"cannot read file: {exc.strerror or exc}"
+        return path, None, None, None, f"cannot read file: {exc.strerror or exc}", None
     sha = hashlib.sha256(data).hexdigest()
     try:
-        pixels = decode(data, img_size, **options)
+        pixels, patient = decode_with_patient(data, img_size, name=Path(path).name, **options)
     except UnusableImage as exc:
-        return path, sha, None, None, str(exc)
-    return path, sha, pixels, perceptual_hash(pixels), None
+        return path, sha, None, None, str(exc), None
+    return path, sha, pixels, perceptual_hash(pixels), None, pseudonym(patient, key) if patient else None
 
 
-def _decode_all(todo: list[Path], cfg: DataConfig, progress: bool):
+def _decode_all(todo: list[Path], cfg: DataConfig, key: bytes, progress: bool):
     """Yield _process_file results for every path, in parallel processes when worth it."""
     from tqdm.auto import tqdm
 
-    args = [(str(p), cfg.img_size, cfg.preprocessing()) for p in todo]
+    args = [(str(p), cfg.img_size, cfg.preprocessing(), key) for p in todo]
     workers = min(cfg.workers or os.cpu_count() or 1, len(todo))
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(tqdm(total=len(todo), desc="decoding", unit="img", disable=not progress or not todo))
@@ -248,8 +275,10 @@ def _decode_all(todo: list[Path], cfg: DataConfig, progress: bool):
 
 
 def _load_pixels(files: list[tuple[Path, str, str | None]], cfg: DataConfig, progress: bool):
-    """Return per-file (sha, pixels, phash, reason), using and filling the cache."""
-    cache = PreprocessCache(cfg.cache_dir, cfg.img_size, crop=cfg.crop_borders, equalize=cfg.equalize)
+    """Return per-file (sha, pixels, phash, reason, patient pseudonym), using and filling the cache."""
+    cache = PreprocessCache(
+        cfg.cache_dir, cfg.img_size, crop=cfg.crop_borders, equalize=cfg.equalize, dicom_keep=cfg.dicom_keep
+    )
     out: dict[Path, tuple] = {}
     todo = []
     for path, _, _ in files:
@@ -258,14 +287,15 @@ def _load_pixels(files: list[tuple[Path, str, str | None]], cfg: DataConfig, pro
             sha, entry = hit
             pixels = cache.pixels(sha) if "phash" in entry else None
             if pixels is not None or "reason" in entry:
-                out[path] = (sha, pixels, entry.get("phash"), entry.get("reason"))
+                out[path] = (sha, pixels, entry.get("phash"), entry.get("reason"), entry.get("patient"))
                 continue
         todo.append(path)
-    for path_str, sha, pixels, phash, reason in _decode_all(todo, cfg, progress):
+    key = cache.patient_key() if todo else b""
+    for path_str, sha, pixels, phash, reason, patient in _decode_all(todo, cfg, key, progress):
         path = Path(path_str)
-        out[path] = (sha, pixels, phash, reason)
+        out[path] = (sha, pixels, phash, reason, patient)
         if sha is not None:
-            cache.put(path, sha, pixels, phash, reason)
+            cache.put(path, sha, pixels, phash, reason, patient)
     try:
         cache.save()
     except OSError as exc:
@@ -323,8 +353,15 @@ def find_duplicate_groups(
     return connected_components(graph, directed=False)[1].astype(np.int64)
 
 
-def load_dataset(root: Path, cfg: DataConfig | None = None, *, progress: bool = True, min_classes: int = 2) -> Dataset:
-    """Scan ``root``, preprocess every image (cached), and find duplicate groups.
+def load_dataset(
+    root: Path,
+    cfg: DataConfig | None = None,
+    *,
+    progress: bool = True,
+    min_classes: int = 2,
+) -> Dataset:
+    """Scan ``root``, preprocess every image (cached), and find duplicate groups, joined with the
+    patients of DICOM files (``cfg.dicom_patients``) and the ``cfg.groups`` CSV.
 
     Raises DataError when a class folder has no usable image or fewer than ``min_classes`` classes
     are found. Unusable files are listed in ``Dataset.skipped`` with their reason.
@@ -345,7 +382,7 @@ def load_dataset(root: Path, cfg: DataConfig | None = None, *, progress: bool = 
     processed = loaded if plain_cfg == cfg else _load_pixels(files, cfg, progress)
     samples, images, plain, usable = [], [], [], {}
     for path, label, split in files:
-        sha, pixels, phash, reason = loaded[path]
+        sha, pixels, phash, reason, patient = loaded[path]
         model_input, reason_processed = processed[path][1], processed[path][3]
         key = (split, label)
         usable.setdefault(key, 0)
@@ -354,7 +391,7 @@ def load_dataset(root: Path, cfg: DataConfig | None = None, *, progress: bool = 
             continue
         usable[key] += 1
         pixel_hash = hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest()
-        samples.append(Sample(path, label, split, sha, pixel_hash, phash))
+        samples.append(Sample(path, label, split, sha, pixel_hash, phash, patient=patient))
         images.append(model_input)
         plain.append(pixels)
     empty = [f"{s + '/' if s else ''}{label}" for (s, label), n in usable.items() if n == 0]
@@ -392,6 +429,8 @@ def load_dataset(root: Path, cfg: DataConfig | None = None, *, progress: bool = 
     if cfg.groups is not None:
         by_path = read_groups(cfg.groups, root, [s.path for s in samples], skipped, [Path(p) for p in excluded])
         groups = join_groups(groups, [by_path.get(s.path) for s in samples])
+    if cfg.dicom_patients and any(s.patient for s in samples):
+        groups = join_groups(groups, [s.patient for s in samples])
     for sample, group in zip(samples, groups, strict=True):
         sample.group = int(group)
     return Dataset(

@@ -1,11 +1,12 @@
 """Decoding: the bytes of one image file -> a preprocessed (size, size) uint8 grayscale array.
 
 Every format Pillow reads (JPEG decoded at a reduced DCT scale, PNG, 8- and 16-bit, EXIF
-orientation applied); every file it cannot use raises ``UnusableImage`` with a one-line reason
-(empty, not an image, truncated, a decompression bomb, an unsupported mode). New input formats
-(DICOM) arrive here. The preprocessing options (``--crop-borders``, ``--equalize``) are applied
-here too, so training, evaluation and serving repeat them from the bundle's config. Used by the
-dataset scan and by the serving side alike; imports no torch.
+orientation applied) and DICOM (through ``dicom.py``); every file it cannot use raises
+``UnusableImage`` with a one-line reason (empty, not an image, truncated, a decompression bomb, an
+unsupported mode, a DICOM file that is not a frontal radiograph). The preprocessing options
+(``--crop-borders``, ``--equalize``, ``--dicom-keep``) are applied here too, so training,
+evaluation and serving repeat them from the bundle's config. Used by the dataset scan and by the
+serving side alike; imports no torch.
 """
 
 from __future__ import annotations
@@ -111,13 +112,55 @@ def equalize(gray: np.ndarray, method: str) -> np.ndarray:
     return np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def decode(data: bytes, img_size: int, *, equalize_method: str = "none", crop: bool = False) -> np.ndarray:
+def decode(
+    data: bytes,
+    img_size: int,
+    *,
+    equalize_method: str = "none",
+    crop: bool = False,
+    dicom_keep: tuple[str, ...] = (),
+    name: str = "",
+) -> np.ndarray:
     """Encoded bytes -> (img_size, img_size) uint8 grayscale; raises UnusableImage with a reason.
 
     ``crop``: remove uniform borders before resizing (``crop_borders``); ``equalize_method``:
-    equalise the grey levels after it (``equalize``)."""
+    equalise the grey levels after it (``equalize``); ``dicom_keep``: what DICOM files are used
+    instead of skipped (``config.DICOM_KEEP``); ``name``: the file's name, which marks a DICOM file
+    written without its preamble (``.dcm``)."""
+    return decode_with_patient(
+        data, img_size, equalize_method=equalize_method, crop=crop, dicom_keep=dicom_keep, name=name
+    )[0]
+
+
+def decode_with_patient(
+    data: bytes,
+    img_size: int,
+    *,
+    equalize_method: str = "none",
+    crop: bool = False,
+    dicom_keep: tuple[str, ...] = (),
+    name: str = "",
+) -> tuple[np.ndarray, str | None]:
+    """As ``decode``, with the DICOM PatientID (None for other formats, or when blank). The ID is
+    for the scan to hash at once; it must not be stored or printed."""
     if not data:
         raise UnusableImage("empty file (zero bytes)")
+    from lungxray import dicom
+
+    if dicom.is_dicom(data, name):
+        gray, patient = dicom.read(data, dicom_keep)
+        image = Image.fromarray(gray)
+    else:
+        image, patient = _read_with_pillow(data, img_size), None
+    if crop:
+        image = Image.fromarray(crop_borders(np.asarray(image)))
+    image = image.resize((img_size, img_size), Image.Resampling.BILINEAR)
+    return equalize(np.asarray(image, dtype=np.uint8), equalize_method), patient
+
+
+def _read_with_pillow(data: bytes, img_size: int) -> Image.Image:
+    """Any format Pillow reads -> 8-bit grayscale image (a JPEG decoded at the smallest DCT
+    scale at or above ``img_size``)."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     with warnings.catch_warnings():
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; treat both as a bomb.
@@ -131,11 +174,7 @@ def decode(data: bytes, img_size: int, *, equalize_method: str = "none", crop: b
                         f"{img.width} x {img.height} pixels, more than the {MAX_PIXELS // 10**6} M an X-ray needs "
                         "(decoding it would take gigabytes); downscale it first"
                     )
-                img = ImageOps.exif_transpose(img)
-                gray = _to_gray_uint8(img)
-                if crop:
-                    gray = Image.fromarray(crop_borders(np.asarray(gray)))
-                gray = gray.resize((img_size, img_size), Image.Resampling.BILINEAR)
+                return _to_gray_uint8(ImageOps.exif_transpose(img))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise UnusableImage(f"too many pixels (possible decompression bomb): {exc}") from None
         except UnidentifiedImageError:
@@ -144,4 +183,3 @@ def decode(data: bytes, img_size: int, *, equalize_method: str = "none", crop: b
             raise
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise UnusableImage(f"cannot decode image: {exc}") from None
-    return equalize(np.asarray(gray, dtype=np.uint8), equalize_method)

@@ -79,8 +79,10 @@ def fingerprint(data: Path, data_cfg: DataConfig, model_name: str | None, **part
     import os
 
     # Preprocessing options only when set, so folders made before they existed keep their fingerprint.
-    options = {k: v for k, v in (("crop_borders", data_cfg.crop_borders), ("equalize", data_cfg.equalize))
-               if v not in (False, "none")}  # fmt: skip
+    options = {"crop_borders": data_cfg.crop_borders, "equalize": data_cfg.equalize, "dicom_keep": data_cfg.dicom_keep}
+    options = {k: v for k, v in options.items() if v not in (False, "none", ())}
+    if not data_cfg.dicom_patients:
+        options["dicom_patients"] = False
     return jsonable({"data": os.path.realpath(data), "model": model_name, "img_size": data_cfg.img_size,
                      "groups": data_cfg.groups, "exclude": data_cfg.exclude, **options, **parts})  # fmt: skip
 
@@ -101,6 +103,8 @@ def prepare(
     ds = load_dataset(data, data_cfg, progress=progress)
     split = make_split(ds, split_cfg)
     if out is not None:
+        if any(s.patient for s in ds.samples):
+            ds.rekey_patients(runfolder.secret_key(out / runfolder.PATIENT_KEY))
         runfolder.record_fingerprint(out, made_from)
         runfolder.write_json(out, runfolder.SCAN, ds.summary())
         runfolder.write_json(out, runfolder.SPLITS, split.to_json(ds))
@@ -199,6 +203,7 @@ def train_stage(
             "img_size": data_cfg.img_size,
             "crop_borders": data_cfg.crop_borders,
             "equalize": data_cfg.equalize,
+            "dicom_keep": list(data_cfg.dicom_keep),
             "color": "grayscale",
             "resize": "bilinear",
             "scale": "pixel / 255",

@@ -248,7 +248,8 @@ def _gallery(model_dir: Path, predictions: dict, y: np.ndarray, probs: np.ndarra
     items, arrays, kept = [], [], []
     for i in wrong:  # an image moved or deleted since the run is left out, not a crash
         try:
-            arrays.append(predictor.decode(read_image_file(Path(predictions["images"][i]["path"]))))
+            path = Path(predictions["images"][i]["path"])
+            arrays.append(predictor.decode(read_image_file(path), name=path.name))
         except (OSError, UnusableImage):
             continue
         items.append(predictions["images"][i])

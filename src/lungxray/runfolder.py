@@ -100,6 +100,34 @@ def read_json(folder: Path, name: str):
         ) from None
 
 
+PATIENT_KEY = "patient-key"  # the key of the patient pseudonyms in the run's files; not to be shared
+
+
+def secret_key(path: Path) -> bytes:
+    """The 32-byte key held in ``path`` (hex), made on first use and readable by its owner only.
+
+    Written aside, then linked into place: a process making it at the same time reads either no
+    key or a whole one, and the first link wins. OSError when the folder cannot be written."""
+    import secrets
+
+    path = Path(path)
+    if not path.exists():
+        draft = path.with_name(f".{path.name}.{os.getpid()}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with os.fdopen(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
+                handle.write(secrets.token_hex(32))
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink(missing_ok=True)
+    key = bytes.fromhex(path.read_text().strip())
+    if len(key) != 32:
+        raise OSError(f"{path} does not hold a 32-byte key; delete it to make a new one")
+    return key
+
+
 def refuse_to_replace(folder: Path, name: str, force: bool, what: str) -> None:
     """Raise OutputExistsError when ``folder/name`` exists and ``force`` is off."""
     target = Path(folder) / name

@@ -4,7 +4,8 @@
 ``GET /model`` and the upload page at ``/``. Inference runs in a worker thread so the event loop
 never waits on the model; at most one model call per core runs at a time. Every bad upload gets a
 4xx with a message that says what was wrong: too large (413), empty, not an image, truncated, a
-decompression bomb, an unsupported mode (422).
+decompression bomb, an unsupported mode, a DICOM file that is not a frontal radiograph (422).
+DICOM uploads are read as in training (``decode.py``); no patient data comes back.
 Holds no training code.
 """
 
@@ -29,10 +30,10 @@ MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 PAGE = Path(__file__).with_name("upload.html")
 
 
-def _decode_upload(predictor: Predictor, data: bytes) -> np.ndarray:
-    """Upload bytes -> (H, W) uint8 preprocessed image, or a 422 that says why not."""
+def _decode_upload(predictor: Predictor, data: bytes, name: str = "") -> np.ndarray:
+    """Upload bytes (a file called ``name``) -> (H, W) uint8 preprocessed image, or a 422 that says why not."""
     try:
-        return predictor.decode(data)
+        return predictor.decode(data, name=name)
     except UnusableImage as exc:
         raise HTTPException(status_code=422, detail=f"unusable image: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - a hostile file may break a decoder in any way; never a 500
@@ -130,14 +131,14 @@ def create_app(
     async def predict(request: Request, file: UploadFile) -> dict:
         p = request.app.state.predictor
         data = await _read_limited(file, max_upload_bytes)
-        probs, score = await _in_worker(request, _decode_and_predict, p, data)
+        probs, score = await _in_worker(request, _decode_and_predict, p, data, file.filename or "")
         return {**p.describe(probs, score), "model": p.config_["model"]["name"]}
 
     @app.post("/explain", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     async def explain(request: Request, file: UploadFile) -> Response:
         p = request.app.state.predictor
         data = await _read_limited(file, max_upload_bytes)
-        png = await _in_worker(request, _overlay_png, p, data, request.app.state.explain_lock)
+        png = await _in_worker(request, _overlay_png, p, data, request.app.state.explain_lock, file.filename or "")
         return Response(content=png, media_type="image/png")
 
     @app.get("/", response_class=HTMLResponse)
@@ -152,19 +153,19 @@ async def _in_worker(request: Request, func, *args):
     return await anyio.to_thread.run_sync(func, *args, limiter=request.app.state.limiter)
 
 
-def _decode_and_predict(predictor: Predictor, data: bytes) -> tuple[np.ndarray, float | None]:
+def _decode_and_predict(predictor: Predictor, data: bytes, name: str) -> tuple[np.ndarray, float | None]:
     """(class probabilities, out-of-distribution score or None) of one upload."""
-    image = _decode_upload(predictor, data)[None]
+    image = _decode_upload(predictor, data, name)[None]
     scores = predictor.ood_scores(image)
     return predictor.predict_arrays(image)[0], None if scores is None else float(scores[0])
 
 
-def _overlay_png(predictor: Predictor, data: bytes, lock: threading.Lock) -> bytes:
+def _overlay_png(predictor: Predictor, data: bytes, lock: threading.Lock, name: str) -> bytes:
     from PIL import Image
 
     from lungxray.explain import overlay, saliency
 
-    image = _decode_upload(predictor, data)
+    image = _decode_upload(predictor, data, name)
     with lock:
         heat = saliency(predictor, image[None])[0]
     buf = io.BytesIO()

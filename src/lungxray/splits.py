@@ -32,16 +32,19 @@ class Split:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
     def to_json(self, ds: Dataset) -> dict:
-        part = lambda idx: [str(ds.samples[i].path) for i in idx]  # noqa: E731
-        return {
+        parts = {"train": self.train, "val": self.val, "test": self.test}
+        out = {
             "mode": self.mode,
             "seed": self.seed,
             "sizes": self.sizes(),
             "test_duplicates_of_train": self.test_duplicates_of_train,
-            "train": part(self.train),
-            "val": part(self.val),
-            "test": part(self.test),
-        }
+        } | {name: [str(ds.samples[i].path) for i in idx] for name, idx in parts.items()}
+        if any(s.patient for s in ds.samples):
+            # DICOM patients per split, as keyed pseudonyms: disjoint, as the leakage check made sure
+            out["patients"] = {
+                name: sorted({ds.samples[i].patient for i in idx} - {None}) for name, idx in parts.items()
+            }
+        return out
 
 
 def _hold_out(
