@@ -86,6 +86,12 @@ def read(data: bytes, keep: tuple[str, ...] = ()) -> tuple[np.ndarray, str | Non
                 raise
             except Exception as exc:  # noqa: BLE001 - as above, for the pixel data and its decoders
                 raise UnusableImage(_decode_failure(ds, exc)) from None
+            except BaseException as exc:
+                # A decoder written in Rust (through pyo3) reports a bug as PanicException, which
+                # derives from BaseException; a damaged file must not end the scan or the service.
+                if type(exc).__name__ != "PanicException":
+                    raise
+                raise UnusableImage(_decode_failure(ds, exc)) from None
     except UnusableImage as exc:
         raise UnusableImage(_scrub(str(exc), identity)) from None
     finally:
@@ -113,7 +119,7 @@ def _scrub(message: str, identity: list[str]) -> str:
     return message
 
 
-def _describe(exc: Exception) -> str:
+def _describe(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
@@ -147,13 +153,17 @@ def _check(ds, keep: tuple[str, ...]) -> None:
         )
 
 
-def _decode_failure(ds, exc: Exception) -> str:
+def _decode_failure(ds, exc: BaseException) -> str:
     """The reason a pixel-data failure gives: for compressed data no installed decoder reads, what
     to install (or that nothing will read it)."""
     from pydicom.pixels import get_decoder
 
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if syntax is None or not syntax.is_compressed:
+    try:
+        syntax = ds.file_meta.TransferSyntaxUID
+        compressed = syntax.is_compressed
+    except Exception:  # noqa: BLE001 - no file meta, or a UID that is not a transfer syntax
+        compressed = False
+    if not compressed:
         return f"cannot decode the DICOM pixel data ({_describe(exc)})"
     compressed = f"DICOM pixel data compressed as {syntax.name} ({syntax})"
     try:
@@ -221,4 +231,6 @@ def _to_uint8(values: np.ndarray, low: float, high: float, invert: bool) -> np.n
     if not high > low:
         return np.zeros(values.shape, dtype=np.uint8)
     scaled = ((high - values) if invert else (values - low)) * (255.0 / (high - low))
-    return np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
+    # Rounded to 6 decimals first: a window puts many values exactly on a half grey level, and the
+    # last bit of float noise would otherwise round a film and its mirrored twin apart.
+    return np.rint(np.round(np.clip(scaled, 0.0, 255.0), 6)).astype(np.uint8)
