@@ -42,6 +42,11 @@ def test_8_12_16_bit_without_window_scale_as_the_standard_says():
         expected = np.rint((v - v.min()) * (255.0 / (int(v.max()) - int(v.min())))).astype(np.uint8)
         gray, patient = dicom.read(dicom_bytes(v, bits_stored=bits))
         assert np.array_equal(gray, expected) and patient is None
+    # a negative rescale slope turns the film over, as MONOCHROME1 does
+    v = stored_12bit(8)
+    turned = dicom.read(dicom_bytes(v, bits_stored=12, rescale=(-1.0, 5000.0)))[0]
+    assert np.array_equal(turned, dicom.read(dicom_bytes(v, bits_stored=12, photometric="MONOCHROME1"))[0])
+    assert np.array_equal(turned, 255 - dicom.read(dicom_bytes(v, bits_stored=12))[0])
 
 
 def test_rescale_and_window_follow_the_dicom_formula():

@@ -278,8 +278,13 @@ def _print_scan(summary: dict) -> None:
         print(f"{len(mixed)} duplicate group(s) whose copies carry different labels (check these labels):")
         for group in mixed:
             print("  " + "  ==  ".join(f"{rel(m['path'])} ({m['label']})" for m in group))
+    patients = summary["patients"]
+    if patients["n"]:
+        per = ", ".join(f"{n} with {k} image{'s' * (k != '1')}" for k, n in patients["images_per_patient"].items())
+        print(f"{patients['n']} patient(s) named by DICOM headers, covering {patients['images']} images ({per})")
     groups = summary["groups"]
-    source = f"patients from {groups['file']} joined with duplicate groups" if groups["file"] else "duplicate groups"
+    sources = [f"patients from {groups['file']}"] * bool(groups["file"]) + ["DICOM patients"] * bool(patients["n"])
+    source = f"{' and '.join(sources)} joined with duplicate groups" if sources else "duplicate groups"
     print(f"{groups['n']} group(s) kept whole by every split ({source}); the largest holds {groups['largest']} images")
     if summary["excluded"]:
         print(f"{len(summary['excluded'])} image(s) left out by --exclude")

@@ -186,7 +186,7 @@ def _extra_installed() -> bool:
 def _to_gray(ds, multiframe: bool) -> np.ndarray:
     """(H, W) uint8: the first (or only) frame through the modality LUT, the VOI LUT or window,
     scaled to 0-255 and inverted for MONOCHROME1."""
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing
+    from pydicom.pixels import apply_color_lut
 
     ds.pixel_array_options(index=0 if multiframe else None)  # decode only the frame used
     arr = ds.pixel_array
@@ -199,7 +199,29 @@ def _to_gray(ds, multiframe: bool) -> np.ndarray:
         return _to_uint8(gray, low, high, invert=False)
     if arr.ndim != 2:
         raise UnusableImage(f"DICOM pixel data of shape {arr.shape}, not one grayscale or colour image")
-    values = apply_modality_lut(arr, ds)  # rescale slope/intercept or a modality LUT
+    if arr.dtype.kind not in "ui" or arr.dtype.itemsize > 2:
+        return _grey_levels(arr, None, ds, photometric)
+    # Every step is a function of the stored value alone, so it runs once per possible value (at
+    # most 65,536) and the film is looked up: exact, and 5-10x faster than float arrays the size
+    # of the film (bench/dicom_bench.py).
+    lowest = int(arr.min())
+    index = arr.astype(np.int32) - lowest if arr.dtype.kind == "i" else arr - arr.dtype.type(lowest)  # (H, W)
+    domain = np.arange(lowest, int(arr.max()) + 1).astype(arr.dtype)  # every stored value in range
+    present = np.zeros(len(domain), dtype=bool)
+    if "ModalityLUTSequence" in ds or float(ds.get("RescaleSlope") or 1) < 0:  # may not be monotone
+        present[np.unique(index)] = True
+    else:  # monotone: the film's range ends at its lowest and highest stored values
+        present[[0, -1]] = True
+    return _grey_levels(domain, present, ds, photometric)[index]
+
+
+def _grey_levels(stored: np.ndarray, present: np.ndarray | None, ds, photometric: str) -> np.ndarray:
+    """Stored values -> uint8 grey levels, same shape. ``present`` marks values that span the
+    film's range (None: all of ``stored``): a film without a window is stretched over it."""
+    from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
+
+    values = apply_modality_lut(stored, ds)  # rescale slope/intercept or a modality LUT
+    held = values if present is None else values[present]
     if _has_voi_lut(ds):
         values = apply_voi(values, ds)
         low, high = 0.0, 2.0 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1
@@ -208,12 +230,12 @@ def _to_gray(ds, multiframe: bool) -> np.ndarray:
         # The window's output range as pydicom computes it (from the bit depth and rescale):
         # the values far below and far above the window land on its ends.
         low, high = apply_windowing(np.array([-np.inf, np.inf]), ds)
-    elif int(ds.get("BitsStored") or 8) <= 8 and values.dtype.kind in "ui" and values.min() >= 0:
+    elif int(ds.get("BitsStored") or 8) <= 8 and values.dtype.kind in "ui" and held.min() >= 0:
         low, high = 0.0, 255.0  # an 8-bit film reads as an 8-bit PNG of the same pixels does
     else:
         # No window: stretch the film's own range, as a viewer does and as decode does for
         # 16-bit PNGs (12 of 16 bits used would otherwise come out almost black).
-        low, high = float(values.min()), float(values.max())
+        low, high = float(held.min()), float(held.max())
     return _to_uint8(values, low, high, invert=photometric == "MONOCHROME1")
 
 

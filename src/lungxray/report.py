@@ -69,6 +69,14 @@ def _dataset(scan: dict, parts: dict | None) -> str:
         )
     if scan.get("excluded"):
         body += f"<p>{len(scan['excluded'])} image(s) left out by --exclude.</p>"
+    patients = scan.get("patients") or {}
+    if patients.get("n"):
+        per = ", ".join(f"{n} with {k} image{'s' * (k != '1')}" for k, n in patients["images_per_patient"].items())
+        body += (
+            f"<p>{patients['n']} patients named by DICOM headers cover {patients['images']} images ({per}); "
+            "each patient's images are kept in one split. Patient IDs appear nowhere in the run folder: "
+            "splits.json names patients by a keyed hash (key: patient-key, not to be shared).</p>"
+        )
     groups = [[len(g), " == ".join(rel(p) for p in g)] for g in scan["duplicate_groups"]]
     body += f"<h3>Duplicate groups ({len(groups)}), each kept in one split</h3>"
     return body + (_table(["images", "files"], groups) if groups else "<p>None found.</p>")
