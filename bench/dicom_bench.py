@@ -134,8 +134,9 @@ the same array (checked). pydicom's JPEG decoders available: {", ".join(plugin)}
 
 A JPEG file is decoded at the smallest DCT scale at or above {args.size} px (Pillow's draft
 mode); pydicom decodes the same bitstream in a DICOM file at full size, which is where
-`dicom-jpeg` loses. Uncompressed DICOM costs the header parse and the grey-level chain
-(modality LUT, window, inversion) on full-size float arrays.
+`dicom-jpeg` loses. Uncompressed DICOM needs no inflating, so it beats PNG; its grey-level
+chain (modality LUT, window, inversion) runs once per stored value, as a lookup table, not on
+full-size float arrays.
 """
     update_section("dicom", body)
     print(body)
