@@ -279,3 +279,20 @@ def test_a_run_on_dicom_films_never_splits_a_patient_and_writes_no_patient_data(
     cached = {e["patient"] for entries_ in entries for e in entries_.values() if "patient" in e}
     assert len(cached) == 18 and not cached & set(pseudonyms["train"])
     assert os.access(out / "report.html", os.R_OK)
+
+
+def test_invalid_patient_values_reach_no_log_and_no_warning(caplog):
+    import logging
+    import warnings
+
+    data = dicom_bytes(synthetic_image(0, 2), patient={"PatientBirthDate": "1923-04-17x", "PatientID": "PID-LEAK-77"})
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()  # pydicom warned when the test wrote the file
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gray, patient = dicom.read(data)
+        with pytest.raises(UnusableImage) as info:
+            dicom.read(data[:-40])  # damaged: the reason must not quote the header either
+    assert patient == "PID-LEAK-77" and gray.shape == (32, 32)  # returned to the scan, which hashes it
+    said = [r.getMessage() for r in caplog.records] + [str(w.message) for w in caught] + [str(info.value)]
+    assert said and not [line for line in said if "1923-04-17x" in line or "PID-LEAK-77" in line]

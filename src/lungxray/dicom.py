@@ -132,17 +132,17 @@ def _check(ds, keep: tuple[str, ...]) -> None:
     if frames > 1 and "multiframe" not in keep:
         raise UnusableImage(
             f"DICOM file of {frames} frames (a series or a cine loop); "
-            "pass --dicom-keep multiframe to use its first frame"
+            "a model trained with --dicom-keep multiframe reads its first frame"
         )
     modality = str(ds.get("Modality") or "").strip().upper()
     if modality not in RADIOGRAPHY and "any-modality" not in keep:
         raise UnusableImage(
             f"DICOM modality {modality or '(missing)'}, not a radiograph ({', '.join(RADIOGRAPHY)}); "
-            "pass --dicom-keep any-modality to use it"
+            "a model trained with --dicom-keep any-modality reads it"
         )
     view = str(ds.get("ViewPosition") or "").strip().upper()
     if view in LATERAL and "lateral" not in keep:
-        raise UnusableImage(f"lateral view (ViewPosition {view}); pass --dicom-keep lateral to use it")
+        raise UnusableImage(f"lateral view (ViewPosition {view}); a model trained with --dicom-keep lateral reads it")
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     if rows <= 0 or columns <= 0:
         raise UnusableImage(f"DICOM image of {rows} x {columns} pixels (Rows and Columns must be positive)")
