@@ -519,3 +519,45 @@ def test_help_imports_no_heavy_library_and_files_follow_the_umask(tmp_path):
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_help_of_every_command_answers_within_a_second_or_two():
+    """`lungxray --help` and each subcommand's, timed in a fresh interpreter (0.25 s here; the bound
+    is loose for a loaded machine: the guard that matters is the import check above)."""
+    import time
+
+    commands = ["", "scan", "run", "tune", "train", "evaluate", "cv", "labels", "report", "explain", "audit",
+                "export", "serve", "predict"]  # fmt: skip
+    for command in commands:
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "lungxray.cli", *command.split(), "--help"], capture_output=True)
+        elapsed = time.perf_counter() - start
+        assert done.returncode == 0 and b"usage: lungxray" in done.stdout, command
+        assert elapsed < 2.0, f"lungxray {command} --help took {elapsed:.2f} s"
+
+
+@pytest.mark.slow
+def test_run_piped_to_a_file_reads_as_plain_lines_and_the_log_file_holds_the_same(tmp_path):
+    data = write_tree(tmp_path / "data", per_class=10)
+    out, err, log = tmp_path / "out.txt", tmp_path / "err.txt", tmp_path / "run.log"
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:
+        done = subprocess.run(
+            [sys.executable, "-m", "lungxray.cli", "run", str(data), "--out", str(tmp_path / "run"), "--model", "mlp",
+             "--img-size", "16", "--trials", "3", "--epochs", "2", "--final-epochs", "3", "--cache-dir",
+             str(tmp_path / "cache"), "--log-file", str(log)],
+            stdout=stdout, stderr=stderr, timeout=300,
+        )  # fmt: skip
+    assert done.returncode == 0, err.read_text()
+    printed = err.read_bytes() + out.read_bytes()
+    assert b"\r" not in printed and b"\x1b" not in printed  # no carriage returns, no escape codes
+    lines = err.read_text().splitlines()
+    for heading in ("== scanning", "== searching", "== training the final model", "== evaluating", "== writing"):
+        assert sum(heading in line for line in lines) == 1, heading
+    trials = [line for line in lines if line.split(" ", 1)[1].startswith("trial ")]
+    assert len(trials) == 3 and all("best so far" in line for line in trials)
+    epochs = [line for line in lines if " epoch " in line and "/3: loss " in line]
+    assert len(epochs) == 3
+    assert len(lines) < 40  # a line per event, not per batch or per image
+    logged = [line.split(" ", 1)[1] for line in log.read_text().splitlines()]
+    shown = [line.split(" ", 1)[1] for line in lines] + out.read_text().splitlines()
+    assert logged == shown and any("test accuracy" in line for line in logged)

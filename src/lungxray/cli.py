@@ -76,7 +76,15 @@ def _data_args(p: argparse.ArgumentParser, img_size: bool = True) -> None:
     )
     # evaluate and friends: the bundle's size and preprocessing
     add_options(p, DataConfig, skip=() if img_size else ("img_size", "crop_borders", "equalize", "dicom_keep"))
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
+    p.add_argument(
+        "--log-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="append the progress lines (stages, one per finished trial and epoch, with losses), the results "
+        "and any error to FILE, time-stamped, whether or not the terminal shows bars",
+    )
 
 
 def _model_data_args(p: argparse.ArgumentParser, verb: str) -> None:
@@ -668,21 +676,43 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints escaped, never crashes
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    from lungxray import progress
+
+    try:
+        progress.log_to(getattr(args, "log_file", None))
+    except OSError as exc:
+        print(f"lungxray {args.command}: error: cannot write the log file: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    try:
+        with progress.stdout_copied_to_log():
+            return _dispatch(args)
+    finally:
+        progress.log_to(None)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         return COMMANDS[args.command](args)
     except LungxrayError as exc:  # user-fixable: one line and a hint; anything else keeps its traceback
-        print(f"lungxray {args.command}: error: {exc}", file=sys.stderr)
-        if exc.hint:
-            print(f"  hint: {exc.hint}", file=sys.stderr)
+        _error(f"lungxray {args.command}: error: {exc}", exc.hint)
         return 2
     except OSError as exc:  # the file system: a read-only or missing folder, a full disk, a bad port
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"lungxray {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        print("  hint: check the path, its permissions and the free space", file=sys.stderr)
+        _error(f"lungxray {args.command}: error: {exc.strerror or exc}{where}",
+               "check the path, its permissions and the free space")  # fmt: skip
         return 2
     except KeyboardInterrupt:
-        print("interrupted; finished trials are kept in the study and resume on the next run", file=sys.stderr)
+        _error("interrupted; finished trials are kept in the study and resume on the next run")
         return 130
+
+
+def _error(line: str, hint: str | None = None) -> None:
+    """An error on standard error, and in the log file when there is one."""
+    from lungxray.progress import logged
+
+    for text in [line] + ([f"  hint: {hint}"] if hint else []):
+        print(text, file=sys.stderr)
+        logged(text)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def cross_validate(
 
 def _cross_validate(data, out, model_name, data_cfg, train_cfg, folds, repeats, params, tune_cfg, progress) -> dict:
     """``cross_validate`` under the folder's writer lock."""
-    from tqdm.auto import tqdm
+    from lungxray.progress import bar as progress_bar
 
     trial_cfg, train_cfg, tune_cfg = settings(model_name, train_cfg, tune_cfg)  # before the scan
     made_from = fingerprint(data, data_cfg, model_name, folds=folds, seed=train_cfg.seed)
@@ -129,7 +129,7 @@ def _cross_validate(data, out, model_name, data_cfg, train_cfg, folds, repeats, 
     runfolder.write_json(out, runfolder.SCAN, ds.summary())
     runfolder.write_json(out, runfolder.FOLDS, [part.to_json(ds) for part in parts])
     runs = []
-    for r in tqdm(range(repeats), desc="training seeds", unit="seed", disable=not progress or repeats == 1):
+    for r in progress_bar(range(repeats), desc="training seeds", unit="seed", disable=not progress or repeats == 1):
         cfgs = (replace(trial_cfg, seed=seed + r), replace(train_cfg, seed=seed + r))
         runs.append(_folds_once(ds, parts, model_name, params, *cfgs, tune_cfg, r, out, progress))
     clock.lap("folds_s")
@@ -200,13 +200,13 @@ def _folds_once(
 ) -> tuple[np.ndarray, list[dict], int]:
     """One model per fold with one training seed: (out-of-fold probabilities (N, C), per-fold
     records, parameters of a fold's model)."""
-    from tqdm.auto import tqdm
+    from lungxray.progress import bar as progress_bar
 
     probs = np.zeros((len(ds.samples), len(ds.classes)), dtype=np.float64)
     per_fold = []
     if repeat:  # a study per fold and training seed
         tune_cfg = replace(tune_cfg, study_name=f"{tune_cfg.study_name}-seed{train_cfg.seed}")
-    for i, fold in enumerate(tqdm(parts, desc="folds", unit="fold", disable=not progress)):
+    for i, fold in enumerate(progress_bar(parts, desc="folds", unit="fold", disable=not progress)):
         start = time.perf_counter()
         result, hp = _fold_model(ds, fold, i, model_name, params, train_cfg, tune_cfg, trial_cfg, out, progress)
         fit_s = time.perf_counter() - start

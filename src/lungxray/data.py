@@ -256,12 +256,14 @@ def _process_file(args: tuple[str, int, dict, bytes]) -> tuple:
 
 def _decode_all(todo: list[Path], cfg: DataConfig, key: bytes, progress: bool):
     """Yield _process_file results for every path, in parallel processes when worth it."""
-    from tqdm.auto import tqdm
+    from lungxray.progress import bar as progress_bar
 
     args = [(str(p), cfg.img_size, cfg.preprocessing(), key) for p in todo]
     workers = min(cfg.workers or os.cpu_count() or 1, len(todo))
     with contextlib.ExitStack() as stack:
-        bar = stack.enter_context(tqdm(total=len(todo), desc="decoding", unit="img", disable=not progress or not todo))
+        bar = stack.enter_context(
+            progress_bar(total=len(todo), desc="decoding", unit="img", disable=not progress or not todo)
+        )
         if workers <= 1 or len(todo) < 8:
             results = map(_process_file, args)
         else:

@@ -45,6 +45,7 @@ from lungxray.evaluate import (
 from lungxray.infer import predict_logits, set_threads, to_tensor
 from lungxray.models import get_spec
 from lungxray.ood import fit_ood, ood_fields
+from lungxray.progress import note, stage
 from lungxray.splits import Split, make_split
 from lungxray.train import FitResult, fit, resolve_device
 
@@ -100,8 +101,12 @@ def prepare(
     made_from = fingerprint(data, data_cfg, model_name, split=asdict(split_cfg))
     if out is not None:
         runfolder.check_fingerprint(out, made_from)  # before the scan: fail fast
+    stage(f"scanning {data}", progress)
     ds = load_dataset(data, data_cfg, progress=progress)
     split = make_split(ds, split_cfg)
+    note(f"{len(ds.samples)} images ({', '.join(f'{c} {n}' for c, n in ds.counts().items())}), "
+         f"{len(ds.skipped)} skipped; split {split.mode}: " + ", ".join(f"{k} {v}" for k, v in split.sizes().items()),
+         progress)  # fmt: skip
     if out is not None:
         if any(s.patient for s in ds.samples):
             ds.rekey_patients(runfolder.secret_key(out / runfolder.PATIENT_KEY))
@@ -129,6 +134,7 @@ def tune_stage(
     from lungxray.tune import tune
 
     trial_cfg, _, tune_cfg = settings(model_name, train_cfg, tune_cfg)
+    stage(f"searching: {tune_cfg.trials} trials of {model_name}, {tune_cfg.jobs} at a time", progress)
     set_threads(trial_cfg.threads)
     storage = runfolder.study_storage(out, tune_cfg.storage)
     result = tune(
@@ -183,6 +189,7 @@ def train_stage(
     _, cfg, _ = settings(model_name, train_cfg)
     cfg = resolve_train(cfg, get_spec(model_name).recipe, params)  # the batch size the parameters set
     set_threads(cfg.threads)
+    stage("training the final model" + (": the best trial's model, already trained" if trained else ""), progress)
     result = trained or fit(
         model_name, params, tensors(ds, split.train), tensors(ds, split.val), len(ds.classes), cfg, progress=progress
     )
@@ -444,6 +451,7 @@ def external_stage(
     # The run's --groups and --exclude name DATA's files, not these.
     data_cfg = replace(data_cfg, groups=None, exclude=None)
     for name, folder in folders.items():
+        stage(f"evaluating on {name} ({folder})", progress)
         try:
             _, ds, idx, seen = model_and_data(predictor, folder, data_cfg, progress=progress)
         except DataError as exc:  # e.g. every image was trained on: said in run.json, the run goes on
@@ -499,6 +507,7 @@ def _run(
         **split.sizes(),
         "test_duplicates_of_train": split.test_duplicates_of_train,
     }
+    stage(f"evaluating on the test split ({len(split.test)} images)", progress)
     metrics = evaluate_split(predictor, ds, split.test, out, {"split": split_info})  # the one read of the test split
     attach_metrics(model_dir, metrics)
     audited = audit_split(predictor, ds, split.test, out)  # the same images, lungs or borders hidden
@@ -508,6 +517,7 @@ def _run(
         clock.lap("external_s")
     from lungxray.report import write_report
 
+    stage("writing the report", progress)
     write_report(out)
     clock.lap("report_s")
     summary = {

@@ -219,7 +219,8 @@ def fit(
     be resolved (``config.resolve_train`` with ``hp``): the batch size, optimiser, schedule and
     augmentation are read from it as they are. The returned model is on the CPU.
     """
-    from tqdm.auto import tqdm
+    from lungxray.progress import bar as progress_bar
+    from lungxray.progress import note
 
     if not cfg.resolved:
         raise ValueError("fit() needs a resolved TrainConfig; pass config.resolve_train(cfg, recipe, hp)")
@@ -243,11 +244,15 @@ def fit(
     generator = torch.Generator().manual_seed(cfg.seed)  # batch order
     history: list[EpochStats] = []
     best, best_state, diverged, stopped_at = None, None, False, None
-    for epoch in tqdm(range(1, cfg.epochs + 1), desc="epochs", leave=False, disable=not progress):
+    epochs = progress_bar(range(1, cfg.epochs + 1), desc="epochs", unit="epoch", leave=False, disable=not progress)
+    for epoch in epochs:
         loss, acc = train_one_epoch(model, optimizer, x_train, y_train, cfg.batch_size, generator, **options)
         val_loss, val_acc = evaluate_loss(watched, *val)
         stats = EpochStats(epoch, loss, acc, val_loss, val_acc)
         history.append(stats)
+        figures = f"loss {loss:.4f}, val_loss {val_loss:.4f}, val_accuracy {val_acc:.4f}"
+        epochs.set_postfix_str(figures)
+        note(f"epoch {epoch}/{cfg.epochs}: {figures}", enabled=progress)
         if not (math.isfinite(loss) and math.isfinite(val_loss)):
             diverged = True
             break
@@ -257,7 +262,9 @@ def fit(
             stopped_at = epoch
             break
         if cfg.keep == "best" and cfg.patience and epoch - best.epoch >= cfg.patience:
+            note(f"stopped early: no better {cfg.select_by} for {cfg.patience} epochs", enabled=progress)
             break  # early stopping: no better validation figure for cfg.patience epochs
+    epochs.close()
     if best_state is None:
         raise TrainingDiverged(f"training diverged in the first epoch with {hp}", hint="lower the learning rate")
     model.load_state_dict(best_state)

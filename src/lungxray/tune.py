@@ -193,7 +193,7 @@ def tune(
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from tqdm.auto import tqdm
+    from lungxray.progress import bar as progress_bar
 
     if not cfg.jobs or not train_cfg.resolved:
         raise ValueError("tune() needs resolved configs: config.resolve_tune and config.resolve_train")
@@ -202,9 +202,11 @@ def tune(
     study = open_study(cfg, storage, train_cfg.seed, direction, train_cfg.epochs, model_name)
     space, jobs = get_spec(model_name).space, cfg.jobs
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
-    bar = tqdm(total=cfg.trials, initial=min(done, cfg.trials), desc="trials", unit="trial", disable=not progress)
+    bar = progress_bar(
+        total=cfg.trials, initial=min(done, cfg.trials), desc="trials", unit="trial", disable=not progress
+    )
     running: dict[int, int] = {}  # trial number -> epochs done, shown on the bar
-    best_text = [f"best {train_cfg.select_by} {study.best_value:.4f}, " if _has_complete(study) else ""]
+    best_text = [f"best {train_cfg.select_by} {study.best_value:.4f}" if _has_complete(study) else ""]
     lock = threading.Lock()
 
     def show(number: int, epoch: int | None) -> None:
@@ -213,9 +215,8 @@ def tune(
                 running.pop(number, None)
             else:
                 running[number] = epoch
-            bar.set_postfix_str(
-                best_text[0] + "epochs " + " ".join(f"#{n}:{e}/{train_cfg.epochs}" for n, e in sorted(running.items()))
-            )
+            epochs = " ".join(f"#{n}:{e}/{train_cfg.epochs}" for n, e in sorted(running.items()))
+            bar.set_postfix_str(", ".join(part for part in (best_text[0], epochs and f"epochs {epochs}") if part))
 
     best_fit = None
     stop = threading.Event()  # set on Ctrl-C: running trials end at their next epoch
@@ -243,10 +244,12 @@ def tune(
                 for trial, (state, value, result) in zip(batch, outcomes, strict=True):
                     study.tell(trial, value, state=state)
                     if result is not None:
-                        best_text[0] = f"best {train_cfg.select_by} {study.best_value:.4f}, "
+                        best_text[0] = f"best {train_cfg.select_by} {study.best_value:.4f}"
+                        show(trial.number, None)
                         if result.stopped_at is None and study.best_trial.number == trial.number:
                             best_fit = result
                     done += state != optuna.trial.TrialState.FAIL
+                    _say_trial(trial.number, state, value, result, study, train_cfg.select_by, progress)
                     bar.update(state != optuna.trial.TrialState.FAIL)
     finally:
         torch.set_num_threads(threads_before)
@@ -255,6 +258,27 @@ def tune(
     if best_fit is not None and study.best_trial.number == summary.best_trial:
         summary.best_fit = best_fit
     return summary
+
+
+def _say_trial(number: int, state, value, result, study, select_by: str, progress: bool) -> None:
+    """One log line for a finished trial: its figure, where it stopped, the best so far."""
+    from lungxray.progress import note
+
+    if result is None:
+        note(f"trial {number}: failed ({state.name.lower()})", enabled=progress)
+        return
+    ended = (
+        f"pruned at epoch {result.stopped_at}"
+        if result.stopped_at is not None
+        else f"best epoch {result.best_epoch} of {len(result.history)}"
+    )
+    other = (
+        f"val_accuracy {result.best.val_accuracy:.4f}"
+        if select_by == "val_loss"
+        else f"val_loss {result.best.val_loss:.4f}"
+    )
+    best = f"; best so far {study.best_value:.4f} (trial {study.best_trial.number})" if _has_complete(study) else ""
+    note(f"trial {number}: {select_by} {value:.4f}, {other}, {ended}{best}", progress)
 
 
 class _Interrupted(Exception):
