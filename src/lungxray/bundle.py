@@ -38,6 +38,7 @@ CONFIG = "config.json"
 METRICS = "metrics.json"  # the test metrics of the run that trained it, when it had a test split
 CHECKSUMS = "checksums.json"
 SEEN = "seen.json"  # SHA-256 of the files the model was trained and validated on
+CARD = "MODEL_CARD.md"  # the model card (card.py), written by run and train
 OOD = "ood.safetensors"  # the out-of-distribution score's fitted tensors (lungxray.ood)
 
 
@@ -328,6 +329,8 @@ class Predictor:
         self.metrics_: dict | None = (
             json.loads((self.folder / METRICS).read_text()) if METRICS in self.checksums_ else None
         )
+        # The model card (MODEL_CARD.md), written by run and train; None for a bundle without one.
+        self.card_: str | None = (self.folder / CARD).read_text() if CARD in self.checksums_ else None
         # Content hashes of the training and validation files (empty: a bundle that did not record them).
         seen = json.loads((self.folder / SEEN).read_text()) if SEEN in self.checksums_ else {}
         self.seen_: frozenset[str] = frozenset(h for hashes in seen.values() for h in hashes)

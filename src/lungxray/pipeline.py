@@ -19,6 +19,7 @@ import torch
 
 from lungxray import __version__, runfolder
 from lungxray.bundle import Predictor, attach_metrics, save_bundle
+from lungxray.card import model_card, write_card
 from lungxray.config import (
     DataConfig,
     SplitConfig,
@@ -232,6 +233,7 @@ def train_stage(
     seen = {part: [ds.samples[i].sha256 for i in idx] for part, idx in (("train", split.train), ("val", split.val))}
     ood = fit_ood(ds.images[split.train], ds.images[split.val])
     folder = save_bundle(out / runfolder.MODEL, result.model, config, seen=seen, ood=ood, overwrite=force)
+    write_card(folder, model_card(config, ds.summary()))  # run completes it once the test is read
     return result, folder
 
 
@@ -515,6 +517,11 @@ def _run(
     elsewhere = external_stage(predictor, data_cfg, external, out, progress) if external else {}
     if external:
         clock.lap("external_s")
+    scored_elsewhere = {
+        name: runfolder.read_json(Path(r["metrics"]).parent, runfolder.METRICS) for name, r in elsewhere.items()
+        if "metrics" in r
+    }  # fmt: skip
+    write_card(model_dir, model_card(predictor.config_, ds.summary(), metrics, scored_elsewhere, audited))
     from lungxray.report import write_report
 
     stage("writing the report", progress)

@@ -125,6 +125,7 @@ def create_app(
             "temperature": p.temperature_,
             "ood": p.config_.get("ood"),
             "metrics": p.metrics_,
+            "model_card": p.card_,  # MODEL_CARD.md (Markdown), None for a bundle without one
         }
 
     @app.post("/predict")
