@@ -89,8 +89,35 @@ def test_saliency_overlay_has_the_image_size_and_is_not_constant(tmp_path, name)
     assert "error" in results[2]
     for r in results[:2]:
         assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
-        with Image.open(r["overlay"]) as img:
-            assert img.size == (SIZE, SIZE) and img.mode == "RGB"
+        with Image.open(r["overlay"]) as img:  # square files: two 512-px panels and the colour scale
+            assert img.size == figure_size(SIZE, SIZE) and img.mode == "RGB"
+
+
+def figure_size(width: int, height: int) -> tuple[int, int]:
+    """The size of ``side_by_side``'s figure for a picture of ``width`` x ``height``."""
+    from lungxray.explain import PANEL
+
+    w, h = round(width * PANEL / max(width, height)), round(height * PANEL / max(width, height))
+    return 2 * w + 2 * 12 + 16 + 6 + 40, h + 26
+
+
+def test_explanations_keep_the_films_aspect_with_the_original_beside_and_a_colour_scale(tmp_path):
+    images = np.stack([synthetic_image(c, i, SIZE) for c in range(3) for i in range(8)])
+    predictor = _bundle(tmp_path, "cnn", images, np.repeat(np.arange(3), 8), epochs=2)
+    wide = np.asarray(Image.fromarray(images[3]).resize((480, 320), Image.Resampling.BILINEAR))
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    from lungxray.explain import explain_files
+
+    [result] = explain_files(predictor, [tmp_path / "wide.png"], tmp_path / "out")
+    figure = np.asarray(Image.open(result["overlay"]))
+    assert figure.shape[1::-1] == figure_size(480, 320) == (1110, 367)  # 512 x 341 panels: the film's 3:2
+    left = figure[26:, :512]
+    expected = np.asarray(Image.fromarray(wide).resize((512, 341), Image.Resampling.BILINEAR))
+    assert np.array_equal(left[..., 0], expected) and np.array_equal(left[..., 0], left[..., 2])  # the film, gray
+    right = figure[26:, 524:1036].astype(int)
+    assert np.abs(right - right.mean(axis=2, keepdims=True)).mean() > 5  # coloured by the map, not gray
+    bar = figure[26:, 1048]
+    assert tuple(bar[0]) == (128, 0, 0) and tuple(bar[-1]) == (0, 0, 128)  # jet: dark red on top, dark blue below
 
 
 def test_masks_cover_what_they_claim():

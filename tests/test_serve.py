@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import socket
 import threading
 import time
@@ -14,6 +15,7 @@ import torch
 from conftest import CHROMIUM, CHROMIUM_FLAGS, browser_or_skip, png_bomb, settings
 from fastapi.testclient import TestClient
 from PIL import Image
+from test_explain import figure_size
 
 from lungxray.bundle import Predictor, export_onnx, save_bundle
 from lungxray.config import DataConfig
@@ -98,8 +100,11 @@ def test_predict_explain_model_health_on_a_real_xray(real):
         assert body["probabilities"] == pytest.approx(expected, abs=1e-6)
         picture = client.post("/explain", files={"file": (files[0].name, files[0].read_bytes(), "image/jpeg")})
         assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
-        with Image.open(io.BytesIO(picture.content)) as img:
-            assert img.size == (384, 384) and len(np.unique(np.asarray(img).reshape(-1, 3), axis=0)) > 50
+        with Image.open(io.BytesIO(picture.content)) as img, Image.open(files[0]) as film:
+            (width, height), (expected_width, expected_height) = img.size, figure_size(*film.size)
+            # the film's own aspect ratio, give or take the rounding of two downscales
+            assert width == expected_width and abs(height - expected_height) <= 1
+            assert len(np.unique(np.asarray(img).reshape(-1, 3), axis=0)) > 50
         assert "/predict" in client.get("/openapi.json").json()["paths"]
         assert '<input id="file"' in client.get("/").text
 
@@ -176,57 +181,174 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.browser
-def test_upload_page_in_chromium_shows_the_class_and_the_overlay(real_ood, tmp_path):
-    sync_playwright = browser_or_skip()
-    import uvicorn
+def _wait(page, expression: str, seconds: float = 30.0):
+    """Poll ``expression`` in the page until truthy (wait_for_function evaluates a string, which the
+    page's CSP forbids)."""
+    for _ in range(int(seconds * 10)):
+        value = page.evaluate(expression)
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{expression} stayed false for {seconds} s")
 
+
+def _tab_to(page, element_id: str, presses: int = 8) -> None:
+    for _ in range(presses):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == element_id:
+            return
+    raise AssertionError(f"Tab never reached #{element_id}")
+
+
+def _choose_with_keyboard(page, path: Path) -> None:
+    """Tab to the page's button, Enter, and pick ``path`` in the file chooser that opens."""
+    page.evaluate("document.activeElement.blur()")
+    _tab_to(page, "choose")
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    chooser.value.set_files(str(path))
+
+
+LAYOUT = """() => {
+  const boxes = ["h1", "#intro", "#drop", "#status", "#error", "#ood", "#answer", "#overlay"]
+    .map(s => document.querySelector(s)).filter(e => e && e.offsetParent !== null)
+    .map(e => [e.id || e.tagName, e.getBoundingClientRect()]);
+  const overlaps = [];
+  for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
+    const [a, p] = boxes[i], [b, q] = boxes[j];
+    const apart = p.right - 1 <= q.left || q.right - 1 <= p.left || p.bottom - 1 <= q.top || q.bottom - 1 <= p.top;
+    if (!apart) overlaps.push(a + "/" + b);
+  }
+  return {overlaps, scroll: document.documentElement.scrollWidth - window.innerWidth, shown: boxes.length};
+}"""
+
+
+@pytest.mark.browser
+def test_upload_page_from_the_keyboard_empty_error_flagged_and_over_limit_states(real_ood, tmp_path):
+    sync_playwright = browser_or_skip()
     bundle, _, files = real_ood
     flat = tmp_path / "flat.png"
     flat.write_bytes(_png_bytes(np.full((300, 300), 128, dtype=np.uint8)))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(bundle), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    big = tmp_path / "big.png"  # noise does not compress: over the limit set below
+    big.write_bytes(_png_bytes(np.random.default_rng(0).integers(0, 256, (1600, 1600), dtype=np.uint8)))
+    limit = max(p.stat().st_size for p in files[:1]) + 100_000
+    assert big.stat().st_size > limit
+    server, thread, url = _running_server(bundle, "auto", max_upload_bytes=limit)
+    posts, outside = [], []
     try:
-        for _ in range(100):
-            if server.started:
-                break
-            time.sleep(0.1)
-        assert server.started
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-            page = browser.new_page()
+            page = browser.new_page(viewport={"width": 1366, "height": 900})
             errors = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(f"http://127.0.0.1:{port}/")
-            page.set_input_files("#file", str(files[0]))
-            # polled from here: wait_for_function evaluates a string, which the page's CSP forbids
-            for _ in range(300):
-                if page.evaluate("document.getElementById('overlay').naturalWidth") > 0:
-                    break
-                time.sleep(0.1)
+            page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+            page.on("request", lambda r: None if r.url.startswith((url, "data:", "blob:")) else outside.append(r.url))
+            page.goto(url + "/")
+            # empty: nothing but the chooser until a result arrives
+            empty = {s: page.is_visible(s) for s in ("#result", "#error", "#ood", "#overlay")}
+            assert page.get_attribute("#status", "aria-live") == "polite"
+            # a real film, from the keyboard alone: Tab to the button, Enter, choose
+            _choose_with_keyboard(page, files[0])
+            _wait(page, "document.getElementById('overlay').naturalWidth")
+            announced = page.inner_text("#status")
             shown = page.inner_text("#class")
-            bars = page.locator(".bar").count()
-            overlay_width = page.evaluate("document.getElementById('overlay').naturalWidth")
-            page.screenshot(path=str(tmp_path / "upload.png"), full_page=True)
-            ood_before = page.is_visible("#ood")
+            overlay_size = page.evaluate("[overlay.naturalWidth, overlay.naturalHeight]")
+            layouts = {}
+            for width in (1366, 390):
+                page.set_viewport_size({"width": width, "height": 900})
+                layouts[width] = page.evaluate(LAYOUT)
+            page.screenshot(path=str(tmp_path / "upload-390.png"), full_page=True)
+            # a file that is not an image: the error, and nothing of the earlier result
+            _choose_with_keyboard(page, text)
+            _wait(page, "!document.getElementById('error').hidden")
+            after_error = (page.inner_text("#error"), page.is_visible("#result"), page.inner_text("#class"))
             # an image unlike the training films: a plain warning instead of a verdict
-            page.set_input_files("#file", str(flat))
-            for _ in range(300):
-                if page.is_visible("#ood"):
-                    break
-                time.sleep(0.1)
-            warning = page.inner_text("#ood")
-            result_after = page.is_visible("#result")
+            _choose_with_keyboard(page, flat)
+            _wait(page, "!document.getElementById('ood').hidden")
+            warning, result_after = page.inner_text("#ood"), page.is_visible("#result")
+            # over the limit: refused in the page, never sent
+            sent_before = len(posts)
+            _choose_with_keyboard(page, big)
+            _wait(page, "!document.getElementById('error').hidden")
+            refused = page.inner_text("#error")
+            time.sleep(0.5)
+            sent_after = len(posts)
             browser.close()
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-    assert shown in ("covid", "normal", "viral_pneumonia")
-    assert bars == 3 and overlay_width == 384 and errors == []
-    assert not ood_before and warning.startswith("No answer") and not result_after
-    assert (tmp_path / "upload.png").stat().st_size > 10_000
+    assert not any(empty.values()), empty
+    assert shown in ("covid", "normal", "viral_pneumonia") and announced.startswith(f"{files[0].name}: {shown} (")
+    with Image.open(files[0]) as film:
+        assert overlay_size[0] == figure_size(*film.size)[0]
+    for width, layout in layouts.items():
+        assert layout["overlaps"] == [] and layout["scroll"] <= 0 and layout["shown"] >= 5, (width, layout)
+    assert "unusable image" in after_error[0] and not after_error[1] and after_error[2] == ""
+    assert warning.startswith("No answer") and not result_after
+    assert "over the" in refused and "limit" in refused and sent_after == sent_before
+    assert errors == [] and outside == []
+    assert (tmp_path / "upload-390.png").stat().st_size > 10_000
+
+
+@pytest.mark.browser
+def test_docs_and_redoc_render_offline(real):
+    """/docs and /redoc load Swagger UI and ReDoc from the service itself: no request leaves the machine."""
+    sync_playwright = browser_or_skip()
+    bundle = real[0]
+    server, thread, url = _running_server(bundle, "auto")
+    requested, blocked = [], []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+            page = browser.new_page()
+            page.on("request", lambda r: requested.append(r.url))
+            page.on("requestfailed", lambda r: blocked.append(r.url) if r.failure == "csp" else None)
+            page.goto(url + "/docs")
+            page.wait_for_selector(".swagger-ui .opblock", timeout=30_000)
+            swagger = page.inner_text(".swagger-ui")
+            page.goto(url + "/redoc")
+            page.wait_for_selector("text=/predict", timeout=30_000)
+            redoc = page.inner_text("body")
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert "/predict" in swagger and "/explain" in swagger
+    assert "lungxray" in redoc and "/predict" in redoc
+    # ReDoc asks for its maker's logo on a CDN; the page's CSP stops it in the browser, unsent.
+    outside = [u for u in requested if not u.startswith((url, "data:", "blob:"))]
+    assert all(u in blocked for u in outside), outside
+    assert any(u.endswith("swagger-ui-bundle.js") for u in requested)
+
+
+def test_an_over_limit_body_gets_its_413_whatever_the_client(real):
+    """urllib sends the whole body before reading (no Expect: 100-continue): the server drains it
+    and answers 413, declared length or chunked."""
+    import urllib.error
+    import urllib.request
+
+    server, thread, url = _running_server(real[0], "auto", max_upload_bytes=1 << 20)
+    body = b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n' + bytes(3 << 20)
+    body += b"\r\n--x--\r\n"
+    answers = []
+    try:
+        for chunked in (False, True):
+            data = iter([body[i : i + 65536] for i in range(0, len(body), 65536)]) if chunked else body
+            headers = {"Content-Type": "multipart/form-data; boundary=x"}
+            if chunked:
+                headers["Transfer-Encoding"] = "chunked"
+            request = urllib.request.Request(url + "/predict", data=data, headers=headers, method="POST")
+            try:
+                urllib.request.urlopen(request, timeout=30)
+            except urllib.error.HTTPError as exc:
+                answers.append((exc.code, json.loads(exc.read())["detail"]))
+        health = urllib.request.urlopen(url + "/health", timeout=10).status
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert answers == [(413, "upload larger than the 1 MB limit")] * 2 and health == 200
 
 
 def test_an_ensemble_bundle_round_trips_through_save_load_predict_onnx_explain_and_serve(real, tmp_path):
@@ -260,13 +382,13 @@ def test_an_ensemble_bundle_round_trips_through_save_load_predict_onnx_explain_a
         )
 
 
-def _running_server(bundle, backend: str):
+def _running_server(bundle, backend: str, **options):
     """A uvicorn server for ``bundle`` on a free loopback port, in a thread: (server, thread, url)."""
     import uvicorn
 
     port = _free_port()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(bundle, backend), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(create_app(bundle, backend, **options), host="127.0.0.1", port=port, log_level="warning")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -410,6 +410,14 @@ class Predictor:
         return decode(data, self.img_size_, equalize_method=options["equalize"], crop=options["crop_borders"],
                       dicom_keep=options["dicom_keep"], name=name)  # fmt: skip
 
+    def display(self, data: bytes, name: str = "") -> np.ndarray:
+        """An image file's bytes -> (H, W) uint8 at its own aspect ratio (at most 1024 px), cropped
+        as the model's input is: the picture an explanation is drawn on."""
+        from lungxray.decode import display_gray
+
+        options = self.data_options_
+        return display_gray(data, crop=options["crop_borders"], dicom_keep=options["dicom_keep"], name=name)
+
     def describe(self, probs: np.ndarray, ood_score: float | None = None) -> dict:
         """One image's probabilities (n_classes,) and out-of-distribution score -> ``{"class",
         "probabilities": {name: p}, "ood_score", "in_distribution"}`` (the last two None for a

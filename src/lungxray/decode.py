@@ -158,6 +158,29 @@ def decode_with_patient(
     return equalize(np.asarray(image, dtype=np.uint8), equalize_method), patient
 
 
+def display_gray(
+    data: bytes, *, crop: bool = False, dicom_keep: tuple[str, ...] = (), name: str = "", long_side: int = 1024
+) -> np.ndarray:
+    """The file as a person looks at it: (H, W) uint8 grayscale at its own aspect ratio, at most
+    ``long_side`` pixels on its long side, cropped as the model's input is (``crop``), so a map of
+    the model's square input stretches back onto it. Raises UnusableImage as ``decode`` does."""
+    if not data:
+        raise UnusableImage("empty file (zero bytes)")
+    from lungxray import dicom
+
+    if dicom.is_dicom(data, name):
+        image = Image.fromarray(dicom.read(data, dicom_keep)[0])
+    else:
+        image = _read_with_pillow(data, long_side)
+    if crop:
+        image = Image.fromarray(crop_borders(np.asarray(image)))
+    scale = long_side / max(image.size)
+    if scale < 1:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.BILINEAR)  # fmt: skip
+    return np.asarray(image, dtype=np.uint8)
+
+
 def _read_with_pillow(data: bytes, img_size: int) -> Image.Image:
     """Any format Pillow reads -> 8-bit grayscale image (a JPEG decoded at the smallest DCT
     scale at or above ``img_size``)."""

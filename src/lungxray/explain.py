@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from lungxray.bundle import Predictor
+from lungxray.errors import UnusableImage
 from lungxray.infer import predict_logits, to_tensor
 from lungxray.models import Ensemble, get_spec
 from lungxray.runfolder import EXPLAIN, write_json
@@ -81,9 +82,50 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndar
     return np.rint(255 * ((1 - alpha) * gray + alpha * colours)).astype(np.uint8)
 
 
+PANEL = 512  # long side of each half of an explanation figure, in pixels
+
+
+def side_by_side(picture: np.ndarray, heat: np.ndarray, caption: str) -> np.ndarray:
+    """(H, W) uint8 picture at its own aspect ratio + (h, w) map in [0, 1] of the model's square
+    input -> (H', W', 3) uint8: the picture and the picture with the map, each ``PANEL`` px on its
+    long side, a 'jet' colour scale from low to high, and a caption line on top.
+
+    Composed with Pillow rather than a matplotlib figure: the size is exact (the tests and the
+    page rely on it) and the service draws these from several threads at once."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = picture.shape
+    scale = PANEL / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # (width, height)
+    gray = np.asarray(Image.fromarray(picture).resize(size, Image.Resampling.BILINEAR))
+    # The model saw the picture squashed into a square: its map stretches back the same way.
+    stretched = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
+    gap, bar, top = 12, 16, 26
+    font = ImageFont.load_default(size=14)
+    label_width = 40
+    canvas = Image.new("RGB", (2 * size[0] + 2 * gap + bar + 6 + label_width, size[1] + top), "white")
+    canvas.paste(Image.fromarray(gray).convert("RGB"), (0, top))
+    canvas.paste(Image.fromarray(overlay(gray, stretched)), (size[0] + gap, top))
+    import matplotlib
+
+    ramp = matplotlib.colormaps["jet"](np.linspace(1, 0, size[1]))[:, :3]  # (H, 3): high at the top
+    column = np.rint(255 * np.repeat(ramp[:, None, :], bar, axis=1)).astype(np.uint8)  # (H, bar, 3)
+    x_bar = 2 * size[0] + 2 * gap
+    canvas.paste(Image.fromarray(column), (x_bar, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((0, 4), "as read", fill="black", font=font)
+    draw.text((size[0] + gap, 4), caption, fill="black", font=font)
+    draw.text((x_bar + bar + 4, top), "high", fill="black", font=font)
+    draw.text((x_bar + bar + 4, top + size[1] - 16), "low", fill="black", font=font)
+    return np.asarray(canvas)
+
+
 def explain_files(predictor: Predictor, paths: list[Path], out: Path) -> list[dict]:
-    """Probabilities and an overlay PNG per image file, written to ``out``; bad files get an error."""
+    """Probabilities and an explanation PNG (``side_by_side``) per image file, written to ``out``;
+    bad files get an error."""
     from PIL import Image
+
+    from lungxray.decode import read_image_file
 
     out.mkdir(parents=True, exist_ok=True)
     results, images = predictor.decode_files(paths)
@@ -93,10 +135,22 @@ def explain_files(predictor: Predictor, paths: list[Path], out: Path) -> list[di
         scores = predictor.ood_scores(images)
         for k, (r, image, p, heat) in enumerate(zip(good, images, probs, maps, strict=True)):
             target = out / f"{k:03d}_{Path(r['path']).stem}_overlay.png"
-            Image.fromarray(overlay(image, heat)).save(target)
-            r.update({**predictor.describe(p, None if scores is None else scores[k]), "overlay": str(target)})
+            answer = predictor.describe(p, None if scores is None else scores[k])
+            try:
+                picture = predictor.display(read_image_file(Path(r["path"])), Path(r["path"]).name)
+            except (OSError, UnusableImage):  # changed since it was read a moment ago: the model's input
+                picture = image
+            Image.fromarray(side_by_side(picture, heat, caption(predictor, answer))).save(target)
+            r.update({**answer, "overlay": str(target)})
     write_json(out, EXPLAIN, results)
     return results
+
+
+def caption(predictor: Predictor, answer: dict) -> str:
+    """What the map shows, in a few words: the method and the class it explains."""
+    method = "Grad-CAM" if get_spec(predictor.config_["model"]["name"]).cam_layer is not None else "input gradient"
+    flagged = " (out of distribution: no reliable answer)" if answer.get("in_distribution") is False else ""
+    return f"where the model looked ({method}) for: {answer['class']}{flagged}"
 
 
 def lung_box(size: int) -> np.ndarray:

@@ -27,6 +27,10 @@ from lungxray.bundle import Predictor
 from lungxray.errors import UnusableImage
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+# An over-limit body is read and dropped up to this many bytes before the 413 goes out: a client
+# that sends its whole body before reading (no Expect: 100-continue, as urllib and browsers do)
+# otherwise meets a closed connection instead of the answer. Beyond it, the connection is cut.
+DRAIN_BYTES = 256 * 1024 * 1024
 PAGE = Path(__file__).with_name("upload.html")
 
 
@@ -43,14 +47,27 @@ def _decode_upload(predictor: Predictor, data: bytes, name: str = "") -> np.ndar
 
 
 async def _read_limited(file: UploadFile, limit: int) -> bytes:
-    """The upload's bytes; 413 as soon as it passes ``limit``."""
+    """The upload's bytes; 413 once it passes ``limit``."""
     chunks, size = [], 0
     while chunk := await file.read(1 << 20):
         size += len(chunk)
         if size > limit:
-            raise HTTPException(status_code=413, detail=f"upload larger than the {limit // (1 << 20)} MB limit")
+            raise HTTPException(status_code=413, detail=_too_large(limit))
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _too_large(limit: int) -> str:
+    return f"upload larger than the {limit // (1 << 20)} MB limit"
+
+
+async def _drain(request: Request, bound: int) -> None:
+    """Read and drop the request body, up to ``bound`` bytes."""
+    read = 0
+    async for chunk in request.stream():
+        read += len(chunk)
+        if read > bound:
+            break
 
 
 def create_app(
@@ -77,7 +94,11 @@ def create_app(
         yield
         torch.set_num_threads(threads_before)
 
-    app = FastAPI(
+    from fastapi_offline import FastAPIOffline
+
+    # /docs and /redoc from the Swagger UI and ReDoc files that fastapi-offline installs, not from
+    # a CDN: a hospital network without internet access gets them too.
+    app: FastAPI = FastAPIOffline(
         title="lungxray", summary="Chest X-ray classifier: predictions and where the model looked", lifespan=lifespan
     )
 
@@ -88,12 +109,12 @@ def create_app(
 
     @app.middleware("http")
     async def refuse_large_bodies(request: Request, call_next):
-        # Refuse by the declared length before reading a byte; _read_limited covers bodies without one.
+        # Refused by the declared length before parsing; the body is drained so every client reads
+        # the 413. _read_limited covers bodies without a declared length.
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > max_upload_bytes + 64 * 1024:
-            return JSONResponse(
-                status_code=413, content={"detail": f"upload larger than the {max_upload_bytes // (1 << 20)} MB limit"}
-            )
+            await _drain(request, DRAIN_BYTES)
+            return JSONResponse(status_code=413, content={"detail": _too_large(max_upload_bytes)})
         return await call_next(request)
 
     # Added last, so outermost: the 400 of a foreign Host and the 413 carry the headers too.
@@ -107,6 +128,13 @@ def create_app(
             response.headers["Content-Security-Policy"] = (
                 "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
                 "img-src data: blob:; connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
+            )
+        if request.url.path in ("/docs", "/redoc"):
+            # Nothing but this service: ReDoc's sidebar would fetch its maker's logo from a CDN.
+            response.headers["Content-Security-Policy"] = (
+                "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+                "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; "
+                "frame-ancestors 'none'; base-uri 'none'"
             )
         return response
 
@@ -144,7 +172,7 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
-        return PAGE.read_text()
+        return PAGE.read_text().replace("__MAX_UPLOAD_BYTES__", str(max_upload_bytes))
 
     return app
 
@@ -162,15 +190,19 @@ def _decode_and_predict(predictor: Predictor, data: bytes, name: str) -> tuple[n
 
 
 def _overlay_png(predictor: Predictor, data: bytes, lock: threading.Lock, name: str) -> bytes:
+    """The upload as read beside where the model looked (``explain.side_by_side``), as PNG."""
     from PIL import Image
 
-    from lungxray.explain import overlay, saliency
+    from lungxray.explain import caption, saliency, side_by_side
 
     image = _decode_upload(predictor, data, name)
     with lock:
         heat = saliency(predictor, image[None])[0]
+    scores = predictor.ood_scores(image[None])
+    answer = predictor.describe(predictor.predict_arrays(image[None])[0], None if scores is None else float(scores[0]))
+    picture = predictor.display(data, name)  # decoded above already: it reads
     buf = io.BytesIO()
-    Image.fromarray(overlay(image, heat)).resize((384, 384), Image.Resampling.BILINEAR).save(buf, format="PNG")
+    Image.fromarray(side_by_side(picture, heat, caption(predictor, answer))).save(buf, format="PNG")
     return buf.getvalue()
 
 
