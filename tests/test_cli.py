@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,7 +88,11 @@ def test_evaluate_leaves_out_images_it_has_seen_under_any_path(trained_run, tmp_
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["n"] == len(splits["test"]) == n_all - n_seen and metrics["seen_excluded"] == n_seen
     assert len(metrics["seen_images"]["paths"]) == n_seen
-    assert "left out, the figures are on the other" in (tmp_path / "ev" / "report.html").read_text()
+    report = (tmp_path / "ev" / "report.html").read_text()
+    assert "left out, the figures are on the other" in report
+    seen_paths = metrics["seen_images"]["paths"]
+    relative = [str(Path(p).relative_to(copy)) for p in seen_paths]  # listed relative to the data folder
+    assert all(f"<td>{r}</td>" in report for r in relative) and str(copy) not in report.split("left out")[1]
     assert (
         cli(
             "evaluate",

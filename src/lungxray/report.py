@@ -178,14 +178,15 @@ def _roc(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> str:
     return _png(fig, f"ROC curves, one per class ({', '.join(classes)}) against the others")
 
 
-def _seen(seen: dict) -> str:
-    """The headline on images the model was trained or validated on, and their list."""
+def _seen(seen: dict, root: str | None) -> str:
+    """The headline on images the model was trained or validated on, and their list (paths relative
+    to the data folder ``root``)."""
     n, k = seen["n_images"], seen["n_seen"]
     if not seen["known"]:
         return "<p>This model does not record which images it was trained on: seen images could not be left out.</p>"
     if not k:
         return f"<p>None of the {n} images was used in training or validation.</p>"
-    listed = _table(["image used in training or validation"], [[p] for p in seen["paths"]])
+    listed = _table(["image used in training or validation"], [[_relative(p, root)] for p in seen["paths"]])
     if seen["included"]:
         return (
             f'<p class="warning"><strong>Not a test: {k} of {n} images were used in training or validation '
@@ -597,7 +598,8 @@ def write_report(folder: Path, model_dir: Path | None = None) -> Path:
         sections.append(_section("external", "Other hospitals", _external(metrics, external)))
     if found["audit"]:
         sections.append(_section("audit", "Shortcut audit", _audit(found["audit"])))
-    seen = _seen(metrics["seen_images"]) if metrics.get("seen_images") else ""
+    root = metrics.get("data") or (found["scan"] or {}).get("root")
+    seen = _seen(metrics["seen_images"], root) if metrics.get("seen_images") else ""
     title = f"lungxray report: {folder.name}"
     summary = _summary(folder, model_dir, found, metrics, cv, external)
     page = (
