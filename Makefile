@@ -9,6 +9,10 @@ DATA   ?= $(or $(LUNGXRAY_SHARED_DATA),../shared/data/covid19-image-dataset)
 # Adult X-rays from other hospitals, evaluated after the internal test (never trained on), when present.
 EXTERNAL ?= $(dir $(DATA))external-dev
 OUT    ?= runs/demo
+# What the model card says of the shared dataset's sources (from ../shared/data/README.md)
+ifeq ($(DATA),../shared/data/covid19-image-dataset)
+DATA_SOURCES ?= Kaggle pranavraikokte/covid19-image-dataset: COVID-19 images from the University of Montreal public COVID chest X-ray collection (adults); Normal and Viral Pneumonia images from a public pediatric pneumonia X-ray collection. Research use only.
+endif
 SEED   ?= 0
 
 .PHONY: setup demo test test-fast lint format clean
@@ -24,6 +28,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(BIN)/lungxray run "$(DATA)" --model mlp --out $(OUT) --seed $(SEED) --force \
+		$(if $(DATA_SOURCES),--data-sources "$(DATA_SOURCES)") \
 		$(if $(wildcard $(EXTERNAL)),--external "$(EXTERNAL)")
 
 test: setup

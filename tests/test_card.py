@@ -4,6 +4,7 @@ in the checksums, served by /model."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from conftest import cli
 from fastapi.testclient import TestClient
@@ -32,6 +33,7 @@ def test_run_writes_a_model_card_with_its_own_figures(trained_run):
     audit = json.loads((run / "audit.json").read_text())
     assert audit["verdict"] in card
     assert "Never measured on data from another hospital." in card  # the fixture ran without --external
+    assert "Sources: not given (`--data-sources`)" in card
     assert json.loads((run / "model" / "checksums.json").read_text())[CARD]  # covered by the manifest
     predictor = Predictor(run / "model")
     assert predictor.card_ == card
@@ -42,8 +44,23 @@ def test_run_writes_a_model_card_with_its_own_figures(trained_run):
 def test_train_alone_writes_a_card_that_says_the_test_is_still_to_do(trained_run, tmp_path):
     data, run, root = trained_run
     out = tmp_path / "trained"
-    assert cli("train", data, "--out", out, "--img-size 16 --cache-dir", root / "cache",
-               "--params", run / "best_params.json", "--epochs 2 --quiet") == 0  # fmt: skip
+    assert (
+        cli(
+            "train",
+            data,
+            "--out",
+            out,
+            "--img-size 16 --cache-dir",
+            root / "cache",
+            "--params",
+            run / "best_params.json",
+            "--epochs 2 --quiet",
+            "--data-sources",
+            Path("Hospital A archive, 2019-2020, CC BY 4.0"),
+        )
+        == 0
+    )  # fmt: skip (a Path: one argument)
     card = (out / "model" / CARD).read_text()
     assert "Not evaluated on held-out images yet" in card and "## Evaluation" in card
     assert "held-out test images" not in card
+    assert "- Sources: Hospital A archive, 2019-2020, CC BY 4.0" in card

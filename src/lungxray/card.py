@@ -86,9 +86,11 @@ def _training_data(scan: dict, config: dict) -> list[str]:
     ]
     if patients.get("n"):
         lines.append(f"- {patients['n']} patients (DICOM PatientID), each kept within one split.")
+    sources = (config.get("training_data") or {}).get("sources")
     lines += [
-        "- Sources: lungxray does not know where the images come from; state it here. When the classes come",
-        "  from different hospitals or archives, a model can learn the source instead of the disease (see Audit).",
+        f"- Sources: {sources}" if sources else "- Sources: not given (`--data-sources`); state them here.",
+        "- When the classes come from different hospitals or archives, a model can learn the source instead of",
+        "  the disease (see the shortcut audit).",
         "",
     ]
     return lines

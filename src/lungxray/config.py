@@ -72,6 +72,9 @@ class DataConfig:
     dicom_patients: bool = option("--dicom-patients", True)
     """Keep the images of one DICOM PatientID in one group (--no-dicom-patients: for anonymised
     files that all carry the same placeholder ID)."""
+    sources: str | None = option("--data-sources", None, metavar="TEXT")
+    """Where the images come from, in words (hospitals, collections, licences): written into the
+    model card, which otherwise asks for it."""
     cache_dir: Path = option("--cache-dir", default_factory=default_cache_dir)
     """Folder of preprocessed arrays keyed by file content hash ($LUNGXRAY_CACHE or ~/.cache/lungxray)."""
     workers: int = option("--workers", 0)

@@ -229,6 +229,7 @@ def train_stage(
             "torch_version": torch.__version__,
         },
         "calibration": calibration,
+        "training_data": {"sources": data_cfg.sources},
     }
     seen = {part: [ds.samples[i].sha256 for i in idx] for part, idx in (("train", split.train), ("val", split.val))}
     ood = fit_ood(ds.images[split.train], ds.images[split.val])
