@@ -23,7 +23,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,dicom]'
+	$(BIN)/pip install --quiet -e '.[test,dicom,postgres]'
 	touch $@
 
 demo: setup

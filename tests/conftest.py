@@ -253,3 +253,78 @@ def shared_data() -> Path:
             pytest.fail("shared dataset not found; set LUNGXRAY_SHARED_DATA to covid19-image-dataset")
         pytest.skip("shared dataset not found; set LUNGXRAY_SHARED_DATA to covid19-image-dataset")
     return SHARED_DATA
+
+
+def _postgres_bin(name: str) -> str | None:
+    """A PostgreSQL server program: on PATH, or in Debian's versioned folder."""
+    import glob
+
+    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found if isinstance(found, str) else (found[-1] if found else None)
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A throw-away PostgreSQL cluster on 127.0.0.1, run by an unprivileged user, removed after the
+    session: yields a function making a fresh database and returning its SQLAlchemy URL. Without a
+    server (no Debian package, no user to run it) the tests skip, except under CI=true."""
+    import subprocess
+
+    def unavailable(why: str):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL is needed under CI=true: {why} (.ci/run installs the postgresql package)")
+        pytest.skip(f"no PostgreSQL server: {why}")
+
+    initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
+    if not initdb or not pg_ctl:
+        unavailable("initdb and pg_ctl not found")
+    try:
+        import psycopg
+    except ImportError:
+        unavailable("the psycopg driver is not installed (pip install 'lungxray[postgres]')")
+    folder = tmp_path_factory.mktemp("postgres")
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root: the nobody user runs it
+        import pwd
+
+        nobody = pwd.getpwnam("nobody")
+        os.chmod(folder, 0o777)
+        for parent in folder.parents:  # nobody must be able to reach the folder
+            if str(parent).startswith(tempfile_root()):
+                os.chmod(parent, os.stat(parent).st_mode | 0o711)
+        os.chown(folder, nobody.pw_uid, nobody.pw_gid)
+        run_as = ["runuser", "-u", "nobody", "--"]
+    data, port = folder / "data", _free_port_number()
+    try:
+        subprocess.run([*run_as, initdb, "-D", str(data), "-A", "trust", "-U", "lungxray", "--no-sync"],
+                       check=True, capture_output=True, timeout=120)  # fmt: skip
+        options = f"-h 127.0.0.1 -p {port} -k {folder} -c fsync=off"
+        subprocess.run([*run_as, pg_ctl, "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start"],
+                       check=True, capture_output=True, timeout=120)  # fmt: skip
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+        unavailable(f"the cluster did not start ({exc})")
+    made = []
+
+    def database(name: str) -> str:
+        with psycopg.connect(f"host=127.0.0.1 port={port} user=lungxray dbname=postgres", autocommit=True) as db:
+            db.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return f"postgresql+psycopg://lungxray@127.0.0.1:{port}/{name}"
+
+    yield database
+    subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=60)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def tempfile_root() -> str:
+    import tempfile
+
+    return tempfile.gettempdir()
+
+
+def _free_port_number() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

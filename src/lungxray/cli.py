@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lungxray import __version__
 from lungxray.config import AugmentConfig, DataConfig, SplitConfig, TrainConfig, TuneConfig
-from lungxray.errors import LungxrayError
+from lungxray.errors import ConfigError, LungxrayError
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -158,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="hyperparameter search on train/val; writes OUT/best_params.json")
     _data_args(p), add_options(p, SplitConfig), add_options(p, TuneConfig), _train_args(p, members=False)
     p.add_argument("--out", type=Path, required=True, help="run folder (study, splits, best_params.json)")
+
+    p = sub.add_parser(
+        "worker",
+        help="join a study in a shared database (--storage, --study-name) and run its trials until it holds --trials",
+        description="Run trials of a study shared by workers on several machines: every worker needs the same "
+        "data, split and search settings (checked), and a crashed worker's trial is re-run by another.",
+    )
+    _data_args(p), add_options(p, SplitConfig), add_options(p, TuneConfig), _train_args(p, members=False)
 
     p = sub.add_parser("train", help="train with the best (or given) hyperparameters; writes OUT/model/")
     _data_args(p), add_options(p, SplitConfig), _train_args(p)
@@ -363,16 +371,51 @@ def cmd_tune(args) -> int:
 
     train_cfg, tune_cfg = _train_cfg(args), from_args(TuneConfig, args)
     pipeline.settings(args.model, train_cfg, tune_cfg)  # a bad model or device fails before the scan
+    if tune_cfg.storage:
+        from lungxray.workers import check_storage
+
+        check_storage(tune_cfg.storage)  # before the scan
+    data_cfg = from_args(DataConfig, args)
     with runfolder.writer_lock(args.out):
         ds, split = pipeline.prepare(
-            args.data, from_args(DataConfig, args), from_args(SplitConfig, args), args.out, not args.quiet, args.model
+            args.data, data_cfg, from_args(SplitConfig, args), args.out, not args.quiet, args.model
         )
-        result = pipeline.tune_stage(ds, split, args.model, tune_cfg, train_cfg, args.out, progress=not args.quiet)
+        result = pipeline.tune_stage(
+            ds, split, args.model, tune_cfg, train_cfg, args.out, progress=not args.quiet, data_cfg=data_cfg
+        )
     print(
         f"best trial {result.best_trial}: {train_cfg.select_by} {result.best_value:.4f}, "
         f"params {json.dumps(result.best_params)}"
     )
     print(f"written: {args.out / runfolder.BEST_PARAMS}, {args.out / runfolder.TRIALS}")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from lungxray import pipeline, workers
+    from lungxray.progress import note
+
+    train_cfg, tune_cfg = _train_cfg(args), from_args(TuneConfig, args)
+    if not tune_cfg.storage:
+        raise ConfigError(
+            "worker needs --storage: the study's database URL (postgresql+psycopg://USER@HOST/DB)",
+            hint="start the study with `lungxray tune ... --storage URL --study-name NAME`, or give the same URL here",
+        )
+    trial_cfg, _, tune_cfg = pipeline.settings(args.model, train_cfg, tune_cfg)
+    workers.check_storage(tune_cfg.storage)  # before the scan
+    data_cfg = from_args(DataConfig, args)
+    ds, split = pipeline.prepare(args.data, data_cfg, from_args(SplitConfig, args), None, not args.quiet, args.model)
+    record = workers.agreement(ds, split, args.model, data_cfg, trial_cfg)
+    study = workers.open_shared_study(tune_cfg.storage, tune_cfg, trial_cfg, args.model, record)
+    pipeline.set_threads(trial_cfg.threads)
+    x, y = pipeline.tensors(ds, split.train), pipeline.tensors(ds, split.val)
+    done = workers.run_worker(study, args.model, x, y, len(ds.classes), tune_cfg, trial_cfg,
+                              say=lambda text: note(text, not args.quiet))  # fmt: skip
+    finished = len(study.get_trials(deepcopy=False, states=workers.FINISHED))
+    print(f"this worker finished {done} trial(s); the study holds {finished} of {tune_cfg.trials}")
+    if any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
+        print(f"best so far: trial {study.best_trial.number}, {train_cfg.select_by or 'value'} {study.best_value:.4f}, "
+              f"params {json.dumps(study.best_trial.params)}")  # fmt: skip
     return 0
 
 
@@ -640,6 +683,7 @@ COMMANDS = {
     "scan": cmd_scan,
     "run": cmd_run,
     "tune": cmd_tune,
+    "worker": cmd_worker,
     "train": cmd_train,
     "cv": cmd_cv,
     "labels": cmd_labels,

@@ -273,6 +273,12 @@ class TuneConfig:
     """Name of the study inside the storage."""
     jobs: int = option("--jobs", 0)
     """Trials trained side by side, in threads; 0: the model's (2 for mlp, 1 for CNNs)."""
+    parallel: int = option("--parallel", 1)
+    """Worker processes on this machine sharing the study (each one trial at a time, the cores
+    shared out); above 1 the trials' order depends on timing, so a search is not repeatable."""
+    heartbeat: int = option("--heartbeat", 30, metavar="SECONDS")
+    """In a study shared by workers: seconds between a running trial's heartbeats; a trial silent
+    for three is taken as dead, failed and run again once with the same parameters."""
     startup_trials: int = 4
     """Random trials before the sampler models the objective and before pruning starts."""
     warmup_epochs: int = 8
@@ -284,6 +290,10 @@ class TuneConfig:
             raise ConfigError(f"--trials must be at least 1, got {self.trials}")
         if self.jobs < 0:
             raise ConfigError(f"--jobs must be 0 (the model's default) or more, got {self.jobs}")
+        if self.parallel < 1 or self.heartbeat < 1:
+            raise ConfigError(
+                f"--parallel and --heartbeat must be at least 1, got {self.parallel} and {self.heartbeat}"
+            )
 
 
 def resolve_train(cfg: TrainConfig, recipe: Recipe, params: dict | None = None) -> TrainConfig:

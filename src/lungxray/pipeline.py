@@ -130,24 +130,26 @@ def tune_stage(
     train_cfg: TrainConfig,
     out: Path,
     progress: bool = True,
+    data_cfg: DataConfig | None = None,
 ):
-    """Optuna search on train/val; writes best_params.json and trials.json to ``out``."""
-    from lungxray.tune import tune
+    """Optuna search on train/val (``tune_cfg.parallel`` worker processes when above 1); writes
+    best_params.json and trials.json to ``out``. ``data_cfg``: the preprocessing the workers agree on."""
+    from lungxray.tune import _summarise, tune
 
     trial_cfg, _, tune_cfg = settings(model_name, train_cfg, tune_cfg)
-    stage(f"searching: {tune_cfg.trials} trials of {model_name}, {tune_cfg.jobs} at a time", progress)
+    at_a_time = f"{tune_cfg.parallel} worker processes" if tune_cfg.parallel > 1 else f"{tune_cfg.jobs} at a time"
+    stage(f"searching: {tune_cfg.trials} trials of {model_name}, {at_a_time}", progress)
     set_threads(trial_cfg.threads)
     storage = runfolder.study_storage(out, tune_cfg.storage)
-    result = tune(
-        model_name,
-        tensors(ds, split.train),
-        tensors(ds, split.val),
-        len(ds.classes),
-        tune_cfg,
-        trial_cfg,
-        storage,
-        progress=progress,
-    )
+    data = (tensors(ds, split.train), tensors(ds, split.val), len(ds.classes))
+    if tune_cfg.parallel > 1:
+        from lungxray import workers
+
+        data_cfg = data_cfg or DataConfig(img_size=ds.images.shape[1])
+        record = workers.agreement(ds, split, model_name, data_cfg, trial_cfg)
+        result = _summarise(workers.run_parallel(storage, model_name, *data, tune_cfg, trial_cfg, record))
+    else:
+        result = tune(model_name, *data, tune_cfg, trial_cfg, storage, progress=progress)
     trials = [
         {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params, **t.user_attrs}
         for t in result.study.trials
@@ -480,13 +482,17 @@ def _run(
 ) -> RunResult:
     """``run``'s stages, under the folder's writer lock."""
     trial_cfg, final_cfg, tune_cfg = settings(model_name, train_cfg, tune_cfg, final_epochs)  # before the scan
+    if tune_cfg.storage:
+        from lungxray.workers import check_storage
+
+        check_storage(tune_cfg.storage)
     set_threads(final_cfg.threads)
     clock = Clock()
     ds, split = prepare(data, data_cfg, split_cfg, out, progress, model_name)
     for folder in external.values():  # before the search: an external set the model cannot score fails now
         _check_external_classes(folder, ds.classes)
     clock.lap("scan_and_split_s")
-    tuned = tune_stage(ds, split, model_name, tune_cfg, trial_cfg, out, progress)
+    tuned = tune_stage(ds, split, model_name, tune_cfg, trial_cfg, out, progress, data_cfg)
     clock.lap("tune_s")
     # The final training repeats the best trial exactly when the settings match (same data, seed,
     # epochs, patience): then the trial's model is the final model and is not trained twice.

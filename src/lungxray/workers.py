@@ -1,0 +1,215 @@
+"""Trials from several processes or machines on one shared Optuna study.
+
+``lungxray worker`` (and ``tune --parallel N``, which starts N of them) joins a study in a
+relational storage: PostgreSQL for workers on several machines, the run folder's SQLite file for
+processes of one machine. Each worker scans and splits the data itself; ``agreement`` is what all
+of them must share (the data's content hashes and labels, the excluded files and groups, the
+split, the search space and trial settings, the preprocessing, lungxray's version): the first
+worker records it in the study, and a worker whose own differs is refused, told what differs.
+
+Workers run trials until the study holds ``--trials`` finished ones, counted across workers.
+Each running trial beats a heartbeat into the storage; a trial whose worker died (killed, out of
+memory, its machine gone) stops beating, and the next worker to look fails it and queues it once
+more with the same parameters (Optuna's ``fail_stale_trials`` and ``RetryFailedTrialCallback``),
+so a crash costs one trial, never the study. Unlike ``tune.tune`` in one process, the order of the
+trials depends on timing: a search over workers is not repeatable trial for trial.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+import warnings
+from dataclasses import asdict
+
+import optuna
+
+from lungxray import __version__
+from lungxray.config import DataConfig, TrainConfig, TuneConfig
+from lungxray.data import Dataset
+from lungxray.errors import StudyError
+from lungxray.models import get_spec
+from lungxray.splits import Split
+from lungxray.tune import FINISHED, _run_trial, make_pruner, make_sampler
+
+AGREEMENT = "lungxray_agreement"  # the study's user attribute holding what workers must share
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def agreement(ds: Dataset, split: Split, model_name: str, data_cfg: DataConfig, trial_cfg: TrainConfig) -> dict:
+    """What every worker on one study must share, each part as a short hash (``version`` as is)."""
+    sha = [s.sha256 for s in ds.samples]
+    settings = {k: v for k, v in asdict(trial_cfg).items() if k not in ("threads", "device")}
+    return {
+        "data": _digest(sorted(zip(sha, (s.label for s in ds.samples), strict=True))),
+        "excluded_and_groups": _digest([len(ds.excluded), ds.group_sizes()["n"], sorted(ds.groups.tolist())]),
+        "split": _digest(
+            {
+                part: sorted(sha[i] for i in idx)
+                for part, idx in (("train", split.train), ("val", split.val), ("test", split.test))
+            }
+        ),  # fmt: skip
+        "search_space": _digest([model_name, settings]),
+        "preprocessing": _digest([data_cfg.img_size, data_cfg.preprocessing()]),
+        "version": __version__,
+    }
+
+
+def check_storage(url: str) -> None:
+    """StudyError in one line when the storage cannot be reached (before anything is scanned)."""
+    import sqlalchemy
+
+    try:
+        shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        raise StudyError(f"--storage {url!r} is not a database URL",
+                         hint="e.g. postgresql+psycopg://USER@HOST/DB or sqlite:///study.db") from None  # fmt: skip
+    try:
+        engine = sqlalchemy.create_engine(
+            url, connect_args={"connect_timeout": 10} if url.startswith("postgres") else {}
+        )
+        with engine.connect():
+            pass
+        engine.dispose()
+    except ModuleNotFoundError as exc:
+        raise StudyError(f"no driver for {shown}: {exc}", hint="pip install 'lungxray[postgres]'") from None
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        reason = " ".join(str(getattr(exc, "orig", exc)).split())[:200]
+        raise StudyError(f"cannot reach the study storage {shown}: {reason}",
+                         hint="check the host, port, user, database and that the server runs") from None  # fmt: skip
+
+
+def open_shared_study(
+    url: str, tune_cfg: TuneConfig, trial_cfg: TrainConfig, model_name: str, record: dict
+) -> optuna.Study:
+    """Create or join the study in ``url`` with heartbeats on; refuse it when its agreement differs."""
+    storage = optuna.storages.RDBStorage(
+        url,
+        heartbeat_interval=tune_cfg.heartbeat,
+        grace_period=3 * tune_cfg.heartbeat,
+        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+    )
+    direction = "minimize" if trial_cfg.select_by == "val_loss" else "maximize"
+    study = optuna.create_study(
+        storage=storage,
+        study_name=tune_cfg.study_name,
+        direction=direction,
+        load_if_exists=True,
+        # Workers draw from their own seeds: the same seed would make them propose the same trials.
+        sampler=make_sampler(tune_cfg.sampler, trial_cfg.seed + os.getpid(), tune_cfg.startup_trials),
+        pruner=make_pruner(tune_cfg, trial_cfg.epochs),
+    )
+    known = study.user_attrs.get(AGREEMENT)
+    if known is None:
+        study.set_user_attr(AGREEMENT, record)
+        study.set_user_attr("model", model_name)
+        known = study.user_attrs.get(AGREEMENT)  # a worker beside this one may have written first
+    differs = [f"{k} ({known.get(k)} there, {v} here)" for k, v in record.items() if known.get(k) != v]
+    if differs:
+        raise StudyError(
+            f"study {tune_cfg.study_name!r} was started with other {', '.join(differs)}",
+            hint="give every worker the same data, --exclude/--groups, split and search settings and lungxray version",
+        )
+    return study
+
+
+def _counts(study: optuna.Study) -> tuple[int, int]:
+    """(finished, running) trials of the study."""
+    trials = study.get_trials(deepcopy=False, states=(*FINISHED, optuna.trial.TrialState.RUNNING))
+    finished = sum(t.state in FINISHED for t in trials)
+    return finished, len(trials) - finished
+
+
+def _heartbeat(study: optuna.Study, trial_id: int, stop: threading.Event, interval: int) -> threading.Thread:
+    def beat() -> None:
+        while not stop.wait(interval):
+            study._storage.record_heartbeat(trial_id)  # noqa: SLF001 - the storage's public heartbeat call
+
+    thread = threading.Thread(target=beat, daemon=True)
+    study._storage.record_heartbeat(trial_id)  # noqa: SLF001
+    thread.start()
+    return thread
+
+
+def run_worker(study: optuna.Study, model_name: str, train, val, n_classes: int, tune_cfg: TuneConfig,
+               trial_cfg: TrainConfig, say=lambda text: None) -> int:  # fmt: skip
+    """Run trials until the study holds ``tune_cfg.trials`` finished ones; returns how many this
+    worker finished. While other workers' trials run and would reach the count, it waits: one of
+    them may die, and its trial is then failed here and re-run."""
+    with warnings.catch_warnings():
+        # fail_stale_trials is marked experimental, and Optuna expects heartbeats from
+        # Study.optimize only: this loop beats them itself (see _heartbeat).
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        return _run_worker(study, model_name, train, val, n_classes, tune_cfg, trial_cfg, say)
+
+
+def _run_worker(study, model_name, train, val, n_classes, tune_cfg, trial_cfg, say) -> int:
+    space, done = get_spec(model_name).space, 0
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    while True:
+        optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, and queued again once
+        finished, running = _counts(study)
+        if finished >= tune_cfg.trials:
+            return done
+        if finished + running >= tune_cfg.trials:
+            time.sleep(tune_cfg.heartbeat)
+            continue
+        trial = study.ask()
+        if sum(_counts(study)) > tune_cfg.trials and trial.number == max(
+            t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        ):  # two workers asked for the last trial at once: the later one stands down
+            trial.set_user_attr("surplus", True)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            continue
+        trial.set_user_attr("worker", me)
+        stop = threading.Event()
+        beating = _heartbeat(study, trial._trial_id, stop, tune_cfg.heartbeat)  # noqa: SLF001
+        try:
+            state, value, result = _run_trial(trial, space(trial), model_name, train, val, n_classes, trial_cfg)
+        finally:
+            stop.set()
+            beating.join()
+        study.tell(trial, value, state=state)
+        done += state != optuna.trial.TrialState.FAIL
+        retry = optuna.storages.RetryFailedTrialCallback.retried_trial_number(
+            study._storage.get_trial(trial._trial_id)  # noqa: SLF001
+        )
+        say(f"trial {trial.number}: {state.name.lower()}" + (f" {value:.4f}" if value is not None else "")
+            + (f" (a retry of trial {retry})" if retry is not None else ""))  # fmt: skip
+
+
+def _worker_process(url, tune_cfg, trial_cfg, model_name, train, val, n_classes, record, threads) -> int:
+    """One of ``run_parallel``'s processes."""
+    import torch
+
+    torch.set_num_threads(threads)
+    study = open_shared_study(url, tune_cfg, trial_cfg, model_name, record)
+    return run_worker(study, model_name, train, val, n_classes, tune_cfg, trial_cfg)
+
+
+def run_parallel(url: str, model_name: str, train, val, n_classes: int, tune_cfg: TuneConfig,
+                 trial_cfg: TrainConfig, record: dict) -> optuna.Study:  # fmt: skip
+    """``tune_cfg.parallel`` worker processes on this machine (spawned, each with its share of the
+    cores) on the study in ``url``; returns the study once they are done."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    n = tune_cfg.parallel
+    threads = max(1, (os.cpu_count() or 1) // n)
+    study = open_shared_study(url, tune_cfg, trial_cfg, model_name, record)  # made (or refused) once, here
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [
+            pool.submit(_worker_process, url, tune_cfg, trial_cfg, model_name, train, val, n_classes, record, threads)
+            for _ in range(n)
+        ]
+        for future in futures:
+            future.result()
+    return study
