@@ -152,7 +152,7 @@ def _check_one(path: Path, keep: dict) -> str | None:
     """Run the worker on ``path``; returns the reason, or None when it loaded. Fails on a crash,
     on a result that is neither pixels nor reason, and past the time limit."""
     start = time.perf_counter()
-    _, sha, pixels, phash, reason, patient = _process_file((str(path), 16, keep, b"k" * 32))
+    _, sha, pixels, phash, reason, patient = _process_file((str(path), 16, keep))
     elapsed = time.perf_counter() - start
     assert elapsed < SECONDS_PER_FILE, f"{path.name} took {elapsed:.1f} s"
     if pixels is None:

@@ -7,7 +7,6 @@ it again. Decoding is in ``decode.py``; the scan that fills the cache is in ``da
 from __future__ import annotations
 
 import json
-import secrets
 from pathlib import Path
 
 import numpy as np
@@ -65,12 +64,25 @@ class PreprocessCache:
 
     def patient_key(self) -> bytes:
         """The 32-byte key of the patient pseudonyms in this cache: ``patient-key`` in the cache
-        folder, made on first use and readable by its owner only. Where the folder cannot be
-        written, a key for this process alone (the entries are not saved either)."""
+        folder, made on first use and readable by its owner only. DataError when it can be neither
+        read nor made: a key of this process alone would give one patient two pseudonyms (cached
+        and new films), and the split would part them."""
+        from lungxray.errors import DataError
+
         try:
             return secret_key(self.root / "patient-key")
-        except OSError:
-            return secrets.token_bytes(32)
+        except (OSError, ValueError) as exc:
+            raise DataError(
+                f"cannot read or make the patient key {self.root / 'patient-key'} ({exc})",
+                hint="fix its permissions, delete a damaged one, or set --cache-dir to a folder of your own",
+            ) from None
+
+    @staticmethod
+    def key_id(key: bytes) -> str:
+        """A short fingerprint of a patient key: entries hashed with another key are decoded again."""
+        import hashlib
+
+        return hashlib.blake2b(key, digest_size=4).hexdigest()
 
     def put(
         self,
@@ -80,13 +92,14 @@ class PreprocessCache:
         phash: str | None,
         reason: str | None,
         patient: str | None = None,
+        key_id: str | None = None,
     ) -> None:
         stat = path.stat()
         self._index[str(path)] = [stat.st_size, stat.st_mtime_ns, sha]
         if pixels is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
             pixels.tofile(self.folder / f"{sha}.u8")
-            self._entries[sha] = {"phash": phash} | ({"patient": patient} if patient else {})
+            self._entries[sha] = {"phash": phash} | ({"patient": patient, "key": key_id} if patient else {})
         else:
             self._entries[sha] = {"reason": reason}
         self._dirty = True

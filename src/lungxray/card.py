@@ -85,7 +85,12 @@ def _training_data(scan: dict, config: dict) -> list[str]:
         + ". Tuning and early stopping saw train and validation only.",
     ]
     if patients.get("n"):
-        lines.append(f"- {patients['n']} patients (DICOM PatientID), each kept within one split.")
+        together = (
+            "each kept within one split"
+            if patients.get("grouped") and config.get("training", {}).get("split_mode") == "random"
+            else "not grouped by patient (--no-dicom-patients or the dataset's own split folders)"
+        )
+        lines.append(f"- {patients['n']} patients (DICOM PatientID), {together}.")
     sources = (config.get("training_data") or {}).get("sources")
     lines += [
         f"- Sources: {sources}" if sources else "- Sources: not given (`--data-sources`); state them here.",

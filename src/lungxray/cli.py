@@ -68,14 +68,15 @@ def _train_cfg(args: argparse.Namespace) -> TrainConfig:
     return from_args(TrainConfig, args, augment=from_args(AugmentConfig, args))
 
 
-def _data_args(p: argparse.ArgumentParser, img_size: bool = True) -> None:
+def _data_args(p: argparse.ArgumentParser, img_size: bool = True, sources: bool = False) -> None:
     p.add_argument(
         "data",
         type=Path,
         help="dataset folder: one sub-folder per class, or train/ test/ [val/] folders that each hold class folders",
     )
     # evaluate and friends: the bundle's size and preprocessing
-    add_options(p, DataConfig, skip=() if img_size else ("img_size", "crop_borders", "equalize", "dicom_keep"))
+    skip = () if img_size else ("img_size", "crop_borders", "equalize", "dicom_keep")
+    add_options(p, DataConfig, skip=skip + (() if sources else ("sources",)))  # sources: for the model card
     p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
     p.add_argument(
         "--log-file",
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("run", help="scan, split, tune, train, evaluate and save: the whole job")
-    _data_args(p), add_options(p, SplitConfig), add_options(p, TuneConfig), _train_args(p)
+    _data_args(p, sources=True), add_options(p, SplitConfig), add_options(p, TuneConfig), _train_args(p)
     p.add_argument("--final-epochs", type=int, default=None, help="epochs of the final training (default: --epochs)")
     p.add_argument(
         "--external",
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p), add_options(p, SplitConfig), add_options(p, TuneConfig), _train_args(p, members=False)
 
     p = sub.add_parser("train", help="train with the best (or given) hyperparameters; writes OUT/model/")
-    _data_args(p), add_options(p, SplitConfig), _train_args(p)
+    _data_args(p, sources=True), add_options(p, SplitConfig), _train_args(p)
     p.add_argument(
         "--params",
         default=None,
@@ -299,7 +300,8 @@ def _print_scan(summary: dict) -> None:
         per = ", ".join(f"{n} with {k} image{'s' * (k != '1')}" for k, n in patients["images_per_patient"].items())
         print(f"{patients['n']} patient(s) named by DICOM headers, covering {patients['images']} images ({per})")
     groups = summary["groups"]
-    sources = [f"patients from {groups['file']}"] * bool(groups["file"]) + ["DICOM patients"] * bool(patients["n"])
+    sources = [f"patients from {groups['file']}"] * bool(groups["file"])
+    sources += ["DICOM patients"] * bool(patients["n"] and patients["grouped"])
     source = f"{' and '.join(sources)} joined with duplicate groups" if sources else "duplicate groups"
     print(f"{groups['n']} group(s) kept whole by every split ({source}); the largest holds {groups['largest']} images")
     if summary["excluded"]:
@@ -748,6 +750,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _error("interrupted; finished trials are kept in the study and resume on the next run")
         return 130
+    except Exception as exc:  # a bug: its traceback follows on stderr, and the log says it happened
+        from lungxray.progress import logged
+
+        logged(f"lungxray {args.command}: crashed: {type(exc).__name__}: {exc} (traceback on stderr)")
+        raise
 
 
 def _error(line: str, hint: str | None = None) -> None:

@@ -37,8 +37,12 @@ def _check_choices(obj) -> None:
     for f in fields(obj):
         choices = f.metadata.get("choices")
         given = getattr(obj, f.name)
-        for value in given if isinstance(given, tuple) else (given,):
-            if choices and value is not None and value not in choices:
+        many = isinstance(f.default, tuple)  # a repeated flag (tuple[str, ...]): each value one of them
+        if choices and many != isinstance(given, tuple):
+            takes = "a list of values" if many else "one value"
+            raise ConfigError(f"{f.metadata['flag']} takes {takes}, got {given!r}")
+        for value in given if many else (given,):
+            if choices and (value is None and many or value is not None and value not in choices):
                 raise ConfigError(f"{f.metadata['flag']} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
@@ -91,7 +95,10 @@ class DataConfig:
     """Smallest correlation of 32x32 thumbnails that confirms a candidate pair as a near-duplicate."""
 
     def __post_init__(self) -> None:
-        self.dicom_keep = tuple(sorted(set(self.dicom_keep or ())))  # a list from the CLI or JSON
+        if isinstance(self.dicom_keep, (list, set, frozenset)):  # a list from the CLI or JSON
+            self.dicom_keep = tuple(sorted(self.dicom_keep, key=str))
+        if isinstance(self.dicom_keep, tuple) and all(isinstance(v, str) for v in self.dicom_keep):
+            self.dicom_keep = tuple(sorted(set(self.dicom_keep)))
         _check_choices(self)
         self.cache_dir = Path(self.cache_dir)
         self.groups = Path(self.groups) if self.groups is not None else None

@@ -125,6 +125,8 @@ def _cross_validate(data, out, model_name, data_cfg, train_cfg, folds, repeats, 
     clock = Clock()
     ds = load_dataset(data, data_cfg, progress=progress)
     parts = make_folds(ds.labels, ds.groups, folds, seed)
+    if any(s.patient for s in ds.samples):  # folds.json names patients by this folder's own key
+        ds.rekey_patients(runfolder.secret_key(out / runfolder.PATIENT_KEY))
     runfolder.record_fingerprint(out, made_from)
     runfolder.write_json(out, runfolder.SCAN, ds.summary())
     runfolder.write_json(out, runfolder.FOLDS, [part.to_json(ds) for part in parts])

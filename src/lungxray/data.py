@@ -71,6 +71,7 @@ class Dataset:
     cross_split_duplicates: list[tuple[int, int]] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)  # paths left out by --exclude
     groups_file: str | None = None  # the --groups CSV joined into the groups, if any
+    patients_joined: bool = False  # DICOM patients joined into the groups (--dicom-patients)
 
     @property
     def labels(self) -> np.ndarray:
@@ -127,7 +128,12 @@ class Dataset:
         films: dict[str, int] = {}
         for n in sorted(per_patient.values()):
             films[str(n)] = films.get(str(n), 0) + 1
-        return {"n": len(per_patient), "images": sum(per_patient.values()), "images_per_patient": films}
+        return {
+            "n": len(per_patient),
+            "images": sum(per_patient.values()),
+            "images_per_patient": films,
+            "grouped": self.patients_joined,
+        }
 
     def group_sizes(self) -> dict:
         """How many groups (patients and duplicate clusters joined) the splits keep whole, the largest."""
@@ -236,10 +242,10 @@ def pseudonym(patient_id: str, key: bytes) -> str:
     return hashlib.blake2b(patient_id.encode("utf-8", "surrogateescape"), key=key, digest_size=8).hexdigest()
 
 
-def _process_file(args: tuple[str, int, dict, bytes]) -> tuple:
+def _process_file(args: tuple[str, int, dict]) -> tuple:
     """Worker: read one file once, hash it, decode it. Returns (path, sha, pixels, phash, reason,
-    patient pseudonym or None); the PatientID itself never leaves this function."""
-    path, img_size, options, key = args
+    DICOM PatientID or None). The ID goes back to the scan in memory only, which hashes it at once."""
+    path, img_size, options = args
     try:
         data = read_image_file(Path(path))
     except UnusableImage as exc:
@@ -251,14 +257,14 @@ def _process_file(args: tuple[str, int, dict, bytes]) -> tuple:
         pixels, patient = decode_with_patient(data, img_size, name=Path(path).name, **options)
     except UnusableImage as exc:
         return path, sha, None, None, str(exc), None
-    return path, sha, pixels, perceptual_hash(pixels), None, pseudonym(patient, key) if patient else None
+    return path, sha, pixels, perceptual_hash(pixels), None, patient
 
 
-def _decode_all(todo: list[Path], cfg: DataConfig, key: bytes, progress: bool):
+def _decode_all(todo: list[Path], cfg: DataConfig, progress: bool):
     """Yield _process_file results for every path, in parallel processes when worth it."""
     from lungxray.progress import bar as progress_bar
 
-    args = [(str(p), cfg.img_size, cfg.preprocessing(), key) for p in todo]
+    args = [(str(p), cfg.img_size, cfg.preprocessing()) for p in todo]
     workers = min(cfg.workers or os.cpu_count() or 1, len(todo))
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(
@@ -283,21 +289,28 @@ def _load_pixels(files: list[tuple[Path, str, str | None]], cfg: DataConfig, pro
     )
     out: dict[Path, tuple] = {}
     todo = []
+    key: list[bytes] = []  # the cache's patient key, read when the first patient needs it
+
+    def key_id() -> str:
+        key[:] = key or [cache.patient_key()]
+        return cache.key_id(key[0])
+
     for path, _, _ in files:
         hit = cache.lookup(path)
         if hit is not None:
             sha, entry = hit
             pixels = cache.pixels(sha) if "phash" in entry else None
-            if pixels is not None or "reason" in entry:
+            stale = "patient" in entry and entry.get("key") != key_id()  # hashed with another key
+            if (pixels is not None or "reason" in entry) and not stale:
                 out[path] = (sha, pixels, entry.get("phash"), entry.get("reason"), entry.get("patient"))
                 continue
         todo.append(path)
-    key = cache.patient_key() if todo else b""
-    for path_str, sha, pixels, phash, reason, patient in _decode_all(todo, cfg, key, progress):
+    for path_str, sha, pixels, phash, reason, patient_id in _decode_all(todo, cfg, progress):
         path = Path(path_str)
+        patient = pseudonym(patient_id, key[0]) if patient_id and key_id() else None
         out[path] = (sha, pixels, phash, reason, patient)
         if sha is not None:
-            cache.put(path, sha, pixels, phash, reason, patient)
+            cache.put(path, sha, pixels, phash, reason, patient, key_id() if patient else None)
     try:
         cache.save()
     except OSError as exc:
@@ -431,8 +444,10 @@ def load_dataset(
     if cfg.groups is not None:
         by_path = read_groups(cfg.groups, root, [s.path for s in samples], skipped, [Path(p) for p in excluded])
         groups = join_groups(groups, [by_path.get(s.path) for s in samples])
-    if cfg.dicom_patients and any(s.patient for s in samples):
+    joined = cfg.dicom_patients and any(s.patient for s in samples)
+    if joined:
         groups = join_groups(groups, [s.patient for s in samples])
+        _warn_of_placeholder_ids(samples)
     for sample, group in zip(samples, groups, strict=True):
         sample.group = int(group)
     return Dataset(
@@ -446,7 +461,24 @@ def load_dataset(
         cross,
         excluded,
         str(cfg.groups) if cfg.groups is not None else None,
+        joined,
     )
+
+
+def _warn_of_placeholder_ids(samples: list[Sample]) -> None:
+    """Warn when one PatientID covers most images: anonymised files often carry one placeholder,
+    and joining on it would make one group of nearly everything (no split could be made)."""
+    counts: dict[str, int] = {}
+    for s in samples:
+        if s.patient:
+            counts[s.patient] = counts.get(s.patient, 0) + 1
+    largest = max(counts.values(), default=0)
+    if largest > 1 and largest > len(samples) // 2:
+        warnings.warn(
+            f"one DICOM PatientID covers {largest} of {len(samples)} images: a placeholder of anonymised files? "
+            "Their images are kept together; pass --no-dicom-patients to treat them as separate patients",
+            stacklevel=3,
+        )
 
 
 def _resolve(entry: str, root: Path) -> Path:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import logging
-import threading
 import warnings
 
 import numpy as np
@@ -38,19 +37,25 @@ IDENTIFYING = (
     "IssuerOfPatientID",
 )
 
-_reading = threading.local()
+
+def _drop(record: logging.LogRecord) -> bool:
+    return False
 
 
-class _QuietWhileReading(logging.Filter):
-    """Drops pydicom's log records while this thread reads a file: pydicom logs header problems
-    with the element's value (an invalid birth date, a patient name), and a user's logging setup
-    would write them to a log file. Other threads' and other callers' records pass."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not getattr(_reading, "active", False)
-
-
-_log_filter = _QuietWhileReading()
+def _quiet_pydicom() -> None:
+    """Keep pydicom's own messages out of logs and shown warnings: pydicom reports header problems
+    with the element's value (a malformed birth date, an over-long name), which a logging setup or
+    a printed warning would carry into a log file. Every pydicom logger drops its records (a
+    filter, whatever handlers are attached) and stops passing them to the application's, and
+    pydicom's warnings are ignored; process-wide, as ``warnings.catch_warnings`` is not
+    thread-safe and the service decodes in threads. Repeated on every read: each call replaces its
+    own filters (test runners reset warning filters between tests)."""
+    names = [n for n in list(logging.root.manager.loggerDict) if n == "pydicom" or n.startswith("pydicom.")]
+    for name in names:
+        logging.getLogger(name).addFilter(_drop)  # added once: addFilter skips a filter already there
+    logging.getLogger("pydicom").propagate = False
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+    warnings.filterwarnings("ignore", module=r"lungxray\.dicom$")  # a pydicom warning that names its caller
 
 
 def is_dicom(data: bytes, name: str = "") -> bool:
@@ -67,35 +72,27 @@ def read(data: bytes, keep: tuple[str, ...] = ()) -> tuple[np.ndarray, str | Non
     quotes no patient data."""
     import pydicom
 
-    logging.getLogger("pydicom").addFilter(_log_filter)  # idempotent: a filter is added once
-    _reading.active = True
-    identity: list[str] = []
+    _quiet_pydicom()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pydicom warns with element values; see _QuietWhileReading
-            try:
-                ds = pydicom.dcmread(io.BytesIO(data), force=True)
-                identity = _identity(ds)
-                patient = str(ds.get("PatientID", "") or "").strip() or None
-            except Exception as exc:  # noqa: BLE001 - a damaged header breaks pydicom's parser in any way
-                raise UnusableImage(f"not a readable DICOM file ({_describe(exc)})") from None
-            try:
-                _check(ds, keep)
-                return _to_gray(ds, multiframe=int(ds.get("NumberOfFrames") or 1) > 1), patient
-            except UnusableImage:
-                raise
-            except Exception as exc:  # noqa: BLE001 - as above, for the pixel data and its decoders
-                raise UnusableImage(_decode_failure(ds, exc)) from None
-            except BaseException as exc:
-                # A decoder written in Rust (through pyo3) reports a bug as PanicException, which
-                # derives from BaseException; a damaged file must not end the scan or the service.
-                if type(exc).__name__ != "PanicException":
-                    raise
-                raise UnusableImage(_decode_failure(ds, exc)) from None
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        identity = _identity(ds)
+        patient = str(ds.get("PatientID", "") or "").strip() or None
+    except Exception as exc:  # noqa: BLE001 - a damaged header breaks pydicom's parser in any way
+        # Only the exception's type: before the header is read, its values cannot be scrubbed.
+        raise UnusableImage(f"not a readable DICOM file ({type(exc).__name__} in its header)") from None
+    try:
+        _check(ds, keep)
+        return _to_gray(ds, multiframe=int(ds.get("NumberOfFrames") or 1) > 1), patient
     except UnusableImage as exc:
         raise UnusableImage(_scrub(str(exc), identity)) from None
-    finally:
-        _reading.active = False
+    except Exception as exc:  # noqa: BLE001 - as above, for the pixel data and its decoders
+        raise UnusableImage(_decode_failure(ds, exc, identity)) from None
+    except BaseException as exc:
+        # A decoder written in Rust (through pyo3) reports a bug as PanicException, which derives
+        # from BaseException; a damaged file must not end the scan or the service.
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise UnusableImage(_decode_failure(ds, exc, identity)) from None
 
 
 def _identity(ds) -> list[str]:
@@ -119,8 +116,10 @@ def _scrub(message: str, identity: list[str]) -> str:
     return message
 
 
-def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+def _describe(exc: BaseException, identity: list[str]) -> str:
+    """``Type: message``, patient data scrubbed before the message is shortened to 200 characters
+    (shortened first, a value cut at the end would survive)."""
+    text = _scrub(" ".join(str(exc).split()), identity)
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
@@ -153,7 +152,7 @@ def _check(ds, keep: tuple[str, ...]) -> None:
         )
 
 
-def _decode_failure(ds, exc: BaseException) -> str:
+def _decode_failure(ds, exc: BaseException, identity: list[str]) -> str:
     """The reason a pixel-data failure gives: for compressed data no installed decoder reads, what
     to install (or that nothing will read it)."""
     from pydicom.pixels import get_decoder
@@ -164,7 +163,7 @@ def _decode_failure(ds, exc: BaseException) -> str:
     except Exception:  # noqa: BLE001 - no file meta, or a UID that is not a transfer syntax
         compressed = False
     if not compressed:
-        return f"cannot decode the DICOM pixel data ({_describe(exc)})"
+        return f"cannot decode the DICOM pixel data ({_describe(exc, identity)})"
     compressed = f"DICOM pixel data compressed as {syntax.name} ({syntax})"
     try:
         available = get_decoder(syntax).is_available
@@ -172,9 +171,10 @@ def _decode_failure(ds, exc: BaseException) -> str:
         return f"{compressed}, which lungxray cannot read; export the film as uncompressed DICOM or PNG"
     if not available:
         return f"{compressed}, which no installed decoder reads; install the optional decoders: {EXTRA}"
+    failure = f"cannot decode the {compressed} ({_describe(exc, identity)})"
     if not _extra_installed():  # e.g. Pillow decodes JPEG, but not 12-bit JPEG Extended
-        return f"cannot decode the {compressed} ({_describe(exc)}); the optional decoders may read it: {EXTRA}"
-    return f"cannot decode the {compressed} ({_describe(exc)})"
+        return f"{failure}; the optional decoders may read it: {EXTRA}"
+    return failure
 
 
 def _extra_installed() -> bool:
@@ -192,10 +192,13 @@ def _to_gray(ds, multiframe: bool) -> np.ndarray:
     arr = ds.pixel_array
     photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
     if photometric == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)
+        arr = apply_color_lut(arr, ds)  # uint8 or uint16, by the LUT's entries
     if arr.ndim == 3:  # (H, W, 3): colour, converted to RGB by pydicom; the luma Pillow's convert("L") uses
         gray = arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-        low, high = (0.0, 255.0) if int(ds.get("BitsStored") or 8) <= 8 else (gray.min(), gray.max())
+        if photometric == "PALETTE COLOR":
+            low, high = 0.0, float(np.iinfo(arr.dtype).max)
+        else:
+            low, high = (0.0, 255.0) if int(ds.get("BitsStored") or 8) <= 8 else (gray.min(), gray.max())
         return _to_uint8(gray, low, high, invert=False)
     if arr.ndim != 2:
         raise UnusableImage(f"DICOM pixel data of shape {arr.shape}, not one grayscale or colour image")

@@ -100,10 +100,12 @@ def side_by_side(picture: np.ndarray, heat: np.ndarray, caption: str) -> np.ndar
     gray = np.asarray(Image.fromarray(picture).resize(size, Image.Resampling.BILINEAR))
     # The model saw the picture squashed into a square: its map stretches back the same way.
     stretched = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
-    gap, bar, top = 12, 16, 26
+    gap, bar, label_width = 12, 16, 40
     font = ImageFont.load_default(size=14)
-    label_width = 40
-    canvas = Image.new("RGB", (2 * size[0] + 2 * gap + bar + 6 + label_width, size[1] + top), "white")
+    width = 2 * size[0] + 2 * gap + bar + 6 + label_width
+    lines = _wrap(caption, font, width - size[0] - gap)  # over the right panel and the scale
+    top = 8 + 18 * len(lines)
+    canvas = Image.new("RGB", (width, size[1] + top), "white")
     canvas.paste(Image.fromarray(gray).convert("RGB"), (0, top))
     canvas.paste(Image.fromarray(overlay(gray, stretched)), (size[0] + gap, top))
     import matplotlib
@@ -114,10 +116,22 @@ def side_by_side(picture: np.ndarray, heat: np.ndarray, caption: str) -> np.ndar
     canvas.paste(Image.fromarray(column), (x_bar, top))
     draw = ImageDraw.Draw(canvas)
     draw.text((0, 4), "as read", fill="black", font=font)
-    draw.text((size[0] + gap, 4), caption, fill="black", font=font)
+    for k, line in enumerate(lines):
+        draw.text((size[0] + gap, 4 + 18 * k), line, fill="black", font=font)
     draw.text((x_bar + bar + 4, top), "high", fill="black", font=font)
     draw.text((x_bar + bar + 4, top + size[1] - 16), "low", fill="black", font=font)
     return np.asarray(canvas)
+
+
+def _wrap(text: str, font, width: float) -> list[str]:
+    """``text`` in lines of at most ``width`` pixels in ``font`` (a word longer than that stands alone)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
 
 
 def explain_files(predictor: Predictor, paths: list[Path], out: Path) -> list[dict]:

@@ -74,7 +74,13 @@ def _dataset(scan: dict, parts: dict | None) -> str:
         per = ", ".join(f"{n} with {k} image{'s' * (k != '1')}" for k, n in patients["images_per_patient"].items())
         body += (
             f"<p>{patients['n']} patients named by DICOM headers cover {patients['images']} images ({per}); "
-            "each patient's images are kept in one split. Patient IDs appear nowhere in the run folder: "
+            + (
+                "the splits keep each patient's images together (with --split folders, a patient in two "
+                "folders is reported or refused). "
+                if patients.get("grouped")
+                else "they were not grouped by patient (--no-dicom-patients). "
+            )  # fmt: skip
+            + "Patient IDs appear nowhere in the run folder: "
             "splits.json names patients by a keyed hash (key: patient-key, not to be shared).</p>"
         )
     groups = [[len(g), " == ".join(rel(p) for p in g)] for g in scan["duplicate_groups"]]

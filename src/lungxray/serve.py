@@ -113,7 +113,8 @@ def create_app(
         # the 413. _read_limited covers bodies without a declared length.
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > max_upload_bytes + 64 * 1024:
-            await _drain(request, DRAIN_BYTES)
+            if request.headers.get("expect", "").lower() != "100-continue":  # such a client waits: no body comes
+                await _drain(request, DRAIN_BYTES)
             return JSONResponse(status_code=413, content={"detail": _too_large(max_upload_bytes)})
         return await call_next(request)
 

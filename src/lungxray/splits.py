@@ -97,8 +97,8 @@ def folder_split(ds: Dataset, cfg: SplitConfig) -> Split:
         test = np.setdiff1d(test, leaked)
     elif len(leaked):
         warnings.warn(
-            f"{len(leaked)} test image(s) duplicate a training/validation image, so the "
-            "test score is optimistic; pass --drop-test-duplicates to remove them",
+            f"{len(leaked)} test image(s) duplicate a training/validation image or share its group "
+            "(patient), so the test score is optimistic; pass --drop-test-duplicates to remove them",
             stacklevel=2,
         )
     split = Split(

@@ -244,14 +244,15 @@ def fit(
     generator = torch.Generator().manual_seed(cfg.seed)  # batch order
     history: list[EpochStats] = []
     best, best_state, diverged, stopped_at = None, None, False, None
-    epochs = progress_bar(range(1, cfg.epochs + 1), desc="epochs", unit="epoch", leave=False, disable=not progress)
-    for epoch in epochs:
+    epochs = progress_bar(total=cfg.epochs, desc="epochs", unit="epoch", leave=False, disable=not progress)
+    for epoch in range(1, cfg.epochs + 1):
         loss, acc = train_one_epoch(model, optimizer, x_train, y_train, cfg.batch_size, generator, **options)
         val_loss, val_acc = evaluate_loss(watched, *val)
         stats = EpochStats(epoch, loss, acc, val_loss, val_acc)
         history.append(stats)
         figures = f"loss {loss:.4f}, val_loss {val_loss:.4f}, val_accuracy {val_acc:.4f}"
         epochs.set_postfix_str(figures)
+        epochs.update()
         note(f"epoch {epoch}/{cfg.epochs}: {figures}", enabled=progress)
         if not (math.isfinite(loss) and math.isfinite(val_loss)):
             diverged = True
