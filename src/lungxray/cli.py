@@ -11,6 +11,7 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import typing
@@ -178,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, required=True, help="run folder")
     p.add_argument("--force", action="store_true", help="replace a model already in OUT")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train in N processes on this machine (DistributedDataParallel through torchrun: gloo on the CPU, "
+        "NCCL on GPUs; the same as `torchrun --nproc-per-node N -m lungxray.cli train ...`); each takes its share "
+        "of every batch",
+    )
 
     p = sub.add_parser("evaluate", help="metrics, audit and report of a model on a labelled dataset")
     _model_data_args(p, "evaluate")
@@ -422,10 +432,16 @@ def cmd_worker(args) -> int:
 
 
 def cmd_train(args) -> int:
+    import os
+
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_distributed(args)
     from lungxray import pipeline, runfolder
 
     params = pipeline.training_params(args.model, args.params, args.out)
-    pipeline.settings(args.model, _train_cfg(args))  # a bad model or device fails before the scan
+    _, train_cfg, _ = pipeline.settings(args.model, _train_cfg(args))  # a bad model or device fails before the scan
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
+        return _train_distributed(args, params, train_cfg)
     runfolder.refuse_to_replace(args.out, runfolder.MODEL, args.force, "a model")  # before splits.json is rewritten
     data_cfg = from_args(DataConfig, args)
     with runfolder.writer_lock(args.out):
@@ -442,6 +458,69 @@ def cmd_train(args) -> int:
     )
     print(f"written: {folder}, {args.out / runfolder.CURVES}, {args.out / runfolder.HISTORY}")
     return 0
+
+
+def _launch_distributed(args) -> int:
+    """``train --nproc N``: N processes on this machine through torchrun's own launcher, each
+    running this command without --nproc."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    argv, skip = [], False
+    for arg in args.argv:
+        if skip or arg == "--nproc" or arg.startswith("--nproc="):
+            skip = arg == "--nproc"
+            continue
+        argv.append(arg)
+    try:
+        torchrun(["--standalone", "--nproc-per-node", str(args.nproc), "-m", "lungxray.cli", *argv])
+    except ChildFailedError as exc:
+        _error(f"lungxray train: error: a training process failed ({exc.name}); its output is above")
+        return 1
+    return 0
+
+
+def _train_distributed(args, params: dict, cfg) -> int:
+    """One process of a distributed training (DistributedDataParallel: gloo on the CPU, NCCL on
+    GPUs). Every process scans, splits and trains on its share of each batch; the first one
+    (rank 0) holds the run folder and writes everything."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from lungxray import pipeline, runfolder
+    from lungxray.train import resolve_device
+
+    cuda = resolve_device(cfg.device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    first = dist.get_rank() == 0
+    try:
+        if first:
+            runfolder.refuse_to_replace(args.out, runfolder.MODEL, args.force, "a model")
+        data_cfg = from_args(DataConfig, args)
+        with runfolder.writer_lock(args.out) if first else contextlib.nullcontext():
+            ds, split = pipeline.prepare(args.data, data_cfg, from_args(SplitConfig, args),
+                                         args.out if first else None, first and not args.quiet, args.model)  # fmt: skip
+            result, folder = pipeline.train_stage(
+                ds, split, args.model, params, _train_cfg(args), data_cfg, args.out, force=args.force,
+                progress=first and not args.quiet,
+            )  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+    if first:
+        print(f"kept epoch {result.best_epoch} ({dist_note(cfg)}): val accuracy {result.best.val_accuracy:.4f}, "
+              f"val loss {result.best.val_loss:.4f}")  # fmt: skip
+        print(f"written: {folder}, {args.out / runfolder.CURVES}, {args.out / runfolder.HISTORY}")
+    return 0
+
+
+def dist_note(cfg) -> str:
+    import os
+
+    return f"{os.environ.get('WORLD_SIZE')} processes, batch {cfg.batch_size} shared among them"
 
 
 def _model_and_data(args):
@@ -718,6 +797,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # as given: train --nproc passes them on
     warnings.showwarning = _one_line_warning
     for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints escaped, never crashes
         if hasattr(stream, "reconfigure"):

@@ -15,8 +15,10 @@ from torch import nn
 
 
 def set_threads(threads: int) -> None:
-    """Use ``threads`` intra-op threads (0: one per core)."""
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    """Use ``threads`` intra-op threads (0: one per core, shared out among the processes of a
+    distributed training on this machine)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local))
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

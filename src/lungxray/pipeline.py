@@ -48,7 +48,7 @@ from lungxray.models import get_spec
 from lungxray.ood import fit_ood, ood_fields
 from lungxray.progress import note, stage
 from lungxray.splits import Split, make_split
-from lungxray.train import FitResult, fit, resolve_device
+from lungxray.train import FitResult, fit, resolve_device, world
 
 
 def jsonable(obj):
@@ -196,6 +196,8 @@ def train_stage(
     result = trained or fit(
         model_name, params, tensors(ds, split.train), tensors(ds, split.val), len(ds.classes), cfg, progress=progress
     )
+    if world()[0] != 0:  # a distributed training's other processes: the first one writes
+        return result, None
     x_val, y_val = tensors(ds, split.val)
     calibration = calibrate(predict_logits(result.model, x_val).double().numpy(), y_val.numpy())
     history = result.history_dict()

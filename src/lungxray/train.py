@@ -66,24 +66,31 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     label_smoothing: float = 0.0,
     averaged: torch.optim.swa_utils.AveragedModel | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[float, float]:
     """One pass over (x, y) in shuffled mini-batches; returns mean loss and accuracy.
 
     ``scaler`` turns on float16 mixed precision (CUDA); ``averaged`` is updated after every step
     (exponential moving average of the weights). A last batch of one image is skipped for
     models with batch norm, which cannot normalise a single image in training mode.
+    ``shard`` (rank, world size): under DistributedDataParallel every process draws the same
+    seeded order and takes its share of each batch (what DistributedSampler does per epoch, here
+    per batch), so a step averages the gradients of the same batch as one process would.
     """
     model.train()
+    rank, world = shard
     order = torch.randperm(len(x), generator=generator).to(x.device)
     skip_single = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     total_loss, correct, seen = 0.0, 0, 0
     for start in range(0, len(x), batch_size):
         idx = order[start : start + batch_size]
-        if len(idx) == 1 and skip_single:
-            continue
-        xb, yb = x[idx], y[idx]  # (B, 1, H, W), (B,)
+        if len(idx) < world * (2 if skip_single else 1):
+            continue  # every process skips it alike: one with no image would stall the others' step
+        xb = x[idx]  # (B, 1, H, W)
         if augment is not None:
-            xb = augment(xb)
+            xb = augment(xb)  # the whole batch, so each process's share has one process's draws
+        xb, idx = xb[rank::world], idx[rank::world]
+        yb = y[idx]
         with torch.autocast(x.device.type, dtype=torch.float16, enabled=scaler is not None):
             logits = model(xb)
         loss = nn.functional.cross_entropy(logits.float(), yb, weight=class_weight, label_smoothing=label_smoothing)
@@ -102,7 +109,22 @@ def train_one_epoch(
         total_loss += loss.item() * len(idx)
         correct += (logits.argmax(1) == yb).sum().item()
         seen += len(idx)
+    if world > 1:  # the epoch's figures over every process's share
+        import torch.distributed as dist
+
+        sums = torch.tensor([total_loss, correct, seen], dtype=torch.float64, device=x.device)
+        dist.all_reduce(sums)
+        total_loss, correct, seen = sums.tolist()
     return total_loss / seen, correct / seen
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process in a distributed training (torchrun), else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def evaluate_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -238,15 +260,28 @@ def fit(
     if cfg.init_weights is not None:
         load_init_weights(model, cfg.init_weights)
     model.to(device)
+    rank, size = world()
+    if size > 1 and device.type == "cuda":
+        # Batch statistics over every process's share, as one process would see them (GPU only:
+        # on the CPU each process normalises its own share, so a CNN trains a little differently).
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     (x_train, y_train), val = [tuple(t.to(device) for t in part) for part in (train, val)]
     optimizer, options = _training_parts(model, hp, cfg, y_train, n_classes, device)
     watched = options["averaged"].module if options["averaged"] is not None else model
-    generator = torch.Generator().manual_seed(cfg.seed)  # batch order
+    generator = torch.Generator().manual_seed(cfg.seed)  # batch order, the same in every process
+    stepped = model
+    if size > 1:  # torchrun: every process holds the model, DDP averages the gradients of their shares
+        from torch.nn.parallel import DistributedDataParallel
+
+        stepped = DistributedDataParallel(
+            model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None
+        )
+        options["shard"] = (rank, size)
     history: list[EpochStats] = []
     best, best_state, diverged, stopped_at = None, None, False, None
     epochs = progress_bar(total=cfg.epochs, desc="epochs", unit="epoch", leave=False, disable=not progress)
     for epoch in range(1, cfg.epochs + 1):
-        loss, acc = train_one_epoch(model, optimizer, x_train, y_train, cfg.batch_size, generator, **options)
+        loss, acc = train_one_epoch(stepped, optimizer, x_train, y_train, cfg.batch_size, generator, **options)
         val_loss, val_acc = evaluate_loss(watched, *val)
         stats = EpochStats(epoch, loss, acc, val_loss, val_acc)
         history.append(stats)
