@@ -226,3 +226,27 @@ def test_an_unreadable_class_folder_is_an_error(flat_tree, cache_dir):
             load_dataset(flat_tree, DataConfig(cache_dir=cache_dir), progress=False)
     finally:
         (flat_tree / "Normal").chmod(0o755)
+
+
+def test_the_scan_keeps_its_images_in_one_memory_mapped_stack(flat_tree, cache_dir):
+    """The images of a scan are one read-only memory-mapped file in the cache, made once; training
+    reads batches from it (``Images``) with the values ``to_tensor`` gives."""
+    import torch
+
+    from lungxray.infer import Images, to_tensor
+
+    cfg = DataConfig(img_size=32, cache_dir=cache_dir)
+    ds = load_dataset(flat_tree, cfg, progress=False)
+    assert isinstance(ds.images, np.memmap) and not ds.images.flags.writeable
+    [stack] = cache_dir.rglob("stack-*.u8")
+    assert stack.stat().st_size == len(ds.samples) * 32 * 32
+    for i in (0, 7, len(ds.samples) - 1):
+        assert np.array_equal(ds.images[i], decode(ds.samples[i].path.read_bytes(), 32))
+    made = stack.stat().st_mtime_ns
+    again = load_dataset(flat_tree, cfg, progress=False)
+    assert stack.stat().st_mtime_ns == made and np.array_equal(np.asarray(again.images), np.asarray(ds.images))
+    idx = np.array([5, 1, 30, 2])
+    x = Images(ds.images, idx)
+    assert x.shape == (4, 1, 32, 32) and len(x) == 4
+    assert torch.equal(x[torch.tensor([2, 0])], to_tensor(ds.images[idx[[2, 0]]]))
+    assert torch.equal(x[1:3], to_tensor(ds.images[idx[1:3]])) and x[0].shape == (1, 32, 32)

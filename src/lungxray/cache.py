@@ -104,6 +104,43 @@ class PreprocessCache:
             self._entries[sha] = {"reason": reason}
         self._dirty = True
 
+    def stack(self, shas: list[str], held: dict[str, np.ndarray]) -> np.ndarray:
+        """(N, H, W) uint8: the images of ``shas`` in order, as one read-only memory-mapped file
+        in the cache (made once per list of images, named by its hash), so that they are read from
+        disk pages as they are used rather than held in memory. ``held``: images the cache could
+        not keep. Where the file cannot be written, an array in memory."""
+        import hashlib
+        import os
+
+        def image(sha: str) -> np.ndarray:
+            found = held[sha] if sha in held else self.pixels(sha)
+            if found is None:
+                from lungxray.errors import DataError
+
+                raise DataError(f"a cached image vanished from {self.folder} during the scan", hint="run it again")
+            return found
+
+        shape = (len(shas), *self.shape)
+        if not shas:
+            return np.zeros(shape, dtype=np.uint8)
+        path = self.folder / f"stack-{hashlib.blake2b(''.join(shas).encode(), digest_size=16).hexdigest()}.u8"
+        try:
+            if not (path.is_file() and path.stat().st_size == int(np.prod(shape))):
+                self.folder.mkdir(parents=True, exist_ok=True)
+                draft = path.with_name(f".{path.name}.{os.getpid()}")
+                try:
+                    out = np.memmap(draft, dtype=np.uint8, mode="w+", shape=shape)
+                    for i, sha in enumerate(shas):
+                        out[i] = image(sha)
+                    out.flush()
+                    del out
+                    os.replace(draft, path)
+                finally:
+                    draft.unlink(missing_ok=True)
+            return np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
+        except OSError:  # a cache that cannot be written: in memory, as before
+            return np.stack([image(sha) for sha in shas])
+
     def save(self) -> None:
         if self._dirty:
             self.folder.mkdir(parents=True, exist_ok=True)

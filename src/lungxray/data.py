@@ -282,8 +282,14 @@ def _decode_all(todo: list[Path], cfg: DataConfig, progress: bool):
             yield result
 
 
+def _pixel_hash(pixels: np.ndarray) -> str:
+    return hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest()
+
+
 def _load_pixels(files: list[tuple[Path, str, str | None]], cfg: DataConfig, progress: bool):
-    """Return per-file (sha, pixels, phash, reason, patient pseudonym), using and filling the cache."""
+    """Per file (sha, pixel hash or None when unusable, phash, reason, patient pseudonym), using and
+    filling the cache; and where the usable images are: (the cache, the images held in memory
+    because the cache could not keep them). No image stays in memory otherwise."""
     cache = PreprocessCache(
         cfg.cache_dir, cfg.img_size, crop=cfg.crop_borders, equalize=cfg.equalize, dicom_keep=cfg.dicom_keep
     )
@@ -302,15 +308,22 @@ def _load_pixels(files: list[tuple[Path, str, str | None]], cfg: DataConfig, pro
             pixels = cache.pixels(sha) if "phash" in entry else None
             stale = "patient" in entry and entry.get("key") != key_id()  # hashed with another key
             if (pixels is not None or "reason" in entry) and not stale:
-                out[path] = (sha, pixels, entry.get("phash"), entry.get("reason"), entry.get("patient"))
+                digest = _pixel_hash(pixels) if pixels is not None else None
+                out[path] = (sha, digest, entry.get("phash"), entry.get("reason"), entry.get("patient"))
                 continue
         todo.append(path)
+    held: dict[str, np.ndarray] = {}
     for path_str, sha, pixels, phash, reason, patient_id in _decode_all(todo, cfg, progress):
         path = Path(path_str)
         patient = pseudonym(patient_id, key[0]) if patient_id and key_id() else None
-        out[path] = (sha, pixels, phash, reason, patient)
-        if sha is not None:
+        out[path] = (sha, _pixel_hash(pixels) if pixels is not None else None, phash, reason, patient)
+        if sha is None:
+            continue
+        try:
             cache.put(path, sha, pixels, phash, reason, patient, key_id() if patient else None)
+        except OSError:
+            if pixels is not None:
+                held[sha] = pixels  # the cache cannot keep it: memory must
     try:
         cache.save()
     except OSError as exc:
@@ -318,7 +331,7 @@ def _load_pixels(files: list[tuple[Path, str, str | None]], cfg: DataConfig, pro
             f"could not write the preprocessing cache in {cfg.cache_dir}: {exc}; set --cache-dir to a writable folder",
             stacklevel=2,
         )
-    return out
+    return out, (cache, held)
 
 
 def _thumbnails(images: np.ndarray) -> np.ndarray:
@@ -393,22 +406,19 @@ def load_dataset(
     # and cropping make re-encoded copies look less alike (on the shared dataset, CLAHE and border
     # cropping hid 2 of its 13 duplicate groups), and a missed copy is a leak between splits.
     plain_cfg = replace(cfg, crop_borders=False, equalize="none")
-    loaded = _load_pixels(files, plain_cfg, progress)
-    processed = loaded if plain_cfg == cfg else _load_pixels(files, cfg, progress)
-    samples, images, plain, usable = [], [], [], {}
+    loaded, plain_store = _load_pixels(files, plain_cfg, progress)
+    processed, store = (loaded, plain_store) if plain_cfg == cfg else _load_pixels(files, cfg, progress)
+    samples, usable = [], {}
     for path, label, split in files:
-        sha, pixels, phash, reason, patient = loaded[path]
+        sha, pixel_hash, phash, reason, patient = loaded[path]
         model_input, reason_processed = processed[path][1], processed[path][3]
         key = (split, label)
         usable.setdefault(key, 0)
-        if pixels is None or model_input is None:
+        if pixel_hash is None or model_input is None:
             skipped.append(Skipped(str(path), reason or reason_processed))
             continue
         usable[key] += 1
-        pixel_hash = hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest()
         samples.append(Sample(path, label, split, sha, pixel_hash, phash, patient=patient))
-        images.append(model_input)
-        plain.append(pixels)
     empty = [f"{s + '/' if s else ''}{label}" for (s, label), n in usable.items() if n == 0]
     if empty:
         raise DataError(
@@ -422,9 +432,10 @@ def load_dataset(
             f"found {len(classes)} class folder(s) in {root} ({', '.join(classes) or 'none'}); "
             f"need at least {min_classes}: one sub-folder of images per class"
         )
-    pixels = np.stack(images) if images else np.zeros((0, cfg.img_size, cfg.img_size), np.uint8)
+    shas = [s.sha256 for s in samples]
+    pixels = store[0].stack(shas, store[1])  # (N, H, W), memory-mapped from the cache
     groups = find_duplicate_groups(
-        np.stack(plain) if plain else pixels,
+        pixels if plain_cfg == cfg else plain_store[0].stack(shas, plain_store[1]),
         [s.pixel_hash for s in samples],
         [s.phash for s in samples],
         cfg.near_duplicate_distance,

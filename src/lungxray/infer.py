@@ -34,3 +34,38 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> 
     """(N, 1, H, W) -> (N, n_classes) logits, in eval mode."""
     model.eval()
     return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+class Images:
+    """(N, 1, H, W) float32 images in [0, 1], made on demand from (N, H, W) uint8 ``pixels`` (a
+    memory-mapped file or an array) at rows ``index``: indexing gives a float tensor of just those
+    images, so a training epoch reads its batches from disk pages instead of holding every image
+    as float32 (four times its bytes) in memory. The values are those of ``to_tensor``.
+
+    Supports what training and prediction ask of a tensor: ``len``, ``shape``, ``device``,
+    ``to(device)`` (batches are then moved there as they are made) and indexing by an int, a slice,
+    or an index tensor or array.
+    """
+
+    def __init__(self, pixels: np.ndarray, index: np.ndarray | None = None, device: torch.device | None = None):
+        self.pixels = pixels
+        self.index = np.arange(len(pixels)) if index is None else np.asarray(index, dtype=np.int64)
+        self.device = torch.device(device or "cpu")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.index), 1, *self.pixels.shape[1:])
+
+    def to(self, device) -> Images:
+        return Images(self.pixels, self.index, torch.device(device))
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, torch.Tensor):
+            key = key.cpu().numpy()
+        rows = self.index[key]
+        if np.ndim(rows) == 0:
+            return to_tensor(self.pixels[int(rows)][None])[0].to(self.device)
+        return to_tensor(self.pixels[rows]).to(self.device)  # (B, 1, H, W)

@@ -43,7 +43,7 @@ from lungxray.evaluate import (
     save_figure,
     softmax,
 )
-from lungxray.infer import predict_logits, set_threads, to_tensor
+from lungxray.infer import Images, predict_logits, set_threads
 from lungxray.models import get_spec
 from lungxray.ood import fit_ood, ood_fields
 from lungxray.progress import note, stage
@@ -119,7 +119,7 @@ def prepare(
 
 def tensors(ds: Dataset, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """(x (N, 1, H, W) float in [0, 1], y (N,) int64) for the samples ``idx``."""
-    return to_tensor(ds.images[idx]), torch.from_numpy(ds.labels[idx])
+    return Images(ds.images, idx), torch.from_numpy(ds.labels[idx])
 
 
 def tune_stage(
