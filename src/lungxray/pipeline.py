@@ -142,12 +142,19 @@ def tune_stage(
     set_threads(trial_cfg.threads)
     storage = runfolder.study_storage(out, tune_cfg.storage)
     data = (tensors(ds, split.train), tensors(ds, split.val), len(ds.classes))
-    if tune_cfg.parallel > 1:
+    if tune_cfg.parallel > 1 or tune_cfg.storage:
+        # A study other workers may share (a database URL, or --parallel): this process runs as a
+        # worker among them, with heartbeats, instead of assuming it is the study's only user.
         from lungxray import workers
 
         data_cfg = data_cfg or DataConfig(img_size=ds.images.shape[1])
         record = workers.agreement(ds, split, model_name, data_cfg, trial_cfg)
-        result = _summarise(workers.run_parallel(storage, model_name, *data, tune_cfg, trial_cfg, record))
+        if tune_cfg.parallel > 1:
+            study = workers.run_parallel(storage, model_name, *data, tune_cfg, trial_cfg, record)
+        else:
+            study = workers.open_shared_study(storage, tune_cfg, trial_cfg, model_name, record)
+            workers.run_worker(study, model_name, *data, tune_cfg, trial_cfg, lambda text: note(text, progress))
+        result = _summarise(study)
     else:
         result = tune(model_name, *data, tune_cfg, trial_cfg, storage, progress=progress)
     trials = [
