@@ -81,3 +81,24 @@ def test_tune_parallel_shares_the_run_folders_sqlite_study(tmp_path):
     assert len({t["worker"] for t in finished}) == 2  # both processes ran trials
     best = json.loads((out / "best_params.json").read_text())
     assert best["trial"] in {t["number"] for t in finished} and best["params"]
+
+
+def test_tune_with_a_storage_url_takes_part_as_a_worker(tmp_path):
+    """`tune --storage URL` beside a worker: the two share the trials (none counted twice) and
+    tune writes the run folder's best parameters from the whole study."""
+    data, cache = write_tree(tmp_path / "data", per_class=10), tmp_path / "cache"
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    worker = subprocess.Popen(_worker(data, url, cache, trials=4), stderr=subprocess.PIPE, text=True)
+    tuned = subprocess.run(
+        [sys.executable, "-m", "lungxray.cli", "tune", str(data), "--out", str(tmp_path / "run"), "--storage", url,
+         "--study-name", "shared", "--trials", "4", "--model", "mlp", "--img-size", "16", "--epochs", "300",
+         "--pruner", "none", "--heartbeat", "1", "--cache-dir", str(cache), "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    _, err = worker.communicate(timeout=300)
+    assert tuned.returncode == 0 and worker.returncode == 0, tuned.stderr + err
+    study = optuna.load_study(study_name="shared", storage=url)
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(finished) == 4 and all("worker" in t.user_attrs for t in finished)
+    best = json.loads((tmp_path / "run" / "best_params.json").read_text())
+    assert best["trial"] == study.best_trial.number and best["params"] == study.best_params
