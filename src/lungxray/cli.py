@@ -426,7 +426,7 @@ def cmd_worker(args) -> int:
     finished = len(study.get_trials(deepcopy=False, states=workers.FINISHED))
     print(f"this worker finished {done} trial(s); the study holds {finished} of {tune_cfg.trials}")
     if any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
-        print(f"best so far: trial {study.best_trial.number}, {train_cfg.select_by or 'value'} {study.best_value:.4f}, "
+        print(f"best so far: trial {study.best_trial.number}, {trial_cfg.select_by} {study.best_value:.4f}, "
               f"params {json.dumps(study.best_trial.params)}")  # fmt: skip
     return 0
 
