@@ -90,12 +90,28 @@ def open_shared_study(
     url: str, tune_cfg: TuneConfig, trial_cfg: TrainConfig, model_name: str, record: dict
 ) -> optuna.Study:
     """Create or join the study in ``url`` with heartbeats on; refuse it when its agreement differs."""
-    storage = optuna.storages.RDBStorage(
-        url,
-        heartbeat_interval=tune_cfg.heartbeat,
-        grace_period=3 * tune_cfg.heartbeat,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+    import sqlalchemy
+
+    # RetryFailedTrialCallback's new name since Optuna 4.9
+    retry = (
+        getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
     )
+    for attempt in range(5):
+        try:
+            storage = optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=tune_cfg.heartbeat,
+                grace_period=3 * tune_cfg.heartbeat,
+                failed_trial_callback=retry(max_retry=1),
+            )
+            break
+        except (
+            sqlalchemy.exc.IntegrityError,
+            sqlalchemy.exc.OperationalError,
+        ):  # two workers made a new database's tables at once: again
+            if attempt == 4:
+                raise
+            time.sleep(1 + attempt)
     direction = "minimize" if trial_cfg.select_by == "val_loss" else "maximize"
     study = optuna.create_study(
         storage=storage,
@@ -179,9 +195,7 @@ def _run_worker(study, model_name, train, val, n_classes, tune_cfg, trial_cfg, s
             beating.join()
         study.tell(trial, value, state=state)
         done += state != optuna.trial.TrialState.FAIL
-        retry = optuna.storages.RetryFailedTrialCallback.retried_trial_number(
-            study._storage.get_trial(trial._trial_id)  # noqa: SLF001
-        )
+        retry = study._storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")  # noqa: SLF001
         say(f"trial {trial.number}: {state.name.lower()}" + (f" {value:.4f}" if value is not None else "")
             + (f" (a retry of trial {retry})" if retry is not None else ""))  # fmt: skip
 
