@@ -62,5 +62,6 @@ def test_train_alone_writes_a_card_that_says_the_test_is_still_to_do(trained_run
     )  # fmt: skip (a Path: one argument)
     card = (out / "model" / CARD).read_text()
     assert "Not evaluated on held-out images yet" in card and "## Evaluation" in card
+    assert "- Out-of-distribution flag: input-mahalanobis" in card  # the bundle's flag, named already
     assert "held-out test images" not in card
     assert "- Sources: Hospital A archive, 2019-2020, CC BY 4.0" in card

@@ -228,7 +228,7 @@ def test_an_unreadable_class_folder_is_an_error(flat_tree, cache_dir):
         (flat_tree / "Normal").chmod(0o755)
 
 
-def test_the_scan_keeps_its_images_in_one_memory_mapped_stack(flat_tree, cache_dir):
+def test_the_scan_keeps_its_images_in_one_memory_mapped_stack(flat_tree, cache_dir, monkeypatch):
     """The images of a scan are one read-only memory-mapped file in the cache, made once; training
     reads batches from it (``Images``) with the values ``to_tensor`` gives."""
     import torch
@@ -243,7 +243,13 @@ def test_the_scan_keeps_its_images_in_one_memory_mapped_stack(flat_tree, cache_d
     for i in (0, 7, len(ds.samples) - 1):
         assert np.array_equal(ds.images[i], decode(ds.samples[i].path.read_bytes(), 32))
     made = stack.stat().st_mtime_ns
+    from lungxray.cache import PreprocessCache
+
+    reads = []
+    original = PreprocessCache.pixels
+    monkeypatch.setattr(PreprocessCache, "pixels", lambda self, sha: reads.append(sha) or original(self, sha))
     again = load_dataset(flat_tree, cfg, progress=False)
+    assert reads == []  # a warm scan reads no image: hashes from the entries, pixels from the stack
     assert stack.stat().st_mtime_ns == made and np.array_equal(np.asarray(again.images), np.asarray(ds.images))
     idx = np.array([5, 1, 30, 2])
     x = Images(ds.images, idx)

@@ -54,9 +54,11 @@ def save_bundle(
     *,
     seen: dict[str, list[str]] | None = None,
     ood: OODScore | None = None,
+    card: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write the bundle to ``folder``; an existing non-empty folder needs ``overwrite=True``.
+    ``card``: the model card's Markdown (MODEL_CARD.md, ``card.model_card``).
 
     ``seen``: the SHA-256 of every file's bytes by part (``{"train": [...], "val": [...]}``), so that
     evaluation anywhere recognises the images the model has already seen, whatever their path.
@@ -86,6 +88,8 @@ def save_bundle(
             write_text(staging / SEEN, json.dumps({part: sorted(set(h)) for part, h in seen.items()}) + "\n")
         if metrics is not None:
             write_text(staging / METRICS, json.dumps(metrics, indent=2) + "\n")
+        if card is not None:
+            write_text(staging / CARD, card)
         write_checksums(staging)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.old")

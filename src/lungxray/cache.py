@@ -55,6 +55,13 @@ class PreprocessCache:
         entry = self._entries.get(known[2])
         return (known[2], entry) if entry is not None else None
 
+    def has_pixels(self, sha: str) -> bool:
+        """The image of ``sha`` is on disk, whole (by its size; ``pixels`` reads it)."""
+        try:
+            return (self.folder / f"{sha}.u8").stat().st_size == self.shape[0] * self.shape[1]
+        except OSError:
+            return False
+
     def pixels(self, sha: str) -> np.ndarray | None:
         # Raw bytes, shape known from the settings: np.load's header parsing cost more than the read.
         try:
@@ -93,13 +100,16 @@ class PreprocessCache:
         reason: str | None,
         patient: str | None = None,
         key_id: str | None = None,
+        pixel_hash: str | None = None,
     ) -> None:
         stat = path.stat()
         self._index[str(path)] = [stat.st_size, stat.st_mtime_ns, sha]
         if pixels is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
             pixels.tofile(self.folder / f"{sha}.u8")
-            self._entries[sha] = {"phash": phash} | ({"patient": patient, "key": key_id} if patient else {})
+            self._entries[sha] = {"phash": phash, "pixel_hash": pixel_hash} | (
+                {"patient": patient, "key": key_id} if patient else {}
+            )
         else:
             self._entries[sha] = {"reason": reason}
         self._dirty = True

@@ -305,9 +305,11 @@ def _print_scan(summary: dict) -> None:
         print(f"{len(mixed)} duplicate group(s) whose copies carry different labels (check these labels):")
         for group in mixed:
             print("  " + "  ==  ".join(f"{rel(m['path'])} ({m['label']})" for m in group))
+    from lungxray.data import films_per_patient
+
     patients = summary["patients"]
     if patients["n"]:
-        per = ", ".join(f"{n} with {k} image{'s' * (k != '1')}" for k, n in patients["images_per_patient"].items())
+        per = films_per_patient(patients)
         print(f"{patients['n']} patient(s) named by DICOM headers, covering {patients['images']} images ({per})")
     groups = summary["groups"]
     sources = [f"patients from {groups['file']}"] * bool(groups["file"])
@@ -432,6 +434,9 @@ def cmd_worker(args) -> int:
 
 
 def cmd_train(args) -> int:
+    """Train once; under torchrun (WORLD_SIZE above 1) this is one process of a distributed
+    training: every process scans, splits and trains on its share of each batch, and the first
+    (rank 0) holds the run folder and writes everything."""
     import os
 
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
@@ -440,24 +445,45 @@ def cmd_train(args) -> int:
 
     params = pipeline.training_params(args.model, args.params, args.out)
     _, train_cfg, _ = pipeline.settings(args.model, _train_cfg(args))  # a bad model or device fails before the scan
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
-        return _train_distributed(args, params, train_cfg)
-    runfolder.refuse_to_replace(args.out, runfolder.MODEL, args.force, "a model")  # before splits.json is rewritten
-    data_cfg = from_args(DataConfig, args)
-    with runfolder.writer_lock(args.out):
-        ds, split = pipeline.prepare(
-            args.data, data_cfg, from_args(SplitConfig, args), args.out, not args.quiet, args.model
-        )
-        result, folder = pipeline.train_stage(
-            ds, split, args.model, params, _train_cfg(args), data_cfg, args.out, force=args.force,
-            progress=not args.quiet,
-        )  # fmt: skip
-    print(
-        f"kept epoch {result.best_epoch}: val accuracy {result.best.val_accuracy:.4f}, "
-        f"val loss {result.best.val_loss:.4f}"
-    )
-    print(f"written: {folder}, {args.out / runfolder.CURVES}, {args.out / runfolder.HISTORY}")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    with _process_group(train_cfg) if processes > 1 else contextlib.nullcontext(0) as rank:
+        first = rank == 0
+        if first:
+            runfolder.refuse_to_replace(args.out, runfolder.MODEL, args.force, "a model")  # before splits.json
+        data_cfg = from_args(DataConfig, args)
+        with runfolder.writer_lock(args.out) if first else contextlib.nullcontext():
+            ds, split = pipeline.prepare(args.data, data_cfg, from_args(SplitConfig, args),
+                                         args.out if first else None, first and not args.quiet, args.model)  # fmt: skip
+            result, folder = pipeline.train_stage(
+                ds, split, args.model, params, _train_cfg(args), data_cfg, args.out, force=args.force,
+                progress=first and not args.quiet,
+            )  # fmt: skip
+    if first:
+        shared = f" ({processes} processes, batch {train_cfg.batch_size} shared among them)" if processes > 1 else ""
+        print(f"kept epoch {result.best_epoch}{shared}: val accuracy {result.best.val_accuracy:.4f}, "
+              f"val loss {result.best.val_loss:.4f}")  # fmt: skip
+        print(f"written: {folder}, {args.out / runfolder.CURVES}, {args.out / runfolder.HISTORY}")
     return 0
+
+
+@contextlib.contextmanager
+def _process_group(cfg):
+    """torchrun's process group for this process (gloo on the CPU, NCCL on its GPU); yields the rank."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from lungxray.train import resolve_device
+
+    cuda = resolve_device(cfg.device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield dist.get_rank()
+    finally:
+        dist.destroy_process_group()
 
 
 def _launch_distributed(args) -> int:
@@ -478,49 +504,6 @@ def _launch_distributed(args) -> int:
         _error(f"lungxray train: error: a training process failed ({exc.name}); its output is above")
         return 1
     return 0
-
-
-def _train_distributed(args, params: dict, cfg) -> int:
-    """One process of a distributed training (DistributedDataParallel: gloo on the CPU, NCCL on
-    GPUs). Every process scans, splits and trains on its share of each batch; the first one
-    (rank 0) holds the run folder and writes everything."""
-    import os
-
-    import torch
-    import torch.distributed as dist
-
-    from lungxray import pipeline, runfolder
-    from lungxray.train import resolve_device
-
-    cuda = resolve_device(cfg.device).type == "cuda"
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    first = dist.get_rank() == 0
-    try:
-        if first:
-            runfolder.refuse_to_replace(args.out, runfolder.MODEL, args.force, "a model")
-        data_cfg = from_args(DataConfig, args)
-        with runfolder.writer_lock(args.out) if first else contextlib.nullcontext():
-            ds, split = pipeline.prepare(args.data, data_cfg, from_args(SplitConfig, args),
-                                         args.out if first else None, first and not args.quiet, args.model)  # fmt: skip
-            result, folder = pipeline.train_stage(
-                ds, split, args.model, params, _train_cfg(args), data_cfg, args.out, force=args.force,
-                progress=first and not args.quiet,
-            )  # fmt: skip
-    finally:
-        dist.destroy_process_group()
-    if first:
-        print(f"kept epoch {result.best_epoch} ({dist_note(cfg)}): val accuracy {result.best.val_accuracy:.4f}, "
-              f"val loss {result.best.val_loss:.4f}")  # fmt: skip
-        print(f"written: {folder}, {args.out / runfolder.CURVES}, {args.out / runfolder.HISTORY}")
-    return 0
-
-
-def dist_note(cfg) -> str:
-    import os
-
-    return f"{os.environ.get('WORLD_SIZE')} processes, batch {cfg.batch_size} shared among them"
 
 
 def _model_and_data(args):

@@ -141,6 +141,11 @@ class Dataset:
         return {"n": int(len(sizes)), "largest": int(sizes.max(initial=0)), "file": self.groups_file}
 
 
+def films_per_patient(patients: dict) -> str:
+    """A scan summary's patient counts in words: '9 with 2 images, 6 with 3 images'."""
+    return ", ".join(f"{n} with {k} image{'s' * (k != '1')}" for k, n in patients["images_per_patient"].items())
+
+
 def normalise_class_name(name: str) -> str:
     """Folder name -> snake_case class name: 'Viral Pneumonia' -> 'viral_pneumonia'."""
     name = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name.strip())
@@ -305,10 +310,14 @@ def _load_pixels(files: list[tuple[Path, str, str | None]], cfg: DataConfig, pro
         hit = cache.lookup(path)
         if hit is not None:
             sha, entry = hit
-            pixels = cache.pixels(sha) if "phash" in entry else None
+            digest = None
+            if "phash" in entry:  # usable: its pixel hash is in the entry, or read from the image
+                if entry.get("pixel_hash") and cache.has_pixels(sha):
+                    digest = entry["pixel_hash"]  # not read now: stack() reads it, or its stack exists
+                elif (pixels := cache.pixels(sha)) is not None:
+                    digest = _pixel_hash(pixels)
             stale = "patient" in entry and entry.get("key") != key_id()  # hashed with another key
-            if (pixels is not None or "reason" in entry) and not stale:
-                digest = _pixel_hash(pixels) if pixels is not None else None
+            if (digest is not None or "reason" in entry) and not stale:
                 out[path] = (sha, digest, entry.get("phash"), entry.get("reason"), entry.get("patient"))
                 continue
         todo.append(path)
@@ -316,11 +325,12 @@ def _load_pixels(files: list[tuple[Path, str, str | None]], cfg: DataConfig, pro
     for path_str, sha, pixels, phash, reason, patient_id in _decode_all(todo, cfg, progress):
         path = Path(path_str)
         patient = pseudonym(patient_id, key[0]) if patient_id and key_id() else None
-        out[path] = (sha, _pixel_hash(pixels) if pixels is not None else None, phash, reason, patient)
+        digest = _pixel_hash(pixels) if pixels is not None else None
+        out[path] = (sha, digest, phash, reason, patient)
         if sha is None:
             continue
         try:
-            cache.put(path, sha, pixels, phash, reason, patient, key_id() if patient else None)
+            cache.put(path, sha, pixels, phash, reason, patient, key_id() if patient else None, digest)
         except OSError:
             if pixels is not None:
                 held[sha] = pixels  # the cache cannot keep it: memory must

@@ -244,8 +244,8 @@ def train_stage(
     }
     seen = {part: [ds.samples[i].sha256 for i in idx] for part, idx in (("train", split.train), ("val", split.val))}
     ood = fit_ood(ds.images[split.train], ds.images[split.val])
-    folder = save_bundle(out / runfolder.MODEL, result.model, config, seen=seen, ood=ood, overwrite=force)
-    write_card(folder, model_card(config, ds.summary()))  # run completes it once the test is read
+    card = model_card(config | {"ood": ood.info}, ds.summary())  # run completes it once the test is read
+    folder = save_bundle(out / runfolder.MODEL, result.model, config, seen=seen, ood=ood, card=card, overwrite=force)
     return result, folder
 
 

@@ -69,9 +69,11 @@ def _dataset(scan: dict, parts: dict | None) -> str:
         )
     if scan.get("excluded"):
         body += f"<p>{len(scan['excluded'])} image(s) left out by --exclude.</p>"
+    from lungxray.data import films_per_patient
+
     patients = scan.get("patients") or {}
     if patients.get("n"):
-        per = ", ".join(f"{n} with {k} image{'s' * (k != '1')}" for k, n in patients["images_per_patient"].items())
+        per = films_per_patient(patients)
         body += (
             f"<p>{patients['n']} patients named by DICOM headers cover {patients['images']} images ({per}); "
             + (
