@@ -14,7 +14,7 @@ from conftest import settings, toy
 
 from lungxray.config import TuneConfig, resolve_tune
 from lungxray.models import get_spec
-from lungxray.tune import tune
+from lungxray.tune import as_seen, tune
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
@@ -177,7 +177,9 @@ def test_every_sampler_and_pruner_finishes_the_study(tmp_path, sampler, pruner):
     )
     finished = result.study.get_trials(states=FINISHED)
     assert len(finished) == 5 and result.n_complete + result.n_pruned == 5
-    assert result.best_value == min(t.value for t in finished)
+    assert result.best_value == min(as_seen(t).value for t in finished)
+    for t in finished:  # pruned trials are stored as such, with the figure the search learnt from
+        assert (t.state == optuna.trial.TrialState.PRUNED) == bool(t.user_attrs["pruned_at_epoch"])
     assert set(result.best_params) == {
         "activation",
         "layer_1",
@@ -224,3 +226,46 @@ def test_ctrl_c_stops_the_running_trial_promptly_and_resume_retries_it(flat_tree
     assert len(failed) == 1 and len(queued) == 1 and failed[0].params
     assert queued[0].system_attrs["fixed_params"] == failed[0].params  # the resumed study asks these first
     assert queued[0].user_attrs["retry_of"] == failed[0].number
+
+
+def test_pruned_trials_are_stored_pruned_and_still_teach_the_sampler_and_the_pruner(tmp_path):
+    """A pruned trial is PRUNED in the storage (optuna-dashboard shows it so), and the sampler and
+    the median pruner see it as a finished trial worth its best figure, as before it was stored so."""
+    from lungxray.tune import BEST_VALUE, LearnsFromPruned, MedianOverFinished, StudyView, best_trial, tell
+
+    seen_by_sampler = []
+
+    class Recording(optuna.samplers.RandomSampler):
+        def infer_relative_search_space(self, study, trial):
+            seen_by_sampler.append(sorted((t.number, t.value) for t in study.get_trials(states=(COMPLETE,))))
+            return {}
+
+    COMPLETE, PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 's.db'}",
+        sampler=LearnsFromPruned(Recording(seed=0)),
+        pruner=MedianOverFinished(n_startup_trials=1, n_warmup_steps=0),
+    )
+    full = study.ask()
+    for step, value in enumerate([0.9, 0.5, 0.4], start=1):
+        full.report(value, step)
+    tell(study, full, COMPLETE, 0.4)
+    pruned = study.ask()
+    for step, value in enumerate([0.95, 0.3, 0.8], start=1):  # its best (0.3) is before its last (0.8)
+        pruned.report(value, step)
+    pruned.set_user_attr(BEST_VALUE, 0.3)
+    tell(study, pruned, PRUNED, 0.3)
+    stored = study.trials[1]
+    assert stored.state == PRUNED and stored.value == 0.8  # Optuna keeps the last figure as the value
+    assert as_seen(stored).state == COMPLETE and as_seen(stored).value == 0.3
+    assert [(t.number, t.value) for t in StudyView(study).get_trials(states=(COMPLETE,))] == [(0, 0.4), (1, 0.3)]
+    assert best_trial(study).number == 1 and study.best_trial.number == 0  # Optuna's own ignores it
+    probe = study.ask()
+    probe.suggest_float("x", 0, 1)  # the sampler reads the study at the first suggestion
+    assert seen_by_sampler[-1] == [(0, 0.4), (1, 0.3)]  # the sampler learns from the pruned trial
+    # the median of the two finished trials at step 2 is 0.4: above it is pruned, below is not
+    probe.report(0.45, 2)
+    assert probe.should_prune()
+    other = study.ask()
+    other.report(0.35, 2)
+    assert not other.should_prune()

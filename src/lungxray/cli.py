@@ -408,6 +408,7 @@ def cmd_tune(args) -> int:
 def cmd_worker(args) -> int:
     from lungxray import pipeline, workers
     from lungxray.progress import note
+    from lungxray.tune import best_trial
 
     train_cfg, tune_cfg = _train_cfg(args), from_args(TuneConfig, args)
     if not tune_cfg.storage:
@@ -427,9 +428,10 @@ def cmd_worker(args) -> int:
                               say=lambda text: note(text, not args.quiet))  # fmt: skip
     finished = len(study.get_trials(deepcopy=False, states=workers.FINISHED))
     print(f"this worker finished {done} trial(s); the study holds {finished} of {tune_cfg.trials}")
-    if any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
-        print(f"best so far: trial {study.best_trial.number}, {trial_cfg.select_by} {study.best_value:.4f}, "
-              f"params {json.dumps(study.best_trial.params)}")  # fmt: skip
+    best = best_trial(study)
+    if best is not None:
+        print(f"best so far: trial {best.number}, {trial_cfg.select_by} {best.value:.4f}, "
+              f"params {json.dumps(best.params)}")  # fmt: skip
     return 0
 
 

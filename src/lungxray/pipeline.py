@@ -134,7 +134,7 @@ def tune_stage(
 ):
     """Optuna search on train/val (``tune_cfg.parallel`` worker processes when above 1); writes
     best_params.json and trials.json to ``out``. ``data_cfg``: the preprocessing the workers agree on."""
-    from lungxray.tune import _summarise, tune
+    from lungxray.tune import _summarise, as_seen, tune
 
     trial_cfg, _, tune_cfg = settings(model_name, train_cfg, tune_cfg)
     at_a_time = f"{tune_cfg.parallel} worker processes" if tune_cfg.parallel > 1 else f"{tune_cfg.jobs} at a time"
@@ -158,7 +158,9 @@ def tune_stage(
     else:
         result = tune(model_name, *data, tune_cfg, trial_cfg, storage, progress=progress)
     trials = [
-        {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params, **t.user_attrs}
+        # a pruned trial's value: the best figure it reached, which the search learnt from (Optuna's
+        # own value for it is its last epoch's)
+        {"number": t.number, "state": t.state.name, "value": as_seen(t).value, "params": t.params, **t.user_attrs}
         for t in result.study.trials
     ]
     runfolder.write_json(out, runfolder.TRIALS, trials)

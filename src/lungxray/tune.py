@@ -7,6 +7,7 @@ finished trial. The test split never reaches this module.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,9 @@ from lungxray.errors import StudyError
 from lungxray.models import get_spec
 from lungxray.train import EpochStats, FitResult, fit
 
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+COMPLETE, PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
+FINISHED = (COMPLETE, PRUNED)
+BEST_VALUE = "best_value"  # a pruned trial's user attribute: the best figure it reached before it stopped
 
 
 @dataclass
@@ -35,18 +38,108 @@ class TuneResult:
 
 def make_sampler(name: str, seed: int, startup_trials: int) -> optuna.samplers.BaseSampler:
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_trials)
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials)
-    return optuna.samplers.RandomSampler(seed=seed)
+        sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_trials)
+    elif name == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=seed)
+    return LearnsFromPruned(sampler)
 
 
 def make_pruner(cfg: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
     if cfg.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials, n_warmup_steps=cfg.warmup_epochs)
-    if cfg.pruner == "hyperband":
+        return MedianOverFinished(n_startup_trials=cfg.startup_trials, n_warmup_steps=cfg.warmup_epochs)
+    if cfg.pruner == "hyperband":  # reads pruned trials itself (its rungs)
         return optuna.pruners.HyperbandPruner(min_resource=cfg.warmup_epochs, max_resource=epochs)
     return optuna.pruners.NopPruner()
+
+
+def as_seen(trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+    """A trial as lungxray's sampler and pruner see it: a PRUNED one as COMPLETE, valued at the best
+    figure it reached (``BEST_VALUE``); any other trial as it is.
+
+    Pruned trials are stored as PRUNED, so the storage and optuna-dashboard say what happened. But
+    Optuna's GPSampler fits only COMPLETE trials and its MedianPruner compares only with them: a
+    pruned trial would teach the search nothing, and the GP sampler then proposes the same point
+    again (seen here: 7 of 16 trials identical). A trial stopped by the pruner is still a measured,
+    if partial, answer: its best validation figure is what the search learns from.
+    """
+    if trial.state != PRUNED or BEST_VALUE not in trial.user_attrs:
+        return trial
+    seen = copy.copy(trial)
+    seen.state, seen.value = COMPLETE, trial.user_attrs[BEST_VALUE]
+    return seen
+
+
+class StudyView:
+    """A study whose trials read through ``as_seen``; everything else is the study's own."""
+
+    def __init__(self, study) -> None:
+        self._study = study
+
+    def __getattr__(self, name: str):
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list:
+        asked = None if states is None else (*states, PRUNED)
+        get = getattr(self._study, "_get_trials", None)
+        trials = get(deepcopy, asked, use_cache) if get else self._study.get_trials(deepcopy, asked)
+        seen = [as_seen(t) for t in trials]
+        return [t for t in seen if states is None or t.state in states]
+
+    def get_trials(self, deepcopy: bool = True, states=None) -> list:
+        return self._get_trials(deepcopy, states)
+
+    @property
+    def trials(self) -> list:
+        return self.get_trials()
+
+
+class LearnsFromPruned(optuna.samplers.BaseSampler):
+    """An Optuna sampler that learns from pruned trials too (``as_seen``)."""
+
+    def __init__(self, sampler: optuna.samplers.BaseSampler) -> None:
+        self.sampler = sampler
+
+    def infer_relative_search_space(self, study, trial):
+        return self.sampler.infer_relative_search_space(StudyView(study), trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.sampler.sample_relative(StudyView(study), trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.sampler.sample_independent(StudyView(study), trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self.sampler.before_trial(StudyView(study), trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.sampler.after_trial(StudyView(study), trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.sampler.reseed_rng()
+
+
+class MedianOverFinished(optuna.pruners.MedianPruner):
+    """Optuna's MedianPruner, comparing with pruned trials too (``as_seen``)."""
+
+    def prune(self, study, trial) -> bool:
+        return super().prune(study if isinstance(study, _FrozenCompleted) else StudyView(study), trial)
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The trial with the best figure, pruned ones included (``as_seen``); the lowest number on a tie."""
+    trials = StudyView(study).get_trials(deepcopy=False, states=(COMPLETE,))
+    if not trials:
+        return None
+    pick = min if study.direction == optuna.study.StudyDirection.MINIMIZE else max
+    return pick(trials, key=lambda t: t.value)
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, state, value: float | None) -> None:
+    """Tell the study how a trial of ``_run_trial`` ended: a pruned trial's figure is in its
+    ``BEST_VALUE`` attribute already (Optuna records a pruned trial's last figure as its value)."""
+    study.tell(trial, None if state == PRUNED else value, state=state)
 
 
 def open_study(cfg: TuneConfig, storage: str, seed: int, direction: str, epochs: int, model_name: str) -> optuna.Study:
@@ -98,7 +191,7 @@ class _FrozenCompleted:
 
     def __init__(self, study: optuna.Study) -> None:
         self.direction = study.direction
-        self._trials = study.get_trials(deepcopy=True, states=(optuna.trial.TrialState.COMPLETE,))
+        self._trials = StudyView(study).get_trials(deepcopy=True, states=(COMPLETE,))
 
     def get_trials(self, deepcopy: bool = True, states=None) -> list[optuna.trial.FrozenTrial]:
         return [t for t in self._trials if states is None or t.state in states]
@@ -135,11 +228,9 @@ def _run_trial(
     frozen: _FrozenCompleted | None = None,
     stop: threading.Event | None = None,
 ) -> tuple[optuna.trial.TrialState, float | None, FitResult | None]:
-    """Train one trial, reporting every epoch; returns the state and value to tell the study.
-
-    A trial the pruner stops is told as COMPLETE with the best value it reached, and tagged with
-    ``pruned_at_epoch``: Optuna's GPSampler fits only complete trials, so a PRUNED trial teaches
-    it nothing and it proposes the same point again (seen here: 7 of 16 trials identical).
+    """Train one trial, reporting every epoch; returns its state, its figure (the best epoch's) and
+    its fit. A trial the pruner stops is PRUNED, with its figure in ``BEST_VALUE`` (see ``as_seen``)
+    and the epoch it stopped after in ``pruned_at_epoch``.
     """
     select_by = train_cfg.select_by
     values: dict[int, float] = {}
@@ -168,7 +259,11 @@ def _run_trial(
         ("pruned_at_epoch", result.stopped_at),
     ):
         trial.set_user_attr(key, value)
-    return optuna.trial.TrialState.COMPLETE, float(getattr(result.best, select_by)), result
+    figure = float(getattr(result.best, select_by))
+    if result.stopped_at is not None:
+        trial.set_user_attr(BEST_VALUE, figure)
+        return PRUNED, figure, result
+    return COMPLETE, figure, result
 
 
 def tune(
@@ -206,7 +301,8 @@ def tune(
         total=cfg.trials, initial=min(done, cfg.trials), desc="trials", unit="trial", disable=not progress
     )
     running: dict[int, int] = {}  # trial number -> epochs done, shown on the bar
-    best_text = [f"best {train_cfg.select_by} {study.best_value:.4f}" if _has_complete(study) else ""]
+    best = best_trial(study)
+    best_text = [f"best {train_cfg.select_by} {best.value:.4f}" if best else ""]
     lock = threading.Lock()
 
     def show(number: int, epoch: int | None) -> None:
@@ -242,12 +338,12 @@ def tune(
                     _stop_and_requeue(study, batch, futures, stop)
                     raise
                 for trial, (state, value, result) in zip(batch, outcomes, strict=True):
-                    study.tell(trial, value, state=state)
+                    tell(study, trial, state, value)
                     if result is not None:
-                        best_text[0] = f"best {train_cfg.select_by} {study.best_value:.4f}"
+                        best_text[0] = f"best {train_cfg.select_by} {best_trial(study).value:.4f}"
                         show(trial.number, None)
-                        if result.stopped_at is None and study.best_trial.number == trial.number:
-                            best_fit = result
+                        if result.stopped_at is None and best_trial(study).number == trial.number:
+                            best_fit = (trial.number, result)
                     done += state != optuna.trial.TrialState.FAIL
                     _say_trial(trial.number, state, value, result, study, train_cfg.select_by, progress)
                     bar.update(state != optuna.trial.TrialState.FAIL)
@@ -255,8 +351,8 @@ def tune(
         torch.set_num_threads(threads_before)
         bar.close()
     summary = _summarise(study)
-    if best_fit is not None and study.best_trial.number == summary.best_trial:
-        summary.best_fit = best_fit
+    if best_fit is not None and best_fit[0] == summary.best_trial:  # not an earlier best's
+        summary.best_fit = best_fit[1]
     return summary
 
 
@@ -277,8 +373,9 @@ def _say_trial(number: int, state, value, result, study, select_by: str, progres
         if select_by == "val_loss"
         else f"val_loss {result.best.val_loss:.4f}"
     )
-    best = f"; best so far {study.best_value:.4f} (trial {study.best_trial.number})" if _has_complete(study) else ""
-    note(f"trial {number}: {select_by} {value:.4f}, {other}, {ended}{best}", progress)
+    best = best_trial(study)
+    so_far = f"; best so far {best.value:.4f} (trial {best.number})" if best else ""
+    note(f"trial {number}: {select_by} {value:.4f}, {other}, {ended}{so_far}", progress)
 
 
 class _Interrupted(Exception):
@@ -292,22 +389,16 @@ def _stop_and_requeue(study: optuna.Study, batch: list, futures: list, stop: thr
     for trial, future in zip(batch, futures, strict=True):
         try:
             state, value, _ = future.result()  # it finished just before the stop: keep it
-            study.tell(trial, value, state=state)
+            tell(study, trial, state, value)
         except _Interrupted:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
 
 
-def _has_complete(study: optuna.Study) -> bool:
-    return bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-
-
 def _summarise(study: optuna.Study) -> TuneResult:
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if not complete:
+    best = best_trial(study)
+    if best is None:
         raise StudyError("no trial completed (all failed)", hint="lower the learning rates or check the data")
-    pruned = [t for t in complete if t.user_attrs.get("pruned_at_epoch")]
-    best = study.best_trial
-    return TuneResult(
-        study, dict(best.params), float(best.value), best.number, len(complete) - len(pruned), len(pruned)
-    )
+    finished = study.get_trials(deepcopy=False, states=FINISHED)
+    pruned = sum(t.state == PRUNED for t in finished)
+    return TuneResult(study, dict(best.params), float(best.value), best.number, len(finished) - pruned, pruned)

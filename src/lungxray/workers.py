@@ -34,7 +34,7 @@ from lungxray.data import Dataset
 from lungxray.errors import StudyError
 from lungxray.models import get_spec
 from lungxray.splits import Split
-from lungxray.tune import FINISHED, _run_trial, make_pruner, make_sampler
+from lungxray.tune import FINISHED, _run_trial, make_pruner, make_sampler, tell
 
 AGREEMENT = "lungxray_agreement"  # the study's user attribute holding what workers must share
 
@@ -193,7 +193,7 @@ def _run_worker(study, model_name, train, val, n_classes, tune_cfg, trial_cfg, s
         finally:
             stop.set()
             beating.join()
-        study.tell(trial, value, state=state)
+        tell(study, trial, state, value)
         done += state != optuna.trial.TrialState.FAIL
         retry = study._storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")  # noqa: SLF001
         say(f"trial {trial.number}: {state.name.lower()}" + (f" {value:.4f}" if value is not None else "")
