@@ -269,3 +269,35 @@ def test_pruned_trials_are_stored_pruned_and_still_teach_the_sampler_and_the_pru
     other = study.ask()
     other.report(0.35, 2)
     assert not other.should_prune()
+
+
+@pytest.mark.slow
+def test_the_search_on_a_slice_of_the_shared_dataset_repeats_exactly(shared_data, tmp_path):
+    """Two runs with the same seed on 20 real X-rays per class: the same trials (parameters,
+    figures, states, where each stopped), the same test metrics and the same model bytes. Two
+    trials run side by side, as in the demo, and some are pruned."""
+    import json
+
+    from conftest import cli
+
+    data = tmp_path / "slice"
+    for folder in sorted((shared_data / "train").iterdir()):
+        (data / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:20]:
+            (data / folder.name / image.name).symlink_to(image)
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        options = "--model mlp --img-size 48 --trials 10 --epochs 14 --jobs 2 --seed 3 --quiet"
+        assert cli("run", data, "--out", out, "--cache-dir", tmp_path / "cache", options) == 0
+        trials = json.loads((out / "trials.json").read_text())
+        runs.append(
+            (
+                [(t["number"], t["state"], t["value"], t["params"], t.get("pruned_at_epoch")) for t in trials],
+                json.loads((out / "metrics.json").read_text())["accuracy"],
+                (out / "model" / "model.safetensors").read_bytes(),
+            )
+        )
+    assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1] and runs[0][2] == runs[1][2]
+    states = [state for _, state, *_ in runs[0][0]]
+    assert states.count("COMPLETE") + states.count("PRUNED") == 10 and "PRUNED" in states

@@ -81,16 +81,17 @@ def train_one_epoch(
     rank, world = shard
     order = torch.randperm(len(x), generator=generator).to(x.device)
     skip_single = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    total_loss, correct, seen = 0.0, 0, 0
-    for start in range(0, len(x), batch_size):
-        idx = order[start : start + batch_size]
-        if len(idx) < world * (2 if skip_single else 1):
+    # Sums on the device, read once at the end: no host sync inside the epoch (float64, so the
+    # epoch's figures equal a running sum of each step's float loss).
+    total_loss = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    seen = 0
+    for xs, ys in _batches(x, y, order, batch_size):
+        if len(ys) < world * (2 if skip_single else 1):
             continue  # every process skips it alike: one with no image would stall the others' step
-        xb = x[idx]  # (B, 1, H, W)
         if augment is not None:
-            xb = augment(xb)  # the whole batch, so each process's share has one process's draws
-        xb, idx = xb[rank::world], idx[rank::world]
-        yb = y[idx]
+            xs = augment(xs)  # the whole batch, so each process's share has one process's draws
+        xb, yb = xs[rank::world], ys[rank::world]
         with torch.autocast(x.device.type, dtype=torch.float16, enabled=scaler is not None):
             logits = model(xb)
         loss = nn.functional.cross_entropy(logits.float(), yb, weight=class_weight, label_smoothing=label_smoothing)
@@ -106,16 +107,35 @@ def train_one_epoch(
             scheduler.step()
         if averaged is not None:
             averaged.update_parameters(model)
-        total_loss += loss.item() * len(idx)
-        correct += (logits.argmax(1) == yb).sum().item()
-        seen += len(idx)
+        total_loss += loss.detach().double() * len(yb)
+        correct += (logits.detach().argmax(1) == yb).sum()
+        seen += len(yb)
+    sums = torch.stack([total_loss, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=x.device)])
     if world > 1:  # the epoch's figures over every process's share
         import torch.distributed as dist
 
-        sums = torch.tensor([total_loss, correct, seen], dtype=torch.float64, device=x.device)
         dist.all_reduce(sums)
-        total_loss, correct, seen = sums.tolist()
+    total_loss, correct, seen = sums.tolist()
     return total_loss / seen, correct / seen
+
+
+_GATHER_BYTES = 16 << 20  # images gathered at once: a whole small set, bounded for a large one
+
+
+def _batches(x, y: torch.Tensor, order: torch.Tensor, batch_size: int):
+    """(images, labels) of each batch of ``order``, gathered many batches at a time.
+
+    One gather (a tensor's index, or ``infer.Images`` reading its memory-mapped stack) per chunk
+    of at most ``_GATHER_BYTES`` instead of one per step: the steps then read slices of it. The
+    values are those of indexing ``x`` batch by batch.
+    """
+    per_image = 4 * math.prod(x.shape[1:])
+    chunk = max(1, _GATHER_BYTES // (per_image * batch_size)) * batch_size
+    for first in range(0, len(order), chunk):
+        idx = order[first : first + chunk]
+        xs, ys = x[idx], y[idx]
+        for start in range(0, len(idx), batch_size):
+            yield xs[start : start + batch_size], ys[start : start + batch_size]
 
 
 def world() -> tuple[int, int]:

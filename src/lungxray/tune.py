@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -197,6 +198,9 @@ class _FrozenCompleted:
         return [t for t in self._trials if states is None or t.state in states]
 
 
+_FREEZABLE = (optuna.pruners.PercentilePruner, optuna.pruners.NopPruner)  # read only finished trials
+
+
 def _should_prune(trial: optuna.Trial, values: dict[int, float], frozen: _FrozenCompleted | None) -> bool:
     if frozen is None:  # a pruner that needs the live study (hyperband)
         return trial.should_prune()
@@ -257,6 +261,7 @@ def _run_trial(
         ("val_loss", result.best.val_loss),
         ("diverged", result.diverged),
         ("pruned_at_epoch", result.stopped_at),
+        ("epochs_run", len(result.history)),
     ):
         trial.set_user_attr(key, value)
     figure = float(getattr(result.best, select_by))
@@ -282,11 +287,11 @@ def tune(
     ``config.resolve_train``); each trial resolves its own batch size from its hyperparameters.
     Trials run ``cfg.jobs`` at a time, in threads (torch releases the GIL), with the torch threads
     shared out: small-batch MLP steps are memory- and dispatch-bound, and two MLP trials side by
-    side beat one trial on two threads; a CNN uses every core itself. Each batch is asked in a
-    fixed order and waited for as a whole, so the sampler and the pruner see the same history on
-    every run with the same seed.
+    side beat one trial on two threads; a CNN uses every core itself. A new trial starts as soon as
+    the oldest running one ends, and trials are told in the order they were asked, so the sampler
+    and the pruner see the same history on every run with the same seed (see the loop).
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     from lungxray.progress import bar as progress_bar
 
@@ -318,35 +323,42 @@ def tune(
     stop = threading.Event()  # set on Ctrl-C: running trials end at their next epoch
     threads_before = torch.get_num_threads()
     torch.set_num_threads(max(1, threads_before // jobs))
+    in_flight: list[tuple[optuna.Trial, Future]] = []  # in the order asked
     try:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            while done < cfg.trials:
-                batch = [study.ask() for _ in range(min(jobs, cfg.trials - done))]
-                hps = [space(trial) for trial in batch]
-                frozen = (
-                    _FrozenCompleted(study)
-                    if isinstance(study.pruner, (optuna.pruners.PercentilePruner, optuna.pruners.NopPruner))
-                    else None
-                )
-                futures = [
-                    pool.submit(_run_trial, t, hp, model_name, train, val, n_classes, train_cfg, show, frozen, stop)
-                    for t, hp in zip(batch, hps, strict=True)
-                ]
+            while done < cfg.trials or in_flight:
+                if len(in_flight) < jobs and done + len(in_flight) < cfg.trials:
+                    asked = time.perf_counter()
+                    trial = study.ask()
+                    hp = space(trial)  # the sampler fits its model at the first suggestion
+                    trial.set_user_attr("sampler_s", round(time.perf_counter() - asked, 3))
+                    frozen = _FrozenCompleted(study) if isinstance(study.pruner, _FREEZABLE) else None
+                    future = pool.submit(
+                        _run_trial, trial, hp, model_name, train, val, n_classes, train_cfg, show, frozen, stop
+                    )
+                    in_flight.append((trial, future))
+                    continue
+                # Told in the order asked, and only the oldest: a trial is asked once every trial
+                # asked ``jobs`` or more places before it is told and no later one is, so the
+                # sampler and the pruner see the same history on every run with the same seed,
+                # and a core waits only while a younger trial has ended before the oldest.
+                trial, future = in_flight[0]
                 try:
-                    outcomes = [future.result() for future in futures]  # tell only once the batch is done
+                    state, value, result = future.result()
                 except KeyboardInterrupt:
-                    _stop_and_requeue(study, batch, futures, stop)
+                    _stop_and_requeue(study, [t for t, _ in in_flight], [f for _, f in in_flight], stop)
                     raise
-                for trial, (state, value, result) in zip(batch, outcomes, strict=True):
-                    tell(study, trial, state, value)
-                    if result is not None:
-                        best_text[0] = f"best {train_cfg.select_by} {best_trial(study).value:.4f}"
-                        show(trial.number, None)
-                        if result.stopped_at is None and best_trial(study).number == trial.number:
-                            best_fit = (trial.number, result)
-                    done += state != optuna.trial.TrialState.FAIL
-                    _say_trial(trial.number, state, value, result, study, train_cfg.select_by, progress)
-                    bar.update(state != optuna.trial.TrialState.FAIL)
+                in_flight.pop(0)
+                tell(study, trial, state, value)
+                if result is not None:
+                    best = best_trial(study)
+                    best_text[0] = f"best {train_cfg.select_by} {best.value:.4f}"
+                    show(trial.number, None)
+                    if result.stopped_at is None and best.number == trial.number:
+                        best_fit = (trial.number, result)
+                done += state != optuna.trial.TrialState.FAIL
+                _say_trial(trial.number, state, value, result, study, train_cfg.select_by, progress)
+                bar.update(state != optuna.trial.TrialState.FAIL)
     finally:
         torch.set_num_threads(threads_before)
         bar.close()
