@@ -85,6 +85,7 @@ def step_seconds(params: dict, jobs: int, steps: int = 60) -> float:
     from lungxray.models import create_model
     from lungxray.train import make_optimizer
 
+    threads_before = torch.get_num_threads()  # restored below: the predict speed is measured after
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
     times = [0.0] * jobs
 
@@ -107,6 +108,7 @@ def step_seconds(params: dict, jobs: int, steps: int = 60) -> float:
         t.start()
     for t in threads:
         t.join()
+    torch.set_num_threads(threads_before)
     return statistics.mean(times)
 
 

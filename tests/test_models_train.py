@@ -247,3 +247,30 @@ def test_init_weights_refuses_a_mismatched_file_and_lists_the_keys(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(InitWeightsError, match="weights_only=True"):
         load_init_weights(model, tmp_path / "junk.pt")
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_gathering_many_batches_at_once_trains_exactly_as_one_batch_at_a_time(monkeypatch, model):
+    """Training gathers an epoch's images up to ``_GATHER_BYTES`` at a time; the chunk size changes
+    nothing: one batch per gather, three per gather and the whole epoch at once give the same
+    losses and the same weights, from a tensor and from ``infer.Images`` over uint8 pixels alike."""
+    from lungxray import train as train_module
+    from lungxray.infer import Images
+
+    pixels = np.stack([(np.random.default_rng(i).random((32, 32)) * 255).astype(np.uint8) for i in range(30)])
+    y = torch.arange(30) % 3
+    val = (Images(pixels[:9]), y[:9])
+    hp = {**get_spec(model).defaults, "batch_size": 4}
+    if model == "cnn":
+        hp.update(depth=1, width=4)
+    cfg = settings(model, hp, epochs=2, seed=5)  # the cnn's recipe augments each batch
+    runs = []
+    for batches_per_gather in (1, 3, 1000):
+        monkeypatch.setattr(train_module, "_GATHER_BYTES", batches_per_gather * 4 * 4 * 32 * 32)
+        for x in (Images(pixels), torch.from_numpy(pixels).unsqueeze(1).float().div_(255.0)):
+            result = fit(model, hp, (x, y), val, 3, cfg)
+            runs.append(([h.train_loss for h in result.history], result.model.state_dict()))
+    losses, weights = runs[0]
+    for other_losses, other_weights in runs[1:]:
+        assert other_losses == losses
+        assert all(torch.equal(weights[k], other_weights[k]) for k in weights)

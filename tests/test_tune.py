@@ -231,7 +231,18 @@ def test_ctrl_c_stops_the_running_trial_promptly_and_resume_retries_it(flat_tree
 def test_pruned_trials_are_stored_pruned_and_still_teach_the_sampler_and_the_pruner(tmp_path):
     """A pruned trial is PRUNED in the storage (optuna-dashboard shows it so), and the sampler and
     the median pruner see it as a finished trial worth its best figure, as before it was stored so."""
-    from lungxray.tune import BEST_VALUE, LearnsFromPruned, MedianOverFinished, StudyView, best_trial, tell
+    from lungxray.tune import (
+        BEST_VALUE,
+        LearnsFromPruned,
+        MedianOverFinished,
+        StudyView,
+        _FrozenCompleted,
+        _should_prune,
+        best_trial,
+        make_pruner,
+        make_sampler,
+        tell,
+    )
 
     seen_by_sampler = []
 
@@ -263,12 +274,19 @@ def test_pruned_trials_are_stored_pruned_and_still_teach_the_sampler_and_the_pru
     probe = study.ask()
     probe.suggest_float("x", 0, 1)  # the sampler reads the study at the first suggestion
     assert seen_by_sampler[-1] == [(0, 0.4), (1, 0.3)]  # the sampler learns from the pruned trial
-    # the median of the two finished trials at step 2 is 0.4: above it is pruned, below is not
+    # the median of the two finished trials at step 2 is 0.4: above it is pruned, below is not,
+    # read live (a worker) and from the view frozen when the trial was asked (the search's path)
+    frozen = _FrozenCompleted(study)
     probe.report(0.45, 2)
-    assert probe.should_prune()
+    assert probe.should_prune() and _should_prune(probe, {2: 0.45}, frozen)
     other = study.ask()
     other.report(0.35, 2)
-    assert not other.should_prune()
+    assert not other.should_prune() and not _should_prune(other, {2: 0.35}, frozen)
+    # and the search's own sampler and pruner are these
+    cfg = TuneConfig(pruner="median")
+    assert isinstance(make_pruner(cfg, 10), MedianOverFinished)
+    for name in ("gp", "tpe", "random"):
+        assert isinstance(make_sampler(name, 0, 4), LearnsFromPruned)
 
 
 @pytest.mark.slow

@@ -73,12 +73,15 @@ def as_seen(trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
 
 
 class StudyView:
-    """A study whose trials read through ``as_seen``; everything else is the study's own."""
+    """A study whose trials read through ``as_seen`` (so it holds no PRUNED trial: they read as
+    COMPLETE); everything else is the study's own."""
 
     def __init__(self, study) -> None:
         self._study = study
 
     def __getattr__(self, name: str):
+        if name == "_study":  # not set yet (a copy being made): no endless lookup
+            raise AttributeError(name)
         return getattr(self._study, name)
 
     def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list:
@@ -94,6 +97,17 @@ class StudyView:
     @property
     def trials(self) -> list:
         return self.get_trials()
+
+    @property
+    def best_trial(self) -> optuna.trial.FrozenTrial:
+        best = best_trial(self._study)
+        if best is None:
+            raise ValueError("no trial has finished yet")
+        return best
+
+    @property
+    def best_value(self) -> float:
+        return self.best_trial.value
 
 
 class LearnsFromPruned(optuna.samplers.BaseSampler):
@@ -183,11 +197,12 @@ def open_study(cfg: TuneConfig, storage: str, seed: int, direction: str, epochs:
 
 
 class _FrozenCompleted:
-    """The part of a study a percentile pruner reads, frozen when a batch of trials starts.
+    """The part of a study a percentile pruner reads, frozen when a trial is asked.
 
-    Trials are told only after their whole batch ends, so the completed trials cannot change while
-    a batch runs. Reading them once per batch instead of at every epoch spares a SQLite round trip
-    of 8-15 ms per epoch (measured), most of a trial's bookkeeping, and keeps it off the GIL.
+    A trial is pruned against the trials finished and told when it was asked, never against those
+    told while it runs (which ones those are depends on timing): the same seed then prunes alike.
+    Reading them once per trial instead of at every epoch also spares a SQLite round trip of
+    8-15 ms per epoch (measured), most of a trial's bookkeeping, and keeps it off the GIL.
     """
 
     def __init__(self, study: optuna.Study) -> None:
@@ -289,7 +304,9 @@ def tune(
     shared out: small-batch MLP steps are memory- and dispatch-bound, and two MLP trials side by
     side beat one trial on two threads; a CNN uses every core itself. A new trial starts as soon as
     the oldest running one ends, and trials are told in the order they were asked, so the sampler
-    and the pruner see the same history on every run with the same seed (see the loop).
+    and the pruner see the same history on every run with the same seed (see the loop). With
+    ``--pruner hyperband`` and more than one job this holds for the sampler only: that pruner reads
+    the live study from the trials' threads.
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -326,39 +343,43 @@ def tune(
     in_flight: list[tuple[optuna.Trial, Future]] = []  # in the order asked
     try:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            while done < cfg.trials or in_flight:
-                if len(in_flight) < jobs and done + len(in_flight) < cfg.trials:
-                    asked = time.perf_counter()
-                    trial = study.ask()
-                    hp = space(trial)  # the sampler fits its model at the first suggestion
-                    trial.set_user_attr("sampler_s", round(time.perf_counter() - asked, 3))
-                    frozen = _FrozenCompleted(study) if isinstance(study.pruner, _FREEZABLE) else None
-                    future = pool.submit(
-                        _run_trial, trial, hp, model_name, train, val, n_classes, train_cfg, show, frozen, stop
-                    )
-                    in_flight.append((trial, future))
-                    continue
-                # Told in the order asked, and only the oldest: a trial is asked once every trial
-                # asked ``jobs`` or more places before it is told and no later one is, so the
-                # sampler and the pruner see the same history on every run with the same seed,
-                # and a core waits only while a younger trial has ended before the oldest.
-                trial, future = in_flight[0]
-                try:
+            try:
+                while done < cfg.trials or in_flight:
+                    if len(in_flight) < jobs and done + len(in_flight) < cfg.trials:
+                        asked = time.perf_counter()
+                        trial = study.ask()
+                        hp = space(trial)  # the sampler fits its model at the first suggestion
+                        trial.set_user_attr("sampler_s", round(time.perf_counter() - asked, 3))
+                        frozen = _FrozenCompleted(study) if isinstance(study.pruner, _FREEZABLE) else None
+                        future = pool.submit(
+                            _run_trial, trial, hp, model_name, train, val, n_classes, train_cfg, show, frozen, stop
+                        )
+                        in_flight.append((trial, future))
+                        continue
+                    # Told in the order asked, and only the oldest: a trial is asked once every
+                    # trial asked ``jobs`` or more places before it is told and no later one is,
+                    # so the sampler and the pruner see the same history on every run with the
+                    # same seed, and a core waits only while a younger trial has ended before the
+                    # oldest.
+                    trial, future = in_flight[0]
                     state, value, result = future.result()
-                except KeyboardInterrupt:
-                    _stop_and_requeue(study, [t for t, _ in in_flight], [f for _, f in in_flight], stop)
-                    raise
-                in_flight.pop(0)
-                tell(study, trial, state, value)
-                if result is not None:
-                    best = best_trial(study)
-                    best_text[0] = f"best {train_cfg.select_by} {best.value:.4f}"
-                    show(trial.number, None)
-                    if result.stopped_at is None and best.number == trial.number:
-                        best_fit = (trial.number, result)
-                done += state != optuna.trial.TrialState.FAIL
-                _say_trial(trial.number, state, value, result, study, train_cfg.select_by, progress)
-                bar.update(state != optuna.trial.TrialState.FAIL)
+                    in_flight.pop(0)
+                    tell(study, trial, state, value)
+                    if result is not None:
+                        best = best_trial(study)
+                        best_text[0] = f"best {train_cfg.select_by} {best.value:.4f}"
+                        show(trial.number, None)
+                        if result.stopped_at is None and best.number == trial.number:
+                            best_fit = (trial.number, result)
+                    done += state != optuna.trial.TrialState.FAIL
+                    _say_trial(trial.number, state, value, result, study, train_cfg.select_by, progress)
+                    bar.update(state != optuna.trial.TrialState.FAIL)
+            except KeyboardInterrupt:  # wherever it lands: while waiting, asking or telling
+                _stop_and_requeue(study, [t for t, _ in in_flight], [f for _, f in in_flight], stop)
+                raise
+            except BaseException:
+                stop.set()  # the running trials end at their next epoch instead of training on
+                raise
     finally:
         torch.set_num_threads(threads_before)
         bar.close()
@@ -412,5 +433,6 @@ def _summarise(study: optuna.Study) -> TuneResult:
     if best is None:
         raise StudyError("no trial completed (all failed)", hint="lower the learning rates or check the data")
     finished = study.get_trials(deepcopy=False, states=FINISHED)
-    pruned = sum(t.state == PRUNED for t in finished)
+    # a study resumed from before pruned trials were stored so holds them as COMPLETE
+    pruned = sum(t.state == PRUNED or bool(t.user_attrs.get("pruned_at_epoch")) for t in finished)
     return TuneResult(study, dict(best.params), float(best.value), best.number, len(finished) - pruned, pruned)

@@ -176,7 +176,7 @@ def _run_worker(study, model_name, train, val, n_classes, tune_cfg, trial_cfg, s
         if finished >= tune_cfg.trials:
             return done
         if finished + running >= tune_cfg.trials:
-            # Others' last trials run: look again soon (one query), not a heartbeat later, so this
+            # Others' last trials run: look again soon (two small queries), not a heartbeat later, so this
             # worker ends with them instead of up to a heartbeat (30 s) after (seen in the bench).
             time.sleep(min(tune_cfg.heartbeat, 2))
             continue
