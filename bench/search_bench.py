@@ -261,7 +261,8 @@ def render(args, results: dict, first: dict, lx_ips: float) -> str:
             f"{first['off']['floor']['mean_step_ms']:.2f} ms (pruning off), side by side. Between the floor and the "
             "search: validation passes, the sampler "
             f"({sum(t.get('sampler_s', 0) for t in first['on']['trials']):.1f} s in all, pruning on), "
-            "a core idle while the other trial of a pair ends (that trial then runs faster alone), start-up of the search.",
+            "a core idle while the other trial of a pair ends (that trial then runs faster alone), "
+            "start-up of the search.",
             "",
             f"Predict throughput (preprocessed 128x128 images, each tool's own predict call): "
             f"lungxray {lx_ips:,.0f} images/s, Keras {k['predict_images_per_s']:,.0f} images/s "
