@@ -306,7 +306,7 @@ def tune(
     every run with the same seed. (With ``--pruner hyperband`` and more than one job this holds for
     the sampler only: that pruner reads the live study from the trials' threads.) Starting a new
     trial as soon as the older of two ends, told in the order asked, was measured and dropped: no
-    faster per epoch (a trial left alone runs about 30% faster, sharing the memory bus with none),
+    faster per epoch (a trial left alone runs faster, sharing the memory bus with none),
     and the sampler's extra cost with a running trial's parameters in view.
     """
     from concurrent.futures import ThreadPoolExecutor
