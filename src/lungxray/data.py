@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import re
 import warnings
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -489,11 +490,7 @@ def load_dataset(
 def _warn_of_placeholder_ids(samples: list[Sample]) -> None:
     """Warn when one PatientID covers most images: anonymised files often carry one placeholder,
     and joining on it would make one group of nearly everything (no split could be made)."""
-    counts: dict[str, int] = {}
-    for s in samples:
-        if s.patient:
-            counts[s.patient] = counts.get(s.patient, 0) + 1
-    largest = max(counts.values(), default=0)
+    largest = max(Counter(s.patient for s in samples if s.patient).values(), default=0)
     if largest > 1 and largest > len(samples) // 2:
         warnings.warn(
             f"one DICOM PatientID covers {largest} of {len(samples)} images: a placeholder of anonymised files? "
