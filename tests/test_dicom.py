@@ -320,3 +320,23 @@ def test_pydicom_messages_quoting_patient_values_reach_no_log_and_no_warning(cap
     monkeypatch.setattr(pydicom_logger, "filters", [])
     warn_and_log("probe PID-LEAK-77")
     assert any("PID-LEAK-77" in r.getMessage() for r in caplog.records)
+
+
+def test_one_patient_id_on_most_films_warns_of_a_placeholder(tmp_path):
+    """Anonymised files often share one placeholder PatientID: joined on it, nearly every image
+    would be one group. The scan warns and names the flag; a set of real patients does not warn."""
+    import warnings
+
+    for label, name in enumerate(("covid", "normal", "viral")):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for k in range(4):
+            pid = "ANONYMOUS" if k < 3 else f"P{label}"  # 9 of 12 films under one ID
+            data = dicom_bytes(synthetic_image(label, k), patient={"PatientID": pid})
+            (tmp_path / "data" / name / f"f{k}.dcm").write_bytes(data)
+    cfg = DataConfig(img_size=16, cache_dir=tmp_path / "cache")
+    with pytest.warns(UserWarning, match=r"one DICOM PatientID covers 9 of 12 images.*--no-dicom-patients"):
+        load_dataset(tmp_path / "data", cfg, progress=False)
+    patient_tree(tmp_path / "real", n_patients=3)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="one DICOM PatientID")
+        load_dataset(tmp_path / "real", cfg, progress=False)
