@@ -73,27 +73,32 @@ def lungxray_run(data: Path, out: Path, seed: int, pruner: str, cache: Path) -> 
     return run
 
 
-def step_seconds(params: dict, jobs: int, steps: int = 60) -> float:
-    """Seconds per optimiser step of the MLP ``params`` (fused Adam, batch 8, one preloaded batch,
-    no data loading or validation) with ``jobs`` such steps running side by side in threads, each
-    on its share of the cores: the layout of lungxray's search. The mean over the threads."""
+def step_seconds(params: dict, jobs: int, fused_step: bool = True, steps: int = 60) -> float:
+    """Seconds per optimiser step of the MLP ``params`` (batch 8, one preloaded batch, no data
+    loading or validation; the first layer stepped as lungxray's training does, ``fused.FirstLayerAdam``
+    unless ``fused_step`` is off) with ``jobs`` such steps running side by side in threads, each on
+    its share of the cores: the layout of lungxray's search. The mean over the threads."""
     import threading
 
     import torch
     from torch import nn
 
+    from lungxray.fused import FirstLayerAdam
     from lungxray.models import create_model
     from lungxray.train import make_optimizer
 
     threads_before = torch.get_num_threads()  # restored below: the predict speed is measured after
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
     times = [0.0] * jobs
+    started, finished = threading.Barrier(jobs), threading.Barrier(jobs)
 
     def run(k: int) -> None:
         torch.manual_seed(k)
         model = create_model("mlp", (1, 128, 128), 3, **params).train()
         optimizer = make_optimizer(model, params, "adam")
+        first = FirstLayerAdam(model.net[1], optimizer, os.cpu_count() or 1) if fused_step else None
         x, y = torch.rand(8, 1, 128, 128), torch.arange(8) % 3
+        started.wait()  # every stepper attached: each steps its rows alone, as in a pair of trials
         for n in range(10 + steps):
             if n == 10:
                 start = time.perf_counter()
@@ -101,7 +106,12 @@ def step_seconds(params: dict, jobs: int, steps: int = 60) -> float:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if first is not None:
+                first.step()
         times[k] = (time.perf_counter() - start) / steps
+        finished.wait()  # detached only when all are done
+        if first is not None:
+            first.close()
 
     threads = [threading.Thread(target=run, args=(k,)) for k in range(jobs)]
     for t in threads:
@@ -112,7 +122,7 @@ def step_seconds(params: dict, jobs: int, steps: int = 60) -> float:
     return statistics.mean(times)
 
 
-def floor(run_dir: Path, jobs: int = 2) -> dict:
+def floor(run_dir: Path, jobs: int = 2, fused_step: bool = True) -> dict:
     """The search's compute floor: every trial's epochs x steps per epoch x the measured step time
     of its network with ``jobs`` trials side by side, divided by ``jobs`` (perfect packing onto the
     cores). What lies between it and the achieved search time is everything else: data loading,
@@ -125,7 +135,7 @@ def floor(run_dir: Path, jobs: int = 2) -> dict:
     for t in trials:
         key = json.dumps(t["params"], sort_keys=True)
         if key not in cache:
-            cache[key] = step_seconds(t["params"], jobs)
+            cache[key] = step_seconds(t["params"], jobs, fused_step)
         total_steps += t["epochs_run"] * steps
         seconds += t["epochs_run"] * steps * cache[key] / jobs
     epochs = sum(t["epochs_run"] for t in trials)

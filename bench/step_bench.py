@@ -1,20 +1,20 @@
 """The optimiser step of the tutorial's largest MLP, the floor of its search: where its time goes,
-and one remedy measured against it.
+and the first layer stepped in one pass (``lungxray.fused``) against torch's own step.
 
-1. ``torch.profiler`` over 100 steps (16384-128-128-128-3, batch 8, fused Adam, one thread):
-   the share of each kind of operation.
-2. Side by side, as the search runs two trials, one thread each, alternating, ``--repeats`` times:
-   the plain step against the first layer's gradient computed in slices of rows, each slice
-   applied at once by the same fused Adam kernel while it is still in cache (the layer's weights,
-   gradient and two moments are 34 MB, above this machine's 32 MB L3). The weights of the two
-   after 30 steps are compared bit for bit.
+1. ``torch.profiler`` over 100 steps (16384-128-128-128-3, batch 8, one thread), torch's step and
+   the fused one: the share of each kind of operation.
+2. ms per step, ``--repeats`` times, alternating: two steppers side by side in threads (one torch
+   thread each, as the search runs a pair of trials), and one stepper alone (a trial whose partner
+   has ended: the fused step then splits its rows over both cores; torch keeps one thread).
+   The weights of the two after 30 steps are compared.
 
-    .venv/bin/python bench/step_bench.py [--repeats 2]
+    .venv/bin/python bench/step_bench.py [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import threading
@@ -27,84 +27,54 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import machine  # noqa: E402
 
+from lungxray.fused import FirstLayerAdam  # noqa: E402
 from lungxray.models import create_model, seed_dropout  # noqa: E402
 from lungxray.train import make_optimizer  # noqa: E402
 
+FUSED = "first layer, gradient and Adam in one pass (numba)"
 HP = {"activation": "tanh", "layer_1": 128, "layer_2": 128, "layer_3": 128, "dropout_1": 0.1, "dropout_2": 0.2,
       "learning_rate": 1e-4}  # fmt: skip
 
 
-class _FirstLayer(torch.autograd.Function):
-    """The first Linear, its weight gradient left to the stepper (only the experiment uses it)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, box):
-        ctx.save_for_backward(x)
-        ctx.box = box
-        return torch.addmm(bias, x, weight.t())
-
-    @staticmethod
-    def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
-        ctx.box[:] = [dy, x]
-        return None, None, dy.sum(0), None
-
-
-def stepper(rows: int = 0):
-    """(model, step(x, y)): the plain step, or with ``rows`` the first layer stepped in slices."""
+def stepper(fused: bool):
+    """(model, step(x, y), close()): torch's step, or with ``fused`` the first layer's in one pass."""
     torch.manual_seed(0)
     model = create_model("mlp", (1, 128, 128), 3, **HP).train()
     seed_dropout(model, torch.Generator().manual_seed(1))  # its own dropout draws, as in training
-    first, box = model.net[1], []
-    if rows:
-        model.net[1] = _Wrapped(first, box)
     optimizer = make_optimizer(model, HP, "adam")
-    weight = first.weight
-    state = {"m": torch.zeros_like(weight), "v": torch.zeros_like(weight), "t": torch.zeros(())}
+    first = FirstLayerAdam(model.net[1], optimizer, os.cpu_count() or 1) if fused else None
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         loss = nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if rows:
-            dy, xx = box
-            state["t"] += 1
-            with torch.no_grad():
-                for r in range(0, weight.shape[0], rows):
-                    grad = torch.mm(dy[:, r : r + rows].t(), xx)
-                    torch._fused_adam_([weight[r : r + rows]], [grad], [state["m"][r : r + rows]],
-                                       [state["v"][r : r + rows]], [], [state["t"]], lr=HP["learning_rate"],
-                                       beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False,
-                                       maximize=False)  # fmt: skip
+        if first is not None:
+            with torch.profiler.record_function(FUSED):  # the profiler sees no torch operation in it
+                first.step()
 
-    return model, step
+    return model, step, (first.close if first is not None else lambda: None)
 
 
-class _Wrapped(nn.Module):
-    def __init__(self, linear: nn.Linear, box: list) -> None:
-        super().__init__()
-        self.weight, self.bias, self.box = linear.weight, linear.bias, box
-
-    def forward(self, x):
-        return _FirstLayer.apply(x, self.weight, self.bias, self.box)
-
-
-def side_by_side_ms(rows: int, steps: int = 200) -> float:
-    """Mean ms per step of two such steppers running at once in threads, one torch thread each."""
+def ms_per_step(fused: bool, jobs: int, steps: int = 200) -> float:
+    """Mean ms per step of ``jobs`` such steppers running at once in threads, one torch thread each."""
     torch.set_num_threads(1)
-    x, y, out = torch.rand(8, 1, 128, 128), torch.arange(8) % 3, [0.0, 0.0]
+    x, y, out = torch.rand(8, 1, 128, 128), torch.arange(8) % 3, [0.0] * jobs
+    started, finished = threading.Barrier(jobs), threading.Barrier(jobs)
 
     def run(k: int) -> None:
-        _, step = stepper(rows)
+        _, step, close = stepper(fused)
+        started.wait()
         for _ in range(10):
             step(x, y)
         start = time.perf_counter()
         for _ in range(steps):
             step(x, y)
         out[k] = (time.perf_counter() - start) / steps * 1e3
+        finished.wait()
+        close()
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(jobs)]
     for t in threads:
         t.start()
     for t in threads:
@@ -112,17 +82,18 @@ def side_by_side_ms(rows: int, steps: int = 200) -> float:
     return statistics.mean(out)
 
 
-def profile_shares() -> list[tuple[str, float]]:
+def profile_shares(fused: bool) -> list[tuple[str, float]]:
     from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(1)
-    _, step = stepper()
+    _, step, close = stepper(fused)
     x, y = torch.rand(8, 1, 128, 128), torch.arange(8) % 3
     for _ in range(30):
         step(x, y)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(100):
             step(x, y)
+    close()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     kinds = {
@@ -131,28 +102,39 @@ def profile_shares() -> list[tuple[str, float]]:
         "forward matrix products (aten::addmm)": ("aten::addmm",),
         "optimiser and zero_grad Python": ("Optimizer.step#Adam.step", "Optimizer.zero_grad#Adam.zero_grad"),
     }
+    if fused:
+        kinds[FUSED] = (FUSED,)
     shares = [(k, sum(e.self_cpu_time_total for e in events if e.key in keys) / total) for k, keys in kinds.items()]
     return shares + [("everything else", 1 - sum(s for _, s in shares))]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    print(f"{machine()}\n\none step, one thread, by torch.profiler (self CPU time):")
-    for kind, share in profile_shares():
-        print(f"  {share:6.1%}  {kind}")
-    (a, step_a), (b, step_b) = stepper(), stepper(16)
+    print(machine())
+    for fused in (False, True):
+        print(f"\none step, one thread, {'fused' if fused else 'torch'}, by torch.profiler (self CPU time):")
+        for kind, share in profile_shares(fused):
+            print(f"  {share:6.1%}  {kind}")
+    (a, step_a, _), (b, step_b, close_b) = stepper(False), stepper(True)
     xs, y = [torch.rand(8, 1, 128, 128) for _ in range(5)], torch.arange(8) % 3
     for i in range(30):
         step_a(xs[i % 5], y)
         step_b(xs[i % 5], y)
-    same = all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
-    print(f"\nweights after 30 steps, plain and in slices of 16 rows: {'bitwise the same' if same else 'DIFFERENT'}")
-    print("ms per step, two side by side (alternating):")
+    close_b()
+    gap = max((p - q).abs().max().item() for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    print(f"\nweights after 30 steps (learning rate 1e-4), torch's and fused: largest difference {gap:.2e}")
+    print("ms per step (alternating): two side by side | one alone")
+    rows = []
     for r in range(args.repeats):
-        row = [f"plain {side_by_side_ms(0):.2f}"] + [f"slices of {n} {side_by_side_ms(n):.2f}" for n in (4, 16, 32)]
-        print(f"  repeat {r + 1}: " + ", ".join(row))
+        row = {(f, j): ms_per_step(f, j) for j in (2, 1) for f in (False, True)}
+        rows.append(row)
+        print(f"  repeat {r + 1}: torch {row[False, 2]:.2f}, fused {row[True, 2]:.2f} | "
+              f"torch {row[False, 1]:.2f}, fused {row[True, 1]:.2f}")  # fmt: skip
+    for j, name in ((2, "side by side"), (1, "alone")):
+        ratios = [row[False, j] / row[True, j] for row in rows]
+        print(f"torch / fused, {name}: {statistics.median(ratios):.2f}x median ({min(ratios):.2f}-{max(ratios):.2f}x)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -20,6 +21,7 @@ from torch import nn
 from lungxray.augment import BatchAugment
 from lungxray.config import TrainConfig
 from lungxray.errors import ConfigError, TrainingDiverged
+from lungxray.fused import FirstLayerAdam
 from lungxray.infer import predict_logits
 from lungxray.models import Ensemble, create_model, load_init_weights, seed_dropout
 
@@ -67,6 +69,7 @@ def train_one_epoch(
     label_smoothing: float = 0.0,
     averaged: torch.optim.swa_utils.AveragedModel | None = None,
     shard: tuple[int, int] = (0, 1),
+    first_layer: FirstLayerAdam | None = None,
 ) -> tuple[float, float]:
     """One pass over (x, y) in shuffled mini-batches; returns mean loss and accuracy.
 
@@ -76,24 +79,26 @@ def train_one_epoch(
     ``shard`` (rank, world size): under DistributedDataParallel every process draws the same
     seeded order and takes its share of each batch (what DistributedSampler does per epoch, here
     per batch), so a step averages the gradients of the same batch as one process would.
+    ``first_layer`` steps the weight it took over from ``optimizer`` (``fused.FirstLayerAdam``).
     """
     model.train()
     rank, world = shard
     order = torch.randperm(len(x), generator=generator).to(x.device)
     skip_single = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    # Sums on the device, read once at the end: no host sync inside the epoch (float64, so the
-    # epoch's figures equal a running sum of each step's float loss).
-    total_loss = torch.zeros((), dtype=torch.float64, device=x.device)
-    correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    seen = 0
+    # Each step's loss and logits kept on the device and summed once at the end: no host sync and
+    # no extra small ops inside the epoch (the loss summed in float64, in step order).
+    losses, outputs, labels = [], [], []
     for xs, ys in _batches(x, y, order, batch_size):
         if len(ys) < world * (2 if skip_single else 1):
             continue  # every process skips it alike: one with no image would stall the others' step
         if augment is not None:
             xs = augment(xs)  # the whole batch, so each process's share has one process's draws
         xb, yb = xs[rank::world], ys[rank::world]
-        with torch.autocast(x.device.type, dtype=torch.float16, enabled=scaler is not None):
+        if scaler is None:
             logits = model(xb)
+        else:
+            with torch.autocast(x.device.type, dtype=torch.float16):
+                logits = model(xb)
         loss = nn.functional.cross_entropy(logits.float(), yb, weight=class_weight, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -103,14 +108,19 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
+        if first_layer is not None:
+            first_layer.step()  # at the learning rate optimizer.step() used, before the scheduler's
         if scheduler is not None:
             scheduler.step()
         if averaged is not None:
             averaged.update_parameters(model)
-        total_loss += loss.detach().double() * len(yb)
-        correct += (logits.detach().argmax(1) == yb).sum()
-        seen += len(yb)
-    sums = torch.stack([total_loss, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=x.device)])
+        losses.append(loss.detach())
+        outputs.append(logits.detach())
+        labels.append(yb)
+    sizes = torch.tensor([len(t) for t in labels], dtype=torch.float64, device=x.device)
+    total_loss = (torch.stack(losses).double() * sizes).cumsum(0)[-1] if losses else sizes.sum()
+    correct = (torch.cat(outputs).argmax(1) == torch.cat(labels)).sum() if outputs else sizes.sum()
+    sums = torch.stack([total_loss, correct.double(), sizes.sum()])
     if world > 1:  # the epoch's figures over every process's share
         import torch.distributed as dist
 
@@ -287,6 +297,9 @@ def fit(
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     (x_train, y_train), val = [tuple(t.to(device) for t in part) for part in (train, val)]
     optimizer, options = _training_parts(model, hp, cfg, y_train, n_classes, device)
+    fused = FirstLayerAdam.applies(model, optimizer, device) if cfg.fused_step and size == 1 else None
+    cores = cfg.threads or os.cpu_count() or 1  # the process's, shared out among the trials stepping at once
+    options["first_layer"] = FirstLayerAdam(fused, optimizer, cores) if fused is not None else None
     watched = options["averaged"].module if options["averaged"] is not None else model
     generator = torch.Generator().manual_seed(cfg.seed)  # batch order, the same in every process
     stepped = model
@@ -300,27 +313,31 @@ def fit(
     history: list[EpochStats] = []
     best, best_state, diverged, stopped_at = None, None, False, None
     epochs = progress_bar(total=cfg.epochs, desc="epochs", unit="epoch", leave=False, disable=not progress)
-    for epoch in range(1, cfg.epochs + 1):
-        loss, acc = train_one_epoch(stepped, optimizer, x_train, y_train, cfg.batch_size, generator, **options)
-        val_loss, val_acc = evaluate_loss(watched, *val)
-        stats = EpochStats(epoch, loss, acc, val_loss, val_acc)
-        history.append(stats)
-        figures = f"loss {loss:.4f}, val_loss {val_loss:.4f}, val_accuracy {val_acc:.4f}"
-        epochs.set_postfix_str(figures)
-        epochs.update()
-        note(f"epoch {epoch}/{cfg.epochs}: {figures}", enabled=progress)
-        if not (math.isfinite(loss) and math.isfinite(val_loss)):
-            diverged = True
-            break
-        if cfg.keep == "last" or is_better(stats, best, cfg.select_by):
-            best, best_state = stats, copy.deepcopy(watched.state_dict())
-        if on_epoch is not None and on_epoch(stats):
-            stopped_at = epoch
-            break
-        if cfg.keep == "best" and cfg.patience and epoch - best.epoch >= cfg.patience:
-            note(f"stopped early: no better {cfg.select_by} for {cfg.patience} epochs", enabled=progress)
-            break  # early stopping: no better validation figure for cfg.patience epochs
-    epochs.close()
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            loss, acc = train_one_epoch(stepped, optimizer, x_train, y_train, cfg.batch_size, generator, **options)
+            val_loss, val_acc = evaluate_loss(watched, *val)
+            stats = EpochStats(epoch, loss, acc, val_loss, val_acc)
+            history.append(stats)
+            figures = f"loss {loss:.4f}, val_loss {val_loss:.4f}, val_accuracy {val_acc:.4f}"
+            epochs.set_postfix_str(figures)
+            epochs.update()
+            note(f"epoch {epoch}/{cfg.epochs}: {figures}", enabled=progress)
+            if not (math.isfinite(loss) and math.isfinite(val_loss)):
+                diverged = True
+                break
+            if cfg.keep == "last" or is_better(stats, best, cfg.select_by):
+                best, best_state = stats, copy.deepcopy(watched.state_dict())
+            if on_epoch is not None and on_epoch(stats):
+                stopped_at = epoch
+                break
+            if cfg.keep == "best" and cfg.patience and epoch - best.epoch >= cfg.patience:
+                note(f"stopped early: no better {cfg.select_by} for {cfg.patience} epochs", enabled=progress)
+                break  # early stopping: no better validation figure for cfg.patience epochs
+    finally:
+        epochs.close()
+        if options["first_layer"] is not None:
+            options["first_layer"].close()
     if best_state is None:
         raise TrainingDiverged(f"training diverged in the first epoch with {hp}", hint="lower the learning rate")
     model.load_state_dict(best_state)

@@ -1,0 +1,135 @@
+"""The MLP's first layer stepped in one pass: its weight gradient and its Adam update fused (CPU).
+
+The tutorial's MLP spends most of a training step on its first layer, a (layer_1, 16384) weight:
+torch computes the weight gradient as a matrix product (``dz.T @ x``, writing a gradient as large as
+the weight), then its fused Adam reads weight, gradient and both moments and writes three of them
+back. ``FirstLayerAdam`` instead computes each gradient value from the batch where the update needs
+it and never stores the gradient: one pass over weight and moments per step (``bench/step_bench.py``
+measures the step against torch's, BENCHMARKS.md has the figures).
+
+Written by hand (with numba) because no library fuses a layer's gradient with its optimiser step;
+torch's fused Adam starts from a stored gradient. The arithmetic is torch's Adam/AdamW, in float32,
+summed in another order: the weights agree with torch's to float32 rounding, not bit for bit, and
+are the same from run to run (one thread, a fixed order). Holds no training loop (``train.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch import nn
+
+from lungxray.models import MLP
+
+_GROUP = 8  # images summed in registers at once; a batch is padded with zero images to a multiple
+_attached = [0]  # FirstLayerAdam objects stepping in this process (trials side by side)
+_lock = threading.Lock()
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _compile():
+    """The numba kernel (compiled on first use; numba caches it on disk for the next process)."""
+    from lungxray._fused_kernel import adam_rows
+
+    return adam_rows
+
+
+class FirstLayerAdam:
+    """Takes over the Adam (or AdamW) step of ``linear``'s weight from ``optimizer`` for one fit.
+
+    While attached, the weight has ``requires_grad`` off, so backward computes no weight gradient
+    and the optimiser skips it; a forward hook keeps the layer's input and the gradient reaching its
+    output, and ``step()`` (called right after ``optimizer.step()``) applies the update with the
+    group's learning rate, betas, eps and (AdamW) weight decay. ``close()`` hands the weight back.
+
+    ``cores``: the process's CPU budget. Shared out among the layers stepping at once, so a trial
+    left alone when the other of a pair ends uses both cores: its rows are split among threads,
+    which changes no result (each row's arithmetic is the same whichever thread does it).
+    """
+
+    def __init__(self, linear: nn.Linear, optimizer: torch.optim.Optimizer, cores: int = 1) -> None:
+        self.linear, self.cores = linear, max(1, cores)
+        self.group = next(g for g in optimizer.param_groups if any(p is linear.weight for p in g["params"]))
+        self.decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(self.group.get("decoupled_weight_decay"))
+        self.weight_ = linear.weight.detach().numpy()  # (rows, n), shares memory with the weight
+        self.m_, self.v_ = np.zeros_like(self.weight_), np.zeros_like(self.weight_)
+        self.g_ = np.zeros((self.cores, self.weight_.shape[1]), dtype=np.float32)  # a row of scratch per thread
+        self.steps_ = 0
+        self._x: torch.Tensor | None = None
+        self._dz: torch.Tensor | None = None
+        linear.weight.requires_grad_(False)
+        self._hook = linear.register_forward_hook(self._keep)
+        with _lock:
+            _attached[0] += 1
+
+    @staticmethod
+    def applies(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> nn.Linear | None:
+        """The layer to fuse: the first Linear of an MLP training on the CPU with plain Adam/AdamW."""
+        if not isinstance(model, MLP) or device.type != "cpu":
+            return None
+        linear = model.net[1]
+        group = next((g for g in optimizer.param_groups if any(p is linear.weight for p in g["params"])), None)
+        plain = group is not None and not group.get("amsgrad") and not group.get("maximize")
+        adamw = isinstance(optimizer, torch.optim.AdamW) or group is not None and group.get("decoupled_weight_decay")
+        l2 = group is not None and group.get("weight_decay", 0) and not adamw  # Adam's L2 term: not fused
+        if not isinstance(optimizer, torch.optim.Adam) or not plain or l2 or linear.bias is None:
+            return None
+        if linear.weight.dtype != torch.float32 or not linear.weight.is_contiguous():
+            return None
+        return linear
+
+    def _keep(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if module.training and torch.is_grad_enabled() and output.requires_grad:
+            self._x = inputs[0].detach()  # (b, n)
+            output.register_hook(self._keep_grad)
+
+    def _keep_grad(self, dz: torch.Tensor) -> None:
+        self._dz = dz.detach()  # (b, rows)
+
+    def step(self) -> None:
+        """The weight's Adam step from the last backward (nothing if there was none)."""
+        if self._dz is None:
+            return
+        xs, dz = _padded(self._x), _padded(self._dz)
+        self._x = self._dz = None
+        self.steps_ += 1
+        beta1, beta2 = self.group["betas"]
+        lr, t = float(self.group["lr"]), self.steps_
+        decay = 1 - lr * self.group["weight_decay"] if self.decoupled else 1.0
+        args = (lr / (1 - beta1**t), beta1, beta2, 1 / math.sqrt(1 - beta2**t), self.group["eps"], decay)
+        kernel, rows = _compile(), self.weight_.shape[0]
+        parts = max(1, min(self.cores // max(1, _attached[0]), rows))
+        bounds = [rows * k // parts for k in range(parts + 1)]
+
+        def rows_of(k: int) -> None:
+            kernel(self.weight_, self.m_, self.v_, xs, dz, self.g_[k], bounds[k], bounds[k + 1], *args)
+
+        others = [_pool(self.cores).submit(rows_of, k) for k in range(1, parts)]
+        rows_of(0)
+        for other in others:
+            other.result()
+
+    def close(self) -> None:
+        self._hook.remove()
+        self.linear.weight.requires_grad_(True)
+        with _lock:
+            _attached[0] -= 1
+
+
+def _pool(cores: int) -> ThreadPoolExecutor:
+    """Threads for the other row ranges of a step (the calling thread takes the first)."""
+    with _lock:
+        if cores not in _pools:
+            _pools[cores] = ThreadPoolExecutor(max_workers=cores - 1, thread_name_prefix="lungxray-rows")
+        return _pools[cores]
+
+
+def _padded(t: torch.Tensor) -> np.ndarray:
+    """(b, k) float32, C-contiguous, zero rows added to a multiple of 8 (they add zero to every sum)."""
+    a = np.ascontiguousarray(t.numpy(), dtype=np.float32)
+    extra = -len(a) % _GROUP
+    return np.concatenate([a, np.zeros((extra, a.shape[1]), np.float32)]) if extra else a

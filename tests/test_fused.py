@@ -1,0 +1,83 @@
+"""The MLP's first layer stepped in one pass (``lungxray.fused``) against torch's own Adam and AdamW."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import settings, toy
+from torch import nn
+
+from lungxray import fused as fused_module
+from lungxray.fused import FirstLayerAdam
+from lungxray.models import create_model, get_spec
+from lungxray.train import fit, make_optimizer
+
+HP = {"activation": "tanh", "layer_1": 24, "layer_2": 16, "layer_3": 16, "dropout_1": 0.0, "dropout_2": 0.0,
+      "learning_rate": 1e-2, "weight_decay": 0.05}  # fmt: skip
+
+
+def _trained(optimizer: str, batch: int, fused: bool, steps: int = 3, cores: int = 1) -> nn.Module:
+    """The MLP after ``steps`` steps on fixed batches, its first layer stepped by torch or fused."""
+    torch.manual_seed(0)
+    model = create_model("mlp", (1, 16, 16), 3, **HP).train()
+    opt = make_optimizer(model, HP, optimizer)
+    first = FirstLayerAdam(model.net[1], opt, cores) if fused else None
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.rand(batch, 1, 16, 16, generator=generator), torch.randint(0, 3, (batch,), generator=generator)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if first is not None:
+            first.step()
+    if first is not None:
+        first.close()
+    return model
+
+
+@pytest.mark.parametrize(("optimizer", "batch"), [("adam", 8), ("adamw", 5), ("adamw", 13), ("adam", 16)])
+def test_the_fused_step_is_torchs_adam_to_float32_rounding(optimizer, batch):
+    """Batches of 8 (in registers), padded (5), and over 8 (summed in groups, the last padded)."""
+    plain, fused = _trained(optimizer, batch, False), _trained(optimizer, batch, True)
+    w_plain, w_fused = plain.net[1].weight.detach(), fused.net[1].weight.detach()
+    start = _trained(optimizer, batch, False, steps=0).net[1].weight.detach()
+    assert (w_plain - start).abs().min() > 0  # every weight moved
+    assert torch.allclose(w_fused, w_plain, rtol=0, atol=1e-6)  # each step moves a weight by about lr = 1e-2
+    for (name, a), b in zip(plain.state_dict().items(), fused.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-5), name  # the later layers saw nearly the same first layer
+    assert fused.net[1].weight.requires_grad  # handed back
+
+
+@pytest.mark.parametrize("batch", [8, 13])
+def test_a_layer_stepping_alone_splits_its_rows_among_the_cores_with_the_same_result(batch):
+    """One layer attached and 3 cores: its 24 rows are stepped by 3 threads, 8 rows each."""
+    one, three = _trained("adamw", batch, True, cores=1), _trained("adamw", batch, True, cores=3)
+    assert 3 in fused_module._pools  # the split ran: a pool of 2 threads beside the caller's
+    assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), three.state_dict().values(), strict=True))
+
+
+def test_the_fused_step_takes_only_what_it_implements():
+    model = create_model("mlp", (1, 16, 16), 3, **HP)
+    cpu = torch.device("cpu")
+    assert FirstLayerAdam.applies(model, make_optimizer(model, HP, "adam"), cpu) is model.net[1]
+    assert FirstLayerAdam.applies(model, make_optimizer(model, HP, "adamw"), cpu) is model.net[1]
+    l2 = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)  # Adam's L2 term: left to torch
+    assert FirstLayerAdam.applies(model, l2, cpu) is None
+    assert FirstLayerAdam.applies(model, torch.optim.Adam(model.parameters(), amsgrad=True), cpu) is None
+    assert FirstLayerAdam.applies(model, torch.optim.SGD(model.parameters(), lr=0.1), cpu) is None
+    cnn = create_model("cnn", (1, 16, 16), 3, **{**get_spec("cnn").defaults, "depth": 1, "width": 4})
+    assert FirstLayerAdam.applies(cnn, make_optimizer(cnn, HP, "adam"), cpu) is None
+
+
+def test_a_fit_with_the_fused_step_repeats_exactly_and_learns_as_torchs():
+    train, val = toy(8), toy(3, start=50)
+    hp = {**get_spec("mlp").defaults, "dropout_1": 0.2}
+    runs = [fit("mlp", hp, train, val, 3, settings("mlp", hp, epochs=4, seed=3, fused_step=f)) for f in (1, 1, 0)]
+    (a, b, plain) = ([h.train_loss for h in r.history] for r in runs)
+    assert a == b  # bitwise, run to run
+    assert a != plain  # the fused path ran: its sums differ from torch's in the last bits
+    assert a == pytest.approx(plain, rel=1e-3)
+    first, second = runs[0].model.state_dict(), runs[1].model.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert all(p.requires_grad for p in runs[0].model.parameters())
