@@ -143,6 +143,12 @@ def floor(run_dir: Path, jobs: int = 2, fused_step: bool = True) -> dict:
     return {"epochs": epochs, "steps": total_steps, "floor_s": seconds, "mean_step_ms": mean_ms}
 
 
+def alone_epochs(run: dict) -> int:
+    """Epochs trained by a trial whose partner (trials run in pairs, in trial order) had ended."""
+    epochs = [t["epochs_run"] for t in run["trials"] if t["state"] in ("COMPLETE", "PRUNED")]
+    return sum(abs(a - b) for a, b in zip(epochs[::2], epochs[1::2], strict=False))
+
+
 def lungxray_predict_speed(model_dir: Path, data_out: Path) -> float:
     from lungxray.bundle import Predictor
     from lungxray.config import DataConfig
@@ -264,15 +270,17 @@ def render(args, results: dict, first: dict, lx_ips: float) -> str:
             _lungxray_row("lungxray, pruning off", off, k),
             "",
             f"The floor: every trial's epochs x {first['on']['floor']['steps'] // first['on']['floor']['epochs']} "
-            "steps per epoch x the measured time of one optimiser step of that trial's network (fused Adam, batch 8, "
-            "a preloaded batch, two such steps running side by side on one core each, as the search runs its "
-            "trials), halved for the two cores: what the trials' training steps cost with nothing else. Mean step "
+            "steps per epoch x the measured time of one optimiser step of that trial's network (batch 8, the first "
+            "layer's gradient fused into its Adam step as lungxray trains, a preloaded batch, two such steps running "
+            "side by side on one core each, as the search runs its trials), halved for the two cores: what the "
+            "trials' training steps cost with nothing else. Mean step "
             f"{first['on']['floor']['mean_step_ms']:.2f} ms (pruning on), "
             f"{first['off']['floor']['mean_step_ms']:.2f} ms (pruning off), side by side. Between the floor and the "
             "search: validation passes, the sampler "
             f"({sum(t.get('sampler_s', 0) for t in first['on']['trials']):.1f} s in all, pruning on), "
-            "a core idle while the other trial of a pair ends (that trial then runs faster alone), "
-            "start-up of the search.",
+            f"a trial running alone while the other of its pair has ended ({alone_epochs(first['on'])} of "
+            f"{first['on']['floor']['epochs']} epochs with pruning on; only its first layer's update then uses "
+            "both cores), start-up of the search.",
             "",
             f"Predict throughput (preprocessed 128x128 images, each tool's own predict call): "
             f"lungxray {lx_ips:,.0f} images/s, Keras {k['predict_images_per_s']:,.0f} images/s "

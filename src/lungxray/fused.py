@@ -26,6 +26,7 @@ from torch import nn
 from lungxray.models import MLP
 
 _GROUP = 8  # images summed in registers at once; a batch is padded with zero images to a multiple
+_WEIGHTS_PER_THREAD = 1 << 18  # below this a thread's share (~0.25 ms) costs less than handing it over
 _attached = [0]  # FirstLayerAdam objects stepping in this process (trials side by side)
 _lock = threading.Lock()
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -102,7 +103,7 @@ class FirstLayerAdam:
         decay = 1 - lr * self.group["weight_decay"] if self.decoupled else 1.0
         args = (lr / (1 - beta1**t), beta1, beta2, 1 / math.sqrt(1 - beta2**t), self.group["eps"], decay)
         kernel, rows = _compile(), self.weight_.shape[0]
-        parts = max(1, min(self.cores // max(1, _attached[0]), rows))
+        parts = max(1, min(self.cores // max(1, _attached[0]), self.weight_.size // _WEIGHTS_PER_THREAD, rows))
         bounds = [rows * k // parts for k in range(parts + 1)]
 
         def rows_of(k: int) -> None:

@@ -10,6 +10,8 @@ Cross-validation is ``cv.py``.
 
 from __future__ import annotations
 
+import importlib
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -498,6 +500,9 @@ def _run(
 
         check_storage(tune_cfg.storage)
     set_threads(final_cfg.threads)
+    # torch's optimisers import torch._dynamo on first use (1.6 s here, once per process): begun
+    # now, beside the scan, instead of inside the first trials
+    threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True).start()
     clock = Clock()
     ds, split = prepare(data, data_cfg, split_cfg, out, progress, model_name)
     for folder in external.values():  # before the search: an external set the model cannot score fails now

@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import optuna
 
@@ -207,6 +207,7 @@ def _worker_process(url, tune_cfg, trial_cfg, model_name, train, val, n_classes,
     import torch
 
     torch.set_num_threads(threads)
+    trial_cfg = replace(trial_cfg, threads=threads)  # this process's share, for the fused step too
     study = open_shared_study(url, tune_cfg, trial_cfg, model_name, record)
     return run_worker(study, model_name, train, val, n_classes, tune_cfg, trial_cfg)
 
