@@ -14,6 +14,7 @@ duplicate-free holdout (the robust-selection check). Prints a table and writes B
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -96,9 +97,12 @@ def step_seconds(params: dict, jobs: int, fused_step: bool = True, steps: int = 
         torch.manual_seed(k)
         model = create_model("mlp", (1, 128, 128), 3, **params).train()
         optimizer = make_optimizer(model, params, "adam")
-        first = FirstLayerAdam(model.net[1], optimizer, os.cpu_count() or 1) if fused_step else None
+        attached = contextlib.ExitStack()
+        first = (
+            attached.enter_context(FirstLayerAdam(model.net[1], optimizer, os.cpu_count() or 1)) if fused_step else None
+        )
         x, y = torch.rand(8, 1, 128, 128), torch.arange(8) % 3
-        started.wait()  # every stepper attached: each steps its rows alone, as in a pair of trials
+        started.wait(timeout=600)  # every stepper attached: none splits its rows, as in a pair of trials
         for n in range(10 + steps):
             if n == 10:
                 start = time.perf_counter()
@@ -109,9 +113,8 @@ def step_seconds(params: dict, jobs: int, fused_step: bool = True, steps: int = 
             if first is not None:
                 first.step()
         times[k] = (time.perf_counter() - start) / steps
-        finished.wait()  # detached only when all are done
-        if first is not None:
-            first.close()
+        finished.wait(timeout=600)  # detached only when all are done
+        attached.close()
 
     threads = [threading.Thread(target=run, args=(k,)) for k in range(jobs)]
     for t in threads:

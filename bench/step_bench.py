@@ -8,12 +8,13 @@ and the first layer stepped in one pass (``lungxray.fused``) against torch's own
    has ended: the fused step then splits its rows over both cores; torch keeps one thread).
    The weights of the two after 30 steps are compared.
 
-    .venv/bin/python bench/step_bench.py [--repeats 3]
+    .venv/bin/python bench/step_bench.py [--repeats 3] [--batch 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -36,13 +37,15 @@ HP = {"activation": "tanh", "layer_1": 128, "layer_2": 128, "layer_3": 128, "dro
       "learning_rate": 1e-4}  # fmt: skip
 
 
-def stepper(fused: bool):
-    """(model, step(x, y), close()): torch's step, or with ``fused`` the first layer's in one pass."""
+def stepper(fused: bool, cores: int = 1):
+    """(model, step(x, y), close()): torch's step, or with ``fused`` the first layer's in one pass
+    (its rows split over ``cores`` threads when it is the only layer attached)."""
     torch.manual_seed(0)
     model = create_model("mlp", (1, 128, 128), 3, **HP).train()
     seed_dropout(model, torch.Generator().manual_seed(1))  # its own dropout draws, as in training
     optimizer = make_optimizer(model, HP, "adam")
-    first = FirstLayerAdam(model.net[1], optimizer, os.cpu_count() or 1) if fused else None
+    attached = contextlib.ExitStack()
+    first = attached.enter_context(FirstLayerAdam(model.net[1], optimizer, cores)) if fused else None
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         loss = nn.functional.cross_entropy(model(x), y)
@@ -53,25 +56,25 @@ def stepper(fused: bool):
             with torch.profiler.record_function(FUSED):  # the profiler sees no torch operation in it
                 first.step()
 
-    return model, step, (first.close if first is not None else lambda: None)
+    return model, step, attached.close
 
 
-def ms_per_step(fused: bool, jobs: int, steps: int = 200) -> float:
+def ms_per_step(fused: bool, jobs: int, batch: int = 8, steps: int = 200) -> float:
     """Mean ms per step of ``jobs`` such steppers running at once in threads, one torch thread each."""
     torch.set_num_threads(1)
-    x, y, out = torch.rand(8, 1, 128, 128), torch.arange(8) % 3, [0.0] * jobs
+    x, y, out = torch.rand(batch, 1, 128, 128), torch.arange(batch) % 3, [0.0] * jobs
     started, finished = threading.Barrier(jobs), threading.Barrier(jobs)
 
     def run(k: int) -> None:
-        _, step, close = stepper(fused)
-        started.wait()
+        _, step, close = stepper(fused, os.cpu_count() or 1)  # the process's cores, as in training
+        started.wait(timeout=600)
         for _ in range(10):
             step(x, y)
         start = time.perf_counter()
         for _ in range(steps):
             step(x, y)
         out[k] = (time.perf_counter() - start) / steps * 1e3
-        finished.wait()
+        finished.wait(timeout=600)
         close()
 
     threads = [threading.Thread(target=run, args=(k,)) for k in range(jobs)]
@@ -111,6 +114,7 @@ def profile_shares(fused: bool) -> list[tuple[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8, help="images per step in the timed steps")
     args = parser.parse_args()
     print(machine())
     for fused in (False, True):
@@ -125,10 +129,10 @@ def main() -> None:
     close_b()
     gap = max((p - q).abs().max().item() for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     print(f"\nweights after 30 steps (learning rate 1e-4), torch's and fused: largest difference {gap:.2e}")
-    print("ms per step (alternating): two side by side | one alone")
+    print(f"ms per step of {args.batch} images (alternating): two side by side | one alone")
     rows = []
     for r in range(args.repeats):
-        row = {(f, j): ms_per_step(f, j) for j in (2, 1) for f in (False, True)}
+        row = {(f, j): ms_per_step(f, j, args.batch) for j in (2, 1) for f in (False, True)}
         rows.append(row)
         print(f"  repeat {r + 1}: torch {row[False, 2]:.2f}, fused {row[True, 2]:.2f} | "
               f"torch {row[False, 1]:.2f}, fused {row[True, 1]:.2f}")  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import settings, toy
@@ -21,18 +23,16 @@ def _trained(optimizer: str, batch: int, fused: bool, steps: int = 3, cores: int
     torch.manual_seed(0)
     model = create_model("mlp", (1, 16, 16), 3, **HP).train()
     opt = make_optimizer(model, HP, optimizer)
-    first = FirstLayerAdam(model.net[1], opt, cores) if fused else None
     generator = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        x, y = torch.rand(batch, 1, 16, 16, generator=generator), torch.randint(0, 3, (batch,), generator=generator)
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if first is not None:
-            first.step()
-    if first is not None:
-        first.close()
+    with FirstLayerAdam(model.net[1], opt, cores) if fused else contextlib.nullcontext() as first:
+        for _ in range(steps):
+            x, y = torch.rand(batch, 1, 16, 16, generator=generator), torch.randint(0, 3, (batch,), generator=generator)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if first is not None:
+                first.step()
     return model
 
 
@@ -54,8 +54,16 @@ def test_a_layer_stepping_alone_splits_its_rows_among_the_cores_with_the_same_re
     """One layer attached and 3 cores: its 24 rows are stepped by 3 threads, 8 rows each (the layer
     is far below the size where a split pays, so the test lowers that size)."""
     monkeypatch.setattr(fused_module, "_WEIGHTS_PER_THREAD", 1)
-    one, three = _trained("adamw", batch, True, cores=1), _trained("adamw", batch, True, cores=3)
-    assert 3 in fused_module._pools  # the split ran: a pool of 2 threads beside the caller's
+    one = _trained("adamw", batch, True, cores=1)
+    kernel, ranges = fused_module._compile(), []
+
+    def recording(*args):
+        ranges.append(args[6:8])  # (lo, hi) of the rows this call steps
+        return kernel(*args)
+
+    monkeypatch.setattr(fused_module, "_compile", lambda: recording)
+    three = _trained("adamw", batch, True, cores=3)
+    assert sorted(ranges) == sorted([(0, 8), (8, 16), (16, 24)] * 3)  # 3 steps, 3 threads each
     assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), three.state_dict().values(), strict=True))
 
 
@@ -68,6 +76,7 @@ def test_the_fused_step_takes_only_what_it_implements():
     assert FirstLayerAdam.applies(model, l2, cpu) is None
     assert FirstLayerAdam.applies(model, torch.optim.Adam(model.parameters(), amsgrad=True), cpu) is None
     assert FirstLayerAdam.applies(model, torch.optim.SGD(model.parameters(), lr=0.1), cpu) is None
+    assert FirstLayerAdam.applies(model, make_optimizer(model, HP, "adam"), torch.device("cuda")) is None
     cnn = create_model("cnn", (1, 16, 16), 3, **{**get_spec("cnn").defaults, "depth": 1, "width": 4})
     assert FirstLayerAdam.applies(cnn, make_optimizer(cnn, HP, "adam"), cpu) is None
 
@@ -75,7 +84,9 @@ def test_the_fused_step_takes_only_what_it_implements():
 def test_a_fit_with_the_fused_step_repeats_exactly_and_learns_as_torchs():
     train, val = toy(8), toy(3, start=50)
     hp = {**get_spec("mlp").defaults, "dropout_1": 0.2}
-    runs = [fit("mlp", hp, train, val, 3, settings("mlp", hp, epochs=4, seed=3, fused_step=f)) for f in (1, 1, 0)]
+    runs = [
+        fit("mlp", hp, train, val, 3, settings("mlp", hp, epochs=4, seed=3, fused_step=f)) for f in (True, True, False)
+    ]
     (a, b, plain) = ([h.train_loss for h in r.history] for r in runs)
     assert a == b  # bitwise, run to run
     assert a != plain  # the fused path ran: its sums differ from torch's in the last bits
@@ -83,3 +94,28 @@ def test_a_fit_with_the_fused_step_repeats_exactly_and_learns_as_torchs():
     first, second = runs[0].model.state_dict(), runs[1].model.state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert all(p.requires_grad for p in runs[0].model.parameters())
+
+
+def test_the_fused_step_follows_a_schedule_and_a_moving_average_as_torchs_does():
+    """The learning rate is read after optimizer.step() and before the scheduler's step; the moving
+    average reads the weights after the fused update."""
+    train, val = toy(8), toy(3, start=50)
+    hp = dict(get_spec("mlp").defaults)
+    cfg = {"epochs": 3, "seed": 2, "schedule": "cosine", "optimizer": "adamw", "ema": 0.9, "keep": "last"}
+    fused, plain = (fit("mlp", hp, train, val, 3, settings("mlp", hp, **cfg, fused_step=f)) for f in (True, False))
+    assert [h.train_loss for h in fused.history] == pytest.approx([h.train_loss for h in plain.history], rel=1e-4)
+    a, b = fused.model.state_dict(), plain.model.state_dict()
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-4) for k in a)
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # the fused path ran
+
+
+def test_a_fit_that_fails_midway_hands_the_weight_back():
+    train, val = toy(4), toy(2, start=50)
+    hp = dict(get_spec("mlp").defaults)
+
+    def stop(stats):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit("mlp", hp, train, val, 3, settings("mlp", hp, epochs=3), on_epoch=stop)
+    assert fused_module._attached[0] == 0

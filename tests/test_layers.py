@@ -10,7 +10,7 @@ import lungxray
 
 PACKAGE = Path(lungxray.__file__).parent
 SERVING = ("bundle", "explain", "serve", "infer", "decode")
-TRAINING = {"train", "tune", "augment", "pipeline", "cv"}
+TRAINING = {"train", "tune", "augment", "pipeline", "cv", "fused", "_fused_kernel"}
 
 
 def _imports(module: str) -> set[str]:

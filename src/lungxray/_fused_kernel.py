@@ -7,8 +7,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-# Reassociation lets the compiler vectorise the sums; no approximate reciprocals or square roots.
-_FASTMATH = {"nnan", "ninf", "nsz", "contract", "reassoc"}
+# Reassociation lets the compiler vectorise the sums; no approximate reciprocals or square roots, and
+# no assumption that values are finite (a diverging fit must still show NaN).
+_FASTMATH = {"nsz", "contract", "reassoc"}
 
 
 @numba.njit(inline="always", fastmath=_FASTMATH, error_model="numpy")

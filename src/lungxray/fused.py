@@ -10,11 +10,13 @@ measures the step against torch's, BENCHMARKS.md has the figures).
 Written by hand (with numba) because no library fuses a layer's gradient with its optimiser step;
 torch's fused Adam starts from a stored gradient. The arithmetic is torch's Adam/AdamW, in float32,
 summed in another order: the weights agree with torch's to float32 rounding, not bit for bit, and
-are the same from run to run (one thread, a fixed order). Holds no training loop (``train.py``).
+are the same from run to run (each weight's sums in a fixed order, whichever thread steps its row).
+Holds no training loop (``train.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +29,11 @@ from lungxray.models import MLP
 
 _GROUP = 8  # images summed in registers at once; a batch is padded with zero images to a multiple
 _WEIGHTS_PER_THREAD = 1 << 18  # below this a thread's share (~0.25 ms) costs less than handing it over
-_attached = [0]  # FirstLayerAdam objects stepping in this process (trials side by side)
+# Larger batches are left to torch: the kernel reads the whole batch again for every row, where
+# torch's matrix product blocks it (bench/step_bench.py --batch 16: 1.10x torch's speed side by
+# side; --batch 32: 0.96x).
+_MAX_BATCH = 16
+_attached = [0]  # FirstLayerAdam objects attached in this process (trials side by side)
 _lock = threading.Lock()
 _pools: dict[int, ThreadPoolExecutor] = {}
 
@@ -42,61 +48,87 @@ def _compile():
 class FirstLayerAdam:
     """Takes over the Adam (or AdamW) step of ``linear``'s weight from ``optimizer`` for one fit.
 
-    While attached, the weight has ``requires_grad`` off, so backward computes no weight gradient
-    and the optimiser skips it; a forward hook keeps the layer's input and the gradient reaching its
-    output, and ``step()`` (called right after ``optimizer.step()``) applies the update with the
-    group's learning rate, betas, eps and (AdamW) weight decay. ``close()`` hands the weight back.
+    Used as a context manager around the fit. While attached, the weight has ``requires_grad`` off,
+    so backward computes no weight gradient and the optimiser skips it; a forward hook keeps the
+    layer's input with the gradient that reaches its output, and ``step()`` (called right after
+    ``optimizer.step()``) applies the update with the group's learning rate, betas, eps and (AdamW)
+    weight decay. Leaving the context hands the weight back.
 
-    ``cores``: the process's CPU budget. Shared out among the layers stepping at once, so a trial
+    ``cores``: the process's CPU budget. Shared out among the layers attached at once, so a trial
     left alone when the other of a pair ends uses both cores: its rows are split among threads,
     which changes no result (each row's arithmetic is the same whichever thread does it).
     """
 
     def __init__(self, linear: nn.Linear, optimizer: torch.optim.Optimizer, cores: int = 1) -> None:
-        self.linear, self.cores = linear, max(1, cores)
-        self.group = next(g for g in optimizer.param_groups if any(p is linear.weight for p in g["params"]))
-        self.decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(self.group.get("decoupled_weight_decay"))
-        self.weight_ = linear.weight.detach().numpy()  # (rows, n), shares memory with the weight
-        self.m_, self.v_ = np.zeros_like(self.weight_), np.zeros_like(self.weight_)
-        self.g_ = np.zeros((self.cores, self.weight_.shape[1]), dtype=np.float32)  # a row of scratch per thread
-        self.steps_ = 0
-        self._x: torch.Tensor | None = None
-        self._dz: torch.Tensor | None = None
-        linear.weight.requires_grad_(False)
-        self._hook = linear.register_forward_hook(self._keep)
-        with _lock:
-            _attached[0] += 1
+        self.linear, self.optimizer, self.cores = linear, optimizer, max(1, cores)
 
     @staticmethod
-    def applies(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> nn.Linear | None:
-        """The layer to fuse: the first Linear of an MLP training on the CPU with plain Adam/AdamW."""
-        if not isinstance(model, MLP) or device.type != "cpu":
+    def applies(
+        model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, batch_size: int = _MAX_BATCH
+    ) -> nn.Linear | None:
+        """The layer to fuse: the first Linear of an MLP training on the CPU with plain Adam/AdamW,
+        in batches of at most ``_MAX_BATCH`` images, numba installed; else None (torch's step)."""
+        if not isinstance(model, MLP) or device.type != "cpu" or batch_size > _MAX_BATCH:
             return None
         linear = model.net[1]
-        group = next((g for g in optimizer.param_groups if any(p is linear.weight for p in g["params"])), None)
-        plain = group is not None and not group.get("amsgrad") and not group.get("maximize")
+        group = _group_of(linear.weight, optimizer)
         adamw = isinstance(optimizer, torch.optim.AdamW) or group is not None and group.get("decoupled_weight_decay")
-        l2 = group is not None and group.get("weight_decay", 0) and not adamw  # Adam's L2 term: not fused
-        if not isinstance(optimizer, torch.optim.Adam) or not plain or l2 or linear.bias is None:
+        if (
+            not isinstance(optimizer, torch.optim.Adam)
+            or group is None
+            or group.get("amsgrad")
+            or group.get("maximize")
+            or group.get("weight_decay", 0)
+            and not adamw  # Adam's L2 term: left to torch
+            or linear.bias is None
+            or linear.weight.dtype != torch.float32
+            or not linear.weight.is_contiguous()
+        ):
             return None
-        if linear.weight.dtype != torch.float32 or not linear.weight.is_contiguous():
+        try:
+            import numba  # noqa: F401
+        except ImportError:
             return None
         return linear
 
+    def __enter__(self) -> FirstLayerAdam:
+        self.group = _group_of(self.linear.weight, self.optimizer)
+        if self.group is None:
+            raise ValueError(
+                "the layer's weight is not among the optimiser's parameters; pass the optimiser that trains it"
+            )
+        self.decoupled = isinstance(self.optimizer, torch.optim.AdamW) or bool(self.group.get("decoupled_weight_decay"))
+        self.weight_ = self.linear.weight.detach().numpy()  # (rows, n), shares memory with the weight
+        self.m_, self.v_ = np.zeros_like(self.weight_), np.zeros_like(self.weight_)
+        self.g_ = np.zeros((self.cores, self.weight_.shape[1]), dtype=np.float32)  # a row of scratch per thread
+        self.steps_ = 0
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.linear.weight.requires_grad_(False)
+        self._hook = self.linear.register_forward_hook(self._keep)
+        with _lock:
+            _attached[0] += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hook.remove()
+        self.linear.weight.requires_grad_(True)
+        with _lock:
+            _attached[0] -= 1
+
     def _keep(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if module.training and torch.is_grad_enabled() and output.requires_grad:
-            self._x = inputs[0].detach()  # (b, n)
-            output.register_hook(self._keep_grad)
+            # the input travels with its own output's gradient: (x (b, n), dz (b, rows))
+            output.register_hook(functools.partial(self._keep_pair, inputs[0].detach()))
 
-    def _keep_grad(self, dz: torch.Tensor) -> None:
-        self._dz = dz.detach()  # (b, rows)
+    def _keep_pair(self, x: torch.Tensor, dz: torch.Tensor) -> None:
+        self._pending = (x, dz.detach())
 
     def step(self) -> None:
         """The weight's Adam step from the last backward (nothing if there was none)."""
-        if self._dz is None:
+        if self._pending is None:
             return
-        xs, dz = _padded(self._x), _padded(self._dz)
-        self._x = self._dz = None
+        xs, dz = (_padded(t) for t in self._pending)
+        self._pending = None
         self.steps_ += 1
         beta1, beta2 = self.group["betas"]
         lr, t = float(self.group["lr"]), self.steps_
@@ -114,11 +146,9 @@ class FirstLayerAdam:
         for other in others:
             other.result()
 
-    def close(self) -> None:
-        self._hook.remove()
-        self.linear.weight.requires_grad_(True)
-        with _lock:
-            _attached[0] -= 1
+
+def _group_of(weight: torch.Tensor, optimizer: torch.optim.Optimizer) -> dict | None:
+    return next((g for g in optimizer.param_groups if any(p is weight for p in g["params"])), None)
 
 
 def _pool(cores: int) -> ThreadPoolExecutor:

@@ -8,6 +8,7 @@ test split never reaches this module; the serving side imports nothing from it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -86,7 +87,8 @@ def train_one_epoch(
     order = torch.randperm(len(x), generator=generator).to(x.device)
     skip_single = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     # Each step's loss and logits kept on the device and summed once at the end: no host sync and
-    # no extra small ops inside the epoch (the loss summed in float64, in step order).
+    # no extra small ops inside the epoch (the loss summed in float64, in step order on the CPU,
+    # whose cumsum is sequential: the figures of a running sum).
     losses, outputs, labels = [], [], []
     for xs, ys in _batches(x, y, order, batch_size):
         if len(ys) < world * (2 if skip_single else 1):
@@ -271,9 +273,6 @@ def fit(
     be resolved (``config.resolve_train`` with ``hp``): the batch size, optimiser, schedule and
     augmentation are read from it as they are. The returned model is on the CPU.
     """
-    from lungxray.progress import bar as progress_bar
-    from lungxray.progress import note
-
     if not cfg.resolved:
         raise ValueError("fit() needs a resolved TrainConfig; pass config.resolve_train(cfg, recipe, hp)")
     if cfg.members > 1:
@@ -297,8 +296,9 @@ def fit(
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     (x_train, y_train), val = [tuple(t.to(device) for t in part) for part in (train, val)]
     optimizer, options = _training_parts(model, hp, cfg, y_train, n_classes, device)
-    fused = FirstLayerAdam.applies(model, optimizer, device) if cfg.fused_step and size == 1 else None
-    cores = cfg.threads or os.cpu_count() or 1  # the process's, shared out among the trials stepping at once
+    fused = FirstLayerAdam.applies(model, optimizer, device, cfg.batch_size) if cfg.fused_step and size == 1 else None
+    # the process's cores (shared out among the trials stepping at once), or --threads
+    cores = cfg.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     options["first_layer"] = FirstLayerAdam(fused, optimizer, cores) if fused is not None else None
     watched = options["averaged"].module if options["averaged"] is not None else model
     generator = torch.Generator().manual_seed(cfg.seed)  # batch order, the same in every process
@@ -310,12 +310,29 @@ def fit(
             model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None
         )
         options["shard"] = (rank, size)
+    with options["first_layer"] or contextlib.nullcontext():
+        history, best, best_state, diverged, stopped_at = _epochs(
+            stepped, optimizer, (x_train, y_train), val, watched, cfg, generator, options, on_epoch, progress
+        )
+    if best_state is None:
+        raise TrainingDiverged(f"training diverged in the first epoch with {hp}", hint="lower the learning rate")
+    model.load_state_dict(best_state)
+    model.cpu().eval()
+    return FitResult(model, best.epoch, history, diverged, stopped_at)
+
+
+def _epochs(stepped, optimizer, train, val, watched, cfg: TrainConfig, generator, options: dict, on_epoch, progress):
+    """``fit``'s epochs: train, validate ``watched``, keep the best (or last) state, stop on pruning,
+    patience or divergence. Returns (history, best stats, best state, diverged, stopped at)."""
+    from lungxray.progress import bar as progress_bar
+    from lungxray.progress import note
+
     history: list[EpochStats] = []
     best, best_state, diverged, stopped_at = None, None, False, None
     epochs = progress_bar(total=cfg.epochs, desc="epochs", unit="epoch", leave=False, disable=not progress)
     try:
         for epoch in range(1, cfg.epochs + 1):
-            loss, acc = train_one_epoch(stepped, optimizer, x_train, y_train, cfg.batch_size, generator, **options)
+            loss, acc = train_one_epoch(stepped, optimizer, *train, cfg.batch_size, generator, **options)
             val_loss, val_acc = evaluate_loss(watched, *val)
             stats = EpochStats(epoch, loss, acc, val_loss, val_acc)
             history.append(stats)
@@ -336,13 +353,7 @@ def fit(
                 break  # early stopping: no better validation figure for cfg.patience epochs
     finally:
         epochs.close()
-        if options["first_layer"] is not None:
-            options["first_layer"].close()
-    if best_state is None:
-        raise TrainingDiverged(f"training diverged in the first epoch with {hp}", hint="lower the learning rate")
-    model.load_state_dict(best_state)
-    model.cpu().eval()
-    return FitResult(model, best.epoch, history, diverged, stopped_at)
+    return history, best, best_state, diverged, stopped_at
 
 
 def _fit_members(
