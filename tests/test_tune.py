@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import signal
 import sqlite3
 import subprocess
@@ -210,7 +211,10 @@ def test_ctrl_c_stops_the_running_trial_promptly_and_resume_retries_it(flat_tree
     cmd = [sys.executable, "-m", "lungxray.cli", "tune", str(flat_tree), "--out", str(out), "--img-size", "16",
            "--cache-dir", str(tmp_path / "cache"), "--epochs", "400", "--patience", "0", "--jobs", "1",
            "--val-fraction", "0.2", "--quiet", "--trials", "3"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # SIGINT as a terminal delivers it, even where the suite itself runs as a background job (which
+    # starts with SIGINT ignored, and Python then installs no KeyboardInterrupt handler)
+    restore = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=restore)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None and _count(out / "study.db", "'RUNNING'") < 1:
         time.sleep(0.2)
