@@ -113,9 +113,13 @@ def test_a_fit_that_fails_midway_hands_the_weight_back():
     train, val = toy(4), toy(2, start=50)
     hp = dict(get_spec("mlp").defaults)
 
+    attached_during = []
+
     def stop(stats):
+        attached_during.append(fused_module._attached[0])
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         fit("mlp", hp, train, val, 3, settings("mlp", hp, epochs=3), on_epoch=stop)
+    assert attached_during == [1]  # the fused step ran in the fit
     assert fused_module._attached[0] == 0
