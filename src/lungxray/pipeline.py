@@ -503,7 +503,7 @@ def _run(
     ds, split = prepare(data, data_cfg, split_cfg, out, progress, model_name)
     for folder in external.values():  # before the search: an external set the model cannot score fails now
         _check_external_classes(folder, ds.classes)
-    # torch's optimisers import torch._dynamo on first use (1.6 s here): a cost of the process, not
+    # torch's optimisers import torch._dynamo on first use (1.3-1.6 s here): a cost of the process, not
     # of the search, so it is paid here and counted with the scan, as bench/search_bench.py's Keras
     # reference imports its framework before its search is timed
     importlib.import_module("torch._dynamo")

@@ -375,7 +375,7 @@ def tune(
                         if result.stopped_at is None and best.number == trial.number:
                             best_fit = (trial.number, result)
                     done += state != optuna.trial.TrialState.FAIL
-                    _say_trial(trial.number, state, value, result, study, train_cfg.select_by, progress)
+                    _say_trial(trial.number, state, value, result, best, train_cfg.select_by, progress)
                     bar.update(state != optuna.trial.TrialState.FAIL)
     finally:
         torch.set_num_threads(threads_before)
@@ -386,8 +386,8 @@ def tune(
     return summary
 
 
-def _say_trial(number: int, state, value, result, study, select_by: str, progress: bool) -> None:
-    """One log line for a finished trial: its figure, where it stopped, the best so far."""
+def _say_trial(number: int, state, value, result, best, select_by: str, progress: bool) -> None:
+    """One log line for a finished trial: its figure, where it stopped, ``best``, the best trial so far."""
     from lungxray.progress import note
 
     if result is None:
@@ -403,7 +403,6 @@ def _say_trial(number: int, state, value, result, study, select_by: str, progres
         if select_by == "val_loss"
         else f"val_loss {result.best.val_loss:.4f}"
     )
-    best = best_trial(study)
     so_far = f"; best so far {best.value:.4f} (trial {best.number})" if best else ""
     note(f"trial {number}: {select_by} {value:.4f}, {other}, {ended}{so_far}", progress)
 
