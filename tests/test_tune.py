@@ -181,6 +181,10 @@ def test_every_sampler_and_pruner_finishes_the_study(tmp_path, sampler, pruner):
     assert result.best_value == min(as_seen(t).value for t in finished)
     for t in finished:  # pruned trials are stored as such, with the figure the search learnt from
         assert (t.state == optuna.trial.TrialState.PRUNED) == bool(t.user_attrs["pruned_at_epoch"])
+        # every epoch's figure is in the study by the time the trial is told (median: written by
+        # the report thread while the trial trains; hyperband: written at once, it reads them back)
+        assert sorted(t.intermediate_values) == list(range(1, t.user_attrs["epochs_run"] + 1))
+        assert as_seen(t).value == min(t.intermediate_values.values())  # selected by val_loss, best epoch
     assert set(result.best_params) == {
         "activation",
         "layer_1",
