@@ -367,17 +367,17 @@ def tune(
                         started = time.perf_counter()  # as the searches measured here were made
                         batch.append(study.ask())
                         asked.append(time.perf_counter() - started)
+                    frozen = _FrozenCompleted(study) if isinstance(study.pruner, _FREEZABLE) else None
                     for trial, ask_s in zip(batch, asked, strict=True):
                         started = time.perf_counter()
                         hps.append(space(trial))  # the sampler fits its model at the first suggestion
                         trial.set_user_attr("sampler_s", round(ask_s + time.perf_counter() - started, 3))
-                    frozen = _FrozenCompleted(study) if isinstance(study.pruner, _FREEZABLE) else None
-                    futures = [
-                        pool.submit(
-                            _run_trial, t, hp, model_name, train, val, n_classes, train_cfg, show, frozen, stop, writer
-                        )
-                        for t, hp in zip(batch, hps, strict=True)
-                    ]
+                        # trains while the next trial's parameters are drawn: the sampler reads the
+                        # finished trials and the running ones' parameters, none of which it changes
+                        futures.append(
+                            pool.submit(_run_trial, trial, hps[-1], model_name, train, val, n_classes, train_cfg,
+                                        show, frozen, stop, writer)
+                        )  # fmt: skip
                     outcomes = [future.result() for future in futures]  # tell only once the batch is done
                 except KeyboardInterrupt:
                     _stop_and_requeue(study, batch[: len(futures)], futures, stop)
