@@ -209,11 +209,13 @@ def test_a_study_made_for_another_model_is_refused_with_a_hint(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_the_running_trial_promptly_and_resume_retries_it(flat_tree, tmp_path):
-    """Issue 14, failure 8: Ctrl-C during tuning waited for the running trial, then discarded it."""
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_ctrl_c_stops_the_running_trial_promptly_and_resume_retries_it(flat_tree, tmp_path, jobs):
+    """Issue 14, failure 8: Ctrl-C during tuning waited for the running trial, then discarded it.
+    With two jobs the three startup trials are asked at once: two run, one waits its turn."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "lungxray.cli", "tune", str(flat_tree), "--out", str(out), "--img-size", "16",
-           "--cache-dir", str(tmp_path / "cache"), "--epochs", "400", "--patience", "0", "--jobs", "1",
+           "--cache-dir", str(tmp_path / "cache"), "--epochs", "400", "--patience", "0", "--jobs", str(jobs),
            "--val-fraction", "0.2", "--quiet", "--trials", "3"]  # fmt: skip
     # SIGINT as a terminal delivers it, even where the suite itself runs as a background job (which
     # starts with SIGINT ignored, and Python then installs no KeyboardInterrupt handler)
@@ -231,9 +233,9 @@ def test_ctrl_c_stops_the_running_trial_promptly_and_resume_retries_it(flat_tree
     study = optuna.load_study(study_name="lungxray", storage=f"sqlite:///{out / 'study.db'}")
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
     queued = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
-    assert len(failed) == 1 and len(queued) == 1 and failed[0].params
-    assert queued[0].system_attrs["fixed_params"] == failed[0].params  # the resumed study asks these first
-    assert queued[0].user_attrs["retry_of"] == failed[0].number
+    assert len(failed) == len(queued) == (1 if jobs == 1 else 3) and all(t.params for t in failed)
+    for old, again in zip(failed, queued, strict=True):  # the resumed study asks these first
+        assert again.system_attrs["fixed_params"] == old.params and again.user_attrs["retry_of"] == old.number
 
 
 def test_pruned_trials_are_stored_pruned_and_still_teach_the_sampler_and_the_pruner(tmp_path):
@@ -327,3 +329,42 @@ def test_the_search_on_a_slice_of_the_shared_dataset_repeats_exactly(shared_data
     assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1] and runs[0][2] == runs[1][2]
     states = [state for _, state, *_ in runs[0][0]]
     assert states.count("COMPLETE") + states.count("PRUNED") == 10 and "PRUNED" in states
+
+
+def test_the_startup_trials_asked_together_train_as_in_pairs(tmp_path, monkeypatch):
+    """The startup trials (random parameters, never pruned) are asked at once and handed to the
+    workers as each frees; the study they make is the one of asking ``jobs`` at a time."""
+    from lungxray import tune as tune_module
+
+    train, val = toy(6, size=16), toy(3, size=16, start=50)
+    cfg = resolve_tune(TuneConfig(trials=6, sampler="gp", startup_trials=4, warmup_epochs=1, jobs=2),
+                       get_spec("mlp").recipe)  # fmt: skip
+    asked = []
+    together = tune_module._batch_size
+
+    def recording(study, tune_cfg, done):
+        asked.append(together(study, tune_cfg, done))
+        return asked[-1]
+
+    runs = []
+    for name, batch_size in (("together", recording), ("pairs", lambda s, c, done: min(c.jobs, c.trials - done))):
+        monkeypatch.setattr(tune_module, "_batch_size", batch_size)
+        result = tune("mlp", train, val, 3, cfg, settings("mlp", epochs=4, seed=5), f"sqlite:///{tmp_path / name}.db",
+                      progress=False)  # fmt: skip
+        runs.append([(t.params, t.value, t.state, t.intermediate_values) for t in result.study.trials])
+    assert asked == [4, 2]  # the four startup trials at once, then a pair for the GP's first two
+    assert runs[0] == runs[1]
+    assert len(runs[0]) == 6
+
+
+def test_only_startup_trials_with_a_pruner_that_waits_for_them_are_asked_together(tmp_path):
+    from lungxray.tune import _batch_size, make_pruner
+
+    recipe = get_spec("mlp").recipe
+    for pruner, done, expected in (("median", 0, 4), ("median", 3, 2), ("median", 4, 2), ("none", 1, 3),
+                                   ("hyperband", 0, 2)):  # fmt: skip
+        cfg = resolve_tune(TuneConfig(trials=16, pruner=pruner, startup_trials=4, jobs=2), recipe)
+        study = optuna.create_study(pruner=make_pruner(cfg, 8))
+        assert _batch_size(study, cfg, done) == expected, (pruner, done)
+    cfg = resolve_tune(TuneConfig(trials=3, startup_trials=4, jobs=2), recipe)
+    assert _batch_size(optuna.create_study(pruner=make_pruner(cfg, 8)), cfg, 0) == 3  # no more than the study asks

@@ -11,7 +11,7 @@ import copy
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import CancelledError, Executor, Future
 from dataclasses import dataclass
 
 import optuna
@@ -363,7 +363,7 @@ def tune(
             while done < cfg.trials:
                 batch, hps, futures, asked = [], [], [], []
                 try:
-                    for _ in range(min(jobs, cfg.trials - done)):  # every ask before any suggestion,
+                    for _ in range(_batch_size(study, cfg, done)):  # every ask before any suggestion,
                         started = time.perf_counter()  # as the searches measured here were made
                         batch.append(study.ask())
                         asked.append(time.perf_counter() - started)
@@ -384,6 +384,8 @@ def tune(
                     raise
                 except BaseException:
                     stop.set()  # the other trials end at their next epoch instead of training on
+                    for future in futures:
+                        future.cancel()  # and those not started do not start
                     raise
                 for trial, (state, value, result) in zip(batch, outcomes, strict=True):
                     tell(study, trial, state, value)
@@ -403,6 +405,22 @@ def tune(
     if best_fit is not None and best_fit[0] == summary.best_trial:  # not an earlier best's
         summary.best_fit = best_fit[1]
     return summary
+
+
+def _batch_size(study: optuna.Study, cfg: TuneConfig, done: int) -> int:
+    """Trials to ask at once: ``cfg.jobs``, or all the startup trials still to run.
+
+    A startup trial's parameters are drawn at random (``startup_trials`` finished trials come
+    before the GP or TPE sampler models anything) and the median pruner stops none of them (it
+    starts after as many), so they depend on no other trial: asked together and handed to the workers as each
+    frees, they train exactly as in batches of ``jobs``, without a worker left idle while the
+    other of a pair finishes. (Ctrl-C marks those not started yet failed and queues them again,
+    as it does the running ones.)
+    """
+    size = cfg.jobs
+    if size > 1 and isinstance(study.pruner, _FREEZABLE):  # not hyperband, which reads running trials
+        size = max(size, cfg.startup_trials - done)
+    return min(size, cfg.trials - done)
 
 
 def _say_trial(number: int, state, value, result, best, select_by: str, progress: bool) -> None:
@@ -434,11 +452,13 @@ def _stop_and_requeue(study: optuna.Study, batch: list, futures: list, stop: thr
     """Ctrl-C: stop the running trials at their next epoch, mark them FAIL, and queue their
     parameters so the resumed study retries them (before: it waited for them, then threw them away)."""
     stop.set()
+    for future in futures:
+        future.cancel()  # not started yet (a batch of startup trials): retried on resume as well
     for trial, future in zip(batch, futures, strict=True):
         try:
             state, value, _ = future.result()  # it finished just before the stop: keep it
             tell(study, trial, state, value)
-        except _Interrupted:
+        except (_Interrupted, CancelledError):
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
 
