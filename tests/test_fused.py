@@ -43,7 +43,10 @@ def test_the_fused_step_is_torchs_adam_to_float32_rounding(optimizer, batch):
     w_plain, w_fused = plain.net[1].weight.detach(), fused.net[1].weight.detach()
     start = _trained(optimizer, batch, False, steps=0).net[1].weight.detach()
     assert (w_plain - start).abs().min() > 0  # every weight moved
-    assert torch.allclose(w_fused, w_plain, rtol=0, atol=1e-6)  # each step moves a weight by about lr = 1e-2
+    # each step moves a weight by about lr = 1e-2; the forward's and the gradient's sums run in
+    # another order, which Adam's first steps magnify only where a gradient is near its eps
+    assert torch.allclose(w_fused, w_plain, rtol=0, atol=1e-5)
+    assert (w_fused - w_plain).abs().gt(1e-6).float().mean() < 1e-3
     for (name, a), b in zip(plain.state_dict().items(), fused.state_dict().values(), strict=True):
         assert torch.allclose(a, b, rtol=0, atol=1e-5), name  # the later layers saw nearly the same first layer
     assert fused.net[1].weight.requires_grad  # handed back
@@ -123,3 +126,36 @@ def test_a_fit_that_fails_midway_hands_the_weight_back():
         fit("mlp", hp, train, val, 3, settings("mlp", hp, epochs=3), on_epoch=stop)
     assert attached_during == [1]  # the fused step ran in the fit
     assert fused_module._attached[0] == 0
+
+
+@pytest.mark.parametrize(("rows", "batch", "cores"), [(24, 8, 1), (25, 5, 1), (25, 13, 3), (7, 16, 2)])
+def test_the_forward_product_in_training_is_linears_to_float32_rounding(rows, batch, cores, monkeypatch):
+    """The numba product (rows in pairs, an odd last row alone, batches padded to groups of 8, rows
+    split among threads at even rows) against nn.Linear; evaluation is nn.Linear's own, bit for bit."""
+    monkeypatch.setattr(fused_module, "_WEIGHTS_PER_THREAD", 1)  # split even these small layers
+    torch.manual_seed(0)
+    linear = nn.Linear(300, rows)
+    opt = torch.optim.Adam(linear.parameters(), lr=1e-3)
+    x = torch.randn(batch, 300)
+    expected = nn.functional.linear(x, linear.weight, linear.bias)
+    kernel, ranges = fused_module._compile_forward(), []
+
+    def recording(w, xs, bias, out, lo, hi):
+        ranges.append((lo, hi))
+        return kernel(w, xs, bias, out, lo, hi)
+
+    monkeypatch.setattr(fused_module, "_compile_forward", lambda: recording)
+    with FirstLayerAdam(linear, opt, cores):
+        got = linear(x)
+        threads = min(cores, rows // 2)
+        assert len(ranges) == threads and all(lo % 2 == 0 for lo, _ in ranges)
+        assert sorted(ranges)[0][0] == 0 and sorted(ranges)[-1][1] == rows
+        assert got.shape == (batch, rows) and got.requires_grad
+        assert torch.allclose(got, expected, rtol=0, atol=1e-5)
+        got.sum().backward()
+        assert torch.equal(linear.bias.grad, torch.ones(batch, rows).sum(0))  # the bias's gradient, as Linear's
+        assert linear.weight.grad is None  # the step makes the weight's
+        linear.eval()
+        assert torch.equal(linear(x), expected) and len(ranges) == threads  # no kernel call
+    linear.train()
+    assert torch.equal(linear(x), expected)  # nn.Linear's forward again

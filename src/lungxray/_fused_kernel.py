@@ -56,3 +56,68 @@ def adam_rows(w, m, v, xs, dz, g, lo, hi, step_size, beta1, beta2, inv_bc2_sqrt,
         if xs.shape[0] > 8:
             for i in range(n):
                 update(wr, mr, vr, i, g[i], b1, b2, c1, c2, lr, inv, e, keep)
+
+
+@numba.njit(nogil=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
+def linear_rows(w, xs, bias, out, lo, hi):
+    """out[:, j] = xs @ w[j] + bias[j] for rows lo .. hi - 1 (lo even); xs: (b, n), b a multiple of
+    8; out: (b, rows). Rows go in pairs, (0, 1), (2, 3), ..., so each image's values are loaded once
+    for two rows (16 sums in registers): the batch, which does not fit the first-level cache, is
+    read half as often as row by row (0.47 against 0.79 ms at 128 rows and batch 8, one thread).
+    A row's sums are the same whichever thread computes its pair."""
+    n = w.shape[1]
+    for first in range(0, xs.shape[0], 8):
+        x0, x1, x2, x3 = xs[first], xs[first + 1], xs[first + 2], xs[first + 3]
+        x4, x5, x6, x7 = xs[first + 4], xs[first + 5], xs[first + 6], xs[first + 7]
+        for j in range(lo, hi, 2):
+            if j + 1 == hi:  # the last row of an odd count, alone
+                wr = w[j]
+                a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0)
+                for i in range(n):
+                    p = wr[i]
+                    a0 += p * x0[i]
+                    a1 += p * x1[i]
+                    a2 += p * x2[i]
+                    a3 += p * x3[i]
+                    a4 += p * x4[i]
+                    a5 += p * x5[i]
+                    a6 += p * x6[i]
+                    a7 += p * x7[i]
+                _store(out, first, j, bias[j], a0, a1, a2, a3, a4, a5, a6, a7)
+                continue
+            wr, ws = w[j], w[j + 1]
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0)
+            c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = np.float32(0)
+            for i in range(n):
+                p, q = wr[i], ws[i]
+                y0, y1, y2, y3, y4, y5, y6, y7 = x0[i], x1[i], x2[i], x3[i], x4[i], x5[i], x6[i], x7[i]
+                a0 += p * y0
+                a1 += p * y1
+                a2 += p * y2
+                a3 += p * y3
+                a4 += p * y4
+                a5 += p * y5
+                a6 += p * y6
+                a7 += p * y7
+                c0 += q * y0
+                c1 += q * y1
+                c2 += q * y2
+                c3 += q * y3
+                c4 += q * y4
+                c5 += q * y5
+                c6 += q * y6
+                c7 += q * y7
+            _store(out, first, j, bias[j], a0, a1, a2, a3, a4, a5, a6, a7)
+            _store(out, first, j + 1, bias[j + 1], c0, c1, c2, c3, c4, c5, c6, c7)
+
+
+@numba.njit(inline="always")
+def _store(out, first, j, b, a0, a1, a2, a3, a4, a5, a6, a7):
+    out[first, j] = a0 + b
+    out[first + 1, j] = a1 + b
+    out[first + 2, j] = a2 + b
+    out[first + 3, j] = a3 + b
+    out[first + 4, j] = a4 + b
+    out[first + 5, j] = a5 + b
+    out[first + 6, j] = a6 + b
+    out[first + 7, j] = a7 + b

@@ -5,9 +5,11 @@ torch computes the weight gradient as a matrix product (``dz.T @ x``, writing a 
 the weight), then its fused Adam reads weight, gradient and both moments and writes three of them
 back. ``FirstLayerAdam`` instead computes each gradient value from the batch where the update needs
 it and never stores the gradient: one pass over weight and moments per step (``bench/step_bench.py``
-measures the step against torch's, BENCHMARKS.md has the figures).
+measures the step against torch's, BENCHMARKS.md has the figures). Its forward product in training is
+a numba kernel too, two weight rows at a time, each image's values loaded once for both: at batch 8
+MKL's product of this skinny shape took ~1.6x as long on the machine measured.
 
-Written by hand (with numba) because no library fuses a layer's gradient with its optimiser step;
+Written by hand (with numba) because no library fuses a layer's gradient with its optimiser step:
 torch's fused Adam starts from a stored gradient. The arithmetic is torch's Adam/AdamW, in float32,
 summed in another order: the weights agree with torch's to float32 rounding, not bit for bit, and
 are the same from run to run (each weight's sums in a fixed order, whichever thread steps its row).
@@ -16,7 +18,6 @@ Holds no training loop (``train.py``).
 
 from __future__ import annotations
 
-import functools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -49,14 +50,16 @@ class FirstLayerAdam:
     """Takes over the Adam (or AdamW) step of ``linear``'s weight from ``optimizer`` for one fit.
 
     Used as a context manager around the fit. While attached, the weight has ``requires_grad`` off,
-    so backward computes no weight gradient and the optimiser skips it; a forward hook keeps the
-    layer's input with the gradient that reaches its output, and ``step()`` (called right after
+    so backward computes no weight gradient and the optimiser skips it; the layer's forward in
+    training is this object's (``_forward``), which keeps the layer's input with the gradient that
+    reaches its output, and ``step()`` (called right after
     ``optimizer.step()``) applies the update with the group's learning rate, betas, eps and (AdamW)
     weight decay. Leaving the context hands the weight back.
 
     ``cores``: the process's CPU budget. Shared out among the layers attached at once, so a trial
     left alone when the other of a pair ends uses both cores: its rows are split among threads,
-    which changes no result (each row's arithmetic is the same whichever thread does it).
+    which changes no result (each row's arithmetic is the same whichever thread does it). The
+    forward product is split the same way.
     """
 
     def __init__(self, linear: nn.Linear, optimizer: torch.optim.Optimizer, cores: int = 1) -> None:
@@ -104,24 +107,43 @@ class FirstLayerAdam:
         self.steps_ = 0
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.linear.weight.requires_grad_(False)
-        self._hook = self.linear.register_forward_hook(self._keep)
+        self.linear.forward = self._forward  # the instance's own, until __exit__
         with _lock:
             _attached[0] += 1
         return self
 
     def __exit__(self, *exc) -> None:
-        self._hook.remove()
+        del self.linear.forward  # nn.Linear's again
         self.linear.weight.requires_grad_(True)
         with _lock:
             _attached[0] -= 1
 
-    def _keep(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if module.training and torch.is_grad_enabled() and output.requires_grad:
-            # the input travels with its own output's gradient: (x (b, n), dz (b, rows))
-            output.register_hook(functools.partial(self._keep_pair, inputs[0].detach()))
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer in training: the product by the numba kernel, the output's gradient kept with
+        the input for ``step``. In evaluation (or without grad) it is nn.Linear's own."""
+        bias = self.linear.bias
+        if not (self.linear.training and torch.is_grad_enabled() and bias.requires_grad and x.dim() == 2):
+            return nn.functional.linear(x, self.linear.weight, bias)
+        return _Product.apply(x.detach(), bias, self)
 
-    def _keep_pair(self, x: torch.Tensor, dz: torch.Tensor) -> None:
-        self._pending = (x, dz.detach())
+    def _product(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        xs = _padded(x)
+        out = np.empty((len(xs), self.weight_.shape[0]), dtype=np.float32)
+        kernel, b = _compile_forward(), bias.detach().numpy()
+        self._split(lambda lo, hi, k: kernel(self.weight_, xs, b, out, lo, hi), pairs=True)
+        return torch.from_numpy(out[: len(x)])
+
+    def _split(self, work, pairs: bool = False) -> None:
+        """``work(lo, hi, k)`` over the weight's rows, in as many ranges as the cores this layer has
+        to itself allow (``pairs``: ranges start at even rows); range 0 on this thread."""
+        rows = self.weight_.shape[0]
+        parts = max(1, min(self.cores // max(1, _attached[0]), self.weight_.size // _WEIGHTS_PER_THREAD, rows // 2))
+        unit = 2 if pairs else 1
+        bounds = [min(rows, unit * (-(-rows // unit) * k // parts)) for k in range(parts + 1)]
+        others = [_pool(self.cores).submit(work, bounds[k], bounds[k + 1], k) for k in range(1, parts)]
+        work(bounds[0], bounds[1], 0)
+        for other in others:
+            other.result()
 
     def step(self) -> None:
         """The weight's Adam step from the last backward (nothing if there was none)."""
@@ -134,17 +156,32 @@ class FirstLayerAdam:
         lr, t = float(self.group["lr"]), self.steps_
         decay = 1 - lr * self.group["weight_decay"] if self.decoupled else 1.0
         args = (lr / (1 - beta1**t), beta1, beta2, 1 / math.sqrt(1 - beta2**t), self.group["eps"], decay)
-        kernel, rows = _compile(), self.weight_.shape[0]
-        parts = max(1, min(self.cores // max(1, _attached[0]), self.weight_.size // _WEIGHTS_PER_THREAD, rows))
-        bounds = [rows * k // parts for k in range(parts + 1)]
+        kernel = _compile()
+        self._split(lambda lo, hi, k: kernel(self.weight_, self.m_, self.v_, xs, dz, self.g_[k], lo, hi, *args))
 
-        def rows_of(k: int) -> None:
-            kernel(self.weight_, self.m_, self.v_, xs, dz, self.g_[k], bounds[k], bounds[k + 1], *args)
 
-        others = [_pool(self.cores).submit(rows_of, k) for k in range(1, parts)]
-        rows_of(0)
-        for other in others:
-            other.result()
+class _Product(torch.autograd.Function):
+    """The first layer's output in training (``FirstLayerAdam._product``). Its backward hands the
+    output's gradient, with the layer's input, to ``FirstLayerAdam.step`` and returns the bias's
+    gradient as nn.Linear's does (summed over the batch); the weight gets none, the step makes it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor, owner: FirstLayerAdam) -> torch.Tensor:
+        ctx.owner = owner
+        ctx.save_for_backward(x)
+        return owner._product(x, bias)
+
+    @staticmethod
+    def backward(ctx, dz: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        ctx.owner._pending = (x, dz)
+        return None, dz.sum(0), None
+
+
+def _compile_forward():
+    from lungxray._fused_kernel import linear_rows
+
+    return linear_rows
 
 
 def _group_of(weight: torch.Tensor, optimizer: torch.optim.Optimizer) -> dict | None:
