@@ -5,8 +5,10 @@ and the first layer stepped in one pass (``lungxray.fused``) against torch's own
    the fused one: the share of each kind of operation.
 2. ms per step, ``--repeats`` times, alternating: two steppers side by side in threads (one torch
    thread each, as the search runs a pair of trials), and one stepper alone (a trial whose partner
-   has ended: the fused step then splits its rows over both cores; torch keeps one thread).
-   The weights of the two after 30 steps are compared.
+   has ended: the fused step then splits its rows over both cores, for its forward product and its
+   update; torch's own step gets the threads MKL takes in a thread of its own, the machine's).
+   The weights of the two after 30 steps are compared, and the first layer's forward product
+   timed on its own: nn.Linear's (MKL) against the fused step's numba kernel.
 
     .venv/bin/python bench/step_bench.py [--repeats 3] [--batch 8]
 """
@@ -22,17 +24,19 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import machine  # noqa: E402
 
-from lungxray.fused import FirstLayerAdam  # noqa: E402
+from lungxray.fused import FirstLayerAdam, _padded  # noqa: E402
 from lungxray.models import create_model, seed_dropout  # noqa: E402
 from lungxray.train import make_optimizer  # noqa: E402
 
 FUSED = "first layer, gradient and Adam in one pass (numba)"
+FORWARD = "first layer, forward product in training (numba)"
 HP = {"activation": "tanh", "layer_1": 128, "layer_2": 128, "layer_3": 128, "dropout_1": 0.1, "dropout_2": 0.2,
       "learning_rate": 1e-4}  # fmt: skip
 
@@ -85,8 +89,44 @@ def ms_per_step(fused: bool, jobs: int, batch: int = 8, steps: int = 200) -> flo
     return statistics.mean(out)
 
 
+def forward_ms(batch: int, calls: int = 300) -> tuple[float, float]:
+    """ms per call of the first layer's forward product at the largest width: nn.Linear's (MKL)
+    and the fused step's numba kernel, one thread."""
+    from lungxray.fused import _compile_forward
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x, weight, bias = torch.rand(batch, 128 * 128), torch.randn(128, 128 * 128) * 0.01, torch.randn(128)
+    xs, w, b = _padded(x), weight.numpy(), bias.numpy()
+    out, kernel = np.empty((len(xs), 128), dtype=np.float32), _compile_forward()
+    times = []
+    for run in (lambda: nn.functional.linear(x, weight, bias), lambda: kernel(w, xs, b, out, 0, 128)):
+        for _ in range(20):
+            run()
+        start = time.perf_counter()
+        for _ in range(calls):
+            run()
+        times.append((time.perf_counter() - start) / calls * 1e3)
+    return times[0], times[1]
+
+
 def profile_shares(fused: bool) -> list[tuple[str, float]]:
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    product = FirstLayerAdam._product
+
+    def named(self, x, bias):  # the profiler sees no torch operation in the numba product either
+        with record_function(FORWARD):
+            return product(self, x, bias)
+
+    FirstLayerAdam._product = named
+    try:
+        return _shares(fused, profile, ProfilerActivity)
+    finally:
+        FirstLayerAdam._product = product
+
+
+def _shares(fused: bool, profile, ProfilerActivity) -> list[tuple[str, float]]:
 
     torch.set_num_threads(1)
     _, step, close = stepper(fused)
@@ -107,6 +147,7 @@ def profile_shares(fused: bool) -> list[tuple[str, float]]:
     }
     if fused:
         kinds[FUSED] = (FUSED,)
+        kinds[FORWARD] = (FORWARD,)
     shares = [(k, sum(e.self_cpu_time_total for e in events if e.key in keys) / total) for k, keys in kinds.items()]
     return shares + [("everything else", 1 - sum(s for _, s in shares))]
 
@@ -128,7 +169,15 @@ def main() -> None:
         step_b(xs[i % 5], y)
     close_b()
     gap = max((p - q).abs().max().item() for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
-    print(f"\nweights after 30 steps (learning rate 1e-4), torch's and fused: largest difference {gap:.2e}")
+    first = (a.net[1].weight - b.net[1].weight).abs()
+    print(
+        f"\nweights after 30 steps (learning rate 1e-4), torch's and fused: largest difference {gap:.2e}; "
+        f"first layer: {int((first > 1e-6).sum())} of {first.numel():,} beyond 1e-6, median {first.median():.1e}"
+    )
+    print("forward product alone (first layer, one thread, alternating), ms: MKL (nn.Linear) | numba (fused)")
+    for r in range(args.repeats):
+        mkl, numba_ms = forward_ms(args.batch)
+        print(f"  repeat {r + 1}: {mkl:.3f} | {numba_ms:.3f}  ({mkl / numba_ms:.2f}x)")
     print(f"ms per step of {args.batch} images (alternating): two side by side | one alone")
     rows = []
     for r in range(args.repeats):
