@@ -239,8 +239,9 @@ class TrainConfig:
     """Fits from seeds seed, seed+1000, ... averaged into one model (their mean probability); trials
     of a search fit one."""
     fused_step: bool = option("--fused-step", True)
-    """On the CPU, step the MLP's first layer in one pass, its weight gradient fused into Adam (faster:
-    bench/step_bench.py); --no-fused-step leaves it to torch, whose sums round differently."""
+    """On the CPU, step the MLP's first layer in one pass, its weight gradient fused into Adam, and
+    compute its forward product in training with the same kernels (faster: bench/step_bench.py);
+    --no-fused-step leaves both to torch, whose sums round differently."""
 
     def __post_init__(self) -> None:
         _check_choices(self)
