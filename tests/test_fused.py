@@ -159,3 +159,38 @@ def test_the_forward_product_in_training_is_linears_to_float32_rounding(rows, ba
         assert torch.equal(linear(x), expected) and len(ranges) == threads  # no kernel call
     linear.train()
     assert torch.equal(linear(x), expected)  # nn.Linear's forward again
+
+
+def test_an_odd_layer_split_among_threads_trains_bit_for_bit_as_on_one(monkeypatch):
+    """25 rows on 3 threads: the forward's ranges start at even rows, so the last row is computed
+    alone whatever the split; the products and the weights after three steps are those of 1 thread."""
+    monkeypatch.setattr(fused_module, "_WEIGHTS_PER_THREAD", 1)
+    runs = []
+    for cores in (1, 3):
+        torch.manual_seed(0)
+        linear = nn.Linear(300, 25)
+        opt = torch.optim.Adam(linear.parameters(), lr=1e-2)
+        generator, outputs = torch.Generator().manual_seed(1), []
+        with FirstLayerAdam(linear, opt, cores) as first:
+            for batch in (8, 5, 13):
+                out = linear(torch.randn(batch, 300, generator=generator))
+                outputs.append(out.detach().clone())
+                opt.zero_grad(set_to_none=True)
+                out.square().mean().backward()
+                opt.step()
+                first.step()
+        runs.append((outputs, linear.weight.detach().clone(), linear.bias.detach().clone()))
+    (a, wa, ba), (b, wb, bb) = runs
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+    assert torch.equal(wa, wb) and torch.equal(ba, bb)
+    torch.manual_seed(0)
+    assert (wa - nn.Linear(300, 25).weight.detach()).abs().min() > 0  # the steps moved every weight
+
+
+def test_the_fused_layer_refuses_inputs_its_kernel_cannot_read():
+    linear = nn.Linear(300, 32)
+    with FirstLayerAdam(linear, torch.optim.Adam(linear.parameters()), 1):
+        for bad in (torch.randn(8, 299), torch.randn(8, 300, dtype=torch.float64), torch.randn(2, 8, 300)):
+            with pytest.raises(ValueError, match="--no-fused-step"):
+                linear(bad)
+        assert linear(torch.randn(8, 300)).shape == (8, 32)

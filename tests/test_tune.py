@@ -331,13 +331,15 @@ def test_the_search_on_a_slice_of_the_shared_dataset_repeats_exactly(shared_data
     assert states.count("COMPLETE") + states.count("PRUNED") == 10 and "PRUNED" in states
 
 
-def test_the_startup_trials_asked_together_train_as_in_pairs(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("startup", "trials", "batches"), [(4, 6, [4, 2]), (5, 8, [6, 2])])
+def test_the_startup_trials_asked_together_train_as_in_pairs(tmp_path, monkeypatch, startup, trials, batches):
     """The startup trials (random parameters, never pruned) are asked at once and handed to the
-    workers as each frees; the study they make is the one of asking ``jobs`` at a time."""
+    workers as each frees; the study they make is the one of asking ``jobs`` at a time. With 5
+    startup trials the pairs ask trial 5 with 4 finished, still at random: 6 are asked together."""
     from lungxray import tune as tune_module
 
     train, val = toy(6, size=16), toy(3, size=16, start=50)
-    cfg = resolve_tune(TuneConfig(trials=6, sampler="gp", startup_trials=4, warmup_epochs=1, jobs=2),
+    cfg = resolve_tune(TuneConfig(trials=trials, sampler="gp", startup_trials=startup, warmup_epochs=1, jobs=2),
                        get_spec("mlp").recipe)  # fmt: skip
     asked = []
     together = tune_module._batch_size
@@ -352,19 +354,39 @@ def test_the_startup_trials_asked_together_train_as_in_pairs(tmp_path, monkeypat
         result = tune("mlp", train, val, 3, cfg, settings("mlp", epochs=4, seed=5), f"sqlite:///{tmp_path / name}.db",
                       progress=False)  # fmt: skip
         runs.append([(t.params, t.value, t.state, t.intermediate_values) for t in result.study.trials])
-    assert asked == [4, 2]  # the four startup trials at once, then a pair for the GP's first two
+    assert asked == batches  # the startup trials at once, then a pair for the GP's first two
     assert runs[0] == runs[1]
-    assert len(runs[0]) == 6
+    assert len(runs[0]) == trials
 
 
 def test_only_startup_trials_with_a_pruner_that_waits_for_them_are_asked_together(tmp_path):
     from lungxray.tune import _batch_size, make_pruner
 
     recipe = get_spec("mlp").recipe
-    for pruner, done, expected in (("median", 0, 4), ("median", 3, 2), ("median", 4, 2), ("none", 1, 3),
+    for pruner, done, expected in (("median", 0, 4), ("median", 3, 2), ("median", 4, 2), ("none", 1, 4),
                                    ("hyperband", 0, 2)):  # fmt: skip
         cfg = resolve_tune(TuneConfig(trials=16, pruner=pruner, startup_trials=4, jobs=2), recipe)
         study = optuna.create_study(pruner=make_pruner(cfg, 8))
         assert _batch_size(study, cfg, done) == expected, (pruner, done)
     cfg = resolve_tune(TuneConfig(trials=3, startup_trials=4, jobs=2), recipe)
     assert _batch_size(optuna.create_study(pruner=make_pruner(cfg, 8)), cfg, 0) == 3  # no more than the study asks
+
+
+def test_every_epochs_figure_is_in_the_study_before_its_trial_is_told(tmp_path, monkeypatch):
+    """The report thread writes while the trial trains; slowed down here, so a trial told before its
+    writes landed would be missing figures (or be told while still taking them)."""
+    report = optuna.trial.Trial.report
+
+    def slow(self, value, step):
+        time.sleep(0.05)
+        return report(self, value, step)
+
+    monkeypatch.setattr(optuna.trial.Trial, "report", slow)
+    train, val = toy(6, size=16), toy(3, size=16, start=50)
+    cfg = resolve_tune(TuneConfig(trials=2, startup_trials=4, jobs=2), get_spec("mlp").recipe)
+    result = tune("mlp", train, val, 3, cfg, settings("mlp", epochs=6, patience=0), f"sqlite:///{tmp_path / 's.db'}",
+                  progress=False)  # fmt: skip
+    trials = result.study.get_trials(states=FINISHED)
+    assert len(trials) == 2
+    for t in trials:
+        assert sorted(t.intermediate_values) == list(range(1, 7))

@@ -122,9 +122,15 @@ class FirstLayerAdam:
         """The layer in training: the product by the numba kernel, the output's gradient kept with
         the input for ``step``. In evaluation (or without grad) it is nn.Linear's own."""
         bias = self.linear.bias
-        if not (self.linear.training and torch.is_grad_enabled() and bias.requires_grad and x.dim() == 2):
+        if not (self.linear.training and torch.is_grad_enabled() and bias.requires_grad):
             return nn.functional.linear(x, self.linear.weight, bias)
-        return _Product.apply(x.detach(), bias, self)
+        if x.dim() != 2 or x.shape[1] != self.weight_.shape[1] or x.dtype != torch.float32 or x.requires_grad:
+            # the kernel reads rows of exactly the weight's width, unchecked, and gives no input gradient
+            raise ValueError(
+                f"the fused first layer trains on float32 (batch, {self.weight_.shape[1]}) inputs that need no "
+                f"gradient, got {x.dtype} {tuple(x.shape)}; train with --no-fused-step"
+            )
+        return _Product.apply(x, bias, self)
 
     def _product(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         xs = _padded(x)

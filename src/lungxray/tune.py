@@ -11,7 +11,7 @@ import copy
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Executor, Future
+from concurrent.futures import CancelledError, Executor, Future, wait
 from dataclasses import dataclass
 
 import optuna
@@ -276,12 +276,13 @@ def _run_trial(
         cfg = resolve_train(train_cfg, get_spec(model_name).recipe, hp)  # the trial's own batch size
         result = fit(model_name, hp, train, val, n_classes, cfg, on_epoch=report)
     except FloatingPointError as exc:
+        _landed(writes)
         on_epoch(trial.number, None)
         trial.set_user_attr("error", str(exc))
         return optuna.trial.TrialState.FAIL, None, None
     finally:
-        for write in writes:
-            write.result()  # every epoch's figure in the study before the trial is told
+        wait(writes)  # none outlives its trial, whatever the fit raised (its own error goes on)
+    _landed(writes)
     on_epoch(trial.number, None)  # finished: off the progress bar
     for key, value in (
         ("best_epoch", result.best_epoch),
@@ -297,6 +298,13 @@ def _run_trial(
         trial.set_user_attr(BEST_VALUE, figure)
         return PRUNED, figure, result
     return COMPLETE, figure, result
+
+
+def _landed(writes: list[Future]) -> None:
+    """Wait for every epoch's figure to be in the study (before the trial is told); a failed write
+    is raised."""
+    for write in writes:
+        write.result()
 
 
 def tune(
@@ -318,10 +326,12 @@ def tune(
     side beat one trial on two threads; a CNN uses every core itself. Each batch is asked in a
     fixed order and waited for as a whole, so the sampler and the pruner see the same history on
     every run with the same seed. (With ``--pruner hyperband`` and more than one job this holds for
-    the sampler only: that pruner reads the live study from the trials' threads.) Starting a new
-    trial as soon as the older of two ends, told in the order asked, was measured and dropped: no
-    faster per epoch (a trial left alone runs faster, sharing the memory bus with none),
-    and the sampler's extra cost with a running trial's parameters in view.
+    the sampler only: that pruner reads the live study from the trials' threads.) Only the startup
+    trials, which depend on no other, start as soon as a worker frees (``_batch_size``). Doing so
+    for every trial, told in the order asked, was measured and dropped: it changes what the
+    sampler has seen at each trial, was no faster per epoch (a trial left alone runs faster,
+    sharing the memory bus with none), and cost the sampler more with a running trial's
+    parameters in view.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -356,9 +366,9 @@ def tune(
     threads_before = torch.get_num_threads()
     torch.set_num_threads(max(1, threads_before // jobs))
     try:
-        with (
-            ThreadPoolExecutor(max_workers=jobs) as pool,
+        with (  # the report thread closes after the trials' pool
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="lungxray-report") as writer,
+            ThreadPoolExecutor(max_workers=jobs) as pool,
         ):
             while done < cfg.trials:
                 batch, hps, futures, asked = [], [], [], []
@@ -412,14 +422,16 @@ def _batch_size(study: optuna.Study, cfg: TuneConfig, done: int) -> int:
 
     A startup trial's parameters are drawn at random (``startup_trials`` finished trials come
     before the GP or TPE sampler models anything) and the median pruner stops none of them (it
-    starts after as many), so they depend on no other trial: asked together and handed to the workers as each
-    frees, they train exactly as in batches of ``jobs``, without a worker left idle while the
-    other of a pair finishes. (Ctrl-C marks those not started yet failed and queues them again,
-    as it does the running ones.)
+    starts after as many), so they depend on no other trial. Asked together, in as many trials as
+    the batches of ``jobs`` asked with fewer than ``startup_trials`` finished would hold, and
+    handed to the workers as each frees, they train exactly as in those batches (when no trial
+    fails), without a worker left idle while the other of a pair finishes. Ctrl-C fails and queues
+    again those handed to the workers and not started yet, as it does the running ones; one still
+    waiting for its parameters is failed, and its parameters queued, when the study next opens.
     """
     size = cfg.jobs
     if size > 1 and isinstance(study.pruner, _FREEZABLE):  # not hyperband, which reads running trials
-        size = max(size, cfg.startup_trials - done)
+        size *= max(1, -(-(cfg.startup_trials - done) // size))
     return min(size, cfg.trials - done)
 
 
