@@ -484,6 +484,10 @@ def _process_group(cfg):
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         yield dist.get_rank()
+        # every process waits for the others (rank 0 writes the run folder) before the group is torn
+        # down: a process that left first while rank 0 still held the group aborted now and then
+        # in gloo's teardown ("terminate called without an active exception", 1 run in 5-9 here)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
