@@ -125,31 +125,39 @@ def step_seconds(params: dict, jobs: int, fused_step: bool = True, steps: int = 
     return statistics.mean(times)
 
 
-def floor(run_dir: Path, jobs: int = 2, fused_step: bool = True) -> dict:
+def floor(run_dir: Path, jobs: int = 2, fused_step: bool = True, rounds: int = 5) -> dict:
     """The search's compute floor: every trial's epochs x steps per epoch x the measured step time
     of its network with ``jobs`` trials side by side, divided by ``jobs`` (perfect packing onto the
     cores). What lies between it and the achieved search time is everything else: data loading,
-    validation passes, bookkeeping, the sampler, waiting for the slower trial of a pair."""
+    validation passes, bookkeeping, the sampler, waiting for the slower trial of a pair.
+
+    Each network's step is timed in ``rounds`` rounds, every network once per round in trial order,
+    and its median kept: a slow spell of this shared machine then moves one round, not the floor
+    (timed once each, the same 474 epochs gave a floor of 23.6 s in one run and 33.1 s in the
+    next). Each round's own floor is returned too, as the measurement's spread."""
     trials = [t for t in json.loads((run_dir / "trials.json").read_text()) if t["state"] in ("COMPLETE", "PRUNED")]
     n_train = len(json.loads((run_dir / "splits.json").read_text())["train"])
     steps = -(-n_train // 8)
-    cache: dict[str, float] = {}
-    total_steps, seconds = 0, 0.0
-    for t in trials:
-        key = json.dumps(t["params"], sort_keys=True)
-        if key not in cache:
-            cache[key] = step_seconds(t["params"], jobs, fused_step)
-        total_steps += t["epochs_run"] * steps
-        seconds += t["epochs_run"] * steps * cache[key] / jobs
+    keys = list(dict.fromkeys(json.dumps(t["params"], sort_keys=True) for t in trials))
+    times: dict[str, list[float]] = {key: [] for key in keys}
+    for _ in range(rounds):
+        for key in keys:
+            times[key].append(step_seconds(json.loads(key), jobs, fused_step))
+
+    def seconds(step_s: dict[str, float]) -> float:
+        return sum(t["epochs_run"] * steps * step_s[json.dumps(t["params"], sort_keys=True)] / jobs for t in trials)
+
+    floor_s = seconds({key: statistics.median(ts) for key, ts in times.items()})
+    by_round = [seconds({key: ts[r] for key, ts in times.items()}) for r in range(rounds)]
     epochs = sum(t["epochs_run"] for t in trials)
-    mean_ms = 1e3 * seconds * jobs / total_steps
-    return {"epochs": epochs, "steps": total_steps, "floor_s": seconds, "mean_step_ms": mean_ms}
-
-
-def alone_epochs(run: dict) -> int:
-    """Epochs trained by a trial whose partner (trials run in pairs, in trial order) had ended."""
-    epochs = [t["epochs_run"] for t in run["trials"] if t["state"] in ("COMPLETE", "PRUNED")]
-    return sum(abs(a - b) for a, b in zip(epochs[::2], epochs[1::2], strict=False))
+    total_steps = epochs * steps
+    return {
+        "epochs": epochs,
+        "steps": total_steps,
+        "floor_s": floor_s,
+        "round_floors_s": by_round,
+        "mean_step_ms": 1e3 * floor_s * jobs / total_steps,
+    }
 
 
 def lungxray_predict_speed(model_dir: Path, data_out: Path) -> float:
@@ -234,7 +242,8 @@ def _row(name: str, search_s: float, ratio: str, final_s: float, accuracy: float
         spent = "| 1,024 (16 x 64) | - | - |"
     else:
         f = run["floor"]
-        spent = f"| {f['epochs']:,} | {f['floor_s']:.1f} | {search_s / f['floor_s']:.2f} |"
+        spread = f" ({min(f['round_floors_s']):.1f}-{max(f['round_floors_s']):.1f})" if "round_floors_s" in f else ""
+        spent = f"| {f['epochs']:,} | {f['floor_s']:.1f}{spread} | {search_s / f['floor_s']:.2f} |"
     return f"| {name} | {search_s:.1f} | {ratio} {spent} {final_s:.1f} | {accuracy:.4f} |"
 
 
@@ -276,14 +285,16 @@ def render(args, results: dict, first: dict, lx_ips: float) -> str:
             "steps per epoch x the measured time of one optimiser step of that trial's network (batch 8, the first "
             "layer's gradient fused into its Adam step as lungxray trains, a preloaded batch, two such steps running "
             "side by side on one core each, as the search runs its trials), halved for the two cores: what the "
-            "trials' training steps cost with nothing else. Mean step "
+            "trials' training steps cost with nothing else. Each network's step is timed in "
+            f"{len(first['on']['floor']['round_floors_s'])} rounds, the networks in turn, and its median taken; "
+            "the floor column gives, in brackets, the lowest and highest floor of a single round. Mean step "
             f"{first['on']['floor']['mean_step_ms']:.2f} ms (pruning on), "
             f"{first['off']['floor']['mean_step_ms']:.2f} ms (pruning off), side by side. Between the floor and the "
             "search: validation passes, the sampler "
             f"({sum(t.get('sampler_s', 0) for t in first['on']['trials']):.1f} s in all, pruning on), "
-            f"a trial running alone while the other of its pair has ended ({alone_epochs(first['on'])} of "
-            f"{first['on']['floor']['epochs']} epochs with pruning on; only its first layer's update then uses "
-            "both cores), start-up of the search.",
+            "a trial training alone while the next waits for its history to end or is being drawn, and at the end "
+            "(only its first layer's forward product and update then use both cores; `bench/search_timeline.py` "
+            "splits the search's time by the trials training), start-up of the search.",
             "",
             f"Predict throughput (preprocessed 128x128 images, each tool's own predict call): "
             f"lungxray {lx_ips:,.0f} images/s, Keras {k['predict_images_per_s']:,.0f} images/s "

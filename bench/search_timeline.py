@@ -10,7 +10,7 @@ and prints:
 - the thread time of the training passes, the validation passes and the study reports;
 - the median ms of an epoch by the first layer's width, alone and side by side.
 
-    .venv/bin/python bench/search_timeline.py ../shared/data/covid19-image-dataset [--seed 0] [--out DIR]
+    .venv/bin/python bench/search_timeline.py ../shared/data/covid19-image-dataset [--seed 0] [--pruner none]
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("data", nargs="?", type=Path, default=ROOT.parent / "shared" / "data" / "covid19-image-dataset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="run folder (a new temporary one by default)")
+    parser.add_argument("--pruner", default="median", help="as lungxray run's --pruner (search_bench: median, none)")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="lungxray-timeline-")) / "run"
     intervals: dict[str, list] = collections.defaultdict(list)
@@ -74,10 +75,10 @@ def main() -> None:
     timed(intervals, optuna.trial.Trial, "report", "report")
     timed(intervals, tune, "tune", "search")
     cli.main(["run", str(args.data), "--model", "mlp", "--out", str(out), "--seed", str(args.seed),
-              "--cache-dir", str(ROOT / "bench" / "out" / "cache"), "--equalize", "none", "--quiet"])  # fmt: skip
+              "--cache-dir", str(ROOT / "bench" / "out" / "cache"), "--equalize", "none", "--pruner", args.pruner, "--quiet"])  # fmt: skip
     ((start, end, *_),) = intervals["search"]
     print(machine())
-    print(f"search (seed {args.seed}): {end - start:.1f} s wall, run folder {out}")
+    print(f"search (seed {args.seed}, pruner {args.pruner}): {end - start:.1f} s wall, run folder {out}")
     for key, what in (("fit", "trials in fit"), ("train_one_epoch", "trials in an epoch's training pass")):
         split = ", ".join(f"{n}: {s:.1f} s" for n, s in coverage(intervals[key], start, end).items())
         print(f"  wall time by {what}: {split}")

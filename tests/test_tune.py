@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import signal
 import sqlite3
 import subprocess
@@ -15,7 +16,7 @@ from conftest import settings, toy
 
 from lungxray.config import TuneConfig, resolve_tune
 from lungxray.models import get_spec
-from lungxray.tune import as_seen, tune
+from lungxray.tune import HISTORY, as_seen, history_start, tell, tune
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
@@ -145,7 +146,7 @@ def test_pruning_on_the_frozen_view_decides_as_optuna_does():
         for step in range(1, 11):
             done.report(slope / step, step)
         study.tell(done, slope / 10)
-    frozen = _FrozenCompleted(study)
+    frozen = _FrozenCompleted(study, below=3)
     decisions = []
     for level in (0.1, 0.5, 1.5, 3.0):
         trial = study.ask()
@@ -212,7 +213,7 @@ def test_a_study_made_for_another_model_is_refused_with_a_hint(tmp_path):
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_ctrl_c_stops_the_running_trial_promptly_and_resume_retries_it(flat_tree, tmp_path, jobs):
     """Issue 14, failure 8: Ctrl-C during tuning waited for the running trial, then discarded it.
-    With two jobs the three startup trials are asked at once: two run, one waits its turn."""
+    With two jobs both running trials are stopped and queued again."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "lungxray.cli", "tune", str(flat_tree), "--out", str(out), "--img-size", "16",
            "--cache-dir", str(tmp_path / "cache"), "--epochs", "400", "--patience", "0", "--jobs", str(jobs),
@@ -233,7 +234,7 @@ def test_ctrl_c_stops_the_running_trial_promptly_and_resume_retries_it(flat_tree
     study = optuna.load_study(study_name="lungxray", storage=f"sqlite:///{out / 'study.db'}")
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
     queued = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
-    assert len(failed) == len(queued) == (1 if jobs == 1 else 3) and all(t.params for t in failed)
+    assert len(failed) == len(queued) == jobs and all(t.params for t in failed)
     for old, again in zip(failed, queued, strict=True):  # the resumed study asks these first
         assert again.system_attrs["fixed_params"] == old.params and again.user_attrs["retry_of"] == old.number
 
@@ -286,7 +287,7 @@ def test_pruned_trials_are_stored_pruned_and_still_teach_the_sampler_and_the_pru
     assert seen_by_sampler[-1] == [(0, 0.4), (1, 0.3)]  # the sampler learns from the pruned trial
     # the median of the two finished trials at step 2 is 0.4: above it is pruned, below is not,
     # read live (a worker) and from the view frozen when the trial was asked (the search's path)
-    frozen = _FrozenCompleted(study)
+    frozen = _FrozenCompleted(study, below=2)
     probe.report(0.45, 2)
     assert probe.should_prune() and _should_prune(probe, {2: 0.45}, frozen)
     other = study.ask()
@@ -331,45 +332,69 @@ def test_the_search_on_a_slice_of_the_shared_dataset_repeats_exactly(shared_data
     assert states.count("COMPLETE") + states.count("PRUNED") == 10 and "PRUNED" in states
 
 
-@pytest.mark.parametrize(("startup", "trials", "batches"), [(4, 6, [4, 2]), (5, 8, [6, 2])])
-def test_the_startup_trials_asked_together_train_as_in_pairs(tmp_path, monkeypatch, startup, trials, batches):
-    """The startup trials (random parameters, never pruned) are asked at once and handed to the
-    workers as each frees; the study they make is the one of asking ``jobs`` at a time. With 5
-    startup trials the pairs ask trial 5 with 4 finished, still at random: 6 are asked together."""
+def test_the_search_is_the_same_whichever_trial_ends_first(tmp_path, monkeypatch):
+    """Trials start as a worker frees and are told as they end, but each is drawn and pruned from
+    a history fixed by its number: two runs whose trials end in different orders (the even ones
+    held back in one, the odd ones in the other) make the same study, trial for trial."""
     from lungxray import tune as tune_module
 
+    run_trial, told = tune_module._run_trial, []
+
+    def held(slow_parity):
+        def run(trial, *args, **kwargs):
+            outcome = run_trial(trial, *args, **kwargs)
+            time.sleep(0.4 if trial.number % 2 == slow_parity else 0.0)  # ends after its neighbour
+            return outcome
+
+        return run
+
+    def recording_tell(study, trial, state, value):
+        told[-1].append(trial.number)
+        return tell(study, trial, state, value)
+
+    monkeypatch.setattr(tune_module, "tell", recording_tell)
     train, val = toy(6, size=16), toy(3, size=16, start=50)
-    cfg = resolve_tune(TuneConfig(trials=trials, sampler="gp", startup_trials=startup, warmup_epochs=1, jobs=2),
+    cfg = resolve_tune(TuneConfig(trials=8, sampler="gp", startup_trials=2, warmup_epochs=1, jobs=2),
                        get_spec("mlp").recipe)  # fmt: skip
-    asked = []
-    together = tune_module._batch_size
-
-    def recording(study, tune_cfg, done):
-        asked.append(together(study, tune_cfg, done))
-        return asked[-1]
-
     runs = []
-    for name, batch_size in (("together", recording), ("pairs", lambda s, c, done: min(c.jobs, c.trials - done))):
-        monkeypatch.setattr(tune_module, "_batch_size", batch_size)
-        result = tune("mlp", train, val, 3, cfg, settings("mlp", epochs=4, seed=5), f"sqlite:///{tmp_path / name}.db",
-                      progress=False)  # fmt: skip
-        runs.append([(t.params, t.value, t.state, t.intermediate_values) for t in result.study.trials])
-    assert asked == batches  # the startup trials at once, then a pair for the GP's first two
+    for slow_parity in (0, 1):
+        told.append([])
+        monkeypatch.setattr(tune_module, "_run_trial", held(slow_parity))
+        result = tune("mlp", train, val, 3, cfg, settings("mlp", epochs=4, seed=5),
+                      f"sqlite:///{tmp_path / str(slow_parity)}.db", progress=False)  # fmt: skip
+        runs.append([(t.number, t.params, t.value, t.state, t.intermediate_values, t.user_attrs[HISTORY])
+                     for t in result.study.trials])  # fmt: skip
+    assert told[0] != told[1] and sorted(told[0]) == sorted(told[1]) == list(range(8))  # other orders
     assert runs[0] == runs[1]
-    assert len(runs[0]) == trials
+    assert [history for *_, history in runs[0]] == [0, 0, 2, 2, 3, 4, 5, 6]
+    assert len({json.dumps(params, sort_keys=True) for _, params, *_ in runs[0]}) == 8  # none drawn twice
 
 
-def test_only_startup_trials_with_a_pruner_that_waits_for_them_are_asked_together(tmp_path):
-    from lungxray.tune import _batch_size, make_pruner
+def test_each_trial_s_history_and_how_its_sampler_sees_the_rest():
+    """``history_start``: the startup trials see none, the next sees them all, and with two jobs a
+    trial sees all but the one before it; with one job, all before it. In a trial's view that
+    one reads RUNNING with its parameters and no figure, though it has ended."""
+    from lungxray.tune import StudyView
 
-    recipe = get_spec("mlp").recipe
-    for pruner, done, expected in (("median", 0, 4), ("median", 3, 2), ("median", 4, 2), ("none", 1, 4),
-                                   ("hyperband", 0, 2)):  # fmt: skip
-        cfg = resolve_tune(TuneConfig(trials=16, pruner=pruner, startup_trials=4, jobs=2), recipe)
-        study = optuna.create_study(pruner=make_pruner(cfg, 8))
-        assert _batch_size(study, cfg, done) == expected, (pruner, done)
-    cfg = resolve_tune(TuneConfig(trials=3, startup_trials=4, jobs=2), recipe)
-    assert _batch_size(optuna.create_study(pruner=make_pruner(cfg, 8)), cfg, 0) == 3  # no more than the study asks
+    def starts(jobs, startup=4):
+        return [history_start(n, TuneConfig(jobs=jobs, startup_trials=startup)) for n in range(9)]
+
+    assert starts(2) == [0, 0, 0, 0, 4, 4, 5, 6, 7]
+    assert starts(1) == [0, 0, 0, 0, 4, 5, 6, 7, 8]
+    assert starts(3, startup=2) == [0, 0, 2, 2, 2, 3, 4, 5, 6]
+    study = optuna.create_study()
+    for x in (0.1, 0.2, 0.3):
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        trial.report(x, 1)
+        study.tell(trial, x)
+    drawn = study.ask()
+    view = StudyView(study, below=2, number=drawn.number)
+    seen = {t.number: (t.state.name, t.value, t.intermediate_values, t.params) for t in view.get_trials()}
+    assert seen[0] == ("COMPLETE", 0.1, {1: 0.1}, study.trials[0].params)
+    assert seen[2] == ("RUNNING", None, {}, study.trials[2].params)  # ended, but after its history
+    complete = view.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert seen[3][0] == "RUNNING" and [t.number for t in complete] == [0, 1]
 
 
 def test_every_epochs_figure_is_in_the_study_before_its_trial_is_told(tmp_path, monkeypatch):

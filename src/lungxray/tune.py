@@ -11,7 +11,7 @@ import copy
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Executor, Future, wait
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Executor, Future, wait
 from dataclasses import dataclass
 
 import optuna
@@ -25,6 +25,7 @@ from lungxray.train import EpochStats, FitResult, fit
 COMPLETE, PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
 FINISHED = (COMPLETE, PRUNED)
 BEST_VALUE = "best_value"  # a pruned trial's user attribute: the best figure it reached before it stopped
+HISTORY = "drawn_from_below"  # a trial's user attribute: its parameters and pruning saw trials below this number
 
 
 @dataclass
@@ -75,22 +76,47 @@ def as_seen(trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
 
 class StudyView:
     """A study whose trials read through ``as_seen`` (so it holds no PRUNED trial: they read as
-    COMPLETE); everything else is the study's own."""
+    COMPLETE); everything else is the study's own.
 
-    def __init__(self, study) -> None:
-        self._study = study
+    Given ``below`` and ``number`` (the trial being drawn), the view is the history that trial is
+    drawn from whatever the clock did: the trials below ``below`` as above, those from ``below`` up
+    to ``number`` as RUNNING with their parameters and no figures, finished or not (a queued one
+    stays WAITING). See ``history_start``.
+    """
+
+    def __init__(self, study, below: int | None = None, number: int | None = None) -> None:
+        self._study, self._below, self._number = study, below, number
 
     def __getattr__(self, name: str):
-        if name == "_study":  # not set yet (a copy being made): no endless lookup
+        if name in ("_study", "_below", "_number"):  # not set yet (a copy being made): no endless lookup
             raise AttributeError(name)
         return getattr(self._study, name)
 
     def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list:
-        asked = None if states is None else (*states, PRUNED)
+        asked = None if states is None or self._below is not None else (*states, PRUNED)
         get = getattr(self._study, "_get_trials", None)
         trials = get(deepcopy, asked, use_cache) if get else self._study.get_trials(deepcopy, asked)
-        seen = [as_seen(t) for t in trials]
+        seen = [self._seen(t) for t in trials]
         return [t for t in seen if states is None or t.state in states]
+
+    def _seen(self, trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+        if self._below is None or trial.number < self._below:
+            return as_seen(trial)
+        if trial.number >= self._number or trial.state == optuna.trial.TrialState.WAITING:
+            return trial  # the trial being drawn, or one queued
+        return optuna.trial.FrozenTrial(
+            number=trial.number,
+            trial_id=trial._trial_id,
+            state=optuna.trial.TrialState.RUNNING,
+            value=None,
+            datetime_start=trial.datetime_start,
+            datetime_complete=None,
+            params=trial.params,
+            distributions=trial.distributions,
+            user_attrs=trial.user_attrs,
+            system_attrs=trial.system_attrs,
+            intermediate_values={},
+        )
 
     def get_trials(self, deepcopy: bool = True, states=None) -> list:
         return self._get_trials(deepcopy, states)
@@ -117,14 +143,20 @@ class LearnsFromPruned(optuna.samplers.BaseSampler):
     def __init__(self, sampler: optuna.samplers.BaseSampler) -> None:
         self.sampler = sampler
 
+    @staticmethod
+    def _history(study, trial) -> StudyView:
+        """The study as ``trial`` is drawn from it: the history ``tune`` gave it (``HISTORY``), if any."""
+        below = trial.user_attrs.get(HISTORY)
+        return StudyView(study, below, trial.number if below is not None else None)
+
     def infer_relative_search_space(self, study, trial):
-        return self.sampler.infer_relative_search_space(StudyView(study), trial)
+        return self.sampler.infer_relative_search_space(self._history(study, trial), trial)
 
     def sample_relative(self, study, trial, search_space):
-        return self.sampler.sample_relative(StudyView(study), trial, search_space)
+        return self.sampler.sample_relative(self._history(study, trial), trial, search_space)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
-        return self.sampler.sample_independent(StudyView(study), trial, param_name, param_distribution)
+        return self.sampler.sample_independent(self._history(study, trial), trial, param_name, param_distribution)
 
     def before_trial(self, study, trial) -> None:
         self.sampler.before_trial(StudyView(study), trial)
@@ -198,16 +230,18 @@ def open_study(cfg: TuneConfig, storage: str, seed: int, direction: str, epochs:
 
 
 class _FrozenCompleted:
-    """The part of a study a percentile pruner reads, frozen when a batch of trials starts.
+    """The part of a study a percentile pruner reads, frozen when a trial starts: the finished
+    trials of its history (numbered below ``below``, see ``history_start``).
 
-    Trials are told only after their whole batch ends, so the finished trials cannot change while
-    a batch runs. Reading them once per batch instead of at every epoch spares a SQLite round trip
-    of 8-15 ms per epoch (measured), most of a trial's bookkeeping, and keeps it off the GIL.
+    The same whatever the other trials do meanwhile, so the pruner decides the same on every run.
+    Reading them once per trial instead of at every epoch also spares a SQLite round trip of 8-15 ms
+    per epoch (measured), most of a trial's bookkeeping, and keeps it off the GIL.
     """
 
-    def __init__(self, study: optuna.Study) -> None:
+    def __init__(self, study: optuna.Study, below: int) -> None:
         self.direction = study.direction
-        self._trials = StudyView(study).get_trials(deepcopy=True, states=(COMPLETE,))
+        trials = StudyView(study).get_trials(deepcopy=True, states=(COMPLETE,))
+        self._trials = [t for t in trials if t.number < below]
 
     def get_trials(self, deepcopy: bool = True, states=None) -> list[optuna.trial.FrozenTrial]:
         return [t for t in self._trials if states is None or t.state in states]
@@ -323,15 +357,11 @@ def tune(
     ``config.resolve_train``); each trial resolves its own batch size from its hyperparameters.
     Trials run ``cfg.jobs`` at a time, in threads (torch releases the GIL), with the torch threads
     shared out: small-batch MLP steps are memory- and dispatch-bound, and two MLP trials side by
-    side beat one trial on two threads; a CNN uses every core itself. Each batch is asked in a
-    fixed order and waited for as a whole, so the sampler and the pruner see the same history on
-    every run with the same seed. (With ``--pruner hyperband`` and more than one job this holds for
-    the sampler only: that pruner reads the live study from the trials' threads.) Only the startup
-    trials, which depend on no other, start as soon as a worker frees (``_batch_size``). Doing so
-    for every trial, told in the order asked, was measured and dropped: it changes what the
-    sampler has seen at each trial, was no faster per epoch (a trial left alone runs faster,
-    sharing the memory bus with none), and cost the sampler more with a running trial's
-    parameters in view.
+    side beat one trial on two threads; a CNN uses every core itself. Trials are asked and drawn
+    in number order, each from a history fixed by its number (``history_start``), and start as
+    a worker frees, so the sampler and the pruner see the same history on every run with the same
+    seed. (With ``--pruner hyperband`` and more than one job this holds for the sampler only: that
+    pruner reads the live study from the trials' threads.)
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -363,6 +393,8 @@ def tune(
 
     best_fit = None
     stop = threading.Event()  # set on Ctrl-C: running trials end at their next epoch
+    training: dict[Future, optuna.Trial] = {}  # in the workers' hands
+    waiting = None  # (trial, its history's end, seconds asking it): asked, its history still running
     threads_before = torch.get_num_threads()
     torch.set_num_threads(max(1, threads_before // jobs))
     try:
@@ -370,44 +402,49 @@ def tune(
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="lungxray-report") as writer,
             ThreadPoolExecutor(max_workers=jobs) as pool,
         ):
-            while done < cfg.trials:
-                batch, hps, futures, asked = [], [], [], []
-                try:
-                    for _ in range(_batch_size(study, cfg, done)):  # every ask before any suggestion,
-                        started = time.perf_counter()  # as the searches measured here were made
-                        batch.append(study.ask())
-                        asked.append(time.perf_counter() - started)
-                    frozen = _FrozenCompleted(study) if isinstance(study.pruner, _FREEZABLE) else None
-                    for trial, ask_s in zip(batch, asked, strict=True):
+            try:
+                while done < cfg.trials:
+                    while len(training) < jobs and done + len(training) < cfg.trials:  # a worker is free
+                        if waiting is None:
+                            started = time.perf_counter()
+                            trial = study.ask()
+                            waiting = (trial, history_start(trial.number, cfg), time.perf_counter() - started)
+                        trial, below, ask_s = waiting
+                        if any(other.number < below for other in training.values()):
+                            break  # its history has not ended: the worker waits with it
+                        waiting = None
                         started = time.perf_counter()
-                        hps.append(space(trial))  # the sampler fits its model at the first suggestion
+                        trial.set_user_attr(HISTORY, below)
+                        hp = space(trial)  # the sampler fits its model at the first suggestion
                         trial.set_user_attr("sampler_s", round(ask_s + time.perf_counter() - started, 3))
-                        # trains while the next trial's parameters are drawn: the sampler reads the
-                        # finished trials and the running ones' parameters, none of which it changes
-                        futures.append(
-                            pool.submit(_run_trial, trial, hps[-1], model_name, train, val, n_classes, train_cfg,
-                                        show, frozen, stop, writer)
-                        )  # fmt: skip
-                    outcomes = [future.result() for future in futures]  # tell only once the batch is done
-                except KeyboardInterrupt:
-                    _stop_and_requeue(study, batch[: len(futures)], futures, stop)
-                    raise
-                except BaseException:
-                    stop.set()  # the other trials end at their next epoch instead of training on
-                    for future in futures:
-                        future.cancel()  # and those not started do not start
-                    raise
-                for trial, (state, value, result) in zip(batch, outcomes, strict=True):
-                    tell(study, trial, state, value)
-                    if result is not None:
-                        best = best_trial(study)
-                        best_text[0] = f"best {train_cfg.select_by} {best.value:.4f}"
-                        show(trial.number, None)
-                        if result.stopped_at is None and best.number == trial.number:
-                            best_fit = (trial.number, result)
-                    done += state != optuna.trial.TrialState.FAIL
-                    _say_trial(trial.number, state, value, result, best, train_cfg.select_by, progress)
-                    bar.update(state != optuna.trial.TrialState.FAIL)
+                        frozen = _FrozenCompleted(study, below) if isinstance(study.pruner, _FREEZABLE) else None
+                        future = pool.submit(_run_trial, trial, hp, model_name, train, val, n_classes, train_cfg, show,
+                                             frozen, stop, writer)  # fmt: skip
+                        training[future] = trial
+                    ended, _ = wait(training, return_when=FIRST_COMPLETED)
+                    for future in sorted(ended, key=lambda f: training[f].number):
+                        trial = training.pop(future)
+                        state, value, result = future.result()
+                        tell(study, trial, state, value)
+                        if result is not None:
+                            best = best_trial(study)
+                            best_text[0] = f"best {train_cfg.select_by} {best.value:.4f}"
+                            show(trial.number, None)
+                            if result.stopped_at is None and best.number == trial.number:
+                                best_fit = (trial.number, result)
+                        done += state != optuna.trial.TrialState.FAIL
+                        _say_trial(trial.number, state, value, result, best, train_cfg.select_by, progress)
+                        bar.update(state != optuna.trial.TrialState.FAIL)
+            except KeyboardInterrupt:
+                _stop_and_requeue(study, list(training.values()), list(training), stop)
+                if waiting is not None:  # asked, never drawn: nothing to retry
+                    study.tell(waiting[0], state=optuna.trial.TrialState.FAIL)
+                raise
+            except BaseException:
+                stop.set()  # the other trials end at their next epoch instead of training on
+                for future in training:
+                    future.cancel()  # and one handed to a worker not yet free does not start
+                raise
     finally:
         torch.set_num_threads(threads_before)
         bar.close()
@@ -417,22 +454,23 @@ def tune(
     return summary
 
 
-def _batch_size(study: optuna.Study, cfg: TuneConfig, done: int) -> int:
-    """Trials to ask at once: ``cfg.jobs``, or all the startup trials still to run.
+def history_start(number: int, cfg: TuneConfig) -> int:
+    """Trial ``number`` is drawn, and pruned, from the trials numbered below this: its history.
 
-    A startup trial's parameters are drawn at random (``startup_trials`` finished trials come
-    before the GP or TPE sampler models anything) and the median pruner stops none of them (it
-    starts after as many), so they depend on no other trial. Asked together, in as many trials as
-    the batches of ``jobs`` asked with fewer than ``startup_trials`` finished would hold, and
-    handed to the workers as each frees, they train exactly as in those batches (when no trial
-    fails), without a worker left idle while the other of a pair finishes. Ctrl-C fails and queues
-    again those handed to the workers and not started yet, as it does the running ones; one still
-    waiting for its parameters is failed, and its parameters queued, when the study next opens.
+    Fixed by the trial's number, never by which trials happen to have ended, so the search is the
+    same on every run with the same seed. With ``jobs`` trials side by side, a trial sees all but
+    the ``jobs - 1`` trials just before it, which its sampler reads as still running (GPSampler
+    then draws away from their parameters). A trial starts as soon as a worker is free and its
+    history has ended; with two jobs that is at once, unless the younger of the two running trials
+    ended first.
+
+    The startup trials (random, never pruned) see none, so they start as workers free; the first
+    trial after them sees all of them, as the GP sampler models nothing before it has as many.
+    With one job, every trial sees every trial before it.
     """
-    size = cfg.jobs
-    if size > 1 and isinstance(study.pruner, _FREEZABLE):  # not hyperband, which reads running trials
-        size *= max(1, -(-(cfg.startup_trials - done) // size))
-    return min(size, cfg.trials - done)
+    if number < cfg.startup_trials:
+        return 0
+    return max(number - (cfg.jobs - 1), cfg.startup_trials)
 
 
 def _say_trial(number: int, state, value, result, best, select_by: str, progress: bool) -> None:
@@ -460,13 +498,13 @@ class _Interrupted(Exception):
     """Raised inside a trial's fit when the user pressed Ctrl-C."""
 
 
-def _stop_and_requeue(study: optuna.Study, batch: list, futures: list, stop: threading.Event) -> None:
+def _stop_and_requeue(study: optuna.Study, trials: list, futures: list, stop: threading.Event) -> None:
     """Ctrl-C: stop the running trials at their next epoch, mark them FAIL, and queue their
     parameters so the resumed study retries them (before: it waited for them, then threw them away)."""
     stop.set()
     for future in futures:
-        future.cancel()  # not started yet (a batch of startup trials): retried on resume as well
-    for trial, future in zip(batch, futures, strict=True):
+        future.cancel()  # handed to a worker not yet free: retried on resume as well
+    for trial, future in zip(trials, futures, strict=True):
         try:
             state, value, _ = future.result()  # it finished just before the stop: keep it
             tell(study, trial, state, value)
