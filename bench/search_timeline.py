@@ -75,7 +75,8 @@ def main() -> None:
     timed(intervals, optuna.trial.Trial, "report", "report")
     timed(intervals, tune, "tune", "search")
     cli.main(["run", str(args.data), "--model", "mlp", "--out", str(out), "--seed", str(args.seed),
-              "--cache-dir", str(ROOT / "bench" / "out" / "cache"), "--equalize", "none", "--pruner", args.pruner, "--quiet"])  # fmt: skip
+              "--cache-dir", str(ROOT / "bench" / "out" / "cache"), "--equalize", "none",
+              "--pruner", args.pruner, "--quiet"])  # fmt: skip
     ((start, end, *_),) = intervals["search"]
     print(machine())
     print(f"search (seed {args.seed}, pruner {args.pruner}): {end - start:.1f} s wall, run folder {out}")
