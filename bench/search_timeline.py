@@ -50,8 +50,10 @@ def timed(intervals: dict, owner, name: str, key: str) -> None:
 
 
 def coverage(spans: list, start: float, end: float) -> dict[int, float]:
-    """Seconds of [start, end] during which 0, 1, 2, ... of ``spans`` were open."""
-    events = sorted([(s, 1) for s, *_ in spans] + [(e, -1) for _, e, *_ in spans])
+    """Seconds of [start, end] during which 0, 1, 2, ... of ``spans`` were open (those outside it,
+    the final model's epochs, left out)."""
+    spans = [(max(s, start), min(e, end)) for s, e, *_ in spans if s < end and e > start]
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
     open_, last, seconds = 0, start, collections.Counter()
     for t, change in events:
         seconds[open_] += t - last
