@@ -2,13 +2,15 @@
 
 Side by side in one run, on the same duplicate-grouped split (lungxray writes splits.json, the
 Keras reference reads the same image files): the tutorial's space, 16 trials x 64 epochs at batch
-size 8. lungxray runs with pruning on (its default) and, for the first seed, with pruning off.
+size 8. lungxray runs with pruning on (its default) and, for the first seed, with pruning off;
+the first seed's two searches run ``--repeats`` times, alternating, each followed by rounds of
+its compute floor (the median search and floor are reported, and the repeats compared).
 The Keras reference is installed into bench/.keras-venv from the pins in
 bench/keras-requirements.txt on first use (and again when the pins change). Also measures predict
 throughput of both final models, and, over every seed given, lungxray's test accuracy on the
 duplicate-free holdout (the robust-selection check). Prints a table and writes BENCHMARKS.md.
 
-    .venv/bin/python bench/search_bench.py [DATA] [--seeds 0 1 2] [--keras-seeds 0]
+    .venv/bin/python bench/search_bench.py [DATA] [--seeds 0 1 2] [--keras-seeds 0] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -125,21 +127,22 @@ def step_seconds(params: dict, jobs: int, fused_step: bool = True, steps: int = 
     return statistics.mean(times)
 
 
-def floor(run_dir: Path, jobs: int = 2, fused_step: bool = True, rounds: int = 5) -> dict:
+def floor(run_dir: Path, jobs: int = 2, fused_step: bool = True, rounds: int = 3, earlier: dict | None = None) -> dict:
     """The search's compute floor: every trial's epochs x steps per epoch x the measured step time
     of its network with ``jobs`` trials side by side, divided by ``jobs`` (perfect packing onto the
     cores). What lies between it and the achieved search time is everything else: data loading,
-    validation passes, bookkeeping, the sampler, waiting for the slower trial of a pair.
+    validation passes, bookkeeping, the sampler, a worker waiting for a trial's history to end.
 
     Each network's step is timed in ``rounds`` rounds, every network once per round in trial order,
-    and its median kept: a slow spell of this shared machine then moves one round, not the floor
-    (timed once each, the same 474 epochs gave a floor of 23.6 s in one run and 33.1 s in the
-    next). Each round's own floor is returned too, as the measurement's spread."""
+    added to the times of ``earlier`` (the same search's floor measured after an earlier repeat),
+    and the median over all of them kept: a slow spell of this shared machine then moves a round,
+    not the floor (timed once each, the same 474 epochs gave a floor of 23.6 s in one run and
+    33.1 s in the next). Each round's own floor is returned too, as the measurement's spread."""
     trials = [t for t in json.loads((run_dir / "trials.json").read_text()) if t["state"] in ("COMPLETE", "PRUNED")]
     n_train = len(json.loads((run_dir / "splits.json").read_text())["train"])
     steps = -(-n_train // 8)
     keys = list(dict.fromkeys(json.dumps(t["params"], sort_keys=True) for t in trials))
-    times: dict[str, list[float]] = {key: [] for key in keys}
+    times: dict[str, list[float]] = {key: list((earlier or {}).get("step_s", {}).get(key, [])) for key in keys}
     for _ in range(rounds):
         for key in keys:
             times[key].append(step_seconds(json.loads(key), jobs, fused_step))
@@ -148,7 +151,8 @@ def floor(run_dir: Path, jobs: int = 2, fused_step: bool = True, rounds: int = 5
         return sum(t["epochs_run"] * steps * step_s[json.dumps(t["params"], sort_keys=True)] / jobs for t in trials)
 
     floor_s = seconds({key: statistics.median(ts) for key, ts in times.items()})
-    by_round = [seconds({key: ts[r] for key, ts in times.items()}) for r in range(rounds)]
+    n_rounds = min(len(ts) for ts in times.values())
+    by_round = [seconds({key: ts[r] for key, ts in times.items()}) for r in range(n_rounds)]
     epochs = sum(t["epochs_run"] for t in trials)
     total_steps = epochs * steps
     return {
@@ -157,7 +161,22 @@ def floor(run_dir: Path, jobs: int = 2, fused_step: bool = True, rounds: int = 5
         "floor_s": floor_s,
         "round_floors_s": by_round,
         "mean_step_ms": 1e3 * floor_s * jobs / total_steps,
+        "step_s": times,
     }
+
+
+def repeated(runs: list[dict], floor_: dict) -> dict:
+    """The first of identical repeats of a search, with every repeat's search time, their median
+    (``search_s``), the floor over all of them, and whether the repeats made the same trials and
+    test figures (the search is deterministic on one machine)."""
+    first = dict(runs[0])
+    first["search_times_s"] = [r["timings"]["tune_s"] for r in runs]
+    first["search_s"] = statistics.median(first["search_times_s"])
+    first["floor"] = floor_
+    first["repeats_identical"] = all(
+        r["trials"] == runs[0]["trials"] and r["test_accuracy"] == runs[0]["test_accuracy"] for r in runs
+    )
+    return first
 
 
 def lungxray_predict_speed(model_dir: Path, data_out: Path) -> float:
@@ -196,33 +215,46 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--keras-seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of the first seed's two searches, alternating; the median is reported")  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     args = parser.parse_args()
     cache = args.out / "cache"
     results: dict = {}
 
-    def say(seed: int, name: str, run: dict) -> None:
-        extra = f", floor {run['floor']['floor_s']:.1f} s" if "floor" in run else ""
+    def say(seed: int, name: str, run: dict, floor_: dict | None = None) -> None:
+        extra = f", floor {floor_['floor_s']:.1f} s" if floor_ else ""
         print(f"seed {seed}: {name}: search {run['timings']['tune_s']:.1f} s{extra}, "
               f"test accuracy {run['test_accuracy']:.4f}", flush=True)  # fmt: skip
 
     # Alternating, so a slow spell of the machine does not fall on one contender only: lungxray
-    # with pruning, the Keras reference, lungxray without pruning; then the other seeds.
+    # with pruning, the Keras reference, lungxray without pruning; the first seed's two searches
+    # again (--repeats), each followed by its floor's rounds; then the other seeds.
+    first_seed, repeats = args.seeds[0], {"on": [], "off": []}
+    floors: dict[str, dict | None] = {"on": None, "off": None}
     for seed in args.seeds:
-        results[seed] = {"on": lungxray_run(args.data, args.out / f"lx-seed{seed}", seed, "median", cache)}
-        if seed == args.seeds[0]:
-            results[seed]["on"]["floor"] = floor(args.out / f"lx-seed{seed}")
-        say(seed, "lungxray, pruning on", results[seed]["on"])
-        if seed in args.keras_seeds:
-            results[seed]["keras"] = keras_run(args.out / f"lx-seed{seed}", seed)
-            k = results[seed]["keras"]
-            print(f"seed {seed}: keras reference: search {k['search_s']:.1f} s, test accuracy {k['test_accuracy']:.4f}",
-                  flush=True)  # fmt: skip
-        if seed == args.seeds[0]:
-            off = lungxray_run(args.data, args.out / f"lx-seed{seed}-nopruning", seed, "none", cache)
-            off["floor"] = floor(args.out / f"lx-seed{seed}-nopruning")
-            results[seed]["off"] = off
-            say(seed, "lungxray, pruning off", off)
+        modes = [("on", "median", "")]
+        if seed == first_seed:
+            modes.append(("off", "none", "-nopruning"))
+        for r in range(args.repeats if seed == first_seed else 1):
+            for mode, pruner, suffix in modes:
+                out = args.out / f"lx-seed{seed}{suffix}"
+                run = lungxray_run(args.data, out, seed, pruner, cache)
+                if seed == first_seed:
+                    repeats[mode].append(run)
+                    floors[mode] = floor(out, earlier=floors[mode])
+                    say(seed, f"lungxray, pruning {mode}, repeat {r + 1}", run, floors[mode])
+                else:
+                    results.setdefault(seed, {})["on"] = run
+                    say(seed, "lungxray, pruning on", run)
+                if r == 0 and mode == "on" and seed in args.keras_seeds:
+                    results.setdefault(seed, {})["keras"] = keras_run(out, seed)
+                    k = results[seed]["keras"]
+                    print(f"seed {seed}: keras reference: search {k['search_s']:.1f} s, "
+                          f"test accuracy {k['test_accuracy']:.4f}", flush=True)  # fmt: skip
+        if seed == first_seed:
+            for mode in ("on", "off"):
+                results.setdefault(seed, {})[mode] = repeated(repeats[mode], floors[mode])
     (args.out / "search_bench.json").write_text(json.dumps(results, indent=2, default=str))
     first = results[args.seeds[0]]
     body = render(
@@ -236,28 +268,30 @@ def main() -> None:
         update_section("search", body)
 
 
-def _row(name: str, search_s: float, ratio: str, final_s: float, accuracy: float, run: dict | None = None) -> str:
+def _row(name: str, search: str, ratio: str, final_s: float, accuracy: float, run: dict | None = None) -> str:
     """One row of the search table."""
     if run is None:
         spent = "| 1,024 (16 x 64) | - | - |"
     else:
         f = run["floor"]
-        spread = f" ({min(f['round_floors_s']):.1f}-{max(f['round_floors_s']):.1f})" if "round_floors_s" in f else ""
-        spent = f"| {f['epochs']:,} | {f['floor_s']:.1f}{spread} | {search_s / f['floor_s']:.2f} |"
-    return f"| {name} | {search_s:.1f} | {ratio} {spent} {final_s:.1f} | {accuracy:.4f} |"
+        spread = f" ({min(f['round_floors_s']):.1f}-{max(f['round_floors_s']):.1f})"
+        spent = f"| {f['epochs']:,} | {f['floor_s']:.1f}{spread} | {run['search_s'] / f['floor_s']:.2f} |"
+    return f"| {name} | {search} | {ratio} {spent} {final_s:.1f} | {accuracy:.4f} |"
 
 
 def _lungxray_row(name: str, run: dict, keras: dict) -> str:
-    search = run["timings"]["tune_s"]
+    times = run["search_times_s"]
+    search = f"{run['search_s']:.1f} ({min(times):.1f}-{max(times):.1f})"
     return _row(
-        name, search, f"{keras['search_s'] / search:.1f}x", run["timings"]["train_s"], run["test_accuracy"], run
-    )
+        name, search, f"{keras['search_s'] / run['search_s']:.1f}x", run["timings"]["train_s"], run["test_accuracy"],
+        run,
+    )  # fmt: skip
 
 
 def render(args, results: dict, first: dict, lx_ips: float) -> str:
     command = (
         f"`.venv/bin/python bench/search_bench.py {args.data} --seeds {' '.join(map(str, args.seeds))} "
-        f"--keras-seeds {' '.join(map(str, args.keras_seeds))}`"
+        f"--keras-seeds {' '.join(map(str, args.keras_seeds))} --repeats {args.repeats}`"
     )
     lines = [
         "## (b) The tutorial's search: lungxray vs Keras 3 + KerasTuner, and (c) predict speed",
@@ -277,7 +311,13 @@ def render(args, results: dict, first: dict, lx_ips: float) -> str:
             f"| seed {args.seeds[0]} | search s | vs Keras | epochs trained | floor s | search / floor "
             "| final training s | test accuracy |",
             "|---|---|---|---|---|---|---|---|",
-            _row("Keras 3 + KerasTuner (reference)", k["search_s"], "1.0x", k["final_train_s"], k["test_accuracy"]),
+            _row(
+                "Keras 3 + KerasTuner (reference)",
+                f"{k['search_s']:.1f}",
+                "1.0x",
+                k["final_train_s"],
+                k["test_accuracy"],
+            ),
             _lungxray_row("lungxray, pruning on (default)", on, k),
             _lungxray_row("lungxray, pruning off", off, k),
             "",
@@ -285,9 +325,19 @@ def render(args, results: dict, first: dict, lx_ips: float) -> str:
             "steps per epoch x the measured time of one optimiser step of that trial's network (batch 8, the first "
             "layer's gradient fused into its Adam step as lungxray trains, a preloaded batch, two such steps running "
             "side by side on one core each, as the search runs its trials), halved for the two cores: what the "
-            "trials' training steps cost with nothing else. Each network's step is timed in "
-            f"{len(first['on']['floor']['round_floors_s'])} rounds, the networks in turn, and its median taken; "
-            "the floor column gives, in brackets, the lowest and highest floor of a single round. Mean step "
+            "trials' training steps cost with nothing else. lungxray's searches on this seed ran "
+            f"{len(on['search_times_s'])} times each, alternating (pruning on, off, on, off, ...; the Keras "
+            "reference after the first): the search column gives their median and, in brackets, the fastest and "
+            "slowest; the repeats made "
+            + (
+                "the same trials and test accuracy"
+                if on["repeats_identical"] and off["repeats_identical"]
+                else "DIFFERENT trials or test accuracy (the search is not deterministic)"
+            )
+            + ". After each repeat every network's step is timed in 3 rounds, the networks in turn; the floor "
+            f"takes each network's median over all {len(on['floor']['round_floors_s'])} rounds, and in brackets "
+            "the lowest and highest floor of a single round. The search / floor ratio is of the two medians. "
+            "Mean step "
             f"{first['on']['floor']['mean_step_ms']:.2f} ms (pruning on), "
             f"{first['off']['floor']['mean_step_ms']:.2f} ms (pruning off), side by side. Between the floor and the "
             "search: validation passes, the sampler "
