@@ -5,7 +5,8 @@ Runs the bench's lungxray search (``lungxray run <data> --model mlp --seed S --e
 and prints:
 
 - the search's wall time split by how many trials were inside ``fit`` (0: the sampler, telling and
-  asking; 1: a trial whose partner has ended, or a batch's start; 2: a pair side by side);
+  asking; 1: a trial alone, while the next is drawn or waits for its history to end, and at the
+  end; 2: two side by side);
 - the same split for the epochs' training passes alone;
 - the thread time of the training passes, the validation passes and the study reports;
 - the median ms of an epoch by the first layer's width, alone and side by side.

@@ -338,33 +338,45 @@ def test_the_search_is_the_same_whichever_trial_ends_first(tmp_path, monkeypatch
     held back in one, the odd ones in the other) make the same study, trial for trial."""
     from lungxray import tune as tune_module
 
-    run_trial, told = tune_module._run_trial, []
+    run_trial, frozen_view, told, ended, at_draw = tune_module._run_trial, tune_module._FrozenCompleted, [], set(), []
 
     def held(slow_parity):
         def run(trial, *args, **kwargs):
             outcome = run_trial(trial, *args, **kwargs)
-            time.sleep(0.4 if trial.number % 2 == slow_parity else 0.0)  # ends after its neighbour
+            time.sleep(1.0 if trial.number % 2 == slow_parity else 0.0)  # ends after its neighbour
+            ended.add(trial.number)
             return outcome
 
         return run
+
+    class Drawn(frozen_view):  # made as each trial is submitted, its parameters drawn
+        def __init__(self, study, below):
+            number = len(study.trials) - 1
+            at_draw[-1].append((number, number - 1 in ended))  # had the trial just before it ended?
+            super().__init__(study, below)
 
     def recording_tell(study, trial, state, value):
         told[-1].append(trial.number)
         return tell(study, trial, state, value)
 
     monkeypatch.setattr(tune_module, "tell", recording_tell)
+    monkeypatch.setattr(tune_module, "_FrozenCompleted", Drawn)
     train, val = toy(6, size=16), toy(3, size=16, start=50)
     cfg = resolve_tune(TuneConfig(trials=8, sampler="gp", startup_trials=2, warmup_epochs=1, jobs=2),
                        get_spec("mlp").recipe)  # fmt: skip
     runs = []
     for slow_parity in (0, 1):
         told.append([])
+        at_draw.append([])
+        ended.clear()
         monkeypatch.setattr(tune_module, "_run_trial", held(slow_parity))
         result = tune("mlp", train, val, 3, cfg, settings("mlp", epochs=4, seed=5),
                       f"sqlite:///{tmp_path / str(slow_parity)}.db", progress=False)  # fmt: skip
         runs.append([(t.number, t.params, t.value, t.state, t.intermediate_values, t.user_attrs[HISTORY])
                      for t in result.study.trials])  # fmt: skip
     assert told[0] != told[1] and sorted(told[0]) == sorted(told[1]) == list(range(8))  # other orders
+    # and trials drawn with the trial just before them ended in one run, still training in the other
+    assert [n for n, _ in at_draw[0]] == [n for n, _ in at_draw[1]] and at_draw[0][2:] != at_draw[1][2:]
     assert runs[0] == runs[1]
     assert [history for *_, history in runs[0]] == [0, 0, 2, 2, 3, 4, 5, 6]
     assert len({json.dumps(params, sort_keys=True) for _, params, *_ in runs[0]}) == 8  # none drawn twice
@@ -374,7 +386,7 @@ def test_each_trial_s_history_and_how_its_sampler_sees_the_rest():
     """``history_start``: the startup trials see none, the next sees them all, and with two jobs a
     trial sees all but the one before it; with one job, all before it. In a trial's view that
     one reads RUNNING with its parameters and no figure, though it has ended."""
-    from lungxray.tune import StudyView
+    from lungxray.tune import StudyView, _FrozenCompleted
 
     def starts(jobs, startup=4):
         return [history_start(n, TuneConfig(jobs=jobs, startup_trials=startup)) for n in range(9)]
@@ -395,6 +407,7 @@ def test_each_trial_s_history_and_how_its_sampler_sees_the_rest():
     assert seen[2] == ("RUNNING", None, {}, study.trials[2].params)  # ended, but after its history
     complete = view.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert seen[3][0] == "RUNNING" and [t.number for t in complete] == [0, 1]
+    assert [t.number for t in _FrozenCompleted(study, below=2).get_trials()] == [0, 1]  # the pruner's, too
 
 
 def test_every_epochs_figure_is_in_the_study_before_its_trial_is_told(tmp_path, monkeypatch):

@@ -57,7 +57,7 @@ class FirstLayerAdam:
     weight decay. Leaving the context hands the weight back.
 
     ``cores``: the process's CPU budget. Shared out among the layers attached at once, so a trial
-    left alone when the other of a pair ends uses both cores: its rows are split among threads,
+    left training alone uses both cores: its rows are split among threads,
     which changes no result (each row's arithmetic is the same whichever thread does it). The
     forward product is split the same way.
     """

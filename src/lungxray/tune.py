@@ -412,7 +412,6 @@ def tune(
                         trial, below, ask_s = waiting
                         if any(other.number < below for other in training.values()):
                             break  # its history has not ended: the worker waits with it
-                        waiting = None
                         started = time.perf_counter()
                         trial.set_user_attr(HISTORY, below)
                         hp = space(trial)  # the sampler fits its model at the first suggestion
@@ -420,7 +419,7 @@ def tune(
                         frozen = _FrozenCompleted(study, below) if isinstance(study.pruner, _FREEZABLE) else None
                         future = pool.submit(_run_trial, trial, hp, model_name, train, val, n_classes, train_cfg, show,
                                              frozen, stop, writer)  # fmt: skip
-                        training[future] = trial
+                        training[future], waiting = trial, None
                     ended, _ = wait(training, return_when=FIRST_COMPLETED)
                     for future in sorted(ended, key=lambda f: training[f].number):
                         trial = training.pop(future)
@@ -437,8 +436,12 @@ def tune(
                         bar.update(state != optuna.trial.TrialState.FAIL)
             except KeyboardInterrupt:
                 _stop_and_requeue(study, list(training.values()), list(training), stop)
-                if waiting is not None:  # asked, never drawn: nothing to retry
+                if waiting is not None:  # asked, not yet training: failed; a retry's parameters queued again
+                    (asked,) = [t for t in study.get_trials(deepcopy=False) if t.number == waiting[0].number]
                     study.tell(waiting[0], state=optuna.trial.TrialState.FAIL)
+                    if "retry_of" in asked.user_attrs:
+                        retry = {"retry_of": asked.user_attrs["retry_of"]}
+                        study.enqueue_trial(asked.system_attrs["fixed_params"], user_attrs=retry)
                 raise
             except BaseException:
                 stop.set()  # the other trials end at their next epoch instead of training on
@@ -465,8 +468,9 @@ def history_start(number: int, cfg: TuneConfig) -> int:
     ended first.
 
     The startup trials (random, never pruned) see none, so they start as workers free; the first
-    trial after them sees all of them, as the GP sampler models nothing before it has as many.
-    With one job, every trial sees every trial before it.
+    trial after them sees all of them (the GP sampler and the median pruner start once they see
+    ``startup_trials`` finished; a failed one among them leaves the next trial random too). With
+    one job, every trial sees every trial before it.
     """
     if number < cfg.startup_trials:
         return 0
