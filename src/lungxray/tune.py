@@ -360,8 +360,9 @@ def tune(
     side beat one trial on two threads; a CNN uses every core itself. Trials are asked and drawn
     in number order, each from a history fixed by its number (``history_start``), and start as
     a worker frees, so the sampler and the pruner see the same history on every run with the same
-    seed. (With ``--pruner hyperband`` and more than one job this holds for the sampler only: that
-    pruner reads the live study from the trials' threads.)
+    seed. (Not with ``--pruner hyperband`` and more than one job: that pruner reads the live study
+    from the trials' threads, so where it stops a trial, and so what the sampler learns, depends on
+    timing.)
     """
     from concurrent.futures import ThreadPoolExecutor
 
