@@ -104,7 +104,7 @@ def step_seconds(params: dict, jobs: int, fused_step: bool = True, steps: int = 
             attached.enter_context(FirstLayerAdam(model.net[1], optimizer, os.cpu_count() or 1)) if fused_step else None
         )
         x, y = torch.rand(8, 1, 128, 128), torch.arange(8) % 3
-        started.wait(timeout=600)  # every stepper attached: none splits its rows, as in a pair of trials
+        started.wait(timeout=600)  # every stepper attached: none splits its rows, as with two trials training
         for n in range(10 + steps):
             if n == 10:
                 start = time.perf_counter()
@@ -222,6 +222,8 @@ def main() -> None:
                         help="runs of the first seed's two searches, alternating; the median is reported")  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     cache = args.out / "cache"
     results: dict = {}
 

@@ -86,10 +86,12 @@ def main() -> None:
     for key, what in (("fit", "trials in fit"), ("train_one_epoch", "trials in an epoch's training pass")):
         split = ", ".join(f"{n}: {s:.1f} s" for n, s in coverage(intervals[key], start, end).items())
         print(f"  wall time by {what}: {split}")
+    # the final model trains after the search: its epochs are left out from here on
+    inside = {key: [i for i in spans if start <= i[0] and i[1] <= end] for key, spans in intervals.items()}
     for key in ("train_one_epoch", "evaluate_loss", "report"):
-        spans = intervals[key]
+        spans = inside[key]
         print(f"  {key}: {sum(e - s for s, e, *_ in spans):.1f} s of thread time, {len(spans)} calls")
-    epochs = intervals["train_one_epoch"]
+    epochs = inside["train_one_epoch"]
     by_kind = collections.defaultdict(list)
     for s, e, thread, rows in epochs:
         shared = sum(max(0.0, min(e, e2) - max(s, s2)) for s2, e2, t2, _ in epochs if t2 != thread)

@@ -4,8 +4,8 @@ and the first layer stepped in one pass (``lungxray.fused``) against torch's own
 1. ``torch.profiler`` over 100 steps (16384-128-128-128-3, batch 8, one thread), torch's step and
    the fused one: the share of each kind of operation.
 2. ms per step, ``--repeats`` times, alternating: two steppers side by side in threads (one torch
-   thread each, as the search runs a pair of trials), and one stepper alone (a trial whose partner
-   has ended: the fused step then splits its rows over both cores, for its forward product and its
+   thread each, as the search runs two trials), and one stepper alone (a trial training alone:
+   the fused step then splits its rows over both cores, for its forward product and its
    update; torch's own step gets the threads MKL takes in a thread of its own, the machine's).
    The weights of the two after 30 steps are compared, and the first layer's forward product
    timed on its own: nn.Linear's (MKL) against the fused step's numba kernel.
