@@ -223,7 +223,9 @@ def test_ctrl_c_stops_the_running_trial_promptly_and_resume_retries_it(flat_tree
     restore = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=restore)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and _count(out / "study.db", "'RUNNING'") < 1:
+    # a trial that has reported an epoch is training: one only asked (RUNNING in the study) may still
+    # be drawing its parameters, and a slow start once sent the signal there
+    while time.monotonic() < deadline and proc.poll() is None and _running_with_an_epoch(out / "study.db") < 1:
         time.sleep(0.2)
     time.sleep(1.0)  # a few epochs into a 400-epoch trial
     interrupted_at = time.monotonic()

@@ -436,7 +436,7 @@ def tune(
                         _say_trial(trial.number, state, value, result, best, train_cfg.select_by, progress)
                         bar.update(state != optuna.trial.TrialState.FAIL)
             except KeyboardInterrupt:
-                _stop_and_requeue(study, list(training.values()), list(training), stop)
+                _stop_and_requeue(study, training, stop)
                 if waiting is not None:  # asked, not yet training: failed; a retry's parameters queued again
                     (asked,) = [t for t in study.get_trials(deepcopy=False) if t.number == waiting[0].number]
                     study.tell(waiting[0], state=optuna.trial.TrialState.FAIL)
@@ -503,13 +503,13 @@ class _Interrupted(Exception):
     """Raised inside a trial's fit when the user pressed Ctrl-C."""
 
 
-def _stop_and_requeue(study: optuna.Study, trials: list, futures: list, stop: threading.Event) -> None:
+def _stop_and_requeue(study: optuna.Study, training: dict[Future, optuna.Trial], stop: threading.Event) -> None:
     """Ctrl-C: stop the running trials at their next epoch, mark them FAIL, and queue their
     parameters so the resumed study retries them (before: it waited for them, then threw them away)."""
     stop.set()
-    for future in futures:
+    for future in training:
         future.cancel()  # handed to a worker not yet free: retried on resume as well
-    for trial, future in zip(trials, futures, strict=True):
+    for future, trial in training.items():
         try:
             state, value, _ = future.result()  # it finished just before the stop: keep it
             tell(study, trial, state, value)
