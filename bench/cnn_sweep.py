@@ -77,13 +77,13 @@ def without_scanner(cfg):
 
 
 def export(data: Path, out: Path, sizes: list[int], folds: int, seed: int, cache: Path) -> None:
-    from lungxray.config import DataConfig
+    from lungxray.config import DataConfig, Preprocessing
     from lungxray.data import load_dataset
     from lungxray.splits import make_folds
 
     arrays, first = {}, None
     for size in sizes:
-        ds = load_dataset(data, DataConfig(img_size=size, cache_dir=cache, **PLAIN), progress=False)
+        ds = load_dataset(data, DataConfig(Preprocessing(img_size=size, **PLAIN), cache_dir=cache), progress=False)
         first = first or ds
         assert [s.path for s in ds.samples] == [s.path for s in first.samples]
         arrays[f"x{size}"] = ds.images
@@ -129,7 +129,9 @@ def _fold_probs(npz: str, name: str, fold: int, seed: int, device: str, threads:
             (x[train], y[train]),
             (x[val], y[val]),
             len(d["classes"]),
-            without_scanner(resolve_train(TrainConfig(seed=seed + 1000 * m, threads=threads, **cfg), spec.recipe, hp)),
+            without_scanner(
+                resolve_train(TrainConfig(seed=seed + 1000 * m, threads=threads, **cfg), spec.recipe).for_params(hp)
+            ),
         )
         probs = probs + torch.softmax(predict_logits(result.model, x[test]).double(), 1).numpy()
     return probs / v.get("members", 1), time.perf_counter() - start

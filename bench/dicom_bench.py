@@ -31,6 +31,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
+from lungxray.config import Preprocessing
 from lungxray.data import discover
 from lungxray.decode import decode
 
@@ -97,16 +98,18 @@ def main() -> None:
             files_by_format.setdefault(name, []).append(data)
     names = list(files_by_format)
     for name in names:  # same pixels: the lossless encodings decode to one array
-        first = decode(files_by_format[name][0], args.size)
+        first = decode(files_by_format[name][0], Preprocessing(img_size=args.size))
         assert first.shape == (args.size, args.size), name
-    lossless = [decode(files_by_format[n][0], args.size) for n in ("png", "dicom-8", "dicom-12")]
+    lossless = [
+        decode(files_by_format[n][0], Preprocessing(img_size=args.size)) for n in ("png", "dicom-8", "dicom-12")
+    ]
     assert all(np.array_equal(lossless[0], other) for other in lossless[1:]), "lossless encodings differ"
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for r in range(args.rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:  # a different format first each round
             start = time.perf_counter()
             for data in files_by_format[name]:
-                decode(data, args.size)
+                decode(data, Preprocessing(img_size=args.size))
             seconds[name].append(time.perf_counter() - start)
     n = len(originals)
     jpeg_rate = n / statistics.median(seconds["jpeg"])

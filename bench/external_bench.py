@@ -64,6 +64,7 @@ def one_row(data: Path, external: Path, variant: str, model: str, seeds: list[in
     from lungxray.data import load_dataset
     from lungxray.evaluate import compute_metrics
     from lungxray.infer import predict_logits, to_tensor
+    from lungxray.job import build
     from lungxray.models import get_spec
     from lungxray.ood import fit_ood
     from lungxray.pipeline import tensors
@@ -71,7 +72,7 @@ def one_row(data: Path, external: Path, variant: str, model: str, seeds: list[in
     from lungxray.train import fit
 
     data_fields, scanner = VARIANTS[variant]
-    data_cfg = DataConfig(**data_fields)
+    data_cfg = build(DataConfig, data_fields)
     ds = load_dataset(data, data_cfg, progress=False)
     ext = load_dataset(external, data_cfg, progress=False, min_classes=1)
     index = {c: i for i, c in enumerate(ds.classes)}
@@ -85,7 +86,7 @@ def one_row(data: Path, external: Path, variant: str, model: str, seeds: list[in
         recipe = get_spec(model).recipe
         base = TrainConfig(seed=seed, threads=2)
         base.augment = replace(base.augment, scanner=scanner)
-        cfg = resolve_train(base, recipe, params)
+        cfg = resolve_train(base, recipe).for_params(params)
         oof = np.zeros((len(ds.samples), len(ds.classes)))
         flagged_internal = np.zeros(len(ds.samples), dtype=bool)
         aurocs, normal_recalls, flagged_normals = [], [], []

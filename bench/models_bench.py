@@ -54,7 +54,7 @@ ABLATION = {
 def cross_validate(
     model: str, data: Path, out: Path, folds: int, seed: int, epochs: int | None, augment=None
 ) -> tuple[dict, float]:
-    from lungxray.config import AugmentConfig, DataConfig, TrainConfig
+    from lungxray.config import AugmentConfig, DataConfig, Preprocessing, TrainConfig
     from lungxray.cv import cross_validate as lungxray_cv
     from lungxray.models import get_spec
 
@@ -74,7 +74,7 @@ def cross_validate(
         data,
         out / name,
         model,
-        DataConfig(cache_dir=out / "cache", **PLAIN),
+        DataConfig(Preprocessing(**PLAIN), cache_dir=out / "cache"),
         cfg,
         folds=folds,
         params=params,

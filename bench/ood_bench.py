@@ -138,6 +138,7 @@ def flagged_by_variant(data: Path, external: Path, folds: int = 5) -> str:
 
     from lungxray.config import DataConfig
     from lungxray.data import load_dataset
+    from lungxray.job import build
     from lungxray.ood import fit_ood
     from lungxray.splits import make_folds
 
@@ -145,8 +146,8 @@ def flagged_by_variant(data: Path, external: Path, folds: int = 5) -> str:
     for name, (fields, _) in VARIANTS.items():
         if "scanner" in name:
             continue  # augmentation does not change the images the score sees
-        ds = load_dataset(data, DataConfig(**fields), progress=False)
-        ext = load_dataset(external, DataConfig(**fields), progress=False, min_classes=1)
+        ds = load_dataset(data, build(DataConfig, fields), progress=False)
+        ext = load_dataset(external, build(DataConfig, fields), progress=False, min_classes=1)
         normals = ext.images[[s.label == "normal" for s in ext.samples]]
         held_out, normal = np.zeros(len(ds.samples), dtype=bool), []
         for fold in make_folds(ds.labels, ds.groups, folds, 0):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lungxray.config import DataConfig
+from lungxray.config import DataConfig, Preprocessing
 from lungxray.data import discover, load_dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -59,7 +59,7 @@ def main() -> None:
     for _ in range(args.repeats):
         naive_s.append(timed(lambda: naive(paths, 128)))
         with tempfile.TemporaryDirectory() as cache:
-            plain = DataConfig(cache_dir=Path(cache), **PLAIN)
+            plain = DataConfig(Preprocessing(**PLAIN), cache_dir=Path(cache))
             scan = functools.partial(load_dataset, args.data, plain, progress=False)
             cold_s.append(timed(scan))  # empty cache
             cached_s.append(timed(scan))  # the cache the first call filled

@@ -184,14 +184,16 @@ def repeated(runs: list[dict], floor_: dict) -> dict:
 
 def lungxray_predict_speed(model_dir: Path, data_out: Path) -> float:
     from lungxray.bundle import Predictor
-    from lungxray.config import DataConfig
+    from lungxray.config import DataConfig, Preprocessing
     from lungxray.data import load_dataset
 
     predictor = Predictor(model_dir)
     test = set(json.loads((data_out / "splits.json").read_text())["test"])
     run = json.loads((data_out / "run.json").read_text())
     ds = load_dataset(
-        Path(run["data"]), DataConfig(cache_dir=Path(run["settings"]["data"]["cache_dir"]), **PLAIN), progress=False
+        Path(run["data"]),
+        DataConfig(Preprocessing(**PLAIN), cache_dir=Path(run["settings"]["data"]["cache_dir"])),
+        progress=False,
     )
     images = ds.images[[i for i, s in enumerate(ds.samples) if str(s.path) in test]]
     many = np.concatenate([images] * max(1, 2048 // len(images)))

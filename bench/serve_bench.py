@@ -139,8 +139,8 @@ def main() -> None:
     from lungxray.bundle import Predictor
     from lungxray.decode import decode
 
-    size = Predictor(model_dir).img_size_
-    rates = in_process(model_dir, np.stack([decode(f.read_bytes(), size) for f in files]))
+    prep = Predictor(model_dir).preprocessing_
+    rates = in_process(model_dir, np.stack([decode(f.read_bytes(), prep) for f in files]))
     payloads = [f.read_bytes() for f in files]
     served = {backend: serve_and_load(model_dir, backend, payloads, args.requests) for backend in ("onnx", "torch")}
     command = f"`.venv/bin/python bench/serve_bench.py {args.data} --requests {args.requests}`"

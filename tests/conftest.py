@@ -159,7 +159,7 @@ def toy(n_per_class: int = 10, size: int = 16, start: int = 0) -> tuple[torch.Te
 def settings(model: str, params: dict | None = None, **fields) -> TrainConfig:
     """``TrainConfig(**fields)`` resolved against ``model``'s recipe (and ``params``' batch size), as
     the pipeline hands it to ``train.fit``."""
-    return resolve_train(TrainConfig(**fields), get_spec(model).recipe, params)
+    return resolve_train(TrainConfig(**fields), get_spec(model).recipe).for_params(params)
 
 
 def check_metrics_schema(metrics: dict, classes: list[str]) -> None:

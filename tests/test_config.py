@@ -37,8 +37,8 @@ def test_user_values_win_over_the_recipe_and_params_over_batch_size():
     done = resolve_train(cfg, recipe)
     assert (done.epochs, done.batch_size, done.optimizer, done.schedule) == (3, 8, "adam", "cosine")
     assert done.augment == AugmentConfig(enabled=False, rotation=9, scanner=True)  # scanner: the cnn's recipe
-    assert resolve_train(cfg, recipe, {"batch_size": 32, "learning_rate": 1e-3}).batch_size == 32
-    assert resolve_train(cfg, recipe, {"learning_rate": 1e-3}).batch_size == 8
+    assert resolve_train(cfg, recipe).for_params({"batch_size": 32, "learning_rate": 1e-3}).batch_size == 32
+    assert resolve_train(cfg, recipe).for_params({"learning_rate": 1e-3}).batch_size == 8
 
 
 def test_augment_ranges_without_the_switch_follow_the_recipe():

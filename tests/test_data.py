@@ -11,7 +11,7 @@ import pytest
 from conftest import jpeg_bytes, png_bomb, synthetic_image
 from PIL import Image
 
-from lungxray.config import DataConfig
+from lungxray.config import DataConfig, Preprocessing
 from lungxray.data import DataError, UnusableImage, load_dataset, normalise_class_name
 from lungxray.decode import decode
 
@@ -31,7 +31,7 @@ def test_class_names_are_snake_case(name, expected):
 
 
 def test_flat_layout_classes_counts_and_pixels(flat_tree, cache_dir):
-    plain = DataConfig(img_size=16, cache_dir=cache_dir, crop_borders=False, equalize="none")
+    plain = DataConfig(Preprocessing(img_size=16, crop_borders=False, equalize="none"), cache_dir=cache_dir)
     ds = load_dataset(flat_tree, plain, progress=False)
     assert ds.layout == "flat"
     assert ds.classes == ["covid", "normal", "viral_pneumonia"]
@@ -44,7 +44,7 @@ def test_flat_layout_classes_counts_and_pixels(flat_tree, cache_dir):
 
 
 def test_split_layout_finds_cross_split_copy(split_tree, cache_dir):
-    ds = load_dataset(split_tree, DataConfig(img_size=16, cache_dir=cache_dir), progress=False)
+    ds = load_dataset(split_tree, DataConfig(Preprocessing(img_size=16), cache_dir=cache_dir), progress=False)
     assert ds.layout == "split"
     summary = ds.summary()
     assert summary["counts_by_folder"]["train"] == {"covid": 10, "normal": 10, "viral_pneumonia": 10}
@@ -60,7 +60,7 @@ def test_near_duplicate_reencoded_and_brightened_copy_is_grouped(flat_tree, cach
     original = np.asarray(Image.open(flat_tree / "Normal" / "img003.png"))
     near = np.clip(original.astype(int) + 6, 0, 255).astype(np.uint8)
     (flat_tree / "Normal" / "near_copy.jpg").write_bytes(jpeg_bytes(near, quality=90))
-    ds = load_dataset(flat_tree, DataConfig(img_size=32, cache_dir=cache_dir), progress=False)
+    ds = load_dataset(flat_tree, DataConfig(Preprocessing(img_size=32), cache_dir=cache_dir), progress=False)
     names = [sorted(ds.samples[i].path.name for i in g) for g in ds.duplicate_groups]
     assert names == [["img003.png", "near_copy.jpg"]]
 
@@ -74,7 +74,7 @@ def test_bad_files_are_listed_with_reasons_not_crashed_on(flat_tree, cache_dir):
     (bad / "bomb.png").write_bytes(png_bomb())
     (flat_tree / "stray.txt").write_text("not in a class folder")
     (bad / "moved.png").symlink_to(flat_tree / "no_such_file.png")
-    ds = load_dataset(flat_tree, DataConfig(img_size=16, cache_dir=cache_dir), progress=False)
+    ds = load_dataset(flat_tree, DataConfig(Preprocessing(img_size=16), cache_dir=cache_dir), progress=False)
     reasons = {os.path.basename(s.path): s.reason for s in ds.skipped}
     assert set(reasons) == {"empty.png", "report.pdf.png", "truncated.jpg", "bomb.png", "stray.txt", "moved.png"}
     assert "broken symbolic link" in reasons["moved.png"]
@@ -85,7 +85,7 @@ def test_bad_files_are_listed_with_reasons_not_crashed_on(flat_tree, cache_dir):
     assert "not inside a class folder" in reasons["stray.txt"]
     assert ds.counts()["covid"] == 12  # the good images are all still there
     # and a cached second scan reports the same reasons
-    again = load_dataset(flat_tree, DataConfig(img_size=16, cache_dir=cache_dir), progress=False)
+    again = load_dataset(flat_tree, DataConfig(Preprocessing(img_size=16), cache_dir=cache_dir), progress=False)
     assert {os.path.basename(s.path): s.reason for s in again.skipped} == reasons
 
 
@@ -116,7 +116,7 @@ def test_decodes_modes_and_formats(mode, fmt):
         assert img.mode == "I;16"
     elif mode != "L":
         img = img.convert(mode)
-    out = decode(_encode(img, fmt), 32)
+    out = decode(_encode(img, fmt), Preprocessing(img_size=32))
     assert out.shape == (32, 32) and out.dtype == np.uint8
     middle, left = out[:, 12:20].mean(), out[:, :8].mean()
     assert middle > left + 40, f"{mode}/{fmt}: band lost (middle {middle:.0f}, left {left:.0f})"
@@ -127,7 +127,7 @@ def test_exif_orientation_is_applied():
     top_bright[:20] = 255
     exif = Image.Exif()
     exif[0x0112] = 6  # the camera was rotated: display needs 90 degrees clockwise
-    out = decode(_encode(Image.fromarray(top_bright), "JPEG", exif=exif), 32)
+    out = decode(_encode(Image.fromarray(top_bright), "JPEG", exif=exif), Preprocessing(img_size=32))
     assert out[:, 20:].mean() > 200 and out[:, :12].mean() < 50  # the bright half is now on the right
 
 
@@ -142,7 +142,7 @@ def test_class_without_usable_image_is_a_clear_error(flat_tree, cache_dir):
     (flat_tree / "Empty Class").mkdir()
     (flat_tree / "Empty Class" / "broken.png").write_bytes(b"nope")
     with pytest.raises(DataError, match="empty_class"):
-        load_dataset(flat_tree, DataConfig(img_size=16, cache_dir=cache_dir), progress=False)
+        load_dataset(flat_tree, DataConfig(Preprocessing(img_size=16), cache_dir=cache_dir), progress=False)
 
 
 def test_fewer_than_two_classes_is_a_clear_error(tmp_path, cache_dir):
@@ -150,11 +150,11 @@ def test_fewer_than_two_classes_is_a_clear_error(tmp_path, cache_dir):
     folder.mkdir(parents=True)
     Image.fromarray(synthetic_image(0, 0)).save(folder / "a.png")
     with pytest.raises(DataError, match="need at least 2"):
-        load_dataset(tmp_path / "one", DataConfig(img_size=16, cache_dir=cache_dir), progress=False)
+        load_dataset(tmp_path / "one", DataConfig(Preprocessing(img_size=16), cache_dir=cache_dir), progress=False)
 
 
 def test_second_scan_decodes_nothing(flat_tree, cache_dir, monkeypatch):
-    cfg = DataConfig(img_size=16, cache_dir=cache_dir)
+    cfg = DataConfig(Preprocessing(img_size=16), cache_dir=cache_dir)
     first = load_dataset(flat_tree, cfg, progress=False)
     import lungxray.data as data
 
@@ -170,7 +170,7 @@ def test_second_scan_decodes_nothing(flat_tree, cache_dir, monkeypatch):
 
 
 def test_changed_file_is_decoded_again(flat_tree, cache_dir):
-    cfg = DataConfig(img_size=16, cache_dir=cache_dir)
+    cfg = DataConfig(Preprocessing(img_size=16), cache_dir=cache_dir)
     load_dataset(flat_tree, cfg, progress=False)
     target = flat_tree / "Covid" / "img000.png"
     Image.fromarray(np.full((32, 32), 7, np.uint8)).save(target)
@@ -235,13 +235,13 @@ def test_the_scan_keeps_its_images_in_one_memory_mapped_stack(flat_tree, cache_d
 
     from lungxray.infer import Images, to_tensor
 
-    cfg = DataConfig(img_size=32, cache_dir=cache_dir)
+    cfg = DataConfig(Preprocessing(img_size=32), cache_dir=cache_dir)
     ds = load_dataset(flat_tree, cfg, progress=False)
     assert isinstance(ds.images, np.memmap) and not ds.images.flags.writeable
     [stack] = cache_dir.rglob("stack-*.u8")
     assert stack.stat().st_size == len(ds.samples) * 32 * 32
     for i in (0, 7, len(ds.samples) - 1):
-        assert np.array_equal(ds.images[i], decode(ds.samples[i].path.read_bytes(), 32))
+        assert np.array_equal(ds.images[i], decode(ds.samples[i].path.read_bytes(), Preprocessing(img_size=32)))
     made = stack.stat().st_mtime_ns
     from lungxray.cache import PreprocessCache
 

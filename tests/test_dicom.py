@@ -21,7 +21,7 @@ from conftest import dicom_bytes, synthetic_image
 from PIL import Image
 
 from lungxray import dicom
-from lungxray.config import DataConfig
+from lungxray.config import DataConfig, Preprocessing
 from lungxray.data import load_dataset
 from lungxray.decode import decode
 from lungxray.errors import UnusableImage
@@ -65,8 +65,10 @@ def test_monochrome1_film_matches_its_monochrome2_twin(window):
     v = stored_12bit(3)
     twin_window = None if window is None else (4095 - window[0], window[1])  # mirrored with the values
     kw = {"bits_stored": 12, "voi_function": "LINEAR_EXACT"}
-    mono2 = decode(dicom_bytes(v, window=window, **kw), 32)
-    mono1 = decode(dicom_bytes(4095 - v, photometric="MONOCHROME1", window=twin_window, **kw), 32)
+    mono2 = decode(dicom_bytes(v, window=window, **kw), Preprocessing(img_size=32))
+    mono1 = decode(
+        dicom_bytes(4095 - v, photometric="MONOCHROME1", window=twin_window, **kw), Preprocessing(img_size=32)
+    )
     assert np.array_equal(mono1, mono2)
     assert mono2.std() > 10  # not a flat image that would match anything
 
@@ -109,9 +111,9 @@ def test_what_is_skipped_and_why_and_what_keeps_it():
     }
     for reason, (data, keep) in cases.items():
         with pytest.raises(UnusableImage, match=re.escape(reason)) as info:
-            decode(data, 32)
+            decode(data, Preprocessing(img_size=32))
         assert f"--dicom-keep {keep}" in str(info.value)
-        assert decode(data, 32, dicom_keep=(keep,)).shape == (32, 32)
+        assert decode(data, Preprocessing(img_size=32, dicom_keep=(keep,))).shape == (32, 32)
     with pytest.raises(UnusableImage, match="without pixel data"):
         dicom.read((TEST_FILES / "rtplan.dcm").read_bytes())
     with pytest.raises(UnusableImage, match="less than expected"):
@@ -127,12 +129,14 @@ def test_what_is_skipped_and_why_and_what_keeps_it():
 def test_found_by_preamble_or_by_name():
     v = stored_12bit(6)
     with_preamble = dicom_bytes(v, bits_stored=12)
-    expected = decode(with_preamble, 32)
-    assert np.array_equal(decode(with_preamble, 32, name="film.png"), expected)  # misnamed: the preamble says DICOM
+    expected = decode(with_preamble, Preprocessing(img_size=32))
+    assert np.array_equal(
+        decode(with_preamble, Preprocessing(img_size=32), "film.png"), expected
+    )  # misnamed: the preamble says DICOM
     bare = dicom_bytes(v, bits_stored=12, preamble=False)
-    assert np.array_equal(decode(bare, 32, name="FILM.DCM"), expected)
+    assert np.array_equal(decode(bare, Preprocessing(img_size=32), "FILM.DCM"), expected)
     with pytest.raises(UnusableImage, match="not an image Pillow can read"):
-        decode(bare, 32, name="film")  # no preamble, no name: nothing says DICOM
+        decode(bare, Preprocessing(img_size=32), "film")  # no preamble, no name: nothing says DICOM
 
 
 def test_a_syntax_no_installed_decoder_reads_names_the_extra():
@@ -141,8 +145,9 @@ def test_a_syntax_no_installed_decoder_reads_names_the_extra():
         "import sys\n"
         "for m in ('libjpeg', 'openjpeg', 'rle', 'pylibjpeg', 'jpeg_ls'): sys.modules[m] = None\n"
         "from lungxray.decode import decode\n"
-        f"try: decode(open({str(TEST_FILES / 'MR_small_jpeg_ls_lossless.dcm')!r}, 'rb').read(), 32, "
-        "dicom_keep=('any-modality',))\n"
+        "from lungxray.config import Preprocessing\n"
+        f"try: decode(open({str(TEST_FILES / 'MR_small_jpeg_ls_lossless.dcm')!r}, 'rb').read(), "
+        "Preprocessing(img_size=32, dicom_keep=('any-modality',)))\n"
         "except Exception as exc: print(type(exc).__name__, exc)\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120).stdout
@@ -155,7 +160,7 @@ def test_a_syntax_no_installed_decoder_reads_names_the_extra():
     buf = io.BytesIO()
     ds.save_as(buf)
     with pytest.raises(UnusableImage, match="MPEG2.*lungxray cannot read; export the film"):
-        decode(buf.getvalue(), 32)
+        decode(buf.getvalue(), Preprocessing(img_size=32))
 
 
 def test_a_dicom_and_a_png_of_the_same_pixels_predict_alike(trained_run, tmp_path):
@@ -227,7 +232,9 @@ def patient_tree(root: Path, n_patients: int = 5) -> dict[str, list[Path]]:
 
 def test_scan_counts_patients_and_groups_their_films(tmp_path):
     films = patient_tree(tmp_path / "data")
-    ds = load_dataset(tmp_path / "data", DataConfig(img_size=16, cache_dir=tmp_path / "cache"), progress=False)
+    ds = load_dataset(
+        tmp_path / "data", DataConfig(Preprocessing(img_size=16), cache_dir=tmp_path / "cache"), progress=False
+    )
     group_of = {s.path: s.group for s in ds.samples}
     for paths in films.values():
         assert len({group_of[p] for p in paths}) == 1
@@ -239,7 +246,9 @@ def test_scan_counts_patients_and_groups_their_films(tmp_path):
     assert "lateral" in reasons["side.dcm"] and "modality CT" in reasons["ct.dcm"]
     # --no-dicom-patients: every film its own group again
     alone = load_dataset(
-        tmp_path / "data", DataConfig(img_size=16, cache_dir=tmp_path / "cache", dicom_patients=False), progress=False
+        tmp_path / "data",
+        DataConfig(Preprocessing(img_size=16), cache_dir=tmp_path / "cache", dicom_patients=False),
+        progress=False,
     )
     assert len({s.group for s in alone.samples}) == 36
     key = tmp_path / "cache" / "patient-key"
@@ -333,7 +342,7 @@ def test_one_patient_id_on_most_films_warns_of_a_placeholder(tmp_path):
             pid = "ANONYMOUS" if k < 3 else f"P{label}"  # 9 of 12 films under one ID
             data = dicom_bytes(synthetic_image(label, k), patient={"PatientID": pid})
             (tmp_path / "data" / name / f"f{k}.dcm").write_bytes(data)
-    cfg = DataConfig(img_size=16, cache_dir=tmp_path / "cache")
+    cfg = DataConfig(Preprocessing(img_size=16), cache_dir=tmp_path / "cache")
     with pytest.warns(UserWarning, match=r"one DICOM PatientID covers 9 of 12 images.*--no-dicom-patients"):
         load_dataset(tmp_path / "data", cfg, progress=False)
     patient_tree(tmp_path / "real", n_patients=3)

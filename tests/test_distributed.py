@@ -12,7 +12,7 @@ import pytest
 from conftest import write_tree
 
 from lungxray.bundle import Predictor
-from lungxray.config import DataConfig
+from lungxray.config import DataConfig, Preprocessing
 from lungxray.data import load_dataset
 
 
@@ -39,7 +39,7 @@ def test_two_processes_train_the_model_one_process_trains(tmp_path):
     assert np.abs(np.array(one["val_loss"]) - np.array(two["val_loss"])).max() < 1e-5
     assert np.abs(np.array(one["train_loss"]) - np.array(two["train_loss"])).max() < 1e-5
     assert (runs[1] / "splits.json").read_text() == (runs[2] / "splits.json").read_text()
-    ds = load_dataset(data, DataConfig(img_size=16, cache_dir=cache), progress=False)
+    ds = load_dataset(data, DataConfig(Preprocessing(img_size=16), cache_dir=cache), progress=False)
     test = json.loads((runs[1] / "splits.json").read_text())["test"]
     images = ds.images[[i for i, s in enumerate(ds.samples) if str(s.path) in test]]
     p1, p2 = (Predictor(runs[n] / "model").predict_arrays(images) for n in (1, 2))

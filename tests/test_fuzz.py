@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lungxray.config import DataConfig
+from lungxray.config import DataConfig, Preprocessing
 from lungxray.data import _process_file, load_dataset
 
 SECONDS_PER_FILE = 5.0  # a 40 M-pixel film decodes in about 1 s here; anything slower is a hang
@@ -214,7 +214,9 @@ def test_a_scan_accounts_for_every_fuzzed_file(seeds, tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(bytes(data))
         written.append(path)
-    ds = load_dataset(tmp_path / "data", DataConfig(img_size=16, cache_dir=tmp_path / "cache"), progress=False)
+    ds = load_dataset(
+        tmp_path / "data", DataConfig(Preprocessing(img_size=16), cache_dir=tmp_path / "cache"), progress=False
+    )
     seen = [s.path for s in ds.samples] + [Path(s.path) for s in ds.skipped]
     assert sorted(seen) == sorted(written)
     assert all(len(s.reason) > 10 for s in ds.skipped)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from lungxray.augment import BatchAugment
 from lungxray.bundle import CHECKSUMS, CONFIG, OOD, Predictor, write_checksums
-from lungxray.config import AugmentConfig, DataConfig, SplitConfig, TrainConfig
+from lungxray.config import AugmentConfig, DataConfig, Preprocessing, SplitConfig, TrainConfig
 from lungxray.decode import crop_borders, decode, equalize
 from lungxray.ood import fit_ood
 from lungxray.pipeline import evaluate_split, prepare, train_stage
@@ -110,17 +110,21 @@ PLAIN = {"crop_borders": False, "equalize": "none"}
 )
 def test_each_preprocessing_option_round_trips_through_the_bundle(tmp_path, options):
     data = _framed_tree(tmp_path / "data")
-    data_cfg = DataConfig(img_size=16, cache_dir=tmp_path / "cache", **options)
+    data_cfg = DataConfig(Preprocessing(img_size=16, **options), cache_dir=tmp_path / "cache")
     ds, split = prepare(data, data_cfg, SplitConfig(val_fraction=0.2, test_fraction=0.2), progress=False)
     if options:  # the option changed what the model sees
-        plain_cfg = DataConfig(img_size=16, cache_dir=tmp_path / "cache", **PLAIN)
+        plain_cfg = DataConfig(Preprocessing(img_size=16, **PLAIN), cache_dir=tmp_path / "cache")
         assert not np.array_equal(prepare(data, plain_cfg, SplitConfig(), progress=False)[0].images, ds.images)
     hp = {"layer_1": 16, "layer_2": 16, "layer_3": 16, "learning_rate": 1e-3}
     _, folder = train_stage(ds, split, "mlp", hp, TrainConfig(epochs=2), data_cfg, tmp_path / "run", progress=False)
     predictor = Predictor(folder)
     config = json.loads((folder / CONFIG).read_text())
-    assert config["preprocessing"]["equalize"] == data_cfg.equalize == options.get("equalize", "none")
-    assert config["preprocessing"]["crop_borders"] == data_cfg.crop_borders == options.get("crop_borders", False)
+    assert config["preprocessing"]["equalize"] == data_cfg.preprocessing.equalize == options.get("equalize", "none")
+    assert (
+        config["preprocessing"]["crop_borders"]
+        == data_cfg.preprocessing.crop_borders
+        == options.get("crop_borders", False)
+    )
     # load -> decode gives the array the model was trained on, file by file
     for sample, pixels in zip(ds.samples, ds.images, strict=True):
         assert np.array_equal(predictor.decode(sample.path.read_bytes()), pixels), sample.path
@@ -149,7 +153,9 @@ def test_an_older_bundle_without_the_score_loads_predicts_and_evaluates_with_nul
     assert predictor.ood_ is None and predictor.ood_scores(np.zeros((2, 16, 16), np.uint8)) is None
     result = predictor.predict_files([next((data / "Covid").iterdir())])[0]
     assert result["ood_score"] is None and result["in_distribution"] is None and result["class"] in predictor.classes_
-    ds = prepare(data, DataConfig(img_size=16, cache_dir=root / "cache"), SplitConfig(), progress=False)[0]
+    ds = prepare(data, DataConfig(Preprocessing(img_size=16), cache_dir=root / "cache"), SplitConfig(), progress=False)[
+        0
+    ]
     metrics = evaluate_split(predictor, ds, np.arange(6), tmp_path / "eval")
     assert metrics["ood"] is None and not (tmp_path / "eval" / "coverage.png").exists()
     images = json.loads((tmp_path / "eval" / "predictions.json").read_text())["images"]
@@ -251,7 +257,10 @@ def test_decode_repeats_the_options_for_any_file(tmp_path):
     canvas[10:30, 5:35] = synthetic_image(1, 0)[:20, :30]
     path = tmp_path / "x.png"
     Image.fromarray(canvas).save(path)
-    plain, cropped = decode(path.read_bytes(), 16), decode(path.read_bytes(), 16, crop=True)
+    plain, cropped = (
+        decode(path.read_bytes(), Preprocessing(img_size=16)),
+        decode(path.read_bytes(), Preprocessing(img_size=16, crop_borders=True)),
+    )
     assert not np.array_equal(plain, cropped)
     assert (plain[0] == 0).all() and not (cropped[0] == 0).all()  # the black band at the top is gone
 

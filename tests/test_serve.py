@@ -18,7 +18,7 @@ from PIL import Image
 from test_explain import figure_size
 
 from lungxray.bundle import Predictor, export_onnx, save_bundle
-from lungxray.config import DataConfig
+from lungxray.config import DataConfig, Preprocessing
 from lungxray.data import load_dataset
 from lungxray.infer import to_tensor
 from lungxray.models import get_spec
@@ -40,7 +40,7 @@ def real(shared_data, tmp_path_factory):
         for image in sorted(folder.iterdir())[:12]:
             (data / folder.name / image.name).symlink_to(image)
             files.append(image)
-    ds = load_dataset(data, DataConfig(img_size=SIZE, cache_dir=root / "cache"), progress=False)
+    ds = load_dataset(data, DataConfig(Preprocessing(img_size=SIZE), cache_dir=root / "cache"), progress=False)
     x, y = to_tensor(ds.images), torch.from_numpy(ds.labels)
     hp = {**get_spec("cnn").defaults, "width": 8}
     result = fit("cnn", hp, (x, y), (x, y), 3, settings("cnn", hp, epochs=2, augment=False))
@@ -489,4 +489,4 @@ def test_only_regular_image_files_of_sane_size_are_read(real, tmp_path):
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
     )
     with pytest.raises(UnusableImage, match="9400 x 9400 pixels"):
-        decode(big, 64)
+        decode(big, Preprocessing(img_size=64))

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lungxray.config import ConfigError, DataConfig, SplitConfig
+from lungxray.config import ConfigError, DataConfig, Preprocessing, SplitConfig
 from lungxray.data import load_dataset
 from lungxray.errors import DataError
 from lungxray.splits import LeakageError, Split, check_no_leakage, folder_split, make_folds, random_split
@@ -55,7 +55,7 @@ def test_leakage_check_raises_on_shared_group_and_shared_image():
 
 
 def test_folder_split_warns_then_drops_test_duplicates(split_tree, cache_dir):
-    ds = load_dataset(split_tree, DataConfig(img_size=16, cache_dir=cache_dir), progress=False)
+    ds = load_dataset(split_tree, DataConfig(Preprocessing(img_size=16), cache_dir=cache_dir), progress=False)
     with pytest.warns(UserWarning, match="1 test image"):
         kept = folder_split(ds, SplitConfig(mode="folders"))
     assert kept.test_duplicates_of_train == 1 and len(kept.test) == 13

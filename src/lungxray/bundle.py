@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lungxray import __version__
-from lungxray.config import DICOM_KEEP, EQUALIZE
+from lungxray.config import DICOM_KEEP, EQUALIZE, Preprocessing
 from lungxray.decode import decode, read_image_file
 from lungxray.errors import BundleError, OutputExistsError, UnusableImage
 from lungxray.infer import predict_logits, to_tensor
@@ -305,14 +305,8 @@ class Predictor:
                     hint=f"run `lungxray export {self.folder} --onnx` again, or pass --backend torch",
                 ) from None
         self.classes_: list[str] = self.config_["classes"]
-        prep = self.config_["preprocessing"]
-        self.img_size_: int = prep["img_size"]
-        # The preprocessing options as DataConfig fields (absent in bundles made before they existed: off).
-        self.data_options_: dict = {
-            "crop_borders": prep.get("crop_borders", False),
-            "equalize": prep.get("equalize", "none"),
-            "dicom_keep": tuple(prep.get("dicom_keep", [])),
-        }
+        # How files are decoded for this model, as in training (validate_config checked the values).
+        self.preprocessing_ = Preprocessing.from_json(self.config_["preprocessing"])
         model_cfg = self.config_["model"]
         self.model_ = create_model(
             model_cfg["name"],
@@ -404,23 +398,20 @@ class Predictor:
                 results.append({"path": str(path)})
             except (UnusableImage, OSError) as exc:
                 results.append({"path": str(path), "error": str(exc)})
-        size = self.img_size_
+        size = self.preprocessing_.img_size
         return results, np.stack(arrays) if arrays else np.zeros((0, size, size), dtype=np.uint8)
 
     def decode(self, data: bytes, name: str = "") -> np.ndarray:
         """An image file's bytes -> (H, W) uint8, preprocessed as the model was trained; ``name``,
         the file's, marks a DICOM file without its preamble (``.dcm``)."""
-        options = self.data_options_
-        return decode(data, self.img_size_, equalize_method=options["equalize"], crop=options["crop_borders"],
-                      dicom_keep=options["dicom_keep"], name=name)  # fmt: skip
+        return decode(data, self.preprocessing_, name)
 
     def display(self, data: bytes, name: str = "") -> np.ndarray:
         """An image file's bytes -> (H, W) uint8 at its own aspect ratio (at most 1024 px), cropped
         as the model's input is: the picture an explanation is drawn on."""
         from lungxray.decode import display_gray
 
-        options = self.data_options_
-        return display_gray(data, crop=options["crop_borders"], dicom_keep=options["dicom_keep"], name=name)
+        return display_gray(data, self.preprocessing_, name)
 
     def describe(self, probs: np.ndarray, ood_score: float | None = None) -> dict:
         """One image's probabilities (n_classes,) and out-of-distribution score -> ``{"class",
@@ -463,7 +454,7 @@ def export_onnx(folder: Path, check_images: np.ndarray | None = None) -> tuple[P
 
     folder = bundle_folder(folder)
     torch_predictor = Predictor(folder, backend="torch")
-    size = torch_predictor.img_size_
+    size = torch_predictor.preprocessing_.img_size
     dummy = torch.zeros(1, 1, size, size)
     if check_images is None:
         check_images = np.random.default_rng(0).integers(0, 256, (8, size, size), dtype=np.uint8)

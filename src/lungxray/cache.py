@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lungxray.config import Preprocessing
 from lungxray.runfolder import secret_key, write_text
 
 CACHE_VERSION = 3  # bump when preprocessing changes, so old cache entries are not reused
@@ -26,14 +27,12 @@ class PreprocessCache:
     keyed hash that stands for them.
     """
 
-    def __init__(
-        self, root: Path, img_size: int, *, crop: bool = False, equalize: str = "none", dicom_keep: tuple = ()
-    ) -> None:
+    def __init__(self, root: Path, prep: Preprocessing) -> None:
         self.root = Path(root)
-        self.shape = (img_size, img_size)
-        options = ("-crop" if crop else "") + (f"-{equalize}" if equalize != "none" else "")
-        options += "".join(f"-keep-{what}" for what in sorted(dicom_keep))
-        self.folder = self.root / f"v{CACHE_VERSION}-gray-bilinear-{img_size}{options}"
+        self.shape = (prep.img_size, prep.img_size)
+        options = ("-crop" if prep.crop_borders else "") + (f"-{prep.equalize}" if prep.equalize != "none" else "")
+        options += "".join(f"-keep-{what}" for what in sorted(prep.dicom_keep))
+        self.folder = self.root / f"v{CACHE_VERSION}-gray-bilinear-{prep.img_size}{options}"
         self._index = self._read(self.root / "index.json")
         self._entries = self._read(self.folder / "entries.json")
         self._dirty = False
@@ -91,27 +90,15 @@ class PreprocessCache:
 
         return hashlib.blake2b(key, digest_size=4).hexdigest()
 
-    def put(
-        self,
-        path: Path,
-        sha: str,
-        pixels: np.ndarray | None,
-        phash: str | None,
-        reason: str | None,
-        patient: str | None = None,
-        key_id: str | None = None,
-        pixel_hash: str | None = None,
-    ) -> None:
+    def put(self, path: Path, sha: str, pixels: np.ndarray | None, entry: dict) -> None:
+        """Remember ``path`` as the file of ``sha`` and keep its ``pixels`` (None: unusable) with
+        ``entry``: {"phash", "pixel_hash"[, "patient", "key"]} for a usable image, {"reason"} else."""
         stat = path.stat()
         self._index[str(path)] = [stat.st_size, stat.st_mtime_ns, sha]
         if pixels is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
             pixels.tofile(self.folder / f"{sha}.u8")
-            self._entries[sha] = {"phash": phash, "pixel_hash": pixel_hash} | (
-                {"patient": patient, "key": key_id} if patient else {}
-            )
-        else:
-            self._entries[sha] = {"reason": reason}
+        self._entries[sha] = entry
         self._dirty = True
 
     def stack(self, shas: list[str], held: dict[str, np.ndarray]) -> np.ndarray:

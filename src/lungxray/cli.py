@@ -20,7 +20,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from lungxray import __version__
-from lungxray.config import AugmentConfig, DataConfig, SplitConfig, TrainConfig, TuneConfig
+from lungxray.config import DataConfig, SplitConfig, TrainConfig, TuneConfig
 from lungxray.errors import ConfigError, LungxrayError
 
 
@@ -32,11 +32,16 @@ def _field_docs(cls) -> dict[str, str]:
 
 
 def add_options(parser, cls, *, skip: tuple[str, ...] = (), helps: dict[str, str] | None = None) -> None:
-    """One flag per field of dataclass ``cls`` that names a flag: type, choices and help from the
-    field. Unset flags stay out of the namespace (``SUPPRESS``), so the dataclass default applies
-    and is not repeated here."""
-    docs, hints = _field_docs(cls), typing.get_type_hints(cls)
+    """One flag per field of dataclass ``cls`` that names a flag (and of the settings dataclasses it
+    nests): type, choices and help from the field. Unset flags stay out of the namespace
+    (``SUPPRESS``), so the dataclass default applies and is not repeated here."""
+    from lungxray.job import nested
+
+    docs, hints, inner = _field_docs(cls), typing.get_type_hints(cls), nested(cls)
     for f in fields(cls):
+        if f.name in inner and f.name not in skip:
+            group = f.metadata.get("group")
+            add_options(parser.add_argument_group(group) if group else parser, inner[f.name], skip=skip, helps=helps)
         flag = f.metadata.get("flag")
         if not flag or f.name in skip:
             continue
@@ -60,13 +65,14 @@ def add_options(parser, cls, *, skip: tuple[str, ...] = (), helps: dict[str, str
 
 
 def from_args(cls, args: argparse.Namespace, **values):
-    """An instance of ``cls`` from the flags given on the command line, plus ``values``."""
-    given = {f.name: getattr(args, f.name) for f in fields(cls) if f.metadata.get("flag") and hasattr(args, f.name)}
-    return cls(**given | values)
+    """An instance of settings dataclass ``cls`` from the flags given on the command line, plus ``values``."""
+    from lungxray.job import build
+
+    return build(cls, vars(args) | values)
 
 
 def _train_cfg(args: argparse.Namespace) -> TrainConfig:
-    return from_args(TrainConfig, args, augment=from_args(AugmentConfig, args))
+    return from_args(TrainConfig, args)
 
 
 def _data_args(p: argparse.ArgumentParser, img_size: bool = True, sources: bool = False) -> None:
@@ -76,7 +82,7 @@ def _data_args(p: argparse.ArgumentParser, img_size: bool = True, sources: bool 
         help="dataset folder: one sub-folder per class, or train/ test/ [val/] folders that each hold class folders",
     )
     # evaluate and friends: the bundle's size and preprocessing
-    skip = () if img_size else ("img_size", "crop_borders", "equalize", "dicom_keep")
+    skip = () if img_size else ("preprocessing",)
     add_options(p, DataConfig, skip=skip + (() if sources else ("sources",)))  # sources: for the model card
     p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
     p.add_argument(
@@ -117,9 +123,6 @@ def _train_args(p: argparse.ArgumentParser, seed: bool = False, members: bool = 
     # run/tune/train take --seed with the split options; cv has no split, its seed draws the folds too
     skip = (() if seed else ("seed",)) + (() if members else ("members",))  # tune: one fit per trial
     add_options(p, TrainConfig, skip=skip, helps={"seed": "Seed of the folds, training and bootstrap."})
-    add_options(
-        p.add_argument_group("augmentation of training batches (default: on for CNNs, off for mlp)"), AugmentConfig
-    )
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:

@@ -58,8 +58,15 @@ EQUALIZE = ("none", "hist", "clahe")
 DICOM_KEEP = ("multiframe", "lateral", "any-modality")  # as dicom.KEEP, without importing it
 
 
-@dataclass
-class DataConfig:
+MAX_PIXELS = 40_000_000  # a chest radiograph has at most ~18 M (4280 x 4280); decoding costs 8 B per pixel
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image file becomes the model's input. Training, evaluation and serving decode with
+    the same object: the bundle's config.json stores it (``to_json``) and the Predictor reads it
+    back (``from_json``), so one name per option holds from the flag to the bundle."""
+
     img_size: int = option("--img-size", 128)
     """Side of the square grayscale image fed to the model."""
     crop_borders: bool = option("--crop-borders", False)
@@ -73,6 +80,50 @@ class DataConfig:
     """DICOM files to use instead of skipping (repeat the flag for several): multiframe (the first
     frame of a series), lateral (ViewPosition LL/RL), any-modality (other than CR, DX, DR). Stored
     in the bundle, so prediction accepts the same files."""
+
+    def __post_init__(self) -> None:
+        keep = self.dicom_keep
+        if isinstance(keep, (list, set, frozenset)):  # a list from the CLI or JSON
+            keep = tuple(keep)
+        if isinstance(keep, tuple) and all(isinstance(v, str) for v in keep):
+            keep = tuple(sorted(set(keep)))
+        object.__setattr__(self, "dicom_keep", keep)  # frozen: normalised once, here
+        _check_choices(self)
+        if isinstance(self.img_size, bool) or not isinstance(self.img_size, int) or not 8 <= self.img_size <= 1024:
+            raise ConfigError(f"--img-size must be between 8 and 1024, got {self.img_size!r}")
+        if self.crop_borders not in (True, False):
+            raise ConfigError(f"--crop-borders is true or false, got {self.crop_borders!r}")
+
+    @property
+    def plain(self) -> Preprocessing:
+        """The same size with neither cropping nor equalisation (the tutorial's plain resize)."""
+        return replace(self, crop_borders=False, equalize="none")
+
+    def to_json(self) -> dict:
+        """config.json's "preprocessing": these options, and the fixed steps around them."""
+        return {
+            "img_size": self.img_size,
+            "crop_borders": self.crop_borders,
+            "equalize": self.equalize,
+            "dicom_keep": list(self.dicom_keep),
+            "color": "grayscale",
+            "resize": "bilinear",
+            "scale": "pixel / 255",
+            "jpeg_reduced_decoding": True,
+        }
+
+    @classmethod
+    def from_json(cls, saved: dict) -> Preprocessing:
+        """The options ``to_json`` wrote; an option a bundle does not name is its default (bundles
+        made before it existed). Raises ConfigError for a value out of range."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names})
+
+
+@dataclass
+class DataConfig:
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    """Size and preprocessing of the model's input (``Preprocessing``)."""
     dicom_patients: bool = option("--dicom-patients", True)
     """Keep the images of one DICOM PatientID in one group (--no-dicom-patients: for anonymised
     files that all carry the same placeholder ID)."""
@@ -95,24 +146,15 @@ class DataConfig:
     """Smallest correlation of 32x32 thumbnails that confirms a candidate pair as a near-duplicate."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.dicom_keep, (list, set, frozenset)):  # a list from the CLI or JSON
-            self.dicom_keep = tuple(sorted(self.dicom_keep, key=str))
-        if isinstance(self.dicom_keep, tuple) and all(isinstance(v, str) for v in self.dicom_keep):
-            self.dicom_keep = tuple(sorted(set(self.dicom_keep)))
-        _check_choices(self)
+        if not isinstance(self.preprocessing, Preprocessing):
+            raise ConfigError(f"preprocessing must be a Preprocessing, got {self.preprocessing!r}")
         self.cache_dir = Path(self.cache_dir)
         self.groups = Path(self.groups) if self.groups is not None else None
         self.exclude = Path(self.exclude) if self.exclude is not None else None
-        if not 8 <= self.img_size <= 1024:
-            raise ConfigError(f"--img-size must be between 8 and 1024, got {self.img_size}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be 0 (all cores) or more, got {self.workers}")
         if not 0 <= self.near_duplicate_distance <= 32:
             raise ConfigError(f"near_duplicate_distance must be in 0..32, got {self.near_duplicate_distance}")
-
-    def preprocessing(self) -> dict:
-        """The decoding options (``decode.decode``'s keywords) these settings ask for."""
-        return {"equalize_method": self.equalize, "crop": self.crop_borders, "dicom_keep": self.dicom_keep}
 
 
 @dataclass
@@ -219,7 +261,10 @@ class TrainConfig:
     """adam (the tutorial's) or adamw; unset: the model's (adamw for CNNs, adam for mlp)."""
     schedule: str | None = option("--schedule", None, choices=("constant", "cosine"))
     """Learning rate over a run; unset: the model's (cosine for CNNs, constant for mlp)."""
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: AugmentConfig = field(
+        default_factory=AugmentConfig,
+        metadata={"group": "augmentation of training batches (default: on for CNNs, off for mlp)"},
+    )
     """Training-batch augmentation; True or False turn it on or off with the default ranges."""
     class_weighted: bool = option("--class-weighted", False)
     """Weight the loss by inverse class frequency."""
@@ -269,6 +314,20 @@ class TrainConfig:
                  self.augment.scanner)  # fmt: skip
         return all(v is not None for v in unset)
 
+    def for_params(self, params: dict | None) -> TrainConfig:
+        """These settings with the batch size that the hyperparameters ``params`` set, when they set
+        one: a searched batch size wins over ``--batch-size``, which only applies where the
+        hyperparameters set none."""
+        if not params or "batch_size" not in params:
+            return self
+        try:
+            batch_size = int(params["batch_size"])
+        except (TypeError, ValueError):
+            raise ParamsError(
+                f"the hyperparameters set batch_size to {params['batch_size']!r}, not a whole number"
+            ) from None
+        return replace(self, batch_size=batch_size)
+
 
 @dataclass
 class TuneConfig:
@@ -307,27 +366,34 @@ class TuneConfig:
             )
 
 
-def resolve_train(cfg: TrainConfig, recipe: Recipe, params: dict | None = None) -> TrainConfig:
-    """``cfg`` with every field left unset taken from the model's ``recipe``.
+@dataclass
+class CVConfig:
+    """How ``lungxray cv`` cross-validates (the folds are drawn with ``--seed``)."""
 
-    ``params`` (a model's hyperparameters) set the batch size when they hold one: a searched batch
-    size wins over ``--batch-size``, which only applies where the hyperparameters set none.
-    Idempotent: a resolved config comes back unchanged (with ``params``' batch size applied).
-    """
-    batch_size = cfg.batch_size if cfg.batch_size is not None else recipe.batch_size
-    if params and "batch_size" in params:
-        try:
-            batch_size = int(params["batch_size"])
-        except (TypeError, ValueError):
-            raise ParamsError(
-                f"the hyperparameters set batch_size to {params['batch_size']!r}, not a whole number"
-            ) from None
+    folds: int = option("--folds", 5)
+    """Folds, stratified and grouped by duplicate group."""
+    repeats: int = option("--repeats", 1)
+    """Train the same folds with this many training seeds (seed, seed+1, ...) and report each
+    metric's mean +- std over them: one cv run is one draw."""
+    tune: bool = option("--tune", False)
+    """Tune inside each fold's training part instead of using fixed hyperparameters."""
+
+    def __post_init__(self) -> None:
+        if self.folds < 2:
+            raise ConfigError(f"--folds must be at least 2, got {self.folds}")
+        if self.repeats < 1:
+            raise ConfigError(f"--repeats must be at least 1, got {self.repeats}")
+
+
+def resolve_train(cfg: TrainConfig, recipe: Recipe) -> TrainConfig:
+    """``cfg`` with every field left unset taken from the model's ``recipe``. Idempotent: a
+    resolved config comes back unchanged."""
     enabled = cfg.augment.enabled if cfg.augment.enabled is not None else recipe.augment
     scanner = cfg.augment.scanner if cfg.augment.scanner is not None else recipe.scanner
     return replace(
         cfg,
         epochs=cfg.epochs if cfg.epochs is not None else recipe.epochs,
-        batch_size=batch_size,
+        batch_size=cfg.batch_size if cfg.batch_size is not None else recipe.batch_size,
         optimizer=cfg.optimizer or recipe.optimizer,
         schedule=cfg.schedule or recipe.schedule,
         augment=replace(cfg.augment, enabled=enabled, scanner=scanner),

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from lungxray.cache import PreprocessCache
-from lungxray.config import DataConfig
+from lungxray.config import DataConfig, Preprocessing
 from lungxray.decode import decode_with_patient, read_image_file
 from lungxray.errors import DataError, UnusableImage
 
@@ -248,10 +248,10 @@ def pseudonym(patient_id: str, key: bytes) -> str:
     return hashlib.blake2b(patient_id.encode("utf-8", "surrogateescape"), key=key, digest_size=8).hexdigest()
 
 
-def _process_file(args: tuple[str, int, dict]) -> tuple:
+def _process_file(args: tuple[str, Preprocessing]) -> tuple:
     """Worker: read one file once, hash it, decode it. Returns (path, sha, pixels, phash, reason,
     DICOM PatientID or None). The ID goes back to the scan in memory only, which hashes it at once."""
-    path, img_size, options = args
+    path, prep = args
     try:
         data = read_image_file(Path(path))
     except UnusableImage as exc:
@@ -260,7 +260,7 @@ def _process_file(args: tuple[str, int, dict]) -> tuple:
         return path, None, None, None, f"cannot read file: {exc.strerror or exc}", None
     sha = hashlib.sha256(data).hexdigest()
     try:
-        pixels, patient = decode_with_patient(data, img_size, name=Path(path).name, **options)
+        pixels, patient = decode_with_patient(data, prep, Path(path).name)
     except UnusableImage as exc:
         return path, sha, None, None, str(exc), None
     return path, sha, pixels, perceptual_hash(pixels), None, patient
@@ -270,7 +270,7 @@ def _decode_all(todo: list[Path], cfg: DataConfig, progress: bool):
     """Yield _process_file results for every path, in parallel processes when worth it."""
     from lungxray.progress import bar as progress_bar
 
-    args = [(str(p), cfg.img_size, cfg.preprocessing()) for p in todo]
+    args = [(str(p), cfg.preprocessing) for p in todo]
     workers = min(cfg.workers or os.cpu_count() or 1, len(todo))
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(
@@ -296,9 +296,7 @@ def _load_pixels(files: list[tuple[Path, str, str | None]], cfg: DataConfig, pro
     """Per file (sha, pixel hash or None when unusable, phash, reason, patient pseudonym), using and
     filling the cache; and where the usable images are: (the cache, the images held in memory
     because the cache could not keep them). No image stays in memory otherwise."""
-    cache = PreprocessCache(
-        cfg.cache_dir, cfg.img_size, crop=cfg.crop_borders, equalize=cfg.equalize, dicom_keep=cfg.dicom_keep
-    )
+    cache = PreprocessCache(cfg.cache_dir, cfg.preprocessing)
     out: dict[Path, tuple] = {}
     todo = []
     key: list[bytes] = []  # the cache's patient key, read when the first patient needs it
@@ -330,8 +328,13 @@ def _load_pixels(files: list[tuple[Path, str, str | None]], cfg: DataConfig, pro
         out[path] = (sha, digest, phash, reason, patient)
         if sha is None:
             continue
+        entry = (
+            {"reason": reason}
+            if pixels is None
+            else {"phash": phash, "pixel_hash": digest} | ({"patient": patient, "key": key_id()} if patient else {})
+        )
         try:
-            cache.put(path, sha, pixels, phash, reason, patient, key_id() if patient else None, digest)
+            cache.put(path, sha, pixels, entry)
         except OSError:
             if pixels is not None:
                 held[sha] = pixels  # the cache cannot keep it: memory must
@@ -416,7 +419,7 @@ def load_dataset(
     # Duplicates are found on the plain resize, whatever the preprocessing options: equalising
     # and cropping make re-encoded copies look less alike (on the shared dataset, CLAHE and border
     # cropping hid 2 of its 13 duplicate groups), and a missed copy is a leak between splits.
-    plain_cfg = replace(cfg, crop_borders=False, equalize="none")
+    plain_cfg = replace(cfg, preprocessing=cfg.preprocessing.plain)
     loaded, plain_store = _load_pixels(files, plain_cfg, progress)
     processed, store = (loaded, plain_store) if plain_cfg == cfg else _load_pixels(files, cfg, progress)
     samples, usable = [], {}

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from lungxray.config import EQUALIZE
+from lungxray import dicom
+from lungxray.config import EQUALIZE, MAX_PIXELS, Preprocessing
 from lungxray.errors import UnusableImage
 
 
@@ -37,7 +38,6 @@ def _to_gray_uint8(img: Image.Image) -> Image.Image:
     raise UnusableImage(f"unsupported image mode {img.mode!r}; save it as 8- or 16-bit grayscale or RGB")
 
 
-MAX_PIXELS = 40_000_000  # a chest radiograph has at most ~18 M (4280 x 4280); decoding costs 8 B per pixel
 MAX_FILE_BYTES = 256 * 1024 * 1024
 
 
@@ -112,67 +112,41 @@ def equalize(gray: np.ndarray, method: str) -> np.ndarray:
     return np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def decode(
-    data: bytes,
-    img_size: int,
-    *,
-    equalize_method: str = "none",
-    crop: bool = False,
-    dicom_keep: tuple[str, ...] = (),
-    name: str = "",
-) -> np.ndarray:
-    """Encoded bytes -> (img_size, img_size) uint8 grayscale; raises UnusableImage with a reason.
-
-    ``crop``: remove uniform borders before resizing (``crop_borders``); ``equalize_method``:
-    equalise the grey levels after it (``equalize``); ``dicom_keep``: what DICOM files are used
-    instead of skipped (``config.DICOM_KEEP``); ``name``: the file's name, which marks a DICOM file
-    written without its preamble (``.dcm``)."""
-    return decode_with_patient(
-        data, img_size, equalize_method=equalize_method, crop=crop, dicom_keep=dicom_keep, name=name
-    )[0]
+def decode(data: bytes, prep: Preprocessing, name: str = "") -> np.ndarray:
+    """Encoded bytes -> (img_size, img_size) uint8 grayscale as ``prep`` says (crop the borders,
+    resize, equalise; which DICOM files to use); raises UnusableImage with a reason. ``name``: the
+    file's name, which marks a DICOM file written without its preamble (``.dcm``)."""
+    return decode_with_patient(data, prep, name)[0]
 
 
-def decode_with_patient(
-    data: bytes,
-    img_size: int,
-    *,
-    equalize_method: str = "none",
-    crop: bool = False,
-    dicom_keep: tuple[str, ...] = (),
-    name: str = "",
-) -> tuple[np.ndarray, str | None]:
+def decode_with_patient(data: bytes, prep: Preprocessing, name: str = "") -> tuple[np.ndarray, str | None]:
     """As ``decode``, with the DICOM PatientID (None for other formats, or when blank). The ID is
     for the scan to hash at once; it must not be stored or printed."""
     if not data:
         raise UnusableImage("empty file (zero bytes)")
-    from lungxray import dicom
-
     if dicom.is_dicom(data, name):
-        gray, patient = dicom.read(data, dicom_keep)
+        gray, patient = dicom.read(data, prep.dicom_keep)
         image = Image.fromarray(gray)
     else:
-        image, patient = _read_with_pillow(data, img_size), None
-    if crop:
+        image, patient = _read_with_pillow(data, prep.img_size), None
+    if prep.crop_borders:
         image = Image.fromarray(crop_borders(np.asarray(image)))
-    image = image.resize((img_size, img_size), Image.Resampling.BILINEAR)
-    return equalize(np.asarray(image, dtype=np.uint8), equalize_method), patient
+    image = image.resize((prep.img_size, prep.img_size), Image.Resampling.BILINEAR)
+    return equalize(np.asarray(image, dtype=np.uint8), prep.equalize), patient
 
 
-def display_gray(
-    data: bytes, *, crop: bool = False, dicom_keep: tuple[str, ...] = (), name: str = "", long_side: int = 1024
-) -> np.ndarray:
+def display_gray(data: bytes, prep: Preprocessing, name: str = "", long_side: int = 1024) -> np.ndarray:
     """The file as a person looks at it: (H, W) uint8 grayscale at its own aspect ratio, at most
-    ``long_side`` pixels on its long side, cropped as the model's input is (``crop``), so a map of
-    the model's square input stretches back onto it. Raises UnusableImage as ``decode`` does."""
+    ``long_side`` pixels on its long side, cropped as the model's input is (``prep.crop_borders``),
+    so a map of the model's square input stretches back onto it. Raises UnusableImage as ``decode``
+    does."""
     if not data:
         raise UnusableImage("empty file (zero bytes)")
-    from lungxray import dicom
-
     if dicom.is_dicom(data, name):
-        image = Image.fromarray(dicom.read(data, dicom_keep)[0])
+        image = Image.fromarray(dicom.read(data, prep.dicom_keep)[0])
     else:
         image = _read_with_pillow(data, long_side)
-    if crop:
+    if prep.crop_borders:
         image = Image.fromarray(crop_borders(np.asarray(image)))
     scale = long_side / max(image.size)
     if scale < 1:

@@ -21,7 +21,7 @@ import warnings
 
 import numpy as np
 
-from lungxray.decode import MAX_PIXELS
+from lungxray.config import MAX_PIXELS
 from lungxray.errors import UnusableImage
 
 RADIOGRAPHY = ("CR", "DX", "DR")  # computed and digital radiography

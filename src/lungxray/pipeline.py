@@ -23,6 +23,7 @@ from lungxray.bundle import Predictor, attach_metrics, save_bundle
 from lungxray.card import model_card, write_card
 from lungxray.config import (
     DataConfig,
+    Preprocessing,
     SplitConfig,
     TrainConfig,
     TuneConfig,
@@ -82,11 +83,12 @@ def fingerprint(data: Path, data_cfg: DataConfig, model_name: str | None, **part
     import os
 
     # Preprocessing options only when set, so folders made before they existed keep their fingerprint.
-    options = {"crop_borders": data_cfg.crop_borders, "equalize": data_cfg.equalize, "dicom_keep": data_cfg.dicom_keep}
+    prep = data_cfg.preprocessing
+    options = {"crop_borders": prep.crop_borders, "equalize": prep.equalize, "dicom_keep": prep.dicom_keep}
     options = {k: v for k, v in options.items() if v not in (False, "none", ())}
     if not data_cfg.dicom_patients:
         options["dicom_patients"] = False
-    return jsonable({"data": os.path.realpath(data), "model": model_name, "img_size": data_cfg.img_size,
+    return jsonable({"data": os.path.realpath(data), "model": model_name, "img_size": prep.img_size,
                      "groups": data_cfg.groups, "exclude": data_cfg.exclude, **options, **parts})  # fmt: skip
 
 
@@ -148,7 +150,7 @@ def tune_stage(
         # worker among them, with heartbeats, instead of assuming it is the study's only user.
         from lungxray import workers
 
-        data_cfg = data_cfg or DataConfig(img_size=ds.images.shape[1])
+        data_cfg = data_cfg or DataConfig(Preprocessing(img_size=ds.images.shape[1]))
         record = workers.agreement(ds, split, model_name, data_cfg, trial_cfg)
         if tune_cfg.parallel > 1:
             study = workers.run_parallel(storage, model_name, *data, tune_cfg, trial_cfg, record)
@@ -219,18 +221,9 @@ def train_stage(
             "name": model_name,
             "members": cfg.members,
             "hyperparameters": params,
-            "input_shape": [1, data_cfg.img_size, data_cfg.img_size],
+            "input_shape": [1, data_cfg.preprocessing.img_size, data_cfg.preprocessing.img_size],
         },
-        "preprocessing": {
-            "img_size": data_cfg.img_size,
-            "crop_borders": data_cfg.crop_borders,
-            "equalize": data_cfg.equalize,
-            "dicom_keep": list(data_cfg.dicom_keep),
-            "color": "grayscale",
-            "resize": "bilinear",
-            "scale": "pixel / 255",
-            "jpeg_reduced_decoding": True,
-        },
+        "preprocessing": data_cfg.preprocessing.to_json(),
         "training": {
             **jsonable(asdict(cfg)),
             "best_epoch": result.best_epoch,
@@ -275,7 +268,7 @@ def model_and_data(
     less the images the model was trained or validated on (recognised by content hash, whatever
     their path) unless ``include_seen``. The dict says how many were seen and which."""
     predictor = model if isinstance(model, Predictor) else Predictor(model)  # verified and loaded once
-    as_trained = replace(data_cfg, img_size=predictor.img_size_, **predictor.data_options_)  # as in training
+    as_trained = replace(data_cfg, preprocessing=predictor.preprocessing_)  # as in training
     ds = load_dataset(data, as_trained, progress=progress, min_classes=1)
     idx = np.arange(len(ds.samples))
     if splits is not None:
@@ -319,10 +312,11 @@ def _labels_for(predictor: Predictor, ds: Dataset, idx: np.ndarray) -> np.ndarra
             hint="folder names are matched after normalising, e.g. 'Viral Pneumonia' -> "
             "viral_pneumonia; rename or remove the other folders",
         )
-    if ds.images.shape[1] != predictor.img_size_:
+    size = predictor.preprocessing_.img_size
+    if ds.images.shape[1] != size:
         raise ValueError(
             f"images were preprocessed at {ds.images.shape[1]} px but the model expects "
-            f"{predictor.img_size_} px; load the data with img_size={predictor.img_size_}"
+            f"{size} px; load the data with img_size={size}"
         )
     return np.array([index[ds.samples[i].label] for i in idx], dtype=np.int64)
 
