@@ -1,6 +1,7 @@
 # Two commands for a fresh clone: `make demo` (set up, then the whole job on the shared dataset)
-# and `make test` (set up, then the test suite). `make setup` alone builds .venv; `make test-fast`
-# leaves out the slow and browser tests (under a minute); `make lint` runs ruff.
+# and `make test` (set up, then the test suite, naming its 10 slowest tests). `make setup` alone builds
+# .venv; `make test-fast` leaves out the slow, browser, PostgreSQL and process-starting tests (under a
+# minute on 2 cores); `make lint` runs ruff.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -14,6 +15,8 @@ ifeq ($(DATA),../shared/data/covid19-image-dataset)
 DATA_SOURCES ?= Kaggle pranavraikokte/covid19-image-dataset: COVID-19 images from the University of Montreal public COVID chest X-ray collection (adults); Normal and Viral Pneumonia images from a public pediatric pneumonia X-ray collection. Research use only.
 endif
 SEED   ?= 0
+# The tests `make test-fast` runs: none that trains for long, drives a browser or starts a process or server.
+FAST   := not slow and not browser and not postgres and not processes
 
 .PHONY: setup demo test test-fast lint format clean
 
@@ -32,10 +35,10 @@ demo: setup
 		$(if $(wildcard $(EXTERNAL)),--external "$(EXTERNAL)")
 
 test: setup
-	LUNGXRAY_SHARED_DATA="$(DATA)" $(BIN)/python -m pytest -q
+	LUNGXRAY_SHARED_DATA="$(DATA)" $(BIN)/python -m pytest -q --durations=10
 
 test-fast: setup
-	LUNGXRAY_SHARED_DATA="$(DATA)" $(BIN)/python -m pytest -q -m "not slow and not browser and not postgres"
+	LUNGXRAY_SHARED_DATA="$(DATA)" $(BIN)/python -m pytest -q -m "$(FAST)"
 
 lint: setup
 	$(BIN)/ruff check .

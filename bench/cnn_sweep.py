@@ -106,7 +106,7 @@ def _fold_probs(npz: str, name: str, fold: int, seed: int, device: str, threads:
     from lungxray.config import TrainConfig, resolve_train
     from lungxray.infer import predict_logits, to_tensor
     from lungxray.models import get_spec
-    from lungxray.train import fit
+    from lungxray.train import FitData, fit
 
     torch.set_num_threads(threads)
     if npz not in _DATA:
@@ -126,9 +126,7 @@ def _fold_probs(npz: str, name: str, fold: int, seed: int, device: str, threads:
         result = fit(
             "cnn",
             hp,
-            (x[train], y[train]),
-            (x[val], y[val]),
-            len(d["classes"]),
+            FitData((x[train], y[train]), (x[val], y[val]), len(d["classes"])),
             without_scanner(
                 resolve_train(TrainConfig(seed=seed + 1000 * m, threads=threads, **cfg), spec.recipe).for_params(hp)
             ),

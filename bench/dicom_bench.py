@@ -32,8 +32,8 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
 from lungxray.config import Preprocessing
-from lungxray.data import discover
 from lungxray.decode import decode
+from lungxray.layout import discover
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import machine, update_section  # noqa: E402

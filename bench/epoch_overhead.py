@@ -20,7 +20,7 @@ from torch import nn
 
 from lungxray.fused import FirstLayerAdam
 from lungxray.models import create_model
-from lungxray.train import evaluate_loss, make_optimizer, train_one_epoch
+from lungxray.train import StepOptions, evaluate_loss, make_optimizer, train_one_epoch
 
 torch.set_num_threads(1)
 width = int(sys.argv[1])
@@ -63,7 +63,7 @@ def worker(k):
                             opt.step()
                             first.step()
                     else:
-                        train_one_epoch(model, opt, x, y, 8, g, first_layer=first)
+                        train_one_epoch(model, opt, x, y, 8, g, StepOptions(first_layer=first))
                         if "val" in m:
                             evaluate_loss(model, vx, vy)
                             model.train()

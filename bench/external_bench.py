@@ -69,7 +69,7 @@ def one_row(data: Path, external: Path, variant: str, model: str, seeds: list[in
     from lungxray.ood import fit_ood
     from lungxray.pipeline import tensors
     from lungxray.splits import make_folds
-    from lungxray.train import fit
+    from lungxray.train import FitData, fit
 
     data_fields, scanner = VARIANTS[variant]
     data_cfg = build(DataConfig, data_fields)
@@ -91,7 +91,7 @@ def one_row(data: Path, external: Path, variant: str, model: str, seeds: list[in
         flagged_internal = np.zeros(len(ds.samples), dtype=bool)
         aurocs, normal_recalls, flagged_normals = [], [], []
         for fold in parts:
-            result = fit(model, params, tensors(ds, fold.train), tensors(ds, fold.val), len(ds.classes), cfg)
+            result = fit(model, params, FitData(tensors(ds, fold.train), tensors(ds, fold.val), len(ds.classes)), cfg)
             oof[fold.test] = torch.softmax(predict_logits(result.model, tensors(ds, fold.test)[0]).double(), 1).numpy()
             probs = torch.softmax(predict_logits(result.model, ext_x).double(), 1).numpy()
             aurocs.append(covid_vs_normal_auroc(ds.classes, ext_y, probs))

@@ -54,7 +54,7 @@ model = create_model("mlp", (1, 128, 128), 3, **hp)
 cfg = resolve_train(TrainConfig(batch_size=64), get_spec("mlp").recipe).for_params(hp)
 optimizer, options = _training_parts(model, hp, cfg, y, 3, torch.device("cpu"))
 start = time.perf_counter()
-train_one_epoch(model, optimizer, x, y, 64, torch.Generator().manual_seed(0), **options)
+train_one_epoch(model, optimizer, x, y, 64, torch.Generator().manual_seed(0), options)
 seconds = time.perf_counter() - start
 stop.set()
 hwm = next(int(l.split()[1]) // 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))

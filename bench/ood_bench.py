@@ -162,11 +162,11 @@ def flagged_by_variant(data: Path, external: Path, folds: int = 5) -> str:
 
 
 def main() -> None:
-    from lungxray.bundle import Predictor
     from lungxray.config import DataConfig, SplitConfig, TrainConfig
     from lungxray.data import load_dataset
     from lungxray.models import get_spec
     from lungxray.pipeline import prepare, train_stage
+    from lungxray.predictor import Predictor
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", type=Path)

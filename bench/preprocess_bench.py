@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image
 
 from lungxray.config import DataConfig, Preprocessing
-from lungxray.data import discover, load_dataset
+from lungxray.data import load_dataset
+from lungxray.layout import discover
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import PLAIN, machine, update_section  # noqa: E402

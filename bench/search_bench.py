@@ -183,9 +183,9 @@ def repeated(runs: list[dict], floor_: dict) -> dict:
 
 
 def lungxray_predict_speed(model_dir: Path, data_out: Path) -> float:
-    from lungxray.bundle import Predictor
     from lungxray.config import DataConfig, Preprocessing
     from lungxray.data import load_dataset
+    from lungxray.predictor import Predictor
 
     predictor = Predictor(model_dir)
     test = set(json.loads((data_out / "splits.json").read_text())["test"])

@@ -44,7 +44,7 @@ def bundle(data: Path, out: Path) -> Path:
 
 def in_process(model_dir: Path, images: np.ndarray) -> dict:
     """Predictions/s of each backend, one image per call and 64 per call (median of 3 runs)."""
-    from lungxray.bundle import Predictor
+    from lungxray.predictor import Predictor
 
     rates = {}
     for backend in ("torch", "onnx"):
@@ -136,8 +136,8 @@ def main() -> None:
     args = parser.parse_args()
     model_dir = bundle(args.data, args.out)
     files = sorted(p for p in (args.data / "test").rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:32]
-    from lungxray.bundle import Predictor
     from lungxray.decode import decode
+    from lungxray.predictor import Predictor
 
     prep = Predictor(model_dir).preprocessing_
     rates = in_process(model_dir, np.stack([decode(f.read_bytes(), prep) for f in files]))

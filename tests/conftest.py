@@ -2,9 +2,11 @@
 tensors, resolved training settings, the metrics.json schema check, the browser, one trained run
 shared by the whole session, and the path of the shared dataset.
 
-Markers (registered in pyproject.toml, --strict-markers): ``slow`` (trains for more than a few
-seconds or runs the shared dataset through a whole run), ``browser`` (drives Debian's chromium).
-``make test-fast`` runs everything else.
+Markers (registered in pyproject.toml, --strict-markers): ``slow`` (takes more than a few seconds:
+training, a whole run, a long fuzzing run), ``browser`` (drives Debian's chromium), ``postgres``
+(uses the throw-away PostgreSQL server below), ``processes`` (starts a child process or a server,
+and stops it in a finally block). ``make test-fast`` runs everything else. Helpers that are not
+fixtures and that test files share without the data here live in helpers.py.
 """
 
 from __future__ import annotations
@@ -295,6 +297,15 @@ def postgres(tmp_path_factory):
         os.chown(folder, nobody.pw_uid, nobody.pw_gid)
         run_as = ["runuser", "-u", "nobody", "--"]
     data, port = folder / "data", _free_port_number()
+
+    def stop() -> None:
+        import contextlib
+
+        stopping = [*run_as, pg_ctl, "-D", str(data), "-m", "immediate", "stop"]
+        with contextlib.suppress(subprocess.SubprocessError, OSError):  # nothing started, or nothing left to stop
+            subprocess.run(stopping, capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
     try:
         subprocess.run([*run_as, initdb, "-D", str(data), "-A", "trust", "-U", "lungxray", "--no-sync"],
                        check=True, capture_output=True, timeout=120)  # fmt: skip
@@ -302,6 +313,7 @@ def postgres(tmp_path_factory):
         subprocess.run([*run_as, pg_ctl, "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start"],
                        check=True, capture_output=True, timeout=120)  # fmt: skip
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+        stop()  # a server that started too slowly is not left running
         unavailable(f"the cluster did not start ({exc})")
     made = []
 
@@ -311,9 +323,10 @@ def postgres(tmp_path_factory):
         made.append(name)
         return f"postgresql+psycopg://lungxray@127.0.0.1:{port}/{name}"
 
-    yield database
-    subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=60)
-    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        yield database
+    finally:
+        stop()
 
 
 def tempfile_root() -> str:

@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import synthetic_image
 
-from lungxray.bundle import BundleError, Predictor, save_bundle
+from lungxray.bundle import BundleError, BundleExtras, save_bundle
 from lungxray.evaluate import bootstrap_ci, compute_metrics
 from lungxray.models import create_model, get_spec
+from lungxray.predictor import Predictor
 
 HP = dict(get_spec("mlp").defaults)
 
@@ -24,7 +25,7 @@ def _bundle(tmp_path):
         "model": {"name": "mlp", "hyperparameters": HP, "input_shape": [1, 16, 16]},
         "preprocessing": {"img_size": 16},
     }
-    return model, save_bundle(tmp_path / "model", model, config, {"accuracy": 1.0})
+    return model, save_bundle(tmp_path / "model", model, config, BundleExtras(metrics={"accuracy": 1.0}))
 
 
 def test_reloaded_bundle_predicts_identically(tmp_path):
@@ -213,7 +214,7 @@ def test_ece_of_a_hand_computed_case():
 
 def test_a_bundle_is_exactly_its_manifest(tmp_path):
     """Unlisted files (a planted model.onnx or metrics.json), names pointing outside, and a
-    malformed manifest refuse the bundle, naming the file (issue 14, failure 1)."""
+    malformed manifest refuse the bundle, naming the file."""
     _, folder = _bundle(tmp_path)
     (folder / "model.onnx").write_bytes(b"a constant-logit graph")
     with pytest.raises(BundleError, match="model.onnx, which checksums.json does not list"):
@@ -254,7 +255,8 @@ def test_a_bundle_is_exactly_its_manifest(tmp_path):
     ],
 )  # fmt: skip
 def test_bundle_values_are_validated_before_anything_is_built(tmp_path, change, message):
-    """A config.json with its checksum recomputed is still checked (issue 14, failure 6)."""
+    """A config.json with its checksum recomputed is still checked: the checksum proves integrity,
+    not that the values are sane."""
     from lungxray.bundle import write_checksums
 
     _, folder = _bundle(tmp_path)
@@ -266,7 +268,7 @@ def test_bundle_values_are_validated_before_anything_is_built(tmp_path, change, 
 
 
 def test_a_failed_save_leaves_no_partial_bundle_and_the_rerun_works(tmp_path, monkeypatch):
-    """A full disk while writing the weights (issue 14, failure 5): nothing half-written is left,
+    """A full disk while writing the weights: nothing half-written is left,
     the old bundle (if any) stays whole, and the next save succeeds."""
     import errno
 
@@ -302,7 +304,7 @@ def test_an_empty_model_folder_left_by_a_crash_does_not_block_a_rerun(tmp_path):
 
 
 def test_a_failed_metrics_update_leaves_the_bundle_whole(tmp_path, monkeypatch):
-    """A full disk while attach_metrics writes (issue 14, failure 5): the bundle loads as before."""
+    """A full disk while attach_metrics writes: the bundle loads as before."""
     import errno
 
     import lungxray.bundle as bundle_module

@@ -9,7 +9,8 @@ from pathlib import Path
 from conftest import cli
 from fastapi.testclient import TestClient
 
-from lungxray.bundle import CARD, Predictor
+from lungxray.bundle import CARD
+from lungxray.predictor import Predictor
 from lungxray.serve import create_app
 
 SECTIONS = ["## Model details", "## Intended use", "## Out-of-scope use", "## Training data", "## Evaluation",

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from conftest import check_metrics_schema, cli, write_tree
 
-from lungxray.bundle import Predictor
 from lungxray.cli import main
+from lungxray.predictor import Predictor
 
 
 def test_run_writes_bundle_metrics_plots_and_study(trained_run):
@@ -202,8 +202,11 @@ def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.processes
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "lungxray.cli", "run", "--help"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "lungxray.cli", "run", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0
     for flag in (
         "--trials",
@@ -396,24 +399,40 @@ def test_cv_refuses_tune_with_params_and_a_bad_init_weights_file(flat_tree, tmp_
     assert "not a readable safetensors file" in capsys.readouterr().err
 
 
-def test_run_folders_are_protected(trained_run, tmp_path, capsys):
-    """Issue 14, failure 5: another seed or model reusing a run folder, a second writer, and
-    evaluate --out RUN are refused, saying why, and nothing in the folder changes; a failed first
-    attempt does not block the corrected one."""
-    import subprocess as sp
-    import sys
+def _run_folder_files(out: Path) -> dict[str, int]:
+    """Each file of a run folder (but its lock) and when it last changed."""
+    return {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lungxray.lock"}
 
+
+def _rerun_flags(root: Path) -> tuple:
+    return ("--img-size 16 --cache-dir", root / "cache", "--trials 2 --epochs 1 --quiet --force")
+
+
+def test_run_folders_are_protected(trained_run, capsys):
+    """Another seed or model reusing a run folder, and evaluate --out RUN, are refused, saying why,
+    and nothing in the folder changes."""
     data, out, root = trained_run
-    files = lambda: {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lungxray.lock"}  # noqa: E731
-    before = files()
-    common = ("--img-size 16 --cache-dir", root / "cache", "--trials 2 --epochs 1 --quiet --force")
+    before = _run_folder_files(out)
+    common = _rerun_flags(root)
     assert cli("run", data, "--out", out, *common, "--seed 2") == 2
     err = capsys.readouterr().err
     assert "made from other settings" in err and "'seed': 1" in err and "'seed': 2" in err
-    assert cli("run", data, "--out", out, *common, "--seed 1 --model mlp") == 2  # was a TypeError
+    assert cli("run", data, "--out", out, *common, "--seed 1 --model mlp") == 2  # a clear refusal, not a crash
     assert "model: 'cnn' there, 'mlp' now" in capsys.readouterr().err
     assert cli("evaluate", out / "model", data, "--out", out, "--cache-dir", root / "cache", "--quiet") == 2
     assert "already holds test metrics" in capsys.readouterr().err
+    assert _run_folder_files(out) == before
+
+
+@pytest.mark.processes
+def test_a_second_writer_of_a_run_folder_is_refused_while_the_first_holds_its_lock(trained_run, tmp_path, capsys):
+    """Another process holding the run folder's lock: `run` into that folder is refused, naming its
+    pid, and nothing in the folder changes; the holder is killed in a finally block."""
+    import subprocess as sp
+
+    data, out, root = trained_run
+    before = _run_folder_files(out)
+    common = _rerun_flags(root)
     hold = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); " \
            "fcntl.flock(fd, fcntl.LOCK_EX); os.pwrite(fd, str(os.getpid()).encode(), 0); print('held', flush=True); " \
            "time.sleep(60)"  # fmt: skip
@@ -425,9 +444,17 @@ def test_run_folders_are_protected(trained_run, tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
-    assert files() == before
-    fresh = tmp_path / "fresh"  # the holder died: its lock went with it
+    assert _run_folder_files(out) == before
+    fresh = tmp_path / "fresh"  # with the holder gone, a run beside it goes through
     assert cli("run", data, "--out", fresh, *common, "--seed 1 --trials 1") == 0
+
+
+@pytest.mark.slow
+def test_a_failed_first_attempt_does_not_block_the_corrected_one(trained_run, tmp_path):
+    """A run that fails on a missing data folder leaves nothing that refuses the corrected run into
+    the same folder, nor its rerun (as `make demo` twice)."""
+    data, _, root = trained_run
+    common = _rerun_flags(root)
     typo = tmp_path / "typo"
     assert cli("run", tmp_path / "no-such-data", "--out", typo, *common) == 2
     assert cli("run", data, "--out", typo, *common, "--seed 1 --trials 1") == 0  # not blocked by the failure
@@ -435,7 +462,8 @@ def test_run_folders_are_protected(trained_run, tmp_path, capsys):
 
 
 def test_os_errors_are_one_line_messages_with_the_path(trained_run, tmp_path, capsys):
-    """Issue 14, failure 7: an impossible --out, a bad port and a garbage model.onnx printed tracebacks."""
+    """An impossible --out, a bad port and a garbage model.onnx each give a one-line message naming
+    the path or value, never a traceback."""
     data, out, root = trained_run
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -457,7 +485,8 @@ def test_os_errors_are_one_line_messages_with_the_path(trained_run, tmp_path, ca
 
 @pytest.mark.slow
 def test_a_file_name_that_is_not_utf8_survives_a_whole_run(tmp_path, capsys):
-    """Issue 14, failure 7: such a name killed `run` after training (0-byte report, no run.json)."""
+    """A file name that is not UTF-8 is listed (escaped) in the report, and the run writes its report
+    and run.json."""
     import os
 
     data = write_tree(tmp_path / "data", per_class=8)
@@ -496,7 +525,8 @@ def test_a_rerun_over_a_finished_study_gives_the_same_model(tmp_path):
 
 
 def test_predict_takes_folders_and_a_run_folder_and_typos_get_a_suggestion(trained_run, tmp_path, capsys):
-    """Issue 13, item 6 (part): folders of images, a run folder where a bundle is expected, flag typos."""
+    """predict takes folders of images and a run folder where a bundle is expected; a mistyped flag
+    gets a suggestion."""
     data, out, _ = trained_run
     assert cli("predict", out, data / "Normal", "--json") == 0  # RUN instead of RUN/model
     results = json.loads(capsys.readouterr().out)
@@ -506,16 +536,21 @@ def test_predict_takes_folders_and_a_run_folder_and_typos_get_a_suggestion(train
     assert "--trails (did you mean --trials" in capsys.readouterr().err
 
 
-def test_help_imports_no_heavy_library_and_files_follow_the_umask(tmp_path):
-    """--help parses without torch, scikit-learn or Optuna (they took 3.6-5.4 s to import), and the
-    run folder's files get the user's umask (a temporary file from mkstemp would be 0600)."""
-    import os
-
+@pytest.mark.processes
+def test_help_imports_no_heavy_library():
+    """--help parses without torch, scikit-learn, Optuna, MONAI or matplotlib, which take seconds to
+    import: checked in a fresh interpreter."""
     heavy = "('torch', 'sklearn', 'optuna', 'monai', 'matplotlib')"
     code = "import sys; from lungxray.cli import build_parser; build_parser(); "
     code += f"print([m for m in {heavy} if m in sys.modules])"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert done.stdout.strip() == "[]"
+
+
+def test_the_run_folders_files_follow_the_umask(tmp_path):
+    """The run folder's files get the user's umask (a temporary file from mkstemp would be 0600)."""
+    import os
+
     from lungxray.runfolder import write_json
 
     umask = os.umask(0o022)
@@ -526,22 +561,26 @@ def test_help_imports_no_heavy_library_and_files_follow_the_umask(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o644
 
 
+@pytest.mark.processes
 def test_help_of_every_command_answers_within_a_second_or_two():
-    """`lungxray --help` and each subcommand's, timed in a fresh interpreter (0.25 s here; the bound
-    is loose for a loaded machine: the guard that matters is the import check above)."""
+    """`lungxray --help` and each subcommand's, timed in a fresh interpreter. The bound is loose, for
+    a loaded machine: the guard that matters is the import check above."""
     import time
 
     commands = ["", "scan", "run", "tune", "train", "evaluate", "cv", "labels", "report", "explain", "audit",
                 "export", "serve", "predict"]  # fmt: skip
     for command in commands:
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "lungxray.cli", *command.split(), "--help"], capture_output=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "lungxray.cli", *command.split(), "--help"], capture_output=True, timeout=60
+        )
         elapsed = time.perf_counter() - start
         assert done.returncode == 0 and b"usage: lungxray" in done.stdout, command
         assert elapsed < 2.0, f"lungxray {command} --help took {elapsed:.2f} s"
 
 
 @pytest.mark.slow
+@pytest.mark.processes
 def test_run_piped_to_a_file_reads_as_plain_lines_and_the_log_file_holds_the_same(tmp_path):
     data = write_tree(tmp_path / "data", per_class=10)
     out, err, log = tmp_path / "out.txt", tmp_path / "err.txt", tmp_path / "run.log"

@@ -12,8 +12,9 @@ from conftest import jpeg_bytes, png_bomb, synthetic_image
 from PIL import Image
 
 from lungxray.config import DataConfig, Preprocessing
-from lungxray.data import DataError, UnusableImage, load_dataset, normalise_class_name
+from lungxray.data import DataError, UnusableImage, load_dataset
 from lungxray.decode import decode
+from lungxray.layout import normalise_class_name
 
 
 @pytest.mark.parametrize(
@@ -190,8 +191,9 @@ def test_shared_dataset_duplicates_are_found(shared_data, tmp_path):
 
 
 def test_class_folders_that_change_the_labels_are_errors_naming_them(tmp_path, cache_dir):
-    """Issue 14, failure 3: colliding names merged, an empty folder vanished, and split folders
-    with different classes made an extra class with no training image, all without a word."""
+    """Class folders whose names collide once normalised, an empty class folder, and split folders
+    with different classes are errors naming the folders, never a silent merge, a vanished class or
+    an extra class with no training image."""
     from conftest import write_tree
 
     clash = write_tree(tmp_path / "clash", per_class=3)

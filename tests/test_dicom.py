@@ -139,8 +139,10 @@ def test_found_by_preamble_or_by_name():
         decode(bare, Preprocessing(img_size=32), "film")  # no preamble, no name: nothing says DICOM
 
 
+@pytest.mark.processes
 def test_a_syntax_no_installed_decoder_reads_names_the_extra():
-    # A user without the dicom extra: the JPEG-LS decoders cannot be imported.
+    """A user without the dicom extra (checked in a fresh interpreter where the JPEG-LS decoders
+    cannot be imported) is told which extra to install."""
     script = (
         "import sys\n"
         "for m in ('libjpeg', 'openjpeg', 'rle', 'pylibjpeg', 'jpeg_ls'): sys.modules[m] = None\n"
@@ -153,7 +155,10 @@ def test_a_syntax_no_installed_decoder_reads_names_the_extra():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120).stdout
     assert out.startswith("UnusableImage") and "JPEG-LS Lossless" in out
     assert "pip install 'lungxray[dicom]'" in out
-    # A syntax nothing decodes: the reason says so instead of sending the user to install something.
+
+
+def test_a_syntax_nothing_decodes_says_so():
+    """The reason says lungxray cannot read it instead of sending the user to install something."""
     ds = pydicom.dcmread(io.BytesIO(dicom_bytes(stored_12bit(7), bits_stored=12)))
     ds.file_meta.TransferSyntaxUID = pydicom.uid.MPEG2MPML
     ds.PixelData = pydicom.encaps.encapsulate([b"\x00\x00\x01\xb3" + bytes(64)])
@@ -166,7 +171,7 @@ def test_a_syntax_no_installed_decoder_reads_names_the_extra():
 def test_a_dicom_and_a_png_of_the_same_pixels_predict_alike(trained_run, tmp_path):
     from fastapi.testclient import TestClient
 
-    from lungxray.bundle import Predictor
+    from lungxray.predictor import Predictor
     from lungxray.serve import create_app
 
     _, run, _ = trained_run

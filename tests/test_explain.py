@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import settings, synthetic_image
+from helpers import figure_size
 from PIL import Image
 
-from lungxray.bundle import Predictor, save_bundle
+from lungxray.bundle import save_bundle
 from lungxray.explain import LUNG_FIELD, audit, hide, lung_box, overlay, saliency
 from lungxray.infer import to_tensor
 from lungxray.models import get_spec
-from lungxray.train import fit
+from lungxray.predictor import Predictor
+from lungxray.train import FitData, fit
 
 SIZE = 32
 
@@ -26,7 +28,7 @@ def _bundle(tmp_path, name: str, images: np.ndarray, labels: np.ndarray, epochs:
     if name == "cnn":
         hp.update(width=8, batch_size=8)
     result = fit(
-        name, hp, (x, y), (x, y), 3, settings(name, hp, epochs=epochs, batch_size=8, patience=0, augment=False)
+        name, hp, FitData((x, y), (x, y), 3), settings(name, hp, epochs=epochs, batch_size=8, patience=0, augment=False)
     )
     folder = tmp_path / f"{name}-bundle"
     save_bundle(
@@ -55,7 +57,9 @@ def _marked(where: str, n_per_class: int = 16) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(images, 0, 255).astype(np.uint8), labels
 
 
-@pytest.mark.parametrize("name", ["cnn", "mlp"])
+# Grad-CAM on a CNN is also drawn in the fast tier (the explanation figure's test below, and the
+# service's /explain); training this one for 4 epochs is left to the slow tier.
+@pytest.mark.parametrize("name", [pytest.param("cnn", marks=pytest.mark.slow), "mlp"])
 def test_saliency_overlay_has_the_image_size_and_is_not_constant(tmp_path, name):
     images = np.stack([synthetic_image(c, i, SIZE) for c in range(3) for i in range(8)])
     labels = np.repeat(np.arange(3), 8)
@@ -91,14 +95,6 @@ def test_saliency_overlay_has_the_image_size_and_is_not_constant(tmp_path, name)
         assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
         with Image.open(r["overlay"]) as img:  # square files: two 512-px panels and the colour scale
             assert img.size == figure_size(SIZE, SIZE) and img.mode == "RGB"
-
-
-def figure_size(width: int, height: int) -> tuple[int, int]:
-    """The size of ``side_by_side``'s figure for a picture of ``width`` x ``height``."""
-    from lungxray.explain import PANEL
-
-    w, h = round(width * PANEL / max(width, height)), round(height * PANEL / max(width, height))
-    return 2 * w + 2 * 12 + 16 + 6 + 40, h + 26
 
 
 def test_explanations_keep_the_films_aspect_with_the_original_beside_and_a_colour_scale(tmp_path):

@@ -12,7 +12,7 @@ from torch import nn
 from lungxray import fused as fused_module
 from lungxray.fused import FirstLayerAdam
 from lungxray.models import create_model, get_spec
-from lungxray.train import fit, make_optimizer
+from lungxray.train import FitData, fit, make_optimizer
 
 HP = {"activation": "tanh", "layer_1": 24, "layer_2": 16, "layer_3": 16, "dropout_1": 0.0, "dropout_2": 0.0,
       "learning_rate": 1e-2, "weight_decay": 0.05}  # fmt: skip
@@ -61,7 +61,7 @@ def test_a_layer_stepping_alone_splits_its_rows_among_the_cores_with_the_same_re
     kernel, ranges = fused_module._compile(), []
 
     def recording(*args):
-        ranges.append(args[6:8])  # (lo, hi) of the rows this call steps
+        ranges.append(args[4:6])  # (lo, hi) of the rows this call steps
         return kernel(*args)
 
     monkeypatch.setattr(fused_module, "_compile", lambda: recording)
@@ -87,9 +87,8 @@ def test_the_fused_step_takes_only_what_it_implements():
 def test_a_fit_with_the_fused_step_repeats_exactly_and_learns_as_torchs():
     train, val = toy(8), toy(3, start=50)
     hp = {**get_spec("mlp").defaults, "dropout_1": 0.2}
-    runs = [
-        fit("mlp", hp, train, val, 3, settings("mlp", hp, epochs=4, seed=3, fused_step=f)) for f in (True, True, False)
-    ]
+    data = FitData(train, val, 3)
+    runs = [fit("mlp", hp, data, settings("mlp", hp, epochs=4, seed=3, fused_step=f)) for f in (True, True, False)]
     (a, b, plain) = ([h.train_loss for h in r.history] for r in runs)
     assert a == b  # bitwise, run to run
     assert a != plain  # the fused path ran: its sums differ from torch's in the last bits
@@ -105,7 +104,8 @@ def test_the_fused_step_follows_a_schedule_and_a_moving_average_as_torchs_does()
     train, val = toy(8), toy(3, start=50)
     hp = dict(get_spec("mlp").defaults)
     cfg = {"epochs": 3, "seed": 2, "schedule": "cosine", "optimizer": "adamw", "ema": 0.9, "keep": "last"}
-    fused, plain = (fit("mlp", hp, train, val, 3, settings("mlp", hp, **cfg, fused_step=f)) for f in (True, False))
+    data = FitData(train, val, 3)
+    fused, plain = (fit("mlp", hp, data, settings("mlp", hp, **cfg, fused_step=f)) for f in (True, False))
     assert [h.train_loss for h in fused.history] == pytest.approx([h.train_loss for h in plain.history], rel=1e-4)
     a, b = fused.model.state_dict(), plain.model.state_dict()
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-4) for k in a)
@@ -123,7 +123,7 @@ def test_a_fit_that_fails_midway_hands_the_weight_back():
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fit("mlp", hp, train, val, 3, settings("mlp", hp, epochs=3), on_epoch=stop)
+        fit("mlp", hp, FitData(train, val, 3), settings("mlp", hp, epochs=3), on_epoch=stop)
     assert attached_during == [1]  # the fused step ran in the fit
     assert fused_module._attached[0] == 0
 

@@ -29,8 +29,8 @@ from lungxray.config import DataConfig, Preprocessing
 from lungxray.data import _process_file, load_dataset
 
 SECONDS_PER_FILE = 5.0  # a 40 M-pixel film decodes in about 1 s here; anything slower is a hang
-OPTIONS = {"equalize_method": "none", "crop": False, "dicom_keep": ()}
-KEEP_ALL = {**OPTIONS, "dicom_keep": ("any-modality", "lateral", "multiframe")}
+OPTIONS = Preprocessing(img_size=16)
+KEEP_ALL = Preprocessing(img_size=16, dicom_keep=("any-modality", "lateral", "multiframe"))
 
 
 def _pillow(mode: str, fmt: str, **save) -> bytes:
@@ -148,11 +148,11 @@ def fuzzed_file(draw, seeds: dict[str, bytes]) -> tuple[str, bytes]:
     return f"f{suffix}", data
 
 
-def _check_one(path: Path, keep: dict) -> str | None:
+def _check_one(path: Path, keep: Preprocessing) -> str | None:
     """Run the worker on ``path``; returns the reason, or None when it loaded. Fails on a crash,
     on a result that is neither pixels nor reason, and past the time limit."""
     start = time.perf_counter()
-    _, sha, pixels, phash, reason, patient = _process_file((str(path), 16, keep))
+    _, sha, pixels, phash, reason, patient = _process_file((str(path), keep))
     elapsed = time.perf_counter() - start
     assert elapsed < SECONDS_PER_FILE, f"{path.name} took {elapsed:.1f} s"
     if pixels is None:
@@ -164,6 +164,7 @@ def _check_one(path: Path, keep: dict) -> str | None:
     return None
 
 
+@pytest.mark.slow  # 2,000 files take several seconds; the fast tier keeps the 300-file scan below
 def test_the_loader_survives_more_than_a_thousand_fuzzed_files(seeds, tmp_path):
     outcomes: list[str | None] = []
 

@@ -13,7 +13,7 @@ from conftest import settings, toy
 from lungxray.augment import BatchAugment
 from lungxray.config import AugmentConfig
 from lungxray.models import REGISTRY, UnknownModelError, create_model, get_spec
-from lungxray.train import fit
+from lungxray.train import FitData, fit
 
 
 def test_unknown_model_lists_known_ones():
@@ -57,6 +57,21 @@ def test_mlp_matches_the_tutorial_architecture():
     assert sum(isinstance(m, torch.nn.Tanh) for m in model.modules()) == 3
 
 
+def test_the_mlp_takes_exactly_the_hyperparameters_of_its_shape():
+    from dataclasses import fields
+
+    from lungxray.models import MLPShape, check_hyperparameters
+
+    arch = {f.name for f in fields(MLPShape)}
+    assert arch == set(get_spec("mlp").defaults) - {"learning_rate"}
+    assert check_hyperparameters("mlp", get_spec("mlp").defaults) == []
+    assert check_hyperparameters("mlp", {"depth": 2}) == [
+        f"depth is not a hyperparameter of mlp (it takes {', '.join(sorted(arch))})"
+    ]
+    with pytest.raises(TypeError, match="depth"):
+        create_model("mlp", (1, 16, 16), 3, depth=2)
+
+
 def test_mlp_search_space_is_the_tutorials():
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = {k: set() for k in ("activation", "layer_1", "dropout_1", "learning_rate")}
@@ -75,7 +90,7 @@ def test_mlp_search_space_is_the_tutorials():
 def test_fit_learns_and_keeps_the_best_epoch():
     train, val = toy(10), toy(4, start=50)
     hp = dict(get_spec("mlp").defaults)
-    result = fit("mlp", hp, train, val, 3, settings("mlp", hp, epochs=12, batch_size=8, patience=0))
+    result = fit("mlp", hp, FitData(train, val, 3), settings("mlp", hp, epochs=12, batch_size=8, patience=0))
     losses = [h.val_loss for h in result.history]
     assert result.best_epoch == int(np.argmin(losses)) + 1
     assert result.best.val_accuracy >= 0.9
@@ -89,9 +104,9 @@ def test_fit_learns_and_keeps_the_best_epoch():
 def test_fit_is_reproducible_from_its_seed():
     train, val = toy(6), toy(3, start=50)
     hp = {**get_spec("mlp").defaults, "dropout_1": 0.3, "dropout_2": 0.2}
-    a = fit("mlp", hp, train, val, 3, settings("mlp", hp, epochs=3, seed=5))
-    b = fit("mlp", hp, train, val, 3, settings("mlp", hp, epochs=3, seed=5))
-    c = fit("mlp", hp, train, val, 3, settings("mlp", hp, epochs=3, seed=6))
+    a = fit("mlp", hp, FitData(train, val, 3), settings("mlp", hp, epochs=3, seed=5))
+    b = fit("mlp", hp, FitData(train, val, 3), settings("mlp", hp, epochs=3, seed=5))
+    c = fit("mlp", hp, FitData(train, val, 3), settings("mlp", hp, epochs=3, seed=6))
     assert [h.train_loss for h in a.history] == [h.train_loss for h in b.history]
     assert [h.train_loss for h in a.history] != [h.train_loss for h in c.history]
 
@@ -99,7 +114,7 @@ def test_fit_is_reproducible_from_its_seed():
 def test_patience_stops_a_run_that_stopped_improving():
     train, val = toy(6), toy(3, start=50)
     hp = {**get_spec("mlp").defaults, "learning_rate": 1e-2}
-    result = fit("mlp", hp, train, val, 3, settings("mlp", hp, epochs=60, patience=3))
+    result = fit("mlp", hp, FitData(train, val, 3), settings("mlp", hp, epochs=60, patience=3))
     assert len(result.history) == result.best_epoch + 3 < 60
 
 
@@ -107,10 +122,11 @@ def test_cnn_fit_with_augmentation_schedule_and_seeded_dropout_is_reproducible()
     train, val = toy(6, size=32), toy(3, size=32, start=50)
     hp = {**get_spec("cnn").defaults, "depth": 1, "width": 8, "dropout": 0.3, "batch_size": 8}
     cfg = settings("cnn", hp, epochs=3, seed=2, class_weighted=True)  # recipe: AdamW, cosine, augmentation
-    a, b = fit("cnn", hp, train, val, 3, cfg), fit("cnn", hp, train, val, 3, cfg)
+    a, b = fit("cnn", hp, FitData(train, val, 3), cfg), fit("cnn", hp, FitData(train, val, 3), cfg)
     assert [h.train_loss for h in a.history] == [h.train_loss for h in b.history]
     assert all(np.isfinite(h.train_loss) for h in a.history)
-    off = fit("cnn", hp, train, val, 3, settings("cnn", hp, epochs=3, seed=2, class_weighted=True, augment=False))
+    off_cfg = settings("cnn", hp, epochs=3, seed=2, class_weighted=True, augment=False)
+    off = fit("cnn", hp, FitData(train, val, 3), off_cfg)
     assert [h.train_loss for h in off.history] != [h.train_loss for h in a.history]
 
 
@@ -131,8 +147,8 @@ def test_ema_fit_validates_and_returns_the_averaged_weights():
     train, val = toy(10, size=32), toy(4, size=32, start=50)
     hp = {**get_spec("cnn").defaults, "width": 8, "batch_size": 10}
     cfg = settings("cnn", hp, epochs=20, patience=0, augment=False, ema=0.99, keep="last")
-    ema = fit("cnn", hp, train, val, 3, cfg)
-    plain = fit("cnn", hp, train, val, 3, replace(cfg, ema=0.0))
+    ema = fit("cnn", hp, FitData(train, val, 3), cfg)
+    plain = fit("cnn", hp, FitData(train, val, 3), replace(cfg, ema=0.0))
     from lungxray.train import evaluate_loss
 
     # the returned weights are the average's: they score what validation saw, and differ from
@@ -148,12 +164,12 @@ def test_ema_fit_validates_and_returns_the_averaged_weights():
 def test_keep_last_returns_the_last_epoch_and_never_stops_early():
     train, val = toy(6), toy(3, start=50)
     hp = {**get_spec("mlp").defaults, "learning_rate": 1e-2}
-    result = fit("mlp", hp, train, val, 3, settings("mlp", hp, epochs=12, patience=2, keep="last"))
+    result = fit("mlp", hp, FitData(train, val, 3), settings("mlp", hp, epochs=12, patience=2, keep="last"))
     assert len(result.history) == 12 and result.best_epoch == 12
 
 
 def test_label_smoothing_changes_the_loss_by_the_formula():
-    from lungxray.train import train_one_epoch
+    from lungxray.train import StepOptions, train_one_epoch
 
     torch.manual_seed(0)
     x, y = toy(2)
@@ -162,9 +178,8 @@ def test_label_smoothing_changes_the_loss_by_the_formula():
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 3))
         torch.nn.init.zeros_(model[1].weight), torch.nn.init.zeros_(model[1].bias)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        losses.append(
-            train_one_epoch(model, opt, x, y, 6, torch.Generator().manual_seed(0), label_smoothing=smoothing)[0]
-        )
+        options = StepOptions(label_smoothing=smoothing)
+        losses.append(train_one_epoch(model, opt, x, y, 6, torch.Generator().manual_seed(0), options)[0])
     # all-zero logits: cross-entropy is log(3) whatever the smoothing
     assert losses == pytest.approx([np.log(3), np.log(3)])
     logits = torch.tensor([[4.0, 0.0, 0.0]])
@@ -220,7 +235,7 @@ def test_init_weights_round_trip_a_file_the_test_writes(tmp_path, suffix):
     # and fit() starts from it: one epoch at learning rate ~0 leaves the weights where the file put them
     train, val = toy(3, size=32), toy(2, size=32, start=50)
     hp = {"depth": 1, "width": 8, "dropout": 0.0, "learning_rate": 1e-12, "weight_decay": 0.0, "batch_size": 9}
-    result = fit("cnn", hp, train, val, 3, settings("cnn", hp, epochs=1, augment=False, init_weights=path))
+    result = fit("cnn", hp, FitData(train, val, 3), settings("cnn", hp, epochs=1, augment=False, init_weights=path))
     conv = result.model.state_dict()["conv1.weight"]
     assert torch.allclose(conv, state["conv1.weight"], atol=1e-6)
 
@@ -268,7 +283,7 @@ def test_gathering_many_batches_at_once_trains_exactly_as_one_batch_at_a_time(mo
     for batches_per_gather in (1, 3, 1000):
         monkeypatch.setattr(train_module, "_GATHER_BYTES", batches_per_gather * 4 * 4 * 32 * 32)
         for x in (Images(pixels), torch.from_numpy(pixels).unsqueeze(1).float().div_(255.0)):
-            result = fit(model, hp, (x, y), val, 3, cfg)
+            result = fit(model, hp, FitData((x, y), val, 3), cfg)
             runs.append(([h.train_loss for h in result.history], result.model.state_dict()))
     losses, weights = runs[0]
     for other_losses, other_weights in runs[1:]:

@@ -1,4 +1,4 @@
-"""Issue 10: the out-of-distribution score, the preprocessing options through the bundle, scanner
+"""The out-of-distribution score, the preprocessing options through the bundle, scanner
 augmentation, and external validation (`run --external`, the report's Other hospitals section)."""
 
 from __future__ import annotations
@@ -15,12 +15,15 @@ from conftest import CLASSES, cli, synthetic_image, write_tree
 from PIL import Image
 
 from lungxray.augment import BatchAugment
-from lungxray.bundle import CHECKSUMS, CONFIG, OOD, Predictor, write_checksums
+from lungxray.bundle import CHECKSUMS, CONFIG, OOD, write_checksums
 from lungxray.config import AugmentConfig, DataConfig, Preprocessing, SplitConfig, TrainConfig
 from lungxray.decode import crop_borders, decode, equalize
+from lungxray.evaluation import evaluate_split
+from lungxray.job import Job
 from lungxray.ood import fit_ood
-from lungxray.pipeline import evaluate_split, prepare, train_stage
-from lungxray.report import gap_in_words
+from lungxray.pipeline import prepare, train_stage
+from lungxray.predictor import Predictor
+from lungxray.report_external import gap_in_words
 
 
 def _films(n: int, start: int, size: int = 32) -> np.ndarray:
@@ -42,7 +45,7 @@ def test_ood_score_is_higher_on_foreign_images_than_on_held_out_training_like_im
     }
     mine = score.score(held_out)
     # About 5% by design; on these toy images the distances concentrate near the threshold, so a
-    # held-out sample of 90 lands anywhere in 5-12% (measured over other draws).
+    # held-out sample of 90 may land anywhere in 5-12%: the bound leaves room for that.
     assert (mine > 1).mean() <= 0.15
     for kind, images in foreign.items():
         theirs = score.score(images)
@@ -99,24 +102,27 @@ PLAIN = {"crop_borders": False, "equalize": "none"}
 
 @pytest.mark.parametrize(
     "options",
-    [
-        {"equalize": "hist"},
-        {"equalize": "clahe"},
-        {"crop_borders": True},
+    [  # both options at once in the fast tier; each alone, and the defaults, in the slow one
+        pytest.param({"equalize": "hist"}, marks=pytest.mark.slow),
+        pytest.param({"equalize": "clahe"}, marks=pytest.mark.slow),
+        pytest.param({"crop_borders": True}, marks=pytest.mark.slow),
         {"crop_borders": True, "equalize": "clahe"},
-        {},
+        pytest.param({}, marks=pytest.mark.slow),
     ],  # fmt: skip
     ids=["hist", "clahe", "crop", "crop+clahe", "defaults"],
 )
 def test_each_preprocessing_option_round_trips_through_the_bundle(tmp_path, options):
     data = _framed_tree(tmp_path / "data")
     data_cfg = DataConfig(Preprocessing(img_size=16, **options), cache_dir=tmp_path / "cache")
-    ds, split = prepare(data, data_cfg, SplitConfig(val_fraction=0.2, test_fraction=0.2), progress=False)
+    job = Job(data, tmp_path / "run", "mlp", data_cfg, SplitConfig(val_fraction=0.2, test_fraction=0.2),
+              train=TrainConfig(epochs=2), progress=False)  # fmt: skip
+    ds, split = prepare(job, write=False)
     if options:  # the option changed what the model sees
         plain_cfg = DataConfig(Preprocessing(img_size=16, **PLAIN), cache_dir=tmp_path / "cache")
-        assert not np.array_equal(prepare(data, plain_cfg, SplitConfig(), progress=False)[0].images, ds.images)
+        plain = Job(data, None, "mlp", plain_cfg, progress=False)
+        assert not np.array_equal(prepare(plain, write=False)[0].images, ds.images)
     hp = {"layer_1": 16, "layer_2": 16, "layer_3": 16, "learning_rate": 1e-3}
-    _, folder = train_stage(ds, split, "mlp", hp, TrainConfig(epochs=2), data_cfg, tmp_path / "run", progress=False)
+    _, folder = train_stage(job, ds, split, hp)
     predictor = Predictor(folder)
     config = json.loads((folder / CONFIG).read_text())
     assert config["preprocessing"]["equalize"] == data_cfg.preprocessing.equalize == options.get("equalize", "none")
@@ -153,9 +159,8 @@ def test_an_older_bundle_without_the_score_loads_predicts_and_evaluates_with_nul
     assert predictor.ood_ is None and predictor.ood_scores(np.zeros((2, 16, 16), np.uint8)) is None
     result = predictor.predict_files([next((data / "Covid").iterdir())])[0]
     assert result["ood_score"] is None and result["in_distribution"] is None and result["class"] in predictor.classes_
-    ds = prepare(data, DataConfig(Preprocessing(img_size=16), cache_dir=root / "cache"), SplitConfig(), progress=False)[
-        0
-    ]
+    job = Job(data, None, "mlp", DataConfig(Preprocessing(img_size=16), cache_dir=root / "cache"), progress=False)
+    ds = prepare(job, write=False)[0]
     metrics = evaluate_split(predictor, ds, np.arange(6), tmp_path / "eval")
     assert metrics["ood"] is None and not (tmp_path / "eval" / "coverage.png").exists()
     images = json.loads((tmp_path / "eval" / "predictions.json").read_text())["images"]
@@ -215,6 +220,7 @@ def test_gap_in_words_names_recall_and_the_class_each_one_is_mistaken_for():
     assert "viral_pneumonia" not in words  # no external image of that class: nothing to say
 
 
+@pytest.mark.slow  # a whole run; the fast tier checks the comparison through `evaluate` below
 def test_run_with_external_folders_evaluates_each_and_reports_other_hospitals(tmp_path):
     data = write_tree(tmp_path / "data", per_class=12)
     elsewhere = tmp_path / "elsewhere"
@@ -247,9 +253,6 @@ def test_run_with_external_folders_evaluates_each_and_reports_other_hospitals(tm
     assert gap_in_words(json.loads((out / "metrics.json").read_text()), metrics, "elsewhere") in report.replace(
         "&#x27;", "'"
     )
-    # a folder that is not there fails at once, before any work
-    assert cli("run", data, "--out", tmp_path / "other", "--external", tmp_path / "nowhere") == 2
-    assert not (tmp_path / "other").exists()
 
 
 def test_decode_repeats_the_options_for_any_file(tmp_path):
@@ -281,7 +284,7 @@ def test_evaluate_on_other_data_sets_it_against_the_models_own_test(trained_run,
     assert gap_in_words(own, theirs, "other") in report
 
 
-def test_an_external_folder_with_a_class_the_model_lacks_fails_before_the_search(tmp_path):
+def test_an_external_folder_missing_or_with_a_class_the_model_lacks_fails_before_the_search(tmp_path):
     data = write_tree(tmp_path / "data", per_class=8)
     odd = tmp_path / "odd" / "tuberculosis"
     odd.mkdir(parents=True)
@@ -290,3 +293,6 @@ def test_an_external_folder_with_a_class_the_model_lacks_fails_before_the_search
     flags = "--img-size 16 --trials 1 --epochs 1 --quiet --cache-dir"
     assert cli("run", data, "--out", out, "--external", odd.parent, flags, tmp_path / "cache") == 2
     assert not (out / "trials.json").exists() and not (out / "model").exists()
+    # a folder that is not there fails at once, before any work
+    assert cli("run", data, "--out", tmp_path / "other", "--external", tmp_path / "nowhere") == 2
+    assert not (tmp_path / "other").exists()

@@ -72,7 +72,7 @@ def test_run_report_in_chromium_has_every_section_and_no_broken_image(trained_ru
 @pytest.mark.browser
 @pytest.mark.parametrize("width", [390, 1366])
 def test_the_report_opens_with_a_summary_and_reads_on_a_phone(trained_run, width):
-    """Issue 13, item 2 (part): summary first, alt text per figure, no horizontal scrolling."""
+    """The summary comes first, every figure has alt text, and nothing scrolls sideways."""
     from lungxray import __version__
 
     page = _open(trained_run[1] / "report.html", trained_run[1] / f"report-{width}.png", width)

@@ -14,17 +14,19 @@ import pytest
 import torch
 from conftest import CHROMIUM, CHROMIUM_FLAGS, browser_or_skip, png_bomb, settings
 from fastapi.testclient import TestClient
+from helpers import figure_size
 from PIL import Image
-from test_explain import figure_size
 
-from lungxray.bundle import Predictor, export_onnx, save_bundle
+from lungxray.bundle import BundleExtras, save_bundle
 from lungxray.config import DataConfig, Preprocessing
 from lungxray.data import load_dataset
 from lungxray.infer import to_tensor
 from lungxray.models import get_spec
+from lungxray.onnx_export import export_onnx
 from lungxray.ood import fit_ood
+from lungxray.predictor import Predictor
 from lungxray.serve import create_app
-from lungxray.train import fit
+from lungxray.train import FitData, fit
 
 SIZE = 64
 
@@ -43,7 +45,7 @@ def real(shared_data, tmp_path_factory):
     ds = load_dataset(data, DataConfig(Preprocessing(img_size=SIZE), cache_dir=root / "cache"), progress=False)
     x, y = to_tensor(ds.images), torch.from_numpy(ds.labels)
     hp = {**get_spec("cnn").defaults, "width": 8}
-    result = fit("cnn", hp, (x, y), (x, y), 3, settings("cnn", hp, epochs=2, augment=False))
+    result = fit("cnn", hp, FitData((x, y), (x, y), 3), settings("cnn", hp, epochs=2, augment=False))
     bundle = root / "model"
     save_bundle(
         bundle,
@@ -66,7 +68,7 @@ def real_ood(real, tmp_path_factory):
     predictor = Predictor(bundle, backend="torch")
     folder = tmp_path_factory.mktemp("serve_ood") / "model"
     config = {k: predictor.config_[k] for k in ("classes", "model", "preprocessing")}
-    save_bundle(folder, predictor.model_, config, ood=fit_ood(ds.images[::2], ds.images[1::2]))
+    save_bundle(folder, predictor.model_, config, BundleExtras(ood=fit_ood(ds.images[::2], ds.images[1::2])))
     return folder, ds, files
 
 
@@ -224,6 +226,7 @@ LAYOUT = """() => {
 
 
 @pytest.mark.browser
+@pytest.mark.processes
 def test_upload_page_from_the_keyboard_empty_error_flagged_and_over_limit_states(real_ood, tmp_path):
     sync_playwright = browser_or_skip()
     bundle, _, files = real_ood
@@ -243,9 +246,9 @@ def test_upload_page_from_the_keyboard_empty_error_flagged_and_over_limit_states
             page = browser.new_page(viewport={"width": 1366, "height": 900})
             # Playwright turns the browser's file-chooser interception on when the page gets its first
             # listener and off when the last goes, in messages it does not wait for; expect_file_chooser
-            # alone adds and drops one each time, and an Enter that beat the message opened the
-            # browser's own chooser, which raises no event (3 runs of this test in 17 timed out so;
-            # with a listener kept from the start, 0 in 32).
+            # alone adds and drops one each time, and an Enter that beats the message opens the
+            # browser's own chooser, which raises no event. A listener kept from the start keeps the
+            # interception on for the whole test.
             page.on("filechooser", lambda chooser: None)
             errors = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -283,8 +286,7 @@ def test_upload_page_from_the_keyboard_empty_error_flagged_and_over_limit_states
             sent_after = len(posts)
             browser.close()
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        _stop(server, thread)
     assert not any(empty.values()), empty
     assert shown in ("covid", "normal", "viral_pneumonia") and announced.startswith(f"{files[0].name}: {shown} (")
     with Image.open(files[0]) as film:
@@ -299,6 +301,7 @@ def test_upload_page_from_the_keyboard_empty_error_flagged_and_over_limit_states
 
 
 @pytest.mark.browser
+@pytest.mark.processes
 def test_docs_and_redoc_render_offline(real):
     """/docs and /redoc load Swagger UI and ReDoc from the service itself: no request leaves the machine."""
     sync_playwright = browser_or_skip()
@@ -319,8 +322,7 @@ def test_docs_and_redoc_render_offline(real):
             redoc = page.inner_text("body")
             browser.close()
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        _stop(server, thread)
     assert "/predict" in swagger and "/explain" in swagger
     assert "lungxray" in redoc and "/predict" in redoc
     # ReDoc asks for its maker's logo on a CDN; the page's CSP stops it in the browser, unsent.
@@ -329,6 +331,7 @@ def test_docs_and_redoc_render_offline(real):
     assert any(u.endswith("swagger-ui-bundle.js") for u in requested)
 
 
+@pytest.mark.processes
 def test_an_over_limit_body_gets_its_413_whatever_the_client(real):
     """urllib sends the whole body before reading (no Expect: 100-continue): the server drains it
     and answers 413, declared length or chunked."""
@@ -352,8 +355,7 @@ def test_an_over_limit_body_gets_its_413_whatever_the_client(real):
                 answers.append((exc.code, json.loads(exc.read())["detail"]))
         health = urllib.request.urlopen(url + "/health", timeout=10).status
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        _stop(server, thread)
     assert answers == [(413, "upload larger than the 1 MB limit")] * 2 and health == 200
 
 
@@ -364,7 +366,7 @@ def test_an_ensemble_bundle_round_trips_through_save_load_predict_onnx_explain_a
     _, ds, files, _ = real
     x, y = to_tensor(ds.images), torch.from_numpy(ds.labels)
     hp = {**get_spec("cnn").defaults, "width": 8}
-    result = fit("cnn", hp, (x, y), (x, y), 3, settings("cnn", hp, epochs=1, augment=False, members=2))
+    result = fit("cnn", hp, FitData((x, y), (x, y), 3), settings("cnn", hp, epochs=1, augment=False, members=2))
     assert result.member_epochs is not None and len(result.member_epochs) == 2
     with torch.no_grad():
         members = [torch.softmax(m(x[:6]), dim=1) for m in result.model.members]
@@ -389,7 +391,8 @@ def test_an_ensemble_bundle_round_trips_through_save_load_predict_onnx_explain_a
 
 
 def _running_server(bundle, backend: str, **options):
-    """A uvicorn server for ``bundle`` on a free loopback port, in a thread: (server, thread, url)."""
+    """A uvicorn server for ``bundle`` on a free loopback port, in a thread: (server, thread, url).
+    The caller stops it in a finally block (``_stop``); one that does not start in 10 s is stopped here."""
     import uvicorn
 
     port = _free_port()
@@ -402,15 +405,24 @@ def _running_server(bundle, backend: str, **options):
         if server.started:
             break
         time.sleep(0.1)
-    assert server.started
+    if not server.started:
+        _stop(server, thread)
+        pytest.fail(f"the test server did not start on 127.0.0.1:{port} within 10 s")
     return server, thread, f"http://127.0.0.1:{port}"
 
 
+def _stop(server, thread) -> None:
+    """Stop a ``_running_server`` and wait for its thread."""
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
 @pytest.mark.slow
+@pytest.mark.processes
 def test_explanations_beside_a_stream_of_predictions_are_the_reference(real):
     """200 mixed /predict and /explain requests, 8 at a time, on the torch backend (where
     predictions and explanations share a model): every overlay equals the one made alone, every
-    prediction the one made alone (issue 14, failure 2)."""
+    prediction the one made alone: predictions and explanations never share Grad-CAM's hooks."""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
@@ -431,8 +443,7 @@ def test_explanations_beside_a_stream_of_predictions_are_the_reference(real):
             with ThreadPoolExecutor(max_workers=8) as pool:
                 answers = list(pool.map(send, jobs))
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        _stop(server, thread)
     assert all(r.status_code == 200 for _, r in answers)
     # the race needs an unlucky interleaving; its cause is checkable every time: after an
     # explanation, the model that serves predictions holds no Grad-CAM hook
@@ -448,7 +459,8 @@ def test_explanations_beside_a_stream_of_predictions_are_the_reference(real):
 
 
 def test_the_service_sends_security_headers_and_refuses_foreign_hosts(real):
-    """Issue 14, failure 8: no security headers, any Host header answered (DNS rebinding)."""
+    """Every answer carries the security headers, and a Host header outside the allowed names is
+    refused (DNS rebinding)."""
     from lungxray.serve import default_allowed_hosts
 
     bundle = real[0]
@@ -465,8 +477,9 @@ def test_the_service_sends_security_headers_and_refuses_foreign_hosts(real):
 
 
 def test_only_regular_image_files_of_sane_size_are_read(real, tmp_path):
-    """Issue 14, failure 8: predict on a FIFO hung, on /dev/zero read until MemoryError, and a small
-    PNG declaring 9400 x 9400 16-bit pixels cost ~700 MB to decode."""
+    """A FIFO and /dev/zero are refused as not regular files (reading them would hang or fill the
+    memory), and a small PNG declaring 9400 x 9400 16-bit pixels (about 700 MB decoded) is refused
+    before it is decoded."""
     import os
     import struct
     import zlib

@@ -120,7 +120,7 @@ def test_too_few_images_for_the_folds_is_a_clear_error():
 def test_patient_groups_never_straddle_a_split_or_a_fold(patients, copies, seed):
     """Random patient files joined with random duplicate pairs: every patient's images, and every
     chain of copies, stay in one part of the random split and of every cv fold."""
-    from lungxray.data import join_groups
+    from lungxray.layout import join_groups
 
     labels = np.arange(60) % 3
     duplicates = np.arange(60)

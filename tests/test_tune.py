@@ -1,4 +1,5 @@
-"""Tuning: the study resumes after a kill without losing finished trials, and is seeded."""
+"""Tuning: the study resumes after a kill without losing finished trials, and is seeded; pruned
+trials teach the sampler and the pruner; each trial is drawn from a history fixed by its number."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from conftest import settings, toy
 
 from lungxray.config import TuneConfig, resolve_tune
 from lungxray.models import get_spec
-from lungxray.tune import HISTORY, as_seen, history_start, tell, tune
+from lungxray.study import HISTORY, as_seen, tell
+from lungxray.train import FitData
+from lungxray.tune import history_start, tune
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
@@ -42,12 +45,20 @@ def _running_with_an_epoch(db) -> int:
         return 0
 
 
+def _ended(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` if it still runs, and reap it (and close its pipes) either way."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+
+
 def _finished(storage):
     study = optuna.load_study(study_name="lungxray", storage=storage)
     return {t.number: (t.value, t.params) for t in study.get_trials(states=FINISHED)}, study
 
 
 @pytest.mark.slow
+@pytest.mark.processes
 def test_killed_study_resumes_and_keeps_finished_trials(flat_tree, tmp_path):
     out = tmp_path / "run"
     storage = f"sqlite:///{out / 'study.db'}"
@@ -74,18 +85,20 @@ def test_killed_study_resumes_and_keeps_finished_trials(flat_tree, tmp_path):
         "--quiet",
     ]
     proc = subprocess.Popen([*cmd, "--trials", "200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    # killed mid-trial: two finished, and the third one running, an epoch into its 40 (so it is not
-    # about to finish between the check and the kill)
-    while (
-        time.monotonic() < deadline
-        and proc.poll() is None
-        and (_count(out / "study.db") < 2 or _running_with_an_epoch(out / "study.db") < 1)
-    ):
-        time.sleep(0.3)
-    assert proc.poll() is None, f"tune ended before it could be killed: {proc.communicate()}"
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()  # reap it and close its pipes
+    try:
+        deadline = time.monotonic() + 120
+        # killed mid-trial: two finished, and the third one running, an epoch into its 40 (so it is
+        # not about to finish between the check and the kill)
+        while (
+            time.monotonic() < deadline
+            and proc.poll() is None
+            and (_count(out / "study.db") < 2 or _running_with_an_epoch(out / "study.db") < 1)
+        ):
+            time.sleep(0.3)
+        assert proc.poll() is None, f"tune ended before it could be killed: {proc.communicate()}"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        _ended(proc)
     before, _ = _finished(storage)
     assert len(before) >= 2
 
@@ -97,7 +110,7 @@ def test_killed_study_resumes_and_keeps_finished_trials(flat_tree, tmp_path):
         assert after[number] == (value, params)  # finished trials survived the kill untouched
     states = [t.state for t in study.trials]
     assert optuna.trial.TrialState.RUNNING not in states  # the interrupted trial was marked FAIL
-    # issue 14, failure 4: the killed trial's parameters are retried, and no finished trial is repeated
+    # the killed trial's parameters are retried, and no finished trial is repeated
     killed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(killed) == 1
     retried = [t for t in study.trials if t.user_attrs.get("retry_of") == killed[0].number]
@@ -111,7 +124,7 @@ def test_an_extended_study_does_not_replay_its_first_trials(tmp_path):
     storage = f"sqlite:///{tmp_path / 's.db'}"
     recipe = get_spec("mlp").recipe
     for trials in (2, 4):
-        result = tune("mlp", train, val, 3, resolve_tune(TuneConfig(trials=trials, jobs=1), recipe),
+        result = tune("mlp", FitData(train, val, 3), resolve_tune(TuneConfig(trials=trials, jobs=1), recipe),
                       settings("mlp", epochs=2, seed=3), storage, progress=False)  # fmt: skip
     params = [t.params for t in result.study.trials]
     assert len(params) == 4 and params[2] not in params[:2] and params[3] not in params[:2]
@@ -124,9 +137,7 @@ def test_same_seed_gives_the_same_trials(tmp_path):
     for name in ("a", "b"):
         result = tune(
             "mlp",
-            train,
-            val,
-            3,
+            FitData(train, val, 3),
             cfg,
             settings("mlp", epochs=3, seed=7),
             f"sqlite:///{tmp_path / name}.db",
@@ -138,7 +149,7 @@ def test_same_seed_gives_the_same_trials(tmp_path):
 
 
 def test_pruning_on_the_frozen_view_decides_as_optuna_does():
-    from lungxray.tune import _FrozenCompleted, _should_prune
+    from lungxray.study import FrozenCompleted, should_prune
 
     study = optuna.create_study(pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2))
     for slope in (1.0, 2.0, 3.0):
@@ -146,7 +157,7 @@ def test_pruning_on_the_frozen_view_decides_as_optuna_does():
         for step in range(1, 11):
             done.report(slope / step, step)
         study.tell(done, slope / 10)
-    frozen = _FrozenCompleted(study, below=3)
+    frozen = FrozenCompleted(study, below=3)
     decisions = []
     for level in (0.1, 0.5, 1.5, 3.0):
         trial = study.ask()
@@ -154,7 +165,7 @@ def test_pruning_on_the_frozen_view_decides_as_optuna_does():
         for step in range(1, 11):
             values[step] = level + 1 / step
             trial.report(values[step], step)
-            ours, optunas = _should_prune(trial, dict(values), frozen), trial.should_prune()
+            ours, optunas = should_prune(trial, dict(values), frozen), trial.should_prune()
             assert ours == optunas, (level, step)
             decisions.append(ours)
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -169,9 +180,7 @@ def test_every_sampler_and_pruner_finishes_the_study(tmp_path, sampler, pruner):
     )
     result = tune(
         "mlp",
-        train,
-        val,
-        3,
+        FitData(train, val, 3),
         cfg,
         settings("mlp", epochs=4, patience=0),
         f"sqlite:///{tmp_path / 's.db'}",
@@ -199,7 +208,7 @@ def test_every_sampler_and_pruner_finishes_the_study(tmp_path, sampler, pruner):
 
 def test_a_study_made_for_another_model_is_refused_with_a_hint(tmp_path):
     from lungxray.errors import StudyError
-    from lungxray.tune import open_study
+    from lungxray.study import open_study
 
     storage, cfg = f"sqlite:///{tmp_path / 's.db'}", TuneConfig()
     open_study(cfg, storage, 0, "minimize", 4, "cnn")
@@ -210,10 +219,11 @@ def test_a_study_made_for_another_model_is_refused_with_a_hint(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.processes
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_ctrl_c_stops_the_running_trial_promptly_and_resume_retries_it(flat_tree, tmp_path, jobs):
-    """Issue 14, failure 8: Ctrl-C during tuning waited for the running trial, then discarded it.
-    With two jobs both running trials are stopped and queued again."""
+    """Ctrl-C stops the running trial at its next epoch instead of waiting for it, and queues its
+    parameters so the resumed study retries them; with two jobs, both running trials."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "lungxray.cli", "tune", str(flat_tree), "--out", str(out), "--img-size", "16",
            "--cache-dir", str(tmp_path / "cache"), "--epochs", "400", "--patience", "0", "--jobs", str(jobs),
@@ -222,15 +232,18 @@ def test_ctrl_c_stops_the_running_trial_promptly_and_resume_retries_it(flat_tree
     # starts with SIGINT ignored, and Python then installs no KeyboardInterrupt handler)
     restore = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=restore)
-    deadline = time.monotonic() + 120
-    # a trial that has reported an epoch is training: one only asked (RUNNING in the study) may still
-    # be drawing its parameters, and a slow start once sent the signal there
-    while time.monotonic() < deadline and proc.poll() is None and _running_with_an_epoch(out / "study.db") < 1:
-        time.sleep(0.2)
-    time.sleep(1.0)  # a few epochs into a 400-epoch trial
-    interrupted_at = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        # a trial that has reported an epoch is training: one only asked (RUNNING in the study) may
+        # still be drawing its parameters
+        while time.monotonic() < deadline and proc.poll() is None and _running_with_an_epoch(out / "study.db") < 1:
+            time.sleep(0.2)
+        time.sleep(1.0)  # a few epochs into a 400-epoch trial
+        interrupted_at = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        _ended(proc)
     assert proc.returncode == 130 and b"interrupted" in err
     assert time.monotonic() - interrupted_at < 15  # did not wait for the 400 epochs
     study = optuna.load_study(study_name="lungxray", storage=f"sqlite:///{out / 'study.db'}")
@@ -243,17 +256,17 @@ def test_ctrl_c_stops_the_running_trial_promptly_and_resume_retries_it(flat_tree
 
 def test_pruned_trials_are_stored_pruned_and_still_teach_the_sampler_and_the_pruner(tmp_path):
     """A pruned trial is PRUNED in the storage (optuna-dashboard shows it so), and the sampler and
-    the median pruner see it as a finished trial worth its best figure, as before it was stored so."""
-    from lungxray.tune import (
+    the median pruner see it as a finished trial worth its best figure."""
+    from lungxray.study import (
         BEST_VALUE,
+        FrozenCompleted,
         LearnsFromPruned,
         MedianOverFinished,
         StudyView,
-        _FrozenCompleted,
-        _should_prune,
         best_trial,
         make_pruner,
         make_sampler,
+        should_prune,
         tell,
     )
 
@@ -289,12 +302,12 @@ def test_pruned_trials_are_stored_pruned_and_still_teach_the_sampler_and_the_pru
     assert seen_by_sampler[-1] == [(0, 0.4), (1, 0.3)]  # the sampler learns from the pruned trial
     # the median of the two finished trials at step 2 is 0.4: above it is pruned, below is not,
     # read live (a worker) and from the view frozen when the trial was asked (the search's path)
-    frozen = _FrozenCompleted(study, below=2)
+    frozen = FrozenCompleted(study, below=2)
     probe.report(0.45, 2)
-    assert probe.should_prune() and _should_prune(probe, {2: 0.45}, frozen)
+    assert probe.should_prune() and should_prune(probe, {2: 0.45}, frozen)
     other = study.ask()
     other.report(0.35, 2)
-    assert not other.should_prune() and not _should_prune(other, {2: 0.35}, frozen)
+    assert not other.should_prune() and not should_prune(other, {2: 0.35}, frozen)
     # and the search's own sampler and pruner are these
     cfg = TuneConfig(pruner="median")
     assert isinstance(make_pruner(cfg, 10), MedianOverFinished)
@@ -340,7 +353,7 @@ def test_the_search_is_the_same_whichever_trial_ends_first(tmp_path, monkeypatch
     held back in one, the odd ones in the other) make the same study, trial for trial."""
     from lungxray import tune as tune_module
 
-    run_trial, frozen_view, told, ended, at_draw = tune_module._run_trial, tune_module._FrozenCompleted, [], set(), []
+    run_trial, frozen_view, told, ended, at_draw = tune_module.run_trial, tune_module.FrozenCompleted, [], set(), []
 
     def held(slow_parity):
         def run(trial, *args, **kwargs):
@@ -362,7 +375,7 @@ def test_the_search_is_the_same_whichever_trial_ends_first(tmp_path, monkeypatch
         return tell(study, trial, state, value)
 
     monkeypatch.setattr(tune_module, "tell", recording_tell)
-    monkeypatch.setattr(tune_module, "_FrozenCompleted", Drawn)
+    monkeypatch.setattr(tune_module, "FrozenCompleted", Drawn)
     train, val = toy(6, size=16), toy(3, size=16, start=50)
     cfg = resolve_tune(TuneConfig(trials=8, sampler="gp", startup_trials=2, warmup_epochs=1, jobs=2),
                        get_spec("mlp").recipe)  # fmt: skip
@@ -371,8 +384,8 @@ def test_the_search_is_the_same_whichever_trial_ends_first(tmp_path, monkeypatch
         told.append([])
         at_draw.append([])
         ended.clear()
-        monkeypatch.setattr(tune_module, "_run_trial", held(slow_parity))
-        result = tune("mlp", train, val, 3, cfg, settings("mlp", epochs=4, seed=5),
+        monkeypatch.setattr(tune_module, "run_trial", held(slow_parity))
+        result = tune("mlp", FitData(train, val, 3), cfg, settings("mlp", epochs=4, seed=5),
                       f"sqlite:///{tmp_path / str(slow_parity)}.db", progress=False)  # fmt: skip
         runs.append([(t.number, t.params, t.value, t.state, t.intermediate_values, t.user_attrs[HISTORY])
                      for t in result.study.trials])  # fmt: skip
@@ -388,7 +401,7 @@ def test_each_trial_s_history_and_how_its_sampler_sees_the_rest():
     """``history_start``: the startup trials see none, the next sees them all, and with two jobs a
     trial sees all but the one before it; with one job, all before it. In a trial's view that
     one reads RUNNING with its parameters and no figure, though it has ended."""
-    from lungxray.tune import StudyView, _FrozenCompleted
+    from lungxray.study import FrozenCompleted, StudyView
 
     def starts(jobs, startup=4):
         return [history_start(n, TuneConfig(jobs=jobs, startup_trials=startup)) for n in range(9)]
@@ -409,7 +422,7 @@ def test_each_trial_s_history_and_how_its_sampler_sees_the_rest():
     assert seen[2] == ("RUNNING", None, {}, study.trials[2].params)  # ended, but after its history
     complete = view.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert seen[3][0] == "RUNNING" and [t.number for t in complete] == [0, 1]
-    assert [t.number for t in _FrozenCompleted(study, below=2).get_trials()] == [0, 1]  # the pruner's, too
+    assert [t.number for t in FrozenCompleted(study, below=2).get_trials()] == [0, 1]  # the pruner's, too
 
 
 def test_every_epochs_figure_is_in_the_study_before_its_trial_is_told(tmp_path, monkeypatch):
@@ -424,8 +437,8 @@ def test_every_epochs_figure_is_in_the_study_before_its_trial_is_told(tmp_path, 
     monkeypatch.setattr(optuna.trial.Trial, "report", slow)
     train, val = toy(6, size=16), toy(3, size=16, start=50)
     cfg = resolve_tune(TuneConfig(trials=2, startup_trials=4, jobs=2), get_spec("mlp").recipe)
-    result = tune("mlp", train, val, 3, cfg, settings("mlp", epochs=6, patience=0), f"sqlite:///{tmp_path / 's.db'}",
-                  progress=False)  # fmt: skip
+    result = tune("mlp", FitData(train, val, 3), cfg, settings("mlp", epochs=6, patience=0),
+                  f"sqlite:///{tmp_path / 's.db'}", progress=False)  # fmt: skip
     trials = result.study.get_trials(states=FINISHED)
     assert len(trials) == 2
     for t in trials:

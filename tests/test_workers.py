@@ -1,8 +1,11 @@
 """Workers sharing one study: two processes on a real PostgreSQL server, one killed mid-trial,
-and a worker with other data refused; `tune --parallel` on the run folder's SQLite file."""
+and a worker with other data refused; `tune --parallel` on the run folder's SQLite file; `tune
+--storage` beside a worker. Every process a test starts is ended, with whatever it started, when
+the test ends, passed or not."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +17,9 @@ import optuna
 import pytest
 from conftest import write_tree
 
+# Warnings of Optuna's that the worker path must not show (lungxray filters those of its own calls)
+OPTUNA_WARNINGS = ("ExperimentalWarning", "FutureWarning", "DeprecationWarning")
+
 
 def _worker(data, url, cache, trials=6, **extra) -> list[str]:
     args = [sys.executable, "-m", "lungxray.cli", "worker", str(data), "--storage", url, "--study-name", "shared",
@@ -22,14 +28,37 @@ def _worker(data, url, cache, trials=6, **extra) -> list[str]:
     return args + [str(v) for pair in extra.items() for v in pair]
 
 
+def _start(args: list[str]) -> subprocess.Popen:
+    """``args`` in a process group of its own (``_stop`` ends the group), its output captured as text."""
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _stop(*procs: subprocess.Popen) -> None:
+    """Kill each process's group (the process and the workers it spawned) and reap the process."""
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):  # the group has ended already
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def _shows_no_optuna_warning(stderr: str) -> bool:
+    return not any(kind in stderr for kind in OPTUNA_WARNINGS)
+
+
+@pytest.mark.slow
+@pytest.mark.processes
 @pytest.mark.postgres
 def test_two_workers_on_postgres_survive_one_killed_mid_trial(postgres, tmp_path):
     url = postgres("kill_one")
     data, cache = write_tree(tmp_path / "data", per_class=10), tmp_path / "cache"
     # one worker first: the study exists and the cache is warm when the two start
-    subprocess.run(_worker(data, url, cache, trials=1), check=True, capture_output=True, timeout=300)
-    a = subprocess.Popen(_worker(data, url, cache), stderr=subprocess.PIPE, text=True)
-    b = subprocess.Popen(_worker(data, url, cache), stderr=subprocess.PIPE, text=True)
+    first = _start(_worker(data, url, cache, trials=1))
+    try:
+        _, err = first.communicate(timeout=300)
+    finally:
+        _stop(first)
+    assert first.returncode == 0, err
+    a, b = _start(_worker(data, url, cache)), _start(_worker(data, url, cache))
     killed = None
     try:
         deadline = time.monotonic() + 120
@@ -45,10 +74,9 @@ def test_two_workers_on_postgres_survive_one_killed_mid_trial(postgres, tmp_path
         a.wait(timeout=30)
         _, err = b.communicate(timeout=300)
     finally:
-        for p in (a, b):
-            if p.poll() is None:
-                p.kill()
+        _stop(a, b)
     assert a.returncode == -signal.SIGKILL and b.returncode == 0, err
+    assert _shows_no_optuna_warning(err), err
     study = optuna.load_study(study_name="shared", storage=url)
     trials = study.get_trials(deepcopy=False)
     finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
@@ -61,20 +89,30 @@ def test_two_workers_on_postgres_survive_one_killed_mid_trial(postgres, tmp_path
     assert set(study.best_params) == set(killed.params)  # best parameters readable
     # a worker with other data (one more image) is refused, and says what differs
     more = write_tree(tmp_path / "more", per_class=11)
-    refused = subprocess.run(_worker(more, url, cache), capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "other data" in refused.stderr
+    refused = _start(_worker(more, url, cache))
+    try:
+        _, err = refused.communicate(timeout=300)
+    finally:
+        _stop(refused)
+    assert refused.returncode == 2 and "other data" in err
     assert len(optuna.load_study(study_name="shared", storage=url).trials) == len(trials)  # it ran nothing
 
 
+@pytest.mark.slow
+@pytest.mark.processes
 def test_tune_parallel_shares_the_run_folders_sqlite_study(tmp_path):
     data, out = write_tree(tmp_path / "data", per_class=10), tmp_path / "run"
-    done = subprocess.run(
+    tuned = _start(
         [sys.executable, "-m", "lungxray.cli", "tune", str(data), "--out", str(out), "--model", "mlp",
          "--img-size", "16", "--epochs", "20", "--trials", "5", "--parallel", "2", "--cache-dir",
-         str(tmp_path / "cache"), "--quiet"],
-        capture_output=True, text=True, timeout=600,
+         str(tmp_path / "cache"), "--quiet"]
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    try:
+        _, err = tuned.communicate(timeout=600)
+    finally:
+        _stop(tuned)  # and the worker processes it spawned
+    assert tuned.returncode == 0, err
+    assert _shows_no_optuna_warning(err), err
     trials = json.loads((out / "trials.json").read_text())
     finished = [t for t in trials if t["state"] in ("COMPLETE", "PRUNED")]
     assert len(finished) == 5
@@ -83,20 +121,27 @@ def test_tune_parallel_shares_the_run_folders_sqlite_study(tmp_path):
     assert best["trial"] in {t["number"] for t in finished} and best["params"]
 
 
+@pytest.mark.slow
+@pytest.mark.processes
 def test_tune_with_a_storage_url_takes_part_as_a_worker(tmp_path):
     """`tune --storage URL` beside a worker: the two share the trials (none counted twice) and
     tune writes the run folder's best parameters from the whole study."""
     data, cache = write_tree(tmp_path / "data", per_class=10), tmp_path / "cache"
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    worker = subprocess.Popen(_worker(data, url, cache, trials=4), stderr=subprocess.PIPE, text=True)
-    tuned = subprocess.run(
-        [sys.executable, "-m", "lungxray.cli", "tune", str(data), "--out", str(tmp_path / "run"), "--storage", url,
-         "--study-name", "shared", "--trials", "4", "--model", "mlp", "--img-size", "16", "--epochs", "300",
-         "--pruner", "none", "--heartbeat", "1", "--cache-dir", str(cache), "--quiet"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    _, err = worker.communicate(timeout=300)
-    assert tuned.returncode == 0 and worker.returncode == 0, tuned.stderr + err
+    worker = _start(_worker(data, url, cache, trials=4))
+    tuned = None
+    try:
+        tuned = _start(
+            [sys.executable, "-m", "lungxray.cli", "tune", str(data), "--out", str(tmp_path / "run"), "--storage", url,
+             "--study-name", "shared", "--trials", "4", "--model", "mlp", "--img-size", "16", "--epochs", "300",
+             "--pruner", "none", "--heartbeat", "1", "--cache-dir", str(cache), "--quiet"]
+        )  # fmt: skip
+        _, tune_err = tuned.communicate(timeout=300)
+        _, err = worker.communicate(timeout=300)
+    finally:
+        _stop(worker, *([tuned] if tuned is not None else []))
+    assert tuned.returncode == 0 and worker.returncode == 0, tune_err + err
+    assert _shows_no_optuna_warning(tune_err + err), tune_err + err
     study = optuna.load_study(study_name="shared", storage=url)
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(finished) == 4 and all("worker" in t.user_attrs for t in finished)

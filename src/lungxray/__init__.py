@@ -17,56 +17,33 @@ Options are the settings' field names (``lungxray.config``): ``trials``, ``epoch
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from lungxray.version import __version__
+
+__all__ = ["__version__", "cross_validate", "load", "run"]
 
 
-def _configs(options: dict) -> dict:
-    """The settings dataclasses from keyword ``options`` (field names); an unknown name is an error."""
-    from dataclasses import fields
-
-    from lungxray.config import AugmentConfig, DataConfig, SplitConfig, TrainConfig, TuneConfig
-    from lungxray.errors import ConfigError
-
-    classes = {"data": DataConfig, "split": SplitConfig, "tune": TuneConfig, "augment": AugmentConfig}
-    known = {f.name for cls in (*classes.values(), TrainConfig) for f in fields(cls)} - {"augment"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)}", hint=f"known: {', '.join(sorted(known))}")
-    pick = lambda cls: {f.name: options[f.name] for f in fields(cls) if f.name in options}  # noqa: E731
-    built = {name: cls(**pick(cls)) for name, cls in classes.items()}
-    built["train"] = TrainConfig(**{k: v for k, v in pick(TrainConfig).items() if k != "augment"},
-                                 augment=built.pop("augment"))  # fmt: skip
-    return built
-
-
-def run(data, out, *, model: str = "cnn", final_epochs: int | None = None, external=(), force: bool = False,
-        progress: bool = True, **options):  # fmt: skip
+def run(data, out, **options):
     """The whole job, as ``lungxray run``: returns ``pipeline.RunResult`` (``summary``, ``metrics``).
-    ``external``: folders from other hospitals to evaluate the final model on (``--external``)."""
-    from pathlib import Path
+    ``options``: ``model``, ``final_epochs``, ``external`` (folders from other hospitals to evaluate
+    the final model on), ``force``, ``progress`` and every setting by its field name."""
+    from lungxray.job import Job
+    from lungxray.pipeline import run as run_job
 
-    from lungxray.pipeline import run as run_pipeline
-
-    c = _configs(options)
-    return run_pipeline(Path(data), Path(out), model, c["data"], c["split"], c["tune"], c["train"],
-                        final_epochs=final_epochs, external=[Path(e) for e in external], force=force,
-                        progress=progress)  # fmt: skip
+    return run_job(Job.from_options(data, out, **options))
 
 
-def cross_validate(data, out, *, model: str = "cnn", folds: int = 5, repeats: int = 1, params: dict | None = None,
-                   tune: bool = False, force: bool = False, progress: bool = True, **options) -> dict:  # fmt: skip
-    """k-fold cross-validation, as ``lungxray cv``: returns cv.json's content."""
-    from pathlib import Path
-
+def cross_validate(data, out, *, params: dict | None = None, **options) -> dict:
+    """k-fold cross-validation, as ``lungxray cv``: returns cv.json's content. ``params``: fixed
+    hyperparameters for every fold (default: the model's); ``options`` as for ``run``, with
+    ``folds``, ``repeats`` and ``tune``."""
     from lungxray.cv import cross_validate as cv
+    from lungxray.job import Job
 
-    c = _configs(options)
-    return cv(Path(data), Path(out), model, c["data"], c["train"], folds=folds, repeats=repeats, params=params,
-              tune=tune, tune_cfg=c["tune"], force=force, progress=progress)  # fmt: skip
+    return cv(Job.from_options(data, out, **options), params)
 
 
 def load(bundle, backend: str = "auto"):
-    """A verified, loaded model bundle (a run folder works too): ``bundle.Predictor``."""
-    from lungxray.bundle import Predictor
+    """A verified, loaded model bundle (a run folder works too): ``predictor.Predictor``."""
+    from lungxray.predictor import Predictor
 
     return Predictor(bundle, backend=backend)

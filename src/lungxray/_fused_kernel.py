@@ -20,7 +20,8 @@ def gradient(x, d, i):  # d loss / d w[j, i] over 8 images: x their rows, d thei
 
 
 @numba.njit(inline="always", fastmath=_FASTMATH, error_model="numpy")
-def update(w, m, v, i, g, b1, b2, c1, c2, lr, inv, eps, keep):  # torch's Adam, one weight
+def update(w, m, v, i, g, coef):  # torch's Adam, one weight; coef: adam_rows' float32 factors
+    b1, b2, c1, c2, lr, inv, eps, keep = coef
     mi = b1 * m[i] + c1 * g
     vi = b2 * v[i] + c2 * g * g
     m[i], v[i] = mi, vi
@@ -28,11 +29,15 @@ def update(w, m, v, i, g, b1, b2, c1, c2, lr, inv, eps, keep):  # torch's Adam, 
 
 
 @numba.njit(nogil=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
-def adam_rows(w, m, v, xs, dz, g, lo, hi, step_size, beta1, beta2, inv_bc2_sqrt, eps, decay):
-    """Rows lo .. hi - 1 of w, m, v ((rows, n) float32, updated in place); xs: (b, n), dz:
-    (b, rows), b a multiple of 8; g: (n,) scratch for batches of more than 8."""
+def adam_rows(state, xs, dz, g, lo, hi, hyper):
+    """Rows lo .. hi - 1 of ``state`` = (w, m, v), each (rows, n) float32, updated in place; xs:
+    (b, n), dz: (b, rows), b a multiple of 8; g: (n,) scratch for batches of more than 8; ``hyper``:
+    (step_size, beta1, beta2, inv_bc2_sqrt, eps, decay) as Python floats."""
+    w, m, v = state
+    step_size, beta1, beta2, inv_bc2_sqrt, eps, decay = hyper
     b1, b2, c1, c2 = np.float32(beta1), np.float32(beta2), np.float32(1 - beta1), np.float32(1 - beta2)
     lr, inv, e, keep = np.float32(step_size), np.float32(inv_bc2_sqrt), np.float32(eps), np.float32(decay)
+    coef = (b1, b2, c1, c2, lr, inv, e, keep)
     n = w.shape[1]
     for j in range(lo, hi):
         wr, mr, vr = w[j], m[j], v[j]
@@ -46,7 +51,7 @@ def adam_rows(w, m, v, xs, dz, g, lo, hi, step_size, beta1, beta2, inv_bc2_sqrt,
             if xs.shape[0] == 8:  # the tutorial's batch: the gradient never leaves registers
                 for i in range(n):
                     gi = gradient(x, d, i)
-                    update(wr, mr, vr, i, gi, b1, b2, c1, c2, lr, inv, e, keep)
+                    update(wr, mr, vr, i, gi, coef)
             elif first == 0:
                 for i in range(n):
                     g[i] = gradient(x, d, i)
@@ -55,7 +60,7 @@ def adam_rows(w, m, v, xs, dz, g, lo, hi, step_size, beta1, beta2, inv_bc2_sqrt,
                     g[i] += gradient(x, d, i)
         if xs.shape[0] > 8:
             for i in range(n):
-                update(wr, mr, vr, i, g[i], b1, b2, c1, c2, lr, inv, e, keep)
+                update(wr, mr, vr, i, g[i], coef)
 
 
 @numba.njit(nogil=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
@@ -83,7 +88,7 @@ def linear_rows(w, xs, bias, out, lo, hi):
                     a5 += p * x5[i]
                     a6 += p * x6[i]
                     a7 += p * x7[i]
-                _store(out, first, j, bias[j], a0, a1, a2, a3, a4, a5, a6, a7)
+                _store(out, first, j, bias[j], (a0, a1, a2, a3, a4, a5, a6, a7))
                 continue
             wr, ws = w[j], w[j + 1]
             a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0)
@@ -107,12 +112,13 @@ def linear_rows(w, xs, bias, out, lo, hi):
                 c5 += q * y5
                 c6 += q * y6
                 c7 += q * y7
-            _store(out, first, j, bias[j], a0, a1, a2, a3, a4, a5, a6, a7)
-            _store(out, first, j + 1, bias[j + 1], c0, c1, c2, c3, c4, c5, c6, c7)
+            _store(out, first, j, bias[j], (a0, a1, a2, a3, a4, a5, a6, a7))
+            _store(out, first, j + 1, bias[j + 1], (c0, c1, c2, c3, c4, c5, c6, c7))
 
 
 @numba.njit(inline="always")
-def _store(out, first, j, b, a0, a1, a2, a3, a4, a5, a6, a7):
+def _store(out, first, j, b, sums):  # sums: the 8 images' sums of row j
+    a0, a1, a2, a3, a4, a5, a6, a7 = sums
     out[first, j] = a0 + b
     out[first + 1, j] = a1 + b
     out[first + 2, j] = a2 + b

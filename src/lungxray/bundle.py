@@ -1,9 +1,12 @@
-"""The model bundle (a folder: safetensors weights, config.json, metrics.json, checksums.json,
-optionally model.onnx), the ``Predictor`` that loads one, and ``export_onnx``.
+"""The model bundle's format: a folder of safetensors weights, config.json, checksums.json and,
+optionally, metrics.json, seen.json, ood.safetensors, MODEL_CARD.md and model.onnx.
 
-Loading never unpickles: weights come from safetensors (or the ONNX graph, run by ONNX Runtime),
-everything else is JSON, and every file is checked against its SHA-256 before use. Every file is
-written to a temporary name, then renamed. Imports nothing from the training modules.
+``save_bundle`` writes one, ``attach_metrics`` and ``restaged`` change one, ``verify_bundle`` and
+``verify_manifest`` check every file against its SHA-256 and the config's values before anything
+is built from them, and ``bundle_config`` / ``bundle_metrics`` read what a report shows. Every
+file is written to a temporary name (the whole bundle to a staging folder), then renamed. Loading
+a bundle to predict is ``predictor.Predictor``; ONNX export is ``onnx_export``. Imports nothing
+from the training modules.
 """
 
 from __future__ import annotations
@@ -15,20 +18,17 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from lungxray import __version__
-from lungxray.config import DICOM_KEEP, EQUALIZE, Preprocessing
-from lungxray.decode import decode, read_image_file
-from lungxray.errors import BundleError, OutputExistsError, UnusableImage
-from lungxray.infer import predict_logits, to_tensor
-from lungxray.models import create_model
-from lungxray.ood import METHOD, N_STATISTICS, THUMB, OODScore, ood_fields
-from lungxray.runfolder import MODEL, write_text
+from lungxray.config import DICOM_KEEP, EQUALIZE
+from lungxray.errors import BundleError, OutputExistsError
+from lungxray.ood import METHOD, OODScore
+from lungxray.runfolder import MODEL, read_json, write_text
+from lungxray.version import __version__
 
 FORMAT = "lungxray-bundle"
 FORMAT_VERSION = 1
@@ -46,24 +46,27 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def save_bundle(
-    folder: Path,
-    model: torch.nn.Module,
-    config: dict,
-    metrics: dict | None = None,
-    *,
-    seen: dict[str, list[str]] | None = None,
-    ood: OODScore | None = None,
-    card: str | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write the bundle to ``folder``; an existing non-empty folder needs ``overwrite=True``.
-    ``card``: the model card's Markdown (MODEL_CARD.md, ``card.model_card``).
+@dataclass(frozen=True)
+class BundleExtras:
+    """What a bundle may hold besides its weights and config.json.
 
-    ``seen``: the SHA-256 of every file's bytes by part (``{"train": [...], "val": [...]}``), so that
-    evaluation anywhere recognises the images the model has already seen, whatever their path.
-    ``ood``: the fitted out-of-distribution score (its tensors in ood.safetensors, its threshold
-    and method in config.json's "ood")."""
+    ``metrics``: the test metrics (metrics.json). ``seen``: the SHA-256 of every file's bytes by
+    part (``{"train": [...], "val": [...]}``), so that evaluation anywhere recognises the images
+    the model has already seen, whatever their path. ``ood``: the fitted out-of-distribution score
+    (its tensors in ood.safetensors, its threshold and method in config.json's "ood"). ``card``:
+    the model card's Markdown (MODEL_CARD.md, ``card.model_card``)."""
+
+    metrics: dict | None = None
+    seen: dict[str, list[str]] | None = None
+    ood: OODScore | None = None
+    card: str | None = None
+
+
+def save_bundle(
+    folder: Path, model: torch.nn.Module, config: dict, extras: BundleExtras | None = None, *, overwrite: bool = False
+) -> Path:
+    """Write the bundle of ``model`` and its ``config`` (with ``extras``) to ``folder``; an existing
+    non-empty folder needs ``overwrite=True``."""
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise OutputExistsError(
@@ -75,32 +78,44 @@ def save_bundle(
     staging = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
     staging.mkdir()
     try:
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, staging / WEIGHTS, metadata={"format": FORMAT})
-        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__, **config}
-        if ood is not None:
-            from safetensors.numpy import save_file as save_arrays
-
-            save_arrays(ood.tensors(), str(staging / OOD), metadata={"format": FORMAT, "method": ood.info["method"]})
-            config["ood"] = ood.info
-        write_text(staging / CONFIG, json.dumps(config, indent=2, default=str) + "\n")
-        if seen is not None:
-            write_text(staging / SEEN, json.dumps({part: sorted(set(h)) for part, h in seen.items()}) + "\n")
-        if metrics is not None:
-            write_text(staging / METRICS, json.dumps(metrics, indent=2) + "\n")
-        if card is not None:
-            write_text(staging / CARD, card)
+        _write_files(staging, model, config, extras or BundleExtras())
         write_checksums(staging)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.old")
-            os.replace(folder, old)
-            os.replace(staging, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, folder)
+        _swap_in(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def _write_files(staging: Path, model: torch.nn.Module, config: dict, extras: BundleExtras) -> None:
+    """Every file of the bundle but checksums.json, into ``staging``."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, staging / WEIGHTS, metadata={"format": FORMAT})
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__, **config}
+    if extras.ood is not None:
+        from safetensors.numpy import save_file as save_arrays
+
+        ood = extras.ood
+        save_arrays(ood.tensors(), str(staging / OOD), metadata={"format": FORMAT, "method": ood.info["method"]})
+        config["ood"] = ood.info
+    write_text(staging / CONFIG, json.dumps(config, indent=2, default=str) + "\n")
+    if extras.seen is not None:
+        write_text(staging / SEEN, json.dumps({part: sorted(set(h)) for part, h in extras.seen.items()}) + "\n")
+    if extras.metrics is not None:
+        write_text(staging / METRICS, json.dumps(extras.metrics, indent=2) + "\n")
+    if extras.card is not None:
+        write_text(staging / CARD, extras.card)
+
+
+def _swap_in(staging: Path, folder: Path) -> None:
+    """Rename the finished ``staging`` folder to ``folder``: an old bundle there is renamed aside
+    first and removed after, so the two renames are a moment apart and neither leaves a mix."""
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.old")
+        os.replace(folder, old)
+        os.replace(staging, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, folder)
 
 
 def attach_metrics(folder: Path, metrics: dict) -> None:
@@ -112,19 +127,15 @@ def attach_metrics(folder: Path, metrics: dict) -> None:
 @contextlib.contextmanager
 def restaged(folder: Path) -> Iterator[Path]:
     """A staging copy of the bundle to change; when the block succeeds its checksums are rewritten
-    and it replaces the bundle (the old one renamed aside, the new one renamed in, a moment apart),
-    so a crash or a full disk while writing leaves the old bundle whole, never an unlisted or
-    half-written file that would refuse it."""
+    and it replaces the bundle (``_swap_in``), so a crash or a full disk while writing leaves the
+    old bundle whole, never an unlisted or half-written file that would refuse it."""
     folder = Path(folder)
     staging = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
     shutil.copytree(folder, staging)
     try:
         yield staging
         write_checksums(staging)
-        old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.old")
-        os.replace(folder, old)
-        os.replace(staging, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        _swap_in(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -136,27 +147,46 @@ def write_checksums(folder: Path) -> None:
     write_text(Path(folder) / CHECKSUMS, json.dumps(sums, indent=2) + "\n")
 
 
+def is_bundle(folder: Path) -> bool:
+    """Whether ``folder`` holds a bundle (its checksums.json), checked or not."""
+    return (Path(folder) / CHECKSUMS).is_file()
+
+
 def bundle_folder(folder: Path) -> Path:
     """``folder``, or its model/ when given a run folder (which holds the bundle there)."""
     folder = Path(folder)
-    if not (folder / CHECKSUMS).is_file() and (folder / MODEL / CHECKSUMS).is_file():
+    if not is_bundle(folder) and is_bundle(folder / MODEL):
         return folder / MODEL
     return folder
 
 
+def bundle_config(folder: Path) -> dict | None:
+    """config.json of the bundle in ``folder`` as written, for display (the files are not checked:
+    ``verify_bundle`` is for loading); None when ``folder`` holds no bundle."""
+    return read_json(folder, CONFIG) if is_bundle(folder) else None
+
+
+def bundle_metrics(folder: Path) -> dict | None:
+    """The test metrics stored in the bundle in ``folder``, when its checksums.json lists them; else None."""
+    if not is_bundle(folder):
+        return None
+    listed = read_json(folder, CHECKSUMS) or {}
+    return read_json(folder, METRICS) if METRICS in listed else None
+
+
 def verify_bundle(folder: Path) -> dict:
     """Check every file against checksums.json; return the parsed config.json."""
-    return _verify(folder)[0]
+    return verify_manifest(folder)[0]
 
 
-def _verify(folder: Path) -> tuple[dict, dict[str, str]]:
-    """``verify_bundle``, also returning the manifest it checked (read once)."""
+def verify_manifest(folder: Path) -> tuple[dict, dict[str, str]]:
+    """``verify_bundle``, also returning the manifest it checked (read once): (config, {file: sha256})."""
     folder = Path(folder)
-    if not (folder / CHECKSUMS).is_file():
+    if not is_bundle(folder):
         inside = folder / MODEL
         hint = (
             f"did you mean {inside}? A run folder holds the bundle in model/"
-            if (inside / CHECKSUMS).is_file()
+            if is_bundle(inside)
             else "pass the model/ folder written by `lungxray run` or `lungxray train`"
         )
         raise BundleError(f"{folder} is not a lungxray model bundle (no checksums.json)", hint=hint)
@@ -205,8 +235,8 @@ def _read_manifest(folder: Path) -> dict[str, str]:
 
 def validate_config(config: dict, folder: Path) -> None:
     """config.json's values, checked before anything is allocated: format, classes, image size,
-    model and its hyperparameters within the registry's limits, a finite positive temperature."""
-    from lungxray.models import REGISTRY, check_hyperparameters
+    model and its hyperparameters within the registry's limits, a finite positive temperature.
+    The checks run in that order; the first that fails is the error."""
 
     def bad(what: str) -> BundleError:
         return BundleError(f"{folder / CONFIG}: {what}", hint="re-export the model; a bundle is not edited by hand")
@@ -224,7 +254,17 @@ def validate_config(config: dict, folder: Path) -> None:
         raise bad("classes must be a list of 2 to 1000 distinct names")
     if not all(isinstance(c, str) and c for c in classes):
         raise bad("every class name must be a non-empty string")
-    prep = config.get("preprocessing") or {}
+    size = _checked_preprocessing(config.get("preprocessing") or {}, bad)
+    _check_model(config.get("model"), len(classes), size, bad)
+    _check_ood_and_temperature(config, bad)
+
+
+def _positive_finite(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf")
+
+
+def _checked_preprocessing(prep: dict, bad) -> int:
+    """The preprocessing section's values; returns the image size."""
     if prep.get("equalize", "none") not in EQUALIZE or prep.get("crop_borders", False) not in (True, False):
         raise bad(f"preprocessing.equalize must be one of {', '.join(EQUALIZE)} and crop_borders true or false")
     keep = prep.get("dicom_keep", [])
@@ -233,7 +273,14 @@ def validate_config(config: dict, folder: Path) -> None:
     size = prep.get("img_size")
     if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 1024:
         raise bad(f"preprocessing.img_size must be a whole number in 8..1024, got {size!r}")
-    model = config.get("model")
+    return size
+
+
+def _check_model(model, n_classes: int, size: int, bad) -> None:
+    """The model section: a registered name, the input shape of the image size, the ensemble's
+    members and hyperparameters within the registry's limits, and a size lungxray loads."""
+    from lungxray.models import REGISTRY, check_hyperparameters
+
     if not isinstance(model, dict) or model.get("name") not in REGISTRY:
         raise bad(f"model.name must be one of {', '.join(sorted(REGISTRY))}")
     if model.get("input_shape") != [1, size, size]:
@@ -245,16 +292,20 @@ def validate_config(config: dict, folder: Path) -> None:
     problems = check_hyperparameters(model["name"], hp) if isinstance(hp, dict) else ["it is not an object"]
     if problems:
         raise bad("model.hyperparameters: " + "; ".join(problems))
-    _check_size(model, len(classes), size, bad)
+    _check_size(model, n_classes, size, bad)
+
+
+def _check_ood_and_temperature(config: dict, bad) -> None:
+    """The out-of-distribution score's method and threshold, and the calibration temperature."""
     ood = config.get("ood")
     if ood is not None:
         threshold = ood.get("threshold") if isinstance(ood, dict) else None
         if not isinstance(ood, dict) or ood.get("method") != METHOD:
             raise bad(f"ood must be an object with method {METHOD!r}")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < float("inf"):
+        if not _positive_finite(threshold):
             raise bad(f"ood.threshold must be a finite number above 0, got {threshold!r}")
     temperature = config.get("calibration", {}).get("temperature", 1.0)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+    if not _positive_finite(temperature):
         raise bad(f"calibration.temperature must be a finite number above 0, got {temperature!r}")
 
 
@@ -271,240 +322,3 @@ def _check_size(model: dict, n_classes: int, size: int, bad) -> None:
     count = sum(p.numel() for p in net.parameters())
     if count > MAX_PARAMETERS:
         raise bad(f"the model would hold {count:,} parameters, more than the {MAX_PARAMETERS:,} lungxray loads")
-
-
-class Predictor:
-    """A loaded bundle: ``predict_arrays`` and ``predict_files`` return class probabilities.
-
-    ``backend``: "torch", "onnx" (ONNX Runtime on the bundle's model.onnx), or "auto": ONNX
-    Runtime when the bundle holds a verified model.onnx. Explanations always use the torch model.
-    ``threads``: ONNX Runtime's threads per call (0: one per core).
-    """
-
-    def __init__(self, folder: Path, backend: str = "auto", threads: int = 0) -> None:
-        self.folder = bundle_folder(folder)
-        self.config_, self.checksums_ = _verify(self.folder)
-        if backend not in ("auto", "torch", "onnx"):
-            raise ValueError(f"backend must be auto, torch or onnx, got {backend!r}")
-        if backend == "onnx" and not (self.folder / ONNX).is_file():
-            raise BundleError(f"{self.folder} has no {ONNX}; run `lungxray export {self.folder} --onnx` first")
-        self.backend_ = "onnx" if backend != "torch" and (self.folder / ONNX).is_file() else "torch"
-        self.session_ = None
-        if self.backend_ == "onnx":
-            import onnxruntime
-
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = threads  # 0: ONNX Runtime's default, one per core
-            try:
-                self.session_ = onnxruntime.InferenceSession(
-                    str(self.folder / ONNX), options, providers=["CPUExecutionProvider"]
-                )
-            except Exception as exc:  # ONNX Runtime raises its own classes for a broken graph
-                raise BundleError(
-                    f"{self.folder / ONNX} is not a graph ONNX Runtime can run ({type(exc).__name__})",
-                    hint=f"run `lungxray export {self.folder} --onnx` again, or pass --backend torch",
-                ) from None
-        self.classes_: list[str] = self.config_["classes"]
-        # How files are decoded for this model, as in training (validate_config checked the values).
-        self.preprocessing_ = Preprocessing.from_json(self.config_["preprocessing"])
-        model_cfg = self.config_["model"]
-        self.model_ = create_model(
-            model_cfg["name"],
-            tuple(model_cfg["input_shape"]),
-            len(self.classes_),
-            members=int(model_cfg.get("members", 1)),
-            **model_cfg["hyperparameters"],
-        )
-        state = load_file(self.folder / WEIGHTS)  # safetensors: tensors only, nothing executed
-        try:
-            self.model_.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise BundleError(
-                f"weights in {self.folder / WEIGHTS} do not fit the model in config.json: {exc}"
-            ) from None
-        self.model_.eval()
-        # The run's test metrics, only when checksums.json lists them (an unlisted file is ignored).
-        self.metrics_: dict | None = (
-            json.loads((self.folder / METRICS).read_text()) if METRICS in self.checksums_ else None
-        )
-        # The model card (MODEL_CARD.md), written by run and train; None for a bundle without one.
-        self.card_: str | None = (self.folder / CARD).read_text() if CARD in self.checksums_ else None
-        # Content hashes of the training and validation files (empty: a bundle that did not record them).
-        seen = json.loads((self.folder / SEEN).read_text()) if SEEN in self.checksums_ else {}
-        self.seen_: frozenset[str] = frozenset(h for hashes in seen.values() for h in hashes)
-        # Temperature scaling fitted on the validation split at training time (1.0: none).
-        self.temperature_: float = float((self.config_.get("calibration") or {}).get("temperature", 1.0))
-        # The out-of-distribution score (None: a bundle from before lungxray fitted one).
-        self.ood_: OODScore | None = self._load_ood()
-
-    def _load_ood(self) -> OODScore | None:
-        if "ood" not in self.config_:
-            return None
-        if OOD not in self.checksums_:
-            raise BundleError(f"{self.folder / CONFIG} names an out-of-distribution score but {OOD} is not listed")
-        from safetensors.numpy import load_file as load_arrays
-
-        try:
-            tensors = load_arrays(str(self.folder / OOD))
-        except Exception as exc:  # safetensors raises its own SafetensorError on a bad header
-            raise BundleError(f"{self.folder / OOD} is not a readable safetensors file ({exc})") from None
-        n = tensors.get("location", np.zeros(0)).shape
-        shapes = {
-            "pca_mean": (THUMB**2,),
-            "pca_components": (n[0] - N_STATISTICS if n else -1, THUMB**2),
-            "location": n,
-            "precision": n * 2,
-        }
-        misshapen = set(tensors) != set(shapes) or any(tensors[k].shape != v for k, v in shapes.items())
-        if misshapen or not n or n[0] <= N_STATISTICS:
-            raise BundleError(f"{self.folder / OOD} does not hold the tensors of {METHOD}; re-export the model")
-        return OODScore({k: v.astype(np.float64) for k, v in tensors.items()}, self.config_["ood"])
-
-    def ood_scores(self, images: np.ndarray) -> np.ndarray | None:
-        """(N, H, W) uint8 preprocessed images -> (N,) out-of-distribution scores (above 1: flagged),
-        or None for a bundle without the score."""
-        return None if self.ood_ is None else self.ood_.score(images)
-
-    @torch.no_grad()
-    def predict_logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """(N, H, W) uint8 preprocessed images -> (N, n_classes) raw logits, before any temperature."""
-        x = to_tensor(images)  # (N, 1, H, W)
-        if self.session_ is not None:
-            return np.concatenate(
-                [
-                    self.session_.run(None, {"image": x[i : i + batch_size].numpy()})[0]
-                    for i in range(0, len(x), batch_size)
-                ]
-            )
-        return predict_logits(self.model_, x, batch_size).numpy()
-
-    def predict_arrays(self, images: np.ndarray, batch_size: int = 256, calibrated: bool = True) -> np.ndarray:
-        """(N, H, W) uint8 preprocessed images -> (N, n_classes) probabilities, temperature-scaled
-        unless ``calibrated=False``."""
-        logits = torch.from_numpy(self.predict_logits(images, batch_size)).double()  # float32 rounds 1 - 1e-8 to 1
-        probs = torch.softmax(logits / (self.temperature_ if calibrated else 1.0), dim=1).numpy()
-        if not np.isfinite(probs).all():  # never report a class for NaN probabilities
-            raise BundleError(
-                f"the model in {self.folder} produced non-finite probabilities", hint="re-train or re-export it"
-            )
-        return probs
-
-    def decode_files(self, paths: list[Path]) -> tuple[list[dict], np.ndarray]:
-        """``({"path"} or {"path", "error"} per path, (N_good, H, W) uint8 images of the readable ones)``."""
-        results, arrays = [], []
-        for path in paths:
-            try:
-                arrays.append(self.decode(read_image_file(Path(path)), name=Path(path).name))
-                results.append({"path": str(path)})
-            except (UnusableImage, OSError) as exc:
-                results.append({"path": str(path), "error": str(exc)})
-        size = self.preprocessing_.img_size
-        return results, np.stack(arrays) if arrays else np.zeros((0, size, size), dtype=np.uint8)
-
-    def decode(self, data: bytes, name: str = "") -> np.ndarray:
-        """An image file's bytes -> (H, W) uint8, preprocessed as the model was trained; ``name``,
-        the file's, marks a DICOM file without its preamble (``.dcm``)."""
-        return decode(data, self.preprocessing_, name)
-
-    def display(self, data: bytes, name: str = "") -> np.ndarray:
-        """An image file's bytes -> (H, W) uint8 at its own aspect ratio (at most 1024 px), cropped
-        as the model's input is: the picture an explanation is drawn on."""
-        from lungxray.decode import display_gray
-
-        return display_gray(data, self.preprocessing_, name)
-
-    def describe(self, probs: np.ndarray, ood_score: float | None = None) -> dict:
-        """One image's probabilities (n_classes,) and out-of-distribution score -> ``{"class",
-        "probabilities": {name: p}, "ood_score", "in_distribution"}`` (the last two None for a
-        bundle without the score)."""
-        return {
-            "class": self.classes_[int(probs.argmax())],
-            "probabilities": {c: float(v) for c, v in zip(self.classes_, probs, strict=True)},
-            **ood_fields(ood_score),
-        }
-
-    def predict(self, images) -> list[dict] | np.ndarray:
-        """Image files (paths, str or Path, or folders of them) -> one dict per file, as
-        ``predict_files``; a (N, H, W) uint8 array of preprocessed images -> (N, C) probabilities."""
-        if isinstance(images, np.ndarray):
-            return self.predict_arrays(images)
-        from lungxray.decode import image_files
-
-        return self.predict_files(image_files([images] if isinstance(images, (str, Path)) else list(images)))
-
-    def predict_files(self, paths: list[Path]) -> list[dict]:
-        """One dict per path: ``{"path", "class", "probabilities", "ood_score", "in_distribution"}``
-        or ``{"path", "error"}``."""
-        results, images = self.decode_files(paths)
-        if len(images):
-            good = [r for r in results if "error" not in r]
-            scores = self.ood_scores(images)
-            for k, (r, probs) in enumerate(zip(good, self.predict_arrays(images), strict=True)):
-                r.update(self.describe(probs, None if scores is None else scores[k]))
-        return results
-
-
-def export_onnx(folder: Path, check_images: np.ndarray | None = None) -> tuple[Path, float]:
-    """Write model.onnx into the bundle (batch size left dynamic) and update its checksums.
-
-    Returns the path and the largest absolute difference between ONNX Runtime's and PyTorch's
-    probabilities on ``check_images`` ((N, H, W) uint8; random images when None); a difference of
-    1e-4 or more is an error and leaves no model.onnx behind.
-    """
-
-    folder = bundle_folder(folder)
-    torch_predictor = Predictor(folder, backend="torch")
-    size = torch_predictor.preprocessing_.img_size
-    dummy = torch.zeros(1, 1, size, size)
-    if check_images is None:
-        check_images = np.random.default_rng(0).integers(0, 256, (8, size, size), dtype=np.uint8)
-    with restaged(folder) as staging:  # the bundle changes only once the graph passed its check
-        gap = _export_into(torch_predictor, staging, dummy, check_images)
-    return folder / ONNX, gap
-
-
-def _add_metadata(path: Path, predictor: Predictor) -> None:
-    """What ONNX Runtime alone needs to use the graph: class names, preprocessing, temperature."""
-    import onnx
-
-    graph = onnx.load(str(path))
-    for key, value in (
-        ("lungxray.classes", json.dumps(predictor.classes_)),
-        ("lungxray.preprocessing", json.dumps(predictor.config_["preprocessing"])),
-        ("lungxray.temperature", repr(predictor.temperature_)),
-        (
-            "lungxray.input",
-            "image: (N, 1, H, W) float32 grayscale in [0, 1]; output logits: divide by the temperature, softmax",
-        ),
-    ):
-        entry = graph.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(graph, str(path))
-
-
-def _export_into(torch_predictor: Predictor, staging: Path, dummy: torch.Tensor, check_images: np.ndarray) -> float:
-    """Write model.onnx into ``staging`` and return its largest probability gap to PyTorch's."""
-    import warnings
-
-    with warnings.catch_warnings():
-        # The TorchScript-based exporter is deprecated in favour of the dynamo one, which needs
-        # onnxscript; it still writes a standard graph that ONNX Runtime runs.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.onnx.export(
-            torch_predictor.model_,
-            (dummy,),
-            str(staging / ONNX),
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
-    _add_metadata(staging / ONNX, torch_predictor)
-    write_checksums(staging)
-    onnx_probs = Predictor(staging, backend="onnx").predict_arrays(check_images)
-    gap = float(np.abs(onnx_probs - torch_predictor.predict_arrays(check_images)).max())
-    if gap >= 1e-4:
-        raise BundleError(f"ONNX Runtime and PyTorch disagree by {gap:.2e} on the check images; model.onnx not kept")
-    return gap

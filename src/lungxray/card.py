@@ -13,9 +13,9 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
-from lungxray import __version__
 from lungxray.bundle import CARD, restaged
 from lungxray.runfolder import write_text
+from lungxray.version import __version__
 
 
 def _figure(metrics: dict, name: str, label: str | None = None, value: float | None = None) -> str:
@@ -129,7 +129,7 @@ def _evaluation(metrics: dict | None) -> list[str]:
 def _external(metrics: dict | None, external: dict[str, dict]) -> list[str]:
     if not external:
         return ["## Results elsewhere", "", "Not measured: no external data was given (`--external DIR`).", ""]
-    from lungxray.report import gap_in_words
+    from lungxray.report_external import gap_in_words
 
     lines = ["## Results elsewhere", ""]
     for name, ext in external.items():

@@ -10,21 +10,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from lungxray import __version__, runfolder
-from lungxray.config import DataConfig, TrainConfig, TuneConfig, resolve_train
+from lungxray import runfolder
 from lungxray.data import Dataset, load_dataset
 from lungxray.errors import ParamsError
-from lungxray.evaluate import compute_metrics, confusion_figure, save_figure
+from lungxray.evaluate import compute_metrics
 from lungxray.infer import predict_logits, set_threads
+from lungxray.job import Job
 from lungxray.models import get_spec
-from lungxray.pipeline import Clock, fingerprint, jsonable, settings, tensors
+from lungxray.pipeline import Clock, fingerprint, jsonable, tensors
+from lungxray.plots import confusion_figure, save_figure
 from lungxray.splits import Split, make_folds
-from lungxray.train import FitResult, fit
+from lungxray.train import FitData, FitResult, fit
+from lungxray.version import __version__
 
 CV_METRICS = ("accuracy", "macro_f1", "macro_auroc")
 
@@ -42,145 +43,69 @@ def _fold_values(metrics: dict) -> dict[str, float | None]:
     return values
 
 
-def _fold_model(
-    ds: Dataset,
-    fold: Split,
-    index: int,
-    model_name: str,
-    params: dict | None,
-    train_cfg: TrainConfig,
-    tune_cfg: TuneConfig,
-    trial_cfg: TrainConfig,
-    out: Path,
-    progress: bool,
-) -> tuple[FitResult, dict]:
-    """Fit one fold's model on its training part, with fixed ``params`` or tuned on its val part.
-
-    The configs come resolved (``pipeline.settings``); ``params`` only add their batch size."""
-    train, val = tensors(ds, fold.train), tensors(ds, fold.val)
-    recipe = get_spec(model_name).recipe
+def _fold_model(job: Job, ds: Dataset, fold: Split, index: int, params: dict | None) -> tuple[FitResult, dict]:
+    """Fit one fold's model on its training part, with fixed ``params`` or tuned on its val part
+    (a study per fold, named after it)."""
+    data = FitData(tensors(ds, fold.train), tensors(ds, fold.val), len(ds.classes))
     if params is not None:
-        cfg = resolve_train(train_cfg, recipe, params)
-        return fit(model_name, params, train, val, len(ds.classes), cfg, progress=progress), params
+        return fit(job.model, params, data, job.final.for_params(params), progress=job.progress), params
     from lungxray.tune import tune
 
-    storage = runfolder.study_storage(out, tune_cfg.storage)
-    fold_tune = replace(tune_cfg, study_name=f"{tune_cfg.study_name}-fold{index + 1}")
-    tuned = tune(model_name, train, val, len(ds.classes), fold_tune, trial_cfg, storage, progress=progress)
-    same = tuned.best_fit if replace(trial_cfg, threads=0) == replace(train_cfg, threads=0) else None
-    cfg = resolve_train(train_cfg, recipe, tuned.best_params)
-    return same or fit(
-        model_name, tuned.best_params, train, val, len(ds.classes), cfg, progress=progress
-    ), tuned.best_params
+    storage = runfolder.study_storage(job.out, job.search.storage)
+    fold_search = replace(job.search, study_name=f"{job.search.study_name}-fold{index + 1}")
+    tuned = tune(job.model, data, fold_search, job.trial, storage, progress=job.progress)
+    same = tuned.best_fit if replace(job.trial, threads=0) == replace(job.final, threads=0) else None
+    cfg = job.final.for_params(tuned.best_params)
+    return same or fit(job.model, tuned.best_params, data, cfg, progress=job.progress), tuned.best_params
 
 
-def cross_validate(
-    data: Path,
-    out: Path,
-    model_name: str,
-    data_cfg: DataConfig,
-    train_cfg: TrainConfig,
-    *,
-    folds: int = 5,
-    repeats: int = 1,
-    params: dict | None = None,
-    tune: bool = False,
-    tune_cfg: TuneConfig | None = None,
-    force: bool = False,
-    progress: bool = True,
-) -> dict:
+def cross_validate(job: Job, params: dict | None = None) -> dict:
     """k-fold cross-validation; writes cv.json, folds.json, scan.json, cv_confusion_matrix.png and
-    report.html to ``out``; returns cv.json's content.
+    report.html to ``job.out``; returns cv.json's content.
 
     ``params``: fixed hyperparameters for every fold (None: the model's registered defaults);
-    ``tune`` instead tunes inside each fold's training part with ``tune_cfg``. ``train_cfg.seed``
-    seeds the folds, the training and the bootstrap. ``repeats`` > 1 trains the same folds again
-    with the training seeds seed + 1, seed + 2, ...: cv.json's ``seed_spread`` gives each metric's
-    mean and std over those seeds, as one cv run is one draw.
+    ``job.cv.tune`` instead tunes inside each fold's training part with ``job.search``. The seed
+    (``job.seed``) seeds the folds, the training and the bootstrap. ``job.cv.repeats`` > 1 trains
+    the same folds again with the training seeds seed + 1, seed + 2, ...: cv.json's
+    ``seed_spread`` gives each metric's mean and std over those seeds, as one cv run is one draw.
     """
-
-    if tune and params is not None:
+    if job.cv.tune and params is not None:
         raise ParamsError(
             "--tune and --params exclude each other",
             hint="tune inside each fold (--tune), or give fixed parameters (--params FILE)",
         )
-    if repeats < 1:
-        raise ParamsError(f"--repeats must be at least 1, got {repeats}")
-    if not tune and params is None:
-        params = dict(get_spec(model_name).defaults)
-    runfolder.refuse_to_replace(out, runfolder.CV, force, "a cross-validation")
-    with runfolder.writer_lock(out):
-        return _cross_validate(data, out, model_name, data_cfg, train_cfg, folds, repeats, params, tune_cfg, progress)
+    if not job.cv.tune and params is None:
+        params = dict(get_spec(job.model).defaults)
+    runfolder.refuse_to_replace(job.out, runfolder.CV, job.force, "a cross-validation")
+    with runfolder.writer_lock(job.out):
+        return _cross_validate(job, params)
 
 
-def _cross_validate(data, out, model_name, data_cfg, train_cfg, folds, repeats, params, tune_cfg, progress) -> dict:
+def _cross_validate(job: Job, params: dict | None) -> dict:
     """``cross_validate`` under the folder's writer lock."""
     from lungxray.progress import bar as progress_bar
 
-    trial_cfg, train_cfg, tune_cfg = settings(model_name, train_cfg, tune_cfg)  # before the scan
-    made_from = fingerprint(data, data_cfg, model_name, folds=folds, seed=train_cfg.seed)
+    out, seed = job.out, job.final.seed
+    made_from = fingerprint(job, folds=job.cv.folds, seed=seed)
     runfolder.check_fingerprint(out, made_from)  # its studies (--tune) belong to these folds
-    set_threads(train_cfg.threads)
-    seed = train_cfg.seed
+    set_threads(job.final.threads)
     clock = Clock()
-    ds = load_dataset(data, data_cfg, progress=progress)
-    parts = make_folds(ds.labels, ds.groups, folds, seed)
+    ds = load_dataset(job.data, job.dataset, progress=job.progress)
+    parts = make_folds(ds.labels, ds.groups, job.cv.folds, seed)
     if any(s.patient for s in ds.samples):  # folds.json names patients by this folder's own key
         ds.rekey_patients(runfolder.secret_key(out / runfolder.PATIENT_KEY))
     runfolder.record_fingerprint(out, made_from)
     runfolder.write_json(out, runfolder.SCAN, ds.summary())
     runfolder.write_json(out, runfolder.FOLDS, [part.to_json(ds) for part in parts])
     runs = []
-    for r in progress_bar(range(repeats), desc="training seeds", unit="seed", disable=not progress or repeats == 1):
-        cfgs = (replace(trial_cfg, seed=seed + r), replace(train_cfg, seed=seed + r))
-        runs.append(_folds_once(ds, parts, model_name, params, *cfgs, tune_cfg, r, out, progress))
+    repeats = job.cv.repeats
+    for r in progress_bar(range(repeats), desc="training seeds", unit="seed", disable=not job.progress or repeats == 1):
+        runs.append(_folds_once(replace(job, train=replace(job.train, seed=seed + r)), ds, parts, params, r))
     clock.lap("folds_s")
-    probs, per_fold, n_params = runs[0]
+    probs = runs[0][0]
     pooled = compute_metrics(ds.labels, probs, ds.classes, seed=seed)
     save_figure(confusion_figure(pooled), out / runfolder.CV_CONFUSION)
-    fold_of = np.zeros(len(ds.samples), dtype=np.int64)
-    for j, part in enumerate(parts):
-        fold_of[part.test] = j + 1
-    mean_probs = np.mean([run[0] for run in runs], axis=0)
-    report = {
-        "lungxray_version": __version__,
-        "data": str(data),
-        "model": model_name,
-        "folds": folds,
-        "seed": seed,
-        "repeats": repeats,
-        "n_parameters": n_params,
-        "groups": ds.group_sizes(),
-        "excluded": ds.excluded,
-        "tuned_in_each_fold": params is None,
-        "settings": jsonable(
-            {
-                "data": asdict(data_cfg),
-                # with fixed parameters, their batch size; tuned folds record theirs in per_fold
-                "train": asdict(resolve_train(train_cfg, get_spec(model_name).recipe, params)),
-                "tune": asdict(tune_cfg) if params is None else None,
-            }
-        ),
-        "summary": _cv_summary(per_fold, pooled),
-        "pooled": pooled,
-        "per_fold": per_fold,
-        "seed_spread": _seed_spread(ds, runs, seed) if repeats > 1 else None,
-        "out_of_fold": [
-            {
-                "path": str(s.path),
-                "label": s.label,
-                "fold": int(fold_of[k]),
-                "probabilities": dict(zip(ds.classes, map(float, probs[k]), strict=True)),
-            }
-            | (
-                {"probabilities_mean_over_seeds": dict(zip(ds.classes, map(float, mean_probs[k]), strict=True))}
-                if repeats > 1
-                else {}
-            )
-            for k, s in enumerate(ds.samples)
-        ],
-        "timings": clock.laps,
-    }
+    report = _report(job, ds, parts, runs, pooled, params) | {"timings": clock.laps}
     runfolder.write_json(out, runfolder.CV, report)
     from lungxray.report import write_report
 
@@ -188,42 +113,75 @@ def _cross_validate(data, out, model_name, data_cfg, train_cfg, folds, repeats, 
     return report
 
 
+def _report(job: Job, ds: Dataset, parts: list[Split], runs: list, pooled: dict, params: dict | None) -> dict:
+    """cv.json's content but its timings."""
+    probs, per_fold, n_params = runs[0]
+    seed = job.final.seed
+    fold_of = np.zeros(len(ds.samples), dtype=np.int64)
+    for j, part in enumerate(parts):
+        fold_of[part.test] = j + 1
+    mean_probs = np.mean([run[0] for run in runs], axis=0)
+    repeats = job.cv.repeats
+    settings = {
+        "data": asdict(job.dataset),
+        # with fixed parameters, their batch size; tuned folds record theirs in per_fold
+        "train": asdict(job.final.for_params(params)),
+        "tune": asdict(job.search) if params is None else None,
+    }
+    out_of_fold = [
+        {"path": str(s.path), "label": s.label, "fold": int(fold_of[k]),
+         "probabilities": dict(zip(ds.classes, map(float, probs[k]), strict=True))}
+        | ({"probabilities_mean_over_seeds": dict(zip(ds.classes, map(float, mean_probs[k]), strict=True))}
+           if repeats > 1 else {})
+        for k, s in enumerate(ds.samples)
+    ]  # fmt: skip
+    return {
+        "lungxray_version": __version__,
+        "data": str(job.data),
+        "model": job.model,
+        "folds": job.cv.folds,
+        "seed": seed,
+        "repeats": repeats,
+        "n_parameters": n_params,
+        "groups": ds.group_sizes(),
+        "excluded": ds.excluded,
+        "tuned_in_each_fold": params is None,
+        "settings": jsonable(settings),
+        "summary": _cv_summary(per_fold, pooled),
+        "pooled": pooled,
+        "per_fold": per_fold,
+        "seed_spread": _seed_spread(ds, runs, seed) if repeats > 1 else None,
+        "out_of_fold": out_of_fold,
+    }
+
+
 def _folds_once(
-    ds: Dataset,
-    parts: list[Split],
-    model_name: str,
-    params: dict | None,
-    trial_cfg: TrainConfig,
-    train_cfg: TrainConfig,
-    tune_cfg: TuneConfig,
-    repeat: int,
-    out: Path,
-    progress: bool,
+    job: Job, ds: Dataset, parts: list[Split], params: dict | None, repeat: int
 ) -> tuple[np.ndarray, list[dict], int]:
-    """One model per fold with one training seed: (out-of-fold probabilities (N, C), per-fold
-    records, parameters of a fold's model)."""
+    """One model per fold with one training seed (``job.final.seed``): (out-of-fold probabilities
+    (N, C), per-fold records, parameters of a fold's model)."""
     from lungxray.progress import bar as progress_bar
 
     probs = np.zeros((len(ds.samples), len(ds.classes)), dtype=np.float64)
     per_fold = []
     if repeat:  # a study per fold and training seed
-        tune_cfg = replace(tune_cfg, study_name=f"{tune_cfg.study_name}-seed{train_cfg.seed}")
-    for i, fold in enumerate(progress_bar(parts, desc="folds", unit="fold", disable=not progress)):
+        job = replace(job, search=replace(job.search, study_name=f"{job.search.study_name}-seed{job.final.seed}"))
+    for i, fold in enumerate(progress_bar(parts, desc="folds", unit="fold", disable=not job.progress)):
         start = time.perf_counter()
-        result, hp = _fold_model(ds, fold, i, model_name, params, train_cfg, tune_cfg, trial_cfg, out, progress)
+        result, hp = _fold_model(job, ds, fold, i, params)
         fit_s = time.perf_counter() - start
         x_test = tensors(ds, fold.test)[0]
         start = time.perf_counter()
         probs[fold.test] = torch.softmax(predict_logits(result.model, x_test).double(), dim=1).numpy()
         infer_s = time.perf_counter() - start
-        trained = len(fold.train) * len(result.history) * train_cfg.members  # images through training
+        trained = len(fold.train) * len(result.history) * job.final.members  # images through training
         per_fold.append(
             {
                 "fold": i + 1,
                 **fold.sizes(),
-                "training_seed": train_cfg.seed,
+                "training_seed": job.final.seed,
                 "params": hp,
-                "batch_size": resolve_train(train_cfg, get_spec(model_name).recipe, hp).batch_size,
+                "batch_size": job.final.for_params(hp).batch_size,
                 "best_epoch": result.best_epoch,
                 "member_best_epochs": result.member_epochs,
                 "epochs_run": len(result.history),

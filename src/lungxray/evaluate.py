@@ -1,18 +1,17 @@
-"""Metrics, confidence intervals and plots.
+"""Metrics, confidence intervals and calibration.
 
 ``compute_metrics`` turns labels and probabilities into the ``metrics.json`` schema that other
 tools read: loss, accuracy, per-class precision/recall (sensitivity)/specificity/F1/AUROC,
 macro-F1, macro AUROC, confusion matrix, and a seeded percentile-bootstrap 95% interval per
 headline metric (``bootstrap_ci``), and the expected calibration error. Temperature scaling
-(``fit_temperature``, ``calibrate``) and the figures of the confusion matrix and the training
-curves live here too; the report embeds the same figures. Works on numpy arrays; holds no training
-code and imports no torch.
+(``fit_temperature``, ``calibrate``) and what the out-of-distribution flag does on labelled images
+(``ood_summary``) live here too. The figures drawn from these numbers are ``plots``. Works on numpy
+arrays; holds no training code and imports no torch.
 """
 
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import (
@@ -226,9 +225,10 @@ def calibrate(logits: np.ndarray, y_true: np.ndarray) -> dict:
 
     The fitted T is used only when it lowers the validation log-loss by MIN_LOG_LOSS_GAIN measured
     out of sample (``cross_validated_log_loss``), is not on a search bound, and does not sharpen a
-    model that made no validation error; otherwise T = 1 and ``reason`` says why. Seen on the demo
-    MLP: 32 validation images drove T to 0.05 on one machine and to 0.61 on another, and both made
-    the test log-loss worse. Below MIN_CALIBRATION_IMAGES validation images nothing is fitted.
+    model that made no validation error; otherwise T = 1 and ``reason`` says why: a few dozen
+    validation images (the demo MLP's 32) can drive T anywhere from 0.05 to 0.6 from one machine to
+    the next, each making the test log-loss worse. Below MIN_CALIBRATION_IMAGES validation images
+    nothing is fitted.
     """
     logits = np.asarray(logits, dtype=np.float64)
     n = int(len(y_true))
@@ -313,74 +313,6 @@ def compute_metrics(
     return metrics
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: Path, dpi: int = 120) -> Path:
-    """Write a matplotlib figure as PNG to ``path`` (atomically) and close it."""
-    from lungxray.runfolder import atomic_path
-
-    plt = _pyplot()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-    plt.close(fig)
-    return Path(path)
-
-
-def confusion_figure(metrics: dict, normalised: bool = False):
-    """Annotated heatmap of counts, true class down, predicted class across; with ``normalised``, a
-    second panel divides each row by its total (recall on the diagonal)."""
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    plt = _pyplot()
-    n = len(metrics["classes"])
-    cm = np.array(metrics["confusion_matrix"], dtype=float)
-    panels = [(cm.astype(int), "counts", "d")]
-    if normalised:
-        rows = cm.sum(axis=1, keepdims=True)
-        panels.append(
-            (
-                np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0),
-                "row-normalised (recall on the diagonal)",
-                ".2f",
-            )
-        )
-    fig, axes = plt.subplots(1, len(panels), figsize=((1.6 + 1.2 * n) * len(panels), 1.2 + 1.2 * n), squeeze=False)
-    for ax, (matrix, title, fmt) in zip(axes[0], panels, strict=True):
-        ConfusionMatrixDisplay(matrix, display_labels=metrics["classes"]).plot(
-            ax=ax, cmap="Blues", colorbar=False, xticks_rotation=30, values_format=fmt
-        )
-        ax.set_title(title)
-    if not normalised:
-        axes[0][0].set_title(
-            f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} (n={metrics['n']})"
-        )
-    return fig
-
-
-def curves_figure(history: dict[str, list[float]], best_epoch: int | None = None):
-    """Train/val loss and accuracy per epoch, the kept epoch marked."""
-    plt = _pyplot()
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = history["epoch"]
-    for ax, key in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        ax.plot(epochs, history[f"train_{key}"], label=f"train {key}")
-        ax.plot(epochs, history[f"val_{key}"], label=f"val {key}")
-        if best_epoch:
-            ax.axvline(best_epoch, color="grey", linestyle="--", label=f"kept epoch {best_epoch}")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(key)
-        ax.legend()
-    return fig
-
-
 def ood_summary(y_true: np.ndarray, probs: np.ndarray, scores: np.ndarray | None, classes: list[str]) -> dict | None:
     """What the out-of-distribution flag does on labelled images: how many it flags (per class),
     the metrics on the images it accepts, next to all of them, and accuracy against coverage as its
@@ -411,24 +343,3 @@ def ood_summary(y_true: np.ndarray, probs: np.ndarray, scores: np.ndarray | None
             "score": scores[order].round(4).tolist(),
         },
     }
-
-
-def coverage_figure(summaries: dict[str, dict]):
-    """Accuracy on the accepted images against the share accepted, as the out-of-distribution
-    threshold moves; the model's threshold marked on each curve. ``summaries``: name -> ood_summary."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, s in summaries.items():
-        curve = s["coverage_curve"]
-        line = ax.plot(curve["coverage"], curve["accuracy"], label=name)[0]
-        at = 1 - s["share_flagged"]
-        if at > 0:
-            k = max(0, int(round(at * len(curve["coverage"]))) - 1)
-            ax.plot([curve["coverage"][k]], [curve["accuracy"][k]], "o", color=line.get_color())
-    ax.set_xlabel("share of images accepted (most typical first)")
-    ax.set_ylabel("accuracy on the accepted images")
-    ax.set_xlim(0, 1.02)
-    ax.set_ylim(0, 1.02)
-    ax.set_title("Out-of-distribution flag: coverage vs accuracy (dot: the model's threshold)")
-    ax.legend(loc="lower left")
-    return fig

@@ -5,20 +5,23 @@ last convolutional stage) and the input gradient for the MLP (MONAI's ``VanillaG
 ``overlay`` blends a map onto its image. ``audit`` scores a model on the same images three ways:
 as they are, with the central lung field hidden, and with the borders hidden; a model that stays
 well above chance without the lungs is reading the image source (markers, text, exposure), not
-the disease. Holds no training code.
+the disease. ``error_gallery`` gives the report's gallery its pictures: the most confident errors
+with their saliency overlays. Holds no training code.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lungxray.bundle import Predictor
+from lungxray.bundle import is_bundle
 from lungxray.errors import UnusableImage
 from lungxray.infer import predict_logits, to_tensor
 from lungxray.models import Ensemble, get_spec
+from lungxray.predictor import Predictor
 from lungxray.runfolder import EXPLAIN, write_json
 
 # The central box that holds the lung field on a PA chest film, as shares of the image side:
@@ -63,8 +66,8 @@ def explainer_model(predictor: Predictor) -> torch.nn.Module:
 
     Grad-CAM keeps forward and backward hooks on the model it explains, and they store each
     forward's activations: on the model that also serves predictions, a prediction running beside
-    an explanation overwrote them (seen: 5 of 60 overlays were another image's map). Predictions
-    never touch this copy.
+    an explanation would overwrite them, and the overlay would show another image's map.
+    Predictions never touch this copy.
     """
     import copy
 
@@ -165,6 +168,61 @@ def caption(predictor: Predictor, answer: dict) -> str:
     method = "Grad-CAM" if get_spec(predictor.config_["model"]["name"]).cam_layer is not None else "input gradient"
     flagged = " (out of distribution: no reliable answer)" if answer.get("in_distribution") is False else ""
     return f"where the model looked ({method}) for: {answer['class']}{flagged}"
+
+
+GALLERY_SIZE = 8  # errors shown in the report's gallery
+
+
+@dataclass(frozen=True)
+class ErrorGallery:
+    """What the report's gallery of errors shows: how many of the scored images are wrong, whether
+    ``model_dir`` held a bundle to explain them with, and the most confident errors whose images
+    could still be read, most confident first. Each item: the image's ``path`` and true ``label``,
+    the ``predicted`` class, its probability (``confidence``) and the ``overlay``, (H, W, 3) uint8
+    (``overlay`` of the image as the model read it and its saliency map)."""
+
+    n_errors: int
+    bundle: bool
+    items: list[dict]
+
+
+def error_gallery(
+    model_dir: Path, predictions: dict, y: np.ndarray, probs: np.ndarray, size: int = GALLERY_SIZE
+) -> ErrorGallery:
+    """The ``size`` most confident errors among the images of ``predictions`` (predictions.json;
+    ``y`` their labels, ``probs`` their probabilities), explained by the bundle in ``model_dir``.
+    An image moved or deleted since it was scored is left out, not an error."""
+    wrong = np.flatnonzero(probs.argmax(axis=1) != y)
+    n_errors, bundle = len(wrong), is_bundle(model_dir)
+    if n_errors == 0 or not bundle:
+        return ErrorGallery(n_errors, bundle, [])
+    wrong = wrong[np.argsort(-probs[wrong].max(axis=1))][:size]
+    predictor = Predictor(model_dir)
+    from lungxray.decode import read_image_file
+
+    arrays, kept = [], []
+    for i in wrong:
+        try:
+            path = Path(predictions["images"][i]["path"])
+            arrays.append(predictor.decode(read_image_file(path), name=path.name))
+        except (OSError, UnusableImage):
+            continue
+        kept.append(i)
+    if not kept:
+        return ErrorGallery(n_errors, bundle, [])
+    images = np.stack(arrays)
+    maps = saliency(predictor, images)
+    items = [
+        {
+            "path": predictions["images"][i]["path"],
+            "label": predictions["images"][i]["label"],
+            "predicted": predictions["classes"][int(probs[i].argmax())],
+            "confidence": float(probs[i].max()),
+            "overlay": overlay(image, heat),
+        }
+        for i, image, heat in zip(kept, images, maps, strict=True)
+    ]
+    return ErrorGallery(n_errors, bundle, items)
 
 
 def lung_box(size: int) -> np.ndarray:

@@ -161,9 +161,9 @@ class FirstLayerAdam:
         beta1, beta2 = self.group["betas"]
         lr, t = float(self.group["lr"]), self.steps_
         decay = 1 - lr * self.group["weight_decay"] if self.decoupled else 1.0
-        args = (lr / (1 - beta1**t), beta1, beta2, 1 / math.sqrt(1 - beta2**t), self.group["eps"], decay)
-        kernel = _compile()
-        self._split(lambda lo, hi, k: kernel(self.weight_, self.m_, self.v_, xs, dz, self.g_[k], lo, hi, *args))
+        hyper = (lr / (1 - beta1**t), beta1, beta2, 1 / math.sqrt(1 - beta2**t), self.group["eps"], decay)
+        kernel, state = _compile(), (self.weight_, self.m_, self.v_)
+        self._split(lambda lo, hi, k: kernel(state, xs, dz, self.g_[k], lo, hi, hyper))
 
 
 class _Product(torch.autograd.Function):

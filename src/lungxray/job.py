@@ -1,7 +1,7 @@
 """The ``Job``: everything a command needs, built once from the command line or the Python API.
 
 A Job holds the data, the output folder, the model's name and every settings dataclass of
-``config.py``; its constructor resolves them once against the model's recipe (``config.resolve_*``)
+``config.py``; its constructor resolves them once against the model's recipe
 into the trial and final training settings, and fails for an unknown model or a missing GPU before
 any data is read. Stages (``pipeline``, ``cv``) take the Job whole and never re-derive a default.
 
@@ -18,17 +18,8 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from lungxray.config import (
-    CVConfig,
-    DataConfig,
-    Preprocessing,
-    SplitConfig,
-    TrainConfig,
-    TuneConfig,
-    resolve_train,
-    resolve_tune,
-    trial_settings,
-)
+from lungxray import config
+from lungxray.config import CVConfig, DataConfig, Preprocessing, SplitConfig, TrainConfig, TuneConfig
 from lungxray.errors import ConfigError
 
 # The settings dataclasses a Job holds, by the Job field that holds them.
@@ -93,15 +84,15 @@ class Job:
 
         recipe = get_spec(self.model).recipe
         resolve_device(self.train.device)
-        search = resolve_tune(self.search, recipe)
-        given = resolve_train(self.train, recipe)
+        search = config.resolve_tune(self.search, recipe)
+        given = config.resolve_train(self.train, recipe)  # the one place the recipe fills training settings
         final = replace(given, epochs=self.final_epochs) if self.final_epochs is not None else given
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
         set_("data", Path(self.data))
         set_("out", Path(self.out) if self.out is not None else None)
         set_("external", tuple(Path(e) for e in self.external))
         set_("search", search)
-        set_("trial", trial_settings(given, search))
+        set_("trial", config.trial_settings(given, search))
         set_("final", final)
 
     @property

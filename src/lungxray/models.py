@@ -10,7 +10,7 @@ files. Holds no training loop.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -45,41 +45,48 @@ def seed_dropout(model: nn.Module, generator: torch.Generator) -> None:
             module.generator = generator
 
 
+@dataclass(frozen=True)
+class MLPShape:
+    """The MLP's architecture hyperparameters, named as in the tutorial's search space."""
+
+    activation: str = "relu"
+    layer_1: int = 64
+    layer_2: int = 64
+    layer_3: int = 64
+    dropout_1: float = 0.0
+    dropout_2: float = 0.0
+
+
 class MLP(nn.Module):
     """The tutorial's multilayer perceptron: flatten -> 3 dense layers with dropout -> class logits.
 
     Like the Keras original, dropout_1 follows the first layer and dropout_2 the second and third.
     The softmax is left to the loss and to ``predict`` (logits are numerically safer to train on).
+    ``hp``: fields of ``MLPShape``; an unknown one is a TypeError.
     """
 
-    def __init__(
-        self,
-        in_shape: tuple[int, int, int],
-        n_classes: int,
-        activation: str = "relu",
-        layer_1: int = 64,
-        layer_2: int = 64,
-        layer_3: int = 64,
-        dropout_1: float = 0.0,
-        dropout_2: float = 0.0,
-    ) -> None:
+    hyperparameters = MLPShape  # what ``hp`` may hold (``check_hyperparameters`` reads it)
+
+    def __init__(self, in_shape: tuple[int, int, int], n_classes: int, **hp) -> None:
         super().__init__()
+        shape = MLPShape(**hp)
         act = {"relu": nn.ReLU, "tanh": nn.Tanh}
-        if activation not in act:
-            raise ParamsError(f"activation must be one of {sorted(act)}, got {activation!r}")
+        if shape.activation not in act:
+            raise ParamsError(f"activation must be one of {sorted(act)}, got {shape.activation!r}")
         n_in = in_shape[0] * in_shape[1] * in_shape[2]
+        activation = act[shape.activation]
         self.net = nn.Sequential(
             nn.Flatten(),  # (N, 1, H, W) -> (N, H*W)
-            nn.Linear(n_in, layer_1),
-            act[activation](),
-            Dropout(dropout_1),
-            nn.Linear(layer_1, layer_2),
-            act[activation](),
-            Dropout(dropout_2),
-            nn.Linear(layer_2, layer_3),
-            act[activation](),
-            Dropout(dropout_2),
-            nn.Linear(layer_3, n_classes),
+            nn.Linear(n_in, shape.layer_1),
+            activation(),
+            Dropout(shape.dropout_1),
+            nn.Linear(shape.layer_1, shape.layer_2),
+            activation(),
+            Dropout(shape.dropout_2),
+            nn.Linear(shape.layer_2, shape.layer_3),
+            activation(),
+            Dropout(shape.dropout_2),
+            nn.Linear(shape.layer_3, n_classes),
         )
         # Keras defaults (Glorot-uniform weights, zero biases) so the tutorial's search space and
         # learning rates mean the same thing here.
@@ -290,7 +297,11 @@ def check_hyperparameters(name: str, hp: dict) -> list[str]:
     import inspect
 
     spec = get_spec(name)
-    allowed = set(inspect.signature(spec.build).parameters) - {"in_shape", "n_classes"}
+    declared = getattr(spec.build, "hyperparameters", None)  # a constructor that takes them as **hp
+    if declared is not None:
+        allowed = {f.name for f in fields(declared)}
+    else:
+        allowed = set(inspect.signature(spec.build).parameters) - {"in_shape", "n_classes"}
     problems = []
     for key, value in hp.items():
         if key in TRAINING_KEYS:

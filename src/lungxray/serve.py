@@ -23,8 +23,8 @@ import torch
 from fastapi import FastAPI, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from lungxray.bundle import Predictor
 from lungxray.errors import UnusableImage
+from lungxray.predictor import Predictor
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # An over-limit body is read and dropped up to this many bytes before the 413 goes out: a client
@@ -85,7 +85,7 @@ def create_app(
     async def lifespan(app: FastAPI):
         # Requests run side by side, one thread each, at most one per core: a request never
         # splits its model call over cores another request is using, and waiting requests queue
-        # in order instead of thrashing (p99 at 32 clients: 2.6 s before, see BENCHMARKS.md).
+        # in order instead of thrashing (BENCHMARKS.md measures the latency at 32 clients).
         threads_before = torch.get_num_threads()
         torch.set_num_threads(1)
         app.state.predictor = Predictor(model_dir, backend=backend, threads=1)
@@ -101,7 +101,13 @@ def create_app(
     app: FastAPI = FastAPIOffline(
         title="lungxray", summary="Chest X-ray classifier: predictions and where the model looked", lifespan=lifespan
     )
+    _add_guards(app, max_upload_bytes, allowed_hosts)
+    _add_routes(app, max_upload_bytes)
+    return app
 
+
+def _add_guards(app: FastAPI, max_upload_bytes: int, allowed_hosts: list[str] | None) -> None:
+    """The middleware every request passes: the Host check, the size limit, the security headers."""
     if allowed_hosts is not None:
         from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -119,25 +125,32 @@ def create_app(
         return await call_next(request)
 
     # Added last, so outermost: the 400 of a foreign Host and the 413 carry the headers too.
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["Referrer-Policy"] = "no-referrer"
-        if request.url.path == "/":  # the upload page: its own inline script and style, images it makes
-            response.headers["Content-Security-Policy"] = (
-                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-                "img-src data: blob:; connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
-            )
-        if request.url.path in ("/docs", "/redoc"):
-            # Nothing but this service: ReDoc's sidebar would fetch its maker's logo from a CDN.
-            response.headers["Content-Security-Policy"] = (
-                "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
-                "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; "
-                "frame-ancestors 'none'; base-uri 'none'"
-            )
-        return response
+    app.middleware("http")(_security_headers)
+
+
+async def _security_headers(request: Request, call_next):
+    """No sniffing, no framing, no referrer; a content security policy on the upload page and the API docs."""
+    response = await call_next(request)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    if request.url.path == "/":  # the upload page: its own inline script and style, images it makes
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+            "img-src data: blob:; connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
+        )
+    if request.url.path in ("/docs", "/redoc"):
+        # Nothing but this service: ReDoc's sidebar would fetch its maker's logo from a CDN.
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; "
+            "frame-ancestors 'none'; base-uri 'none'"
+        )
+    return response
+
+
+def _add_routes(app: FastAPI, max_upload_bytes: int) -> None:
+    """/health, /model, /predict, /explain and the upload page."""
 
     @app.get("/health")
     async def health() -> dict:
@@ -174,8 +187,6 @@ def create_app(
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
         return PAGE.read_text().replace("__MAX_UPLOAD_BYTES__", str(max_upload_bytes))
-
-    return app
 
 
 async def _in_worker(request: Request, func, *args):

@@ -2,7 +2,7 @@
 
 Works on in-memory tensors (the whole preprocessed dataset fits in RAM: 317 images at 128x128 are
 21 MB), so batches are index lookups rather than a DataLoader. Takes a resolved ``TrainConfig``
-(``config.resolve_train``) and never re-derives a default. Holds no tuning and no test-set code: the
+(``job.Job``'s trial or final settings) and never re-derives a default. Holds no tuning and no test-set code: the
 test split never reaches this module; the serving side imports nothing from it.
 """
 
@@ -15,6 +15,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -27,6 +28,14 @@ from lungxray.infer import predict_logits
 from lungxray.models import Ensemble, create_model, load_init_weights, seed_dropout
 
 _INIT_LOCK = threading.Lock()  # weight init draws from torch's global generator
+
+
+class FitData(NamedTuple):
+    """What a fit learns from and is watched on."""
+
+    train: tuple[torch.Tensor, torch.Tensor]  # (N, C, H, W) images, (N,) labels
+    val: tuple[torch.Tensor, torch.Tensor]
+    n_classes: int
 
 
 @dataclass
@@ -55,6 +64,23 @@ class FitResult:
         return {k: [asdict(h)[k] for h in self.history] for k in asdict(self.history[0])}
 
 
+@dataclass
+class StepOptions:
+    """How ``train_one_epoch`` steps besides the model and optimiser; the defaults turn each off."""
+
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None  # applied to each whole batch
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # stepped after every step
+    class_weight: torch.Tensor | None = None  # (n_classes,) weights of the loss
+    scaler: torch.amp.GradScaler | None = None  # float16 mixed precision (CUDA)
+    label_smoothing: float = 0.0
+    averaged: torch.optim.swa_utils.AveragedModel | None = None  # updated after every step (EMA)
+    # (rank, world size): under DistributedDataParallel every process draws the same seeded order
+    # and takes its share of each batch (what DistributedSampler does per epoch, here per batch),
+    # so a step averages the gradients of the same batch as one process would
+    shard: tuple[int, int] = (0, 1)
+    first_layer: FirstLayerAdam | None = None  # steps the weight it took over from the optimiser
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -62,28 +88,19 @@ def train_one_epoch(
     y: torch.Tensor,
     batch_size: int,
     generator: torch.Generator,
-    *,
-    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    class_weight: torch.Tensor | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    label_smoothing: float = 0.0,
-    averaged: torch.optim.swa_utils.AveragedModel | None = None,
-    shard: tuple[int, int] = (0, 1),
-    first_layer: FirstLayerAdam | None = None,
+    options: StepOptions | None = None,
 ) -> tuple[float, float]:
     """One pass over (x, y) in shuffled mini-batches; returns mean loss and accuracy.
 
-    ``scaler`` turns on float16 mixed precision (CUDA); ``averaged`` is updated after every step
-    (exponential moving average of the weights). A last batch of one image is skipped for
-    models with batch norm, which cannot normalise a single image in training mode.
-    ``shard`` (rank, world size): under DistributedDataParallel every process draws the same
-    seeded order and takes its share of each batch (what DistributedSampler does per epoch, here
-    per batch), so a step averages the gradients of the same batch as one process would.
-    ``first_layer`` steps the weight it took over from ``optimizer`` (``fused.FirstLayerAdam``).
+    A last batch of one image is skipped for models with batch norm, which cannot normalise a
+    single image in training mode. ``options``: augmentation, schedule, loss weights, mixed
+    precision, moving average, the process's share and the fused first layer (``StepOptions``).
     """
+    options = options if options is not None else StepOptions()
+    augment, scheduler, scaler, averaged = options.augment, options.scheduler, options.scaler, options.averaged
+    first_layer = options.first_layer
     model.train()
-    rank, world = shard
+    rank, world = options.shard
     order = torch.randperm(len(x), generator=generator).to(x.device)
     skip_single = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     # Each step's loss and logits kept on the device and summed once at the end: no host sync and
@@ -101,7 +118,9 @@ def train_one_epoch(
         else:
             with torch.autocast(x.device.type, dtype=torch.float16):
                 logits = model(xb)
-        loss = nn.functional.cross_entropy(logits.float(), yb, weight=class_weight, label_smoothing=label_smoothing)
+        loss = nn.functional.cross_entropy(
+            logits.float(), yb, weight=options.class_weight, label_smoothing=options.label_smoothing
+        )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -227,7 +246,7 @@ def class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
 
 def _training_parts(
     model: nn.Module, hp: dict, cfg: TrainConfig, y_train: torch.Tensor, n_classes: int, device: torch.device
-) -> tuple[torch.optim.Optimizer, dict]:
+) -> tuple[torch.optim.Optimizer, StepOptions]:
     """The optimiser and ``train_one_epoch``'s options for one fit; seeds the model's dropout."""
     # The moving average is a copy of the model (made before its dropout gets a generator), with
     # batch-norm statistics averaged alongside the weights; validation and the kept state read it.
@@ -242,50 +261,50 @@ def _training_parts(
     if cfg.schedule == "cosine":  # to zero at the last step of the last epoch
         steps = cfg.epochs * math.ceil(len(y_train) / cfg.batch_size)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    return optimizer, {
-        "augment": (
+    return optimizer, StepOptions(
+        augment=(
             BatchAugment(cfg.augment, torch.Generator().manual_seed(cfg.seed + 2))
             if cfg.augment.enabled or cfg.augment.scanner
             else None
         ),
-        "scheduler": scheduler,
-        "class_weight": class_weights(y_train, n_classes) if cfg.class_weighted else None,
-        "scaler": torch.amp.GradScaler("cuda") if device.type == "cuda" else None,
-        "label_smoothing": cfg.label_smoothing,
-        "averaged": averaged,
-    }
+        scheduler=scheduler,
+        class_weight=class_weights(y_train, n_classes) if cfg.class_weighted else None,
+        scaler=torch.amp.GradScaler("cuda") if device.type == "cuda" else None,
+        label_smoothing=cfg.label_smoothing,
+        averaged=averaged,
+    )
 
 
 def fit(
     model_name: str,
     hp: dict,
-    train: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
-    n_classes: int,
+    data: FitData,
     cfg: TrainConfig,
     on_epoch: Callable[[EpochStats], bool] | None = None,
     progress: bool = False,
 ) -> FitResult:
-    """Train ``model_name`` with ``hp`` on ``train``, watch ``val``, keep the best (or last) epoch's weights.
+    """Train ``model_name`` with ``hp`` on ``data.train``, watch ``data.val``, keep the best (or
+    last) epoch's weights.
 
     ``on_epoch`` is called after every epoch; returning True stops training (the tuner prunes
     there). Safe to call from several threads at once: each call owns its generators. ``cfg`` must
-    be resolved (``config.resolve_train`` with ``hp``): the batch size, optimiser, schedule and
-    augmentation are read from it as they are. The returned model is on the CPU.
+    be resolved (a ``job.Job``'s ``trial`` or ``final``), with ``hp``'s batch size (``cfg.for_params(hp)``):
+    the batch size, optimiser, schedule and augmentation are read from it as they are. The
+    returned model is on the CPU.
     """
     if not cfg.resolved:
-        raise ValueError("fit() needs a resolved TrainConfig; pass config.resolve_train(cfg, recipe, hp)")
+        raise ValueError("fit() needs a resolved TrainConfig: a Job's trial or final settings, .for_params(hp)")
     if cfg.members > 1:
-        return _fit_members(model_name, hp, train, val, n_classes, cfg, progress)
+        return _fit_members(model_name, hp, data, cfg, progress)
     if "batch_size" in hp and int(hp["batch_size"]) != cfg.batch_size:
         raise ValueError(
             f"the hyperparameters set batch_size {hp['batch_size']} but cfg has {cfg.batch_size}; "
-            "resolve the config with them: config.resolve_train(cfg, recipe, hp)"
+            "pass the config with them: cfg.for_params(hp)"
         )
     device = resolve_device(cfg.device)
     with _INIT_LOCK:
         torch.manual_seed(cfg.seed)
-        model = create_model(model_name, tuple(train[0].shape[1:]), n_classes, **hp)
+        model = create_model(model_name, tuple(data.train[0].shape[1:]), data.n_classes, **hp)
     if cfg.init_weights is not None:
         load_init_weights(model, cfg.init_weights)
     model.to(device)
@@ -294,13 +313,13 @@ def fit(
         # Batch statistics over every process's share, as one process would see them (GPU only:
         # on the CPU each process normalises its own share, so a CNN trains a little differently).
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    (x_train, y_train), val = [tuple(t.to(device) for t in part) for part in (train, val)]
-    optimizer, options = _training_parts(model, hp, cfg, y_train, n_classes, device)
+    (x_train, y_train), val = [tuple(t.to(device) for t in part) for part in (data.train, data.val)]
+    optimizer, options = _training_parts(model, hp, cfg, y_train, data.n_classes, device)
     fused = FirstLayerAdam.applies(model, optimizer, device, cfg.batch_size) if cfg.fused_step and size == 1 else None
     # the process's cores (shared out among the trials stepping at once), or --threads
     cores = cfg.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    options["first_layer"] = FirstLayerAdam(fused, optimizer, cores) if fused is not None else None
-    watched = options["averaged"].module if options["averaged"] is not None else model
+    options.first_layer = FirstLayerAdam(fused, optimizer, cores) if fused is not None else None
+    watched = options.averaged.module if options.averaged is not None else model
     generator = torch.Generator().manual_seed(cfg.seed)  # batch order, the same in every process
     stepped = model
     if size > 1:  # torchrun: every process holds the model, DDP averages the gradients of their shares
@@ -309,10 +328,11 @@ def fit(
         stepped = DistributedDataParallel(
             model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None
         )
-        options["shard"] = (rank, size)
-    with options["first_layer"] or contextlib.nullcontext():
+        options.shard = (rank, size)
+    loop = _Loop(stepped, optimizer, watched, generator, options)
+    with options.first_layer or contextlib.nullcontext():
         history, best, best_state, diverged, stopped_at = _epochs(
-            stepped, optimizer, (x_train, y_train), val, watched, cfg, generator, options, on_epoch, progress
+            loop, (x_train, y_train), val, cfg, on_epoch, progress
         )
     if best_state is None:
         raise TrainingDiverged(f"training diverged in the first epoch with {hp}", hint="lower the learning rate")
@@ -321,9 +341,20 @@ def fit(
     return FitResult(model, best.epoch, history, diverged, stopped_at)
 
 
-def _epochs(stepped, optimizer, train, val, watched, cfg: TrainConfig, generator, options: dict, on_epoch, progress):
-    """``fit``'s epochs: train, validate ``watched``, keep the best (or last) state, stop on pruning,
-    patience or divergence. Returns (history, best stats, best state, diverged, stopped at)."""
+@dataclass
+class _Loop:
+    """What ``fit``'s epochs step and watch."""
+
+    stepped: nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    watched: nn.Module  # validated and kept: the model, or its moving average
+    generator: torch.Generator  # the batch order
+    options: StepOptions
+
+
+def _epochs(loop: _Loop, train, val, cfg: TrainConfig, on_epoch, progress: bool):
+    """``fit``'s epochs: train, validate ``loop.watched``, keep the best (or last) state, stop on
+    pruning, patience or divergence. Returns (history, best stats, best state, diverged, stopped at)."""
     from lungxray.progress import bar as progress_bar
     from lungxray.progress import note
 
@@ -332,8 +363,10 @@ def _epochs(stepped, optimizer, train, val, watched, cfg: TrainConfig, generator
     epochs = progress_bar(total=cfg.epochs, desc="epochs", unit="epoch", leave=False, disable=not progress)
     try:
         for epoch in range(1, cfg.epochs + 1):
-            loss, acc = train_one_epoch(stepped, optimizer, *train, cfg.batch_size, generator, **options)
-            val_loss, val_acc = evaluate_loss(watched, *val)
+            loss, acc = train_one_epoch(
+                loop.stepped, loop.optimizer, *train, cfg.batch_size, loop.generator, loop.options
+            )
+            val_loss, val_acc = evaluate_loss(loop.watched, *val)
             stats = EpochStats(epoch, loss, acc, val_loss, val_acc)
             history.append(stats)
             figures = f"loss {loss:.4f}, val_loss {val_loss:.4f}, val_accuracy {val_acc:.4f}"
@@ -344,7 +377,7 @@ def _epochs(stepped, optimizer, train, val, watched, cfg: TrainConfig, generator
                 diverged = True
                 break
             if cfg.keep == "last" or is_better(stats, best, cfg.select_by):
-                best, best_state = stats, copy.deepcopy(watched.state_dict())
+                best, best_state = stats, copy.deepcopy(loop.watched.state_dict())
             if on_epoch is not None and on_epoch(stats):
                 stopped_at = epoch
                 break
@@ -356,18 +389,10 @@ def _epochs(stepped, optimizer, train, val, watched, cfg: TrainConfig, generator
     return history, best, best_state, diverged, stopped_at
 
 
-def _fit_members(
-    model_name: str,
-    hp: dict,
-    train: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
-    n_classes: int,
-    cfg: TrainConfig,
-    progress: bool,
-) -> FitResult:
+def _fit_members(model_name: str, hp: dict, data: FitData, cfg: TrainConfig, progress: bool) -> FitResult:
     """``cfg.members`` fits from seeds seed, seed + 1000, ... as one ``Ensemble`` (mean probability)."""
     fits = [
-        fit(model_name, hp, train, val, n_classes, replace(cfg, seed=cfg.seed + 1000 * m, members=1), progress=progress)
+        fit(model_name, hp, data, replace(cfg, seed=cfg.seed + 1000 * m, members=1), progress=progress)
         for m in range(cfg.members)
     ]
     first = fits[0]

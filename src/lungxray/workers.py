@@ -12,7 +12,8 @@ Each running trial beats a heartbeat into the storage; a trial whose worker died
 memory, its machine gone) stops beating, and the next worker to look fails it and queues it once
 more with the same parameters (Optuna's ``fail_stale_trials`` and ``RetryFailedTrialCallback``),
 so a crash costs one trial, never the study. Unlike ``tune.tune`` in one process, the order of the
-trials depends on timing: a search over workers is not repeatable trial for trial.
+trials depends on timing: a search over workers is not repeatable trial for trial. Optuna's warnings
+about the heartbeat API, which workers use on purpose, are not shown (``study.heartbeat_warnings_off``).
 """
 
 from __future__ import annotations
@@ -23,18 +24,29 @@ import os
 import socket
 import threading
 import time
-import warnings
+from collections.abc import Callable
 from dataclasses import asdict, replace
 
 import optuna
 
-from lungxray import __version__
 from lungxray.config import DataConfig, TrainConfig, TuneConfig
 from lungxray.data import Dataset
 from lungxray.errors import StudyError
 from lungxray.models import get_spec
 from lungxray.splits import Split
-from lungxray.tune import FINISHED, _run_trial, make_pruner, make_sampler, tell
+from lungxray.study import (
+    FINISHED,
+    heartbeat_warnings_off,
+    make_pruner,
+    make_sampler,
+    retried_trial_number,
+    retry_once,
+    storage_trial_id,
+    tell,
+)
+from lungxray.train import FitData
+from lungxray.tune import TrialSetup, run_trial
+from lungxray.version import __version__
 
 AGREEMENT = "lungxray_agreement"  # the study's user attribute holding what workers must share
 
@@ -57,7 +69,7 @@ def agreement(ds: Dataset, split: Split, model_name: str, data_cfg: DataConfig, 
             }
         ),  # fmt: skip
         "search_space": _digest([model_name, settings]),
-        "preprocessing": _digest([data_cfg.img_size, data_cfg.preprocessing()]),
+        "preprocessing": _digest(data_cfg.preprocessing.to_json()),
         "version": __version__,
     }
 
@@ -89,21 +101,16 @@ def check_storage(url: str) -> None:
 def open_shared_study(
     url: str, tune_cfg: TuneConfig, trial_cfg: TrainConfig, model_name: str, record: dict
 ) -> optuna.Study:
-    """Create or join the study in ``url`` with heartbeats on; refuse it when its agreement differs."""
+    """Create or join the study in ``url`` with heartbeats on, a stale trial retried once; refuse it
+    when its agreement differs."""
     import sqlalchemy
 
-    # RetryFailedTrialCallback's new name since Optuna 4.9
-    retry = (
-        getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
-    )
     for attempt in range(5):
         try:
-            storage = optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=tune_cfg.heartbeat,
-                grace_period=3 * tune_cfg.heartbeat,
-                failed_trial_callback=retry(max_retry=1),
-            )
+            with heartbeat_warnings_off():
+                storage = optuna.storages.RDBStorage(
+                    url, heartbeat_interval=tune_cfg.heartbeat, grace_period=3 * tune_cfg.heartbeat, **retry_once()
+                )
             break
         except (
             sqlalchemy.exc.IntegrityError,
@@ -143,32 +150,36 @@ def _counts(study: optuna.Study) -> tuple[int, int]:
     return finished, len(trials) - finished
 
 
-def _heartbeat(study: optuna.Study, trial_id: int, stop: threading.Event, interval: int) -> threading.Thread:
+def _heartbeat(trial: optuna.Trial, trial_id: int, stop: threading.Event, interval: int) -> threading.Thread:
+    """Beat ``trial``'s heartbeat now and every ``interval`` seconds until ``stop`` is set (Optuna
+    beats it only inside Study.optimize, which a worker does not use)."""
+    storage = trial.storage
+
     def beat() -> None:
         while not stop.wait(interval):
-            study._storage.record_heartbeat(trial_id)  # noqa: SLF001 - the storage's public heartbeat call
+            storage.record_heartbeat(trial_id)
 
     thread = threading.Thread(target=beat, daemon=True)
-    study._storage.record_heartbeat(trial_id)  # noqa: SLF001
+    storage.record_heartbeat(trial_id)
     thread.start()
     return thread
 
 
-def run_worker(study: optuna.Study, model_name: str, train, val, n_classes: int, tune_cfg: TuneConfig,
-               trial_cfg: TrainConfig, say=lambda text: None) -> int:  # fmt: skip
+def _say_nothing(text: str) -> None:
+    pass
+
+
+def run_worker(study: optuna.Study, model_name: str, data: FitData, tune_cfg: TuneConfig, trial_cfg: TrainConfig,
+               say: Callable[[str], None] = _say_nothing) -> int:  # fmt: skip
     """Run trials until the study holds ``tune_cfg.trials`` finished ones; returns how many this
     worker finished. While other workers' trials run and would reach the count, it waits: one of
     them may die, and its trial is then failed here and re-run."""
-    with warnings.catch_warnings():
-        # fail_stale_trials is marked experimental, and Optuna expects heartbeats from
-        # Study.optimize only: this loop beats them itself (see _heartbeat).
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-        return _run_worker(study, model_name, train, val, n_classes, tune_cfg, trial_cfg, say)
+    with heartbeat_warnings_off():
+        return _run_worker(study, TrialSetup(model_name, data, trial_cfg), tune_cfg, say)
 
 
-def _run_worker(study, model_name, train, val, n_classes, tune_cfg, trial_cfg, say) -> int:
-    space, done = get_spec(model_name).space, 0
+def _run_worker(study: optuna.Study, setup: TrialSetup, tune_cfg: TuneConfig, say: Callable[[str], None]) -> int:
+    space, done = get_spec(setup.model_name).space, 0
     me = f"{socket.gethostname()}:{os.getpid()}"
     while True:
         optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, and queued again once
@@ -177,7 +188,7 @@ def _run_worker(study, model_name, train, val, n_classes, tune_cfg, trial_cfg, s
             return done
         if finished + running >= tune_cfg.trials:
             # Others' last trials run: look again soon (two small queries), not a heartbeat later, so this
-            # worker ends with them instead of up to a heartbeat (30 s) after (seen in the bench).
+            # worker ends with them instead of up to a heartbeat (30 s) after.
             time.sleep(min(tune_cfg.heartbeat, 2))
             continue
         trial = study.ask()
@@ -188,32 +199,33 @@ def _run_worker(study, model_name, train, val, n_classes, tune_cfg, trial_cfg, s
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             continue
         trial.set_user_attr("worker", me)
-        stop = threading.Event()
-        beating = _heartbeat(study, trial._trial_id, stop, tune_cfg.heartbeat)  # noqa: SLF001
+        stop, trial_id = threading.Event(), storage_trial_id(trial)
+        beating = _heartbeat(trial, trial_id, stop, tune_cfg.heartbeat)
         try:
-            state, value, result = _run_trial(trial, space(trial), model_name, train, val, n_classes, trial_cfg)
+            state, value, _ = run_trial(trial, space(trial), setup)
         finally:
             stop.set()
             beating.join()
         tell(study, trial, state, value)
         done += state != optuna.trial.TrialState.FAIL
-        retry = study._storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")  # noqa: SLF001
+        retry = retried_trial_number(trial.storage.get_trial(trial_id))
         say(f"trial {trial.number}: {state.name.lower()}" + (f" {value:.4f}" if value is not None else "")
             + (f" (a retry of trial {retry})" if retry is not None else ""))  # fmt: skip
 
 
-def _worker_process(url, tune_cfg, trial_cfg, model_name, train, val, n_classes, record, threads) -> int:
+def _worker_process(url: str, model_name: str, data: FitData, tune_cfg: TuneConfig, trial_cfg: TrainConfig,
+                    record: dict, threads: int) -> int:  # fmt: skip
     """One of ``run_parallel``'s processes."""
     import torch
 
     torch.set_num_threads(threads)
     trial_cfg = replace(trial_cfg, threads=threads)  # this process's share, for the fused step too
     study = open_shared_study(url, tune_cfg, trial_cfg, model_name, record)
-    return run_worker(study, model_name, train, val, n_classes, tune_cfg, trial_cfg)
+    return run_worker(study, model_name, data, tune_cfg, trial_cfg)
 
 
-def run_parallel(url: str, model_name: str, train, val, n_classes: int, tune_cfg: TuneConfig,
-                 trial_cfg: TrainConfig, record: dict) -> optuna.Study:  # fmt: skip
+def run_parallel(url: str, model_name: str, data: FitData, tune_cfg: TuneConfig, trial_cfg: TrainConfig,
+                 record: dict) -> optuna.Study:  # fmt: skip
     """``tune_cfg.parallel`` worker processes on this machine (spawned, each with its share of the
     cores) on the study in ``url``; returns the study once they are done."""
     import multiprocessing
@@ -224,8 +236,7 @@ def run_parallel(url: str, model_name: str, train, val, n_classes: int, tune_cfg
     study = open_shared_study(url, tune_cfg, trial_cfg, model_name, record)  # made (or refused) once, here
     with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [
-            pool.submit(_worker_process, url, tune_cfg, trial_cfg, model_name, train, val, n_classes, record, threads)
-            for _ in range(n)
+            pool.submit(_worker_process, url, model_name, data, tune_cfg, trial_cfg, record, threads) for _ in range(n)
         ]
         for future in futures:
             future.result()

@@ -1,0 +1,66 @@
+"""Do two run (or cv) folders hold the same results? For a change that must not change them.
+
+    .venv/bin/python bench/same_results.py RUN_A RUN_B
+
+Compares, when present in RUN_A: model/model.safetensors and metrics.json byte for byte;
+trials.json with the wall-clock fields (names ending in ``_s``, e.g. a trial's ``sampler_s``) left
+out, as no two runs take the same time; predictions.json and cv.json's out-of-fold
+probabilities with each image's path taken relative to the folder all its images share, so that two clones in
+different folders compare. Prints one line per artifact and exits 1 when any differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _relative(path: str, root: str) -> str:
+    return str(Path(path).relative_to(root)) if root else path
+
+
+def _trials(folder: Path):
+    return [{k: v for k, v in t.items() if not k.endswith("_s")} for t in json.loads(folder.read_text())]
+
+
+def _predictions(path: Path):
+    data = json.loads(path.read_text())
+    root = os.path.commonpath([i["path"] for i in data["images"]]) if data["images"] else ""
+    return data | {"images": [i | {"path": _relative(i["path"], root)} for i in data["images"]]}
+
+
+def _out_of_fold(path: Path):
+    rows = json.loads(path.read_text())["out_of_fold"]
+    root = os.path.commonpath([r["path"] for r in rows]) if rows else ""
+    return [r | {"path": _relative(r["path"], root)} for r in rows]
+
+
+COMPARED = {
+    "model/model.safetensors": Path.read_bytes,
+    "metrics.json": Path.read_bytes,
+    "trials.json": _trials,
+    "predictions.json": _predictions,
+    "cv.json": _out_of_fold,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("a", type=Path)
+    parser.add_argument("b", type=Path)
+    args = parser.parse_args()
+    differ = False
+    for name, read in COMPARED.items():
+        if not (args.a / name).is_file():
+            continue
+        same = (args.b / name).is_file() and read(args.a / name) == read(args.b / name)
+        differ |= not same
+        print(f"{'same' if same else 'DIFFERENT':<10} {name}")
+    return 1 if differ else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""What the command line prints: one function per result (a scan, a run, a search, a worker, a
+training, an evaluation, a cross-validation, an audit, predictions). Reads results, never runs a
+stage.
+"""
+
+from __future__ import annotations
+
+import json
+
+from lungxray import runfolder
+
+
+def print_scan(summary: dict) -> None:
+    import os
+
+    rel = lambda path: os.path.relpath(path, summary["root"])  # noqa: E731
+    print(f"{summary['root']}: {summary['layout']} layout, {summary['n_images']} usable images")
+    for name, n in summary["counts"].items():
+        print(f"  {name:<24} {n}")
+    if summary["skipped"]:
+        print(f"skipped {len(summary['skipped'])} file(s):")
+        for s in summary["skipped"]:
+            print(f"  {rel(s['path'])}: {s['reason']}")
+    print(f"{len(summary['duplicate_groups'])} duplicate group(s) (identical or near-identical images):")
+    for group in summary["duplicate_groups"]:
+        print("  " + "  ==  ".join(map(rel, group)))
+    if summary["layout"] == "split":
+        print(f"{len(summary['cross_split_duplicates'])} duplicate pair(s) straddle two split folders")
+    mixed = summary["mixed_label_duplicate_groups"]
+    if mixed:
+        print(f"{len(mixed)} duplicate group(s) whose copies carry different labels (check these labels):")
+        for group in mixed:
+            print("  " + "  ==  ".join(f"{rel(m['path'])} ({m['label']})" for m in group))
+    from lungxray.data import films_per_patient
+
+    patients = summary["patients"]
+    if patients["n"]:
+        per = films_per_patient(patients)
+        print(f"{patients['n']} patient(s) named by DICOM headers, covering {patients['images']} images ({per})")
+    groups = summary["groups"]
+    sources = [f"patients from {groups['file']}"] * bool(groups["file"])
+    sources += ["DICOM patients"] * bool(patients["n"] and patients["grouped"])
+    source = f"{' and '.join(sources)} joined with duplicate groups" if sources else "duplicate groups"
+    print(f"{groups['n']} group(s) kept whole by every split ({source}); the largest holds {groups['largest']} images")
+    if summary["excluded"]:
+        print(f"{len(summary['excluded'])} image(s) left out by --exclude")
+
+
+def ci(metrics: dict, name: str) -> str:
+    interval = metrics.get("ci95", {}).get(name)
+    return f" (95% CI {interval[0]:.4f}-{interval[1]:.4f})" if interval else ""
+
+
+def seen_line(seen: dict) -> str:
+    """The headline on images the model was trained or validated on."""
+    if not seen["known"]:
+        return "this model does not record which images it was trained on: seen images cannot be left out"
+    n, k = seen["n_images"], seen["n_seen"]
+    if not k:
+        return f"none of the {n} images was used in training or validation: this is a test"
+    if seen["included"]:
+        return (
+            f"NOT A TEST: {k} of {n} images were used in training or validation and are included "
+            "(--include-seen); these figures overstate how the model does on new images"
+        )
+    return f"{k} of {n} images were used in training or validation: scored on the other {n - k}"
+
+
+def print_run(summary: dict, metrics: dict) -> None:
+    """``lungxray run``'s results: the search, the test figures, the external ones, the artifacts."""
+    split = metrics["split"]
+    print(f"best hyperparameters: {json.dumps(summary['best_params'])}")
+    print(f"trials: {summary['trials_complete']} ran to the end, {summary['trials_pruned']} stopped early")
+    leaked = split["test_duplicates_of_train"]
+    duplicates = (
+        f"{leaked} test images copy a training image: optimistic, see --drop-test-duplicates"
+        if leaked
+        else f"{summary['duplicate_groups']} duplicate groups kept whole"
+    )
+    print(
+        f"test accuracy {summary['test_accuracy']:.4f}{ci(metrics, 'accuracy')}, macro-F1 "
+        f"{summary['test_macro_f1']:.4f}{ci(metrics, 'macro_f1')} on {summary['n_test']} held-out images "
+        f"({split['mode']} split, seed {split['seed']}, {duplicates})"
+    )
+    print_ood(metrics)
+    for name, ext in summary["external"].items():
+        if "error" in ext:
+            print(f"external {name}: not evaluated: {ext['error']}")
+            continue
+        recall = ", ".join(f"{c} {v:.2f}" for c, v in ext["recall"].items())
+        print(f"external {name}: accuracy {ext['accuracy']:.4f} on {ext['n']} images; recall {recall}")
+    print("artifacts:")
+    for name, path in summary["artifacts"].items():
+        print(f"  {name:<17} {path}")
+
+
+def print_evaluation(metrics: dict, out) -> None:
+    """``lungxray evaluate``'s headline figures and files."""
+    auroc = "n/a" if metrics["macro_auroc"] is None else f"{metrics['macro_auroc']:.4f}"
+    print(
+        f"accuracy {metrics['accuracy']:.4f}{ci(metrics, 'accuracy')}, macro-F1 {metrics['macro_f1']:.4f}"
+        f"{ci(metrics, 'macro_f1')}, macro AUROC {auroc}, loss {metrics['loss']:.4f} on {metrics['n']} images"
+    )
+    print_ood(metrics)
+    names = (runfolder.REPORT, runfolder.METRICS, runfolder.AUDIT, runfolder.CONFUSION)
+    print("written: " + ", ".join(str(out / name) for name in names))
+
+
+def print_audit(report: dict, out) -> None:
+    """``lungxray audit``'s accuracy per view against chance, and its verdict."""
+    chance = report["chance"]
+    print(
+        f"shortcut audit on {report['n']} images (chance: accuracy {chance['accuracy']:.4f}, "
+        f"macro-F1 {chance['macro_f1']:.4f}):"
+    )
+    for name, view in report["views"].items():
+        ci95 = view["accuracy_ci95"]
+        interval = f" (95% CI {ci95[0]:.4f}-{ci95[1]:.4f})" if ci95 else ""
+        print(
+            f"  {name.replace('_', ' '):<16} accuracy {view['accuracy']:.4f}{interval}, macro-F1 {view['macro_f1']:.4f}"
+        )
+    print(report["verdict"])
+    print(f"written: {out / runfolder.AUDIT}")
+
+
+def print_cv(report: dict, job, out) -> None:
+    """``lungxray cv``'s table: each metric's mean +- std over folds, pooled value and CI."""
+    print(
+        f"{job.model}, {job.cv.folds}-fold cross-validation on {report['pooled']['n']} images "
+        f"(folds grouped by duplicate group, seed {report['seed']}"
+        f"{', tuned in each fold' if job.cv.tune else ''}):"
+    )
+    print(f"  {'metric':<28} {'mean +- std over folds':>24} {'pooled':>8}  95% CI (bootstrap)")
+    for name, row in report["summary"].items():
+        spread = (
+            f"{row['mean']:.4f} +- {row['std']:.4f}"
+            if row["std"] is not None
+            else "n/a"
+            if row["mean"] is None
+            else f"{row['mean']:.4f}"
+        )
+        pooled = "n/a" if row["pooled"] is None else f"{row['pooled']:.4f}"
+        ci95 = "n/a" if row["ci95"] is None else f"[{row['ci95'][0]:.4f}, {row['ci95'][1]:.4f}]"
+        print(f"  {name:<28} {spread:>24} {pooled:>8}  {ci95}")
+    if report["seed_spread"]:
+        print_seed_spread(report)
+    names = (runfolder.REPORT, runfolder.CV, runfolder.FOLDS, runfolder.CV_CONFUSION)
+    print("written: " + ", ".join(str(out / name) for name in names))
+
+
+def print_seed_spread(report: dict) -> None:
+    seeds = [p["training_seed"] for p in next(iter(report["seed_spread"].values()))["per_seed"]]
+    print(
+        f"over {len(seeds)} training seeds ({', '.join(map(str, seeds))}) on the same folds "
+        f"(the table above: seed {seeds[0]}):"
+    )
+    print(f"  {'metric':<28} {'fold mean: mean +- std':>24} {'pooled: mean +- std':>22}")
+    for name, row in report["seed_spread"].items():
+        cells = [f"{row[k]['mean']:.4f} +- {row[k]['std']:.4f}" if row[k] else "n/a" for k in ("fold_mean", "pooled")]
+        print(f"  {name:<28} {cells[0]:>24} {cells[1]:>22}")
+
+
+def print_ood(metrics: dict) -> None:
+    """How many scored images the out-of-distribution flag set aside, and the accuracy on the rest."""
+    ood = metrics.get("ood")
+    if ood and ood["accepted"]:
+        print(
+            f"flagged out of distribution: {ood['n_flagged']} of {metrics['n']} ({ood['share_flagged']:.1%}); "
+            f"accuracy on the other {ood['accepted']['n']}: {ood['accepted']['accuracy']:.4f}"
+        )
+    elif ood:
+        print(f"flagged out of distribution: all {metrics['n']} images")
+
+
+def probability(p: float) -> str:
+    """Three decimals, never rounded to certainty (a softmax reaches 1.0 only by rounding)."""
+    if p >= 0.9995:
+        return ">0.999"
+    if 0 < p < 0.0005:
+        return "<0.001"
+    return f"{p:.3f}"
+
+
+def print_predictions(results: list[dict]) -> None:
+    """One line per image: its class and probabilities (and overlay), or why it was skipped."""
+    for r in results:
+        if "error" in r:
+            print(f"{r['path']}: skipped, {r['error']}")
+        else:
+            probs = ", ".join(f"{c} {probability(p)}" for c, p in r["probabilities"].items())
+            overlay = f" -> {r['overlay']}" if "overlay" in r else ""
+            if r.get("in_distribution") is False:  # the answer is shown, but as one the model cannot vouch for
+                print(
+                    f"{r['path']}: NOT LIKE THE TRAINING IMAGES (out-of-distribution score {r['ood_score']:.2f} > 1): "
+                    f"no reliable answer; the model would say {r['class']} ({probs}){overlay}"
+                )
+                continue
+            print(f"{r['path']}: {r['class']} ({probs}){overlay}")

@@ -1,0 +1,200 @@
+"""The ``Predictor``: a verified model bundle, loaded to predict class probabilities of image files
+or preprocessed arrays, with their out-of-distribution scores.
+
+Loading never unpickles: the weights come from safetensors (or the ONNX graph, run by ONNX
+Runtime), everything else is JSON, and ``bundle.verify_manifest`` checks every file first. The
+bundle's format (writing, checking) is ``bundle``; explanations are ``explain``. Imports nothing
+from the training modules.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from lungxray.bundle import CARD, CONFIG, METRICS, ONNX, OOD, SEEN, WEIGHTS, bundle_folder, verify_manifest
+from lungxray.config import Preprocessing
+from lungxray.decode import decode, read_image_file
+from lungxray.errors import BundleError, UnusableImage
+from lungxray.infer import predict_logits, to_tensor
+from lungxray.models import create_model
+from lungxray.ood import METHOD, N_STATISTICS, THUMB, OODScore, ood_fields
+
+
+class Predictor:
+    """A loaded bundle: ``predict_arrays`` and ``predict_files`` return class probabilities.
+
+    ``backend``: "torch", "onnx" (ONNX Runtime on the bundle's model.onnx), or "auto": ONNX
+    Runtime when the bundle holds a verified model.onnx. Explanations always use the torch model.
+    ``threads``: ONNX Runtime's threads per call (0: one per core).
+    """
+
+    def __init__(self, folder: Path, backend: str = "auto", threads: int = 0) -> None:
+        self.folder = bundle_folder(folder)
+        self.config_, self.checksums_ = verify_manifest(self.folder)
+        if backend not in ("auto", "torch", "onnx"):
+            raise ValueError(f"backend must be auto, torch or onnx, got {backend!r}")
+        if backend == "onnx" and not (self.folder / ONNX).is_file():
+            raise BundleError(f"{self.folder} has no {ONNX}; run `lungxray export {self.folder} --onnx` first")
+        self.backend_ = "onnx" if backend != "torch" and (self.folder / ONNX).is_file() else "torch"
+        self.session_ = self._onnx_session(threads) if self.backend_ == "onnx" else None
+        self.classes_: list[str] = self.config_["classes"]
+        # How files are decoded for this model, as in training (validate_config checked the values).
+        self.preprocessing_ = Preprocessing.from_json(self.config_["preprocessing"])
+        self.model_ = self._load_model()
+        # The run's test metrics, only when checksums.json lists them (an unlisted file is ignored).
+        self.metrics_: dict | None = (
+            json.loads((self.folder / METRICS).read_text()) if METRICS in self.checksums_ else None
+        )
+        # The model card (MODEL_CARD.md), written by run and train; None for a bundle without one.
+        self.card_: str | None = (self.folder / CARD).read_text() if CARD in self.checksums_ else None
+        # Content hashes of the training and validation files (empty: a bundle that did not record them).
+        seen = json.loads((self.folder / SEEN).read_text()) if SEEN in self.checksums_ else {}
+        self.seen_: frozenset[str] = frozenset(h for hashes in seen.values() for h in hashes)
+        # Temperature scaling fitted on the validation split at training time (1.0: none).
+        self.temperature_: float = float((self.config_.get("calibration") or {}).get("temperature", 1.0))
+        # The out-of-distribution score (None: a bundle saved without one).
+        self.ood_: OODScore | None = self._load_ood()
+
+    def _onnx_session(self, threads: int):
+        """ONNX Runtime's session on the bundle's model.onnx (verified with the other files)."""
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: ONNX Runtime's default, one per core
+        try:
+            return onnxruntime.InferenceSession(str(self.folder / ONNX), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ONNX Runtime raises its own classes for a broken graph
+            raise BundleError(
+                f"{self.folder / ONNX} is not a graph ONNX Runtime can run ({type(exc).__name__})",
+                hint=f"run `lungxray export {self.folder} --onnx` again, or pass --backend torch",
+            ) from None
+
+    def _load_model(self) -> torch.nn.Module:
+        """The torch model that config.json describes, its weights from the safetensors file, in eval mode."""
+        model_cfg = self.config_["model"]
+        model = create_model(
+            model_cfg["name"],
+            tuple(model_cfg["input_shape"]),
+            len(self.classes_),
+            members=int(model_cfg.get("members", 1)),
+            **model_cfg["hyperparameters"],
+        )
+        state = load_file(self.folder / WEIGHTS)  # safetensors: tensors only, nothing executed
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise BundleError(
+                f"weights in {self.folder / WEIGHTS} do not fit the model in config.json: {exc}"
+            ) from None
+        return model.eval()
+
+    def _load_ood(self) -> OODScore | None:
+        if "ood" not in self.config_:
+            return None
+        if OOD not in self.checksums_:
+            raise BundleError(f"{self.folder / CONFIG} names an out-of-distribution score but {OOD} is not listed")
+        from safetensors.numpy import load_file as load_arrays
+
+        try:
+            tensors = load_arrays(str(self.folder / OOD))
+        except Exception as exc:  # safetensors raises its own SafetensorError on a bad header
+            raise BundleError(f"{self.folder / OOD} is not a readable safetensors file ({exc})") from None
+        n = tensors.get("location", np.zeros(0)).shape
+        shapes = {
+            "pca_mean": (THUMB**2,),
+            "pca_components": (n[0] - N_STATISTICS if n else -1, THUMB**2),
+            "location": n,
+            "precision": n * 2,
+        }
+        misshapen = set(tensors) != set(shapes) or any(tensors[k].shape != v for k, v in shapes.items())
+        if misshapen or not n or n[0] <= N_STATISTICS:
+            raise BundleError(f"{self.folder / OOD} does not hold the tensors of {METHOD}; re-export the model")
+        return OODScore({k: v.astype(np.float64) for k, v in tensors.items()}, self.config_["ood"])
+
+    def ood_scores(self, images: np.ndarray) -> np.ndarray | None:
+        """(N, H, W) uint8 preprocessed images -> (N,) out-of-distribution scores (above 1: flagged),
+        or None for a bundle without the score."""
+        return None if self.ood_ is None else self.ood_.score(images)
+
+    @torch.no_grad()
+    def predict_logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """(N, H, W) uint8 preprocessed images -> (N, n_classes) raw logits, before any temperature."""
+        x = to_tensor(images)  # (N, 1, H, W)
+        if self.session_ is not None:
+            return np.concatenate(
+                [
+                    self.session_.run(None, {"image": x[i : i + batch_size].numpy()})[0]
+                    for i in range(0, len(x), batch_size)
+                ]
+            )
+        return predict_logits(self.model_, x, batch_size).numpy()
+
+    def predict_arrays(self, images: np.ndarray, batch_size: int = 256, calibrated: bool = True) -> np.ndarray:
+        """(N, H, W) uint8 preprocessed images -> (N, n_classes) probabilities, temperature-scaled
+        unless ``calibrated=False``."""
+        logits = torch.from_numpy(self.predict_logits(images, batch_size)).double()  # float32 rounds 1 - 1e-8 to 1
+        probs = torch.softmax(logits / (self.temperature_ if calibrated else 1.0), dim=1).numpy()
+        if not np.isfinite(probs).all():  # never report a class for NaN probabilities
+            raise BundleError(
+                f"the model in {self.folder} produced non-finite probabilities", hint="re-train or re-export it"
+            )
+        return probs
+
+    def decode_files(self, paths: list[Path]) -> tuple[list[dict], np.ndarray]:
+        """``({"path"} or {"path", "error"} per path, (N_good, H, W) uint8 images of the readable ones)``."""
+        results, arrays = [], []
+        for path in paths:
+            try:
+                arrays.append(self.decode(read_image_file(Path(path)), name=Path(path).name))
+                results.append({"path": str(path)})
+            except (UnusableImage, OSError) as exc:
+                results.append({"path": str(path), "error": str(exc)})
+        size = self.preprocessing_.img_size
+        return results, np.stack(arrays) if arrays else np.zeros((0, size, size), dtype=np.uint8)
+
+    def decode(self, data: bytes, name: str = "") -> np.ndarray:
+        """An image file's bytes -> (H, W) uint8, preprocessed as the model was trained; ``name``,
+        the file's, marks a DICOM file without its preamble (``.dcm``)."""
+        return decode(data, self.preprocessing_, name)
+
+    def display(self, data: bytes, name: str = "") -> np.ndarray:
+        """An image file's bytes -> (H, W) uint8 at its own aspect ratio (at most 1024 px), cropped
+        as the model's input is: the picture an explanation is drawn on."""
+        from lungxray.decode import display_gray
+
+        return display_gray(data, self.preprocessing_, name)
+
+    def describe(self, probs: np.ndarray, ood_score: float | None = None) -> dict:
+        """One image's probabilities (n_classes,) and out-of-distribution score -> ``{"class",
+        "probabilities": {name: p}, "ood_score", "in_distribution"}`` (the last two None for a
+        bundle without the score)."""
+        return {
+            "class": self.classes_[int(probs.argmax())],
+            "probabilities": {c: float(v) for c, v in zip(self.classes_, probs, strict=True)},
+            **ood_fields(ood_score),
+        }
+
+    def predict(self, images) -> list[dict] | np.ndarray:
+        """Image files (paths, str or Path, or folders of them) -> one dict per file, as
+        ``predict_files``; a (N, H, W) uint8 array of preprocessed images -> (N, C) probabilities."""
+        if isinstance(images, np.ndarray):
+            return self.predict_arrays(images)
+        from lungxray.decode import image_files
+
+        return self.predict_files(image_files([images] if isinstance(images, (str, Path)) else list(images)))
+
+    def predict_files(self, paths: list[Path]) -> list[dict]:
+        """One dict per path: ``{"path", "class", "probabilities", "ood_score", "in_distribution"}``
+        or ``{"path", "error"}``."""
+        results, images = self.decode_files(paths)
+        if len(images):
+            good = [r for r in results if "error" not in r]
+            scores = self.ood_scores(images)
+            for k, (r, probs) in enumerate(zip(good, self.predict_arrays(images), strict=True)):
+                r.update(self.describe(probs, None if scores is None else scores[k]))
+        return results
