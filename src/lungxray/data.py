@@ -318,6 +318,33 @@ def load_dataset(
     plain_cfg = replace(cfg, preprocessing=cfg.preprocessing.plain)
     loaded, plain_store = _load_pixels(files, plain_cfg, progress)
     processed, store = (loaded, plain_store) if plain_cfg == cfg else _load_pixels(files, cfg, progress)
+    samples = _usable_samples(files, loaded, processed, skipped, root)
+    classes = sorted({s.label for s in samples})
+    if len(classes) < min_classes:
+        raise DataError(
+            f"found {len(classes)} class folder(s) in {root} ({', '.join(classes) or 'none'}); "
+            f"need at least {min_classes}: one sub-folder of images per class"
+        )
+    shas = [s.sha256 for s in samples]
+    pixels = store[0].stack(shas, store[1])  # (N, H, W), memory-mapped from the cache
+    plain = pixels if plain_cfg == cfg else plain_store[0].stack(shas, plain_store[1])
+    groups, dup_groups, cross = _duplicates(samples, plain, cfg)
+    if cfg.groups is not None:
+        by_path = read_groups(cfg.groups, root, [s.path for s in samples], skipped, [Path(p) for p in excluded])
+        groups = join_groups(groups, [by_path.get(s.path) for s in samples])
+    joined = cfg.dicom_patients and any(s.patient for s in samples)
+    if joined:
+        groups = join_groups(groups, [s.patient for s in samples])
+        _warn_of_placeholder_ids(samples)
+    for sample, group in zip(samples, groups, strict=True):
+        sample.group = int(group)
+    groups_file = str(cfg.groups) if cfg.groups is not None else None
+    return Dataset(root, layout, classes, samples, pixels, skipped, dup_groups, cross, excluded, groups_file, joined)
+
+
+def _usable_samples(files: list, loaded: dict, processed: dict, skipped: list[Skipped], root: Path) -> list[Sample]:
+    """A ``Sample`` per file both scans (plain and preprocessed) could use; the others are added to
+    ``skipped`` with their reason. A class folder left with no usable image is an error."""
     samples, usable = [], {}
     for path, label, split in files:
         sha, pixel_hash, phash, reason, patient = loaded[path]
@@ -336,16 +363,14 @@ def load_dataset(
             "add images or remove the folder (skipped files: "
             f"{'; '.join(f'{k.path}: {k.reason}' for k in skipped[:5])})"
         )
-    classes = sorted({s.label for s in samples})
-    if len(classes) < min_classes:
-        raise DataError(
-            f"found {len(classes)} class folder(s) in {root} ({', '.join(classes) or 'none'}); "
-            f"need at least {min_classes}: one sub-folder of images per class"
-        )
-    shas = [s.sha256 for s in samples]
-    pixels = store[0].stack(shas, store[1])  # (N, H, W), memory-mapped from the cache
+    return samples
+
+
+def _duplicates(samples: list[Sample], plain: np.ndarray, cfg: DataConfig) -> tuple[np.ndarray, list, list]:
+    """(a duplicate group per sample, the groups of two or more sample indices, the pairs of copies
+    in two different split folders), found on the plain resize ``plain`` (N, H, W)."""
     groups = find_duplicate_groups(
-        pixels if plain_cfg == cfg else plain_store[0].stack(shas, plain_store[1]),
+        plain,
         [s.pixel_hash for s in samples],
         [s.phash for s in samples],
         cfg.near_duplicate_distance,
@@ -362,28 +387,7 @@ def load_dataset(
         for b in m[j + 1 :]
         if samples[a].folder_split != samples[b].folder_split
     ]
-    if cfg.groups is not None:
-        by_path = read_groups(cfg.groups, root, [s.path for s in samples], skipped, [Path(p) for p in excluded])
-        groups = join_groups(groups, [by_path.get(s.path) for s in samples])
-    joined = cfg.dicom_patients and any(s.patient for s in samples)
-    if joined:
-        groups = join_groups(groups, [s.patient for s in samples])
-        _warn_of_placeholder_ids(samples)
-    for sample, group in zip(samples, groups, strict=True):
-        sample.group = int(group)
-    return Dataset(
-        root,
-        layout,
-        classes,
-        samples,
-        pixels,
-        skipped,
-        dup_groups,
-        cross,
-        excluded,
-        str(cfg.groups) if cfg.groups is not None else None,
-        joined,
-    )
+    return groups, dup_groups, cross
 
 
 def _warn_of_placeholder_ids(samples: list[Sample]) -> None:

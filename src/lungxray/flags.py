@@ -130,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lungxray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _fitting_commands(sub)
+    _judging_commands(sub)
+    _model_commands(sub)
+    return parser
+
+
+def _fitting_commands(sub) -> None:
+    """scan, run, tune, worker and train."""
     p = sub.add_parser("scan", help="list classes, counts, unusable files and duplicates")
     _data_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -181,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
         "of every batch",
     )
 
+
+def _judging_commands(sub) -> None:
+    """evaluate, cv, labels and report."""
     p = sub.add_parser("evaluate", help="metrics, audit and report of a model on a labelled dataset")
     _model_data_args(p, "evaluate")
     p.add_argument(
@@ -225,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="model bundle that explains the errors in the gallery (default RUN/model)",
     )
 
+
+def _model_commands(sub) -> None:
+    """explain, audit, export, serve and predict: the commands that use a saved model."""
     p = sub.add_parser("explain", help="probabilities and a Grad-CAM (CNN) or gradient (MLP) overlay per image")
     _model_arg(p)
     p.add_argument("images", metavar="IMAGE", type=Path, nargs="+", help="image files, or folders of them")
@@ -261,4 +275,3 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p)
     p.add_argument("images", metavar="IMAGE", type=Path, nargs="+", help="image files, or folders of them")
     p.add_argument("--json", action="store_true", help="print a JSON list")
-    return parser
