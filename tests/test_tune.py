@@ -347,6 +347,7 @@ def test_the_search_on_a_slice_of_the_shared_dataset_repeats_exactly(shared_data
     assert states.count("COMPLETE") + states.count("PRUNED") == 10 and "PRUNED" in states
 
 
+@pytest.mark.slow  # holds half of 16 trials back 1 s each, by design
 def test_the_search_is_the_same_whichever_trial_ends_first(tmp_path, monkeypatch):
     """Trials start as a worker frees and are told as they end, but each is drawn and pruned from
     a history fixed by its number: two runs whose trials end in different orders (the even ones
