@@ -103,8 +103,9 @@ def _fold_probs(npz: str, name: str, fold: int, seed: int, device: str, threads:
     """One variant, one fold, one training seed: (test probabilities, seconds)."""
     import torch
 
-    from lungxray.config import TrainConfig, resolve_train
+    from lungxray.config import TrainConfig
     from lungxray.infer import predict_logits, to_tensor
+    from lungxray.job import Job
     from lungxray.models import get_spec
     from lungxray.train import FitData, fit
 
@@ -117,7 +118,7 @@ def _fold_probs(npz: str, name: str, fold: int, seed: int, device: str, threads:
     hp = {**spec.defaults, **v.get("hp", {})}
     x, y = to_tensor(d[f"x{v.get('size', 128)}"]), torch.as_tensor(d["labels"], dtype=torch.long)
     train, val, test = (d[f"{p}{fold}"] for p in ("train", "val", "test"))
-    cfg = {"device": device, **v.get("cfg", {})}  # the rest is the cnn's recipe, filled by resolve_train
+    cfg = {"device": device, **v.get("cfg", {})}  # the rest is the cnn's recipe, filled by the Job
     if v.get("trainval"):
         train, cfg["keep"] = np.concatenate([train, val]), "last"
     start = time.perf_counter()
@@ -128,7 +129,9 @@ def _fold_probs(npz: str, name: str, fold: int, seed: int, device: str, threads:
             hp,
             FitData((x[train], y[train]), (x[val], y[val]), len(d["classes"])),
             without_scanner(
-                resolve_train(TrainConfig(seed=seed + 1000 * m, threads=threads, **cfg), spec.recipe).for_params(hp)
+                Job(
+                    Path(npz), model="cnn", train=TrainConfig(seed=seed + 1000 * m, threads=threads, **cfg)
+                ).final.for_params(hp)
             ),
         )
         probs = probs + torch.softmax(predict_logits(result.model, x[test]).double(), 1).numpy()

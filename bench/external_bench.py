@@ -60,11 +60,11 @@ def covid_vs_normal_auroc(classes: list[str], labels: np.ndarray, probs: np.ndar
 
 
 def one_row(data: Path, external: Path, variant: str, model: str, seeds: list[int], folds: int) -> dict:
-    from lungxray.config import DataConfig, TrainConfig, resolve_train
+    from lungxray.config import DataConfig, TrainConfig
     from lungxray.data import load_dataset
     from lungxray.evaluate import compute_metrics
     from lungxray.infer import predict_logits, to_tensor
-    from lungxray.job import build
+    from lungxray.job import Job, build
     from lungxray.models import get_spec
     from lungxray.ood import fit_ood
     from lungxray.pipeline import tensors
@@ -83,10 +83,9 @@ def one_row(data: Path, external: Path, variant: str, model: str, seeds: list[in
     params = dict(get_spec(model).defaults) if model == "cnn" else dict(MLP_PARAMS)
     per_seed = []
     for seed in seeds:
-        recipe = get_spec(model).recipe
         base = TrainConfig(seed=seed, threads=2)
         base.augment = replace(base.augment, scanner=scanner)
-        cfg = resolve_train(base, recipe).for_params(params)
+        cfg = Job(data, model=model, train=base).final.for_params(params)
         oof = np.zeros((len(ds.samples), len(ds.classes)))
         flagged_internal = np.zeros(len(ds.samples), dtype=bool)
         aurocs, normal_recalls, flagged_normals = [], [], []

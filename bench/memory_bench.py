@@ -30,7 +30,8 @@ CHILD = r"""
 import json, sys, threading, time
 import numpy as np, torch
 from lungxray.infer import Images, to_tensor
-from lungxray.config import TrainConfig, resolve_train
+from lungxray.config import TrainConfig
+from lungxray.job import Job
 from lungxray.models import create_model, get_spec
 from lungxray.train import _training_parts, train_one_epoch
 
@@ -51,7 +52,7 @@ y = torch.from_numpy(np.arange(n) % 3)
 hp = {**get_spec("mlp").defaults}
 torch.manual_seed(0)
 model = create_model("mlp", (1, 128, 128), 3, **hp)
-cfg = resolve_train(TrainConfig(batch_size=64), get_spec("mlp").recipe).for_params(hp)
+cfg = Job(path, model="mlp", train=TrainConfig(batch_size=64)).final.for_params(hp)
 optimizer, options = _training_parts(model, hp, cfg, y, 3, torch.device("cpu"))
 start = time.perf_counter()
 train_one_epoch(model, optimizer, x, y, 64, torch.Generator().manual_seed(0), options)

@@ -23,9 +23,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lungxray.config import TrainConfig, resolve_train
+from lungxray.config import TrainConfig
 from lungxray.infer import to_tensor
-from lungxray.models import get_spec
 
 # $LUNGXRAY_SHARED_DATA (make test passes DATA), else ../shared next to the checkout. Resolved:
 # tests link to its files from tmp_path, where a relative path would point nowhere.
@@ -161,7 +160,9 @@ def toy(n_per_class: int = 10, size: int = 16, start: int = 0) -> tuple[torch.Te
 def settings(model: str, params: dict | None = None, **fields) -> TrainConfig:
     """``TrainConfig(**fields)`` resolved against ``model``'s recipe (and ``params``' batch size), as
     the pipeline hands it to ``train.fit``."""
-    return resolve_train(TrainConfig(**fields), get_spec(model).recipe).for_params(params)
+    from lungxray.job import Job
+
+    return Job(Path("."), model=model, train=TrainConfig(**fields)).final.for_params(params)
 
 
 def check_metrics_schema(metrics: dict, classes: list[str]) -> None:
