@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import synthetic_image
 
-from lungxray.bundle import BundleError, BundleExtras, save_bundle
+from lungxray.bundle import BundleConfig, BundleError, BundleExtras, save_bundle
+from lungxray.config import Preprocessing
 from lungxray.evaluate import bootstrap_ci, compute_metrics
 from lungxray.models import create_model, get_spec
 from lungxray.predictor import Predictor
@@ -26,6 +27,20 @@ def _bundle(tmp_path):
         "preprocessing": {"img_size": 16},
     }
     return model, save_bundle(tmp_path / "model", model, config, BundleExtras(metrics={"accuracy": 1.0}))
+
+
+def test_the_bundle_config_writes_and_reads_itself(tmp_path):
+    prep = Preprocessing(img_size=16, crop_borders=True, equalize="hist")
+    written = BundleConfig(("covid", "normal"), {"name": "mlp", "members": 1, "hyperparameters": HP,
+                           "input_shape": [1, 16, 16]}, prep, {"epochs": 3}, {"temperature": 1.5})  # fmt: skip
+    saved = written.to_json()
+    assert list(saved) == ["classes", "model", "preprocessing", "training", "calibration", "training_data"]
+    assert saved["preprocessing"] == prep.to_json() and saved["classes"] == ["covid", "normal"]
+    torch.manual_seed(0)
+    folder = save_bundle(tmp_path / "model", create_model("mlp", (1, 16, 16), 2, **HP), saved)
+    predictor = Predictor(folder)
+    assert predictor.bundle_config_ == written and BundleConfig.from_json(saved) == written
+    assert (predictor.preprocessing_, predictor.temperature_, predictor.classes_) == (prep, 1.5, ["covid", "normal"])
 
 
 def test_reloaded_bundle_predicts_identically(tmp_path):

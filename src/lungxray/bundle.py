@@ -18,13 +18,13 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from lungxray.config import DICOM_KEEP, EQUALIZE
+from lungxray.config import DICOM_KEEP, EQUALIZE, Preprocessing
 from lungxray.errors import BundleError, OutputExistsError
 from lungxray.ood import METHOD, OODScore
 from lungxray.runfolder import MODEL, read_json, write_text
@@ -40,6 +40,49 @@ CHECKSUMS = "checksums.json"
 SEEN = "seen.json"  # SHA-256 of the files the model was trained and validated on
 CARD = "MODEL_CARD.md"  # the model card (card.py), written by run and train
 OOD = "ood.safetensors"  # the out-of-distribution score's fitted tensors (lungxray.ood)
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    """config.json's content: the classes, the model to rebuild, how its input is preprocessed, and
+    how it was trained and calibrated. ``to_json`` is what ``save_bundle`` writes; ``from_json``
+    reads a config.json that ``verify_manifest`` checked."""
+
+    classes: tuple[str, ...]
+    model: dict
+    """name, members, hyperparameters and input_shape ([1, size, size])."""
+    preprocessing: Preprocessing
+    training: dict = field(default_factory=dict)
+    """The final training's settings and what came of them (epochs run, the kept epoch, the split)."""
+    calibration: dict = field(default_factory=dict)
+    """The temperature fitted on validation (``evaluate.calibrate``) and whether it is applied."""
+    training_data: dict = field(default_factory=dict)
+    """Where the images came from, in words (``--data-sources``)."""
+    ood: dict | None = None
+    """The out-of-distribution score's method and threshold (its tensors: ood.safetensors)."""
+
+    @property
+    def temperature(self) -> float:
+        """The temperature probabilities are scaled by (1.0: none)."""
+        return float(self.calibration.get("temperature", 1.0))
+
+    def to_json(self) -> dict:
+        sections = {
+            "classes": list(self.classes),
+            "model": self.model,
+            "preprocessing": self.preprocessing.to_json(),
+            "training": self.training,
+            "calibration": self.calibration,
+            "training_data": self.training_data,
+        }
+        return sections | ({"ood": self.ood} if self.ood is not None else {})
+
+    @classmethod
+    def from_json(cls, config: dict) -> BundleConfig:
+        """The sections of a checked config.json (absent optional ones: empty)."""
+        optional = {k: config.get(k) or {} for k in ("training", "calibration", "training_data")}
+        preprocessing = Preprocessing.from_json(config["preprocessing"])
+        return cls(tuple(config["classes"]), config["model"], preprocessing, **optional, ood=config.get("ood"))
 
 
 def _sha256(path: Path) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from lungxray import runfolder
-from lungxray.bundle import BundleExtras, attach_metrics, save_bundle
+from lungxray.bundle import BundleConfig, BundleExtras, attach_metrics, save_bundle
 from lungxray.card import model_card, write_card
 from lungxray.data import Dataset, load_dataset
 from lungxray.evaluate import calibrate
@@ -172,8 +172,8 @@ def train_stage(
     history = result.history_dict()
     runfolder.write_json(job.out, runfolder.HISTORY, {"best_epoch": result.best_epoch, **history})
     save_figure(curves_figure(history, result.best_epoch), job.out / runfolder.CURVES)
-    config = _bundle_config(job, ds, split, params, result, trained is not None) | {"calibration": calibration}
-    config["training_data"] = {"sources": job.dataset.sources}
+    config = _bundle_config(job, ds, split, params, result, trained is not None)
+    config = replace(config, calibration=calibration, training_data={"sources": job.dataset.sources}).to_json()
     seen = {part: [ds.samples[i].sha256 for i in idx] for part, idx in (("train", split.train), ("val", split.val))}
     ood = fit_ood(ds.images[split.train], ds.images[split.val])
     card = model_card(config | {"ood": ood.info}, ds.summary())  # run completes it once the test is read
@@ -182,8 +182,10 @@ def train_stage(
     return result, folder
 
 
-def _bundle_config(job: Job, ds: Dataset, split: Split, params: dict, result: FitResult, from_best: bool) -> dict:
-    """config.json's classes, model, preprocessing and training sections."""
+def _bundle_config(
+    job: Job, ds: Dataset, split: Split, params: dict, result: FitResult, from_best: bool
+) -> BundleConfig:
+    """config.json's classes, model, preprocessing and training sections (``bundle.BundleConfig``)."""
     cfg = job.final.for_params(params)
     size = job.preprocessing.img_size
     training = {
@@ -198,7 +200,7 @@ def _bundle_config(job: Job, ds: Dataset, split: Split, params: dict, result: Fi
         "torch_version": torch.__version__,
     }
     model = {"name": job.model, "members": cfg.members, "hyperparameters": params, "input_shape": [1, size, size]}
-    return {"classes": ds.classes, "model": model, "preprocessing": job.preprocessing.to_json(), "training": training}
+    return BundleConfig(tuple(ds.classes), model, job.preprocessing, training)
 
 
 def training_params(job: Job) -> dict:

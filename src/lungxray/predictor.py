@@ -16,7 +16,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from lungxray.bundle import CARD, CONFIG, METRICS, ONNX, OOD, SEEN, WEIGHTS, bundle_folder, verify_manifest
+from lungxray.bundle import (
+    CARD,
+    CONFIG,
+    METRICS,
+    ONNX,
+    OOD,
+    SEEN,
+    WEIGHTS,
+    BundleConfig,
+    bundle_folder,
+    verify_manifest,
+)
 from lungxray.config import Preprocessing
 from lungxray.decode import decode, read_image_file
 from lungxray.errors import BundleError, UnusableImage
@@ -42,9 +53,10 @@ class Predictor:
             raise BundleError(f"{self.folder} has no {ONNX}; run `lungxray export {self.folder} --onnx` first")
         self.backend_ = "onnx" if backend != "torch" and (self.folder / ONNX).is_file() else "torch"
         self.session_ = self._onnx_session(threads) if self.backend_ == "onnx" else None
-        self.classes_: list[str] = self.config_["classes"]
-        # How files are decoded for this model, as in training (validate_config checked the values).
-        self.preprocessing_ = Preprocessing.from_json(self.config_["preprocessing"])
+        self.bundle_config_ = BundleConfig.from_json(self.config_)
+        self.classes_: list[str] = list(self.bundle_config_.classes)
+        # How files are decoded for this model, as in training.
+        self.preprocessing_: Preprocessing = self.bundle_config_.preprocessing
         self.model_ = self._load_model()
         # The run's test metrics, only when checksums.json lists them (an unlisted file is ignored).
         self.metrics_: dict | None = (
@@ -56,7 +68,7 @@ class Predictor:
         seen = json.loads((self.folder / SEEN).read_text()) if SEEN in self.checksums_ else {}
         self.seen_: frozenset[str] = frozenset(h for hashes in seen.values() for h in hashes)
         # Temperature scaling fitted on the validation split at training time (1.0: none).
-        self.temperature_: float = float((self.config_.get("calibration") or {}).get("temperature", 1.0))
+        self.temperature_: float = self.bundle_config_.temperature
         # The out-of-distribution score (None: a bundle saved without one).
         self.ood_: OODScore | None = self._load_ood()
 
