@@ -54,12 +54,13 @@ ABLATION = {
 def cross_validate(
     model: str, data: Path, out: Path, folds: int, seed: int, epochs: int | None, augment=None
 ) -> tuple[dict, float]:
-    from lungxray.config import AugmentConfig, DataConfig, Preprocessing, TrainConfig
+    from lungxray.config import AugmentConfig, CVConfig, DataConfig, Preprocessing, TrainConfig
     from lungxray.cv import cross_validate as lungxray_cv
+    from lungxray.job import Job
     from lungxray.models import get_spec
 
     params = MLP_PARAMS if model == "mlp" else dict(get_spec(model).defaults)
-    # Unset fields (epochs, optimizer, schedule, augmentation) are the model's recipe: cv resolves them.
+    # Unset fields (epochs, optimizer, schedule, augmentation) are the model's recipe: the Job resolves them.
     cfg = TrainConfig(
         epochs=epochs,
         seed=seed,
@@ -70,17 +71,9 @@ def cross_validate(
     )
     start = time.perf_counter()
     name = model if augment is None else f"{model}-augment-{'off' if augment is False else 'large'}"
-    report = lungxray_cv(
-        data,
-        out / name,
-        model,
-        DataConfig(Preprocessing(**PLAIN), cache_dir=out / "cache"),
-        cfg,
-        folds=folds,
-        params=params,
-        force=True,
-        progress=False,
-    )
+    data_cfg = DataConfig(Preprocessing(**PLAIN), cache_dir=out / "cache")
+    job = Job(data, out / name, model, data_cfg, train=cfg, cv=CVConfig(folds=folds), force=True, progress=False)
+    report = lungxray_cv(job, params)
     return report, time.perf_counter() - start
 
 

@@ -162,8 +162,9 @@ def flagged_by_variant(data: Path, external: Path, folds: int = 5) -> str:
 
 
 def main() -> None:
-    from lungxray.config import DataConfig, SplitConfig, TrainConfig
+    from lungxray.config import DataConfig
     from lungxray.data import load_dataset
+    from lungxray.job import Job
     from lungxray.models import get_spec
     from lungxray.pipeline import prepare, train_stage
     from lungxray.predictor import Predictor
@@ -178,18 +179,10 @@ def main() -> None:
     start = time.perf_counter()
     torch.set_num_threads(2)
     data_cfg = DataConfig()
-    ds, split = prepare(args.data, data_cfg, SplitConfig(), progress=False)
     with tempfile.TemporaryDirectory() as tmp:
-        _, folder = train_stage(
-            ds,
-            split,
-            args.model,
-            dict(get_spec(args.model).defaults),
-            TrainConfig(),
-            data_cfg,
-            Path(tmp),
-            progress=False,
-        )
+        job = Job(args.data, Path(tmp), args.model, data_cfg, progress=False)
+        ds, split = prepare(job, write=False)
+        _, folder = train_stage(job, ds, split, dict(get_spec(args.model).defaults))
         predictor = Predictor(folder, backend="torch")
     alternatives = Alternatives(predictor.model_, ds.images[split.train], ds.labels[split.train], ds.images[split.val])
     ext = load_dataset(args.external, data_cfg, progress=False, min_classes=1)

@@ -84,3 +84,12 @@ def test_preprocessing_writes_and_reads_itself():
     assert Preprocessing.from_json({"img_size": 16}) == Preprocessing(img_size=16)  # a bundle from before the options
     with pytest.raises(ConfigError, match="--equalize"):
         Preprocessing.from_json(saved | {"equalize": "gamma"})
+
+
+def test_the_python_api_refuses_the_other_functions_options():
+    import lungxray
+
+    with pytest.raises(ConfigError, match="params, tune: not an option of lungxray.run"):
+        lungxray.run("d", "o", model="mlp", params={}, tune=True)
+    with pytest.raises(ConfigError, match="final_epochs: not an option of lungxray.cross_validate"):
+        lungxray.cross_validate("d", "o", model="mlp", final_epochs=3)

@@ -147,3 +147,13 @@ def test_tune_with_a_storage_url_takes_part_as_a_worker(tmp_path):
     assert len(finished) == 4 and all("worker" in t.user_attrs for t in finished)
     best = json.loads((tmp_path / "run" / "best_params.json").read_text())
     assert best["trial"] == study.best_trial.number and best["params"] == study.best_params
+
+
+def test_the_preprocessing_agreement_is_the_one_studies_already_record():
+    """A study started before the Preprocessing settings existed recorded this hash for the
+    default preprocessing: workers of this version must still agree with it."""
+    from lungxray.config import Preprocessing
+    from lungxray.workers import _digest, _preprocessing_record
+
+    assert _digest(_preprocessing_record(Preprocessing())) == "5571be143afac59b"
+    assert _digest(_preprocessing_record(Preprocessing(equalize="clahe"))) != "5571be143afac59b"

@@ -91,9 +91,10 @@ def cmd_train(args) -> int:
     from lungxray import launch, runfolder
 
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        if launch.launch(args.argv, args.nproc):
+        failed = launch.launch(args.argv, args.nproc)
+        if failed is None:
             return 0
-        _error("lungxray train: error: a training process failed; its output is above")
+        _error(f"lungxray train: error: a training process failed ({failed}); its output is above")
         return 1
     job = _job(args)  # a bad model or device fails before the scan
     result, folder, processes, rank = launch.train(job)

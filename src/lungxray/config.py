@@ -2,12 +2,12 @@
 
 Each field has a default and a one-line doc; a field that is a command-line option names its flag
 (and its choices) in its metadata, so the CLI builds its flags, defaults and help from the fields
-(``lungxray.cli``) and errors name the flag to change. Cross-field checks live in ``__post_init__``.
+(``lungxray.flags``) and errors name the flag to change. Cross-field checks live in ``__post_init__``.
 
 "A setting left unset means the model's recipe" is decided here and only here: ``resolve_train``
 and ``resolve_tune`` fill every unset field from the model's ``Recipe``; ``trial_settings`` gives
-the training settings inside trials. Everything downstream receives a fully filled config and never
-re-derives a default. Nothing here reads files or imports torch.
+the training settings inside trials; the ``Job`` (``job.py``) calls them once, and everything
+downstream receives a fully filled config and never re-derives a default. Nothing here reads files or imports torch.
 """
 
 from __future__ import annotations

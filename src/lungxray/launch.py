@@ -37,10 +37,10 @@ def process_group(device: str):
         dist.destroy_process_group()
 
 
-def launch(argv: list[str], nproc: int) -> bool:
+def launch(argv: list[str], nproc: int) -> str | None:
     """``train --nproc N``: N processes on this machine through torchrun's own launcher, each
-    running ``lungxray train`` with ``argv`` less --nproc. False when a process failed (its output
-    is above)."""
+    running ``lungxray train`` with ``argv`` less --nproc. Returns the name torchrun gives a process
+    that failed (its output is above), or None when all succeeded."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
@@ -52,9 +52,9 @@ def launch(argv: list[str], nproc: int) -> bool:
         args.append(arg)
     try:
         torchrun(["--standalone", "--nproc-per-node", str(nproc), "-m", "lungxray.cli", *args])
-    except ChildFailedError:
-        return False
-    return True
+    except ChildFailedError as exc:
+        return exc.name
+    return None
 
 
 def train(job: Job):

@@ -29,7 +29,7 @@ from dataclasses import asdict, replace
 
 import optuna
 
-from lungxray.config import DataConfig, TrainConfig, TuneConfig
+from lungxray.config import DataConfig, Preprocessing, TrainConfig, TuneConfig
 from lungxray.data import Dataset
 from lungxray.errors import StudyError
 from lungxray.models import get_spec
@@ -55,6 +55,13 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _preprocessing_record(prep: Preprocessing) -> list:
+    """The preprocessing as studies record it in their agreement (so a study started by an earlier
+    lungxray with the same preprocessing is still joined): the size, then the decoder's options
+    under the names decoding once took."""
+    return [prep.img_size, {"equalize_method": prep.equalize, "crop": prep.crop_borders, "dicom_keep": prep.dicom_keep}]
+
+
 def agreement(ds: Dataset, split: Split, model_name: str, data_cfg: DataConfig, trial_cfg: TrainConfig) -> dict:
     """What every worker on one study must share, each part as a short hash (``version`` as is)."""
     sha = [s.sha256 for s in ds.samples]
@@ -69,7 +76,7 @@ def agreement(ds: Dataset, split: Split, model_name: str, data_cfg: DataConfig, 
             }
         ),  # fmt: skip
         "search_space": _digest([model_name, settings]),
-        "preprocessing": _digest(data_cfg.preprocessing.to_json()),
+        "preprocessing": _digest(_preprocessing_record(data_cfg.preprocessing)),
         "version": __version__,
     }
 
