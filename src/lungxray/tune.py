@@ -137,92 +137,126 @@ def tune(
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from lungxray.progress import bar as progress_bar
-
     if not cfg.jobs or not train_cfg.resolved:
         raise ValueError("tune() needs resolved settings: a Job's search and trial")
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it instead
     direction = "minimize" if train_cfg.select_by == "val_loss" else "maximize"
     study = open_study(cfg, storage, train_cfg.seed, direction, train_cfg.epochs, model_name)
-    space, jobs = get_spec(model_name).space, cfg.jobs
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
-    bar = progress_bar(
-        total=cfg.trials, initial=min(done, cfg.trials), desc="trials", unit="trial", disable=not progress
-    )
-    running: dict[int, int] = {}  # trial number -> epochs done, shown on the bar
-    best = best_trial(study)
-    best_text = [f"best {train_cfg.select_by} {best.value:.4f}" if best else ""]
-    lock = threading.Lock()
-
-    def show(number: int, epoch: int | None) -> None:
-        with lock:
-            if epoch is None:
-                running.pop(number, None)
-            else:
-                running[number] = epoch
-            epochs = " ".join(f"#{n}:{e}/{train_cfg.epochs}" for n, e in sorted(running.items()))
-            bar.set_postfix_str(", ".join(part for part in (best_text[0], epochs and f"epochs {epochs}") if part))
-
-    best_fit = None
-    stop = threading.Event()  # set on Ctrl-C: running trials end at their next epoch
-    training: dict[Future, optuna.Trial] = {}  # in the workers' hands
-    waiting = None  # (trial, its history's end, seconds asking it): asked, its history still running
+    shown = _TrialsBar(cfg, train_cfg, done, best_trial(study), progress)
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads_before // jobs))
+    torch.set_num_threads(max(1, threads_before // cfg.jobs))
     try:
         with (  # the report thread closes after the trials' pool
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="lungxray-report") as writer,
-            ThreadPoolExecutor(max_workers=jobs) as pool,
+            ThreadPoolExecutor(max_workers=cfg.jobs) as pool,
         ):
-            setup = TrialSetup(model_name, data, train_cfg, show, stop, writer)
-            try:
-                while done < cfg.trials:
-                    while len(training) < jobs and done + len(training) < cfg.trials:  # a worker is free
-                        if waiting is None:
-                            started = time.perf_counter()
-                            trial = study.ask()
-                            waiting = (trial, history_start(trial.number, cfg), time.perf_counter() - started)
-                        trial, below, ask_s = waiting
-                        if any(other.number < below for other in training.values()):
-                            break  # its history has not ended: the worker waits with it
-                        started = time.perf_counter()
-                        trial.set_user_attr(HISTORY, below)
-                        hp = space(trial)  # the sampler fits its model at the first suggestion
-                        trial.set_user_attr("sampler_s", round(ask_s + time.perf_counter() - started, 3))
-                        frozen = FrozenCompleted(study, below) if isinstance(study.pruner, FREEZABLE) else None
-                        future = pool.submit(run_trial, trial, hp, setup, frozen)
-                        training[future], waiting = trial, None
-                    ended, _ = wait(training, return_when=FIRST_COMPLETED)
-                    for future in sorted(ended, key=lambda f: training[f].number):
-                        trial = training.pop(future)
-                        state, value, result = future.result()
-                        tell(study, trial, state, value)
-                        if result is not None:
-                            best = best_trial(study)
-                            best_text[0] = f"best {train_cfg.select_by} {best.value:.4f}"
-                            show(trial.number, None)
-                            if result.stopped_at is None and best.number == trial.number:
-                                best_fit = (trial.number, result)
-                        done += state != optuna.trial.TrialState.FAIL
-                        _say_trial(trial.number, state, value, result, best, train_cfg.select_by, progress)
-                        bar.update(state != optuna.trial.TrialState.FAIL)
-            except KeyboardInterrupt:
-                _stop_and_requeue(study, training, stop)
-                if waiting is not None:
-                    _fail_asked(study, waiting[0])
-                raise
-            except BaseException:
-                stop.set()  # the other trials end at their next epoch instead of training on
-                for future in training:
-                    future.cancel()  # and one handed to a worker not yet free does not start
-                raise
+            setup = TrialSetup(model_name, data, train_cfg, shown.show, threading.Event(), writer)
+            best_fit = _Schedule(study, cfg, setup, pool, shown).run(done)
     finally:
         torch.set_num_threads(threads_before)
-        bar.close()
+        shown.bar.close()
     summary = summarise(study)
     if best_fit is not None and best_fit[0] == summary.best_trial:  # not an earlier best's
         summary.best_fit = best_fit[1]
     return summary
+
+
+class _TrialsBar:
+    """The search's progress bar: finished trials, the best figure so far, each running trial's epoch."""
+
+    def __init__(self, cfg: TuneConfig, train_cfg: TrainConfig, done: int, best, progress: bool) -> None:
+        from lungxray.progress import bar as progress_bar
+
+        self.bar = progress_bar(
+            total=cfg.trials, initial=min(done, cfg.trials), desc="trials", unit="trial", disable=not progress
+        )
+        self.select_by, self.epochs, self.progress = train_cfg.select_by, train_cfg.epochs, progress
+        self.running: dict[int, int] = {}  # trial number -> epochs done
+        self.best_text = f"best {self.select_by} {best.value:.4f}" if best else ""
+        self.lock = threading.Lock()
+
+    def show(self, number: int, epoch: int | None) -> None:
+        """Trial ``number`` finished ``epoch`` (None: the trial ended)."""
+        with self.lock:
+            if epoch is None:
+                self.running.pop(number, None)
+            else:
+                self.running[number] = epoch
+            epochs = " ".join(f"#{n}:{e}/{self.epochs}" for n, e in sorted(self.running.items()))
+            self.bar.set_postfix_str(
+                ", ".join(part for part in (self.best_text, epochs and f"epochs {epochs}") if part)
+            )
+
+
+class _Schedule:
+    """One search's trials in the workers' hands: each asked and drawn in number order from its
+    history (``history_start``), started as soon as a worker is free and that history has ended,
+    and told as it ends."""
+
+    def __init__(self, study: optuna.Study, cfg: TuneConfig, setup: TrialSetup, pool: Executor, shown) -> None:
+        self.study, self.cfg, self.setup, self.pool, self.shown = study, cfg, setup, pool, shown
+        self.space = get_spec(setup.model_name).space
+        self.training: dict[Future, optuna.Trial] = {}  # in the workers' hands
+        self.waiting = None  # (trial, its history's end, seconds asking it): asked, its history still running
+        self.best_fit: tuple[int, FitResult] | None = None  # the best trial's fit, when it ran here
+
+    def run(self, done: int) -> tuple[int, FitResult] | None:
+        """Trials until the study holds ``cfg.trials`` finished; returns (number, fit) of the best
+        trial that ran to its end here, if any. Ctrl-C fails the running trials and queues them again."""
+        try:
+            while done < self.cfg.trials:
+                self._start(done)
+                ended, _ = wait(self.training, return_when=FIRST_COMPLETED)
+                done += self._tell(ended)
+        except KeyboardInterrupt:
+            _stop_and_requeue(self.study, self.training, self.setup.stop)
+            if self.waiting is not None:
+                _fail_asked(self.study, self.waiting[0])
+            raise
+        except BaseException:
+            self.setup.stop.set()  # the other trials end at their next epoch instead of training on
+            for future in self.training:
+                future.cancel()  # and one handed to a worker not yet free does not start
+            raise
+        return self.best_fit
+
+    def _start(self, done: int) -> None:
+        """Hand trials to the free workers while their histories have ended."""
+        while len(self.training) < self.cfg.jobs and done + len(self.training) < self.cfg.trials:
+            if self.waiting is None:
+                started = time.perf_counter()
+                trial = self.study.ask()
+                self.waiting = (trial, history_start(trial.number, self.cfg), time.perf_counter() - started)
+            trial, below, ask_s = self.waiting
+            if any(other.number < below for other in self.training.values()):
+                return  # its history has not ended: the worker waits with it
+            started = time.perf_counter()
+            trial.set_user_attr(HISTORY, below)
+            hp = self.space(trial)  # the sampler fits its model at the first suggestion
+            trial.set_user_attr("sampler_s", round(ask_s + time.perf_counter() - started, 3))
+            frozen = FrozenCompleted(self.study, below) if isinstance(self.study.pruner, FREEZABLE) else None
+            future = self.pool.submit(run_trial, trial, hp, self.setup, frozen)
+            self.training[future], self.waiting = trial, None
+
+    def _tell(self, ended) -> int:
+        """Tell the study the ``ended`` trials, in number order; returns how many finished."""
+        finished = 0
+        for future in sorted(ended, key=lambda f: self.training[f].number):
+            trial = self.training.pop(future)
+            state, value, result = future.result()
+            tell(self.study, trial, state, value)
+            best = None  # a failed trial's line names no best
+            if result is not None:
+                best = best_trial(self.study)
+                self.shown.best_text = f"best {self.shown.select_by} {best.value:.4f}"
+                self.shown.show(trial.number, None)
+                if result.stopped_at is None and best.number == trial.number:
+                    self.best_fit = (trial.number, result)
+            finished += state != optuna.trial.TrialState.FAIL
+            _say_trial(trial.number, state, value, result, best, self.shown.select_by, self.shown.progress)
+            self.shown.bar.update(state != optuna.trial.TrialState.FAIL)
+        return finished
 
 
 def history_start(number: int, cfg: TuneConfig) -> int:
