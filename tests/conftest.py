@@ -54,6 +54,9 @@ METRIC_KEYS = {
     "confusion_matrix",
     "ci95",
     "bootstrap",
+    "balanced_accuracy",
+    "baseline",
+    "intervals",
 }
 
 
@@ -170,13 +173,14 @@ def check_metrics_schema(metrics: dict, classes: list[str]) -> None:
     assert set(metrics) >= METRIC_KEYS
     assert metrics["classes"] == classes
     assert isinstance(metrics["n"], int) and metrics["n"] > 0
-    for key in ("loss", "accuracy", "macro_f1"):
+    for key in ("loss", "accuracy", "macro_f1", "balanced_accuracy"):
         assert isinstance(metrics[key], float) and np.isfinite(metrics[key])
+    assert metrics["baseline"]["majority_class"] in classes and metrics["baseline"]["auroc"] == 0.5
     assert 0 <= metrics["accuracy"] <= 1
     assert set(metrics["per_class"]) == set(classes)
     for stats in metrics["per_class"].values():
-        assert set(stats) == {"precision", "recall", "specificity", "f1", "auroc", "support"}
-    for key in ("accuracy", "macro_f1"):  # a bootstrap interval around the point estimate
+        assert set(stats) == {"precision", "recall", "specificity", "f1", "auroc", "support", "auroc_vs_chance"}
+    for key in ("accuracy", "macro_f1", "balanced_accuracy"):  # an interval around the point estimate
         low, high = metrics["ci95"][key]
         assert 0 <= low <= metrics[key] <= high <= 1
     cm = np.array(metrics["confusion_matrix"])

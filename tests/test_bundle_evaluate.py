@@ -112,7 +112,7 @@ def test_metrics_match_a_hand_computed_case():
     m = compute_metrics(y, probs, ["a", "b", "c"])
     assert m["n"] == 6 and m["accuracy"] == pytest.approx(5 / 6)
     assert m["confusion_matrix"] == [[2, 1, 0], [0, 2, 0], [0, 0, 1]]
-    assert {k: v for k, v in m["per_class"]["b"].items() if k not in ("specificity", "auroc")} == {
+    assert {k: v for k, v in m["per_class"]["b"].items() if k not in ("specificity", "auroc", "auroc_vs_chance")} == {
         "precision": pytest.approx(2 / 3),
         "recall": 1.0,
         "f1": pytest.approx(0.8),
@@ -122,6 +122,53 @@ def test_metrics_match_a_hand_computed_case():
     assert m["macro_f1"] == pytest.approx((0.8 + 0.8 + 1.0) / 3)
     expected_loss = -np.mean(np.log([0.8, 0.6, 0.2, 0.8, 0.6, 0.7]))
     assert m["loss"] == pytest.approx(expected_loss, rel=1e-6)
+
+
+def test_figures_sit_beside_what_always_answering_the_majority_scores():
+    y = np.array([0, 0, 0, 0, 1, 2])
+    probs = np.array([[0.8, 0.1, 0.1]] * 4 + [[0.7, 0.2, 0.1], [0.1, 0.2, 0.7]])  # b is called a
+    m = compute_metrics(y, probs, ["a", "b", "c"], resamples=200)
+    assert m["accuracy"] == pytest.approx(5 / 6) and m["balanced_accuracy"] == pytest.approx((1 + 0 + 1) / 3)
+    assert m["baseline"] == {
+        "majority_class": "a",
+        "accuracy": pytest.approx(4 / 6),
+        "balanced_accuracy": pytest.approx(1 / 3),
+        "macro_f1": pytest.approx((2 * (4 / 6) / (1 + 4 / 6)) / 3),  # a's F1 when every image is called a
+        "auroc": 0.5,
+    }
+
+
+def test_proportions_at_zero_and_at_all_get_exact_intervals_that_do_not_collapse():
+    from lungxray.evaluate import proportion_ci
+
+    y = np.array([0] * 18 + [1] * 5)
+    probs = np.array([[0.9, 0.1]] * 18 + [[0.8, 0.2]] * 5)  # every a right, every b wrong
+    m = compute_metrics(y, probs, ["a", "b"], resamples=200)
+    low, high = m["ci95"]["recall/a"]
+    assert high == 1.0 and low == pytest.approx(0.025 ** (1 / 18), abs=1e-9)  # 18 of 18: [0.815, 1]
+    low, high = m["ci95"]["recall/b"]
+    assert low == 0.0 and high == pytest.approx(1 - 0.025 ** (1 / 5), abs=1e-9)  # 0 of 5: [0, 0.522]
+    assert m["ci95"]["accuracy"] == proportion_ci(18, 23) and m["ci95"]["specificity/b"] == m["ci95"]["recall/a"]
+    assert proportion_ci(0, 0) is None
+    assert m["intervals"]["accuracy, recall/<class>, specificity/<class>"].startswith("Clopper-Pearson")
+
+
+def test_an_auroc_is_called_better_than_chance_only_when_its_interval_clears_one_half():
+    from lungxray.evaluate import against_chance
+
+    assert against_chance(0.62, [0.51, 0.73]) == "better than chance"
+    assert against_chance(0.48, [0.40, 0.56]) == "no better than chance"
+    assert against_chance(0.30, [0.20, 0.45]) == "worse than chance"
+    assert against_chance(None, None) is None
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 40)
+    noise = rng.random(80)
+    m = compute_metrics(y, np.stack([1 - noise, noise], axis=1), ["a", "b"], resamples=500)
+    assert m["per_class"]["a"]["auroc_vs_chance"] == "no better than chance"  # scores unrelated to labels
+    separated = np.stack([1 - y * 0.8 - 0.1, y * 0.8 + 0.1], axis=1)
+    assert compute_metrics(y, separated, ["a", "b"], resamples=500)["per_class"]["b"]["auroc_vs_chance"] == (
+        "better than chance"
+    )
 
 
 def test_metrics_with_only_some_classes_present():

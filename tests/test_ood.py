@@ -3,6 +3,7 @@ augmentation, and external validation (`run --external`, the report's Other hosp
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -18,12 +19,13 @@ from lungxray.augment import BatchAugment
 from lungxray.bundle import CHECKSUMS, CONFIG, OOD, write_checksums
 from lungxray.config import AugmentConfig, DataConfig, Preprocessing, SplitConfig, TrainConfig
 from lungxray.decode import crop_borders, decode, equalize
+from lungxray.evaluate import compute_metrics
 from lungxray.evaluation import evaluate_split
 from lungxray.job import Job
 from lungxray.ood import fit_ood
 from lungxray.pipeline import prepare, train_stage
 from lungxray.predictor import Predictor
-from lungxray.report_external import gap_in_words
+from lungxray.report_external import against_chance, gap_in_words
 
 
 def _films(n: int, start: int, size: int = 32) -> np.ndarray:
@@ -221,7 +223,19 @@ def test_gap_in_words_names_recall_and_the_class_each_one_is_mistaken_for():
 
 
 @pytest.mark.slow  # a whole run; the fast tier checks the comparison through `evaluate` below
-def test_run_with_external_folders_evaluates_each_and_reports_other_hospitals(tmp_path):
+def test_external_figures_lead_with_what_a_model_that_knows_nothing_scores():
+    y = np.array([0] * 30 + [1] * 6)
+    probs = np.tile([[0.9, 0.1]], (36, 1))  # every image called a: accuracy 0.83 says nothing
+    probs[30:32] = [0.4, 0.6]
+    metrics = compute_metrics(y, probs, ["covid", "normal"], resamples=300)
+    parts = against_chance(metrics)
+    assert parts[0].startswith("balanced accuracy 0.67 (") and parts[0].endswith("always answering covid: 0.50)")
+    assert parts[2].startswith("accuracy 0.89 (") and parts[2].endswith("always answering covid: 0.83)")
+    assert parts[3].startswith("recall covid 1.00 (0.88-1.00), normal 0.33 (0.04-0.78)")  # exact, never 1.00-1.00
+    assert parts[4].startswith("one-vs-rest AUROC (chance: 0.50) covid ")
+
+
+def test_run_with_external_folders_evaluates_each_and_reports_other_hospitals(tmp_path, capsys):
     data = write_tree(tmp_path / "data", per_class=12)
     elsewhere = tmp_path / "elsewhere"
     for label, name in ((0, "covid"), (1, "normal")):  # other spellings, and only two of the classes
@@ -238,6 +252,9 @@ def test_run_with_external_folders_evaluates_each_and_reports_other_hospitals(tm
     flags = "--trials 1 --epochs 2 --quiet --model mlp --seed 3 --img-size 16 --cache-dir"
     code = cli(*args, flags, tmp_path / "cache")
     assert code == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("external elsewhere ")]
+    assert len(printed) == 1 and printed[0].startswith("external elsewhere (12 images): balanced accuracy ")
+    assert "always answering" in printed[0] and "one-vs-rest AUROC (chance: 0.50)" in printed[0]
     run = json.loads((out / "run.json").read_text())
     assert set(run["external"]) == {"elsewhere", "elsewhere-2"}
     first = run["external"]["elsewhere"]
@@ -253,6 +270,9 @@ def test_run_with_external_folders_evaluates_each_and_reports_other_hospitals(tm
     assert gap_in_words(json.loads((out / "metrics.json").read_text()), metrics, "elsewhere") in report.replace(
         "&#x27;", "'"
     )
+    chance = "; ".join(against_chance(metrics))
+    assert html.escape(chance) in report  # the top table and the section lead with it
+    assert chance in (out / "model" / "MODEL_CARD.md").read_text()
 
 
 def test_decode_repeats_the_options_for_any_file(tmp_path):

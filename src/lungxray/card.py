@@ -122,21 +122,22 @@ def _evaluation(metrics: dict | None) -> list[str]:
     ood = metrics.get("ood")
     if ood:
         lines.append(f"- Flagged out of distribution: {ood['n_flagged']} of {metrics['n']}.")
-    lines += ["", "Intervals are bootstrap 95% intervals over the test images; one training run is one draw.", ""]
+    lines += ["", "Intervals are 95% intervals over the test images (exact binomial for accuracy and recall, "
+              "bootstrap for the others); one training run is one draw.", ""]  # fmt: skip
     return lines
 
 
 def _external(metrics: dict | None, external: dict[str, dict]) -> list[str]:
     if not external:
         return ["## Results elsewhere", "", "Not measured: no external data was given (`--external DIR`).", ""]
-    from lungxray.report_external import gap_in_words
+    from lungxray.report_external import against_chance, gap_in_words
 
     lines = ["## Results elsewhere", ""]
     for name, ext in external.items():
         lines.append(
-            f"- {name}: {ext['n']} images, {_figure(ext, 'accuracy')}, {_figure(ext, 'macro_auroc', 'macro AUROC')}"
-            + (f", {ext['ood']['n_flagged']} flagged out of distribution." if ext.get("ood") else ".")
-        )
+            f"- {name}: {ext['n']} images; " + "; ".join(against_chance(ext))
+            + (f"; {ext['ood']['n_flagged']} flagged out of distribution." if ext.get("ood") else ".")
+        )  # fmt: skip
         if metrics is not None:
             lines.append(f"  {gap_in_words(metrics, ext, name)}")
     return lines + [""]

@@ -44,7 +44,7 @@ def cmd_run(args) -> int:
     from lungxray import pipeline
 
     result = pipeline.run(_job(args))
-    console.print_run(result.summary, result.metrics)
+    console.print_run(result.summary, result.metrics, result.external)
     return 0
 
 

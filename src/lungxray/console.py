@@ -66,8 +66,9 @@ def seen_line(seen: dict) -> str:
     return f"{k} of {n} images were used in training or validation: scored on the other {n - k}"
 
 
-def print_run(summary: dict, metrics: dict) -> None:
-    """``lungxray run``'s results: the search, the test figures, the external ones, the artifacts."""
+def print_run(summary: dict, metrics: dict, external: dict[str, dict]) -> None:
+    """``lungxray run``'s results: the search, the test figures, the external ones (``external``:
+    name -> that set's metrics.json) against what a model that knows nothing scores, the artifacts."""
     split = metrics["split"]
     print(f"best hyperparameters: {json.dumps(summary['best_params'])}")
     print(f"trials: {summary['trials_complete']} ran to the end, {summary['trials_pruned']} stopped early")
@@ -87,8 +88,9 @@ def print_run(summary: dict, metrics: dict) -> None:
         if "error" in ext:
             print(f"external {name}: not evaluated: {ext['error']}")
             continue
-        recall = ", ".join(f"{c} {v:.2f}" for c, v in ext["recall"].items())
-        print(f"external {name}: accuracy {ext['accuracy']:.4f} on {ext['n']} images; recall {recall}")
+        from lungxray.report_external import against_chance
+
+        print(f"external {name} ({ext['n']} images): " + "; ".join(against_chance(external[name])))
     print("artifacts:")
     for name, path in summary["artifacts"].items():
         print(f"  {name:<17} {path}")

@@ -2,8 +2,11 @@
 
 ``compute_metrics`` turns labels and probabilities into the ``metrics.json`` schema that other
 tools read: loss, accuracy, per-class precision/recall (sensitivity)/specificity/F1/AUROC,
-macro-F1, macro AUROC, confusion matrix, and a seeded percentile-bootstrap 95% interval per
-headline metric (``bootstrap_ci``), and the expected calibration error. Temperature scaling
+macro-F1, macro AUROC, balanced accuracy, confusion matrix, what always answering the majority
+class scores (``majority_baseline``), a 95% interval per headline metric (exact binomial intervals
+for proportions of images, ``proportion_ci``; a seeded percentile bootstrap for the others,
+``bootstrap_ci``), each AUROC read against chance (``against_chance``), and the expected
+calibration error. Temperature scaling
 (``fit_temperature``, ``calibrate``) and what the out-of-distribution flag does on labelled images
 (``ood_summary``) live here too. The figures drawn from these numbers are ``plots``. Works on numpy
 arrays; holds no training code and imports no torch.
@@ -66,6 +69,9 @@ def _resampled_metrics(
             n_neg = n - n_pos
             auroc[:, c] = ((ranks * pos).sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
     out = {"accuracy": tp.sum(axis=1) / n, "macro_f1": f1[:, present].mean(axis=1)}
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample without some class: its recall is NaN
+        out["balanced_accuracy"] = np.nanmean(recall[:, present], axis=1)
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no class with both sides
         out["macro_auroc"] = np.nanmean(auroc[:, present], axis=1)
@@ -307,10 +313,74 @@ def compute_metrics(
         "confusion_matrix": cm.tolist(),
         "ece": expected_calibration_error(y_true, probs),
     }
+    metrics["balanced_accuracy"] = float(np.mean([recall[i] for i in present]))
+    metrics["baseline"] = majority_baseline(y_true, classes)
     if resamples:
-        metrics["ci95"] = bootstrap_ci(y_true, probs, list(classes), resamples=resamples, seed=seed)
+        intervals = bootstrap_ci(y_true, probs, list(classes), resamples=resamples, seed=seed)
+        intervals |= _exact_intervals(cm, classes)
+        metrics["ci95"] = intervals
         metrics["bootstrap"] = {"method": "percentile", "resamples": resamples, "seed": seed, "unit": "image"}
+        metrics["intervals"] = INTERVALS
+        for i, name in enumerate(classes):
+            metrics["per_class"][name]["auroc_vs_chance"] = against_chance(auroc[i], intervals.get(f"auroc/{name}"))
     return metrics
+
+
+# What each interval in ci95 is: counts of images get exact binomial intervals, which never collapse
+# to a point at 0 of n or n of n as a bootstrap's do; the other figures get the bootstrap's.
+INTERVALS = {
+    "accuracy, recall/<class>, specificity/<class>": "Clopper-Pearson exact (binomial)",
+    "macro_f1, balanced_accuracy, macro_auroc, auroc/<class>": "percentile bootstrap over images",
+}
+
+
+def proportion_ci(k: int, n: int, confidence: float = 0.95) -> list[float] | None:
+    """Exact (Clopper-Pearson) interval of the proportion ``k`` of ``n``; None for n = 0."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return None
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="exact")
+    return [float(ci.low), float(ci.high)]
+
+
+def _exact_intervals(cm: np.ndarray, classes: list[str]) -> dict[str, list[float] | None]:
+    """Exact intervals of accuracy and of each class's recall and specificity, from the confusion matrix."""
+    n = int(cm.sum())
+    out = {"accuracy": proportion_ci(int(np.trace(cm)), n)}
+    for i, name in enumerate(classes):
+        actual, predicted, tp = int(cm[i].sum()), int(cm[:, i].sum()), int(cm[i, i])
+        negatives = n - actual
+        out[f"recall/{name}"] = proportion_ci(tp, actual) if actual else None
+        out[f"specificity/{name}"] = proportion_ci(negatives - (predicted - tp), negatives) if negatives else None
+    return out
+
+
+def majority_baseline(y_true: np.ndarray, classes: list[str]) -> dict:
+    """What answering the most frequent class for every image scores: the figures a model's must
+    beat to say anything (accuracy on an imbalanced set, macro-F1, balanced accuracy, and AUROC 0.5)."""
+    present = sorted(set(y_true.tolist()))
+    majority = int(np.bincount(y_true, minlength=len(classes)).argmax())
+    constant = np.full_like(y_true, majority)
+    return {
+        "majority_class": classes[majority],
+        "accuracy": float(np.mean(y_true == majority)),
+        "balanced_accuracy": 1.0 / len(present),
+        "macro_f1": float(f1_score(y_true, constant, labels=present, average="macro", zero_division=0)),
+        "auroc": 0.5,
+    }
+
+
+def against_chance(auroc: float | None, ci: list[float] | None) -> str | None:
+    """An AUROC read against 0.5 through its interval: "better than chance" only when the whole
+    interval lies above 0.5; "no better than chance" when it includes 0.5; None without both."""
+    if auroc is None or ci is None:
+        return None
+    if ci[0] > 0.5:
+        return "better than chance"
+    if ci[1] < 0.5:
+        return "worse than chance"
+    return "no better than chance"
 
 
 def ood_summary(y_true: np.ndarray, probs: np.ndarray, scores: np.ndarray | None, classes: list[str]) -> dict | None:

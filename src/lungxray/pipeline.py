@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -213,10 +213,12 @@ def training_params(job: Job) -> dict:
 
 @dataclass
 class RunResult:
-    """What ``run`` wrote: the content of run.json and of metrics.json."""
+    """What ``run`` wrote: the content of run.json, of metrics.json and of each external set's metrics.json."""
 
     summary: dict
     metrics: dict
+    external: dict[str, dict] = field(default_factory=dict)
+    """Each external set's metrics.json, by name."""
 
 
 def run(job: Job) -> RunResult:
@@ -276,7 +278,7 @@ def _run(job: Job, external: dict[str, Path]) -> RunResult:
     summary = _summary(job, ds, tuned, fitted, metrics, audited) | {"final_model": how, "external": elsewhere}
     summary["timings"] = clock.laps
     runfolder.write_json(job.out, runfolder.RUN, summary)
-    return RunResult(summary, metrics)
+    return RunResult(summary, metrics, scored_elsewhere)
 
 
 def _final_model(job: Job, ds: Dataset, split: Split, tuned) -> tuple[FitResult, Predictor, str]:

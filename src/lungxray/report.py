@@ -18,7 +18,7 @@ from lungxray import report_sections as body
 from lungxray import runfolder
 from lungxray.report_blocks import section, table
 from lungxray.report_data import RunContents, read_run
-from lungxray.report_external import external_section, ood_section
+from lungxray.report_external import against_chance, external_section, ood_section
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 .scroll{overflow-x:auto;max-width:100%}.summary td:first-child{font-weight:600}
@@ -65,7 +65,7 @@ def _summary(run: RunContents) -> str:
     if metrics.get("ood"):
         rows.append(["flagged out of distribution", f"{metrics['ood']['share_flagged']:.1%} of the images scored"])
     for name, ext in external.items():
-        rows.append([f"{name} (external)", f"accuracy {ext['accuracy']:.4f} on {ext['n']} images"])
+        rows.append([f"{name} (external, {ext['n']} images)", "; ".join(against_chance(ext))])
     kind = "pooled out-of-fold predictions of a cross-validation" if cv else "held-out or evaluated images"
     return (f'<section id="summary" class="summary"><p>Figures on the {kind}.</p>'
             + table(["", "value"], rows) + f'<p class="warning">{html.escape(CAVEAT)}</p></section>')  # fmt: skip

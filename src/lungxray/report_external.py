@@ -39,6 +39,39 @@ def gap_in_words(internal: dict, external: dict, name: str) -> str:
     return " ".join(sentences)
 
 
+def _interval(metrics: dict, key: str) -> str | None:
+    ci = (metrics.get("ci95") or {}).get(key)
+    return f"{ci[0]:.2f}-{ci[1]:.2f}" if ci else None
+
+
+def against_chance(metrics: dict) -> list[str]:
+    """The figures that say whether a model does anything on a dataset, each beside what a model
+    that knows nothing scores there: balanced accuracy, macro-F1 and accuracy against always
+    answering the majority class; each class's recall with its interval; each defined one-vs-rest
+    AUROC against 0.5, called no better than chance when its interval includes 0.5."""
+    base = metrics["baseline"]
+    parts = []
+    for key, label in (("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"), ("accuracy", "accuracy")):
+        ci = _interval(metrics, key)
+        beside = f"always answering {base['majority_class']}: {base[key]:.2f}"
+        parts.append(f"{label} {metrics[key]:.2f} ({f'{ci}; ' if ci else ''}{beside})")
+    present = {c: m for c, m in metrics["per_class"].items() if m["support"]}
+    recalls = []
+    for c, m in present.items():
+        ci = _interval(metrics, f"recall/{c}")
+        recalls.append(f"{c} {m['recall']:.2f}" + (f" ({ci})" if ci else ""))
+    parts.append("recall " + ", ".join(recalls))
+    aurocs = []
+    for c, m in present.items():
+        if m["auroc"] is not None:
+            ci = _interval(metrics, f"auroc/{c}")
+            verdict = m.get("auroc_vs_chance")
+            aurocs.append(f"{c} {m['auroc']:.2f}" + (f" ({ci})" if ci else "") + (f": {verdict}" if verdict else ""))
+    if aurocs:
+        parts.append("one-vs-rest AUROC (chance: 0.50) " + ", ".join(aurocs))
+    return parts
+
+
 OOD_TEXT = (
     "<p>Every prediction carries an out-of-distribution score: how far the image lies from the "
     "training images (Mahalanobis distance of its thumbnail's principal components and its grey-level "
@@ -87,10 +120,16 @@ def _recall_rows(metrics: dict, ext: dict) -> list[list]:
             c, m["support"],
             f"{own['recall']:.2f}" + (f" ({own_ci[0]:.2f}-{own_ci[1]:.2f})" if own_ci else "") if own else "n/a",
             f"{m['recall']:.2f}{ext_interval(f'recall/{c}')}",
-            f"{m['auroc']:.2f}{ext_interval(f'auroc/{c}')}" if m["auroc"] is not None else "n/a (one class only)",
+            _auroc_cell(m, ext_interval(f"auroc/{c}")),
             f"{ext['ood']['share_flagged_per_class'].get(c, 0):.0%}" if ext.get("ood") else "n/a",
         ])  # fmt: skip
     return rows
+
+
+def _auroc_cell(m: dict, ci: str) -> str:
+    if m["auroc"] is None:
+        return "n/a (one class only)"
+    return f"{m['auroc']:.2f}{ci}" + (f", {m['auroc_vs_chance']}" if m.get("auroc_vs_chance") else "")
 
 
 def external_section(metrics: dict, external: dict[str, dict]) -> str:
@@ -101,13 +140,12 @@ def external_section(metrics: dict, external: dict[str, dict]) -> str:
         "Figures for a class with few images have wide intervals.</p>"
     ]
     for name, ext in external.items():
-        ext_interval = functools.partial(interval, ext.get("ci95") or {})
         header = ["class", "images", "recall, internal test", f"recall, {name}", "AUROC (one vs rest)",
                   "flagged out of distribution"]  # fmt: skip
         parts.append(
-            f"<h3>{html.escape(name)}</h3><p>{html.escape(ext.get('data', ''))}: {ext['n']} images, accuracy "
-            f"{ext['accuracy']:.4f}{ext_interval('accuracy')} (internal test {metrics['accuracy']:.4f}), macro-F1 "
-            f"{ext['macro_f1']:.4f}{ext_interval('macro_f1')}.</p>"
+            f"<h3>{html.escape(name)}</h3><p>{html.escape(ext.get('data', ''))}: {ext['n']} images; "
+            + html.escape("; ".join(against_chance(ext)))
+            + f" (internal test: accuracy {metrics['accuracy']:.2f}, macro-F1 {metrics['macro_f1']:.2f}).</p>"
             + table(header, _recall_rows(metrics, ext))
             + f"<p>{html.escape(gap_in_words(metrics, ext, name))}</p>"
         )
