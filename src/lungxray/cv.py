@@ -27,7 +27,7 @@ from lungxray.splits import Split, make_folds
 from lungxray.train import FitData, FitResult, fit
 from lungxray.version import __version__
 
-CV_METRICS = ("accuracy", "macro_f1", "macro_auroc")
+CV_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc")
 
 
 def _fold_values(metrics: dict) -> dict[str, float | None]:
