@@ -30,9 +30,11 @@ def _job(args: argparse.Namespace):
 
 
 def cmd_scan(args) -> int:
+    from lungxray.confound import audit
     from lungxray.data import load_dataset
 
-    summary = load_dataset(args.data, from_args(DataConfig, args), progress=not args.quiet and not args.json).summary()
+    ds = load_dataset(args.data, from_args(DataConfig, args), progress=not args.quiet and not args.json)
+    summary = ds.summary() | {"confound": audit(ds)}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

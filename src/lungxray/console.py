@@ -44,6 +44,20 @@ def print_scan(summary: dict) -> None:
     print(f"{groups['n']} group(s) kept whole by every split ({source}); the largest holds {groups['largest']} images")
     if summary["excluded"]:
         print(f"{len(summary['excluded'])} image(s) left out by --exclude")
+    print_confound(summary.get("confound"))
+
+
+def print_confound(confound: dict | None) -> None:
+    """The source-confound probe against chance, and its warning when it fires."""
+    if not confound or confound["balanced_accuracy"] is None:
+        return
+    print(
+        "source-confound probe (the class from image size, file format, bytes per pixel, bit depth and grey "
+        f"levels, {confound['folds']}-fold): balanced accuracy {confound['balanced_accuracy']:.2f} against "
+        f"{confound['chance']:.2f} for chance"
+    )
+    if confound["warning"]:
+        print(f"WARNING: {confound['warning']}")
 
 
 def ci(metrics: dict, name: str) -> str:
@@ -70,6 +84,7 @@ def print_run(summary: dict, metrics: dict, external: dict[str, dict]) -> None:
     """``lungxray run``'s results: the search, the test figures, the external ones (``external``:
     name -> that set's metrics.json) against what a model that knows nothing scores, the artifacts."""
     split = metrics["split"]
+    print_confound(summary.get("confound"))
     print(f"best hyperparameters: {json.dumps(summary['best_params'])}")
     print(f"trials: {summary['trials_complete']} ran to the end, {summary['trials_pruned']} stopped early")
     leaked = split["test_duplicates_of_train"]

@@ -21,7 +21,7 @@ from lungxray.evaluate import compute_metrics
 from lungxray.infer import predict_logits, set_threads
 from lungxray.job import Job
 from lungxray.models import get_spec
-from lungxray.pipeline import Clock, fingerprint, jsonable, tensors
+from lungxray.pipeline import Clock, fingerprint, jsonable, scan_summary, tensors
 from lungxray.plots import confusion_figure, save_figure
 from lungxray.splits import Split, make_folds
 from lungxray.train import FitData, FitResult, fit
@@ -95,7 +95,7 @@ def _cross_validate(job: Job, params: dict | None) -> dict:
     if any(s.patient for s in ds.samples):  # folds.json names patients by this folder's own key
         ds.rekey_patients(runfolder.secret_key(out / runfolder.PATIENT_KEY))
     runfolder.record_fingerprint(out, made_from)
-    runfolder.write_json(out, runfolder.SCAN, ds.summary())
+    runfolder.write_json(out, runfolder.SCAN, scan_summary(ds, seed, job.progress))
     runfolder.write_json(out, runfolder.FOLDS, [part.to_json(ds) for part in parts])
     runs = []
     repeats = job.cv.repeats

@@ -82,9 +82,20 @@ def prepare(job: Job, write: bool = True) -> tuple[Dataset, Split]:
         if any(s.patient for s in ds.samples):
             ds.rekey_patients(runfolder.secret_key(out / runfolder.PATIENT_KEY))
         runfolder.record_fingerprint(out, made_from)
-        runfolder.write_json(out, runfolder.SCAN, ds.summary())
+        runfolder.write_json(out, runfolder.SCAN, scan_summary(ds, job.seed, job.progress))
         runfolder.write_json(out, runfolder.SPLITS, split.to_json(ds))
     return ds, split
+
+
+def scan_summary(ds: Dataset, seed: int, progress: bool = True) -> dict:
+    """scan.json: the dataset's summary and its source-confound audit (``confound.audit``), whose
+    warning, when it fires, is also said at once."""
+    from lungxray.confound import audit
+
+    confound = audit(ds, seed)
+    if confound["warning"]:
+        note(f"warning: {confound['warning']}", progress)
+    return ds.summary() | {"confound": confound}
 
 
 def tensors(ds: Dataset, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,6 +330,7 @@ def _summary(job: Job, ds: Dataset, tuned, fitted: FitResult, metrics: dict, aud
         "test_share_flagged": metrics["ood"]["share_flagged"] if metrics["ood"] else None,
         "audit": {name: view["accuracy"] for name, view in audited["views"].items()}
         | {"chance": audited["chance"]["accuracy"]},
+        "confound": runfolder.read_json(job.out, runfolder.SCAN).get("confound"),
         "duplicate_groups": len(ds.duplicate_groups),
         "groups": ds.group_sizes(),
         "excluded": ds.excluded,

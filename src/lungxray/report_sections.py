@@ -33,6 +33,7 @@ def dataset(scan: dict, parts: dict | None) -> str:
     rows = [[name, n] for name, n in scan["counts"].items()]
     body = f"<p>{html.escape(scan['root'])}: {scan['layout']} layout, {scan['n_images']} usable images.</p>"
     body += table(["class", "images"], rows)
+    body += _confound(scan.get("confound"))
     if parts:
         body += "<h3>Splits</h3>" + table(["part", "images"], [[k, v] for k, v in parts.items()])
     rel = lambda p: relative(p, scan["root"])  # noqa: E731
@@ -53,6 +54,21 @@ def dataset(scan: dict, parts: dict | None) -> str:
     groups = [[len(g), " == ".join(rel(p) for p in g)] for g in scan["duplicate_groups"]]
     body += f"<h3>Duplicate groups ({len(groups)}), each kept in one split</h3>"
     return body + (table(["images", "files"], groups) if groups else "<p>None found.</p>")
+
+
+def _confound(confound: dict | None) -> str:
+    """The source-confound probe against chance, its warning first when it fires."""
+    if not confound or confound.get("balanced_accuracy") is None:
+        return ""
+    said = (
+        f"<p>Source-confound probe, before any training: a random forest predicting the class from "
+        f"properties that are not the disease (image size, file format, bytes per pixel, bit depth, "
+        f"whole-film grey levels), {confound['folds']}-fold cross-validated, scores balanced accuracy "
+        f"{confound['balanced_accuracy']:.2f} against {confound['chance']:.2f} for chance.</p>"
+    )
+    if confound.get("warning"):
+        return f'<p class="warning"><strong>Warning: {html.escape(confound["warning"])}.</strong></p>' + said
+    return said
 
 
 def _patients(patients: dict) -> str:
