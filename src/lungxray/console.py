@@ -142,6 +142,7 @@ def print_audit(report: dict, out) -> None:
 
 def print_cv(report: dict, job, out) -> None:
     """``lungxray cv``'s table: each metric's mean +- std over folds, pooled value and CI."""
+    print_confound(report.get("confound"))
     print(
         f"{job.model}, {job.cv.folds}-fold cross-validation on {report['pooled']['n']} images "
         f"(folds grouped by duplicate group, seed {report['seed']}"

@@ -95,7 +95,8 @@ def _cross_validate(job: Job, params: dict | None) -> dict:
     if any(s.patient for s in ds.samples):  # folds.json names patients by this folder's own key
         ds.rekey_patients(runfolder.secret_key(out / runfolder.PATIENT_KEY))
     runfolder.record_fingerprint(out, made_from)
-    runfolder.write_json(out, runfolder.SCAN, scan_summary(ds, seed, job.progress))
+    scan = scan_summary(ds, seed, job.progress)
+    runfolder.write_json(out, runfolder.SCAN, scan)
     runfolder.write_json(out, runfolder.FOLDS, [part.to_json(ds) for part in parts])
     runs = []
     repeats = job.cv.repeats
@@ -105,7 +106,7 @@ def _cross_validate(job: Job, params: dict | None) -> dict:
     probs = runs[0][0]
     pooled = compute_metrics(ds.labels, probs, ds.classes, seed=seed)
     save_figure(confusion_figure(pooled), out / runfolder.CV_CONFUSION)
-    report = _report(job, ds, parts, runs, pooled, params) | {"timings": clock.laps}
+    report = _report(job, ds, parts, runs, pooled, params) | {"confound": scan["confound"], "timings": clock.laps}
     runfolder.write_json(out, runfolder.CV, report)
     from lungxray.report import write_report
 
