@@ -1,12 +1,11 @@
 """Label issues: images whose given label is probably wrong, found from out-of-fold probabilities.
 
-Confident learning (Northcutt, Jiang and Chuang, JAIR 2021): a per-class threshold (the mean
-probability the model gives a class on the images labelled with it), the confident joint (each
-image counted under its given label and the class it confidently belongs to), the images off its
-diagonal as the issues, ranked by normalised margin (the probability of the given label minus the
-largest other one). Written here, in a few dozen lines, because the reference implementation
-(cleanlab) is AGPL-3.0 and lungxray is MIT. Nothing is relabelled: the output is a list for a
-person to check, and ``--exclude`` takes the rows they confirm.
+Confident learning (Northcutt, Jiang and Chuang, JAIR 2021) through cleanlab (Apache-2.0 since
+2.9): per-class thresholds (the mean probability the model gives a class on the images labelled
+with it), the confident joint (each image counted under its given label and the class it
+confidently belongs to), the images off its diagonal as the issues, ranked by normalised margin
+(the probability of the given label minus the largest other one). Nothing is relabelled: the
+output is a list for a person to check, and ``--exclude`` takes the rows they confirm.
 """
 
 from __future__ import annotations
@@ -40,27 +39,32 @@ class LabelIssues:
 
 
 def find_label_issues(labels: np.ndarray, probs: np.ndarray) -> LabelIssues:
-    """Confident learning on integer ``labels`` (N,) and out-of-fold ``probs`` (N, C)."""
-    n, n_classes = probs.shape
-    thresholds = np.array(
-        [probs[labels == c, c].mean() if (labels == c).any() else 1.0 for c in range(n_classes)]
-    )  # (C,) average self-confidence per class
-    above = probs >= thresholds[None, :]  # (N, C): classes each image is confidently in
-    confident = np.where(above.any(axis=1), np.where(above, probs, -1.0).argmax(axis=1), -1)  # (N,), -1: none
-    joint = np.zeros((n_classes, n_classes), dtype=np.int64)
-    counted = confident >= 0
-    np.add.at(joint, (labels[counted], confident[counted]), 1)
-    issues = np.flatnonzero(counted & (confident != labels))
+    """Confident learning (cleanlab's) on integer ``labels`` (N,) and out-of-fold ``probs`` (N, C)."""
+    from cleanlab.count import compute_confident_joint, get_confident_thresholds
+    from cleanlab.filter import find_label_issues as off_diagonal
+
+    thresholds = get_confident_thresholds(labels, probs)  # (C,) average self-confidence per class
+    joint = compute_confident_joint(labels, probs, thresholds=thresholds, calibrate=False)
+    issues = np.asarray(
+        off_diagonal(labels, probs, filter_by="confident_learning", return_indices_ranked_by="normalized_margin"),
+        dtype=np.int64,
+    )
+    # The class each flagged image confidently belongs to: its likeliest class among those at or
+    # above their threshold, the rule the confident joint counts it by (cleanlab returns indices only).
+    above = probs[issues] >= thresholds[None, :]
+    suggested = np.where(above, probs[issues], -1.0).argmax(axis=1)
     margin, _ = _margins(labels, probs)
-    order = issues[np.argsort(margin[issues], kind="stable")]
-    return LabelIssues(order, confident[order], margin[order], thresholds, joint)
+    return LabelIssues(issues, suggested, margin[issues], thresholds, joint)
 
 
 def _margins(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(normalised margin (N,): p(given) - max p(other), the most probable other class (N,))."""
+    """(margin (N,): p(given) - max p(other), from cleanlab's normalised margin, which maps it to
+    [0, 1]; the most probable other class (N,))."""
+    from cleanlab.rank import get_normalized_margin_for_each_label
+
     others = probs.copy()
     others[np.arange(len(labels)), labels] = -np.inf
-    return probs[np.arange(len(labels)), labels] - others.max(axis=1), others.argmax(axis=1)
+    return 2 * get_normalized_margin_for_each_label(labels, probs) - 1, others.argmax(axis=1)
 
 
 def rank_suspects(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
