@@ -355,6 +355,7 @@ def test_cv_can_tune_inside_each_fold(tmp_path):
     assert all(set(f["params"]) >= {"activation", "layer_1", "learning_rate"} for f in report["per_fold"])
 
 
+@pytest.mark.slow  # two cross-validations of two seeds each
 def test_cv_repeats_give_the_spread_over_training_seeds(tmp_path, capsys):
     data = write_tree(tmp_path / "data", per_class=8)
     out = tmp_path / "cv"

@@ -235,6 +235,7 @@ def test_external_figures_lead_with_what_a_model_that_knows_nothing_scores():
     assert parts[4].startswith("one-vs-rest AUROC (chance: 0.50) covid ")
 
 
+@pytest.mark.slow  # a whole run with two external sets
 def test_run_with_external_folders_evaluates_each_and_reports_other_hospitals(tmp_path, capsys):
     data = write_tree(tmp_path / "data", per_class=12)
     elsewhere = tmp_path / "elsewhere"
