@@ -56,7 +56,7 @@ def test_options_keep_their_field_names_and_nest_where_the_settings_do():
     assert job.preprocessing == Preprocessing(img_size=32, equalize="clahe")
     assert (job.final.batch_size, job.final.seed, job.split.seed, job.final.augment.rotation) == (4, 3, 3, 2.0)
     assert (job.search.trials, job.cv, job.force, job.progress) == (5, CVConfig(folds=3), True, False)
-    assert (job.data, job.out) == (Path("d"), Path("o"))
+    assert (job.data, job.out, job.data_named) == ((Path("d"),), Path("o"), "d")
 
 
 def test_an_unknown_option_names_the_one_it_may_mean():

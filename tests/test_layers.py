@@ -16,7 +16,7 @@ MODULES = {p.stem for p in PACKAGE.glob("*.py")}  # "__init__" is the package it
 # Bottom to top: a module imports from its own layer or the ones below it.
 LAYERS = [
     {"errors", "version", "config", "runfolder", "progress"},  # settings and the run folder's names
-    {"decode", "dicom", "cache", "layout", "data", "splits", "confound"},  # reading data
+    {"decode", "dicom", "cache", "layout", "manifest", "data", "splits", "confound"},  # reading data
     {"models", "infer", "ood", "evaluate", "plots", "augment", "_fused_kernel"},  # networks and figures
     {"bundle", "predictor", "onnx_export", "explain", "serve"},  # serving a saved model
     {"fused", "train", "study", "tune", "workers"},  # learning

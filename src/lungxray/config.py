@@ -121,9 +121,36 @@ class Preprocessing:
 
 
 @dataclass
+class Manifest:
+    """How a CSV manifest given as DATA is read (a folder of class folders needs none of this)."""
+
+    path_col: str | None = option("--path-col", None, metavar="COL")
+    """Column of image paths (relative to the CSV, or to --image-dir); default: path or file."""
+    label_col: str | None = option("--label-col", None, metavar="COL")
+    """Column of class names; default: label, or each file's folder when the CSV has no label column."""
+    patient_col: str | None = option("--patient-col", None, metavar="COL")
+    """Column of patient IDs (a patient's films never straddle splits or folds); default: patient."""
+    site_col: str | None = option("--site-col", None, metavar="COL")
+    """Column of sites (hospital, collection); default: site, else each DATA root is a site."""
+    image_dir: Path | None = option("--image-dir", None, metavar="DIR")
+    """Folder the manifest's paths are relative to, where a published set lists bare file names."""
+    where: tuple[str, ...] = option("--where", (), metavar="COL=VALUE[,VALUE]")
+    """Keep only the manifest rows whose column COL holds one of the values (repeatable)."""
+
+    def __post_init__(self) -> None:
+        self.image_dir = Path(self.image_dir) if self.image_dir is not None else None
+        self.where = (self.where,) if isinstance(self.where, str) else tuple(self.where)
+        bad = [w for w in self.where if "=" not in w or not w.split("=", 1)[0].strip()]
+        if bad:
+            raise ConfigError(f"--where {bad[0]!r} is not COL=VALUE[,VALUE]", hint="e.g. --where view=PA,AP")
+
+
+@dataclass
 class DataConfig:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     """Size and preprocessing of the model's input (``Preprocessing``)."""
+    manifest: Manifest = field(default_factory=Manifest, metadata={"group": "CSV manifests"})
+    """How a CSV manifest given as DATA is read (``Manifest``)."""
     dicom_patients: bool = option("--dicom-patients", True)
     """Keep the images of one DICOM PatientID in one group (--no-dicom-patients: for anonymised
     files that all carry the same placeholder ID)."""
@@ -170,6 +197,8 @@ class SplitConfig:
     """With --split folders, drop test images that duplicate a training image."""
     seed: int = option("--seed", 0)
     """Seed of the split, the search and training."""
+    test_site: str | None = option("--test-site", None, metavar="SITE")
+    """Test on one whole site (a hospital the model never saw), validate on part of the others."""
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -377,8 +406,11 @@ class CVConfig:
     metric's mean +- std over them: one cv run is one draw."""
     tune: bool = option("--tune", False)
     """Tune inside each fold's training part instead of using fixed hyperparameters."""
+    by: str = option("--by", "group", choices=("group", "site"))
+    """group: folds of whole duplicate and patient groups; site: leave-one-site-out, each site held out in turn."""
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         if self.folds < 2:
             raise ConfigError(f"--folds must be at least 2, got {self.folds}")
         if self.repeats < 1:

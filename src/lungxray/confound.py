@@ -11,8 +11,13 @@ burnt-in text raise). A cross-validated classifier on these alone, scored by bal
 against the majority-class baseline, is the warning: where it does far better than chance, the
 class is written in the source and a model can learn the source instead of the disease.
 
-Holds the features and the probe; reads file headers only (Pillow, or pydicom for DICOM), the
-pixels come from the scan. Sites (where a dataset names them) are not handled here yet.
+Where the data names sites (a manifest's site column, or several DATA roots), the audit also
+shows how the classes spread over the sites (the class x site table and Cramer's V), how well the
+same probe tells the site from the image, and a plain warning for each class that one site alone
+supplies.
+
+Holds the features and the probes; reads file headers only (Pillow, or pydicom for DICOM), the
+pixels come from the scan.
 """
 
 from __future__ import annotations
@@ -85,6 +90,8 @@ def probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0) -> di
     return {
         "balanced_accuracy": score,
         "chance": chance,
+        "accuracy": float(np.mean(predicted == y)),
+        "majority": float(np.bincount(y).max() / len(y)),
         "folds": folds,
         "seed": seed,
         "fires": score >= chance + MARGIN,
@@ -105,7 +112,40 @@ def audit(ds, seed: int = 0) -> dict:
         order = np.argsort(forest.feature_importances_)[::-1][:4]
         result["strongest"] = [FEATURES[i] for i in order]
     result["warning"] = warning(result)
+    if len(ds.sites) > 1:
+        result["sites"] = site_audit(ds, x, seed)
     return result
+
+
+def site_audit(ds, x: np.ndarray, seed: int = 0) -> dict:
+    """Classes against sites: the class x site table, Cramer's V (0: the classes spread alike over
+    the sites; 1: the site gives the class away), the probe predicting the site from the same
+    properties ``x`` against chance, and a warning per class that one site alone supplies."""
+    from scipy.stats.contingency import association
+
+    table = ds.site_class_counts()
+    sites = list(table)
+    counts = np.array([[table[site][c] for c in ds.classes] for site in sites])
+    kept = counts[:, counts.sum(axis=0) > 0]
+    v = float(association(kept, method="cramer")) if min(kept.shape) > 1 else None
+    named = np.array([s.site is not None for s in ds.samples])
+    index = {site: i for i, site in enumerate(sites)}
+    y = np.array([index[s.site] for s in ds.samples if s.site is not None], dtype=np.int64)
+    site_probe = probe(x[named], y, ds.groups[named], seed)
+    single = {c: sites[int(np.flatnonzero(counts[:, j])[0])] for j, c in enumerate(ds.classes)
+              if np.count_nonzero(counts[:, j]) == 1}  # fmt: skip
+    warnings = [
+        f"all {counts[:, ds.classes.index(c)].sum()} '{c}' images come from one site ({site}): a model can learn "
+        "the site instead of the disease"
+        for c, site in single.items()
+    ]
+    if v is not None and v >= 0.5 and site_probe["fires"]:
+        warnings.append(
+            f"the classes follow the sites (Cramer's V {v:.2f}) and the site can be told from the image "
+            f"(probe: balanced accuracy {site_probe['balanced_accuracy']:.2f} against {site_probe['chance']:.2f}): "
+            "test on a site the model never saw (cv --by site, run --test-site)"
+        )
+    return {"table": table, "cramers_v": v, "probe": site_probe, "single_site_classes": single, "warnings": warnings}
 
 
 def warning(result: dict) -> str | None:

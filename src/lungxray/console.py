@@ -40,6 +40,7 @@ def print_scan(summary: dict) -> None:
     groups = summary["groups"]
     sources = [f"patients from {groups['file']}"] * bool(groups["file"])
     sources += ["DICOM patients"] * bool(patients["n"] and patients["grouped"])
+    sources += ["patients of the manifest"] * bool(summary.get("manifest_patients"))
     source = f"{' and '.join(sources)} joined with duplicate groups" if sources else "duplicate groups"
     print(f"{groups['n']} group(s) kept whole by every split ({source}); the largest holds {groups['largest']} images")
     if summary["excluded"]:
@@ -49,7 +50,12 @@ def print_scan(summary: dict) -> None:
 
 def print_confound(confound: dict | None) -> None:
     """The source-confound probe against chance, and its warning when it fires."""
-    if not confound or confound["balanced_accuracy"] is None:
+    if not confound:
+        return
+    sites = confound.get("sites")
+    if sites:
+        print_sites(sites)
+    if confound["balanced_accuracy"] is None:
         return
     print(
         "source-confound probe (the class from image size, file format, bytes per pixel, bit depth and grey "
@@ -58,6 +64,29 @@ def print_confound(confound: dict | None) -> None:
     )
     if confound["warning"]:
         print(f"WARNING: {confound['warning']}")
+
+
+def print_sites(sites: dict) -> None:
+    """The class x site table, Cramer's V, the site probe against its baselines, the warnings."""
+    table = sites["table"]
+    classes = list(next(iter(table.values())))
+    width = max(len(s) for s in table) + 2
+    print("images per site and class:")
+    print(f"  {'site':<{width}}" + "".join(f"{c:>17}" for c in classes))
+    for site, row in table.items():
+        print(f"  {site:<{width}}" + "".join(f"{row[c]:>17}" for c in classes))
+    v = sites["cramers_v"]
+    probe = sites["probe"]
+    print(f"Cramer's V of class and site: {v:.2f} (0: classes spread alike over sites; 1: the site gives the class)"
+          if v is not None else "Cramer's V of class and site: not defined (one class or one site)")  # fmt: skip
+    if probe["balanced_accuracy"] is not None:
+        print(
+            f"site probe (the site from the same image properties, {probe['folds']}-fold): balanced accuracy "
+            f"{probe['balanced_accuracy']:.2f} against {probe['chance']:.2f} for chance; accuracy "
+            f"{probe['accuracy']:.2f} against {probe['majority']:.2f} for always answering the largest site"
+        )
+    for line in sites["warnings"]:
+        print(f"WARNING: {line}")
 
 
 def ci(metrics: dict, name: str) -> str:
@@ -143,11 +172,14 @@ def print_audit(report: dict, out) -> None:
 def print_cv(report: dict, job, out) -> None:
     """``lungxray cv``'s table: each metric's mean +- std over folds, pooled value and CI."""
     print_confound(report.get("confound"))
-    print(
-        f"{job.model}, {job.cv.folds}-fold cross-validation on {report['pooled']['n']} images "
-        f"(folds grouped by duplicate group, seed {report['seed']}"
-        f"{', tuned in each fold' if job.cv.tune else ''}):"
-    )
+    tuned = ", tuned in each fold" if job.cv.tune else ""
+    if report.get("by") == "site":
+        print_held_out_sites(report["per_fold"])
+        print(f"{job.model}, leave-one-site-out over {report['folds']} sites, pooled over every site's held-out "
+              f"images ({report['pooled']['n']}; seed {report['seed']}{tuned}):")  # fmt: skip
+    else:
+        print(f"{job.model}, {job.cv.folds}-fold cross-validation on {report['pooled']['n']} images "
+              f"(folds grouped by duplicate group, seed {report['seed']}{tuned}):")  # fmt: skip
     print(f"  {'metric':<28} {'mean +- std over folds':>24} {'pooled':>8}  95% CI (bootstrap)")
     for name, row in report["summary"].items():
         spread = (
@@ -164,6 +196,30 @@ def print_cv(report: dict, job, out) -> None:
         print_seed_spread(report)
     names = (runfolder.REPORT, runfolder.CV, runfolder.FOLDS, runfolder.CV_CONFUSION)
     print("written: " + ", ".join(str(out / name) for name in names))
+
+
+def print_held_out_sites(per_fold: list[dict]) -> None:
+    """Each held-out site's figures against chance: balanced accuracy, per-class recall with its
+    exact interval, one-vs-rest AUROC with its interval and verdict."""
+    print("each site held out in turn (trained on the others; 95% intervals):")
+    for fold in per_fold:
+        m = fold["metrics"]
+        ci = m.get("ci95", {})
+        base = m["baseline"]
+        print(f"  {fold['site']}: {m['n']} images; balanced accuracy {m['balanced_accuracy']:.2f} "
+              f"(majority class {base['balanced_accuracy']:.2f}), macro-F1 {m['macro_f1']:.2f} "
+              f"(majority-class {base['macro_f1']:.2f})" + (f"; {fold['left_out']} image(s) elsewhere left out "
+              "of training (a copy or their patient is at this site)" if fold.get("left_out") else ""))  # fmt: skip
+        for name, c in m["per_class"].items():
+            if not c["support"]:
+                continue
+            rec = ci.get(f"recall/{name}")
+            line = f"recall {c['recall']:.2f}" + (f" ({rec[0]:.2f}-{rec[1]:.2f})" if rec else "")
+            if c.get("auroc") is not None:
+                auc = ci.get(f"auroc/{name}")
+                line += f", AUROC {c['auroc']:.2f}" + (f" ({auc[0]:.2f}-{auc[1]:.2f})" if auc else "")
+                line += f": {c['auroc_vs_chance']}" if c.get("auroc_vs_chance") else ""
+            print(f"    {name:<20} {c['support']:>5} images, {line}")
 
 
 def print_seed_spread(report: dict) -> None:

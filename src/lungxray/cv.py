@@ -23,7 +23,7 @@ from lungxray.job import Job
 from lungxray.models import get_spec
 from lungxray.pipeline import Clock, fingerprint, jsonable, scan_summary, tensors
 from lungxray.plots import confusion_figure, save_figure
-from lungxray.splits import Split, make_folds
+from lungxray.splits import Split, make_folds, site_folds
 from lungxray.train import FitData, FitResult, fit
 from lungxray.version import __version__
 
@@ -86,12 +86,13 @@ def _cross_validate(job: Job, params: dict | None) -> dict:
     from lungxray.progress import bar as progress_bar
 
     out, seed = job.out, job.final.seed
-    made_from = fingerprint(job, folds=job.cv.folds, seed=seed)
+    by_site = job.cv.by == "site"
+    made_from = fingerprint(job, seed=seed, **({"by": "site"} if by_site else {"folds": job.cv.folds}))
     runfolder.check_fingerprint(out, made_from)  # its studies (--tune) belong to these folds
     set_threads(job.final.threads)
     clock = Clock()
     ds = load_dataset(job.data, job.dataset, progress=job.progress)
-    parts = make_folds(ds.labels, ds.groups, job.cv.folds, seed)
+    parts = site_folds(ds, seed) if by_site else make_folds(ds.labels, ds.groups, job.cv.folds, seed)
     if any(s.patient for s in ds.samples):  # folds.json names patients by this folder's own key
         ds.rekey_patients(runfolder.secret_key(out / runfolder.PATIENT_KEY))
     runfolder.record_fingerprint(out, made_from)
@@ -138,9 +139,10 @@ def _report(job: Job, ds: Dataset, parts: list[Split], runs: list, pooled: dict,
     ]  # fmt: skip
     return {
         "lungxray_version": __version__,
-        "data": str(job.data),
+        "data": job.data_named,
         "model": job.model,
-        "folds": job.cv.folds,
+        "folds": len(parts),
+        "by": job.cv.by,
         "seed": seed,
         "repeats": repeats,
         "n_parameters": n_params,
@@ -179,6 +181,7 @@ def _folds_once(
         per_fold.append(
             {
                 "fold": i + 1,
+                **({"site": fold.site, "left_out": fold.left_out} if fold.site is not None else {}),
                 **fold.sizes(),
                 "training_seed": job.final.seed,
                 "params": hp,
@@ -189,7 +192,13 @@ def _folds_once(
                 "fit_s": fit_s,
                 "train_images_per_s": trained / fit_s if params is not None else None,
                 "predict_images_per_s": len(fold.test) / infer_s,
-                "metrics": compute_metrics(ds.labels[fold.test], probs[fold.test], ds.classes, resamples=0),
+                # a held-out site's figures are results on their own: with their intervals
+                "metrics": compute_metrics(
+                    ds.labels[fold.test],
+                    probs[fold.test],
+                    ds.classes,
+                    **({"seed": job.seed} if fold.site else {"resamples": 0}),
+                ),  # fmt: skip
             }
         )
     return probs, per_fold, sum(p.numel() for p in result.model.parameters())

@@ -25,7 +25,8 @@ from lungxray.cache import PreprocessCache
 from lungxray.config import DataConfig, Preprocessing
 from lungxray.decode import decode_with_patient, read_image_file
 from lungxray.errors import DataError, UnusableImage
-from lungxray.layout import Skipped, discover, join_groups, known_paths, read_groups, read_paths
+from lungxray.layout import Skipped, join_groups, known_paths, read_groups, read_paths
+from lungxray.manifest import locate
 
 
 @dataclass
@@ -40,6 +41,8 @@ class Sample:
     phash: str  # 64-bit perceptual hash (hex) of the preprocessed image
     group: int = -1  # duplicate cluster; samples sharing a group are one unit in every split
     patient: str | None = None  # keyed hash of a DICOM file's PatientID (``pseudonym``), never the ID
+    site: str | None = None  # hospital or collection: a manifest's site column, or the DATA root
+    meta: dict[str, str] = field(default_factory=dict)  # a manifest's other columns (view, sex, age)
 
 
 @dataclass
@@ -57,6 +60,21 @@ class Dataset:
     excluded: list[str] = field(default_factory=list)  # paths left out by --exclude
     groups_file: str | None = None  # the --groups CSV joined into the groups, if any
     patients_joined: bool = False  # DICOM patients joined into the groups (--dicom-patients)
+    sources: list[str] = field(default_factory=list)  # the DATA entries: folders and CSV manifests
+    manifest_patients: int = 0  # images whose patient a manifest names (joined into the groups)
+
+    @property
+    def sites(self) -> list[str]:
+        """The sites the samples come from (sorted); empty when the data names none."""
+        return sorted({s.site for s in self.samples if s.site is not None})
+
+    def site_class_counts(self) -> dict[str, dict[str, int]]:
+        """site -> class -> images (every class listed, zeros included)."""
+        table = {site: dict.fromkeys(self.classes, 0) for site in self.sites}
+        for s in self.samples:
+            if s.site is not None:
+                table[s.site][s.label] += 1
+        return table
 
     @property
     def labels(self) -> np.ndarray:
@@ -95,6 +113,9 @@ class Dataset:
             "groups": self.group_sizes(),
             "patients": self.patient_counts(),
             "excluded": self.excluded,
+            "sources": self.sources,
+            "sites": self.site_class_counts(),
+            "manifest_patients": self.manifest_patients,
         }
 
     def rekey_patients(self, key: bytes) -> None:
@@ -292,21 +313,23 @@ def find_duplicate_groups(
 
 
 def load_dataset(
-    root: Path,
+    data,
     cfg: DataConfig | None = None,
     *,
     progress: bool = True,
     min_classes: int = 2,
 ) -> Dataset:
-    """Scan ``root``, preprocess every image (cached), and find duplicate groups, joined with the
-    patients of DICOM files (``cfg.dicom_patients``) and the ``cfg.groups`` CSV.
+    """Scan ``data`` (a folder, a CSV manifest, or a list of them: ``manifest.locate``), preprocess
+    every image (cached), and find duplicate groups, joined with the patients of DICOM files
+    (``cfg.dicom_patients``), of the manifest's patient column and of the ``cfg.groups`` CSV.
 
     Raises DataError when a class folder has no usable image or fewer than ``min_classes`` classes
     are found. Unusable files are listed in ``Dataset.skipped`` with their reason.
     """
     cfg = cfg or DataConfig()
-    root = Path(os.path.abspath(root))  # absolute: scan.json and the report stay valid from any folder
-    layout, files, skipped = discover(root, same_classes=min_classes > 1)
+    # absolute paths: scan.json and the report stay valid from any folder
+    located = locate(data, cfg.manifest, same_classes=min_classes > 1)
+    root, layout, files, skipped = located.root, located.layout, located.files, located.skipped
     excluded = []
     if cfg.exclude is not None:
         drop = known_paths(read_paths(cfg.exclude, root), {p for p, _, _ in files}, cfg.exclude, "--exclude")
@@ -319,6 +342,9 @@ def load_dataset(
     loaded, plain_store = _load_pixels(files, plain_cfg, progress)
     processed, store = (loaded, plain_store) if plain_cfg == cfg else _load_pixels(files, cfg, progress)
     samples = _usable_samples(files, loaded, processed, skipped, root)
+    for sample in samples:
+        origin = located.origins[sample.path]
+        sample.site, sample.meta = origin.site, origin.meta
     classes = sorted({s.label for s in samples})
     if len(classes) < min_classes:
         raise DataError(
@@ -332,6 +358,9 @@ def load_dataset(
     if cfg.groups is not None:
         by_path = read_groups(cfg.groups, root, [s.path for s in samples], skipped, [Path(p) for p in excluded])
         groups = join_groups(groups, [by_path.get(s.path) for s in samples])
+    listed = [located.origins[s.path].patient for s in samples]
+    if any(listed):  # a manifest's patients: IDs are per site (patient 17 of two hospitals is two people)
+        groups = join_groups(groups, [f"{s.site}\x00{p}" if p else None for s, p in zip(samples, listed, strict=True)])
     joined = cfg.dicom_patients and any(s.patient for s in samples)
     if joined:
         groups = join_groups(groups, [s.patient for s in samples])
@@ -339,7 +368,10 @@ def load_dataset(
     for sample, group in zip(samples, groups, strict=True):
         sample.group = int(group)
     groups_file = str(cfg.groups) if cfg.groups is not None else None
-    return Dataset(root, layout, classes, samples, pixels, skipped, dup_groups, cross, excluded, groups_file, joined)
+    return Dataset(
+        root, layout, classes, samples, pixels, skipped, dup_groups, cross, excluded, groups_file, joined,
+        located.sources, sum(map(bool, listed)),
+    )  # fmt: skip
 
 
 def _usable_samples(files: list, loaded: dict, processed: dict, skipped: list[Skipped], root: Path) -> list[Sample]:

@@ -68,7 +68,11 @@ def _data_args(p: argparse.ArgumentParser, img_size: bool = True, sources: bool 
     p.add_argument(
         "data",
         type=Path,
-        help="dataset folder: one sub-folder per class, or train/ test/ [val/] folders that each hold class folders",
+        nargs="+",
+        metavar="DATA",
+        help="dataset folder (one sub-folder per class, or train/ test/ [val/] folders that each hold class "
+        "folders) or CSV manifest (a row per image: path, label, and optional patient, site, view, ...); "
+        "several make one dataset, each a site unless a site column says otherwise",
     )
     # evaluate and friends: the bundle's size and preprocessing
     skip = () if img_size else ("preprocessing",)

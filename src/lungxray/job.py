@@ -51,8 +51,9 @@ class Job:
     """One command's whole input, resolved. ``trial`` and ``final`` are ``train`` filled from the
     model's recipe: the settings of each trial of the search, and of the final training."""
 
-    data: Path
-    """The dataset folder."""
+    data: tuple[Path, ...]
+    """The dataset: a folder of class folders, a CSV manifest, or several (each a site); one path
+    may be given as such."""
     out: Path | None = None
     """The run (or cv) folder written; None: nothing is written (a worker)."""
     model: str = "cnn"
@@ -88,7 +89,9 @@ class Job:
         given = config.resolve_train(self.train, recipe)  # the one place the recipe fills training settings
         final = replace(given, epochs=self.final_epochs) if self.final_epochs is not None else given
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
-        set_("data", Path(self.data))
+        set_("data", tuple(Path(d) for d in ([self.data] if isinstance(self.data, (str, Path)) else self.data)))
+        if not self.data:
+            raise ConfigError("no DATA given", hint="pass a folder of class folders or a CSV manifest")
         set_("out", Path(self.out) if self.out is not None else None)
         set_("external", tuple(Path(e) for e in self.external))
         set_("search", search)
@@ -98,6 +101,11 @@ class Job:
     @property
     def preprocessing(self) -> Preprocessing:
         return self.dataset.preprocessing
+
+    @property
+    def data_named(self) -> str | list[str]:
+        """DATA as run.json and cv.json record it: the path, or the list of paths."""
+        return str(self.data[0]) if len(self.data) == 1 else [str(d) for d in self.data]
 
     @property
     def seed(self) -> int:

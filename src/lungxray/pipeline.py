@@ -44,7 +44,6 @@ def jsonable(obj):
 def fingerprint(job: Job, **parts) -> dict:
     """What a run or cv folder is made from: the data, its preprocessing and selection, the model,
     and ``parts`` (the split of a run; the folds and seed of a cv)."""
-    import os
 
     prep, data_cfg = job.preprocessing, job.dataset
     # Preprocessing options only when set, so folders made before they existed keep their fingerprint.
@@ -52,8 +51,16 @@ def fingerprint(job: Job, **parts) -> dict:
     options = {k: v for k, v in options.items() if v not in (False, "none", ())}
     if not data_cfg.dicom_patients:
         options["dicom_patients"] = False
-    return jsonable({"data": os.path.realpath(job.data), "model": job.model, "img_size": prep.img_size,
+    return jsonable({"data": _real(job.data), "model": job.model, "img_size": prep.img_size,
                      "groups": data_cfg.groups, "exclude": data_cfg.exclude, **options, **parts})  # fmt: skip
+
+
+def _real(data: tuple[Path, ...]) -> str | list[str]:
+    """DATA's real paths: one as a string (as folders made before several were allowed), several as a list."""
+    import os
+
+    paths = [os.path.realpath(d) for d in data]
+    return paths[0] if len(paths) == 1 else paths
 
 
 def check_storage(job: Job) -> None:
@@ -72,7 +79,7 @@ def prepare(job: Job, write: bool = True) -> tuple[Dataset, Split]:
     made_from = fingerprint(job, split=asdict(job.split))
     if out is not None:
         runfolder.check_fingerprint(out, made_from)  # before the scan: fail fast
-    stage(f"scanning {job.data}", job.progress)
+    stage(f"scanning {', '.join(map(str, job.data))}", job.progress)
     ds = load_dataset(job.data, job.dataset, progress=job.progress)
     split = make_split(ds, job.split)
     note(f"{len(ds.samples)} images ({', '.join(f'{c} {n}' for c, n in ds.counts().items())}), "
@@ -316,7 +323,7 @@ def _summary(job: Job, ds: Dataset, tuned, fitted: FitResult, metrics: dict, aud
                 "trial": asdict(job.trial), "final": asdict(job.final.for_params(tuned.best_params))}  # fmt: skip
     return {
         "lungxray_version": __version__,
-        "data": str(job.data),
+        "data": job.data_named,
         "model": job.model,
         "seed": job.seed,
         "settings": jsonable(settings),

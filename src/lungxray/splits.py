@@ -27,18 +27,24 @@ class Split:
     mode: str
     seed: int
     test_duplicates_of_train: int = 0  # test images left in although a copy is in train/val
+    site: str | None = None  # the held-out site (--test-site, cv --by site)
+    left_out: int = 0  # images of other sites left out of training: a copy or their patient is at the held-out site
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
     def to_json(self, ds: Dataset) -> dict:
         parts = {"train": self.train, "val": self.val, "test": self.test}
-        out = {
-            "mode": self.mode,
-            "seed": self.seed,
-            "sizes": self.sizes(),
-            "test_duplicates_of_train": self.test_duplicates_of_train,
-        } | {name: [str(ds.samples[i].path) for i in idx] for name, idx in parts.items()}
+        out = (
+            {
+                "mode": self.mode,
+                "seed": self.seed,
+                "sizes": self.sizes(),
+                "test_duplicates_of_train": self.test_duplicates_of_train,
+            }
+            | ({"site": self.site, "left_out": self.left_out} if self.site is not None else {})
+            | {name: [str(ds.samples[i].path) for i in idx] for name, idx in parts.items()}
+        )
         if any(s.patient for s in ds.samples):
             # DICOM patients per split, as keyed pseudonyms: disjoint, as the leakage check made sure
             out["patients"] = {
@@ -109,10 +115,52 @@ def folder_split(ds: Dataset, cfg: SplitConfig) -> Split:
 
 
 def make_split(ds: Dataset, cfg: SplitConfig) -> Split:
-    """The split named by ``cfg.mode``."""
+    """The split named by ``cfg.mode``, or the whole site ``cfg.test_site`` as the test."""
+    if cfg.test_site is not None:
+        if cfg.mode == "folders":
+            raise ConfigError("--test-site and --split folders exclude each other", hint="drop one")
+        return site_split(ds, cfg.test_site, cfg.val_fraction / (1 - cfg.test_fraction), cfg.seed)
     if cfg.mode == "folders":
         return folder_split(ds, cfg)
     return random_split(ds.labels, ds.groups, cfg)
+
+
+def site_split(ds: Dataset, site: str, val_fraction: float, seed: int, mode: str | None = None) -> Split:
+    """Every image of ``site`` is the test; train and val (``val_fraction`` of the rest, stratified,
+    whole groups) come from the other sites. An image elsewhere whose group (a copy, a patient)
+    reaches into ``site`` is left out of both: the held-out site stays unseen."""
+    if site not in ds.sites:
+        known = ", ".join(ds.sites) or "none: DATA names no site (give several roots, or a manifest with a site column)"
+        raise DataError(f"no site named {site!r}; the sites are: {known}")
+    where = np.array([s.site == site for s in ds.samples])
+    labels, groups = ds.labels, ds.groups
+    test = np.flatnonzero(where)
+    others = np.flatnonzero(~where)
+    reaching = np.isin(groups[others], groups[test])
+    missing = sorted(set(ds.classes) - {ds.classes[k] for k in labels[others[~reaching]]})
+    if missing:
+        warnings.warn(
+            f"no image of class {', '.join(missing)} outside site {site}: the model held out from it "
+            "cannot predict that class",
+            stacklevel=2,
+        )
+    train, val = _hold_out(others[~reaching], labels, groups, val_fraction, seed)
+    split = Split(train, val, test, mode or f"site {site}", seed, site=site, left_out=int(reaching.sum()))
+    check_no_leakage(split, groups)
+    return split
+
+
+def site_folds(ds: Dataset, seed: int, val_fraction: float = 0.125) -> list[Split]:
+    """Leave-one-site-out: one fold per site, which is its test; the other sites train and validate."""
+    if len(ds.sites) < 2:
+        raise DataError(
+            f"cv --by site needs at least two sites, found {len(ds.sites)}",
+            hint="give several DATA roots (each a site), or a manifest with a site column (--site-col)",
+        )
+    k = len(ds.sites)
+    return [
+        site_split(ds, site, val_fraction, seed + 1 + i, f"site {i + 1}/{k}: {site}") for i, site in enumerate(ds.sites)
+    ]
 
 
 def make_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int, val_fraction: float = 0.125) -> list[Split]:
