@@ -58,8 +58,8 @@ def _hold_out(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split ``idx`` into (rest, held-out ~fraction), stratified by label, whole groups only."""
     # On a tiny dataset no class may have 1/fraction members: hold out a larger share instead.
-    n_splits = max(2, min(round(1 / fraction), int(np.bincount(labels[idx]).max())))
-    if len(np.unique(groups[idx])) < n_splits:
+    n_splits = max(2, min(round(1 / fraction), int(np.bincount(labels[idx]).max(initial=0))))
+    if len(np.unique(groups[idx])) < n_splits or np.bincount(labels[idx]).max(initial=0) < 2:
         raise DataError(
             f"only {len(np.unique(groups[idx]))} distinct images to split into "
             f"{n_splits} parts; add images or raise --val-fraction/--test-fraction"
