@@ -117,6 +117,9 @@ def _evaluation(metrics: dict | None) -> list[str]:
         f"- {_figure(metrics, 'accuracy')}, {_figure(metrics, 'macro_f1', 'macro-F1')}, "
         f"{_figure(metrics, 'macro_auroc', 'macro AUROC')}.",
     ]
+    from lungxray.report_external import site_rows
+
+    lines[4:4] = [f"- {label}: {figures}." for label, figures in site_rows(metrics)]
     for c, m in metrics["per_class"].items():
         lines.append(f"- {c}: {_figure(metrics, f'recall/{c}', 'recall', m['recall'])}, {m['support']} images.")
     ood = metrics.get("ood")

@@ -122,6 +122,10 @@ def print_run(summary: dict, metrics: dict, external: dict[str, dict]) -> None:
         if leaked
         else f"{summary['duplicate_groups']} duplicate groups kept whole"
     )
+    from lungxray.report_external import against_chance, site_rows
+
+    for label, figures in site_rows(metrics):  # where the model meets a site it never saw: first
+        print(f"{label}: {figures}")
     print(
         f"test accuracy {summary['test_accuracy']:.4f}{ci(metrics, 'accuracy')}, macro-F1 "
         f"{summary['test_macro_f1']:.4f}{ci(metrics, 'macro_f1')} on {summary['n_test']} held-out images "
@@ -132,7 +136,6 @@ def print_run(summary: dict, metrics: dict, external: dict[str, dict]) -> None:
         if "error" in ext:
             print(f"external {name}: not evaluated: {ext['error']}")
             continue
-        from lungxray.report_external import against_chance
 
         print(f"external {name} ({ext['n']} images): " + "; ".join(against_chance(external[name])))
     print("artifacts:")

@@ -142,10 +142,11 @@ def evaluate_split(
         "loss": metrics["loss"],
         "loss_uncalibrated": log_loss_at(logits, y),
     }
-    metrics |= extra or {}
+    metrics |= per_site(ds, idx, y, probs, predictor.classes_) | (extra or {})
     images = [
         {"path": str(ds.samples[i].path), "label": ds.samples[i].label, "probabilities": [float(v) for v in probs[k]],
          "uncalibrated": [float(v) for v in raw[k]], **ood_fields(None if scores is None else scores[k])}
+        | ({"site": ds.samples[i].site} if ds.samples[i].site is not None else {})
         for k, i in enumerate(idx)
     ]  # fmt: skip
     predictions = {"classes": predictor.classes_, "temperature": predictor.temperature_, "images": images}
@@ -155,6 +156,18 @@ def evaluate_split(
     if metrics["ood"] is not None:
         save_figure(coverage_figure({name: metrics["ood"]}), out / runfolder.COVERAGE)
     return metrics
+
+
+def per_site(ds: Dataset, idx: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
+    """Where the scored images come from two sites or more: each site's metrics (with intervals)
+    under "per_site", and "worst_site", the site of lowest balanced accuracy; else nothing."""
+    sites = np.array([ds.samples[i].site or "" for i in idx], dtype=object)
+    names = sorted(set(sites) - {""})
+    if len(names) < 2:
+        return {}
+    figures = {site: compute_metrics(y[sites == site], probs[sites == site], classes) for site in names}
+    worst = min(names, key=lambda site: figures[site]["balanced_accuracy"])
+    return {"per_site": figures, "worst_site": worst}
 
 
 def _seen_extra(ds: Dataset, seen: dict) -> dict:

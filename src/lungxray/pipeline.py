@@ -273,6 +273,8 @@ def _run(job: Job, external: dict[str, Path]) -> RunResult:
     clock.lap("train_s")
     split_info = {"mode": split.mode, "seed": split.seed, **split.sizes(),
                   "test_duplicates_of_train": split.test_duplicates_of_train}  # fmt: skip
+    if split.site is not None:
+        split_info |= {"site": split.site, "left_out": split.left_out}
     stage(f"evaluating on the test split ({len(split.test)} images)", job.progress)
     metrics = evaluate_split(
         predictor, ds, split.test, job.out, {"split": split_info}

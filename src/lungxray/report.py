@@ -18,7 +18,7 @@ from lungxray import report_sections as body
 from lungxray import runfolder
 from lungxray.report_blocks import section, table
 from lungxray.report_data import RunContents, read_run
-from lungxray.report_external import against_chance, external_section, ood_section
+from lungxray.report_external import against_chance, external_section, ood_section, site_rows
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 .scroll{overflow-x:auto;max-width:100%}.summary td:first-child{font-weight:600}
@@ -58,6 +58,7 @@ def _summary(run: RunContents) -> str:
         ["data", data],
         ["seed", seed],
         ["images scored", metrics.get("n", "n/a")],
+        *[list(row) for row in site_rows(metrics)],
         ["accuracy", figure("accuracy")],
         ["macro-F1", figure("macro_f1")],
         ["macro AUROC", figure("macro_auroc")],
@@ -82,7 +83,7 @@ def _data_and_training(run: RunContents) -> list[str]:
     if found["history"]:
         sections.append(section("training", "Training curves", body.curves(found["history"])))
     if cv:
-        sections.append(section("folds", f"{cv['folds']}-fold cross-validation ({cv['model']})", body.cv_table(cv)))
+        sections.append(section("folds", _cv_title(cv), body.cv_table(cv)))
     return sections
 
 
@@ -143,3 +144,8 @@ def write_report(folder: Path, model_dir: Path | None = None) -> Path:
         f"{_summary(run)}{seen}{''.join(sections)}</body></html>"
     )
     return runfolder.write_text(run.folder / runfolder.REPORT, page)
+
+
+def _cv_title(cv: dict) -> str:
+    kind = "leave-one-site-out" if cv.get("by") == "site" else f"{cv['folds']}-fold"
+    return f"{kind} cross-validation ({cv['model']})"

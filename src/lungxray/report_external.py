@@ -72,6 +72,22 @@ def against_chance(metrics: dict) -> list[str]:
     return parts
 
 
+def site_rows(metrics: dict) -> list[tuple[str, str]]:
+    """(label, figures against chance) for a test that is one held-out site, and for the worst of
+    the sites the test images come from: the figures that say where the model fails."""
+    rows = []
+    site = (metrics.get("split") or {}).get("site")
+    if site is not None:
+        rows.append((f"held-out site {site} ({metrics['n']} images, none of its films in training)",
+                     "; ".join(against_chance(metrics))))  # fmt: skip
+    worst = metrics.get("worst_site")
+    if worst is not None:
+        figures = metrics["per_site"][worst]
+        rows.append((f"worst site: {worst} ({figures['n']} images, of {len(metrics['per_site'])} sites)",
+                     "; ".join(against_chance(figures))))  # fmt: skip
+    return rows
+
+
 OOD_TEXT = (
     "<p>Every prediction carries an out-of-distribution score: how far the image lies from the "
     "training images (Mahalanobis distance of its thumbnail's principal components and its grey-level "

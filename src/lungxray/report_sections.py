@@ -56,10 +56,35 @@ def dataset(scan: dict, parts: dict | None) -> str:
     return body + (table(["images", "files"], groups) if groups else "<p>None found.</p>")
 
 
+def _sites(sites: dict | None) -> str:
+    """The class x site table, Cramer's V, the site probe against its baselines; warnings first."""
+    if not sites:
+        return ""
+    warnings = "".join(f'<p class="warning"><strong>Warning: {html.escape(w)}.</strong></p>' for w in sites["warnings"])
+    classes = list(next(iter(sites["table"].values())))
+    rows = [[site, *row.values()] for site, row in sites["table"].items()]
+    v, probe = sites["cramers_v"], sites["probe"]
+    said = (
+        f"<p>Cramer's V of class and site: {v:.2f} (0: the classes spread alike over the sites; "
+        "1: the site gives the class away)."
+        if v is not None
+        else "<p>"
+    )
+    if probe["balanced_accuracy"] is not None:
+        said += (
+            f" A random forest on the same image properties tells the site with balanced accuracy "
+            f"{probe['balanced_accuracy']:.2f} against {probe['chance']:.2f} for chance (accuracy "
+            f"{probe['accuracy']:.2f} against {probe['majority']:.2f} for always answering the largest site)."
+        )
+    return "<h3>Sites</h3>" + warnings + table(["site", *classes], rows) + said + "</p>"
+
+
 def _confound(confound: dict | None) -> str:
     """The source-confound probe against chance, its warning first when it fires."""
-    if not confound or confound.get("balanced_accuracy") is None:
+    if not confound:
         return ""
+    if confound.get("balanced_accuracy") is None:
+        return _sites(confound.get("sites"))
     said = (
         f"<p>Source-confound probe, before any training: a random forest predicting the class from "
         f"properties that are not the disease (image size, file format, bytes per pixel, bit depth, "
@@ -67,8 +92,8 @@ def _confound(confound: dict | None) -> str:
         f"{confound['balanced_accuracy']:.2f} against {confound['chance']:.2f} for chance.</p>"
     )
     if confound.get("warning"):
-        return f'<p class="warning"><strong>Warning: {html.escape(confound["warning"])}.</strong></p>' + said
-    return said
+        said = f'<p class="warning"><strong>Warning: {html.escape(confound["warning"])}.</strong></p>' + said
+    return said + _sites(confound.get("sites"))
 
 
 def _patients(patients: dict) -> str:
@@ -271,6 +296,14 @@ def cv_table(cv: dict) -> str:
         for name, row in cv["summary"].items()
     ]
     folds = table(["metric", "mean over folds", "std over folds"], rows)
+    if cv.get("by") == "site":
+        from lungxray.report_external import against_chance
+
+        held = [[f["site"], f["test"], "; ".join(against_chance(f["metrics"]))] for f in cv["per_fold"]]
+        folds = (
+            "<p>Each site held out in turn: trained on the others, scored on it (95% intervals).</p>"
+            + table(["held-out site", "images", "figures against chance"], held) + folds
+        )  # fmt: skip
     spread = cv.get("seed_spread")
     if not spread:
         return folds
