@@ -37,16 +37,22 @@ def rows(shared: Path) -> list[dict]:
     return out
 
 
+def main_to(out: Path, shared: Path = SHARED) -> list[dict]:
+    """Write the manifest to ``out``; return its rows."""
+    table = rows(shared)
+    with open(out, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "site", "patient"])
+        writer.writeheader()
+        writer.writerows(table)
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="the CSV to write")
     parser.add_argument("--shared", type=Path, default=SHARED, help=f"the shared data folder (default {SHARED})")
     args = parser.parse_args()
-    table = rows(args.shared)
-    with open(args.out, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "label", "site", "patient"])
-        writer.writeheader()
-        writer.writerows(table)
+    table = main_to(args.out, args.shared)
     print(f"{args.out}: {len(table)} images from {len({r['site'] for r in table})} sites")
 
 

@@ -53,7 +53,7 @@ class Split:
         return out
 
 
-def _hold_out(
+def hold_out(
     idx: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split ``idx`` into (rest, held-out ~fraction), stratified by label, whole groups only."""
@@ -75,8 +75,8 @@ def _hold_out(
 def random_split(labels: np.ndarray, groups: np.ndarray, cfg: SplitConfig) -> Split:
     """Stratified train/val/test (default 70/10/20) with every duplicate group kept whole."""
     everything = np.arange(len(labels))
-    rest, test = _hold_out(everything, labels, groups, cfg.test_fraction, cfg.seed)
-    train, val = _hold_out(rest, labels, groups, cfg.val_fraction / (1 - cfg.test_fraction), cfg.seed + 1)
+    rest, test = hold_out(everything, labels, groups, cfg.test_fraction, cfg.seed)
+    train, val = hold_out(rest, labels, groups, cfg.val_fraction / (1 - cfg.test_fraction), cfg.seed + 1)
     split = Split(train, val, test, "random", cfg.seed)
     check_no_leakage(split, groups)
     return split
@@ -96,7 +96,7 @@ def folder_split(ds: Dataset, cfg: SplitConfig) -> Split:
         raise DataError(f"{ds.root} has no test/ folder with images", hint="use --split random")
     val = np.flatnonzero(where == "val")
     if len(val) == 0:
-        train, val = _hold_out(train, labels, groups, cfg.val_fraction / (1 - cfg.test_fraction), cfg.seed)
+        train, val = hold_out(train, labels, groups, cfg.val_fraction / (1 - cfg.test_fraction), cfg.seed)
     seen = set(groups[train]) | set(groups[val])
     leaked = np.array([i for i in test if groups[i] in seen], dtype=np.int64)
     if len(leaked) and cfg.drop_test_duplicates:
@@ -144,7 +144,7 @@ def site_split(ds: Dataset, site: str, val_fraction: float, seed: int, mode: str
             "cannot predict that class",
             stacklevel=2,
         )
-    train, val = _hold_out(others[~reaching], labels, groups, val_fraction, seed)
+    train, val = hold_out(others[~reaching], labels, groups, val_fraction, seed)
     split = Split(train, val, test, mode or f"site {site}", seed, site=site, left_out=int(reaching.sum()))
     check_no_leakage(split, groups)
     return split
@@ -182,7 +182,7 @@ def make_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int, val_fr
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         parts = list(splitter.split(everything, labels, groups))
     for i, (rest, test) in enumerate(parts):
-        train, val = _hold_out(everything[rest], labels, groups, val_fraction, seed + 1 + i)
+        train, val = hold_out(everything[rest], labels, groups, val_fraction, seed + 1 + i)
         fold = Split(train, val, np.sort(everything[test]), f"fold {i + 1}/{k}", seed)
         check_no_leakage(fold, groups)
         folds.append(fold)
