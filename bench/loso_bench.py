@@ -107,12 +107,14 @@ def spread(values: list[float | None]) -> str:
 
 
 def site_cell(runs: list[dict], site: str) -> str:
-    """A held-out site's per-class recall (first seed's interval) and covid-vs-normal AUROC, over seeds."""
+    """A held-out site's per-class recall over seeds, with the first seed's own recall and exact
+    interval beside it, and its covid-vs-normal AUROC over seeds."""
     if site not in runs[0]:
         return "not held out"
     parts = []
-    for name, (_, ci, n) in runs[0][site]["recall"].items():
-        parts.append(f"{name} {spread([r[site]['recall'][name][0] for r in runs])} ({ci[0]:.2f}-{ci[1]:.2f}, n={n})")
+    for name, (first, ci, n) in runs[0][site]["recall"].items():
+        over = spread([r[site]["recall"][name][0] for r in runs])
+        parts.append(f"{name} {over} (n={n}; first seed {first:.2f}, {ci[0]:.2f}-{ci[1]:.2f})")
     auc = [r[site]["covid_vs_normal"] for r in runs]
     if auc[0] is not None:
         parts.append(f"AUROC {spread(auc)}")
