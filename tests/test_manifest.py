@@ -252,3 +252,40 @@ def test_cv_by_site_holds_each_site_out_and_reports_it(tmp_path):
         held = Path(fold["test"][0]).parts[-3]
         assert all(Path(p).parts[-3] == held for p in fold["test"])
         assert all(Path(p).parts[-3] != held for p in fold["train"] + fold["val"])
+
+
+def test_run_test_site_tests_on_the_whole_site_and_leads_with_it(tmp_path, capsys):
+    a = write_tree(tmp_path / "north", per_class=8)
+    b = write_tree(tmp_path / "south", per_class=5, start=40)
+    out = tmp_path / "run"
+    code = cli("run", a, b, "--test-site south --model mlp --img-size 16 --trials 2 --epochs 2 --final-epochs 2",
+               "--quiet --out", out, "--cache-dir", tmp_path / "cache")  # fmt: skip
+    assert code == 0
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits["site"] == "south" and splits["sizes"]["test"] == 15
+    assert all("/south/" in p for p in splits["test"]) and not any(
+        "/south/" in p for p in splits["train"] + splits["val"]
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"]["site"] == "south" and "per_site" not in metrics
+    lines = capsys.readouterr().out.splitlines()
+    held = next(i for i, line in enumerate(lines) if line.startswith("held-out site south (15 images"))
+    assert "balanced accuracy" in lines[held] and held < next(
+        i for i, line in enumerate(lines) if line.startswith("test accuracy")
+    )
+    assert "held-out site south" in (out / "model" / "MODEL_CARD.md").read_text()
+
+
+def test_scoring_images_of_several_sites_gives_each_site_and_names_the_worst(trained_run, tmp_path):
+    _, run, _ = trained_run
+    a = write_tree(tmp_path / "east", per_class=3, start=60)
+    b = write_tree(tmp_path / "west", per_class=3, start=70)
+    out = tmp_path / "eval"
+    assert cli("evaluate", run / "model", a, b, "--quiet --out", out, "--cache-dir", tmp_path / "cache") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    sites = metrics["per_site"]
+    assert set(sites) == {"east", "west"} and all(m["n"] == 9 for m in sites.values())
+    assert metrics["worst_site"] == min(sites, key=lambda s: sites[s]["balanced_accuracy"])
+    assert "recall/covid" in sites["east"]["ci95"]
+    predictions = json.loads((out / "predictions.json").read_text())["images"]
+    assert {p["site"] for p in predictions} == {"east", "west"}

@@ -111,7 +111,8 @@ def cmd_train(args) -> int:
 def _scoring(args):
     from lungxray.evaluation import Scoring
 
-    return Scoring(args.model_dir, args.data, from_args(DataConfig, args), args.out, args.splits,
+    data = args.data[0] if len(args.data) == 1 else args.data  # several: one dataset, each a site
+    return Scoring(args.model_dir, data, from_args(DataConfig, args), args.out, args.splits,
                    args.include_seen, args.force, not args.quiet)  # fmt: skip
 
 

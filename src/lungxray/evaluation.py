@@ -32,7 +32,8 @@ class Scoring:
 
     model: Path | Predictor
     """The bundle's folder, or one already loaded."""
-    data: Path
+    data: Path | list[Path]
+    """A folder, a CSV manifest, or a list of them (one dataset, each a site)."""
     dataset: DataConfig = field(default_factory=DataConfig)
     """How to read ``data``; its preprocessing is replaced by the bundle's."""
     out: Path | None = None
