@@ -140,10 +140,12 @@ def site_audit(ds, x: np.ndarray, seed: int = 0) -> dict:
         for c, site in single.items()
     ]
     if v is not None and v >= 0.5 and site_probe["fires"]:
+        sole = sorted(set(single.values()))
         warnings.append(
             f"the classes follow the sites (Cramer's V {v:.2f}) and the site can be told from the image "
             f"(probe: balanced accuracy {site_probe['balanced_accuracy']:.2f} against {site_probe['chance']:.2f}): "
             "test on a site the model never saw (cv --by site, run --test-site)"
+            + (f"; held out, {', '.join(sole)} would take a class out of training" if sole else "")
         )
     return {"table": table, "cramers_v": v, "probe": site_probe, "single_site_classes": single, "warnings": warnings}
 

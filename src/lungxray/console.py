@@ -79,7 +79,9 @@ def print_sites(sites: dict) -> None:
     probe = sites["probe"]
     print(f"Cramer's V of class and site: {v:.2f} (0: classes spread alike over sites; 1: the site gives the class)"
           if v is not None else "Cramer's V of class and site: not defined (one class or one site)")  # fmt: skip
-    if probe["balanced_accuracy"] is not None:
+    if probe["balanced_accuracy"] is None:
+        print(f"site probe: not run (the smallest site holds fewer than 2 images: {probe['folds']} fold(s) possible)")
+    else:
         print(
             f"site probe (the site from the same image properties, {probe['folds']}-fold): balanced accuracy "
             f"{probe['balanced_accuracy']:.2f} against {probe['chance']:.2f} for chance; accuracy "

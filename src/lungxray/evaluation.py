@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lungxray import runfolder
-from lungxray.config import DataConfig
+from lungxray.config import DataConfig, Manifest
 from lungxray.data import Dataset, load_dataset
 from lungxray.errors import DataError, MissingInputError
 from lungxray.evaluate import compute_metrics, expected_calibration_error, log_loss_at, ood_summary, softmax
@@ -244,8 +244,8 @@ def external_stage(
     any image it was trained or validated on; writes OUT/external/NAME/ (metrics.json with the
     out-of-distribution summary, predictions.json, the plots). Returns name -> headline figures."""
     results = {}
-    # The run's --groups and --exclude name DATA's files, not these.
-    data_cfg = replace(data_cfg, groups=None, exclude=None)
+    # The run's --groups, --exclude and manifest options name DATA's files, not these.
+    data_cfg = replace(data_cfg, groups=None, exclude=None, manifest=Manifest())
     for name, folder in folders.items():
         stage(f"evaluating on {name} ({folder})", progress)
         try:

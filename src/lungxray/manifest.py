@@ -67,6 +67,7 @@ def locate(entries, cfg: Manifest, same_classes: bool = True) -> Located:
     if cfg.where and not any(is_manifest(e) for e in entries):
         raise DataError("--where chooses rows of a CSV manifest, and DATA names none", hint="drop --where")
     layouts, files, skipped, origins, roots = [], [], [], {}, []
+    listed: dict[Path, tuple[str, str]] = {}  # path -> (class, the entry that named it first)
     for entry, name in zip(entries, names, strict=True):
         if is_manifest(entry):
             root = Path(os.path.abspath(cfg.image_dir)) if cfg.image_dir else entry.parent
@@ -77,12 +78,14 @@ def locate(entries, cfg: Manifest, same_classes: bool = True) -> Located:
             root = entry
             layout, found, stray = discover(entry, same_classes=same_classes)
             found_origins = {p: Origin(site=name) for p, _, _ in found}
-        _check_listed_once(found, {p: (label, str(entry)) for p, label, _ in files}, entry)
+        _check_listed_once(found, listed, entry)
+        found = [f for f in found if f[0] not in listed]  # named again with the same class: once, as first named
+        listed |= {p: (label, str(entry)) for p, label, _ in found}
         layouts.append(layout)
         roots.append(root)
         files += found
         skipped += stray
-        origins |= found_origins
+        origins |= {p: found_origins[p] for p, _, _ in found}
     common = Path(os.path.commonpath(roots)) if len(roots) > 1 else roots[0]
     layout = layouts[0] if len(set(layouts)) == 1 else "mixed"
     return Located(layout, files, skipped, origins, common, [str(e) for e in entries])
@@ -109,14 +112,16 @@ def _check_listed_once(found: list, earlier: dict, entry: Path) -> None:
 def _column(csv_path: Path, columns: list[str], given: str | None, role: str, flag: str) -> str | None:
     """The column playing ``role``: the one ``flag`` names (an error when absent), else the first
     of its usual names present, else None."""
+    # Matched whatever the case and surrounding spaces: "Label" and " label" are the label column.
+    by_key = {c.strip().lower(): c for c in columns}
     if given is not None:
-        if given not in columns:
+        if given.strip().lower() not in by_key:
             raise DataError(
                 f"{flag} {given!r}: {csv_path} has no such column (its columns: {', '.join(columns)})",
                 hint=f"name one of its columns with {flag}",
             )
-        return given
-    return next((c for c in DEFAULT_COLUMNS[role] if c in columns), None)
+        return by_key[given.strip().lower()]
+    return next((by_key[c.lower()] for c in DEFAULT_COLUMNS[role] if c.lower() in by_key), None)
 
 
 def _read_text(csv_path: Path) -> str:
@@ -136,12 +141,13 @@ def _parse_where(where: tuple[str, ...], columns: list[str], csv_path: Path) -> 
     chosen: dict[str, set[str]] = {}
     for item in where:
         col, values = (part.strip() for part in item.split("=", 1))
-        if col not in columns:
+        if col.lower() not in {c.strip().lower() for c in columns}:
             raise DataError(
                 f"--where {item!r}: {csv_path} has no column {col!r} (its columns: {', '.join(columns)})",
                 hint="name one of its columns",
             )
-        chosen.setdefault(col, set()).update(v.strip() for v in values.split(","))
+        by_key = {c.strip().lower(): c for c in columns}
+        chosen.setdefault(by_key[col.lower()], set()).update(v.strip() for v in values.split(","))
     return chosen
 
 
@@ -183,6 +189,9 @@ def read_manifest(
             continue
         seen[path] = (line, label)
         site = (row.get(site_col) or "").strip() if site_col else ""
+        if site_col and not site and default_site is None:
+            problems.append(f"{at.format(site_col)}: empty (every row of a site column names its site)")
+            continue
         patient = (row.get(patient_col) or "").strip() if patient_col else ""
         meta = {k: (v or "").strip() for k, v in row.items() if k is not None and k not in used}
         rows.append((path, label, Origin(site or default_site, patient or None, meta)))

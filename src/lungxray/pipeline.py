@@ -19,6 +19,7 @@ import torch
 from lungxray import runfolder
 from lungxray.bundle import BundleConfig, BundleExtras, attach_metrics, save_bundle
 from lungxray.card import model_card, write_card
+from lungxray.config import Manifest
 from lungxray.data import Dataset, load_dataset
 from lungxray.evaluate import calibrate
 from lungxray.evaluation import audit_split, check_external_classes, evaluate_split, external_names, external_stage
@@ -51,6 +52,8 @@ def fingerprint(job: Job, **parts) -> dict:
     options = {k: v for k, v in options.items() if v not in (False, "none", ())}
     if not data_cfg.dicom_patients:
         options["dicom_patients"] = False
+    if data_cfg.manifest != Manifest():  # which rows and columns of a manifest make the data
+        options["manifest"] = asdict(data_cfg.manifest)
     return jsonable({"data": _real(job.data), "model": job.model, "img_size": prep.img_size,
                      "groups": data_cfg.groups, "exclude": data_cfg.exclude, **options, **parts})  # fmt: skip
 

@@ -205,7 +205,11 @@ def check_fingerprint(folder: Path, fingerprint: dict) -> None:
     known = read_json(folder, FINGERPRINT)
     if known is None:
         return
-    differs = [f"{k}: {known.get(k)!r} there, {v!r} now" for k, v in fingerprint.items() if known.get(k) != v]
+    # both ways: an option recorded only when set is a difference when set there and not now
+    keys = list(fingerprint) + [k for k in known if k not in fingerprint]
+    differs = [
+        f"{k}: {known.get(k)!r} there, {fingerprint.get(k)!r} now" for k in keys if known.get(k) != fingerprint.get(k)
+    ]
     if differs:
         raise OutputExistsError(
             f"{folder} holds a run made from other settings ({'; '.join(differs)})",

@@ -132,19 +132,31 @@ def site_split(ds: Dataset, site: str, val_fraction: float, seed: int, mode: str
     if site not in ds.sites:
         known = ", ".join(ds.sites) or "none: DATA names no site (give several roots, or a manifest with a site column)"
         raise DataError(f"no site named {site!r}; the sites are: {known}")
+    unnamed = sum(s.site is None for s in ds.samples)
+    if unnamed:
+        raise DataError(
+            f"{unnamed} image(s) have no site, so no fold would hold them out",
+            hint="give every row of the manifest's site column a site",
+        )
     where = np.array([s.site == site for s in ds.samples])
     labels, groups = ds.labels, ds.groups
     test = np.flatnonzero(where)
     others = np.flatnonzero(~where)
     reaching = np.isin(groups[others], groups[test])
-    missing = sorted(set(ds.classes) - {ds.classes[k] for k in labels[others[~reaching]]})
+    if len(np.unique(groups[others[~reaching]])) < 2:
+        raise DataError(
+            f"holding out site {site} leaves {len(np.unique(groups[others[~reaching]]))} group(s) to train on "
+            f"({int(reaching.sum())} image(s) elsewhere share a copy or a patient with it)",
+            hint="check the site and patient columns: do the sites share patients?",
+        )
+    train, val = hold_out(others[~reaching], labels, groups, val_fraction, seed)
+    missing = sorted(set(ds.classes) - {ds.classes[k] for k in labels[train]})
     if missing:
         warnings.warn(
-            f"no image of class {', '.join(missing)} outside site {site}: the model held out from it "
+            f"no training image of class {', '.join(missing)} outside site {site}: the model held out from it "
             "cannot predict that class",
             stacklevel=2,
         )
-    train, val = hold_out(others[~reaching], labels, groups, val_fraction, seed)
     split = Split(train, val, test, mode or f"site {site}", seed, site=site, left_out=int(reaching.sum()))
     check_no_leakage(split, groups)
     return split
