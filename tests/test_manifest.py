@@ -236,6 +236,7 @@ def test_scan_of_two_roots_prints_the_class_by_site_table(tmp_path, capsys):
     assert row.split()[1:] == ["6", "6", "6"]
 
 
+@pytest.mark.slow  # trains models end to end
 def test_cv_by_site_holds_each_site_out_and_reports_it(tmp_path):
     a = write_tree(tmp_path / "north", per_class=8)
     b = write_tree(tmp_path / "south", per_class=8, start=40)
@@ -254,6 +255,7 @@ def test_cv_by_site_holds_each_site_out_and_reports_it(tmp_path):
         assert all(Path(p).parts[-3] != held for p in fold["train"] + fold["val"])
 
 
+@pytest.mark.slow  # trains models end to end
 def test_run_test_site_tests_on_the_whole_site_and_leads_with_it(tmp_path, capsys):
     a = write_tree(tmp_path / "north", per_class=8)
     b = write_tree(tmp_path / "south", per_class=5, start=40)
@@ -333,6 +335,7 @@ def test_a_site_that_takes_a_class_out_of_training_is_warned_of(tmp_path):
         site_folds(chained, 0)
 
 
+@pytest.mark.slow  # trains models end to end
 def test_a_folder_made_with_other_manifest_options_is_refused(tmp_path):
     a = write_tree(tmp_path / "north", per_class=8)
     b = write_tree(tmp_path / "south", per_class=8, start=40)
