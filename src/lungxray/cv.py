@@ -198,7 +198,7 @@ def _folds_once(
                     probs[fold.test],
                     ds.classes,
                     **({"seed": job.seed} if fold.site else {"resamples": 0}),
-                ),  # fmt: skip
+                ),
             }
         )
     return probs, per_fold, sum(p.numel() for p in result.model.parameters())
