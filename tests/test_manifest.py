@@ -278,7 +278,7 @@ def test_run_test_site_tests_on_the_whole_site_and_leads_with_it(tmp_path, capsy
     assert "held-out site south" in (out / "model" / "MODEL_CARD.md").read_text()
 
 
-def test_scoring_images_of_several_sites_gives_each_site_and_names_the_worst(trained_run, tmp_path):
+def test_scoring_images_of_several_sites_gives_each_site_and_names_the_worst(trained_run, tmp_path, capsys):
     _, run, _ = trained_run
     a = write_tree(tmp_path / "east", per_class=3, start=60)
     b = write_tree(tmp_path / "west", per_class=3, start=70)
@@ -291,6 +291,10 @@ def test_scoring_images_of_several_sites_gives_each_site_and_names_the_worst(tra
     assert "recall/covid" in sites["east"]["ci95"]
     predictions = json.loads((out / "predictions.json").read_text())["images"]
     assert {p["site"] for p in predictions} == {"east", "west"}
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "none of the 18 images was used in training or validation: this is a test"
+    assert lines[1].startswith("against chance on 18 images: balanced accuracy ")
+    assert lines[2].startswith(f"worst site: {metrics['worst_site']} (9 images, of 2 sites): balanced accuracy ")
 
 
 def test_headers_match_whatever_their_case_and_a_bom_is_read(tmp_path):

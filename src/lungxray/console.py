@@ -146,7 +146,13 @@ def print_run(summary: dict, metrics: dict, external: dict[str, dict]) -> None:
 
 
 def print_evaluation(metrics: dict, out) -> None:
-    """``lungxray evaluate``'s headline figures and files."""
+    """``lungxray evaluate``'s headline figures and files: first against what a model that knows
+    nothing scores on these images (they are often another hospital's), and each site's worst."""
+    from lungxray.report_external import against_chance, site_rows
+
+    print(f"against chance on {metrics['n']} images: " + "; ".join(against_chance(metrics)))
+    for label, figures in site_rows(metrics):
+        print(f"{label}: {figures}")
     auroc = "n/a" if metrics["macro_auroc"] is None else f"{metrics['macro_auroc']:.4f}"
     print(
         f"accuracy {metrics['accuracy']:.4f}{ci(metrics, 'accuracy')}, macro-F1 {metrics['macro_f1']:.4f}"
