@@ -237,7 +237,7 @@ def test_scan_of_two_roots_prints_the_class_by_site_table(tmp_path, capsys):
 
 
 @pytest.mark.slow  # trains models end to end
-def test_cv_by_site_holds_each_site_out_and_reports_it(tmp_path):
+def test_cv_by_site_holds_each_site_out_and_reports_it(tmp_path, capsys):
     a = write_tree(tmp_path / "north", per_class=8)
     b = write_tree(tmp_path / "south", per_class=8, start=40)
     out = tmp_path / "cv"
@@ -246,6 +246,11 @@ def test_cv_by_site_holds_each_site_out_and_reports_it(tmp_path):
     assert code == 0
     report = json.loads((out / "cv.json").read_text())
     assert report["by"] == "site" and report["folds"] == 2 and report["pooled"]["n"] == 48
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("  north, ", "  south, "))]
+    assert [line.split(",")[0].strip() for line in printed] == ["north", "south"]
+    assert all(
+        line.split(": ", 1)[1].startswith("balanced accuracy ") and "one-vs-rest AUROC" in line for line in printed
+    )
     assert [f["site"] for f in report["per_fold"]] == ["north", "south"]
     assert all(f["test"] == 24 and "ci95" in f["metrics"] for f in report["per_fold"])
     folds = json.loads((out / "folds.json").read_text())

@@ -210,27 +210,14 @@ def print_cv(report: dict, job, out) -> None:
 
 
 def print_held_out_sites(per_fold: list[dict]) -> None:
-    """Each held-out site's figures against chance: balanced accuracy, per-class recall with its
-    exact interval, one-vs-rest AUROC with its interval and verdict."""
+    """Each held-out site's figures against what a model that knows nothing scores there."""
+    from lungxray.report_external import against_chance
+
     print("each site held out in turn (trained on the others; 95% intervals):")
     for fold in per_fold:
-        m = fold["metrics"]
-        ci = m.get("ci95", {})
-        base = m["baseline"]
-        print(f"  {fold['site']}: {m['n']} images; balanced accuracy {m['balanced_accuracy']:.2f} "
-              f"(majority class {base['balanced_accuracy']:.2f}), macro-F1 {m['macro_f1']:.2f} "
-              f"(majority-class {base['macro_f1']:.2f})" + (f"; {fold['left_out']} image(s) elsewhere left out "
-              "of training (a copy or their patient is at this site)" if fold.get("left_out") else ""))  # fmt: skip
-        for name, c in m["per_class"].items():
-            if not c["support"]:
-                continue
-            rec = ci.get(f"recall/{name}")
-            line = f"recall {c['recall']:.2f}" + (f" ({rec[0]:.2f}-{rec[1]:.2f})" if rec else "")
-            if c.get("auroc") is not None:
-                auc = ci.get(f"auroc/{name}")
-                line += f", AUROC {c['auroc']:.2f}" + (f" ({auc[0]:.2f}-{auc[1]:.2f})" if auc else "")
-                line += f": {c['auroc_vs_chance']}" if c.get("auroc_vs_chance") else ""
-            print(f"    {name:<20} {c['support']:>5} images, {line}")
+        left = fold.get("left_out")
+        note = f" ({left} image(s) elsewhere left out of training: a copy or their patient is here)" if left else ""
+        print(f"  {fold['site']}, {fold['metrics']['n']} images{note}: " + "; ".join(against_chance(fold["metrics"])))
 
 
 def print_seed_spread(report: dict) -> None:
