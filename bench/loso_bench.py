@@ -5,8 +5,8 @@ Rows (each model, each seed; the model's registered hyperparameters, no search):
 - "shared folders alone": trained on covid19-image-dataset (sites montreal and pediatric), scored
   on each external-dev site (hannover, actualmed, ieee8023), none of which it saw. It cannot hold
   out montreal or pediatric: without one of them a class is missing from training.
-- "sites merged": ``lungxray cv --by site`` on all five: each site held out in turn, the model
-  trained on the other four.
+- "sites merged": ``lungxray cv --by site`` on all five, through the Python API: each site held out
+  in turn, the model trained on the other four.
 
 For each held-out site: per-class recall with its exact 95% interval, and the covid-vs-normal
 AUROC (the covid probability ranking the site's covid against its normal films) where the site has
@@ -36,7 +36,7 @@ from lungxray.infer import predict_logits  # noqa: E402
 from lungxray.job import Job  # noqa: E402
 from lungxray.models import get_spec  # noqa: E402
 from lungxray.pipeline import tensors  # noqa: E402
-from lungxray.splits import Split, check_no_leakage, hold_out, site_folds  # noqa: E402
+from lungxray.splits import Split, check_no_leakage, hold_out  # noqa: E402
 from lungxray.train import FitData, fit  # noqa: E402
 
 SHARED_SITES = ("montreal", "pediatric")
@@ -55,7 +55,11 @@ def shared_alone(ds, seed: int) -> Split:
 
 
 def held_out_probs(job: Job, ds, parts: list[Split]) -> np.ndarray:
-    """Every held-out image's probabilities, each part's model trained as ``cv`` trains a fold."""
+    """Every held-out image's probabilities, each part's model trained as ``cv`` trains a fold
+    (the threads set as ``cv`` sets them)."""
+    from lungxray.infer import set_threads
+
+    set_threads(job.final.threads)
     params = dict(get_spec(job.model).defaults)
     probs = np.full((len(ds.samples), len(ds.classes)), np.nan)
     for part in parts:
@@ -64,6 +68,18 @@ def held_out_probs(job: Job, ds, parts: list[Split]) -> np.ndarray:
         logits = predict_logits(result.model, tensors(ds, part.test)[0]).double()
         probs[part.test] = torch.softmax(logits, dim=1).numpy()
     return probs
+
+
+def cv_by_site(job: Job, ds, folder: Path) -> np.ndarray:
+    """Every image's held-out probabilities from ``lungxray cv --by site`` itself (the Python API),
+    in the order of ``ds.samples``."""
+    import lungxray
+
+    report = lungxray.cross_validate(job.data[0], folder / f"cv-{job.model}-{job.seed}", model=job.model,
+                                     seed=job.seed, image_dir=job.dataset.manifest.image_dir, by="site",
+                                     progress=False, force=True)  # fmt: skip
+    by_path = {row["path"]: row["probabilities"] for row in report["out_of_fold"]}
+    return np.array([[by_path[str(s.path)][c] for c in ds.classes] for s in ds.samples], dtype=np.float64)
 
 
 def covid_vs_normal(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> float | None:
@@ -140,7 +156,7 @@ def main() -> None:
             job = Job.from_options(manifest, None, model=model, seed=seed, image_dir=args.shared, progress=False)
             ds = load_dataset(job.data, job.dataset, progress=False)
             rows["shared folders alone"].append(figures(ds, held_out_probs(job, ds, [shared_alone(ds, seed)])))
-            rows["sites merged"].append(figures(ds, held_out_probs(job, ds, site_folds(ds, seed))))
+            rows["sites merged"].append(figures(ds, cv_by_site(job, ds, folder)))
             print(f"  ({model}, seed {seed} done)", file=sys.stderr, flush=True)
         for name, runs in rows.items():
             pooled = [r["pooled"] for r in runs]
