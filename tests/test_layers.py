@@ -15,7 +15,7 @@ MODULES = {p.stem for p in PACKAGE.glob("*.py")}  # "__init__" is the package it
 
 # Bottom to top: a module imports from its own layer or the ones below it.
 LAYERS = [
-    {"errors", "version", "config", "runfolder", "progress"},  # settings and the run folder's names
+    {"errors", "version", "options", "config", "runfolder", "progress"},  # settings and the run folder's names
     {"decode", "dicom", "cache", "layout", "manifest", "data", "splits", "confound"},  # reading data
     {"models", "infer", "ood", "evaluate", "plots", "augment", "_fused_kernel"},  # networks and figures
     {"bundle", "predictor", "onnx_export", "explain", "serve"},  # serving a saved model
@@ -116,7 +116,8 @@ def test_serving_and_judging_sides_import_no_training_code():
 
 def test_settings_and_errors_sit_at_the_bottom():
     assert _reachable("errors") == set()
-    assert _reachable("config") == {"errors"}
+    assert _reachable("config") == {"errors", "options"}
+    assert _reachable("options") == {"errors"}
     assert _reachable("runfolder") == {"errors"}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -65,6 +66,11 @@ class BundleConfig:
     def temperature(self) -> float:
         """The temperature probabilities are scaled by (1.0: none)."""
         return float(self.calibration.get("temperature", 1.0))
+
+    @property
+    def class_bias(self) -> list[float] | None:
+        """Offsets added to the logits before the temperature (``--val-by site``), or None."""
+        return self.calibration.get("class_bias")
 
     def to_json(self) -> dict:
         sections = {
@@ -308,8 +314,12 @@ def _positive_finite(value) -> bool:
 
 def _checked_preprocessing(prep: dict, bad) -> int:
     """The preprocessing section's values; returns the image size."""
-    if prep.get("equalize", "none") not in EQUALIZE or prep.get("crop_borders", False) not in (True, False):
-        raise bad(f"preprocessing.equalize must be one of {', '.join(EQUALIZE)} and crop_borders true or false")
+    flags = (prep.get("crop_borders", False), prep.get("site_normalise", False))
+    if prep.get("equalize", "none") not in EQUALIZE or any(v not in (True, False) for v in flags):
+        raise bad(
+            f"preprocessing.equalize must be one of {', '.join(EQUALIZE)}; "
+            "crop_borders and site_normalise true or false"
+        )
     keep = prep.get("dicom_keep", [])
     if not isinstance(keep, list) or not set(keep) <= set(DICOM_KEEP):
         raise bad(f"preprocessing.dicom_keep must be a list of {', '.join(DICOM_KEEP)}")
@@ -350,6 +360,13 @@ def _check_ood_and_temperature(config: dict, bad) -> None:
     temperature = config.get("calibration", {}).get("temperature", 1.0)
     if not _positive_finite(temperature):
         raise bad(f"calibration.temperature must be a finite number above 0, got {temperature!r}")
+    bias = config.get("calibration", {}).get("class_bias")
+    if bias is not None and not (
+        isinstance(bias, list)
+        and len(bias) == len(config.get("classes", []))
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bias)
+    ):
+        raise bad(f"calibration.class_bias must list one finite number per class, got {bias!r}")
 
 
 MAX_PARAMETERS = 200_000_000  # ~800 MB of float32 weights; the registry's defaults hold 0.3-11 M

@@ -16,34 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from lungxray.errors import ConfigError, ParamsError
-
-
-def option(flag: str, default=None, *, choices: tuple | None = None, metavar: str | None = None, default_factory=None):
-    """A dataclass field that is also a command-line option ``flag`` (with ``choices``, if any)."""
-    metadata = {"flag": flag, "choices": choices, "metavar": metavar}
-    if default_factory is not None:
-        return field(default_factory=default_factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def flag_of(cls, name: str) -> str:
-    """The command-line flag of field ``name`` of dataclass ``cls`` (its name when it has none)."""
-    return next((f.metadata.get("flag") or name for f in fields(cls) if f.name == name), name)
-
-
-def _check_choices(obj) -> None:
-    """Every field with choices holds one of them, or a tuple of them (None, where allowed, means
-    'the recipe's')."""
-    for f in fields(obj):
-        choices = f.metadata.get("choices")
-        given = getattr(obj, f.name)
-        many = isinstance(f.default, tuple)  # a repeated flag (tuple[str, ...]): each value one of them
-        if choices and many != isinstance(given, tuple):
-            takes = "a list of values" if many else "one value"
-            raise ConfigError(f"{f.metadata['flag']} takes {takes}, got {given!r}")
-        for value in given if many else (given,):
-            if choices and (value is None and many or value is not None and value not in choices):
-                raise ConfigError(f"{f.metadata['flag']} must be one of {', '.join(map(str, choices))}, got {value!r}")
+from lungxray.options import check_choices, flag_of, option
 
 
 def default_cache_dir() -> Path:
@@ -76,6 +49,9 @@ class Preprocessing:
     (global histogram equalisation), or none (the tutorial's plain resize). Stored in the bundle,
     so prediction repeats it. Measured on adult X-rays from other hospitals, no option raised the
     default CNN's external AUROC beyond the seed spread (BENCHMARKS.md, "External validation")."""
+    site_normalise: bool = option("--site-normalise", False)
+    """Equalise each site's pooled grey-level histogram (every image of a hospital mapped alike,
+    ``decode.normalise_sites``); one image at a time where no site is known (predict, serve)."""
     dicom_keep: tuple[str, ...] = option("--dicom-keep", (), choices=DICOM_KEEP)
     """DICOM files to use instead of skipping (repeat the flag for several): multiframe (the first
     frame of a series), lateral (ViewPosition LL/RL), any-modality (other than CR, DX, DR). Stored
@@ -88,11 +64,12 @@ class Preprocessing:
         if isinstance(keep, tuple) and all(isinstance(v, str) for v in keep):
             keep = tuple(sorted(set(keep)))
         object.__setattr__(self, "dicom_keep", keep)  # frozen: normalised once, here
-        _check_choices(self)
+        check_choices(self)
         if isinstance(self.img_size, bool) or not isinstance(self.img_size, int) or not 8 <= self.img_size <= 1024:
             raise ConfigError(f"--img-size must be between 8 and 1024, got {self.img_size!r}")
-        if self.crop_borders not in (True, False):
-            raise ConfigError(f"--crop-borders is true or false, got {self.crop_borders!r}")
+        for name in ("crop_borders", "site_normalise"):
+            if getattr(self, name) not in (True, False):
+                raise ConfigError(f"{flag_of(Preprocessing, name)} is true or false, got {getattr(self, name)!r}")
 
     @property
     def plain(self) -> Preprocessing:
@@ -106,6 +83,7 @@ class Preprocessing:
             "crop_borders": self.crop_borders,
             "equalize": self.equalize,
             "dicom_keep": list(self.dicom_keep),
+            "site_normalise": self.site_normalise,
             "color": "grayscale",
             "resize": "bilinear",
             "scale": "pixel / 255",
@@ -199,9 +177,12 @@ class SplitConfig:
     """Seed of the split, the search and training."""
     test_site: str | None = option("--test-site", None, metavar="SITE")
     """Test on one whole site (a hospital the model never saw), validate on part of the others."""
+    val_by: str = option("--val-by", "group", choices=("group", "site"))
+    """With sites held out (--test-site, cv --by site): site validates on one whole other site and
+    fits the decision's class offsets there (``evaluate.fit_class_bias``), not on the training mix."""
 
     def __post_init__(self) -> None:
-        _check_choices(self)
+        check_choices(self)
         if not 0 < self.val_fraction < 1 or not 0 < self.test_fraction < 1:
             raise ConfigError("--val-fraction and --test-fraction must each lie strictly between 0 and 1")
         if self.val_fraction + self.test_fraction >= 0.9:
@@ -297,6 +278,8 @@ class TrainConfig:
     """Training-batch augmentation; True or False turn it on or off with the default ranges."""
     class_weighted: bool = option("--class-weighted", False)
     """Weight the loss by inverse class frequency."""
+    site_balanced: bool = option("--site-balanced", False)
+    """Draw each epoch's images so that every site, and every class within a site, comes up equally often."""
     device: str = option("--device", "auto", choices=("auto", "cpu", "cuda"))
     """auto: CUDA with mixed precision when a GPU is there, else the CPU."""
     init_weights: Path | None = option("--init-weights", None)
@@ -318,7 +301,7 @@ class TrainConfig:
     --no-fused-step leaves both to torch, whose sums round differently."""
 
     def __post_init__(self) -> None:
-        _check_choices(self)
+        check_choices(self)
         if isinstance(self.augment, bool) or self.augment is None:
             self.augment = AugmentConfig(enabled=self.augment)
         if self.init_weights is not None:
@@ -384,7 +367,7 @@ class TuneConfig:
     """Epochs every trial runs before it may be pruned."""
 
     def __post_init__(self) -> None:
-        _check_choices(self)
+        check_choices(self)
         if self.trials < 1:
             raise ConfigError(f"--trials must be at least 1, got {self.trials}")
         if self.jobs < 0:
@@ -410,7 +393,7 @@ class CVConfig:
     """group: folds of whole duplicate and patient groups; site: leave-one-site-out, each site held out in turn."""
 
     def __post_init__(self) -> None:
-        _check_choices(self)
+        check_choices(self)
         if self.folds < 2:
             raise ConfigError(f"--folds must be at least 2, got {self.folds}")
         if self.repeats < 1:

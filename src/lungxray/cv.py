@@ -16,15 +16,15 @@ import torch
 
 from lungxray import runfolder
 from lungxray.data import Dataset, load_dataset
-from lungxray.errors import ParamsError
-from lungxray.evaluate import compute_metrics
+from lungxray.errors import ConfigError, ParamsError
+from lungxray.evaluate import compute_metrics, fit_class_bias
 from lungxray.infer import predict_logits, set_threads
 from lungxray.job import Job
 from lungxray.models import get_spec
-from lungxray.pipeline import Clock, fingerprint, jsonable, scan_summary, tensors
+from lungxray.pipeline import Clock, fingerprint, fit_data, jsonable, scan_summary, tensors
 from lungxray.plots import confusion_figure, save_figure
 from lungxray.splits import Split, make_folds, site_folds
-from lungxray.train import FitData, FitResult, fit
+from lungxray.train import FitResult, fit
 from lungxray.version import __version__
 
 CV_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc")
@@ -46,7 +46,7 @@ def _fold_values(metrics: dict) -> dict[str, float | None]:
 def _fold_model(job: Job, ds: Dataset, fold: Split, index: int, params: dict | None) -> tuple[FitResult, dict]:
     """Fit one fold's model on its training part, with fixed ``params`` or tuned on its val part
     (a study per fold, named after it)."""
-    data = FitData(tensors(ds, fold.train), tensors(ds, fold.val), len(ds.classes))
+    data = fit_data(ds, fold)
     if params is not None:
         return fit(job.model, params, data, job.final.for_params(params), progress=job.progress), params
     from lungxray.tune import tune
@@ -87,12 +87,19 @@ def _cross_validate(job: Job, params: dict | None) -> dict:
 
     out, seed = job.out, job.final.seed
     by_site = job.cv.by == "site"
-    made_from = fingerprint(job, seed=seed, **({"by": "site"} if by_site else {"folds": job.cv.folds}))
+    if job.split.val_by == "site" and not by_site:
+        raise ConfigError("--val-by site validates on a site other than each fold's test", hint="add --by site")
+    folds = {"folds": job.cv.folds}
+    if by_site:
+        folds = {"by": "site"} | ({"val_by": "site"} if job.split.val_by == "site" else {})
+    made_from = fingerprint(job, seed=seed, **folds)
     runfolder.check_fingerprint(out, made_from)  # its studies (--tune) belong to these folds
     set_threads(job.final.threads)
     clock = Clock()
     ds = load_dataset(job.data, job.dataset, progress=job.progress)
-    parts = site_folds(ds, seed) if by_site else make_folds(ds.labels, ds.groups, job.cv.folds, seed)
+    parts = site_folds(ds, seed, val_by=job.split.val_by) if by_site else make_folds(
+        ds.labels, ds.groups, job.cv.folds, seed
+    )
     if any(s.patient for s in ds.samples):  # folds.json names patients by this folder's own key
         ds.rekey_patients(runfolder.secret_key(out / runfolder.PATIENT_KEY))
     runfolder.record_fingerprint(out, made_from)
@@ -175,13 +182,16 @@ def _folds_once(
         fit_s = time.perf_counter() - start
         x_test = tensors(ds, fold.test)[0]
         start = time.perf_counter()
-        probs[fold.test] = torch.softmax(predict_logits(result.model, x_test).double(), dim=1).numpy()
+        logits = predict_logits(result.model, x_test).double()
         infer_s = time.perf_counter() - start
+        bias = _class_bias(result, ds, fold)
+        probs[fold.test] = torch.softmax(logits + torch.tensor(bias or 0.0, dtype=torch.float64), dim=1).numpy()
         trained = len(fold.train) * len(result.history) * job.final.members  # images through training
         per_fold.append(
             {
                 "fold": i + 1,
                 **({"site": fold.site, "left_out": fold.left_out} if fold.site is not None else {}),
+                **({"val_site": fold.val_site, "class_bias": bias} if fold.val_site is not None else {}),
                 **fold.sizes(),
                 "training_seed": job.final.seed,
                 "params": hp,
@@ -202,6 +212,15 @@ def _folds_once(
             }
         )
     return probs, per_fold, sum(p.numel() for p in result.model.parameters())
+
+
+def _class_bias(result: FitResult, ds: Dataset, fold: Split) -> list[float] | None:
+    """With ``--val-by site``: the class offsets fitted on the fold's val site (as a run's bundle
+    stores them), else None."""
+    if fold.val_site is None:
+        return None
+    x_val, y_val = tensors(ds, fold.val)
+    return fit_class_bias(predict_logits(result.model, x_val).double().numpy(), y_val.numpy())
 
 
 def _seed_spread(ds: Dataset, runs: list[tuple[np.ndarray, list[dict], int]], seed: int) -> dict:

@@ -23,7 +23,7 @@ from PIL import Image
 
 from lungxray.cache import PreprocessCache
 from lungxray.config import DataConfig, Preprocessing
-from lungxray.decode import decode_with_patient, read_image_file
+from lungxray.decode import decode_with_patient, normalise_sites, read_image_file
 from lungxray.errors import DataError, UnusableImage
 from lungxray.layout import Skipped, join_groups, known_paths, read_groups, read_paths
 from lungxray.manifest import locate
@@ -75,6 +75,11 @@ class Dataset:
             if s.site is not None:
                 table[s.site][s.label] += 1
         return table
+
+    def site_codes(self) -> np.ndarray:
+        """(N,) int64: each sample's index in ``sites``, -1 where it has none."""
+        index = {site: i for i, site in enumerate(self.sites)}
+        return np.array([index.get(s.site, -1) for s in self.samples], dtype=np.int64)
 
     @property
     def labels(self) -> np.ndarray:
@@ -355,6 +360,8 @@ def load_dataset(
     pixels = store[0].stack(shas, store[1])  # (N, H, W), memory-mapped from the cache
     plain = pixels if plain_cfg == cfg else plain_store[0].stack(shas, plain_store[1])
     groups, dup_groups, cross = _duplicates(samples, plain, cfg)
+    if cfg.preprocessing.site_normalise:  # after the duplicate search, which reads the plain pixels
+        pixels = normalise_sites(pixels, [s.site for s in samples])
     if cfg.groups is not None:
         by_path = read_groups(cfg.groups, root, [s.path for s in samples], skipped, [Path(p) for p in excluded])
         groups = join_groups(groups, [by_path.get(s.path) for s in samples])

@@ -112,6 +112,40 @@ def equalize(gray: np.ndarray, method: str) -> np.ndarray:
     return np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+def equalize_together(images: np.ndarray) -> np.ndarray:
+    """(N, H, W) uint8 -> the same with one grey-level map for all of them: histogram equalisation
+    of their pooled histogram, the map scikit-image's ``equalize_hist(images, nbins=256)`` applies
+    to the whole stack (its cumulative distribution at each grey level). Written as a 256-entry
+    table because ``equalize_hist`` makes float64 copies of the stack (8 bytes per pixel: 1.3 GB
+    for 10,000 films at 128x128). A flat stack comes back unchanged."""
+    images = np.asarray(images)
+    counts = np.zeros(256, dtype=np.int64)
+    for start in range(0, len(images), 4096):  # a memory-mapped stack, read a chunk at a time
+        counts += np.bincount(images[start : start + 4096].ravel(), minlength=256)
+    if np.count_nonzero(counts) < 2:
+        return np.array(images)
+    table = np.rint(np.cumsum(counts) / counts.sum() * 255.0).astype(np.uint8)
+    return table[images]
+
+
+def normalise_sites(images: np.ndarray, sites: list[str | None]) -> np.ndarray:
+    """``--site-normalise``: each site's images mapped by ``equalize_together`` of that site's images
+    (histogram matching of the site's pooled grey levels to one reference, the uniform
+    distribution), so that a hospital's exposure and processing no longer tell it apart while
+    the differences between its own films stay. Images without a site are mapped one by one.
+    Uses no label: a new hospital's films are mapped from their own grey levels alone."""
+    out = np.empty(images.shape, dtype=np.uint8)
+    names = np.array(["\x00" if s is None else s for s in sites], dtype=object)
+    for site in dict.fromkeys(names):
+        rows = np.flatnonzero(names == site)
+        if site == "\x00":
+            for i in rows:
+                out[i] = equalize_together(images[i][None])[0]
+        else:
+            out[rows] = equalize_together(images[rows])
+    return out
+
+
 def decode(data: bytes, prep: Preprocessing, name: str = "") -> np.ndarray:
     """Encoded bytes -> (img_size, img_size) uint8 grayscale as ``prep`` says (crop the borders,
     resize, equalise; which DICOM files to use); raises UnusableImage with a reason. ``name``: the

@@ -201,6 +201,31 @@ def cross_validated_log_loss(logits: np.ndarray, y_true: np.ndarray, folds: int 
     return float(losses.mean())
 
 
+def fit_class_bias(logits: np.ndarray, y_true: np.ndarray) -> list[float] | None:
+    """Per-class offsets b added to the logits so that the class-balanced log-loss on ``logits``
+    (N, C) is lowest: a prior correction, fitted on images of a site the model did not train on
+    (``--val-by site``) rather than taken from the training mix. Classes absent from ``y_true``
+    keep offset 0 (nothing to fit them on), as does the first present one (offsets only shift
+    classes against each other); a small ridge keeps them finite. None with fewer than 2 classes."""
+    from scipy.optimize import minimize
+    from scipy.special import logsumexp
+
+    logits, y_true = np.asarray(logits, dtype=np.float64), np.asarray(y_true)
+    present = np.unique(y_true)
+    if len(present) < 2:
+        return None
+    free, weight = present[1:], 1.0 / (len(present) * np.bincount(y_true)[y_true])  # each class weighs alike
+
+    def loss(b_free: np.ndarray) -> float:
+        z = logits.copy()
+        z[:, free] += b_free
+        return float(np.sum(weight * (logsumexp(z, axis=1) - z[np.arange(len(z)), y_true])) + 1e-3 * b_free @ b_free)
+
+    bias = np.zeros(logits.shape[1])
+    bias[free] = minimize(loss, np.zeros(len(free)), method="L-BFGS-B").x
+    return [float(v) for v in bias]
+
+
 def _calibration_verdict(temperature: float, losses: dict[str, float], errors: int) -> str | None:
     """Why the fitted temperature must not be used, or None when it may. ``losses``: the validation
     log-loss ``before`` scaling, ``fitted`` (in sample), ``held_out`` (cross-validated) and at the

@@ -21,7 +21,7 @@ from lungxray.bundle import BundleConfig, BundleExtras, attach_metrics, save_bun
 from lungxray.card import model_card, write_card
 from lungxray.config import Manifest
 from lungxray.data import Dataset, load_dataset
-from lungxray.evaluate import calibrate
+from lungxray.evaluate import calibrate, fit_class_bias
 from lungxray.evaluation import audit_split, check_external_classes, evaluate_split, external_names, external_stage
 from lungxray.infer import Images, predict_logits, set_threads
 from lungxray.job import Job
@@ -48,7 +48,8 @@ def fingerprint(job: Job, **parts) -> dict:
 
     prep, data_cfg = job.preprocessing, job.dataset
     # Preprocessing options only when set, so folders made before they existed keep their fingerprint.
-    options = {"crop_borders": prep.crop_borders, "equalize": prep.equalize, "dicom_keep": prep.dicom_keep}
+    options = {"crop_borders": prep.crop_borders, "equalize": prep.equalize, "dicom_keep": prep.dicom_keep,
+               "site_normalise": prep.site_normalise}  # fmt: skip
     options = {k: v for k, v in options.items() if v not in (False, "none", ())}
     if not data_cfg.dicom_patients:
         options["dicom_patients"] = False
@@ -79,7 +80,8 @@ def prepare(job: Job, write: bool = True) -> tuple[Dataset, Split]:
     after checking that it was not made from other data, split or model
     (``runfolder.check_fingerprint``)."""
     out = job.out if write else None
-    made_from = fingerprint(job, split=asdict(job.split))
+    split = {k: v for k, v in asdict(job.split).items() if (k, v) != ("val_by", "group")}  # as before it existed
+    made_from = fingerprint(job, split=split)
     if out is not None:
         runfolder.check_fingerprint(out, made_from)  # before the scan: fail fast
     stage(f"scanning {', '.join(map(str, job.data))}", job.progress)
@@ -115,7 +117,8 @@ def tensors(ds: Dataset, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fit_data(ds: Dataset, split: Split) -> FitData:
     """The training and validation part of ``split``, as ``train.fit`` and the search take them."""
-    return FitData(tensors(ds, split.train), tensors(ds, split.val), len(ds.classes))
+    sites = torch.from_numpy(ds.site_codes()[split.train])
+    return FitData(tensors(ds, split.train), tensors(ds, split.val), len(ds.classes), sites)
 
 
 def tune_stage(job: Job, ds: Dataset, split: Split):
@@ -188,8 +191,7 @@ def train_stage(
     result = trained or fit(job.model, params, fit_data(ds, split), cfg, progress=job.progress)
     if world()[0] != 0:  # a distributed training's other processes: the first one writes
         return result, None
-    x_val, y_val = tensors(ds, split.val)
-    calibration = calibrate(predict_logits(result.model, x_val).double().numpy(), y_val.numpy())
+    calibration = _calibration(result, ds, split)
     history = result.history_dict()
     runfolder.write_json(job.out, runfolder.HISTORY, {"best_epoch": result.best_epoch, **history})
     save_figure(curves_figure(history, result.best_epoch), job.out / runfolder.CURVES)
@@ -201,6 +203,17 @@ def train_stage(
     extras = BundleExtras(seen=seen, ood=ood, card=card)
     folder = save_bundle(job.out / runfolder.MODEL, result.model, config, extras, overwrite=job.force)
     return result, folder
+
+
+def _calibration(result: FitResult, ds: Dataset, split: Split) -> dict:
+    """config.json's calibration: the temperature fitted on val (``calibrate``) and, when val is a
+    whole other site (``--val-by site``), the class offsets fitted there first."""
+    x_val, y_val = tensors(ds, split.val)
+    logits, y = predict_logits(result.model, x_val).double().numpy(), y_val.numpy()
+    bias = fit_class_bias(logits, y) if split.val_site is not None else None
+    if bias is None:
+        return calibrate(logits, y)
+    return calibrate(logits + np.asarray(bias), y) | {"class_bias": bias, "class_bias_fitted_on": split.val_site}
 
 
 def _bundle_config(

@@ -29,7 +29,7 @@ from lungxray.bundle import (
     verify_manifest,
 )
 from lungxray.config import Preprocessing
-from lungxray.decode import decode, read_image_file
+from lungxray.decode import decode, equalize_together, read_image_file
 from lungxray.errors import BundleError, UnusableImage
 from lungxray.infer import predict_logits, to_tensor
 from lungxray.models import create_model
@@ -69,6 +69,8 @@ class Predictor:
         self.seen_: frozenset[str] = frozenset(h for hashes in seen.values() for h in hashes)
         # Temperature scaling fitted on the validation split at training time (1.0: none).
         self.temperature_: float = self.bundle_config_.temperature
+        bias = self.bundle_config_.class_bias
+        self.class_bias_: np.ndarray | None = np.asarray(bias, dtype=np.float64) if bias is not None else None
         # The out-of-distribution score (None: a bundle saved without one).
         self.ood_: OODScore | None = self._load_ood()
 
@@ -147,9 +149,12 @@ class Predictor:
         return predict_logits(self.model_, x, batch_size).numpy()
 
     def predict_arrays(self, images: np.ndarray, batch_size: int = 256, calibrated: bool = True) -> np.ndarray:
-        """(N, H, W) uint8 preprocessed images -> (N, n_classes) probabilities, temperature-scaled
-        unless ``calibrated=False``."""
+        """(N, H, W) uint8 preprocessed images -> (N, n_classes) probabilities: with the class
+        offsets fitted on a held-out site, when the bundle has them, and temperature-scaled unless
+        ``calibrated=False``."""
         logits = torch.from_numpy(self.predict_logits(images, batch_size)).double()  # float32 rounds 1 - 1e-8 to 1
+        if self.class_bias_ is not None:
+            logits = logits + torch.from_numpy(self.class_bias_)
         probs = torch.softmax(logits / (self.temperature_ if calibrated else 1.0), dim=1).numpy()
         if not np.isfinite(probs).all():  # never report a class for NaN probabilities
             raise BundleError(
@@ -172,7 +177,9 @@ class Predictor:
     def decode(self, data: bytes, name: str = "") -> np.ndarray:
         """An image file's bytes -> (H, W) uint8, preprocessed as the model was trained; ``name``,
         the file's, marks a DICOM file without its preamble (``.dcm``)."""
-        return decode(data, self.preprocessing_, name)
+        image = decode(data, self.preprocessing_, name)
+        # a site of one image: its own grey levels, as load_dataset maps a whole site's
+        return equalize_together(image[None])[0] if self.preprocessing_.site_normalise else image
 
     def display(self, data: bytes, name: str = "") -> np.ndarray:
         """An image file's bytes -> (H, W) uint8 at its own aspect ratio (at most 1024 px), cropped

@@ -29,6 +29,7 @@ class Split:
     test_duplicates_of_train: int = 0  # test images left in although a copy is in train/val
     site: str | None = None  # the held-out site (--test-site, cv --by site)
     left_out: int = 0  # images of other sites left out of training: a copy or their patient is at the held-out site
+    val_site: str | None = None  # --val-by site: the whole site that validates
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
@@ -43,6 +44,7 @@ class Split:
                 "test_duplicates_of_train": self.test_duplicates_of_train,
             }
             | ({"site": self.site, "left_out": self.left_out} if self.site is not None else {})
+            | ({"val_site": self.val_site} if self.val_site is not None else {})
             | {name: [str(ds.samples[i].path) for i in idx] for name, idx in parts.items()}
         )
         if any(s.patient for s in ds.samples):
@@ -119,16 +121,21 @@ def make_split(ds: Dataset, cfg: SplitConfig) -> Split:
     if cfg.test_site is not None:
         if cfg.mode == "folders":
             raise ConfigError("--test-site and --split folders exclude each other", hint="drop one")
-        return site_split(ds, cfg.test_site, cfg.val_fraction / (1 - cfg.test_fraction), cfg.seed)
+        return site_split(ds, cfg.test_site, cfg.val_fraction / (1 - cfg.test_fraction), cfg.seed, val_by=cfg.val_by)
+    if cfg.val_by == "site":
+        raise ConfigError("--val-by site validates on a site other than the test's", hint="add --test-site SITE")
     if cfg.mode == "folders":
         return folder_split(ds, cfg)
     return random_split(ds.labels, ds.groups, cfg)
 
 
-def site_split(ds: Dataset, site: str, val_fraction: float, seed: int, mode: str | None = None) -> Split:
+def site_split(
+    ds: Dataset, site: str, val_fraction: float, seed: int, mode: str | None = None, val_by: str = "group"
+) -> Split:
     """Every image of ``site`` is the test; train and val (``val_fraction`` of the rest, stratified,
-    whole groups) come from the other sites. An image elsewhere whose group (a copy, a patient)
-    reaches into ``site`` is left out of both: the held-out site stays unseen."""
+    whole groups; with ``val_by="site"`` one whole other site, ``val_site``) come from the other
+    sites. An image elsewhere whose group (a copy, a patient) reaches into ``site`` is left out of
+    both: the held-out site stays unseen."""
     if site not in ds.sites:
         known = ", ".join(ds.sites) or "none: DATA names no site (give several roots, or a manifest with a site column)"
         raise DataError(f"no site named {site!r}; the sites are: {known}")
@@ -149,7 +156,11 @@ def site_split(ds: Dataset, site: str, val_fraction: float, seed: int, mode: str
             f"({int(reaching.sum())} image(s) elsewhere share a copy or a patient with it)",
             hint="check the site and patient columns: do the sites share patients?",
         )
-    train, val = hold_out(others[~reaching], labels, groups, val_fraction, seed)
+    val_site = None
+    if val_by == "site":
+        train, val, val_site = _site_hold_out(ds, others[~reaching], seed)
+    else:
+        train, val = hold_out(others[~reaching], labels, groups, val_fraction, seed)
     missing = sorted(set(ds.classes) - {ds.classes[k] for k in labels[train]})
     if missing:
         warnings.warn(
@@ -157,12 +168,37 @@ def site_split(ds: Dataset, site: str, val_fraction: float, seed: int, mode: str
             "cannot predict that class",
             stacklevel=2,
         )
-    split = Split(train, val, test, mode or f"site {site}", seed, site=site, left_out=int(reaching.sum()))
+    left_out = len(others) - len(train) - len(val)
+    split = Split(train, val, test, mode or f"site {site}", seed, site=site, left_out=left_out, val_site=val_site)
     check_no_leakage(split, groups)
     return split
 
 
-def site_folds(ds: Dataset, seed: int, val_fraction: float = 0.125) -> list[Split]:
+def _site_hold_out(ds: Dataset, idx: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """(train, val, the val site) from ``idx``: one whole site validates, drawn with ``seed`` among
+    those with two classes or more whose absence leaves every class of ``idx`` in training.
+    Training images whose group reaches the val site are left out of both."""
+    labels, groups = ds.labels, ds.groups
+    sites = np.array([ds.samples[i].site for i in idx], dtype=object)
+    every = set(labels[idx])
+    fits = [
+        site
+        for site in sorted(set(sites))
+        if len(set(labels[idx[sites == site]])) >= 2 and set(labels[idx[sites != site]]) == every
+    ]
+    if not fits:
+        raise DataError(
+            "--val-by site found no site to validate on: none has two classes whose absence leaves every class "
+            f"in training (sites: {', '.join(sorted(set(sites)))})",
+            hint="drop --val-by site, or add a site that has several classes",
+        )
+    chosen = fits[np.random.default_rng(seed).integers(len(fits))]
+    val = idx[sites == chosen]
+    rest = idx[sites != chosen]
+    return np.sort(rest[~np.isin(groups[rest], groups[val])]), np.sort(val), chosen
+
+
+def site_folds(ds: Dataset, seed: int, val_fraction: float = 0.125, val_by: str = "group") -> list[Split]:
     """Leave-one-site-out: one fold per site, which is its test; the other sites train and validate."""
     if len(ds.sites) < 2:
         raise DataError(
@@ -171,7 +207,8 @@ def site_folds(ds: Dataset, seed: int, val_fraction: float = 0.125) -> list[Spli
         )
     k = len(ds.sites)
     return [
-        site_split(ds, site, val_fraction, seed + 1 + i, f"site {i + 1}/{k}: {site}") for i, site in enumerate(ds.sites)
+        site_split(ds, site, val_fraction, seed + 1 + i, f"site {i + 1}/{k}: {site}", val_by)
+        for i, site in enumerate(ds.sites)
     ]
 
 

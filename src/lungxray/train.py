@@ -36,6 +36,7 @@ class FitData(NamedTuple):
     train: tuple[torch.Tensor, torch.Tensor]  # (N, C, H, W) images, (N,) labels
     val: tuple[torch.Tensor, torch.Tensor]
     n_classes: int
+    train_sites: torch.Tensor | None = None  # (N,) each training image's site code (--site-balanced)
 
 
 @dataclass
@@ -79,6 +80,7 @@ class StepOptions:
     # so a step averages the gradients of the same batch as one process would
     shard: tuple[int, int] = (0, 1)
     first_layer: FirstLayerAdam | None = None  # steps the weight it took over from the optimiser
+    draw: torch.Tensor | None = None  # (N,) weights to draw each epoch's images by, with replacement (None: shuffle)
 
 
 def train_one_epoch(
@@ -101,7 +103,10 @@ def train_one_epoch(
     first_layer = options.first_layer
     model.train()
     rank, world = options.shard
-    order = torch.randperm(len(x), generator=generator).to(x.device)
+    if options.draw is None:
+        order = torch.randperm(len(x), generator=generator).to(x.device)
+    else:  # as many draws as images, so an epoch keeps its number of steps
+        order = torch.multinomial(options.draw, len(x), replacement=True, generator=generator).to(x.device)
     skip_single = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     # Each step's loss and logits kept on the device and summed once at the end: no host sync and
     # no extra small ops inside the epoch (the loss summed in float64, in step order on the CPU,
@@ -244,10 +249,34 @@ def class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
     return len(y) / (n_classes * counts)
 
 
+def site_balanced_weights(y: torch.Tensor, sites: torch.Tensor) -> torch.Tensor:
+    """(N,) float64 weights that draw every site equally often, and within a site each of its
+    classes equally often: 1 / (sites x the site's classes x images of that site and class).
+    WeightedRandomSampler would draw from these too; the loop draws its order itself, seeded."""
+    pairs, inverse, counts = torch.unique(torch.stack([sites, y]), dim=1, return_inverse=True, return_counts=True)
+    site_of_pair = pairs[0]
+    n_sites = len(torch.unique(site_of_pair))
+    classes_at = {int(s): int((site_of_pair == s).sum()) for s in torch.unique(site_of_pair)}
+    per_pair = torch.tensor(
+        [1.0 / (n_sites * classes_at[int(s)] * int(c)) for s, c in zip(site_of_pair, counts, strict=True)],
+        dtype=torch.float64,
+    )
+    return per_pair[inverse]
+
+
 def _training_parts(
-    model: nn.Module, hp: dict, cfg: TrainConfig, y_train: torch.Tensor, n_classes: int, device: torch.device
+    model: nn.Module, hp: dict, cfg: TrainConfig, data: FitData, y_train: torch.Tensor, device: torch.device
 ) -> tuple[torch.optim.Optimizer, StepOptions]:
     """The optimiser and ``train_one_epoch``'s options for one fit; seeds the model's dropout."""
+    n_classes = data.n_classes
+    draw = None
+    if cfg.site_balanced:
+        if data.train_sites is None or bool((data.train_sites < 0).any()):
+            raise ConfigError(
+                "--site-balanced needs every training image's site",
+                hint="give several DATA roots (each a site) or a manifest with a site column",
+            )
+        draw = site_balanced_weights(data.train[1], data.train_sites)
     # The moving average is a copy of the model (made before its dropout gets a generator), with
     # batch-norm statistics averaged alongside the weights; validation and the kept state read it.
     averaged = (
@@ -272,6 +301,7 @@ def _training_parts(
         scaler=torch.amp.GradScaler("cuda") if device.type == "cuda" else None,
         label_smoothing=cfg.label_smoothing,
         averaged=averaged,
+        draw=draw,
     )
 
 
@@ -314,7 +344,7 @@ def fit(
         # on the CPU each process normalises its own share, so a CNN trains a little differently).
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     (x_train, y_train), val = [tuple(t.to(device) for t in part) for part in (data.train, data.val)]
-    optimizer, options = _training_parts(model, hp, cfg, y_train, data.n_classes, device)
+    optimizer, options = _training_parts(model, hp, cfg, data, y_train, device)
     fused = FirstLayerAdam.applies(model, optimizer, device, cfg.batch_size) if cfg.fused_step and size == 1 else None
     # the process's cores (shared out among the trials stepping at once), or --threads
     cores = cfg.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
