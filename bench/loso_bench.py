@@ -7,6 +7,13 @@ Rows (each model, each seed; the model's registered hyperparameters, no search):
   out montreal or pediatric: without one of them a class is missing from training.
 - "sites merged": ``lungxray cv --by site`` on all five, through the Python API: each site held out
   in turn, the model trained on the other four.
+- "+ site-balanced sampling" (``--site-balanced``), "+ per-site normalisation" (and
+  ``--site-normalise``), "+ held-out threshold" (and ``--val-by site``): the same, each row adding
+  one training-across-sites option to the row above it.
+
+Beside them, "internal macro-F1": ``lungxray cv`` with 5 grouped folds over the same five sites
+(every site seen in training), the row's options on: what the option costs where the model has
+seen the hospital. The held-out threshold needs a site held out, so that row has none.
 
 For each held-out site: per-class recall with its exact 95% interval, and the covid-vs-normal
 AUROC (the covid probability ranking the site's covid against its normal films) where the site has
@@ -70,16 +77,26 @@ def held_out_probs(job: Job, ds, parts: list[Split]) -> np.ndarray:
     return probs
 
 
-def cv_by_site(job: Job, ds, folder: Path) -> np.ndarray:
-    """Every image's held-out probabilities from ``lungxray cv --by site`` itself (the Python API),
-    in the order of ``ds.samples``."""
+ROWS = {  # row -> the cv options it adds to plain leave-one-site-out
+    "sites merged": {},
+    "+ site-balanced sampling": {"site_balanced": True},
+    "+ per-site normalisation": {"site_balanced": True, "site_normalise": True},
+    "+ held-out threshold": {"site_balanced": True, "site_normalise": True, "val_by": "site"},
+}
+
+
+def cv_run(job: Job, ds, folder: Path, by: str, options: dict) -> tuple[np.ndarray, dict]:
+    """``lungxray cv`` itself (the Python API) with ``options``: every image's held-out
+    probabilities in the order of ``ds.samples``, and the pooled out-of-fold metrics."""
     import lungxray
 
-    report = lungxray.cross_validate(job.data[0], folder / f"cv-{job.model}-{job.seed}", model=job.model,
-                                     seed=job.seed, image_dir=job.dataset.manifest.image_dir, by="site",
-                                     progress=False, force=True)  # fmt: skip
+    name = "-".join(f"{k}={v}" for k, v in options.items()) or "plain"
+    report = lungxray.cross_validate(job.data[0], folder / f"cv-{job.model}-{job.seed}-{by}-{name}", model=job.model,
+                                     seed=job.seed, image_dir=job.dataset.manifest.image_dir, by=by,
+                                     progress=False, force=True, **options)  # fmt: skip
     by_path = {row["path"]: row["probabilities"] for row in report["out_of_fold"]}
-    return np.array([[by_path[str(s.path)][c] for c in ds.classes] for s in ds.samples], dtype=np.float64)
+    probs = np.array([[by_path[str(s.path)][c] for c in ds.classes] for s in ds.samples], dtype=np.float64)
+    return probs, report["pooled"]
 
 
 def covid_vs_normal(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> float | None:
@@ -142,29 +159,57 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--shared", type=Path, default=five_sites.SHARED)
+    parser.add_argument("--rows", nargs="+", default=["shared folders alone", *ROWS], help="rows to run, by name")
+    parser.add_argument(
+        "--internal-seeds",
+        nargs="*",
+        type=int,
+        default=None,
+        help="seeds that also run each row's grouped-fold cv (default: every seed; none: no value)",
+    )
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="loso-"))
     manifest = folder / "five-sites.csv"
     five_sites.main_to(manifest, args.shared)
     site_names = ["montreal", "pediatric", "hannover", "actualmed", "ieee8023"]
     print("| model | row | " + " | ".join(f"held out: {s}" for s in site_names)
-          + " | pooled covid-vs-normal AUROC | pooled balanced accuracy | pooled normal recall |")  # fmt: skip
-    print("|" + "---|" * (5 + len(site_names)))
+          + " | pooled covid-vs-normal AUROC | pooled balanced accuracy | pooled normal recall"
+          + " | internal macro-F1 |")  # fmt: skip
+    print("|" + "---|" * (6 + len(site_names)))
+    internal: dict[tuple[str, str], list[float]] = {}
+    internal_seeds = args.seeds if args.internal_seeds is None else args.internal_seeds
     for model in args.models:
-        rows = {"shared folders alone": [], "sites merged": []}
+        rows: dict[str, list[dict]] = {name: [] for name in args.rows}
         for seed in args.seeds:
             job = Job.from_options(manifest, None, model=model, seed=seed, image_dir=args.shared, progress=False)
             ds = load_dataset(job.data, job.dataset, progress=False)
-            rows["shared folders alone"].append(figures(ds, held_out_probs(job, ds, [shared_alone(ds, seed)])))
-            rows["sites merged"].append(figures(ds, cv_by_site(job, ds, folder)))
+            if "shared folders alone" in rows:
+                rows["shared folders alone"].append(figures(ds, held_out_probs(job, ds, [shared_alone(ds, seed)])))
+            for name, options in ROWS.items():
+                if name in rows:
+                    probs, _ = cv_run(job, ds, folder, "site", options)
+                    rows[name].append(figures(ds, probs))
+                # the options' cost where the hospitals were seen, against plain training's ("sites merged")
+                if (
+                    (name in rows or name == "sites merged")
+                    and options.get("val_by") != "site"
+                    and seed in internal_seeds
+                ):
+                    _, pooled = cv_run(job, ds, folder, "group", options)
+                    internal.setdefault((model, name), []).append(pooled["macro_f1"])
             print(f"  ({model}, seed {seed} done)", file=sys.stderr, flush=True)
         for name, runs in rows.items():
             pooled = [r["pooled"] for r in runs]
             cells = [site_cell(runs, s) for s in site_names]
             cells += [spread([p[k] for p in pooled]) for k in ("covid_vs_normal", "balanced_accuracy", "normal_recall")]
+            cells.append(spread(internal.get((model, name), [])))
             print(f"| {model} | {name} | " + " | ".join(cells) + " |", flush=True)
-    print(f"\nseeds {args.seeds}; held-out predictions pooled over {rows['sites merged'][0]['pooled']['n']} images "
-          f"(sites merged) and {rows['shared folders alone'][0]['pooled']['n']} (shared folders alone)")  # fmt: skip
+        if "sites merged" not in rows and (model, "sites merged") in internal:
+            print(f"| {model} | sites merged (internal only) |" + " |" * (len(site_names) + 3)
+                  + f" {spread(internal[(model, 'sites merged')])} |")  # fmt: skip
+    pooled_n = " and ".join(f"{runs[0]['pooled']['n']} ({name})" for name, runs in rows.items())
+    print(f"\nseeds {args.seeds}; internal macro-F1 over seeds {internal_seeds}")
+    print(f"held-out predictions pooled over {pooled_n}")
 
 
 if __name__ == "__main__":

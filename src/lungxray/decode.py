@@ -135,10 +135,11 @@ def normalise_sites(images: np.ndarray, sites: list[str | None]) -> np.ndarray:
     the differences between its own films stay. Images without a site are mapped one by one.
     Uses no label: a new hospital's films are mapped from their own grey levels alone."""
     out = np.empty(images.shape, dtype=np.uint8)
-    names = np.array(["\x00" if s is None else s for s in sites], dtype=object)
-    for site in dict.fromkeys(names):
-        rows = np.flatnonzero(names == site)
-        if site == "\x00":
+    rows_of: dict[str | None, list[int]] = {}
+    for i, site in enumerate(sites):
+        rows_of.setdefault(site, []).append(i)
+    for site, rows in rows_of.items():
+        if site is None:
             for i in rows:
                 out[i] = equalize_together(images[i][None])[0]
         else:
