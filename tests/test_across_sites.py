@@ -180,6 +180,16 @@ def test_run_with_every_option_stores_them_and_predicts_with_the_offsets(tmp_pat
     assert np.allclose(predictor.predict_arrays(image[None], calibrated=False), expected)
     decoded = predictor.decode((roots[0] / CLASSES[0] / "img000.png").read_bytes(), "img000.png")
     assert np.array_equal(decoded, equalize_together(decoded_plain(roots[0] / CLASSES[0] / "img000.png"))[0])
+    # evaluate scores a set with the same offsets, each of its sites' grey levels mapped together
+    other = write_tree(tmp_path / "w", per_class=3, start=90)
+    assert (
+        cli("evaluate", out / "model", other, "--quiet --out", tmp_path / "eval", "--cache-dir", tmp_path / "cache")
+        == 0
+    )
+    scored = json.loads((tmp_path / "eval" / "predictions.json").read_text())["images"]
+    ds = load_dataset(other, DataConfig(Preprocessing(img_size=16, site_normalise=True), cache_dir=tmp_path / "cache"))
+    row = next(i for i, s in enumerate(ds.samples) if str(s.path) == scored[0]["path"])
+    assert np.allclose(scored[0]["uncalibrated"], predictor.predict_arrays(ds.images[row][None], calibrated=False)[0])
 
 
 def decoded_plain(path: Path) -> np.ndarray:

@@ -356,3 +356,39 @@ def test_a_folder_made_with_other_manifest_options_is_refused(tmp_path):
     assert cli("cv", manifest, "--where view=PA", *common) == 0
     assert json.loads((out / "cv.json").read_text())["pooled"]["n"] == 36
     assert cli("cv", manifest, "--force", *common) != 0  # the same folder, every view: other data
+
+
+def _with_metadata(folder: Path, per_class: int, start: int = 0) -> Path:
+    """A manifest of ``per_class`` images of each of the three classes with view, sex and age
+    columns: the views alternate, every fifth sex is blank, every age differs."""
+    rows = []
+    for label, name in enumerate(CLASSES):
+        for i, image in enumerate(_images(folder / "img", per_class, label, start)):
+            k = label * per_class + i
+            rows.append({"path": f"img/{image}", "label": name, "view": "PA" if k % 2 else "AP",
+                         "sex": "" if k % 5 == 0 else "FM"[k % 2], "age": str(20 + 3 * k)})  # fmt: skip
+    return _write_csv(folder / "manifest.csv", rows)
+
+
+def test_the_scan_summary_counts_each_manifest_column_and_spreads_the_numeric_ones(tmp_path):
+    ds = _load(_with_metadata(tmp_path, 8), tmp_path)  # 24 images: 24 different ages
+    metadata = ds.summary()["metadata"]
+    assert list(metadata) == ["age", "sex", "view"]
+    assert metadata["view"] == {"missing": 0, "counts": {"AP": 12, "PA": 12}}
+    assert metadata["sex"] == {"missing": 5, "counts": {"F": 9, "M": 10}}  # k = 0, 5, 10, 15, 20 blank
+    ages = [20 + 3 * k for k in range(24)]  # past 20 values: how many, and their spread, not each count
+    assert metadata["age"] == {"missing": 0, "distinct": 24, "min": 20.0, "median": float(np.median(ages)),
+                               "max": 89.0}  # fmt: skip
+    assert json.loads(json.dumps(ds.summary()))["metadata"] == metadata  # as scan.json holds it
+
+
+def test_scoring_a_manifest_keeps_each_images_columns_in_its_prediction(trained_run, tmp_path):
+    _, run, _ = trained_run
+    manifest = _with_metadata(tmp_path / "elsewhere", 2, start=80)
+    out = tmp_path / "eval"
+    assert cli("evaluate", run / "model", manifest, "--quiet --out", out, "--cache-dir", tmp_path / "cache") == 0
+    with open(manifest, newline="") as handle:
+        expected = {Path(r["path"]).name: {k: r[k] for k in ("view", "sex", "age")} for r in csv.DictReader(handle)}
+    predictions = json.loads((out / "predictions.json").read_text())["images"]
+    assert len(predictions) == 6
+    assert {Path(p["path"]).name: p["meta"] for p in predictions} == expected

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CHROMIUM, CHROMIUM_FLAGS, browser_or_skip, png_bomb, settings
+from conftest import CHROMIUM, CHROMIUM_FLAGS, browser_or_skip, cli, png_bomb, settings, synthetic_image, write_tree
 from fastapi.testclient import TestClient
 from helpers import figure_size
 from PIL import Image
@@ -96,7 +96,7 @@ def test_predict_explain_model_health_on_a_real_xray(real):
         body = answer.json()
         assert body["class"] in info["classes"] and body["model"] == "cnn"
         assert body["ood_score"] is None and body["in_distribution"] is None  # a bundle without the score
-        assert info["ood"] is None
+        assert info["ood"] is None and info["headline"] is None  # a bundle saved without them
         assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
         expected = Predictor(bundle).predict_files([files[0]])[0]["probabilities"]
         assert body["probabilities"] == pytest.approx(expected, abs=1e-6)
@@ -503,3 +503,66 @@ def test_only_regular_image_files_of_sane_size_are_read(real, tmp_path):
     )
     with pytest.raises(UnusableImage, match="9400 x 9400 pixels"):
         decode(big, Preprocessing(img_size=64))
+
+
+def _leads_against_chance(row: dict, metrics: dict) -> None:
+    """A headline row of ``metrics``: balanced accuracy first, beside always answering the majority
+    class, then each class's recall, and each defined one-vs-rest AUROC beside 0.5, called no
+    better than chance when its interval includes 0.5."""
+    base = metrics["baseline"]
+    first, rest = row["figures"].split("; macro-F1 ", 1)
+    assert first.startswith(f"balanced accuracy {metrics['balanced_accuracy']:.2f} (")
+    assert first.endswith(f"always answering {base['majority_class']}: {base['balanced_accuracy']:.2f})")
+    recall, _, auroc = rest.split("; recall ", 1)[1].partition("; one-vs-rest AUROC (chance: 0.50) ")
+
+    def shown(c: str, key: str) -> str:  # as the row shows it: the value, then its interval when there is one
+        value, ci = metrics["per_class"][c][key], metrics["ci95"].get(f"{key}/{c}")
+        return f"{c} {value:.2f}" + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
+
+    present = [c for c, m in metrics["per_class"].items() if m["support"]]
+    assert recall.split(", ") == [shown(c, "recall") for c in present]
+    defined = [c for c in present if metrics["per_class"][c]["auroc"] is not None]
+    verdicts = []
+    for c in defined:
+        ci = metrics["ci95"].get(f"auroc/{c}")
+        verdicts.append("" if ci is None else ": no better than chance" if ci[0] <= 0.5 <= ci[1] else
+                        f": {metrics['per_class'][c]['auroc_vs_chance']}")  # fmt: skip
+    assert auroc.split(", ") == [shown(c, "auroc") + v for c, v in zip(defined, verdicts, strict=True)]
+
+
+def test_model_leads_with_the_test_figures_against_chance(trained_run):
+    _, run, _ = trained_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    with TestClient(create_app(run / "model")) as client:
+        info = client.get("/model").json()
+    assert info["metrics"] == metrics  # the test split's metrics.json, stored in the bundle
+    assert [row["label"] for row in info["headline"]] == [f"test split ({metrics['n']} images)"]
+    _leads_against_chance(info["headline"][0], metrics)
+    assert "headline.json" in json.loads((run / "model" / "checksums.json").read_text())  # verified on load
+
+
+@pytest.mark.slow  # a whole run on two sites with an external set
+def test_model_leads_with_the_worst_site_and_each_external_set_against_chance(tmp_path):
+    sites = [write_tree(tmp_path / "north", per_class=8), write_tree(tmp_path / "south", per_class=8, start=40)]
+    elsewhere = tmp_path / "elsewhere"
+    for label, name in ((0, "covid"), (1, "normal")):
+        (elsewhere / name).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(synthetic_image(label, 300 + i)).save(elsewhere / name / f"{i}.png")
+    out = tmp_path / "run"
+    flags = "--trials 1 --epochs 2 --quiet --model mlp --seed 3 --img-size 16 --cache-dir"
+    assert cli("run", *sites, "--out", out, "--external", elsewhere, flags, tmp_path / "cache") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    external = json.loads((out / "external" / "elsewhere" / "metrics.json").read_text())
+    worst = metrics["worst_site"]
+    with TestClient(create_app(out / "model")) as client:
+        rows = client.get("/model").json()["headline"]
+    assert [row["label"] for row in rows] == [
+        f"test split ({metrics['n']} images)",
+        f"worst site: {worst} ({metrics['per_site'][worst]['n']} images, of 2 sites)",
+        "elsewhere (external, 12 images)",
+    ]
+    for row, figures in zip(rows, [metrics, metrics["per_site"][worst], external], strict=True):
+        _leads_against_chance(row, figures)
+    card = (out / "model" / "MODEL_CARD.md").read_text()
+    assert f"- {rows[1]['label']}: {rows[1]['figures']}." in card  # the card's own lines

@@ -1,5 +1,5 @@
 """The model bundle's format: a folder of safetensors weights, config.json, checksums.json and,
-optionally, metrics.json, seen.json, ood.safetensors, MODEL_CARD.md and model.onnx.
+optionally, metrics.json, seen.json, ood.safetensors, MODEL_CARD.md, headline.json and model.onnx.
 
 ``save_bundle`` writes one, ``attach_metrics`` and ``restaged`` change one, ``verify_bundle`` and
 ``verify_manifest`` check every file against its SHA-256 and the config's values before anything
@@ -40,6 +40,7 @@ METRICS = "metrics.json"  # the test metrics of the run that trained it, when it
 CHECKSUMS = "checksums.json"
 SEEN = "seen.json"  # SHA-256 of the files the model was trained and validated on
 CARD = "MODEL_CARD.md"  # the model card (card.py), written by run and train
+HEADLINE = "headline.json"  # the test's and external sets' figures against chance (card.headline), written by run
 OOD = "ood.safetensors"  # the out-of-distribution score's fitted tensors (lungxray.ood)
 
 

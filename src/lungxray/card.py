@@ -3,17 +3,19 @@
 Sections follow Hugging Face's model cards (metadata, model details, intended use, out-of-scope
 use, training data, evaluation, results elsewhere, audit, limitations, how to cite). ``run``
 writes it once the test split, the external sets and the audit are scored; ``train`` writes it
-with the evaluation still to do. ``lungxray serve`` returns it from ``/model``. The figures come
-from the run's own files (scan.json, metrics.json, audit.json, the external metrics); nothing here
-computes a metric.
+with the evaluation still to do. ``headline`` picks the rows the card and the report lead with
+(figures against chance), which ``run`` stores beside the card as headline.json and ``lungxray
+serve`` returns from ``/model`` with it. The figures come from the run's own files (scan.json,
+metrics.json, audit.json, the external metrics); nothing here computes a metric.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 from pathlib import Path
 
-from lungxray.bundle import CARD, restaged
+from lungxray.bundle import CARD, HEADLINE, restaged
 from lungxray.runfolder import write_text
 from lungxray.version import __version__
 
@@ -232,8 +234,28 @@ def model_card(
     return "\n".join(lines)
 
 
-def write_card(model_dir: Path, text: str) -> Path:
-    """Add (or replace) MODEL_CARD.md in the bundle, its checksums updated."""
+def headline(metrics: dict, external: dict[str, dict]) -> list[dict]:
+    """The rows the report's top table and the card lead with, for ``/model``: the test split (or
+    its held-out site) and its worst site, then each external set, each as {"label", "figures"}
+    where the figures are balanced accuracy, macro-F1 and accuracy beside always answering the
+    majority class, each class's recall, and each one-vs-rest AUROC against 0.5
+    (``report_external.against_chance``)."""
+    from lungxray.report_external import against_chance, site_rows
+
+    rows = site_rows(metrics)
+    if (metrics.get("split") or {}).get("site") is None:  # else site_rows' first row is the test
+        rows.insert(0, (f"test split ({metrics['n']} images)", "; ".join(against_chance(metrics))))
+    rows += [
+        (f"{name} (external, {ext['n']} images)", "; ".join(against_chance(ext))) for name, ext in external.items()
+    ]
+    return [{"label": label, "figures": figures} for label, figures in rows]
+
+
+def write_card(model_dir: Path, text: str, rows: list[dict] | None = None) -> Path:
+    """Add (or replace) MODEL_CARD.md in the bundle and, given the ``headline`` rows, headline.json,
+    its checksums updated."""
     with restaged(model_dir) as staging:
         write_text(staging / CARD, text)
+        if rows is not None:
+            write_text(staging / HEADLINE, json.dumps(rows, indent=2) + "\n")
     return Path(model_dir) / CARD

@@ -97,8 +97,10 @@ def _cross_validate(job: Job, params: dict | None) -> dict:
     set_threads(job.final.threads)
     clock = Clock()
     ds = load_dataset(job.data, job.dataset, progress=job.progress)
-    parts = site_folds(ds, seed, val_by=job.split.val_by) if by_site else make_folds(
-        ds.labels, ds.groups, job.cv.folds, seed
+    parts = (
+        site_folds(ds, seed, val_by=job.split.val_by)
+        if by_site
+        else make_folds(ds.labels, ds.groups, job.cv.folds, seed)
     )
     if any(s.patient for s in ds.samples):  # folds.json names patients by this folder's own key
         ds.rekey_patients(runfolder.secret_key(out / runfolder.PATIENT_KEY))

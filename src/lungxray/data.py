@@ -26,7 +26,7 @@ from lungxray.config import DataConfig, Preprocessing
 from lungxray.decode import decode_with_patient, normalise_sites, read_image_file
 from lungxray.errors import DataError, UnusableImage
 from lungxray.layout import Skipped, join_groups, known_paths, read_groups, read_paths
-from lungxray.manifest import locate
+from lungxray.manifest import column_summary, locate
 
 
 @dataclass
@@ -121,6 +121,10 @@ class Dataset:
             "sources": self.sources,
             "sites": self.site_class_counts(),
             "manifest_patients": self.manifest_patients,
+            "metadata": {
+                col: column_summary([s.meta.get(col, "") for s in self.samples])
+                for col in sorted({k for s in self.samples for k in s.meta})
+            },
         }
 
     def rekey_patients(self, key: bytes) -> None:

@@ -123,12 +123,15 @@ def evaluate_split(
     predictor: Predictor, ds: Dataset, idx: np.ndarray, out: Path, extra: dict | None = None, name: str = "test"
 ) -> dict:
     """Evaluate a loaded bundle on samples ``idx`` of ``ds``; writes metrics.json (with ``extra``
-    added), predictions.json (every image's probabilities, temperature-scaled and not, and its
-    out-of-distribution score), the confusion-matrix plot and, for a bundle with the score, the
-    coverage plot named ``name``, each once. Returns the metrics; their "ood" holds the flagged
-    share and the metrics on the accepted images (``evaluate.ood_summary``)."""
+    added), predictions.json (every image's probabilities, temperature-scaled and not, its
+    out-of-distribution score, its site and a manifest's other columns), the confusion-matrix plot
+    and, for a bundle with the score, the coverage plot named ``name``, each once. Returns the
+    metrics; their "ood" holds the flagged share and the metrics on the accepted images
+    (``evaluate.ood_summary``)."""
     y = labels_for(predictor, ds, idx)
     logits = predictor.predict_logits(ds.images[idx]).astype(np.float64)
+    if predictor.class_bias_ is not None:  # the offsets fitted on a held-out site (--val-by site)
+        logits = logits + predictor.class_bias_
     probs, raw = softmax(logits, predictor.temperature_), softmax(logits)
     scores = predictor.ood_scores(ds.images[idx])
     metrics = compute_metrics(y, probs, predictor.classes_)
@@ -148,6 +151,7 @@ def evaluate_split(
         {"path": str(ds.samples[i].path), "label": ds.samples[i].label, "probabilities": [float(v) for v in probs[k]],
          "uncalibrated": [float(v) for v in raw[k]], **ood_fields(None if scores is None else scores[k])}
         | ({"site": ds.samples[i].site} if ds.samples[i].site is not None else {})
+        | ({"meta": ds.samples[i].meta} if ds.samples[i].meta else {})  # a manifest's other columns
         for k, i in enumerate(idx)
     ]  # fmt: skip
     predictions = {"classes": predictor.classes_, "temperature": predictor.temperature_, "images": images}

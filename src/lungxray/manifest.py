@@ -240,3 +240,18 @@ def _row_label(row: dict, label_col: str | None, path: Path | None, root: Path) 
     if not name:
         return (label_col or "label", f"{raw!r} names no class" if raw else "empty")
     return name
+
+
+def column_summary(cells: list[str], most: int = 20) -> dict:
+    """A manifest column over the dataset's images (one cell each): how many are empty, each value's
+    count (past ``most`` values, how many there are) and, for a column of numbers, min/median/max."""
+    from collections import Counter
+    from statistics import median
+
+    seen = Counter(cell for cell in cells if cell)
+    numbers = [float(v) for v in seen.elements() if v.removeprefix("-").replace(".", "", 1).isdecimal()]
+    values = {"counts": dict(sorted(seen.items()))} if len(seen) <= most else {"distinct": len(seen)}
+    spread = {}
+    if numbers and len(numbers) == seen.total():
+        spread = {"min": min(numbers), "median": float(median(numbers)), "max": max(numbers)}
+    return {"missing": len(cells) - seen.total(), **values, **spread}

@@ -39,7 +39,7 @@ def export_onnx(folder: Path, check_images: np.ndarray | None = None) -> tuple[P
 
 
 def _add_metadata(path: Path, predictor: Predictor) -> None:
-    """What ONNX Runtime alone needs to use the graph: class names, preprocessing, temperature."""
+    """What ONNX Runtime alone needs to use the graph: class names, preprocessing, class bias, temperature."""
     import onnx
 
     graph = onnx.load(str(path))
@@ -47,9 +47,11 @@ def _add_metadata(path: Path, predictor: Predictor) -> None:
         ("lungxray.classes", json.dumps(predictor.classes_)),
         ("lungxray.preprocessing", json.dumps(predictor.config_["preprocessing"])),
         ("lungxray.temperature", repr(predictor.temperature_)),
+        ("lungxray.class_bias", json.dumps(predictor.bundle_config_.class_bias or [0.0] * len(predictor.classes_))),
         (
             "lungxray.input",
-            "image: (N, 1, H, W) float32 grayscale in [0, 1]; output logits: divide by the temperature, softmax",
+            "image: (N, 1, H, W) float32 grayscale in [0, 1]; output logits: add the class bias, divide by the "
+            "temperature, softmax",
         ),
     ):
         entry = graph.metadata_props.add()

@@ -18,7 +18,7 @@ import torch
 
 from lungxray import runfolder
 from lungxray.bundle import BundleConfig, BundleExtras, attach_metrics, save_bundle
-from lungxray.card import model_card, write_card
+from lungxray.card import headline, model_card, write_card
 from lungxray.config import Manifest
 from lungxray.data import Dataset, load_dataset
 from lungxray.evaluate import calibrate, fit_class_bias
@@ -305,7 +305,8 @@ def _run(job: Job, external: dict[str, Path]) -> RunResult:
         name: runfolder.read_json(Path(r["metrics"]).parent, runfolder.METRICS) for name, r in elsewhere.items()
         if "metrics" in r
     }  # fmt: skip
-    write_card(predictor.folder, model_card(predictor.config_, ds.summary(), metrics, scored_elsewhere, audited))
+    card = model_card(predictor.config_, ds.summary(), metrics, scored_elsewhere, audited)
+    write_card(predictor.folder, card, headline(metrics, scored_elsewhere))
     from lungxray.report import write_report
 
     stage("writing the report", job.progress)

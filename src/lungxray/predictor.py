@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from lungxray.bundle import (
     CARD,
     CONFIG,
+    HEADLINE,
     METRICS,
     ONNX,
     OOD,
@@ -64,6 +65,11 @@ class Predictor:
         )
         # The model card (MODEL_CARD.md), written by run and train; None for a bundle without one.
         self.card_: str | None = (self.folder / CARD).read_text() if CARD in self.checksums_ else None
+        # The figures against chance the card leads with (card.headline): the test split, its
+        # held-out or worst site, each external set; None for a bundle without them.
+        self.headline_: list[dict] | None = (
+            json.loads((self.folder / HEADLINE).read_text()) if HEADLINE in self.checksums_ else None
+        )
         # Content hashes of the training and validation files (empty: a bundle that did not record them).
         seen = json.loads((self.folder / SEEN).read_text()) if SEEN in self.checksums_ else {}
         self.seen_: frozenset[str] = frozenset(h for hashes in seen.values() for h in hashes)

@@ -166,6 +166,9 @@ def _add_routes(app: FastAPI, max_upload_bytes: int) -> None:
             "backend": p.backend_,
             "temperature": p.temperature_,
             "ood": p.config_.get("ood"),
+            # first the figures against chance (balanced accuracy beside the majority class, AUROC
+            # beside 0.5) of the test, its held-out or worst site and each external set; None: not run
+            "headline": p.headline_,
             "metrics": p.metrics_,
             "model_card": p.card_,  # MODEL_CARD.md (Markdown), None for a bundle without one
         }
