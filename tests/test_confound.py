@@ -1,18 +1,24 @@
 """The source-confound audit: a probe that tells the class from what is not the disease fires where
 the classes come from different sources, stays quiet where they do not, and fires on the shared
-dataset, whose COVID-19 films are adults' from one collection and whose others are children's."""
+dataset, whose COVID-19 films are adults' from one collection and whose others are children's.
+cleanlab's Datalab checks in the same audit flag a planted odd film and a planted copy, tell a
+drifting file order from a shuffled one, score each property against the class, and leave the
+process's warning filters and numpy's global generator as they found them."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import sys
+import warnings
 
 import numpy as np
 import pytest
-from conftest import CLASSES, cli, synthetic_image
+from conftest import CLASSES, cli, synthetic_image, write_tree
 from PIL import Image
 
 from lungxray.config import DataConfig, Preprocessing
-from lungxray.confound import FEATURES, audit, features, probe
+from lungxray.confound import FEATURES, audit, features, import_datalab, probe, spurious_scores
 from lungxray.data import load_dataset
 
 
@@ -73,3 +79,88 @@ def test_scan_of_the_shared_dataset_prints_the_warning(shared_data, tmp_path, ca
     assert cli("scan", shared_data, "--json --img-size 32 --cache-dir", tmp_path / "cache") == 0
     confound = json.loads(capsys.readouterr().out)["confound"]
     assert confound["fires"] and confound["balanced_accuracy"] > 0.8 and confound["features"] == list(FEATURES)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """30 films of one size, plus a wide, white one (Covid/odd.png) and a byte copy of
+    Covid/img003.png (Covid/copy.png): (the tree, its scan, the scan's audit)."""
+    tmp = tmp_path_factory.mktemp("planted")
+    root = write_tree(tmp / "data", per_class=10)
+    odd = np.random.default_rng(0).normal(245, 5, (30, 120)).clip(0, 255).astype(np.uint8)
+    Image.fromarray(odd).save(root / "Covid" / "odd.png")
+    shutil.copy(root / "Covid" / "img003.png", root / "Covid" / "copy.png")
+    ds = _load(root, tmp)
+    return root, ds, audit(ds)
+
+
+def test_datalab_flags_a_planted_odd_film_as_the_most_unusual(planted, tmp_path, capsys):
+    root, _, result = planted
+    outliers = result["datalab"]["outlier"]
+    assert outliers["top"][0]["path"] == str(root / "Covid" / "odd.png") and 1 <= outliers["n"] <= 3
+    assert cli("scan", root, "--quiet --img-size 16 --cache-dir", tmp_path / "cache") == 0
+    assert "(cleanlab outliers), most unusual first: Covid/odd.png" in capsys.readouterr().out
+
+
+def test_datalab_flags_a_planted_copy_that_the_duplicate_search_grouped_too(planted):
+    root, ds, result = planted
+    near = result["datalab"]["near_duplicate"]
+    assert {t["path"] for t in near["top"]} == {str(root / "Covid" / n) for n in ("copy.png", "img003.png")}
+    assert (near["n"], near["pairs"], near["in_duplicate_groups"], near["new"]) == (2, 1, 1, [])
+    assert result["datalab"]["notes"][0].startswith("1 image(s) unlike the rest")  # no near-duplicate note
+    assert audit(ds)["datalab"] == result["datalab"]  # seeded: the same findings again
+
+
+def _drift_tree(root, order):
+    """Two classes of 24 films whose grey level rises with ``order``: film ``k`` is named ``order[k]``."""
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for k, position in enumerate(order):
+            film = np.random.default_rng([k, ord(name)]).normal(60 + 6 * k, 10, (32, 32))
+            film = film.clip(0, 255).astype(np.uint8)
+            Image.fromarray(film).save(root / name / f"{position:02d}.png")
+    return root
+
+
+def test_datalab_calls_a_drifting_file_order_non_iid_and_a_shuffled_one_not(tmp_path):
+    state = np.random.get_state()
+    drifting = audit(_load(_drift_tree(tmp_path / "drift", range(24)), tmp_path))["datalab"]["non_iid"]
+    shuffled_order = np.random.default_rng(0).permutation(24)
+    shuffled = audit(_load(_drift_tree(tmp_path / "shuffled", shuffled_order), tmp_path))["datalab"]["non_iid"]
+    assert max(drifting["within"].values()) < 0.001 and drifting["p_value"] < 0.001
+    assert min(shuffled["within"].values()) > 0.5  # the whole set, one class after the other, is not shuffled
+    assert np.array_equal(np.random.get_state()[1], state[1])  # the test reseeds numpy; put back
+
+
+def test_the_spurious_correlation_score_is_zero_for_a_property_that_gives_the_class():
+    """cleanlab's scorer is a private module: this pins what it computes, against the largest
+    class's share (here 0.5, class 1's)."""
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], [15, 30, 15])
+    x = rng.normal(size=(60, len(FEATURES)))
+    x[:, FEATURES.index("width")] = 500 + 300 * y
+    x[:, FEATURES.index("bits")] = 8
+    scores = spurious_scores(import_datalab()[1], x, y)
+    assert (scores["threshold"], scores["majority"]) == (0.3, 0.5) and list(scores["scores"]) == list(FEATURES)
+    assert scores["scores"]["width"] == 0.0 and scores["scores"]["bits"] is None
+    noise = [s for f, s in scores["scores"].items() if f not in ("width", "bits")]
+    assert min(noise) > 0.7 and max(noise) == 1.0
+
+
+def test_importing_datalab_leaves_the_warning_filters_alone(monkeypatch):
+    for name in [m for m in sys.modules if m == "cleanlab" or m.startswith("cleanlab.")]:
+        monkeypatch.delitem(sys.modules, name)  # imported afresh: cleanlab silences warnings on first import
+    filters = list(warnings.filters)
+    import_datalab()
+    assert warnings.filters == filters
+
+
+def test_the_audit_skips_datalab_with_a_note_without_its_extra(planted, tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m.startswith("cleanlab.datalab")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if Hugging Face datasets were not installed
+    result = audit(_load(planted[0], tmp_path))
+    assert (
+        "install cleanlab's Datalab extra" in result["datalab"]["skipped"] and result["balanced_accuracy"] is not None
+    )
+    assert result["datalab"]["notes"] == [f"cleanlab's Datalab checks skipped ({result['datalab']['skipped']})"]

@@ -10,6 +10,20 @@ import json
 from lungxray import runfolder
 
 
+def print_json(obj) -> None:
+    """``obj`` as strict JSON (``--json``): a NaN or infinite number, which JSON cannot hold, is null."""
+    import math
+
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        return [finite(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    print(json.dumps(finite(obj), indent=2, allow_nan=False))
+
+
 def print_scan(summary: dict) -> None:
     import os
 
@@ -49,21 +63,23 @@ def print_scan(summary: dict) -> None:
 
 
 def print_confound(confound: dict | None) -> None:
-    """The source-confound probe against chance, and its warning when it fires."""
+    """The source-confound probe against chance, its warning when it fires, then what cleanlab's
+    Datalab checks add (their notes)."""
     if not confound:
         return
     sites = confound.get("sites")
     if sites:
         print_sites(sites)
-    if confound["balanced_accuracy"] is None:
-        return
-    print(
-        "source-confound probe (the class from image size, file format, bytes per pixel, bit depth and grey "
-        f"levels, {confound['folds']}-fold): balanced accuracy {confound['balanced_accuracy']:.2f} against "
-        f"{confound['chance']:.2f} for chance"
-    )
+    if confound["balanced_accuracy"] is not None:
+        print(
+            "source-confound probe (the class from image size, file format, bytes per pixel, bit depth and grey "
+            f"levels, {confound['folds']}-fold): balanced accuracy {confound['balanced_accuracy']:.2f} against "
+            f"{confound['chance']:.2f} for chance"
+        )
     if confound["warning"]:
         print(f"WARNING: {confound['warning']}")
+    for line in confound.get("datalab", {}).get("notes", []):
+        print(line)
 
 
 def print_sites(sites: dict) -> None:

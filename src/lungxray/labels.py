@@ -40,8 +40,13 @@ class LabelIssues:
 
 def find_label_issues(labels: np.ndarray, probs: np.ndarray) -> LabelIssues:
     """Confident learning (cleanlab's) on integer ``labels`` (N,) and out-of-fold ``probs`` (N, C)."""
-    from cleanlab.count import compute_confident_joint, get_confident_thresholds
-    from cleanlab.filter import find_label_issues as off_diagonal
+    import warnings
+
+    # cleanlab's package import (Datalab's) calls warnings.filterwarnings("ignore") for the whole
+    # process: the filters are put back as they were (confound.import_datalab does the same)
+    with warnings.catch_warnings():
+        from cleanlab.count import compute_confident_joint, get_confident_thresholds
+        from cleanlab.filter import find_label_issues as off_diagonal
 
     thresholds = get_confident_thresholds(labels, probs)  # (C,) average self-confidence per class
     joint = compute_confident_joint(labels, probs, thresholds=thresholds, calibrate=False)
