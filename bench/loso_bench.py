@@ -186,7 +186,7 @@ def main() -> None:
             if "shared folders alone" in rows:
                 rows["shared folders alone"].append(figures(ds, held_out_probs(job, ds, [shared_alone(ds, seed)])))
             for name, options in ROWS.items():
-                if name in rows:
+                if name in rows and not args.internal_only:
                     probs, _ = cv_run(job, ds, folder, "site", options)
                     rows[name].append(figures(ds, probs))
                 # the options' cost where the hospitals were seen, against plain training's ("sites merged")
@@ -199,15 +199,18 @@ def main() -> None:
                     internal.setdefault((model, name), []).append(pooled["macro_f1"])
             print(f"  ({model}, seed {seed} done)", file=sys.stderr, flush=True)
         for name, runs in rows.items():
+            if not runs:  # --internal-only
+                continue
             pooled = [r["pooled"] for r in runs]
             cells = [site_cell(runs, s) for s in site_names]
             cells += [spread([p[k] for p in pooled]) for k in ("covid_vs_normal", "balanced_accuracy", "normal_recall")]
             cells.append(spread(internal.get((model, name), [])))
             print(f"| {model} | {name} | " + " | ".join(cells) + " |", flush=True)
-        if "sites merged" not in rows and (model, "sites merged") in internal:
-            print(f"| {model} | sites merged (internal only) |" + " |" * (len(site_names) + 3)
-                  + f" {spread(internal[(model, 'sites merged')])} |")  # fmt: skip
-    pooled_n = " and ".join(f"{runs[0]['pooled']['n']} ({name})" for name, runs in rows.items())
+        for name in ROWS:
+            if (model, name) in internal and not rows.get(name):
+                print(f"| {model} | {name} (internal only) |" + " |" * (len(site_names) + 3)
+                      + f" {spread(internal[(model, name)])} |")  # fmt: skip
+    pooled_n = " and ".join(f"{runs[0]['pooled']['n']} ({name})" for name, runs in rows.items() if runs)
     print(f"\nseeds {args.seeds}; internal macro-F1 over seeds {internal_seeds}")
     print(f"held-out predictions pooled over {pooled_n}")
 

@@ -297,9 +297,14 @@ def test_a_bundle_is_exactly_its_manifest(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"calibration": {"temperature": 0}}, "temperature must be a finite number above 0"),
-        ({"calibration": {"temperature": -1}}, "temperature must be a finite number above 0"),
-        ({"calibration": {"temperature": float("nan")}}, "temperature must be a finite number above 0"),
+        ({"calibration": {"temperature": 0}}, "temperature must be a number in 0.05..20"),
+        ({"calibration": {"temperature": -1}}, "temperature must be a number in 0.05..20"),
+        ({"calibration": {"temperature": float("nan")}}, "temperature must be a number in 0.05..20"),
+        ({"calibration": {"temperature": 1e-300}}, "temperature must be a number in 0.05..20, got 1e-300"),
+        ({"calibration": {"temperature": 1e300}}, "temperature must be a number in 0.05..20, got 1e"),
+        ({"ood": {"method": "input-mahalanobis-v1", "threshold": 5e-324}}, "ood.threshold must be a distance in"),
+        ({"ood": {"method": "input-mahalanobis-v1", "threshold": 1e300}}, "ood.threshold must be a distance in"),
+        ({"ood": {"method": "input-mahalanobis-v1", "threshold": float("inf")}}, "ood.threshold must be a distance"),
         ({"preprocessing": {"img_size": 40000}}, "img_size must be a whole number in 8..1024"),
         ({"model": {"name": "mlp", "hyperparameters": {**HP, "layer_1": 100000}, "input_shape": [1, 16, 16]}},
          "layer_1 = 100000 is outside 1..4096"),
@@ -387,3 +392,154 @@ def test_a_failed_metrics_update_leaves_the_bundle_whole(tmp_path, monkeypatch):
     assert json.loads((folder / "metrics.json").read_text()) == {"accuracy": 1.0}
     assert Predictor(folder).metrics_ == {"accuracy": 1.0}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_full_disk_while_safetensors_writes_is_one_bundle_error_naming_the_folder(tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError (its write is in Rust, so the test
+    raises what it raises): the user reads the bundle's folder, the reason and a hint."""
+    from safetensors import SafetensorError
+
+    import lungxray.bundle as bundle_module
+
+    model, _ = _bundle(tmp_path)
+
+    def full_disk(tensors, filename, metadata=None):
+        raise SafetensorError(
+            f'Error while serializing: I/O error: No space left on device (os error 28) at path "{filename}.tmpXy"'
+        )
+
+    monkeypatch.setattr(bundle_module, "save_file", full_disk)
+    with pytest.raises(BundleError) as info:
+        save_bundle(tmp_path / "fresh", model, {})
+    assert str(info.value) == (
+        f"cannot write the model bundle {tmp_path / 'fresh'}: I/O error: No space left on device (os error 28)"
+    )
+    assert "free space" in info.value.hint and "--out" in info.value.hint
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+
+
+def test_a_listed_file_larger_than_memory_is_checked_in_chunks(tmp_path, monkeypatch):
+    """Reading a listed file whole would raise MemoryError when it is larger than memory: the
+    checksum is computed from chunks, so an oversized (appended-to) file reads as altered."""
+    from pathlib import Path
+
+    from lungxray.bundle import verify_bundle
+
+    _, folder = _bundle(tmp_path)
+    with open(folder / "model.safetensors", "ab") as f:
+        f.truncate(f.tell() + 64 * 2**20)  # 64 MiB more, stored sparse
+
+    def out_of_memory(self):
+        raise MemoryError  # what reading a file far larger than memory whole does
+
+    monkeypatch.setattr(Path, "read_bytes", out_of_memory)
+    with pytest.raises(BundleError, match="model.safetensors does not match its checksum"):
+        verify_bundle(folder)
+
+
+def test_temperature_range_is_the_one_lungxray_fits_in():
+    from lungxray.bundle import TEMPERATURE_RANGE
+    from lungxray.evaluate import TEMPERATURE_BOUNDS
+
+    assert TEMPERATURE_RANGE == TEMPERATURE_BOUNDS
+
+
+def _bundle_with_ood(tmp_path):
+    """``_bundle``'s model saved with an out-of-distribution score fitted on synthetic films, and the films."""
+    from lungxray.ood import fit_ood
+
+    model, _ = _bundle(tmp_path / "plain")
+    images = np.stack([synthetic_image(c, i, 16) for c in range(3) for i in range(8)])
+    config = {
+        "classes": ["covid", "normal", "viral_pneumonia"],
+        "model": {"name": "mlp", "hyperparameters": HP, "input_shape": [1, 16, 16]},
+        "preprocessing": {"img_size": 16},
+    }
+    return save_bundle(tmp_path / "model", model, config, BundleExtras(ood=fit_ood(images[::2], images[1::2]))), images
+
+
+def test_an_ood_precision_of_zero_is_refused(tmp_path):
+    """A precision matrix of zeros (checksum recomputed) would score every image 0 and flag none:
+    the bundle is refused, saying so."""
+    from safetensors.numpy import load_file, save_file
+
+    from lungxray.bundle import write_checksums
+
+    folder, _ = _bundle_with_ood(tmp_path)
+    assert Predictor(folder).ood_ is not None
+    tensors = load_file(str(folder / "ood.safetensors"))
+    for name, broken in (("precision", 0.0), ("location", np.nan)):
+        save_file({**tensors, name: np.full_like(tensors[name], broken)}, str(folder / "ood.safetensors"))
+        write_checksums(folder)
+        with pytest.raises(BundleError, match="ood.safetensors cannot score images: (its precision|it holds)"):
+            Predictor(folder)
+
+
+def test_predict_on_arrays_gives_the_ood_fields_as_on_files(tmp_path):
+    """predict(array) answers as predict(files) does, out-of-distribution score included (but the path)."""
+    from PIL import Image
+
+    folder, images = _bundle_with_ood(tmp_path)
+    predictor = Predictor(folder)
+    paths = []
+    for k, image in enumerate(images[:4]):
+        paths.append(tmp_path / f"{k}.png")
+        Image.fromarray(image).save(paths[-1])
+    on_files = predictor.predict(paths)
+    on_arrays = predictor.predict(images[:4])
+    assert [{k: v for k, v in r.items() if k != "path"} for r in on_files] == on_arrays
+    assert all(isinstance(r["ood_score"], float) and isinstance(r["in_distribution"], bool) for r in on_arrays)
+
+
+def _files(folder) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_evaluate_and_explain_refuse_an_out_in_a_bundle_or_in_data_naming_both(tmp_path, capsys):
+    """Written into a bundle, files make it refuse to load; written into DATA, plots and overlays
+    become images on its next scan. Both refused before anything is written, in one line each."""
+    from conftest import cli, write_tree
+
+    _, bundle = _bundle(tmp_path)
+    data = write_tree(tmp_path / "data", per_class=3)
+    image = data / "Covid" / "img000.png"
+    before, data_before = _files(bundle), _files(data)
+    refusals = [
+        (["evaluate", bundle, data, "--out", bundle, "--force"], f"--out {bundle} is the model bundle", bundle),
+        (["evaluate", bundle, data, "--out", bundle / "eval"], f"lies inside the model bundle {bundle.resolve()}",
+         bundle),
+        (["explain", bundle, image, "--out", bundle], f"--out {bundle} is the model bundle", bundle),
+        (["explain", bundle, image, "--out", bundle / "x"], "lies inside the model bundle", bundle),
+        (["evaluate", bundle, data, "--out", data / "eval"], f"lies inside the dataset folder {data}", data),
+        (["explain", bundle, data, "--out", data / "Covid"], f"lies inside the dataset folder {data}", data),
+        (["run", data, "--out", data / "run"], f"lies inside the dataset folder {data}", data),
+        (["cv", data, "--out", data], f"--out {data} lies inside the dataset folder {data}", data),
+    ]  # fmt: skip
+    for args, says, named in refusals:
+        assert cli(*args) == 2, args
+        err = capsys.readouterr().err
+        assert says in err and f"hint: choose an --out outside {named}" in err, (args, err)
+    assert _files(bundle) == before and Predictor(bundle)  # untouched, and still loads
+    assert _files(data) == data_before
+
+
+def test_explain_waits_its_turn_for_a_run_folder_another_process_writes(tmp_path, capsys):
+    from conftest import cli, write_tree
+
+    from lungxray.runfolder import writer_lock
+
+    _, bundle = _bundle(tmp_path)
+    image = write_tree(tmp_path / "data", per_class=1) / "Covid" / "img000.png"
+    with writer_lock(tmp_path / "run"):  # another writer (run, evaluate) holds it
+        assert cli("explain", bundle, image, "--out", tmp_path / "run") == 2
+    assert "is being written by another lungxray process" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "explain.json").exists()
+    assert cli("explain", bundle, image, "--out", tmp_path / "run") == 0  # free again
+
+
+def test_the_run_folder_knows_the_bundles_manifest_name():
+    """runfolder cannot import bundle (a layer above it): the name it recognises a bundle by is bundle's."""
+    from lungxray.bundle import CHECKSUMS
+    from lungxray.runfolder import BUNDLE_MARK
+
+    assert BUNDLE_MARK == CHECKSUMS

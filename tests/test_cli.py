@@ -606,3 +606,168 @@ def test_run_piped_to_a_file_reads_as_plain_lines_and_the_log_file_holds_the_sam
     logged = [line.split(" ", 1)[1] for line in log.read_text().splitlines()]
     shown = [line.split(" ", 1)[1] for line in lines] + out.read_text().splitlines()
     assert logged == shown and any("test accuracy" in line for line in logged)
+
+
+def _content_job(data: Path, out: Path, **fields):
+    from lungxray.config import DataConfig, Preprocessing
+    from lungxray.job import Job
+
+    dataset = DataConfig(Preprocessing(img_size=16), cache_dir=out.parent / "cache")
+    return Job(data, out, "mlp", dataset=dataset, progress=False, **fields)
+
+
+def test_a_run_folder_made_from_other_images_under_the_same_path_is_refused_or_started_anew(tmp_path):
+    """Files deleted, added and moved between classes under the same DATA path: the run folder is
+    refused, saying what changed; --force sets the old study aside (a new search starts) and says
+    so; a study in --storage is never silently reused. A folder whose fingerprint predates the
+    content digest is still accepted, and gets one."""
+    import warnings
+
+    from lungxray.config import TuneConfig
+    from lungxray.errors import OutputExistsError
+    from lungxray.pipeline import prepare
+
+    data, out = write_tree(tmp_path / "data", per_class=20), tmp_path / "run"
+    prepare(_content_job(data, out))
+    fingerprint = json.loads((out / "fingerprint.json").read_text())
+    assert len(fingerprint["content"]) == 16 and len(json.loads((out / "content.json").read_text())) == 60
+    (out / "study.db").write_bytes(b"the old study")
+    for path in sorted((data / "Covid").glob("*.png"))[:10]:
+        path.unlink()
+    for path in sorted((data / "Viral Pneumonia").glob("*.png"))[:3]:
+        path.rename(data / "Normal" / f"moved_{path.name}")
+    write_tree(tmp_path / "more", per_class=1, start=50)
+    (tmp_path / "more" / "Covid" / "img050.png").rename(data / "Covid" / "new.png")
+    with pytest.raises(OutputExistsError, match="other images under the same DATA") as info:
+        prepare(_content_job(data, out))
+    assert "1 image added, 10 images removed, 3 images given another class or site" in str(info.value)
+    assert "--force" in info.value.hint and (out / "study.db").read_bytes() == b"the old study"
+    storage = TuneConfig(storage=f"sqlite:///{tmp_path / 'shared.db'}")
+    with pytest.raises(OutputExistsError, match="does not restart the study in --storage"):
+        prepare(_content_job(data, out, force=True, search=storage))
+    with pytest.warns(UserWarning, match="--force starts a new study; the old study is kept as") as said:
+        prepare(_content_job(data, out, force=True))
+    assert "10 images removed" in str(said[0].message)
+    assert not (out / "study.db").exists()
+    assert (out / f"study.{fingerprint['content']}.db").read_bytes() == b"the old study"
+    now = json.loads((out / "fingerprint.json").read_text())
+    assert now["content"] != fingerprint["content"] and {k: v for k, v in now.items() if k != "content"} == {
+        k: v for k, v in fingerprint.items() if k != "content"
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare(_content_job(data, out))  # unchanged since: no refusal, no warning
+        del fingerprint["content"]
+        (out / "fingerprint.json").write_text(json.dumps(fingerprint))  # as written before content was
+        (out / "content.json").unlink()
+        prepare(_content_job(data, out))
+    assert json.loads((out / "fingerprint.json").read_text())["content"] == now["content"]
+    assert (out / "content.json").is_file()
+
+
+@pytest.mark.slow
+def test_run_force_on_changed_data_searches_anew(tmp_path, capsys):
+    """`run --force` after the data changed under the same path: a new study (its trials number
+    from 0, as many as --trials), the old one kept beside it, and the user told so."""
+    data, out = write_tree(tmp_path / "data", per_class=12), tmp_path / "run"
+    flags = ("--out", out, "--model mlp --img-size 16 --cache-dir", tmp_path / "cache", "--epochs 1 --seed 1 --quiet")
+    assert cli("run", data, *flags, "--trials 3") == 0
+    for path in sorted((data / "Normal").glob("*.png"))[:4]:
+        path.unlink()
+    assert cli("run", data, *flags, "--trials 2") == 2  # the model is there: --force is needed anyway
+    capsys.readouterr()
+    assert cli("run", data, *flags, "--trials 2 --force") == 0
+    said = capsys.readouterr().err
+    assert "(4 images removed): --force starts a new study; the old study is kept as" in said
+    trials = json.loads((out / "trials.json").read_text())
+    assert [t["number"] for t in trials] == [0, 1]
+    assert len(list(out.glob("study.*.db"))) == 1
+
+
+def test_predict_json_is_strict_json_with_null_for_a_score_that_is_not_a_number(trained_run, capsys, monkeypatch):
+    """JSON has no NaN: `predict --json` writes null where a score is not a finite number."""
+    data, out, _ = trained_run
+    monkeypatch.setattr(Predictor, "ood_scores", lambda self, images: np.full(len(images), np.nan))
+    image = sorted((data / "Normal").glob("*.png"))[0]
+    assert main(["predict", str(out / "model"), str(image), "--json"]) == 0
+
+    def refuse(constant: str):
+        raise ValueError(f"not JSON: {constant}")
+
+    [result] = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert result["ood_score"] is None and result["in_distribution"] is False
+
+
+def test_predict_on_a_folder_without_images_is_an_error_naming_it(trained_run, tmp_path, capsys):
+    _, out, _ = trained_run
+    empty = tmp_path / "empty"
+    (empty / ".hidden").mkdir(parents=True)
+    (empty / ".hidden" / "x.png").write_bytes(b"")  # hidden: not looked at
+    assert cli("predict", out / "model", empty) == 2
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    error, hint = printed.err.splitlines()
+    assert error.startswith(f"lungxray predict: error: {empty} holds no image files (looked in it and its sub-folders")
+    assert hint.startswith("  hint: pass the folder that holds the X-rays")
+
+
+def test_the_cache_lives_in_a_lungxray_folder_under_lungxray_cache_as_the_help_says(monkeypatch):
+    from lungxray.config import default_cache_dir
+    from lungxray.flags import build_parser
+
+    monkeypatch.setenv("LUNGXRAY_CACHE", "/srv/cache")
+    assert default_cache_dir() == Path("/srv/cache/lungxray")
+    monkeypatch.delenv("LUNGXRAY_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/srv/xdg")
+    assert default_cache_dir() == Path("/srv/xdg/lungxray")
+    sub = build_parser()._subparsers._group_actions[0].choices["run"]
+    shown = " ".join(sub.format_help().split())
+    assert "($LUNGXRAY_CACHE/lungxray, else $XDG_CACHE_HOME/lungxray, else ~/.cache/lungxray)" in shown
+
+
+@pytest.mark.slow
+def test_class_folders_named_in_other_scripts_train_a_bundle_that_loads(tmp_path, capsys):
+    """Class folders named in Cyrillic and Chinese are two classes under those names: a trained
+    bundle keeps them, loads, and predicts one of them."""
+    from conftest import synthetic_image
+    from PIL import Image
+
+    data = tmp_path / "data"
+    for label, name in enumerate(("Норма", "正常")):
+        (data / name).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(synthetic_image(label, i)).save(data / name / f"{i}.png")
+    out = tmp_path / "run"
+    flags = "--params defaults --model mlp --img-size 16 --epochs 1 --seed 1 --quiet --cache-dir"
+    assert cli("train", data, "--out", out, flags, tmp_path / "cache") == 0
+    predictor = Predictor(out / "model")
+    assert predictor.classes_ == ["норма", "正常"]
+    [result] = predictor.predict(data / "正常" / "0.png")
+    assert result["class"] in ("норма", "正常") and set(result["probabilities"]) == {"норма", "正常"}
+
+
+def test_a_log_file_on_a_full_disk_is_said_once_and_the_job_goes_on(tmp_path, capsys, monkeypatch):
+    """--log-file whose disk fills up (every write of the file fails with ENOSPC): one warning with
+    the path and a hint, no traceback, and the command still does its job."""
+    import errno
+    import io
+
+    from lungxray import progress
+
+    class FullDisk(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(
+        progress, "open", lambda *a, **k: io.TextIOWrapper(io.BufferedWriter(FullDisk())), raising=False
+    )
+    data, log = write_tree(tmp_path / "data", per_class=4), tmp_path / "run.log"
+    assert cli("scan", data, "--cache-dir", tmp_path / "cache", "--log-file", log) == 0
+    captured = capsys.readouterr()
+    warned = [line for line in captured.err.splitlines() if "cannot write the log file" in line]
+    assert len(warned) == 1 and f"cannot write the log file {log}: No space left on device" in warned[0]
+    assert "--log-file" in warned[0] and "Traceback" not in captured.err
+    assert "12 usable images" in captured.out

@@ -25,6 +25,11 @@ from lungxray.layout import normalise_class_name
         ("normal", "normal"),
         ("ViralPneumonia", "viral_pneumonia"),
         ("  Bacterial  pneumonia ", "bacterial_pneumonia"),
+        ("Норма", "норма"),  # letters of every script are kept, case-folded
+        ("正常", "正常"),
+        ("Pneumonía Viral", "pneumonía_viral"),
+        ("ＣＯＶＩＤ－１９", "covid_19"),  # NFKC: full-width forms are the ASCII ones
+        ("+++", ""),  # no letter: no class (discover refuses the folder)
     ],
 )
 def test_class_names_are_snake_case(name, expected):
@@ -258,3 +263,108 @@ def test_the_scan_keeps_its_images_in_one_memory_mapped_stack(flat_tree, cache_d
     assert x.shape == (4, 1, 32, 32) and len(x) == 4
     assert torch.equal(x[torch.tensor([2, 0])], to_tensor(ds.images[idx[[2, 0]]]))
     assert torch.equal(x[1:3], to_tensor(ds.images[idx[1:3]])) and x[0].shape == (1, 32, 32)
+
+
+def test_a_class_folder_named_by_symbols_only_is_an_error_naming_it(flat_tree, cache_dir):
+    (flat_tree / "+++").mkdir()
+    (flat_tree / "+++" / "x.png").write_bytes((flat_tree / "Covid" / "img000.png").read_bytes())
+    with pytest.raises(DataError, match="names no class") as info:
+        load_dataset(flat_tree, DataConfig(cache_dir=cache_dir), progress=False)
+    assert str(flat_tree / "+++") in str(info.value)
+
+
+def test_hidden_special_and_unreadable_entries_are_listed_as_skipped(flat_tree, cache_dir, monkeypatch):
+    """Hidden files and folders (never a class's images), an unreadable sub-folder (with its OS
+    error), a named pipe (never opened: the scan would wait forever), a socket and a link to a
+    device are each listed as skipped with the reason; the classes and counts are unchanged."""
+    import socket
+
+    png = (flat_tree / "Covid" / "img000.png").read_bytes()
+    (flat_tree / "Viral Pneumonia" / ".thumbs").mkdir()
+    (flat_tree / "Viral Pneumonia" / ".thumbs" / "x.png").write_bytes(png)
+    (flat_tree / "Normal" / ".DS_Store").write_bytes(b"\0")
+    (flat_tree / ".cache").mkdir()
+    (flat_tree / ".cache" / "y.png").write_bytes(png)
+    locked = flat_tree / "Covid" / "locked"
+    locked.mkdir()
+    (locked / "z.png").write_bytes(png)
+    os.mkfifo(flat_tree / "Covid" / "pipe.png")
+    (flat_tree / "Normal" / "null.png").symlink_to("/dev/null")
+    monkeypatch.chdir(flat_tree / "Normal")  # a relative name: a socket's path has a length limit
+    server = socket.socket(socket.AF_UNIX)
+    server.bind("sock.png")
+    locked.chmod(0)
+    if os.geteuid() == 0:  # root lists every folder: the refusal is the kernel's answer to anyone else
+        listdir = os.listdir
+
+        def refuse(path):
+            if os.fspath(path) == str(locked):
+                raise PermissionError(13, "Permission denied", str(path))
+            return listdir(path)
+
+        monkeypatch.setattr(os, "listdir", refuse)
+    try:
+        ds = load_dataset(flat_tree, DataConfig(Preprocessing(img_size=16), cache_dir=cache_dir), progress=False)
+    finally:
+        locked.chmod(0o755)
+        server.close()
+    reasons = {os.path.relpath(s.path, flat_tree): s.reason for s in ds.skipped}
+    assert reasons == {
+        ".cache": "hidden",
+        "Viral Pneumonia/.thumbs": "hidden",
+        "Normal/.DS_Store": "hidden",
+        "Covid/locked": "folder cannot be read: Permission denied",
+        "Covid/pipe.png": "not a regular file: a named pipe (FIFO)",
+        "Normal/sock.png": "not a regular file: a socket",
+        "Normal/null.png": "not a regular file: a device (a symbolic link to /dev/null)",
+    }
+    assert ds.classes == ["covid", "normal", "viral_pneumonia"]
+    assert ds.counts() == {"covid": 12, "normal": 12, "viral_pneumonia": 12}
+
+
+def test_a_cache_on_a_full_disk_falls_back_to_memory_once_and_leaves_no_empty_file(
+    flat_tree, cache_dir, monkeypatch, recwarn
+):
+    """Every write into the cache fails as on a full disk (the file is made, its bytes are refused
+    with ENOSPC): the scan keeps its images in memory, warns once naming the cache, and leaves no
+    empty or partial image that a later scan would trust; that later scan, with room again, fills
+    the cache."""
+    import builtins
+    import errno
+    import io
+
+    cfg = DataConfig(Preprocessing(img_size=16), cache_dir=cache_dir)
+    opened = builtins.open
+
+    class Full(io.RawIOBase):
+        """A file on a full disk: made, but every byte refused as the kernel refuses them."""
+
+        def __init__(self, file, mode):
+            super().__init__()
+            opened(file, mode.replace("x", "w").replace("a", "w")).close()
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full_disk(file, mode="r", *args, **kwargs):
+        if any(m in mode for m in "wax+") and str(cache_dir) in os.fspath(file):
+            return Full(file, mode)
+        return opened(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_disk)
+    monkeypatch.setattr(io, "open", full_disk)
+    ds = load_dataset(flat_tree, cfg, progress=False)
+    monkeypatch.undo()
+    said = [str(w.message) for w in recwarn if "cache" in str(w.message)]
+    assert len(said) == 1 and str(cache_dir) in said[0] and "memory" in said[0]
+    assert not list(cache_dir.rglob("*.u8"))  # nothing whole was written, so nothing is kept
+    assert not list(cache_dir.rglob(".*"))  # no draft left behind
+    for i in (0, 17, 35):
+        assert np.array_equal(ds.images[i], decode(ds.samples[i].path.read_bytes(), Preprocessing(img_size=16)))
+    again = load_dataset(flat_tree, cfg, progress=False)
+    assert np.array_equal(np.asarray(again.images), np.asarray(ds.images))
+    assert all(p.stat().st_size == 16 * 16 for p in cache_dir.rglob("*.u8") if not p.name.startswith("stack-"))
+    assert len(list(cache_dir.rglob("*.u8"))) == 36 + 1  # every image, and the stack

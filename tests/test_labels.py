@@ -81,3 +81,27 @@ def test_labels_command_writes_the_csv_and_a_self_contained_page(tmp_path, capsy
     assert scan["n_images"] == 11 and scan["excluded"] == [str(tmp_path / "data" / "covid" / "2.png")]
     page = (tmp_path / "cv" / "label_issues.html").read_text()
     assert page.count("<figure>") == 1 and "data:image/png;base64," in page and "http" not in page
+
+
+@pytest.mark.parametrize(
+    ("cv", "says"),
+    [
+        ({"folds": []}, "it has no out_of_fold list of scored images"),
+        ([1, 2], "it has no out_of_fold list of scored images"),
+        ({"out_of_fold": [{"path": "a.png", "probabilities": {"covid": 1.0}}]}, "out_of_fold[0] has no label"),
+        ({"out_of_fold": [{"path": "a.png", "label": "covid", "probabilities": [1.0]}]},
+         "out_of_fold[0].probabilities is not an object of class: probability"),
+        (
+            {"out_of_fold": [{"path": "a.png", "label": "covid", "probabilities": {"covid": 0.9, "normal": 0.1}},
+                             {"path": "b.png", "label": "covid", "probabilities": {"covid": 1.0}}]},
+            "out_of_fold[1] has label 'covid' and classes ['covid'], out_of_fold[0] the classes ['covid', 'normal']",
+        ),
+    ],
+)  # fmt: skip
+def test_labels_on_a_cv_json_of_the_wrong_shape_says_what_is_missing(tmp_path, capsys, cv, says):
+    (tmp_path / "cv").mkdir()
+    (tmp_path / "cv" / "cv.json").write_text(json.dumps(cv))
+    assert cli("labels", tmp_path / "cv") == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'cv' / 'cv.json'} is not a cv.json that `labels` can read: {says}" in err
+    assert "hint: pass folders written by `lungxray cv --out`" in err and "Traceback" not in err

@@ -18,14 +18,14 @@ from helpers import figure_size
 from PIL import Image
 
 from lungxray.bundle import BundleExtras, save_bundle
-from lungxray.config import DataConfig, Preprocessing
+from lungxray.config import DataConfig, Preprocessing, ServeTimeouts
 from lungxray.data import load_dataset
 from lungxray.infer import to_tensor
 from lungxray.models import get_spec
 from lungxray.onnx_export import export_onnx
 from lungxray.ood import fit_ood
 from lungxray.predictor import Predictor
-from lungxray.serve import create_app
+from lungxray.serve import create_app, uvicorn_options
 from lungxray.train import FitData, fit
 
 SIZE = 64
@@ -390,14 +390,18 @@ def test_an_ensemble_bundle_round_trips_through_save_load_predict_onnx_explain_a
         )
 
 
-def _running_server(bundle, backend: str, **options):
-    """A uvicorn server for ``bundle`` on a free loopback port, in a thread: (server, thread, url).
-    The caller stops it in a finally block (``_stop``); one that does not start in 10 s is stopped here."""
+def _running_server(bundle, backend: str, timeouts: ServeTimeouts | None = None, **options):
+    """A uvicorn server for ``bundle`` on a free loopback port, in a thread, its connections held to
+    ``timeouts`` (None: the defaults) as `lungxray serve` holds them: (server, thread, url). The caller stops it in a
+    finally block (``_stop``); one that does not start in 10 s is stopped here."""
     import uvicorn
 
     port = _free_port()
+    app = create_app(bundle, backend, **options)
     server = uvicorn.Server(
-        uvicorn.Config(create_app(bundle, backend, **options), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", **uvicorn_options(timeouts or ServeTimeouts())
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -566,3 +570,62 @@ def test_model_leads_with_the_worst_site_and_each_external_set_against_chance(tm
         _leads_against_chance(row, figures)
     card = (out / "model" / "MODEL_CARD.md").read_text()
     assert f"- {rows[1]['label']}: {rows[1]['figures']}." in card  # the card's own lines
+
+
+def _closed_after(port: int, at_once: bytes, trickled: bytes, limit: float = 15.0) -> float:
+    """Seconds until the server closes a loopback connection that sends ``at_once``, then
+    ``trickled`` a byte every 0.2 s, then nothing; ``limit`` when it is still open then."""
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=limit) as conn:
+        try:
+            conn.sendall(at_once)
+            for k in range(len(trickled)):
+                conn.sendall(trickled[k : k + 1])
+                time.sleep(0.2)
+            while conn.recv(4096):  # an answer, if any, then the close
+                pass
+        except TimeoutError:
+            return limit
+        except (BrokenPipeError, ConnectionResetError):  # closed while the client was still sending
+            pass
+    return time.monotonic() - start
+
+
+@pytest.mark.processes
+def test_idle_and_stalled_connections_are_closed_within_their_timeouts(tmp_path):
+    """A real server on 127.0.0.1 closes a connection that sends nothing (keep-alive), one whose
+    headers stop half-way or come a byte at a time (header), one that sends its headers and then
+    stalls or trickles its body (body), and an idle one after an answer (keep-alive), each at its
+    bound and not before; a bound out of range is refused in one line."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lungxray.models import create_model
+
+    hp = dict(get_spec("mlp").defaults)
+    bundle = save_bundle(tmp_path / "model", create_model("mlp", (1, 16, 16), 2, **hp), {"classes": ["a", "b"],
+                         "model": {"name": "mlp", "hyperparameters": hp, "input_shape": [1, 16, 16]},
+                         "preprocessing": {"img_size": 16}})  # fmt: skip
+    timeouts = ServeTimeouts(keep_alive=1.0, header=2.0, body=3.0)
+    head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"x" * 30
+    post = b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+    post += b"Content-Length: 4000\r\n\r\n"
+    cases = {  # sent at once, sent a byte at a time, the bound it meets
+        "idle": (b"", b"", timeouts.keep_alive),
+        "half a head": (head, b"", timeouts.header),
+        "a head a byte at a time": (b"", head, timeouts.header),
+        "a head, then no body": (post, b"", timeouts.body),
+        "a body a byte at a time": (post, b"--x\r\n" + b"y" * 40, timeouts.body),
+        "an answer, then idle": (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"", timeouts.keep_alive),
+    }
+    server, thread, url = _running_server(bundle, "torch", timeouts=timeouts)
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        with ThreadPoolExecutor(len(cases)) as pool:  # side by side: a few seconds in all
+            times = pool.map(lambda case: _closed_after(port, *case[:2]), cases.values())
+            closed = dict(zip(cases, times, strict=True))
+    finally:
+        _stop(server, thread)
+    for name, (_, _, bound) in cases.items():
+        assert bound - 0.3 <= closed[name] <= bound + 2.0, (name, closed[name], bound)
+    for flag in ("--keep-alive-timeout", "--header-timeout", "--body-timeout"):
+        assert cli("serve", bundle, flag, "0") == 2

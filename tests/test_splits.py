@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from lungxray.config import ConfigError, DataConfig, Preprocessing, SplitConfig
 from lungxray.data import load_dataset
 from lungxray.errors import DataError
-from lungxray.splits import LeakageError, Split, check_no_leakage, folder_split, make_folds, random_split
+from lungxray.splits import LeakageError, Split, check_no_leakage, folder_split, make_folds, make_split, random_split
 
 
 def _labels_groups(n_per_class=40, n_classes=3, dup_every=5):
@@ -173,8 +173,52 @@ def test_exclude_drops_the_listed_images_and_says_which(flat_tree, cache_dir, tm
         load_dataset(flat_tree, DataConfig(cache_dir=cache_dir, exclude=tmp_path / "typo.txt"), progress=False)
 
 
+def test_groups_and_exclude_files_with_a_bom_read_and_latin1_ones_name_the_line(flat_tree, cache_dir, tmp_path):
+    """A file Excel saved as UTF-8 (byte-order mark first) reads as UTF-8; a Latin-1 one is refused
+    in one line naming the flag, the file and the line, with the fix."""
+    (tmp_path / "bom.csv").write_bytes("path,group\nCovid/img000.png,p1\nNormal/img005.png,p1\n".encode("utf-8-sig"))
+    ds = load_dataset(flat_tree, DataConfig(cache_dir=cache_dir, groups=tmp_path / "bom.csv"), progress=False)
+    group = {f"{s.path.parent.name}/{s.path.name}": s.group for s in ds.samples}
+    assert group["Covid/img000.png"] == group["Normal/img005.png"]
+    (tmp_path / "drop.csv").write_bytes("path,reason\nCovid/img001.png,blurred\n".encode("utf-8-sig"))
+    ds = load_dataset(flat_tree, DataConfig(cache_dir=cache_dir, exclude=tmp_path / "drop.csv"), progress=False)
+    assert ds.excluded == [str(flat_tree / "Covid" / "img001.png")]
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("path,group\nCovid/img000.png,p1\nNormal/img005.png,Müller\n".encode("latin-1"))
+    for flag, field in (("--groups", "groups"), ("--exclude", "exclude")):
+        with pytest.raises(DataError) as info:
+            load_dataset(flat_tree, DataConfig(cache_dir=cache_dir, **{field: latin}), progress=False)
+        assert str(info.value) == f"{flag} {latin} is not UTF-8: line 3 holds the byte 0xfc"
+        assert "save it as UTF-8" in info.value.hint
+
+
 def test_scan_flags_a_duplicate_group_whose_copies_disagree(flat_tree, cache_dir):
     (flat_tree / "Normal" / "copy.png").write_bytes((flat_tree / "Covid" / "img000.png").read_bytes())
     ds = load_dataset(flat_tree, DataConfig(cache_dir=cache_dir), progress=False)
     mixed = ds.summary()["mixed_label_duplicate_groups"]
     assert len(mixed) == 1 and {m["label"] for m in mixed[0]} == {"covid", "normal"}
+
+
+def test_groups_that_share_an_image_are_joined_and_the_rows_named(flat_tree, cache_dir, tmp_path):
+    """One image listed in two groups of a --groups file joins them: every film of both groups lands
+    in one part of the split, and one warning names the rows."""
+    rows = ["path,group", "Covid/img000.png,p1", "Normal/img001.png,p1", "Normal/img002.png,p2",
+            "Covid/img000.png,p2", "Viral Pneumonia/img003.png,p2", "Normal/img004.png,p3",
+            "Viral Pneumonia/img005.png,p3"]  # fmt: skip
+    (tmp_path / "groups.csv").write_text("\n".join(rows) + "\n")
+    cfg = DataConfig(Preprocessing(img_size=16), cache_dir=cache_dir, groups=tmp_path / "groups.csv")
+    with pytest.warns(UserWarning, match="1 image") as said:
+        ds = load_dataset(flat_tree, cfg, progress=False)
+    assert len([w for w in said if "--groups" in str(w.message)]) == 1
+    assert "Covid/img000.png in row 2 (p1), row 5 (p2)" in str(said[0].message)
+    group = {f"{s.path.parent.name}/{s.path.name}": s.group for s in ds.samples}
+    joined = ["Covid/img000.png", "Normal/img001.png", "Normal/img002.png", "Viral Pneumonia/img003.png"]
+    assert len({group[name] for name in joined}) == 1 and group["Normal/img004.png"] != group[joined[0]]
+    assert group["Normal/img004.png"] == group["Viral Pneumonia/img005.png"]
+    for seed in range(5):
+        split = make_split(ds, SplitConfig(seed=seed))
+        part = {
+            i: name for name, idx in (("train", split.train), ("val", split.val), ("test", split.test)) for i in idx
+        }
+        where = {f"{s.path.parent.name}/{s.path.name}": part[i] for i, s in enumerate(ds.samples)}
+        assert len({where[name] for name in joined}) == 1

@@ -156,6 +156,19 @@ def test_a_stale_trial_is_failed_and_retried_once_with_its_parameters(tmp_path):
         assert trials[1].params == trials[0].params
 
 
+def test_a_shared_study_refuses_a_worker_with_another_epoch_budget(tmp_path):
+    """Workers' agreement hashes their settings; the epoch budget is named in the refusal."""
+    from lungxray import workers
+    from lungxray.errors import StudyError
+
+    url, tune_cfg = f"sqlite:///{tmp_path / 'w.db'}", TuneConfig(heartbeat=1, study_name="w")
+    with workers.heartbeat_warnings_off():
+        workers.open_shared_study(url, tune_cfg, settings("mlp", epochs=2), "mlp", {"data": "x"})
+        with pytest.raises(StudyError, match="trains each trial for --epochs 2, not 3") as info:
+            workers.open_shared_study(url, tune_cfg, settings("mlp", epochs=3), "mlp", {"data": "x"})
+    assert "--epochs 2" in info.value.hint
+
+
 def test_the_worker_path_shows_no_warning_of_optunas(tmp_path):
     """A worker opens a shared study (heartbeats and a retry callback, both experimental in Optuna)
     and runs trials by ask and tell, which Optuna warns about where heartbeats are on: none of it

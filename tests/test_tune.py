@@ -218,6 +218,20 @@ def test_a_study_made_for_another_model_is_refused_with_a_hint(tmp_path):
     assert "--study-name" in info.value.hint
 
 
+def test_resuming_a_study_with_another_epoch_budget_is_refused_naming_both(tmp_path):
+    """Trials trained for 4 and for 8 epochs would be ranked together: refused as another
+    --objective is, naming both budgets and how to go on."""
+    from lungxray.errors import StudyError
+    from lungxray.study import open_study
+
+    storage, cfg = f"sqlite:///{tmp_path / 's.db'}", TuneConfig()
+    open_study(cfg, storage, 0, "minimize", 4, "mlp")
+    assert open_study(cfg, storage, 0, "minimize", 4, "mlp").user_attrs["epochs"] == 4  # resumes
+    with pytest.raises(StudyError, match="trains each trial for --epochs 4, not 8") as info:
+        open_study(cfg, storage, 0, "minimize", 8, "mlp")
+    assert "--epochs 4" in info.value.hint and "--study-name" in info.value.hint
+
+
 @pytest.mark.slow
 @pytest.mark.processes
 @pytest.mark.parametrize("jobs", [1, 2])

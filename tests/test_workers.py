@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -121,6 +122,49 @@ def test_tune_parallel_shares_the_run_folders_sqlite_study(tmp_path):
     assert best["trial"] in {t["number"] for t in finished} and best["params"]
 
 
+def _kill_a_running_worker(proc: subprocess.Popen, db: Path, timeout: float = 240) -> tuple[int, dict]:
+    """SIGKILL the worker process of the first trial seen running in the SQLite study ``db`` (as the
+    out-of-memory killer would); returns (its trial's number, its parameters)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(KeyError, optuna.exceptions.OptunaError):  # the study is not made yet
+            study = optuna.load_study(study_name="lungxray", storage=f"sqlite:///{db}") if db.exists() else None
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)) if study else ():
+                if "worker" in t.user_attrs and t.params:  # training: its parameters drawn
+                    os.kill(int(t.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+                    return t.number, t.params
+        time.sleep(0.2)
+    raise AssertionError("no worker ran a trial")
+
+
+@pytest.mark.slow
+@pytest.mark.processes
+def test_tune_parallel_replaces_a_killed_worker_and_retries_its_trial(tmp_path):
+    data, out = write_tree(tmp_path / "data", per_class=10), tmp_path / "run"
+    tuned = _start(
+        [sys.executable, "-m", "lungxray.cli", "tune", str(data), "--out", str(out), "--model", "mlp",
+         "--img-size", "16", "--epochs", "100", "--trials", "3", "--parallel", "2", "--pruner", "none",
+         "--cache-dir", str(tmp_path / "cache")]
+    )  # fmt: skip
+    try:
+        killed, params = _kill_a_running_worker(tuned, out / "study.db")
+        _, err = tuned.communicate(timeout=400)
+    finally:
+        _stop(tuned)
+    assert tuned.returncode == 0, err
+    assert "Traceback" not in err and "KeyError: '/loky-" not in err, err
+    assert f"during trial {killed}; a new process takes its place and trial {killed} is retried once" in err
+    trials = json.loads((out / "trials.json").read_text())
+    assert trials[killed]["state"] == "FAIL"
+    finished = [t for t in trials if t["state"] in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 3  # as requested, counted across the processes old and new
+    drawn = trials[killed]["params"].items()  # all of them, unless killed while drawing them
+    assert drawn and drawn >= params.items()
+    assert any(drawn <= t["params"].items() for t in finished if t["number"] > killed)  # its retry
+    best = json.loads((out / "best_params.json").read_text())
+    assert best["trial"] in {t["number"] for t in finished}
+
+
 @pytest.mark.slow
 @pytest.mark.processes
 def test_tune_with_a_storage_url_takes_part_as_a_worker(tmp_path):
@@ -147,6 +191,7 @@ def test_tune_with_a_storage_url_takes_part_as_a_worker(tmp_path):
     assert len(finished) == 4 and all("worker" in t.user_attrs for t in finished)
     best = json.loads((tmp_path / "run" / "best_params.json").read_text())
     assert best["trial"] == study.best_trial.number and best["params"] == study.best_params
+    assert best["storage"] == url  # a URL without a password is written as it is
 
 
 def test_the_preprocessing_agreement_is_the_one_studies_already_record():
@@ -157,3 +202,84 @@ def test_the_preprocessing_agreement_is_the_one_studies_already_record():
 
     assert _digest(_preprocessing_record(Preprocessing())) == "5571be143afac59b"
     assert _digest(_preprocessing_record(Preprocessing(equalize="clahe"))) != "5571be143afac59b"
+
+
+def test_a_worker_resumed_after_its_trial_was_failed_drops_the_result_in_one_line(tmp_path, monkeypatch):
+    """A worker paused (SIGSTOP) past the heartbeat window finds, when it goes on, that another
+    worker failed its trial and queued it again: it says so and runs on, with no Optuna traceback."""
+    from conftest import settings, toy
+
+    from lungxray import workers
+    from lungxray.config import TuneConfig, resolve_tune
+    from lungxray.models import get_spec
+    from lungxray.train import FitData
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    tune_cfg = resolve_tune(TuneConfig(trials=2, heartbeat=1, pruner="none", study_name="w"), get_spec("mlp").recipe)
+    trial_cfg = settings("mlp", epochs=2)
+    real_run_trial, paused = workers.run_trial, []
+
+    def failed_meanwhile(trial, hp, setup):
+        if not paused:  # the first trial: another worker found it silent, as fail_stale_trials does
+            paused.append(trial.number)
+            optuna.load_study(study_name="w", storage=url).tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        return real_run_trial(trial, hp, setup)
+
+    monkeypatch.setattr(workers, "run_trial", failed_meanwhile)
+    said = []
+    with workers.heartbeat_warnings_off():
+        study = workers.open_shared_study(url, tune_cfg, trial_cfg, "mlp", {"data": "x"})
+        data = FitData(toy(4), toy(2, start=50), 3)
+        assert workers.run_worker(study, "mlp", data, tune_cfg, trial_cfg, said.append) == 2
+    assert said[0].startswith(f"warning: trial {paused[0]} was already marked failed")
+    assert "result is dropped" in said[0] and "--heartbeat 1" in said[0]
+    assert study.get_trials(deepcopy=False)[paused[0]].state == optuna.trial.TrialState.FAIL
+
+
+SECRET = "Pw-7c1e9f"  # a password planted in a storage URL; no output may show it
+
+
+def test_a_storage_urls_password_is_masked_wherever_the_url_is_shown():
+    """The URL written to run.json and cv.json, best_params.json and error messages keeps no
+    password: in the user part, in the query, or in a URL SQLAlchemy cannot parse."""
+    from lungxray.config import TuneConfig
+    from lungxray.errors import StudyError
+    from lungxray.pipeline import search_settings
+    from lungxray.runfolder import shown_url
+    from lungxray.workers import check_storage
+
+    url = f"postgresql+psycopg://lungxray:{SECRET}@db.example:5432/studies"
+    assert shown_url(url) == "postgresql+psycopg://lungxray:***@db.example:5432/studies"
+    assert SECRET not in shown_url(f"postgresql+psycopg://lungxray@db.example/db?password={SECRET}&sslmode=require")
+    assert SECRET not in shown_url(f"postgresql+psycopg://lungxray:{SECRET}@db.example:noport/studies")
+    assert shown_url("sqlite:////runs/a/study.db") == "sqlite:////runs/a/study.db"  # nothing to hide: as it is
+    assert search_settings(TuneConfig(storage=url))["storage"] == shown_url(url)
+    assert search_settings(TuneConfig())["storage"] is None
+    with pytest.raises(StudyError, match="is not a database URL") as refused:
+        check_storage(f"postgresql+psycopg://lungxray:{SECRET}@db.example:noport/studies")
+    assert SECRET not in str(refused.value)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_run_on_a_storage_url_with_a_password_never_writes_or_prints_it(postgres, tmp_path, capsys):
+    """`run --storage` with a password in the URL (the throw-away server trusts any): no file of the
+    run folder, no line printed and no line of --log-file holds it; run.json and best_params.json
+    name the storage with the password masked."""
+    from conftest import cli
+
+    url = postgres("masked").replace("lungxray@", f"lungxray:{SECRET}@")
+    data, out, log = write_tree(tmp_path / "data", per_class=10), tmp_path / "run", tmp_path / "run.log"
+    code = cli("run", data, "--out", out, "--storage", url, "--log-file", log, "--model mlp --img-size 16",
+               "--trials 2 --epochs 2 --final-epochs 2 --heartbeat 1 --cache-dir", tmp_path / "cache")  # fmt: skip
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) > 10 and log.read_text()
+    for text in [printed.out, printed.err, log.read_text()] + [p.read_bytes().decode("latin-1") for p in files]:
+        assert SECRET not in text
+    masked = url.replace(SECRET, "***")
+    run = json.loads((out / "run.json").read_text())
+    assert run["artifacts"]["study"] == masked and run["settings"]["tune"]["storage"] == masked
+    assert json.loads((out / "best_params.json").read_text())["storage"] == masked
+    assert ["study", masked] in [line.split() for line in printed.out.splitlines()]  # the artifact list

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from lungxray.config import DICOM_KEEP, EQUALIZE, Preprocessing
 from lungxray.errors import BundleError, OutputExistsError
-from lungxray.ood import METHOD, OODScore
+from lungxray.ood import METHOD, THRESHOLD_RANGE, OODScore
 from lungxray.runfolder import MODEL, read_json, write_text
 from lungxray.version import __version__
 
@@ -93,7 +94,9 @@ class BundleConfig:
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The file's SHA-256, read in chunks: a listed file may be larger than memory."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,11 @@ def save_bundle(
         _write_files(staging, model, config, extras or BundleExtras())
         write_checksums(staging)
         _swap_in(staging, folder)
+    except SafetensorError as exc:  # safetensors' own error for what Python raises as OSError (a full disk)
+        reason = str(exc).removeprefix("Error while serializing: ").split(" at path ")[0]  # the staging path
+        raise BundleError(f"cannot write the model bundle {folder}: {reason}",
+                          hint=f"free space on the disk of {folder.parent}, or choose another --out; "
+                          "the folder holds no half-written bundle") from exc  # fmt: skip
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
@@ -309,8 +317,14 @@ def validate_config(config: dict, folder: Path) -> None:
     _check_ood_and_temperature(config, bad)
 
 
-def _positive_finite(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf")
+# The temperatures lungxray fits (evaluate.TEMPERATURE_BOUNDS, not imported: it would bring
+# scikit-learn to the serving side), and 1.0, which lies inside.
+TEMPERATURE_RANGE = (0.05, 20.0)
+
+
+def _within(value, bounds: tuple[float, float]) -> bool:
+    """``value`` is a number (not a bool) in ``bounds``, ends included: NaN and infinities never are."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and bounds[0] <= value <= bounds[1]
 
 
 def _checked_preprocessing(prep: dict, bad) -> int:
@@ -356,11 +370,13 @@ def _check_ood_and_temperature(config: dict, bad) -> None:
         threshold = ood.get("threshold") if isinstance(ood, dict) else None
         if not isinstance(ood, dict) or ood.get("method") != METHOD:
             raise bad(f"ood must be an object with method {METHOD!r}")
-        if not _positive_finite(threshold):
-            raise bad(f"ood.threshold must be a finite number above 0, got {threshold!r}")
+        if not _within(threshold, THRESHOLD_RANGE):  # beyond it, every image flagged or none
+            low, high = THRESHOLD_RANGE
+            raise bad(f"ood.threshold must be a distance in {low:g}..{high:g}, got {threshold!r}")
     temperature = config.get("calibration", {}).get("temperature", 1.0)
-    if not _positive_finite(temperature):
-        raise bad(f"calibration.temperature must be a finite number above 0, got {temperature!r}")
+    if not _within(temperature, TEMPERATURE_RANGE):  # beyond it, probabilities of 0 and 1, or all alike
+        low, high = TEMPERATURE_RANGE
+        raise bad(f"calibration.temperature must be a number in {low:g}..{high:g}, got {temperature!r}")
     bias = config.get("calibration", {}).get("class_bias")
     if bias is not None and not (
         isinstance(bias, list)

@@ -6,13 +6,16 @@ it again. Decoding is in ``decode.py``; the scan that fills the cache is in ``da
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from lungxray.config import Preprocessing
-from lungxray.runfolder import secret_key, write_text
+from lungxray.runfolder import atomic_path, secret_key, write_text
 
 CACHE_VERSION = 3  # bump when preprocessing changes, so old cache entries are not reused
 
@@ -24,7 +27,8 @@ class PreprocessCache:
     files are not re-hashed. ``<settings>/<sha256>.npy`` holds the pixels and
     ``<settings>/entries.json`` the perceptual hash (and a DICOM file's patient pseudonym) or the
     reason a file is unusable. Patient IDs are never stored: ``patient_key`` is the key of the
-    keyed hash that stands for them.
+    keyed hash that stands for them. A cache that cannot be written (a full disk, a read-only
+    folder) warns once and writes no more images: the scan holds them in memory instead.
     """
 
     def __init__(self, root: Path, prep: Preprocessing) -> None:
@@ -36,6 +40,7 @@ class PreprocessCache:
         self._index = self._read(self.root / "index.json")
         self._entries = self._read(self.folder / "entries.json")
         self._dirty = False
+        self._failed = False  # a write failed: nothing more is written by this scan
 
     @staticmethod
     def _read(path: Path) -> dict:
@@ -90,16 +95,48 @@ class PreprocessCache:
 
         return hashlib.blake2b(key, digest_size=4).hexdigest()
 
-    def put(self, path: Path, sha: str, pixels: np.ndarray | None, entry: dict) -> None:
+    def put(self, path: Path, sha: str, pixels: np.ndarray | None, entry: dict) -> bool:
         """Remember ``path`` as the file of ``sha`` and keep its ``pixels`` (None: unusable) with
-        ``entry``: {"phash", "pixel_hash"[, "patient", "key"]} for a usable image, {"reason"} else."""
-        stat = path.stat()
-        self._index[str(path)] = [stat.st_size, stat.st_mtime_ns, sha]
+        ``entry``: {"phash", "pixel_hash"[, "patient", "key"]} for a usable image, {"reason"} else.
+        False when the cache did not keep it (the caller holds the pixels)."""
+        try:
+            stat = path.stat()
+        except OSError:
+            return False  # gone since it was read: not remembered
         if pixels is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            pixels.tofile(self.folder / f"{sha}.u8")
+            try:
+                self._write_pixels(sha, pixels)
+            except OSError as exc:
+                self._cannot_write(exc)
+                return False
+        self._index[str(path)] = [stat.st_size, stat.st_mtime_ns, sha]
         self._entries[sha] = entry
         self._dirty = True
+        return True
+
+    def _write_pixels(self, sha: str, pixels: np.ndarray) -> None:
+        """``<sha>.u8`` whole or not at all: written aside, its size checked, then renamed. (A full
+        disk can fail a write only when the file is closed, and ``ndarray.tofile`` ignores that
+        failure: the entry would name a 0-byte file.)"""
+        if self._failed:
+            raise OSError(errno.EIO, "an earlier write failed")  # not tried again: said once already
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.folder / f"{sha}.u8") as draft:
+            with open(draft, "wb") as handle:
+                handle.write(pixels.tobytes())
+            if draft.stat().st_size != pixels.nbytes:
+                raise OSError(errno.ENOSPC, f"{draft.stat().st_size} of {pixels.nbytes} bytes written", str(draft))
+
+    def _cannot_write(self, exc: OSError) -> None:
+        """Warn, once per scan, that the cache cannot be written; from now on nothing is written."""
+        if not self._failed:
+            self._failed = True
+            warnings.warn(
+                f"the preprocessing cache {self.root} cannot be written ({exc.strerror or exc}): "
+                "this scan keeps its images in memory instead; free space there, or set --cache-dir "
+                "to a writable folder",
+                stacklevel=4,
+            )
 
     def stack(self, shas: list[str], held: dict[str, np.ndarray]) -> np.ndarray:
         """(N, H, W) uint8: the images of ``shas`` in order, as one read-only memory-mapped file
@@ -107,7 +144,6 @@ class PreprocessCache:
         disk pages as they are used rather than held in memory. ``held``: images the cache could
         not keep. Where the file cannot be written, an array in memory."""
         import hashlib
-        import os
 
         def image(sha: str) -> np.ndarray:
             found = held[sha] if sha in held else self.pixels(sha)
@@ -123,10 +159,13 @@ class PreprocessCache:
         path = self.folder / f"stack-{hashlib.blake2b(''.join(shas).encode(), digest_size=16).hexdigest()}.u8"
         try:
             if not (path.is_file() and path.stat().st_size == int(np.prod(shape))):
+                if self._failed:
+                    raise OSError(errno.EIO, "an earlier write failed")
                 self.folder.mkdir(parents=True, exist_ok=True)
                 draft = path.with_name(f".{path.name}.{os.getpid()}")
                 try:
-                    out = np.memmap(draft, dtype=np.uint8, mode="w+", shape=shape)
+                    _reserve(draft, int(np.prod(shape)))
+                    out = np.memmap(draft, dtype=np.uint8, mode="r+", shape=shape)
                     for i, sha in enumerate(shas):
                         out[i] = image(sha)
                     out.flush()
@@ -135,12 +174,29 @@ class PreprocessCache:
                 finally:
                     draft.unlink(missing_ok=True)
             return np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
-        except OSError:  # a cache that cannot be written: in memory, as before
+        except OSError as exc:  # a cache that cannot be written: in memory
+            self._cannot_write(exc)
             return np.stack([image(sha) for sha in shas])
 
     def save(self) -> None:
+        """Write the index and the entries; a cache that cannot be written warns (once) instead."""
         if self._dirty:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            write_text(self.root / "index.json", json.dumps(self._index))
-            write_text(self.folder / "entries.json", json.dumps(self._entries))
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                write_text(self.root / "index.json", json.dumps(self._index))
+                write_text(self.folder / "entries.json", json.dumps(self._entries))
+            except OSError as exc:
+                self._cannot_write(exc)
             self._dirty = False
+
+
+def _reserve(path: Path, size: int) -> None:
+    """Make ``path`` a file of ``size`` bytes whose disk blocks are allocated now, so that a full
+    disk fails here (OSError) rather than as SIGBUS on writing through a memory map of it."""
+    with open(path, "wb") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, size)
+        except (AttributeError, OSError) as exc:  # no posix_fallocate here, or not on this file system
+            if isinstance(exc, OSError) and exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            handle.truncate(size)

@@ -16,7 +16,7 @@ import sys
 import warnings
 
 from lungxray import console
-from lungxray.config import DataConfig
+from lungxray.config import DataConfig, ServeTimeouts
 from lungxray.errors import ConfigError, LungxrayError
 from lungxray.flags import build_parser, from_args
 
@@ -36,7 +36,7 @@ def cmd_scan(args) -> int:
     ds = load_dataset(args.data, from_args(DataConfig, args), progress=not args.quiet and not args.json)
     summary = ds.summary() | {"confound": audit(ds)}
     if args.json:
-        print(json.dumps(summary, indent=2))
+        console.print_json(summary)
     else:
         console.print_scan(summary)
     return 0
@@ -55,7 +55,7 @@ def cmd_tune(args) -> int:
 
     job = _job(args)  # a bad model or device fails before the scan
     pipeline.check_storage(job)
-    with runfolder.writer_lock(job.out):
+    with runfolder.writer_lock(job.out, job.data):
         ds, split = pipeline.prepare(job)
         result = pipeline.tune_stage(job, ds, split)
     print(
@@ -168,7 +168,8 @@ def cmd_explain(args) -> int:
     from lungxray.explain import explain_files
     from lungxray.predictor import Predictor
 
-    results = explain_files(Predictor(args.model_dir), image_files(args.images), args.out)
+    folders = tuple(p for p in args.images if p.is_dir())  # --out inside one: its overlays would be explained next
+    results = explain_files(Predictor(args.model_dir), image_files(args.images), args.out, folders)
     console.print_predictions(results)
     print(f"written: {args.out / runfolder.EXPLAIN}")
     return 1 if any("error" in r for r in results) else 0
@@ -186,8 +187,9 @@ def cmd_serve(args) -> int:
     from lungxray.predictor import Predictor
     from lungxray.serve import serve
 
+    timeouts = from_args(ServeTimeouts, args)  # a bad timeout fails before the model loads
     Predictor(args.model_dir, backend=args.backend)  # a broken bundle fails here, in one line
-    serve(args.model_dir, args.host, args.port, args.backend, args.allowed_hosts)
+    serve(args.model_dir, args.host, args.port, args.backend, args.allowed_hosts, timeouts)
     return 0
 
 
@@ -197,7 +199,7 @@ def cmd_predict(args) -> int:
 
     results = Predictor(args.model_dir).predict_files(image_files(args.images))
     if args.json:
-        print(json.dumps(results, indent=2))
+        console.print_json(results)
     else:
         console.print_predictions(results)
     return 1 if any("error" in r for r in results) else 0

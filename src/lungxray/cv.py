@@ -21,7 +21,16 @@ from lungxray.evaluate import compute_metrics, fit_class_bias
 from lungxray.infer import predict_logits, set_threads
 from lungxray.job import Job
 from lungxray.models import get_spec
-from lungxray.pipeline import Clock, fingerprint, fit_data, jsonable, scan_summary, tensors
+from lungxray.pipeline import (
+    Clock,
+    check_content,
+    fingerprint,
+    fit_data,
+    jsonable,
+    scan_summary,
+    search_settings,
+    tensors,
+)
 from lungxray.plots import confusion_figure, save_figure
 from lungxray.splits import Split, make_folds, site_folds
 from lungxray.train import FitResult, fit
@@ -77,7 +86,7 @@ def cross_validate(job: Job, params: dict | None = None) -> dict:
     if not job.cv.tune and params is None:
         params = dict(get_spec(job.model).defaults)
     runfolder.refuse_to_replace(job.out, runfolder.CV, job.force, "a cross-validation")
-    with runfolder.writer_lock(job.out):
+    with runfolder.writer_lock(job.out, job.data):
         return _cross_validate(job, params)
 
 
@@ -102,9 +111,10 @@ def _cross_validate(job: Job, params: dict | None) -> dict:
         if by_site
         else make_folds(ds.labels, ds.groups, job.cv.folds, seed)
     )
+    content = check_content(job, ds, made_from)  # the same images as its studies (--tune) were made from
     if any(s.patient for s in ds.samples):  # folds.json names patients by this folder's own key
         ds.rekey_patients(runfolder.secret_key(out / runfolder.PATIENT_KEY))
-    runfolder.record_fingerprint(out, made_from)
+    runfolder.record_fingerprint(out, made_from, content)
     scan = scan_summary(ds, seed, job.progress)
     runfolder.write_json(out, runfolder.SCAN, scan)
     runfolder.write_json(out, runfolder.FOLDS, [part.to_json(ds) for part in parts])
@@ -137,7 +147,7 @@ def _report(job: Job, ds: Dataset, parts: list[Split], runs: list, pooled: dict,
         "data": asdict(job.dataset),
         # with fixed parameters, their batch size; tuned folds record theirs in per_fold
         "train": asdict(job.final.for_params(params)),
-        "tune": asdict(job.search) if params is None else None,
+        "tune": search_settings(job.search) if params is None else None,
     }
     out_of_fold = [
         {"path": str(s.path), "label": s.label, "fold": int(fold_of[k]),

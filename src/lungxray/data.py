@@ -259,18 +259,9 @@ def _load_pixels(files: list[tuple[Path, str, str | None]], cfg: DataConfig, pro
             if pixels is None
             else {"phash": phash, "pixel_hash": digest} | ({"patient": patient, "key": key_id()} if patient else {})
         )
-        try:
-            cache.put(path, sha, pixels, entry)
-        except OSError:
-            if pixels is not None:
-                held[sha] = pixels  # the cache cannot keep it: memory must
-    try:
-        cache.save()
-    except OSError as exc:
-        warnings.warn(
-            f"could not write the preprocessing cache in {cfg.cache_dir}: {exc}; set --cache-dir to a writable folder",
-            stacklevel=2,
-        )
+        if not cache.put(path, sha, pixels, entry) and pixels is not None:
+            held[sha] = pixels  # the cache cannot keep it (and said so, once): memory must
+    cache.save()  # a cache that cannot be written warns, once, itself
     return out, (cache, held)
 
 

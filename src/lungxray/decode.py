@@ -21,7 +21,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from lungxray import dicom
 from lungxray.config import EQUALIZE, MAX_PIXELS, Preprocessing
-from lungxray.errors import UnusableImage
+from lungxray.errors import MissingInputError, UnusableImage
 
 
 def _to_gray_uint8(img: Image.Image) -> Image.Image:
@@ -57,12 +57,19 @@ def read_image_file(path: Path) -> bytes:
 
 
 def image_files(paths: list[Path]) -> list[Path]:
-    """``paths`` with every folder replaced by the files under it (sorted, hidden ones left out)."""
+    """``paths`` with every folder replaced by the files under it (sorted, hidden ones left out);
+    MissingInputError for a folder that holds none."""
     files = []
     for path in map(Path, paths):
         if path.is_dir():
             inside = (p for p in path.rglob("*") if p.is_file())
-            files += sorted(p for p in inside if not any(x.startswith(".") for x in p.relative_to(path).parts))
+            found = sorted(p for p in inside if not any(x.startswith(".") for x in p.relative_to(path).parts))
+            if not found:
+                raise MissingInputError(
+                    f"{path} holds no image files (looked in it and its sub-folders for any file not hidden)",
+                    hint="pass the folder that holds the X-rays (JPEG, PNG, DICOM ...), or the files themselves",
+                )
+            files += found
         else:
             files.append(path)
     return files

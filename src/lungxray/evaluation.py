@@ -175,6 +175,11 @@ def per_site(ds: Dataset, idx: np.ndarray, y: np.ndarray, probs: np.ndarray, cla
     return {"per_site": figures, "worst_site": worst}
 
 
+def _roots(scoring: Scoring) -> list[Path]:
+    """The dataset folders (or manifests) ``scoring`` reads."""
+    return scoring.data if isinstance(scoring.data, list | tuple) else [scoring.data]
+
+
 def _seen_extra(ds: Dataset, seen: dict) -> dict:
     """What metrics.json and audit.json say of the data and of the images left out as seen."""
     return {"data": str(ds.root), "seen_excluded": 0 if seen["included"] else seen["n_seen"], "seen_images": seen}
@@ -185,9 +190,9 @@ def evaluate_bundle(scoring: Scoring) -> tuple[dict, dict]:
     ``scoring.out``. Returns (metrics, what the bundle had seen among the images)."""
     from lungxray.report import write_report
 
-    runfolder.refuse_to_replace(scoring.out, runfolder.METRICS, scoring.force,
-                                "test metrics (a run's or an evaluation's)")  # fmt: skip
-    with runfolder.writer_lock(scoring.out):
+    with runfolder.writer_lock(scoring.out, _roots(scoring)):  # a bundle as --out: refused before its metrics
+        runfolder.refuse_to_replace(scoring.out, runfolder.METRICS, scoring.force,
+                                    "test metrics (a run's or an evaluation's)")  # fmt: skip
         predictor, ds, idx, seen = model_and_data(scoring)
         extra = _seen_extra(ds, seen)
         # preprocessed as in training; the coverage plot named after the data folder
@@ -201,8 +206,8 @@ def evaluate_bundle(scoring: Scoring) -> tuple[dict, dict]:
 def audit_bundle(scoring: Scoring) -> tuple[dict, dict]:
     """``lungxray audit``: the shortcut audit of a bundle on a dataset, in ``scoring.out``.
     Returns (audit.json's content, what the bundle had seen among the images)."""
-    runfolder.refuse_to_replace(scoring.out, runfolder.AUDIT, scoring.force, "an audit")
-    with runfolder.writer_lock(scoring.out):
+    with runfolder.writer_lock(scoring.out, _roots(scoring)):
+        runfolder.refuse_to_replace(scoring.out, runfolder.AUDIT, scoring.force, "an audit")
         predictor, ds, idx, seen = model_and_data(scoring)
         return audit_split(predictor, ds, idx, scoring.out, _seen_extra(ds, seen)), seen
 

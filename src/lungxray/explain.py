@@ -22,7 +22,7 @@ from lungxray.errors import UnusableImage
 from lungxray.infer import predict_logits, to_tensor
 from lungxray.models import Ensemble, get_spec
 from lungxray.predictor import Predictor
-from lungxray.runfolder import EXPLAIN, write_json
+from lungxray.runfolder import EXPLAIN, write_json, writer_lock
 
 # The central box that holds the lung field on a PA chest film, as shares of the image side:
 # rows 15%..90%, columns 15%..85%. Markers, text and collimation edges sit outside it.
@@ -137,9 +137,15 @@ def _wrap(text: str, font, width: float) -> list[str]:
     return lines or [""]
 
 
-def explain_files(predictor: Predictor, paths: list[Path], out: Path) -> list[dict]:
+def explain_files(predictor: Predictor, paths: list[Path], out: Path, roots: tuple[Path, ...] = ()) -> list[dict]:
     """Probabilities and an explanation PNG (``side_by_side``) per image file, written to ``out``;
-    bad files get an error."""
+    bad files get an error. ``out`` is held with the run folder's writer lock, as the other writers
+    do; a bundle, or a folder inside ``roots`` (the folders the images were found in), is refused."""
+    with writer_lock(out, roots):
+        return _explain_into(predictor, paths, Path(out))
+
+
+def _explain_into(predictor: Predictor, paths: list[Path], out: Path) -> list[dict]:
     from PIL import Image
 
     from lungxray.decode import read_image_file

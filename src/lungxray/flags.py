@@ -11,7 +11,7 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from lungxray.config import CVConfig, DataConfig, SplitConfig, TrainConfig, TuneConfig
+from lungxray.config import CVConfig, DataConfig, ServeTimeouts, SplitConfig, TrainConfig, TuneConfig
 from lungxray.version import __version__
 
 DESCRIPTION = "A folder of labelled chest X-rays in; a tuned, honestly evaluated, safely saved classifier out."
@@ -274,6 +274,8 @@ def _model_commands(sub) -> None:
         default="auto",
         help="auto: ONNX Runtime when the bundle has model.onnx (default)",
     )
+    add_options(p.add_argument_group("timeouts (a client that sends nothing, or a byte at a time, is cut off)"),
+                ServeTimeouts)  # fmt: skip
 
     p = sub.add_parser("predict", help="class and probabilities for each image")
     _model_arg(p)

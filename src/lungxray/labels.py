@@ -90,7 +90,7 @@ def read_out_of_fold(cv_dirs: list[Path]) -> tuple[list[dict], list[str], np.nda
             raise MissingInputError(
                 f"{folder} holds no {runfolder.CV}", hint="pass folders written by `lungxray cv --out`"
             )
-        runs.append(cv)
+        runs.append(_checked(cv, Path(folder) / runfolder.CV))
     images = runs[0]["out_of_fold"]
     classes = list(images[0]["probabilities"])
     paths = [o["path"] for o in images]
@@ -106,8 +106,42 @@ def read_out_of_fold(cv_dirs: list[Path]) -> tuple[list[dict], list[str], np.nda
             if "probabilities_mean_over_seeds" in cv["out_of_fold"][0]
             else "probabilities"
         )
+        if sorted(cv["out_of_fold"][0][key]) != sorted(classes):
+            raise DataError(
+                f"{folder}/{runfolder.CV} scored the classes {sorted(cv['out_of_fold'][0][key])}, "
+                f"{cv_dirs[0]}/{runfolder.CV} the classes {sorted(classes)}",
+                hint="pass cv runs made on the same data",
+            )
         stacked.append([[o[key][c] for c in classes] for o in cv["out_of_fold"]])
     return images, classes, np.mean(np.array(stacked, dtype=np.float64), axis=0)
+
+
+def _checked(cv, where: Path) -> dict:
+    """``cv`` (the cv.json at ``where``) when it holds what ``labels`` reads: a non-empty list
+    ``out_of_fold`` of rows with a path, a label and probabilities over the same classes, the label
+    among them; else DataError saying what is missing."""
+
+    def bad(what: str) -> DataError:
+        hint = "pass folders written by `lungxray cv --out`; rerun cv to rewrite a damaged file"
+        return DataError(f"{where} is not a cv.json that `labels` can read: {what}", hint=hint)
+
+    rows = cv.get("out_of_fold") if isinstance(cv, dict) else None
+    if not isinstance(rows, list) or not rows:
+        raise bad("it has no out_of_fold list of scored images")
+    key = "probabilities_mean_over_seeds" if "probabilities_mean_over_seeds" in rows[0] else "probabilities"
+    classes = None
+    for n, row in enumerate(rows):
+        missing = [k for k in ("path", "label", key) if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise bad(f"out_of_fold[{n}] has no {' or '.join(missing)}")
+        probs = row[key]
+        if not isinstance(probs, dict) or not all(isinstance(v, int | float) for v in probs.values()):
+            raise bad(f"out_of_fold[{n}].{key} is not an object of class: probability")
+        classes = classes or list(probs)
+        if sorted(probs) != sorted(classes) or row["label"] not in classes:
+            raise bad(f"out_of_fold[{n}] has label {row['label']!r} and classes {sorted(probs)}, "
+                      f"out_of_fold[0] the classes {sorted(classes)}")  # fmt: skip
+    return cv
 
 
 def write_label_issues(cv_dirs: list[Path], out: Path, top: int = 30, thumb: int = 160) -> tuple[Path, Path, int]:

@@ -70,7 +70,7 @@ def train(job: Job):
         if first:
             runfolder.refuse_to_replace(job.out, runfolder.MODEL, job.force, "a model")  # before splits.json
         job = job if first else replace(job, progress=False)
-        with runfolder.writer_lock(job.out) if first else contextlib.nullcontext():
+        with runfolder.writer_lock(job.out, job.data) if first else contextlib.nullcontext():
             ds, split = pipeline.prepare(job, write=first)
             result, folder = pipeline.train_stage(job, ds, split, params)
     return result, folder, processes, rank

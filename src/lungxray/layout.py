@@ -7,8 +7,12 @@ Reads names and small CSV files only: no image is opened here (``data.py`` decod
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import stat
+import unicodedata
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,21 +38,32 @@ class Skipped:
 
 
 def normalise_class_name(name: str) -> str:
-    """Folder name -> snake_case class name: 'Viral Pneumonia' -> 'viral_pneumonia'."""
-    name = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name.strip())
-    return re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_").lower()
+    """Folder name -> snake_case class name: 'Viral Pneumonia' -> 'viral_pneumonia', 'Норма' ->
+    'норма'. Letters and digits of any script are kept (NFKC, then case-folded); anything else
+    becomes one '_'. A name of symbols only gives '' (``discover`` refuses such a folder)."""
+    name = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", unicodedata.normalize("NFKC", name).strip())
+    # letters (L), their combining marks (M: Devanagari vowel signs, say) and digits (N)
+    kept = "".join(c if unicodedata.category(c)[0] in "LMN" else "_" for c in name)
+    return unicodedata.normalize("NFKC", re.sub("_+", "_", kept).strip("_").casefold())
 
 
-def _check_class_folders(root: Path, parents: list[Path], same_classes: bool) -> None:
-    """Raise DataError for colliding, empty or unreadable class folders and differing class sets."""
+def _check_class_folders(root: Path, parents: list[Path], walks: dict, same_classes: bool) -> None:
+    """Raise DataError for colliding, nameless, empty or unreadable class folders and differing
+    class sets. ``walks``: each class folder's ``_walk``."""
     class_sets = {}
     for parent in parents:
         by_label: dict[str, list[str]] = {}
         for class_dir in _class_dirs(parent):
-            by_label.setdefault(normalise_class_name(class_dir.name), []).append(class_dir.name)
+            label = normalise_class_name(class_dir.name)
+            if not label:
+                raise DataError(
+                    f"class folder {class_dir} names no class: its name has no letter or digit",
+                    hint="rename it (class names keep the letters of any script, and digits)",
+                )
+            by_label.setdefault(label, []).append(class_dir.name)
             if not os.access(class_dir, os.R_OK | os.X_OK):
                 raise DataError(f"class folder {class_dir} cannot be read", hint="fix its permissions, or move it out")
-            if not any(p.is_file() for p in class_dir.rglob("*") if not p.name.startswith(".")):
+            if not walks[class_dir][0]:
                 raise DataError(f"class folder {class_dir} holds no file", hint="add its images, or remove the folder")
         clashes = [names for names in by_label.values() if len(names) > 1]
         if clashes:
@@ -74,7 +89,9 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 
 def discover(root: Path, same_classes: bool = True) -> tuple[str, list[tuple[Path, str, str | None]], list[Skipped]]:
-    """Find (path, class, folder split) for every file; return the layout and stray files.
+    """Find (path, class, folder split) for every regular file; return the layout and the entries
+    left out, each with its reason (``_kind``): files outside a class folder, hidden files and
+    folders, sub-folders that cannot be read, pipes, sockets, devices and broken links.
 
     Class folders that mean the same class after normalising (Normal/ and normal/), a class
     folder that is empty or cannot be read, and (unless ``same_classes`` is off, as for
@@ -97,28 +114,71 @@ def discover(root: Path, same_classes: bool = True) -> tuple[str, list[tuple[Pat
             "train/ test/ [val/] folders that each hold class folders"
         )
     parents = [(d, SPLIT_NAMES[normalise_class_name(d.name)]) for d in split_dirs] or [(root, None)]
-    _check_class_folders(root, [parent for parent, _ in parents], same_classes)
+    walks = {d: _walk(d) for parent, _ in parents for d in _class_dirs(parent)}
+    _check_class_folders(root, [parent for parent, _ in parents], walks, same_classes)
     files, stray = [], []
     for parent, split in parents:
-        stray += [
-            Skipped(str(p), "not inside a class folder")
-            for p in sorted(parent.iterdir())
-            if p.is_file() and not p.name.startswith(".")
-        ]
-        for class_dir in _class_dirs(parent):
+        class_dirs = _class_dirs(parent)
+        for path in sorted(p for p in parent.iterdir() if p not in class_dirs):
+            what = _kind(path)
+            stray.append(Skipped(str(path), "not inside a class folder" if what == FILE else what))
+        for class_dir in class_dirs:
             label = normalise_class_name(class_dir.name)
-            for path in sorted(class_dir.rglob("*")):
-                if path.name.startswith("."):
-                    continue
-                if path.is_file():
-                    files.append((path, label, split))
-                elif path.is_symlink() and not path.exists():
-                    stray.append(
-                        Skipped(
-                            str(path), f"broken symbolic link (points to {os.readlink(path)}, which does not exist)"
-                        )
-                    )
+            found, left = walks[class_dir]
+            files += [(path, label, split) for path in sorted(found)]
+            stray += left
     return layout, files, stray
+
+
+FILE, FOLDER = "file", "folder"  # what ``_kind`` says of an entry to read, not to skip
+
+
+def _kind(path: Path) -> str:
+    """FILE (a regular file, or a link to one), FOLDER, or why ``path`` is left out: hidden, a broken
+    or looping link, a named pipe, socket or device. Only its status is read, never its content:
+    opening a named pipe would wait for a writer forever."""
+    if path.name.startswith("."):
+        return "hidden"
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            return f"broken symbolic link (points to {os.readlink(path)}, which does not exist)"
+        return "vanished during the scan"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    if stat.S_ISREG(mode):
+        return FILE
+    link = f" (a symbolic link to {os.readlink(path)})" if path.is_symlink() else ""
+    if stat.S_ISDIR(mode):
+        return FOLDER if not link else f"a symbolic link to a folder, not followed{link}"
+    kinds = {stat.S_ISFIFO: "a named pipe (FIFO)", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a device",
+             stat.S_ISBLK: "a device"}  # fmt: skip
+    kind = next((name for test, name in kinds.items() if test(mode)), "a special file")
+    return f"not a regular file: {kind}{link}"
+
+
+def _walk(folder: Path) -> tuple[list[Path], list[Skipped]]:
+    """The regular files under ``folder``, and every other entry with the reason it is left out
+    (``_kind``; a hidden folder is not entered, a sub-folder that cannot be listed gives its OS
+    error)."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as exc:
+        return [], [Skipped(str(folder), f"folder cannot be read: {exc.strerror or exc}")]
+    files, skipped = [], []
+    for name in names:
+        path = folder / name
+        what = _kind(path)
+        if what == FILE:
+            files.append(path)
+        elif what == FOLDER:
+            more, left = _walk(path)
+            files += more
+            skipped += left
+        else:
+            skipped.append(Skipped(str(path), what))
+    return files, skipped
 
 
 def _resolve(entry: str, root: Path) -> Path:
@@ -127,13 +187,27 @@ def _resolve(entry: str, root: Path) -> Path:
     return Path(os.path.abspath(path if path.is_absolute() else Path(os.path.abspath(root)) / path))
 
 
+def read_text(file: Path, flag: str) -> str:
+    """The text of the ``flag`` file ``file``: UTF-8, a byte-order mark (as Excel writes) dropped;
+    DataError naming the first line that is not UTF-8 (a Latin-1 file, say)."""
+    data = Path(file).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"{flag} {file} is not UTF-8: line {line} holds the byte 0x{data[exc.start]:02x}",
+            hint=f"save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 {file} -o fixed.csv, then pass {flag} fixed.csv)",
+        ) from None
+
+
 def read_paths(file: Path, root: Path) -> list[Path]:
     """Paths listed in ``file``: a CSV whose header has a ``path`` column, or one path per line."""
     import csv
 
     if not Path(file).is_file():
         raise DataError(f"{file} not found", hint="pass a CSV with a path column, or a file of one path per line")
-    lines = [line for line in Path(file).read_text().splitlines() if line.strip()]
+    lines = [line for line in read_text(file, "--exclude").splitlines() if line.strip()]
     if lines and "path" in next(csv.reader([lines[0]])):
         return [_resolve(row["path"], root) for row in csv.DictReader(lines) if row.get("path")]
     return [_resolve(line, root) for line in lines if not line.startswith("#")]
@@ -155,22 +229,56 @@ def read_groups(
     file: Path, root: Path, sample_paths: list[Path], skipped: list[Skipped], excluded: list[str] = ()
 ) -> dict[Path, str]:
     """path -> group from a CSV with columns path,group; rows of skipped or excluded files are
-    ignored, rows of files that are not in the dataset are an error."""
+    ignored, rows of files that are not in the dataset are an error. Groups that share an image
+    are one group (``_join_shared``)."""
     import csv
 
     if not Path(file).is_file():
         raise DataError(f"--groups {file} not found", hint="pass a CSV with columns path,group")
-    with open(file, newline="") as handle:
+    with io.StringIO(read_text(file, "--groups"), newline="") as handle:
         reader = csv.DictReader(handle)
         if not {"path", "group"} <= set(reader.fieldnames or []):
             raise DataError(
                 f"--groups {file} has columns {reader.fieldnames}", hint="the header must name the columns path,group"
             )
-        rows = {_resolve(row["path"], root): (row.get("group") or "").strip() for row in reader if row.get("path")}
-    rows = {path: group for path, group in rows.items() if group}  # a blank group: its own group
+        rows = [(reader.line_num, _resolve(row["path"], root), (row.get("group") or "").strip())
+                for row in reader if row.get("path")]  # fmt: skip
+    rows = [row for row in rows if row[2]]  # a blank group: its own group
     known = set(sample_paths) | {Path(s.path) for s in skipped} | set(excluded)
-    known_paths(list(rows), known, file, "--groups")
-    return rows
+    known_paths([path for _, path, _ in rows], known, file, "--groups")
+    return _join_shared(rows, file)
+
+
+def _join_shared(rows: list[tuple[int, Path, str]], file: Path) -> dict[Path, str]:
+    """path -> group from (line, path, group) rows, where an image listed in two groups joins them:
+    both are one patient's films (or one is a typo), and keeping either apart would put that
+    patient in two splits. Warns once, naming the rows."""
+    joined: dict[str, str] = {}  # group -> a group it was joined to (union-find)
+
+    def find(group: str) -> str:
+        while joined.get(group, group) != group:
+            group = joined[group]
+        return group
+
+    seen: dict[Path, list[tuple[int, str]]] = {}
+    for line, path, group in rows:
+        seen.setdefault(path, []).append((line, group))
+    shared = {path: lines for path, lines in seen.items() if len({g for _, g in lines}) > 1}
+    for lines in shared.values():
+        for _, group in lines[1:]:
+            if find(group) != find(lines[0][1]):
+                joined[find(group)] = find(lines[0][1])
+    if shared:
+        listed = "; ".join(
+            f"{path} in " + ", ".join(f"row {line} ({group})" for line, group in lines)
+            for path, lines in list(shared.items())[:10]
+        ) + (f"; and {len(shared) - 10} more" if len(shared) > 10 else "")
+        warnings.warn(
+            f"--groups {file} lists {len(shared)} image(s) in two or more groups: {listed}; "
+            "the groups that share an image are kept together as one",
+            stacklevel=4,
+        )
+    return {path: find(lines[0][1]) for path, lines in seen.items()}
 
 
 def join_groups(duplicate_groups: np.ndarray, patients: list[str | None]) -> np.ndarray:

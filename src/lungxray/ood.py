@@ -30,6 +30,9 @@ THUMB = 32  # thumbnail side
 COMPONENTS = 20  # principal components of the thumbnail kept
 PERCENTILE = 95.0  # of the validation images' distances: the threshold
 FILE = "ood.safetensors"
+# The thresholds a bundle may hold: a percentile of Mahalanobis distances in the descriptors' whitened
+# space (lungxray's fits give about 1 to 100). Far below, every image is flagged; far above, none.
+THRESHOLD_RANGE = (1e-6, 1e6)
 
 
 def thumbnails(images: np.ndarray) -> np.ndarray:
@@ -107,6 +110,18 @@ class OODScore:
         arrays = {"pca_mean": self.mean, "pca_components": self.components, "location": self.location,
                   "precision": self.precision}  # fmt: skip
         return {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+
+
+def tensor_problem(tensors: dict[str, np.ndarray]) -> str | None:
+    """Why stored tensors cannot score, or None: a value that is not finite, or a precision matrix
+    that is not symmetric positive definite (all zeros, say, would score every image 0, so that
+    none is ever flagged)."""
+    if not all(np.isfinite(v).all() for v in tensors.values()):
+        return "it holds values that are NaN or infinite"
+    precision = tensors["precision"]
+    if not np.allclose(precision, precision.T) or np.linalg.eigvalsh(precision).min() <= 0:
+        return "its precision matrix is not positive definite: every image would score 0 and none be flagged"
+    return None
 
 
 CHUNK = 512  # images per descriptor batch: bounded memory on large datasets

@@ -8,6 +8,7 @@ the model is final. Evaluating a saved bundle is ``evaluation.py``; cross-valida
 
 from __future__ import annotations
 
+import functools
 import importlib
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -19,7 +20,7 @@ import torch
 from lungxray import runfolder
 from lungxray.bundle import BundleConfig, BundleExtras, attach_metrics, save_bundle
 from lungxray.card import headline, model_card, write_card
-from lungxray.config import Manifest
+from lungxray.config import Manifest, TuneConfig
 from lungxray.data import Dataset, load_dataset
 from lungxray.evaluate import calibrate, fit_class_bias
 from lungxray.evaluation import audit_split, check_external_classes, evaluate_split, external_names, external_stage
@@ -59,6 +60,11 @@ def fingerprint(job: Job, **parts) -> dict:
                      "groups": data_cfg.groups, "exclude": data_cfg.exclude, **options, **parts})  # fmt: skip
 
 
+def search_settings(search: TuneConfig) -> dict:
+    """The search's settings as run.json and cv.json record them: the storage URL's password masked."""
+    return asdict(replace(search, storage=search.storage and runfolder.shown_url(search.storage)))
+
+
 def _real(data: tuple[Path, ...]) -> str | list[str]:
     """DATA's real paths: one as a string (as folders made before several were allowed), several as a list."""
     import os
@@ -78,7 +84,7 @@ def check_storage(job: Job) -> None:
 def prepare(job: Job, write: bool = True) -> tuple[Dataset, Split]:
     """Scan and split; with ``write`` and an out folder, write scan.json and splits.json there,
     after checking that it was not made from other data, split or model
-    (``runfolder.check_fingerprint``)."""
+    (``runfolder.check_fingerprint``) nor from other images under the same path (``check_content``)."""
     out = job.out if write else None
     split = {k: v for k, v in asdict(job.split).items() if (k, v) != ("val_by", "group")}  # as before it existed
     made_from = fingerprint(job, split=split)
@@ -91,12 +97,37 @@ def prepare(job: Job, write: bool = True) -> tuple[Dataset, Split]:
          f"{len(ds.skipped)} skipped; split {split.mode}: " + ", ".join(f"{k} {v}" for k, v in split.sizes().items()),
          job.progress)  # fmt: skip
     if out is not None:
+        content = check_content(job, ds, made_from)
         if any(s.patient for s in ds.samples):
             ds.rekey_patients(runfolder.secret_key(out / runfolder.PATIENT_KEY))
-        runfolder.record_fingerprint(out, made_from)
+        runfolder.record_fingerprint(out, made_from, content)
         runfolder.write_json(out, runfolder.SCAN, scan_summary(ds, job.seed, job.progress))
         runfolder.write_json(out, runfolder.SPLITS, split.to_json(ds))
     return ds, split
+
+
+def check_content(job: Job, ds: Dataset, made_from: dict) -> list:
+    """Add the digest of the data's content (sorted [sha256, class, site] of every usable image) to
+    the fingerprint ``made_from`` and compare it with ``job.out``'s (``runfolder.check_content``):
+    a change is refused, or with --force the folder's study is set aside, so that the search starts
+    anew, and a warning says so. Returns the listing for ``runfolder.record_fingerprint``."""
+    import warnings
+
+    from lungxray.errors import OutputExistsError
+
+    content = sorted([s.sha256, s.label, s.site or ""] for s in ds.samples)
+    made_from["content"] = runfolder.content_digest(content)
+    changes = runfolder.check_content(job.out, made_from, content, job.force)
+    if changes is not None and job.search.storage:
+        raise OutputExistsError(
+            f"{job.out} was made from other images under the same DATA ({changes}); --force does not "
+            "restart the study in --storage", hint="choose another --out and --study-name for the data as it is now",
+        )  # fmt: skip
+    if changes is not None:
+        aside = runfolder.set_study_aside(job.out)
+        anew = f"starts a new study; the old study is kept as {aside}" if aside else "makes it anew"
+        warnings.warn(f"{job.out} was made from other images ({changes}): --force {anew}", stacklevel=3)
+    return content
 
 
 def scan_summary(ds: Dataset, seed: int, progress: bool = True) -> dict:
@@ -140,7 +171,8 @@ def tune_stage(job: Job, ds: Dataset, split: Split):
 
         record = workers.agreement(ds, split, job.model, job.dataset, trial_cfg)
         if search.parallel > 1:
-            study = workers.run_parallel(storage, job.model, data, search, trial_cfg, record)
+            say = functools.partial(note, enabled=job.progress)  # pickled: the worker processes say their warnings
+            study = workers.run_parallel(storage, job.model, data, search, trial_cfg, record, say)
         else:
             study = workers.open_shared_study(storage, search, trial_cfg, job.model, record)
             workers.run_worker(study, job.model, data, search, trial_cfg, lambda text: note(text, job.progress))
@@ -155,7 +187,8 @@ def tune_stage(job: Job, ds: Dataset, split: Split):
     ]
     runfolder.write_json(job.out, runfolder.TRIALS, trials)
     best = {"model": job.model, "params": result.best_params, "objective": trial_cfg.select_by,
-            "value": result.best_value, "trial": result.best_trial, "storage": storage}  # fmt: skip
+            "value": result.best_value, "trial": result.best_trial,
+            "storage": runfolder.shown_url(storage)}  # fmt: skip
     runfolder.write_json(job.out, runfolder.BEST_PARAMS, best)
     return result
 
@@ -265,7 +298,7 @@ def run(job: Job) -> RunResult:
     """
     runfolder.refuse_to_replace(job.out, runfolder.MODEL, job.force, "a model (the study resumes with --force)")
     external = external_names(job.external)  # a missing folder fails before the scan
-    with runfolder.writer_lock(job.out):
+    with runfolder.writer_lock(job.out, (*job.data, *job.external)):
         return _run(job, external)
 
 
@@ -338,7 +371,7 @@ def _final_model(job: Job, ds: Dataset, split: Split, tuned) -> tuple[FitResult,
 
 def _summary(job: Job, ds: Dataset, tuned, fitted: FitResult, metrics: dict, audited: dict) -> dict:
     """run.json's settings, search, final model and headline figures."""
-    settings = {"data": asdict(job.dataset), "split": asdict(job.split), "tune": asdict(job.search),
+    settings = {"data": asdict(job.dataset), "split": asdict(job.split), "tune": search_settings(job.search),
                 "trial": asdict(job.trial), "final": asdict(job.final.for_params(tuned.best_params))}  # fmt: skip
     return {
         "lungxray_version": __version__,
@@ -362,7 +395,7 @@ def _summary(job: Job, ds: Dataset, tuned, fitted: FitResult, metrics: dict, aud
         "excluded": ds.excluded,
         "skipped": len(ds.skipped),
         "artifacts": {name: str(job.out / file) for name, file in runfolder.RUN_ARTIFACTS.items()}
-        | {"study": job.search.storage or str(job.out / runfolder.STUDY)},
+        | {"study": runfolder.shown_url(job.search.storage) if job.search.storage else str(job.out / runfolder.STUDY)},
     }
 
 

@@ -34,7 +34,7 @@ from lungxray.decode import decode, equalize_together, read_image_file
 from lungxray.errors import BundleError, UnusableImage
 from lungxray.infer import predict_logits, to_tensor
 from lungxray.models import create_model
-from lungxray.ood import METHOD, N_STATISTICS, THUMB, OODScore, ood_fields
+from lungxray.ood import METHOD, N_STATISTICS, THUMB, OODScore, ood_fields, tensor_problem
 
 
 class Predictor:
@@ -134,7 +134,11 @@ class Predictor:
         misshapen = set(tensors) != set(shapes) or any(tensors[k].shape != v for k, v in shapes.items())
         if misshapen or not n or n[0] <= N_STATISTICS:
             raise BundleError(f"{self.folder / OOD} does not hold the tensors of {METHOD}; re-export the model")
-        return OODScore({k: v.astype(np.float64) for k, v in tensors.items()}, self.config_["ood"])
+        tensors = {k: v.astype(np.float64) for k, v in tensors.items()}
+        problem = tensor_problem(tensors)
+        if problem:
+            raise BundleError(f"{self.folder / OOD} cannot score images: {problem}", hint="re-export the model")
+        return OODScore(tensors, self.config_["ood"])
 
     def ood_scores(self, images: np.ndarray) -> np.ndarray | None:
         """(N, H, W) uint8 preprocessed images -> (N,) out-of-distribution scores (above 1: flagged),
@@ -204,11 +208,15 @@ class Predictor:
             **ood_fields(ood_score),
         }
 
-    def predict(self, images) -> list[dict] | np.ndarray:
+    def predict(self, images) -> list[dict]:
         """Image files (paths, str or Path, or folders of them) -> one dict per file, as
-        ``predict_files``; a (N, H, W) uint8 array of preprocessed images -> (N, C) probabilities."""
+        ``predict_files``; a (N, H, W) uint8 array of preprocessed images -> one dict per image,
+        the same but the path: ``{"class", "probabilities", "ood_score", "in_distribution"}``
+        (``predict_arrays`` gives the bare (N, C) probabilities)."""
         if isinstance(images, np.ndarray):
-            return self.predict_arrays(images)
+            scores = self.ood_scores(images)
+            probs = self.predict_arrays(images)
+            return [self.describe(p, None if scores is None else scores[k]) for k, p in enumerate(probs)]
         from lungxray.decode import image_files
 
         return self.predict_files(image_files([images] if isinstance(images, (str, Path)) else list(images)))

@@ -26,6 +26,7 @@ from typing import TextIO
 QUIET_SECONDS = 30.0  # a line at least this often on a long stretch between tenths
 TENTH_SECONDS = 5.0  # ... and no line for a tenth sooner than this after the last one
 _log: TextIO | None = None
+_log_path: Path | None = None
 _lock = threading.Lock()
 
 
@@ -36,11 +37,12 @@ def interactive() -> bool:
 
 def log_to(path: Path | None) -> None:
     """Copy every plain line to ``path`` (appended), or stop copying (None)."""
-    global _log
+    global _log, _log_path
     with _lock:
         if _log is not None:
             _log.close()
         _log = open(path, "a", encoding="utf-8") if path is not None else None  # noqa: SIM115 - closed by log_to(None)
+        _log_path = path
 
 
 def _emit(text: str, to_stderr: bool, enabled: bool = True) -> None:
@@ -56,8 +58,23 @@ def _emit(text: str, to_stderr: bool, enabled: bool = True) -> None:
             else:
                 print(line, file=sys.stderr, flush=True)
         if _log is not None:
-            _log.write(line + "\n")
-            _log.flush()
+            _write_log(line)
+
+
+def _write_log(line: str) -> None:
+    """``line`` into the log file; one that cannot be written (a full disk) is closed, said once,
+    and the job goes on without it. Called holding ``_lock``."""
+    global _log
+    try:
+        _log.write(line + "\n")
+        _log.flush()
+    except OSError as exc:
+        log, _log = _log, None
+        with contextlib.suppress(OSError):  # its unwritten lines fail again on close
+            log.close()
+        print(f"{time.strftime('%H:%M:%S')} warning: cannot write the log file {_log_path}: {exc.strerror or exc}; "
+              "the log stops here and the job goes on (hint: free space on its disk, or pass another --log-file)",
+              file=sys.stderr, flush=True)  # fmt: skip
 
 
 def logged(text: str) -> None:

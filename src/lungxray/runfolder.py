@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lungxray.errors import OutputExistsError
@@ -143,6 +143,25 @@ def study_storage(folder: Path, storage: str | None) -> str:
     return storage or f"sqlite:///{(Path(folder) / STUDY).resolve()}"
 
 
+def shown_url(url: str) -> str:
+    """A storage URL as it may be printed or written to a file: its password, in the user part or
+    in the query (``?password=``), shown as ``***``. Connect with the URL itself, never this.
+    Text SQLAlchemy cannot parse keeps no ``user:secret@`` either."""
+    import re
+
+    if "@" not in url and "password" not in url.lower():  # the run folder's SQLite file: nothing to hide
+        return url
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):  # not a URL, or a port that is not a number
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", re.sub(r"(?i)(password=)[^&]*", r"\1***", url))
+    secret = {k: "***" for k in parsed.query if "password" in k.lower()}
+    return (parsed.update_query_dict(secret) if secret else parsed).render_as_string(hide_password=True)
+
+
 def read_params(path: Path) -> dict:
     """Hyperparameters from a best_params.json (its ``params``) or a plain ``{name: value}`` JSON file."""
     from lungxray.errors import MissingInputError, ParamsError
@@ -165,17 +184,48 @@ def read_params(path: Path) -> dict:
 
 LOCK = ".lungxray.lock"  # the pid of the one process writing the folder
 FINGERPRINT = "fingerprint.json"  # what a run folder was made from: data, model, split, preprocessing
+CONTENT = "content.json"  # the usable images it was made from: [sha256, class, site] each, sorted
+
+
+BUNDLE_MARK = "checksums.json"  # bundle.CHECKSUMS (bundle.py imports this module): a folder holding it is a bundle
+
+
+def check_out(folder: Path, data: Iterable[Path] = ()) -> None:
+    """Refuse ``folder`` as an output folder when it is a model bundle or lies inside one (a file
+    written there is not among its checksums, and the bundle then refuses to load), or when it lies
+    inside one of the dataset folders ``data`` (the next scan would take the plots and overlays
+    written there for images). Each error names both folders."""
+    from lungxray.errors import ConfigError
+
+    out = Path(folder).resolve()
+    for bundle in (out, *out.parents):
+        if (bundle / BUNDLE_MARK).is_file():
+            where = "is the model bundle" if bundle == out else f"lies inside the model bundle {bundle}"
+            raise ConfigError(
+                f"--out {folder} {where}: files written there are not among its checksums, and the "
+                "bundle would refuse to load",
+                hint=f"choose an --out outside {bundle}, e.g. {bundle.parent / 'evaluation'}",
+            )
+    for root in map(Path, data):
+        if root.is_dir() and (out == root.resolve() or root.resolve() in out.parents):
+            raise ConfigError(
+                f"--out {folder} lies inside the dataset folder {root}: its next scan would take the "
+                "plots and overlays written there for images",
+                hint=f"choose an --out outside {root}",
+            )
 
 
 @contextlib.contextmanager
-def writer_lock(folder: Path) -> Iterator[None]:
+def writer_lock(folder: Path, data: Iterable[Path] = ()) -> Iterator[None]:
     """Hold ``folder`` for this process: a second lungxray writing the same folder is refused while
     this one lives. The kernel's advisory lock (flock) is released when the process ends, however
-    it ends, so there is no stale lock to detect; the file keeps the holder's pid for the message."""
+    it ends, so there is no stale lock to detect; the file keeps the holder's pid for the message.
+    A bundle, or a folder inside ``data``, is refused first (``check_out``)."""
     import fcntl
 
     from lungxray.errors import OutputExistsError
 
+    check_out(folder, data)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     handle = os.open(folder / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
@@ -205,8 +255,9 @@ def check_fingerprint(folder: Path, fingerprint: dict) -> None:
     known = read_json(folder, FINGERPRINT)
     if known is None:
         return
-    # both ways: an option recorded only when set is a difference when set there and not now
-    keys = list(fingerprint) + [k for k in known if k not in fingerprint]
+    # both ways: an option recorded only when set is a difference when set there and not now; the
+    # data's content is known after the scan only (``check_content``)
+    keys = [k for k in list(fingerprint) + [k for k in known if k not in fingerprint] if k != "content"]
     differs = [
         f"{k}: {known.get(k)!r} there, {fingerprint.get(k)!r} now" for k in keys if known.get(k) != fingerprint.get(k)
     ]
@@ -217,7 +268,70 @@ def check_fingerprint(folder: Path, fingerprint: dict) -> None:
         )
 
 
-def record_fingerprint(folder: Path, fingerprint: dict) -> None:
-    """Write what the run folder is made from (after ``check_fingerprint`` passed)."""
-    if read_json(folder, FINGERPRINT) is None:
+def record_fingerprint(folder: Path, fingerprint: dict, content: list | None = None) -> None:
+    """Write what the run folder is made from (after ``check_fingerprint`` and ``check_content``
+    passed), with ``content``, the listing of its images: once, and again when the content is new
+    (a folder made before content was recorded, or one remade with --force)."""
+    known = read_json(folder, FINGERPRINT)
+    if known is None or known.get("content") != fingerprint.get("content"):
+        if content is not None:
+            write_json(folder, CONTENT, content, indent=None)
         write_json(folder, FINGERPRINT, fingerprint)
+
+
+def content_digest(content: list) -> str:
+    """fingerprint.json's ``content``: a short hash of the sorted [sha256, class, site] rows."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
+
+
+def check_content(folder: Path, fingerprint: dict, content: list, force: bool) -> str | None:
+    """Refuse a run folder made from other images under the same DATA (files deleted, added or moved
+    between classes since: its study chose the best trial on a validation split whose images now
+    lie partly in test), saying what changed. With ``force``, return what changed: the caller starts
+    anew. None when nothing changed, or when the folder recorded no content (made before it was)."""
+    from lungxray.errors import OutputExistsError
+
+    known = read_json(folder, FINGERPRINT) or {}
+    if known.get("content") in (None, fingerprint["content"]):
+        return None
+    changes = _changes(read_json(folder, CONTENT), content, known["content"])
+    if not force:
+        raise OutputExistsError(
+            f"{folder} was made from other images under the same DATA: {changes}",
+            hint="choose another --out, or pass --force (run, train, cv) to start a new study on the data as it is",
+        )
+    return changes
+
+
+def _changes(old: list | None, new: list, old_digest: str) -> str:
+    """What changed from the ``old`` listing to the ``new`` one, in words: 3 images added, 40
+    removed, 5 given another class or site."""
+    from collections import Counter
+
+    if old is None or content_digest(old) != old_digest:  # its listing lost or from another attempt
+        return f"the images are not those it was made from ({len(new)} usable images now)"
+    before, after = Counter(row[0] for row in old), Counter(row[0] for row in new)
+    classes: dict[str, list] = {}
+    for when, rows in enumerate((old, new)):
+        for sha, *where in rows:
+            classes.setdefault(sha, [[], []])[when].append(where)
+    moved = sum(1 for sha, (a, b) in classes.items() if a and b and sorted(a) != sorted(b))
+    counts = {"added": sum((after - before).values()), "removed": sum((before - after).values()),
+              "given another class or site": moved}  # fmt: skip
+    return ", ".join(f"{n} image{'s' * (n != 1)} {what}" for what, n in counts.items() if n) or "the images differ"
+
+
+def set_study_aside(folder: Path) -> Path | None:
+    """Rename the folder's study (study.db) to study.<its content digest>.db, so that the next search
+    starts a new one and the old trials stay readable; where it went, or None when there was none."""
+    study = Path(folder) / STUDY
+    if not study.exists():
+        return None
+    tag = (read_json(folder, FINGERPRINT) or {}).get("content", "old")
+    aside, n = study.with_name(f"study.{tag}.db"), 1
+    while aside.exists():  # the data changed back and forth: every old study is kept
+        aside, n = study.with_name(f"study.{tag}-{n}.db"), n + 1
+    os.replace(study, aside)
+    return aside

@@ -23,6 +23,7 @@ import torch
 from fastapi import FastAPI, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from lungxray.config import ServeTimeouts
 from lungxray.errors import UnusableImage
 from lungxray.predictor import Predictor
 
@@ -231,15 +232,65 @@ def default_allowed_hosts(host: str) -> list[str]:
     return [host]
 
 
+def _bounded_protocol(timeouts: ServeTimeouts) -> type:
+    """uvicorn's h11 protocol, with a deadline on each stage of a connection (``ServeTimeouts``):
+    uvicorn times out only the wait between two requests. A connection past its deadline is closed;
+    while the app answers a request, no deadline runs (uvicorn's keep-alive timer follows it).
+
+    Subclasses uvicorn's H11Protocol and reads its ``conn`` (the h11 connection), ``loop`` and
+    ``transport``: tests/test_serve.py checks the behaviour on a real server."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class BoundedH11Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._deadline, self._awaiting = None, "idle"
+            self._expect("idle", timeouts.keep_alive)
+
+        def data_received(self, data: bytes) -> None:
+            if self._awaiting == "idle":  # the first byte of a request: its head has a deadline
+                self._expect("head", timeouts.header)
+            super().data_received(data)
+            state = self.conn.their_state
+            if state is h11.SEND_BODY and self._awaiting == "head":
+                self._expect("body", timeouts.body)
+            elif state not in (h11.IDLE, h11.SEND_BODY):  # the whole request is in: the app's turn
+                self._expect("idle", None)
+
+        def connection_lost(self, exc) -> None:
+            self._expect("idle", None)
+            super().connection_lost(exc)
+
+        def _expect(self, what: str, seconds: float | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._awaiting = what
+            self._deadline = self.loop.call_later(seconds, self._expired) if seconds is not None else None
+
+        def _expired(self) -> None:
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return BoundedH11Protocol
+
+
+def uvicorn_options(timeouts: ServeTimeouts) -> dict:
+    """The options of ``uvicorn.run`` (or ``uvicorn.Config``) that hold every connection to ``timeouts``."""
+    return {"http": _bounded_protocol(timeouts), "timeout_keep_alive": timeouts.keep_alive}
+
+
 def serve(
     model_dir: Path,
     host: str = "127.0.0.1",
     port: int = 8000,
     backend: str = "auto",
     allowed_hosts: list[str] | None = None,
+    timeouts: ServeTimeouts | None = None,
 ) -> None:
-    """Run the app with uvicorn until interrupted."""
+    """Run the app with uvicorn until interrupted; ``timeouts`` (None: the defaults) bound how long
+    a connection may idle or take to send a request."""
     import uvicorn
 
     app = create_app(model_dir, backend, allowed_hosts=allowed_hosts or default_allowed_hosts(host))
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", **uvicorn_options(timeouts or ServeTimeouts()))

@@ -22,6 +22,7 @@ import optuna
 
 from lungxray.config import TuneConfig
 from lungxray.errors import StudyError
+from lungxray.runfolder import shown_url
 
 if TYPE_CHECKING:
     from lungxray.train import FitResult
@@ -30,6 +31,7 @@ COMPLETE, PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRU
 FINISHED = (COMPLETE, PRUNED)
 BEST_VALUE = "best_value"  # a pruned trial's user attribute: the best figure it reached before it stopped
 HISTORY = "drawn_from_below"  # a trial's user attribute: its parameters and pruning saw trials below this number
+EPOCHS = "epochs"  # the study's user attribute: the epochs each of its trials may train (--epochs)
 
 
 @dataclass
@@ -187,7 +189,8 @@ def tell(study: optuna.Study, trial: optuna.Trial, state, value: float | None) -
 
 def open_study(cfg: TuneConfig, storage: str, seed: int, direction: str, epochs: int, model_name: str) -> optuna.Study:
     """Create the study, or load it to resume; trials a killed process left RUNNING become FAIL.
-    A study made for another model is refused (its search space would not fit)."""
+    A study made for another model is refused (its search space would not fit), and one made with
+    another ``epochs`` budget (``check_epochs``)."""
     study = optuna.create_study(
         storage=storage,
         study_name=cfg.study_name,
@@ -198,7 +201,7 @@ def open_study(cfg: TuneConfig, storage: str, seed: int, direction: str, epochs:
     )
     if study.direction != optuna.study.StudyDirection[direction.upper()]:
         raise StudyError(
-            f"study {cfg.study_name!r} in {storage} was created to {study.direction.name.lower()}, "
+            f"study {cfg.study_name!r} in {shown_url(storage)} was created to {study.direction.name.lower()}, "
             f"but --objective {'val_loss' if direction == 'minimize' else 'val_accuracy'} needs {direction}",
             hint="use another --study-name or --out, or the --objective the study was made with",
         )
@@ -207,9 +210,10 @@ def open_study(cfg: TuneConfig, storage: str, seed: int, direction: str, epochs:
         study.set_user_attr("model", model_name)
     elif made_for != model_name:
         raise StudyError(
-            f"study {cfg.study_name!r} in {storage} searches the {made_for} model, not {model_name}",
+            f"study {cfg.study_name!r} in {shown_url(storage)} searches the {made_for} model, not {model_name}",
             hint="use another --study-name or --out for another --model",
         )
+    check_epochs(study, cfg.study_name, shown_url(storage), epochs)
     # A resumed or extended study must not replay the seeded sampler's first proposals (they would
     # repeat the finished trials): its seed moves on by the number of trials already there. A fresh
     # study keeps ``seed`` itself, so the same command gives the same trials.
@@ -222,6 +226,20 @@ def open_study(cfg: TuneConfig, storage: str, seed: int, direction: str, epochs:
         if trial.params and "retry_of" not in trial.user_attrs:  # once: a trial that kills the process twice is left
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
     return study
+
+
+def check_epochs(study: optuna.Study, study_name: str, where: str, epochs: int) -> None:
+    """Record the study's epoch budget per trial (``EPOCHS``), or refuse another: trials trained
+    for other budgets would be ranked together."""
+    made_with = study.user_attrs.get(EPOCHS)
+    if made_with is None:
+        study.set_user_attr(EPOCHS, epochs)
+    elif made_with != epochs:
+        raise StudyError(
+            f"study {study_name!r} in {where} trains each trial for --epochs {made_with}, not {epochs}: "
+            "trials of different budgets cannot be ranked together",
+            hint=f"resume it with --epochs {made_with}, or use another --study-name or --out for --epochs {epochs}",
+        )
 
 
 class FrozenCompleted:
@@ -314,6 +332,13 @@ def retry_once() -> dict:
 def retried_trial_number(trial: optuna.trial.FrozenTrial) -> int | None:
     """The trial that ``trial`` retries, when a stale trial's callback queued it (``retry_once``)."""
     return _retry_class().retried_trial_number(trial)
+
+
+def queue_retry(study: optuna.Study, failed: optuna.trial.FrozenTrial) -> bool:
+    """Queue the ``failed`` trial once more with its parameters, as a heartbeat-stale one is
+    (``retry_once``: marked for ``retried_trial_number``); False when it was a retry already."""
+    _retry_class()(max_retry=1)(study, failed)
+    return retried_trial_number(failed) is None  # max_retry=1: a retry is not queued again
 
 
 def storage_trial_id(trial: optuna.Trial) -> int:

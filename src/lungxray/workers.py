@@ -33,12 +33,15 @@ from lungxray.config import DataConfig, Preprocessing, TrainConfig, TuneConfig
 from lungxray.data import Dataset
 from lungxray.errors import StudyError
 from lungxray.models import get_spec
+from lungxray.runfolder import shown_url
 from lungxray.splits import Split
 from lungxray.study import (
     FINISHED,
+    check_epochs,
     heartbeat_warnings_off,
     make_pruner,
     make_sampler,
+    queue_retry,
     retried_trial_number,
     retry_once,
     storage_trial_id,
@@ -85,10 +88,11 @@ def check_storage(url: str) -> None:
     """StudyError in one line when the storage cannot be reached (before anything is scanned)."""
     import sqlalchemy
 
+    shown = shown_url(url)
     try:
-        shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
-        raise StudyError(f"--storage {url!r} is not a database URL",
+        sqlalchemy.engine.make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
+        raise StudyError(f"--storage {shown!r} is not a database URL",
                          hint="e.g. postgresql+psycopg://USER@HOST/DB or sqlite:///study.db") from None  # fmt: skip
     try:
         engine = sqlalchemy.create_engine(
@@ -136,6 +140,7 @@ def open_shared_study(
         sampler=make_sampler(tune_cfg.sampler, trial_cfg.seed + os.getpid(), tune_cfg.startup_trials),
         pruner=make_pruner(tune_cfg, trial_cfg.epochs),
     )
+    check_epochs(study, tune_cfg.study_name, shown_url(url), trial_cfg.epochs)  # by name: the agreement hashes it
     known = study.user_attrs.get(AGREEMENT)
     if known is None:
         study.set_user_attr(AGREEMENT, record)
@@ -205,46 +210,115 @@ def _run_worker(study: optuna.Study, setup: TrialSetup, tune_cfg: TuneConfig, sa
             trial.set_user_attr("surplus", True)
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             continue
-        trial.set_user_attr("worker", me)
-        stop, trial_id = threading.Event(), storage_trial_id(trial)
-        beating = _heartbeat(trial, trial_id, stop, tune_cfg.heartbeat)
         try:
-            state, value, _ = run_trial(trial, space(trial), setup)
-        finally:
-            stop.set()
-            beating.join()
-        tell(study, trial, state, value)
-        done += state != optuna.trial.TrialState.FAIL
-        retry = retried_trial_number(trial.storage.get_trial(trial_id))
-        say(f"trial {trial.number}: {state.name.lower()}" + (f" {value:.4f}" if value is not None else "")
-            + (f" (a retry of trial {retry})" if retry is not None else ""))  # fmt: skip
+            trial.set_user_attr("worker", me)
+            done += _run_and_tell(study, trial, space, setup, tune_cfg.heartbeat, say)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Paused (SIGSTOP, swapped out) past the heartbeat window: another worker found the
+            # trial silent, failed it and queued it again; what it went on to train is not the study's.
+            say(f"warning: trial {trial.number} was already marked failed: this worker was silent longer than "
+                f"the heartbeat window ({3 * tune_cfg.heartbeat} s, --heartbeat {tune_cfg.heartbeat}), so its "
+                "result is dropped (the trial is queued again once, unless it was a retry already)")  # fmt: skip
+
+
+def _run_and_tell(study: optuna.Study, trial: optuna.Trial, space, setup: TrialSetup, heartbeat: int,
+                  say: Callable[[str], None]) -> bool:  # fmt: skip
+    """Run ``trial`` with its heartbeat beating, tell the study and say how it ended; True when it
+    finished (COMPLETE or PRUNED)."""
+    stop, trial_id = threading.Event(), storage_trial_id(trial)
+    beating = _heartbeat(trial, trial_id, stop, heartbeat)
+    try:
+        state, value, _ = run_trial(trial, space(trial), setup)
+    finally:
+        stop.set()
+        beating.join()
+    tell(study, trial, state, value)
+    retry = retried_trial_number(trial.storage.get_trial(trial_id))
+    say(f"trial {trial.number}: {state.name.lower()}" + (f" {value:.4f}" if value is not None else "")
+        + (f" (a retry of trial {retry})" if retry is not None else ""))  # fmt: skip
+    return state != optuna.trial.TrialState.FAIL
 
 
 def _worker_process(url: str, model_name: str, data: FitData, tune_cfg: TuneConfig, trial_cfg: TrainConfig,
-                    record: dict, threads: int) -> int:  # fmt: skip
-    """One of ``run_parallel``'s processes."""
+                    record: dict, say: Callable[[str], None]) -> int:  # fmt: skip
+    """One of ``run_parallel``'s processes (``trial_cfg.threads``: its share of the cores); it says
+    only its warnings, the parent process names each trial."""
     import torch
 
-    torch.set_num_threads(threads)
-    trial_cfg = replace(trial_cfg, threads=threads)  # this process's share, for the fused step too
+    torch.set_num_threads(trial_cfg.threads)
     study = open_shared_study(url, tune_cfg, trial_cfg, model_name, record)
-    return run_worker(study, model_name, data, tune_cfg, trial_cfg)
+    warnings_only = lambda text: say(text) if text.startswith("warning:") else None  # noqa: E731
+    return run_worker(study, model_name, data, tune_cfg, trial_cfg, warnings_only)
 
 
 def run_parallel(url: str, model_name: str, data: FitData, tune_cfg: TuneConfig, trial_cfg: TrainConfig,
-                 record: dict) -> optuna.Study:  # fmt: skip
+                 record: dict, say: Callable[[str], None] = _say_nothing) -> optuna.Study:  # fmt: skip
     """``tune_cfg.parallel`` worker processes on this machine (spawned, each with its share of the
-    cores) on the study in ``url``; returns the study once they are done."""
+    cores) on the study in ``url``; returns the study once they are done. ``say`` goes to the
+    processes too: a module-level function or a ``functools.partial`` of one (it is pickled).
+
+    Each process is a pool of its own, so one that dies (SIGKILL, the out-of-memory killer) breaks
+    only its own: it is replaced, and the trial it ran is failed and queued once more at once
+    (``_retry_dead``) instead of a heartbeat window later; the other processes train on."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    threads = max(1, (os.cpu_count() or 1) // tune_cfg.parallel)
+    trial_cfg = replace(trial_cfg, threads=threads)  # each process's share, for the fused step too
+    study = open_shared_study(url, tune_cfg, trial_cfg, model_name, record)  # made (or refused) once, here
+    args = (url, model_name, data, tune_cfg, trial_cfg, record, say)
+    running = _start_workers(tune_cfg.parallel, args)  # future -> (its pool, its process's pid)
+    deaths = 0
+    try:
+        while running:
+            ended, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in ended:
+                pool, pid = running.pop(future)
+                pool.shutdown()
+                try:
+                    future.result()
+                except BrokenProcessPool:
+                    deaths += 1
+                    if deaths > tune_cfg.trials:  # every trial kills its process: no end to replacing them
+                        raise StudyError(
+                            f"worker processes died {deaths} times (killed, out of memory?)",
+                            hint="lower --parallel or the batch size, or free memory",
+                        ) from None
+                    with heartbeat_warnings_off():
+                        _retry_dead(study, pid, say)
+                    running |= _start_workers(1, args)
+    finally:
+        for pool, _ in running.values():
+            pool.shutdown()
+    return study
+
+
+def _start_workers(n: int, args: tuple) -> dict:
+    """``n`` worker processes, each alone in a pool of its own, running ``_worker_process(*args)``:
+    {its future: (its pool, its pid)}."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    n = tune_cfg.parallel
-    threads = max(1, (os.cpu_count() or 1) // n)
-    study = open_shared_study(url, tune_cfg, trial_cfg, model_name, record)  # made (or refused) once, here
-    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [
-            pool.submit(_worker_process, url, model_name, data, tune_cfg, trial_cfg, record, threads) for _ in range(n)
-        ]
-        for future in futures:
-            future.result()
-    return study
+    pools = [ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) for _ in range(n)]
+    pids = [pool.submit(os.getpid) for pool in pools]  # the processes start side by side
+    return {pool.submit(_worker_process, *args): (pool, pid.result()) for pool, pid in zip(pools, pids, strict=True)}
+
+
+def _retry_dead(study: optuna.Study, pid: int, say: Callable[[str], None]) -> None:
+    """Fail the trials that the dead worker process ``pid`` left running and queue each once more,
+    saying which and why."""
+    me = f"{socket.gethostname()}:{pid}"
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        # None: it died between asking for the trial and naming itself; with no heartbeat yet, the
+        # trial would never turn stale and the search would wait for it forever
+        if trial.user_attrs.get("worker") not in (me, None):
+            continue
+        try:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker found it silent first, and queued it again itself
+        failed = study.get_trials(deepcopy=False)[trial.number]
+        queued = queue_retry(study, failed)
+        say(f"worker process {pid} died (killed: out of memory?) during trial {trial.number}; a new process "
+            f"takes its place and trial {trial.number} " + ("is retried once with the same parameters" if queued
+            else "is not retried again: it was a retry already"))  # fmt: skip
