@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--shared", type=Path, default=five_sites.SHARED)
     parser.add_argument("--rows", nargs="+", default=["shared folders alone", *ROWS], help="rows to run, by name")
+    parser.add_argument("--internal-only", action="store_true", help="only each row's grouped-fold cv")
     parser.add_argument(
         "--internal-seeds",
         nargs="*",
