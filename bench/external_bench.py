@@ -62,9 +62,9 @@ def covid_vs_normal_auroc(classes: list[str], labels: np.ndarray, probs: np.ndar
 def one_row(data: Path, external: Path, variant: str, model: str, seeds: list[int], folds: int) -> dict:
     from lungxray.config import DataConfig, TrainConfig
     from lungxray.data import load_dataset
-    from lungxray.evaluate import compute_metrics
     from lungxray.infer import predict_logits, to_tensor
     from lungxray.job import Job, build
+    from lungxray.metrics import compute_metrics
     from lungxray.models import get_spec
     from lungxray.ood import fit_ood
     from lungxray.pipeline import tensors

@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import five_sites  # noqa: E402
 
 from lungxray.data import load_dataset  # noqa: E402
-from lungxray.evaluate import proportion_ci  # noqa: E402
 from lungxray.infer import predict_logits  # noqa: E402
 from lungxray.job import Job  # noqa: E402
+from lungxray.metrics import proportion_ci  # noqa: E402
 from lungxray.models import get_spec  # noqa: E402
 from lungxray.pipeline import tensors  # noqa: E402
 from lungxray.splits import Split, check_no_leakage, hold_out  # noqa: E402

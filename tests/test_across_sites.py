@@ -18,7 +18,7 @@ from lungxray.config import DataConfig, Preprocessing, SplitConfig
 from lungxray.data import Dataset, Sample, load_dataset
 from lungxray.decode import equalize_together, normalise_sites
 from lungxray.errors import BundleError, ConfigError, DataError
-from lungxray.evaluate import fit_class_bias
+from lungxray.metrics import fit_class_bias
 from lungxray.splits import make_split, site_folds
 from lungxray.train import FitData, fit, site_balanced_weights
 

@@ -11,7 +11,7 @@ from conftest import synthetic_image
 
 from lungxray.bundle import BundleConfig, BundleError, BundleExtras, save_bundle
 from lungxray.config import Preprocessing
-from lungxray.evaluate import bootstrap_ci, compute_metrics
+from lungxray.metrics import bootstrap_ci, compute_metrics
 from lungxray.models import create_model, get_spec
 from lungxray.predictor import Predictor
 
@@ -139,7 +139,7 @@ def test_figures_sit_beside_what_always_answering_the_majority_scores():
 
 
 def test_proportions_at_zero_and_at_all_get_exact_intervals_that_do_not_collapse():
-    from lungxray.evaluate import proportion_ci
+    from lungxray.metrics import proportion_ci
 
     y = np.array([0] * 18 + [1] * 5)
     probs = np.array([[0.9, 0.1]] * 18 + [[0.8, 0.2]] * 5)  # every a right, every b wrong
@@ -154,7 +154,7 @@ def test_proportions_at_zero_and_at_all_get_exact_intervals_that_do_not_collapse
 
 
 def test_an_auroc_is_called_better_than_chance_only_when_its_interval_clears_one_half():
-    from lungxray.evaluate import against_chance
+    from lungxray.metrics import against_chance
 
     assert against_chance(0.62, [0.51, 0.73]) == "better than chance"
     assert against_chance(0.48, [0.40, 0.56]) == "no better than chance"
@@ -212,7 +212,7 @@ def test_bootstrap_ci_matches_the_binomial_case():
 
 
 def test_vectorised_resample_metrics_equal_sklearn_on_the_data_itself():
-    from lungxray.evaluate import _resampled_metrics
+    from lungxray.metrics import _resampled_metrics
 
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1, 2], 20)
@@ -231,7 +231,7 @@ def test_vectorised_resample_metrics_equal_sklearn_on_the_data_itself():
 
 
 def test_temperature_scaling_lowers_ece_on_an_over_confident_model():
-    from lungxray.evaluate import expected_calibration_error, fit_temperature, softmax
+    from lungxray.metrics import expected_calibration_error, fit_temperature, softmax
 
     rng = np.random.default_rng(0)
     true_logits = rng.normal(0, 1.5, (3000, 3))  # a calibrated model's logits ...
@@ -246,7 +246,7 @@ def test_temperature_scaling_lowers_ece_on_an_over_confident_model():
 
 
 def test_calibration_applies_a_temperature_that_helps_and_refuses_one_that_cannot():
-    from lungxray.evaluate import calibrate, softmax
+    from lungxray.metrics import calibrate, softmax
 
     rng = np.random.default_rng(1)
     true_logits = rng.normal(0, 1.5, (400, 3))
@@ -266,7 +266,7 @@ def test_calibration_applies_a_temperature_that_helps_and_refuses_one_that_canno
 
 
 def test_ece_of_a_hand_computed_case():
-    from lungxray.evaluate import expected_calibration_error
+    from lungxray.metrics import expected_calibration_error
 
     # two images at confidence 0.9 (one right), two at 0.6 (both right): |0.5-0.9|/2 + |1-0.6|/2 = 0.4
     probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
@@ -439,7 +439,7 @@ def test_a_listed_file_larger_than_memory_is_checked_in_chunks(tmp_path, monkeyp
 
 def test_temperature_range_is_the_one_lungxray_fits_in():
     from lungxray.bundle import TEMPERATURE_RANGE
-    from lungxray.evaluate import TEMPERATURE_BOUNDS
+    from lungxray.metrics import TEMPERATURE_BOUNDS
 
     assert TEMPERATURE_RANGE == TEMPERATURE_BOUNDS
 

@@ -698,6 +698,91 @@ def test_predict_json_is_strict_json_with_null_for_a_score_that_is_not_a_number(
     assert result["ood_score"] is None and result["in_distribution"] is False
 
 
+def test_predict_lists_a_non_image_file_in_a_folder_as_skipped_and_succeeds(trained_run, tmp_path, capsys):
+    """A folder given to predict that also holds a manifest: every image is predicted, the manifest
+    is listed as skipped with why, and the exit code is 0; only a folder with nothing predictable fails."""
+    data, out, _ = trained_run
+    folder = tmp_path / "images"
+    shutil.copytree(data / "Normal", folder)
+    (folder / "manifest.csv").write_text("path,label\nimg000.png,Normal\n")
+    assert cli("predict", out / "model", folder) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(list(folder.glob("*.png"))) + 1
+    [skipped] = [line for line in lines if "manifest.csv" in line]
+    assert skipped.startswith(f"{folder / 'manifest.csv'}: skipped, not an image")
+    only_notes = tmp_path / "notes"
+    only_notes.mkdir()
+    (only_notes / "manifest.csv").write_text("path,label\n")
+    assert cli("predict", out / "model", only_notes) == 1
+
+
+def test_cv_refuses_search_options_without_tune(tmp_path, capsys):
+    """`cv --trials 2` without --tune would train with fixed hyperparameters and ignore the search:
+    an error that names the options given and --tune, before any work."""
+    data = write_tree(tmp_path / "data", per_class=4)
+    assert cli("cv", data, "--out", tmp_path / "cv", "--trials 2 --sampler tpe --quiet") == 2
+    error, hint = capsys.readouterr().err.splitlines()
+    assert error.startswith("lungxray cv: error: --trials --sampler only apply with --tune")
+    assert "add --tune" in hint
+    assert not (tmp_path / "cv").exists()
+
+
+def test_a_mistyped_command_or_flag_gets_a_short_error_with_a_suggestion(tmp_path, capsys):
+    """A mistyped command is answered with the command it may mean, a mistyped flag with the flags;
+    either in the error line and a hint, not the command's thirty lines of usage."""
+    with pytest.raises(SystemExit) as info:
+        cli("predcit", tmp_path / "model", tmp_path / "x.png")
+    assert info.value.code == 2
+    error, hint = capsys.readouterr().err.splitlines()
+    assert error == "lungxray: error: no command 'predcit': did you mean predict?"
+    assert hint == "  hint: `lungxray --help` lists what it takes"
+    with pytest.raises(SystemExit) as info:
+        cli("run", tmp_path / "data", "--out", tmp_path / "r", "--trails 4")
+    assert info.value.code == 2
+    error, hint = capsys.readouterr().err.splitlines()
+    assert error.startswith("lungxray run: error: unrecognized arguments: --trails (did you mean --trials")
+    assert hint == "  hint: `lungxray run --help` lists what it takes"
+
+
+def test_a_missing_model_says_it_does_not_exist_and_a_folder_without_a_bundle_says_so(tmp_path, capsys):
+    image = write_tree(tmp_path / "data", per_class=1) / "Normal" / "img000.png"
+    missing = tmp_path / "no-such-model"
+    assert cli("predict", missing, image) == 2
+    error = capsys.readouterr().err.splitlines()[0]
+    assert error == f"lungxray predict: error: {missing} does not exist"
+    assert cli("predict", tmp_path / "data", image) == 2
+    error = capsys.readouterr().err.splitlines()[0]
+    assert error == f"lungxray predict: error: {tmp_path / 'data'} is not a lungxray model bundle (no checksums.json)"
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line(trained_run, capsys):
+    """A port another program listens on: one line naming it and --port, exit code 2, before
+    uvicorn starts (whose own message is a log line and exit code 3)."""
+    import socket
+
+    _, out, _ = trained_run
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli("serve", out / "model", "--port", str(port)) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"lungxray serve: error: port {port} on 127.0.0.1 is in use: pass --port N"
+    ]
+
+
+def test_a_job_that_fails_before_writing_leaves_no_out_folder_it_made(tmp_path, capsys):
+    """run, tune and cv on a data path that does not exist fail without leaving an --out folder that
+    holds only the lock file; an --out folder that was there before stays."""
+    for command in ("run", "tune", "cv"):
+        assert cli(command, tmp_path / "no-data", "--out", tmp_path / command, "--quiet") == 2
+        assert "does not exist" in capsys.readouterr().err
+        assert not (tmp_path / command).exists(), command
+    (tmp_path / "kept").mkdir()
+    assert cli("run", tmp_path / "no-data", "--out", tmp_path / "kept", "--quiet") == 2
+    assert (tmp_path / "kept").is_dir()
+
+
 def test_predict_on_a_folder_without_images_is_an_error_naming_it(trained_run, tmp_path, capsys):
     _, out, _ = trained_run
     empty = tmp_path / "empty"

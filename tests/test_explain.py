@@ -12,10 +12,10 @@ from helpers import figure_size
 from PIL import Image
 
 from lungxray.bundle import save_bundle
-from lungxray.explain import LUNG_FIELD, audit, hide, lung_box, overlay, saliency
 from lungxray.infer import to_tensor
 from lungxray.models import get_spec
 from lungxray.predictor import Predictor
+from lungxray.saliency import LUNG_FIELD, audit, hide, lung_box, overlay, saliency
 from lungxray.train import FitData, fit
 
 SIZE = 32
@@ -102,7 +102,7 @@ def test_explanations_keep_the_films_aspect_with_the_original_beside_and_a_colou
     predictor = _bundle(tmp_path, "cnn", images, np.repeat(np.arange(3), 8), epochs=2)
     wide = np.asarray(Image.fromarray(images[3]).resize((480, 320), Image.Resampling.BILINEAR))
     Image.fromarray(wide).save(tmp_path / "wide.png")
-    from lungxray.explain import explain_files
+    from lungxray.saliency import explain_files
 
     [result] = explain_files(predictor, [tmp_path / "wide.png"], tmp_path / "out")
     figure = np.asarray(Image.open(result["overlay"]))

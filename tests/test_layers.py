@@ -17,8 +17,8 @@ MODULES = {p.stem for p in PACKAGE.glob("*.py")}  # "__init__" is the package it
 LAYERS = [
     {"errors", "version", "options", "config", "runfolder", "progress"},  # settings and the run folder's names
     {"decode", "dicom", "cache", "layout", "manifest", "data", "splits", "confound"},  # reading data
-    {"models", "infer", "ood", "evaluate", "plots", "augment", "_fused_kernel"},  # networks and figures
-    {"bundle", "predictor", "onnx_export", "explain", "serve"},  # serving a saved model
+    {"models", "infer", "ood", "metrics", "plots", "augment", "_fused_kernel"},  # networks and figures
+    {"bundle", "predictor", "onnx_export", "saliency", "serve"},  # serving a saved model
     {"fused", "train", "study", "tune", "workers"},  # learning
     {"evaluation", "report", "report_blocks", "report_data", "report_external", "report_sections", "card", "labels"},
     {"job", "pipeline", "cv", "launch"},  # the stages, wired

@@ -19,9 +19,9 @@ from lungxray.augment import BatchAugment
 from lungxray.bundle import CHECKSUMS, CONFIG, OOD, write_checksums
 from lungxray.config import AugmentConfig, DataConfig, Preprocessing, SplitConfig, TrainConfig
 from lungxray.decode import crop_borders, decode, equalize
-from lungxray.evaluate import compute_metrics
 from lungxray.evaluation import evaluate_split
 from lungxray.job import Job
+from lungxray.metrics import compute_metrics
 from lungxray.ood import fit_ood
 from lungxray.pipeline import prepare, train_stage
 from lungxray.predictor import Predictor

@@ -361,7 +361,7 @@ def test_an_over_limit_body_gets_its_413_whatever_the_client(real):
 
 def test_an_ensemble_bundle_round_trips_through_save_load_predict_onnx_explain_and_serve(real, tmp_path):
     """--members 2: one bundle whose output is the mean of its members' probabilities."""
-    from lungxray.explain import saliency
+    from lungxray.saliency import saliency
 
     _, ds, files, _ = real
     x, y = to_tensor(ds.images), torch.from_numpy(ds.labels)
@@ -451,7 +451,7 @@ def test_explanations_beside_a_stream_of_predictions_are_the_reference(real):
     assert all(r.status_code == 200 for _, r in answers)
     # the race needs an unlucky interleaving; its cause is checkable every time: after an
     # explanation, the model that serves predictions holds no Grad-CAM hook
-    from lungxray.explain import saliency
+    from lungxray.saliency import saliency
 
     predictor = Predictor(bundle, backend="torch")
     saliency(predictor, predictor.decode_files([files[0]])[1])

@@ -58,7 +58,7 @@ class BundleConfig:
     training: dict = field(default_factory=dict)
     """The final training's settings and what came of them (epochs run, the kept epoch, the split)."""
     calibration: dict = field(default_factory=dict)
-    """The temperature fitted on validation (``evaluate.calibrate``) and whether it is applied."""
+    """The temperature fitted on validation (``metrics.calibrate``) and whether it is applied."""
     training_data: dict = field(default_factory=dict)
     """Where the images came from, in words (``--data-sources``)."""
     ood: dict | None = None
@@ -247,7 +247,8 @@ def verify_manifest(folder: Path) -> tuple[dict, dict[str, str]]:
             if is_bundle(inside)
             else "pass the model/ folder written by `lungxray run` or `lungxray train`"
         )
-        raise BundleError(f"{folder} is not a lungxray model bundle (no checksums.json)", hint=hint)
+        what = "is not a lungxray model bundle (no checksums.json)" if folder.exists() else "does not exist"
+        raise BundleError(f"{folder} {what}", hint=hint)
     sums = _read_manifest(folder)
     for name, expected in sums.items():
         path = folder / name
@@ -317,7 +318,7 @@ def validate_config(config: dict, folder: Path) -> None:
     _check_ood_and_temperature(config, bad)
 
 
-# The temperatures lungxray fits (evaluate.TEMPERATURE_BOUNDS, not imported: it would bring
+# The temperatures lungxray fits (metrics.TEMPERATURE_BOUNDS, not imported: it would bring
 # scikit-learn to the serving side), and 1.0, which lies inside.
 TEMPERATURE_RANGE = (0.05, 20.0)
 

@@ -16,9 +16,9 @@ import sys
 import warnings
 
 from lungxray import console
-from lungxray.config import DataConfig, ServeTimeouts
+from lungxray.config import DataConfig, ServeTimeouts, TuneConfig
 from lungxray.errors import ConfigError, LungxrayError
-from lungxray.flags import build_parser, from_args
+from lungxray.flags import build_parser, from_args, given
 
 
 def _job(args: argparse.Namespace):
@@ -138,6 +138,12 @@ def cmd_cv(args) -> int:
     from lungxray import runfolder
     from lungxray.cv import cross_validate
 
+    searched = given(TuneConfig, args)
+    if searched and not getattr(args, "tune", False):  # a search option would be ignored without a search
+        raise ConfigError(
+            f"{' '.join(searched)} only apply with --tune: without it every fold trains with fixed hyperparameters",
+            hint="add --tune to search inside each fold, or leave the search options out",
+        )
     job = _job(args)
     report = cross_validate(job, runfolder.read_params(args.params) if args.params else None)
     console.print_cv(report, job, job.out)
@@ -165,8 +171,8 @@ def cmd_report(args) -> int:
 def cmd_explain(args) -> int:
     from lungxray import runfolder
     from lungxray.decode import image_files
-    from lungxray.explain import explain_files
     from lungxray.predictor import Predictor
+    from lungxray.saliency import explain_files
 
     folders = tuple(p for p in args.images if p.is_dir())  # --out inside one: its overlays would be explained next
     results = explain_files(Predictor(args.model_dir), image_files(args.images), args.out, folders)
@@ -202,7 +208,9 @@ def cmd_predict(args) -> int:
         console.print_json(results)
     else:
         console.print_predictions(results)
-    return 1 if any("error" in r for r in results) else 0
+    # a folder may also hold a manifest or notes: such files are listed as skipped, with why; it is
+    # a failure only when nothing could be predicted
+    return 0 if any("error" not in r for r in results) else 1
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -228,13 +236,22 @@ COMMANDS = {
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    """Parse, and answer a mistyped flag with the flags it may have meant."""
+    """Parse, and answer a mistyped command or flag with what it may have meant."""
     import difflib
 
     parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # name -> the command's own parser
+    # the top level takes only -h and --version, which argparse answers: otherwise the first word is the command
+    words = sys.argv[1:] if argv is None else argv
+    word = words[0] if words and not words[0].startswith("-") else None
+    if word is not None and word not in commands:
+        close = difflib.get_close_matches(word, commands, n=1)
+        parser.error(
+            f"no command {word!r}: " + (f"did you mean {close[0]}?" if close else f"one of {', '.join(commands)}")
+        )
     args, extras = parser.parse_known_args(argv)
     if extras:
-        sub = parser._subparsers._group_actions[0].choices[args.command]  # the command's own parser
+        sub = commands[args.command]
         flags = [s for action in sub._actions for s in action.option_strings]
         hints = []
         for extra in extras:

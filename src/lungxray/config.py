@@ -180,7 +180,7 @@ class SplitConfig:
     """Test on one whole site (a hospital the model never saw), validate on part of the others."""
     val_by: str = option("--val-by", "group", choices=("group", "site"))
     """With sites held out (--test-site, cv --by site): site validates on one whole other site and
-    fits the decision's class offsets there (``evaluate.fit_class_bias``), not on the training mix."""
+    fits the decision's class offsets there (``metrics.fit_class_bias``), not on the training mix."""
 
     def __post_init__(self) -> None:
         check_choices(self)

@@ -17,9 +17,9 @@ import torch
 from lungxray import runfolder
 from lungxray.data import Dataset, load_dataset
 from lungxray.errors import ConfigError, ParamsError
-from lungxray.evaluate import compute_metrics, fit_class_bias
 from lungxray.infer import predict_logits, set_threads
 from lungxray.job import Job
+from lungxray.metrics import compute_metrics, fit_class_bias
 from lungxray.models import get_spec
 from lungxray.pipeline import (
     Clock,

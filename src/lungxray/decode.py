@@ -171,10 +171,23 @@ def decode_with_patient(data: bytes, prep: Preprocessing, name: str = "") -> tup
         image = Image.fromarray(gray)
     else:
         image, patient = _read_with_pillow(data, prep.img_size), None
+    return _as_input(image, prep), patient
+
+
+def preprocess_image(image: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """An image already decoded (a Pillow image in any mode ``decode`` reads) -> (img_size, img_size)
+    uint8, as ``decode`` makes it from the file's bytes: EXIF orientation, grayscale (16-bit and
+    float images stretched from their own range), then ``prep``'s crop, resize and equalisation.
+    A JPEG opened by the caller is decoded at full scale, not at ``decode``'s reduced DCT scale."""
+    return _as_input(_to_gray_uint8(ImageOps.exif_transpose(image)), prep)
+
+
+def _as_input(image: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """An 8-bit grayscale image -> (img_size, img_size) uint8: borders cropped, resized, equalised."""
     if prep.crop_borders:
         image = Image.fromarray(crop_borders(np.asarray(image)))
     image = image.resize((prep.img_size, prep.img_size), Image.Resampling.BILINEAR)
-    return equalize(np.asarray(image, dtype=np.uint8), prep.equalize), patient
+    return equalize(np.asarray(image, dtype=np.uint8), prep.equalize)
 
 
 def display_gray(data: bytes, prep: Preprocessing, name: str = "", long_side: int = 1024) -> np.ndarray:

@@ -3,7 +3,7 @@ dataset given to ``lungxray evaluate`` / ``audit``.
 
 Holds the images a bundle may be scored on (less those it was trained or validated on, recognised
 by content), metrics.json and predictions.json with their plots, the shortcut audit, and the
-external folders of a run. Imports no training code; metrics themselves are ``evaluate.py``'s,
+external folders of a run. Imports no training code; metrics themselves are ``metrics.py``'s,
 figures ``plots.py``'s.
 """
 
@@ -18,7 +18,7 @@ from lungxray import runfolder
 from lungxray.config import DataConfig, Manifest
 from lungxray.data import Dataset, load_dataset
 from lungxray.errors import DataError, MissingInputError
-from lungxray.evaluate import compute_metrics, expected_calibration_error, log_loss_at, ood_summary, softmax
+from lungxray.metrics import compute_metrics, expected_calibration_error, log_loss_at, ood_summary, softmax
 from lungxray.ood import ood_fields
 from lungxray.plots import confusion_figure, coverage_figure, save_figure
 from lungxray.predictor import Predictor
@@ -110,9 +110,9 @@ def labels_for(predictor: Predictor, ds: Dataset, idx: np.ndarray) -> np.ndarray
 
 
 def audit_split(predictor: Predictor, ds: Dataset, idx: np.ndarray, out: Path, extra: dict | None = None) -> dict:
-    """The shortcut audit (``explain.audit``) of samples ``idx``; writes audit.json (with ``extra``
+    """The shortcut audit (``saliency.audit``) of samples ``idx``; writes audit.json (with ``extra``
     added) to ``out``."""
-    from lungxray.explain import audit
+    from lungxray.saliency import audit
 
     report = audit(predictor, ds.images[idx], labels_for(predictor, ds, idx)) | (extra or {})
     runfolder.write_json(out, runfolder.AUDIT, report)
@@ -127,7 +127,7 @@ def evaluate_split(
     out-of-distribution score, its site and a manifest's other columns), the confusion-matrix plot
     and, for a bundle with the score, the coverage plot named ``name``, each once. Returns the
     metrics; their "ood" holds the flagged share and the metrics on the accepted images
-    (``evaluate.ood_summary``)."""
+    (``metrics.ood_summary``)."""
     y = labels_for(predictor, ds, idx)
     logits = predictor.predict_logits(ds.images[idx]).astype(np.float64)
     if predictor.class_bias_ is not None:  # the offsets fitted on a held-out site (--val-by site)

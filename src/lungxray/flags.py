@@ -64,6 +64,12 @@ def from_args(cls, args: argparse.Namespace, **values):
     return build(cls, vars(args) | values)
 
 
+def given(cls, args: argparse.Namespace) -> list[str]:
+    """The flags of dataclass ``cls``'s fields that the command line set (an unset one is not in
+    ``args``: ``add_options`` suppresses its default)."""
+    return [f.metadata["flag"] for f in fields(cls) if f.metadata.get("flag") and f.name in vars(args)]
+
+
 def _data_args(p: argparse.ArgumentParser, img_size: bool = True, sources: bool = False) -> None:
     p.add_argument(
         "data",
@@ -129,8 +135,16 @@ def _port(text: str) -> int:
     return value
 
 
+class Parser(argparse.ArgumentParser):
+    """A parser whose errors are the error and where to look, not the whole usage (a command's
+    usage lists every flag: thirty lines that push the error off the screen)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n  hint: `{self.prog} --help` lists what it takes\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lungxray", description=DESCRIPTION)
+    parser = Parser(prog="lungxray", description=DESCRIPTION)  # its sub-commands' parsers are Parsers too
     parser.add_argument("--version", action="version", version=f"lungxray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -22,10 +22,10 @@ from lungxray.bundle import BundleConfig, BundleExtras, attach_metrics, save_bun
 from lungxray.card import headline, model_card, write_card
 from lungxray.config import Manifest, TuneConfig
 from lungxray.data import Dataset, load_dataset
-from lungxray.evaluate import calibrate, fit_class_bias
 from lungxray.evaluation import audit_split, check_external_classes, evaluate_split, external_names, external_stage
 from lungxray.infer import Images, predict_logits, set_threads
 from lungxray.job import Job
+from lungxray.metrics import calibrate, fit_class_bias
 from lungxray.models import get_spec
 from lungxray.ood import fit_ood
 from lungxray.plots import curves_figure, save_figure

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungxray.evaluate import expected_calibration_error, reliability_bins
+from lungxray.metrics import expected_calibration_error, reliability_bins
 
 
 def _pyplot():
@@ -98,7 +98,7 @@ def curves_figure(history: dict[str, list[float]], best_epoch: int | None = None
 def coverage_figure(summaries: dict[str, dict]):
     """Accuracy on the accepted images against the share accepted, as the out-of-distribution
     threshold moves; the model's threshold marked on each curve. ``summaries``: name ->
-    ``evaluate.ood_summary``."""
+    ``metrics.ood_summary``."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, s in summaries.items():

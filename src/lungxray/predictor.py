@@ -1,5 +1,5 @@
-"""The ``Predictor``: a verified model bundle, loaded to predict class probabilities of image files
-or preprocessed arrays, with their out-of-distribution scores.
+"""The ``Predictor``: a verified model bundle, loaded to predict class probabilities of image files,
+their bytes, Pillow images or arrays, with their out-of-distribution scores.
 
 Loading never unpickles: the weights come from safetensors (or the ONNX graph, run by ONNX
 Runtime), everything else is JSON, and ``bundle.verify_manifest`` checks every file first. The
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from lungxray.bundle import (
@@ -30,8 +31,8 @@ from lungxray.bundle import (
     verify_manifest,
 )
 from lungxray.config import Preprocessing
-from lungxray.decode import decode, equalize_together, read_image_file
-from lungxray.errors import BundleError, UnusableImage
+from lungxray.decode import decode, equalize_together, preprocess_image, read_image_file
+from lungxray.errors import BundleError, MissingInputError, UnusableImage
 from lungxray.infer import predict_logits, to_tensor
 from lungxray.models import create_model
 from lungxray.ood import METHOD, N_STATISTICS, THUMB, OODScore, ood_fields, tensor_problem
@@ -187,9 +188,45 @@ class Predictor:
     def decode(self, data: bytes, name: str = "") -> np.ndarray:
         """An image file's bytes -> (H, W) uint8, preprocessed as the model was trained; ``name``,
         the file's, marks a DICOM file without its preamble (``.dcm``)."""
-        image = decode(data, self.preprocessing_, name)
-        # a site of one image: its own grey levels, as load_dataset maps a whole site's
+        return self._as_site(decode(data, self.preprocessing_, name))
+
+    def _as_site(self, image: np.ndarray) -> np.ndarray:
+        """(H, W) uint8 -> the same, as a site of one image (``site_normalise``: its own grey levels,
+        as load_dataset maps a whole site's)."""
         return equalize_together(image[None])[0] if self.preprocessing_.site_normalise else image
+
+    def preprocess(self, images) -> np.ndarray:
+        """The bytes of an image file, a Pillow image, an (H, W) or (N, H, W) array, or a list of
+        these -> (N, img_size, img_size) uint8, each as a decoded file is for this model (see
+        ``predict``)."""
+        if isinstance(images, (bytes, bytearray, memoryview)):
+            return self.decode(bytes(images))[None]
+        if isinstance(images, Image.Image):
+            return self._as_site(preprocess_image(images, self.preprocessing_))[None]
+        if isinstance(images, np.ndarray):
+            return self._from_array(images)
+        if isinstance(images, (list, tuple)) and images:
+            return np.concatenate([self.preprocess(x) for x in images])
+        raise TypeError(
+            f"predict takes image paths, the bytes of an image file, a Pillow image or a NumPy array, "
+            f"or a list of them; got {type(images).__name__}"
+        )
+
+    def _from_array(self, array: np.ndarray) -> np.ndarray:
+        """(H, W) or (N, H, W) grayscale of any size -> (N, img_size, img_size) uint8 as decoded files."""
+        if array.ndim not in (2, 3) or 0 in array.shape or array.dtype.kind not in "biuf":
+            raise UnusableImage(
+                f"an array of shape {array.shape} and dtype {array.dtype}: predict takes one grayscale image "
+                "(H, W) or a batch (N, H, W) of numbers",
+                hint="pass a colour image as a Pillow image, or convert it to grayscale first",
+            )
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise UnusableImage("the array holds NaN or infinite values; pass finite grey levels")
+        batch = array if array.ndim == 3 else array[None]  # (N, H, W)
+        # uint8 as it is; any other dtype as a 16-bit file: stretched from its own range (mode F)
+        pictures = (Image.fromarray(np.ascontiguousarray(a) if a.dtype == np.uint8 else a.astype(np.float32))
+                    for a in batch)  # fmt: skip
+        return np.stack([self._as_site(preprocess_image(p, self.preprocessing_)) for p in pictures])
 
     def display(self, data: bytes, name: str = "") -> np.ndarray:
         """An image file's bytes -> (H, W) uint8 at its own aspect ratio (at most 1024 px), cropped
@@ -209,25 +246,59 @@ class Predictor:
         }
 
     def predict(self, images) -> list[dict]:
-        """Image files (paths, str or Path, or folders of them) -> one dict per file, as
-        ``predict_files``; a (N, H, W) uint8 array of preprocessed images -> one dict per image,
-        the same but the path: ``{"class", "probabilities", "ood_score", "in_distribution"}``
-        (``predict_arrays`` gives the bare (N, C) probabilities)."""
-        if isinstance(images, np.ndarray):
-            scores = self.ood_scores(images)
-            probs = self.predict_arrays(images)
-            return [self.describe(p, None if scores is None else scores[k]) for k, p in enumerate(probs)]
+        """One dict per image, ``{"class", "probabilities", "ood_score", "in_distribution"}``, with
+        its "path" for a file. ``images``, each decoded and preprocessed as the model was trained:
+
+        - a path (str or Path) of an image file or of a folder of them, or a list of paths;
+        - the bytes of one image file (JPEG, PNG, DICOM, ...);
+        - a Pillow image (any mode a file may have; colour is made grayscale);
+        - a NumPy array of grayscale images at any size: (H, W) one image, (N, H, W) a batch of N
+          (axis 0 the images, then rows, then columns). uint8 is taken as it is; any other dtype
+          (uint16, float) is stretched from its own minimum and maximum, as a 16-bit file is;
+        - a list of bytes, Pillow images or arrays.
+
+        A missing path raises ``MissingInputError``, a file or an array that cannot be used
+        ``UnusableImage`` (both ``LungxrayError``, naming it); ``predict_files`` answers a bad file
+        with ``{"path", "error"}`` instead. ``predict_arrays`` takes images already preprocessed
+        to (N, img_size, img_size) and gives the bare (N, C) probabilities."""
+        if isinstance(images, (str, Path)):
+            return self._predict_paths([Path(images)])
+        if isinstance(images, (list, tuple)) and all(isinstance(p, (str, Path)) for p in images):
+            return self._predict_paths([Path(p) for p in images])
+        return self._answers(self.preprocess(images))
+
+    def _predict_paths(self, paths: list[Path]) -> list[dict]:
+        """``predict`` of files and folders: a missing or unusable file raises."""
         from lungxray.decode import image_files
 
-        return self.predict_files(image_files([images] if isinstance(images, (str, Path)) else list(images)))
+        for path in paths:
+            if not path.exists():
+                raise MissingInputError(f"{path}: no such file or folder", hint="check the path")
+        results, images = self.decode_files(image_files(paths))
+        bad = [r for r in results if "error" in r]
+        if bad:
+            more = f" (and {len(bad) - 1} other file(s))" if len(bad) > 1 else ""
+            raise UnusableImage(
+                f"{bad[0]['path']}: {bad[0]['error']}{more}",
+                hint="leave it out, or call predict_files, which answers each file with its error",
+            )
+        for r, answer in zip(results, self._answers(images), strict=True):
+            r.update(answer)
+        return results
+
+    def _answers(self, images: np.ndarray) -> list[dict]:
+        """(N, H, W) uint8 preprocessed images -> ``describe`` of each."""
+        if not len(images):
+            return []
+        scores = self.ood_scores(images)
+        probs = self.predict_arrays(images)
+        return [self.describe(p, None if scores is None else scores[k]) for k, p in enumerate(probs)]
 
     def predict_files(self, paths: list[Path]) -> list[dict]:
         """One dict per path: ``{"path", "class", "probabilities", "ood_score", "in_distribution"}``
         or ``{"path", "error"}``."""
         results, images = self.decode_files(paths)
-        if len(images):
-            good = [r for r in results if "error" not in r]
-            scores = self.ood_scores(images)
-            for k, (r, probs) in enumerate(zip(good, self.predict_arrays(images), strict=True)):
-                r.update(self.describe(probs, None if scores is None else scores[k]))
+        good = [r for r in results if "error" not in r]
+        for r, answer in zip(good, self._answers(images), strict=True):
+            r.update(answer)
         return results

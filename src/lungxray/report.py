@@ -6,7 +6,7 @@ search, training, test metrics with 95% CIs, confusion matrices, ROC curves, cal
 most confident errors with saliency overlays, the out-of-distribution flag, data from elsewhere,
 and the shortcut audit. This module decides which sections a folder gets and lays out the page;
 the sections' HTML is ``report_sections`` and ``report_external``, the figures ``plots``, the
-gallery's pictures ``explain.error_gallery``. Holds no training code.
+gallery's pictures ``saliency.error_gallery``. Holds no training code.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def _data_and_training(run: RunContents) -> list[str]:
 
 def _test(run: RunContents) -> list[str]:
     """The metrics, confusion matrix, ROC, calibration and error-gallery sections of the scored images."""
-    from lungxray.explain import error_gallery
+    from lungxray.saliency import error_gallery
 
     cv, metrics = run.cv, run.metrics
     sections = [

@@ -4,7 +4,7 @@ metrics with their intervals, the confusion matrix, the ROC curves, calibration,
 model had seen, the gallery of confident errors and the shortcut audit.
 
 Each function turns what the run folder holds (``report_data``) into HTML; the figures come from
-``plots``, the gallery's pictures from ``explain.error_gallery``. External data and the
+``plots``, the gallery's pictures from ``saliency.error_gallery``. External data and the
 out-of-distribution flag are in ``report_external``; the page around the sections in ``report``.
 """
 
@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lungxray.evaluate import ECE_BINS, expected_calibration_error
+from lungxray.metrics import ECE_BINS, expected_calibration_error
 from lungxray.plots import confusion_figure, curves_figure, reliability_figure, roc_figure, search_figure
 from lungxray.report_blocks import figure, img, relative, table
 
 if TYPE_CHECKING:
-    from lungxray.explain import ErrorGallery
+    from lungxray.saliency import ErrorGallery
 
 THUMBNAIL = 192  # side of each gallery picture, in pixels
 
@@ -237,7 +237,7 @@ def calibration(y: np.ndarray, probs: np.ndarray, raw: np.ndarray | None, temper
 
 def gallery(shown: ErrorGallery, model_dir) -> str:
     """The most confident errors laid out as captioned pictures, each the image with the model's
-    saliency overlay (``explain.error_gallery``), or why there are none."""
+    saliency overlay (``saliency.error_gallery``), or why there are none."""
     from pathlib import Path
 
     from PIL import Image

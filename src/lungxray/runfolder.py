@@ -220,13 +220,15 @@ def writer_lock(folder: Path, data: Iterable[Path] = ()) -> Iterator[None]:
     """Hold ``folder`` for this process: a second lungxray writing the same folder is refused while
     this one lives. The kernel's advisory lock (flock) is released when the process ends, however
     it ends, so there is no stale lock to detect; the file keeps the holder's pid for the message.
-    A bundle, or a folder inside ``data``, is refused first (``check_out``)."""
+    A bundle, or a folder inside ``data``, is refused first (``check_out``); a folder this call
+    created is removed again when the work fails before writing anything to it."""
     import fcntl
 
     from lungxray.errors import OutputExistsError
 
     check_out(folder, data)
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     handle = os.open(folder / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
     try:
@@ -240,7 +242,14 @@ def writer_lock(folder: Path, data: Iterable[Path] = ()) -> Iterator[None]:
             ) from None
         os.ftruncate(handle, 0)
         os.pwrite(handle, str(os.getpid()).encode(), 0)
-        yield
+        try:
+            yield
+        except BaseException:
+            # failed before writing anything (a bad data path): leave no folder holding only the lock
+            if created and os.listdir(folder) == [LOCK]:
+                os.unlink(folder / LOCK)
+                folder.rmdir()
+            raise
     finally:
         os.close(handle)  # releases the lock; the file stays (unlinking it would race a waiting writer)
 

@@ -206,10 +206,10 @@ def _decode_and_predict(predictor: Predictor, data: bytes, name: str) -> tuple[n
 
 
 def _overlay_png(predictor: Predictor, data: bytes, lock: threading.Lock, name: str) -> bytes:
-    """The upload as read beside where the model looked (``explain.side_by_side``), as PNG."""
+    """The upload as read beside where the model looked (``saliency.side_by_side``), as PNG."""
     from PIL import Image
 
-    from lungxray.explain import caption, saliency, side_by_side
+    from lungxray.saliency import caption, saliency, side_by_side
 
     image = _decode_upload(predictor, data, name)
     with lock:
@@ -290,7 +290,22 @@ def serve(
 ) -> None:
     """Run the app with uvicorn until interrupted; ``timeouts`` (None: the defaults) bound how long
     a connection may idle or take to send a request."""
+    import errno
+    import socket
+
     import uvicorn
 
+    from lungxray.errors import ConfigError
+
+    # bind once, as uvicorn will, so a port in use is one line here rather than uvicorn's log and exit 3
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # uvicorn's too: TIME_WAIT is not "in use"
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} on {host} is in use: pass --port N") from None
+            raise ConfigError(f"cannot listen on port {port} of {host}: {exc.strerror or exc}",
+                              hint="pass another --host or --port") from None  # fmt: skip
     app = create_app(model_dir, backend, allowed_hosts=allowed_hosts or default_allowed_hosts(host))
     uvicorn.run(app, host=host, port=port, log_level="info", **uvicorn_options(timeouts or ServeTimeouts()))

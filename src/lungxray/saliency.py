@@ -253,7 +253,7 @@ def hide(images: np.ndarray, region: str) -> np.ndarray:
 def audit(predictor: Predictor, images: np.ndarray, y: np.ndarray) -> dict:
     """Accuracy and macro-F1 on the images as they are, with the lungs hidden, and with the borders
     hidden, next to chance; ``verdict`` says in words what they mean."""
-    from lungxray.evaluate import compute_metrics
+    from lungxray.metrics import compute_metrics
 
     views = {}
     for name, batch in (
