@@ -37,6 +37,7 @@ def test_site_balanced_weights_draw_every_site_and_each_of_its_classes_equally()
     assert torch.allclose(share, torch.tensor([0.5, 0.5], dtype=torch.float64), atol=0.02)
 
 
+@pytest.mark.slow  # scans, trains or scores whole folders: the full suite runs it
 def test_site_balanced_training_draws_by_the_weights_and_needs_sites():
     x, y = toy(6)
     sites = torch.tensor([0, 1] * 9)

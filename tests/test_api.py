@@ -180,6 +180,7 @@ def test_predict_raises_naming_a_missing_or_unusable_file(trained_run, tmp_path)
     assert set(predictor.predict_files([missing, broken])[1]) == {"path", "error"}
 
 
+@pytest.mark.slow  # scans, trains or scores whole folders: the full suite runs it
 def test_evaluate_explain_and_audit_write_what_the_cli_writes(trained_run, tmp_path):
     data, out, root = trained_run
     bundle = out / "model"

@@ -495,6 +495,7 @@ def _files(folder) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
+@pytest.mark.slow  # scans, trains or scores whole folders: the full suite runs it
 def test_evaluate_and_explain_refuse_an_out_in_a_bundle_or_in_data_naming_both(tmp_path, capsys):
     """Written into a bundle, files make it refuse to load; written into DATA, plots and overlays
     become images on its next scan. Both refused before anything is written, in one line each."""
@@ -523,6 +524,7 @@ def test_evaluate_and_explain_refuse_an_out_in_a_bundle_or_in_data_naming_both(t
     assert _files(data) == data_before
 
 
+@pytest.mark.slow  # scans, trains or scores whole folders: the full suite runs it
 def test_explain_waits_its_turn_for_a_run_folder_another_process_writes(tmp_path, capsys):
     from conftest import cli, write_tree
 

@@ -616,6 +616,7 @@ def _content_job(data: Path, out: Path, **fields):
     return Job(data, out, "mlp", dataset=dataset, progress=False, **fields)
 
 
+@pytest.mark.slow  # scans, trains or scores whole folders: the full suite runs it
 def test_a_run_folder_made_from_other_images_under_the_same_path_is_refused_or_started_anew(tmp_path):
     """Files deleted, added and moved between classes under the same DATA path: the run folder is
     refused, saying what changed; --force sets the old study aside (a new search starts) and says
@@ -684,6 +685,7 @@ def test_run_force_on_changed_data_searches_anew(tmp_path, capsys):
     assert len(list(out.glob("study.*.db"))) == 1
 
 
+@pytest.mark.slow  # scans, trains or scores whole folders: the full suite runs it
 def test_predict_json_is_strict_json_with_null_for_a_score_that_is_not_a_number(trained_run, capsys, monkeypatch):
     """JSON has no NaN: `predict --json` writes null where a score is not a finite number."""
     data, out, _ = trained_run
@@ -716,6 +718,7 @@ def test_predict_lists_a_non_image_file_in_a_folder_as_skipped_and_succeeds(trai
     assert cli("predict", out / "model", only_notes) == 1
 
 
+@pytest.mark.slow  # scans, trains or scores whole folders: the full suite runs it
 def test_cv_refuses_search_options_without_tune(tmp_path, capsys):
     """`cv --trials 2` without --tune would train with fixed hyperparameters and ignore the search:
     an error that names the options given and --tune, before any work."""
@@ -744,6 +747,7 @@ def test_a_mistyped_command_or_flag_gets_a_short_error_with_a_suggestion(tmp_pat
     assert hint == "  hint: `lungxray run --help` lists what it takes"
 
 
+@pytest.mark.slow  # scans, trains or scores whole folders: the full suite runs it
 def test_a_missing_model_says_it_does_not_exist_and_a_folder_without_a_bundle_says_so(tmp_path, capsys):
     image = write_tree(tmp_path / "data", per_class=1) / "Normal" / "img000.png"
     missing = tmp_path / "no-such-model"
@@ -771,6 +775,7 @@ def test_serve_on_a_port_in_use_says_so_in_one_line(trained_run, capsys):
     ]
 
 
+@pytest.mark.slow  # scans, trains or scores whole folders: the full suite runs it
 def test_a_job_that_fails_before_writing_leaves_no_out_folder_it_made(tmp_path, capsys):
     """run, tune and cv on a data path that does not exist fail without leaving an --out folder that
     holds only the lock file; an --out folder that was there before stays."""
@@ -783,6 +788,7 @@ def test_a_job_that_fails_before_writing_leaves_no_out_folder_it_made(tmp_path, 
     assert (tmp_path / "kept").is_dir()
 
 
+@pytest.mark.slow  # scans, trains or scores whole folders: the full suite runs it
 def test_predict_on_a_folder_without_images_is_an_error_naming_it(trained_run, tmp_path, capsys):
     _, out, _ = trained_run
     empty = tmp_path / "empty"
@@ -831,6 +837,7 @@ def test_class_folders_named_in_other_scripts_train_a_bundle_that_loads(tmp_path
     assert result["class"] in ("норма", "正常") and set(result["probabilities"]) == {"норма", "正常"}
 
 
+@pytest.mark.slow  # scans, trains or scores whole folders: the full suite runs it
 def test_a_log_file_on_a_full_disk_is_said_once_and_the_job_goes_on(tmp_path, capsys, monkeypatch):
     """--log-file whose disk fills up (every write of the file fails with ENOSPC): one warning with
     the path and a hint, no traceback, and the command still does its job."""

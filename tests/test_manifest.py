@@ -382,6 +382,7 @@ def test_the_scan_summary_counts_each_manifest_column_and_spreads_the_numeric_on
     assert json.loads(json.dumps(ds.summary()))["metadata"] == metadata  # as scan.json holds it
 
 
+@pytest.mark.slow  # scans, trains or scores whole folders: the full suite runs it
 def test_scoring_a_manifest_keeps_each_images_columns_in_its_prediction(trained_run, tmp_path):
     _, run, _ = trained_run
     manifest = _with_metadata(tmp_path / "elsewhere", 2, start=80)

@@ -204,6 +204,7 @@ def test_the_preprocessing_agreement_is_the_one_studies_already_record():
     assert _digest(_preprocessing_record(Preprocessing(equalize="clahe"))) != "5571be143afac59b"
 
 
+@pytest.mark.slow  # scans, trains or scores whole folders: the full suite runs it
 def test_a_worker_resumed_after_its_trial_was_failed_drops_the_result_in_one_line(tmp_path, monkeypatch):
     """A worker paused (SIGSTOP) past the heartbeat window finds, when it goes on, that another
     worker failed its trial and queued it again: it says so and runs on, with no Optuna traceback."""

@@ -178,8 +178,10 @@ def warning(result: dict) -> str | None:
 # Side of the thumbnail joined to the properties for Datalab: 64 grey levels, enough to tell two
 # films apart, too few to outweigh the 15 properties (both halves are scaled to one total variance).
 THUMBNAIL = 8
-# Datalab's checks read each image's 10 nearest neighbours; below this many images they say little.
-DATALAB_MIN = 20
+# Datalab's checks read each image's 10 nearest neighbours: below this many images in the scan
+# they say little, and the test suite's small synthetic scans stay quick without them.
+DATALAB_MIN = 50
+STRATUM_MIN = 20  # the fewest images of one class (one site's class) whose order the non-IID test reads
 DATALAB_CHECKS = ("outlier", "near_duplicate", "non_iid")
 # The non-IID p-value below which a note is printed. cleanlab's own is 0.05, but its test (25
 # permutations) put 8-10% of 40 shuffled orders of each class of the shared dataset below 0.05,
@@ -262,7 +264,7 @@ def datalab_audit(ds, x: np.ndarray, seed: int = 0) -> dict:
         "spurious_correlations": spurious_scores(spurious, x, ds.labels),
     }
     for name, idx in strata(ds).items():
-        lone = find_issues(datalab, z[idx], None, ("non_iid",), seed) if len(idx) >= DATALAB_MIN else None
+        lone = find_issues(datalab, z[idx], None, ("non_iid",), seed) if len(idx) >= STRATUM_MIN else None
         result["non_iid"]["within"][name] = float(lone.get_info("non_iid")["p-value"]) if lone else None
     result["notes"] = datalab_notes(result, ds.root)
     return result
