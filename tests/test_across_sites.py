@@ -104,8 +104,14 @@ def test_class_offsets_undo_a_shift_of_the_logits_toward_one_class():
     logits[np.arange(400), y] = rng.normal(1.0, 1.0, 400)  # the true class a little ahead ...
     logits[:, 0] += 2.0  # ... and class 0 pushed up by a prior the held-out site does not share
     bias = fit_class_bias(logits, y)
-    assert bias[0] == 0.0 and bias[2] == 0.0  # the first present class and the absent one stay put
-    assert 1.6 < bias[1] < 2.4
+    assert bias[2] == 0.0 and abs(bias[0] + bias[1]) < 1e-9  # the absent class stays put; the others sum to 0
+    assert 1.6 < bias[1] - bias[0] < 2.4
+    # what the model gives the absent class does not move the others, nor does the classes' order
+    louder = logits.copy()
+    louder[:, 2] += rng.normal(1.0, 0.5, 400)
+    assert np.allclose(fit_class_bias(louder, y), bias, atol=1e-4)
+    swapped = fit_class_bias(logits[:, [1, 0, 2]], 1 - y)
+    assert np.allclose([swapped[1], swapped[0], swapped[2]], bias, atol=1e-4)
     recall = lambda z: [np.mean(z[y == k].argmax(1) == k) for k in (0, 1)]  # noqa: E731
     assert min(recall(logits)) < 0.2 and min(recall(logits + bias)) > 0.7
     assert fit_class_bias(logits[:200], y[:200]) is None  # one class: nothing to fit

@@ -204,9 +204,11 @@ def cross_validated_log_loss(logits: np.ndarray, y_true: np.ndarray, folds: int 
 def fit_class_bias(logits: np.ndarray, y_true: np.ndarray) -> list[float] | None:
     """Per-class offsets b added to the logits so that the class-balanced log-loss on ``logits``
     (N, C) is lowest: a prior correction, fitted on images of a site the model did not train on
-    (``--val-by site``) rather than taken from the training mix. Classes absent from ``y_true``
-    keep offset 0 (nothing to fit them on), as does the first present one (offsets only shift
-    classes against each other); a small ridge keeps them finite. None with fewer than 2 classes."""
+    (``--val-by site``) rather than taken from the training mix. Only the classes present in
+    ``y_true`` take part (the loss reads their columns alone, so what the model gives an absent
+    class never shifts them); their offsets sum to 0, so the order of the classes does not matter
+    and an absent class keeps its place against them, with offset 0. A small ridge keeps them
+    finite. None with fewer than 2 classes."""
     from scipy.optimize import minimize
     from scipy.special import logsumexp
 
@@ -214,16 +216,19 @@ def fit_class_bias(logits: np.ndarray, y_true: np.ndarray) -> list[float] | None
     present = np.unique(y_true)
     if len(present) < 2:
         return None
-    free, weight = present[1:], 1.0 / (len(present) * np.bincount(y_true)[y_true])  # each class weighs alike
+    z0 = logits[:, present]
+    y = np.searchsorted(present, y_true)  # each label's column among the present classes
+    weight = 1.0 / (len(present) * np.bincount(y)[y])  # each class weighs alike
 
-    def loss(b_free: np.ndarray) -> float:
-        z = logits.copy()
-        z[:, free] += b_free
-        return float(np.sum(weight * (logsumexp(z, axis=1) - z[np.arange(len(z)), y_true])) + 1e-3 * b_free @ b_free)
+    def loss(v: np.ndarray) -> float:
+        b = v - v.mean()
+        z = z0 + b
+        return float(np.sum(weight * (logsumexp(z, axis=1) - z[np.arange(len(z)), y])) + 1e-3 * b @ b)
 
+    v = minimize(loss, np.zeros(len(present)), method="L-BFGS-B").x
     bias = np.zeros(logits.shape[1])
-    bias[free] = minimize(loss, np.zeros(len(free)), method="L-BFGS-B").x
-    return [float(v) for v in bias]
+    bias[present] = v - v.mean()
+    return [float(x) for x in bias]
 
 
 def _calibration_verdict(temperature: float, losses: dict[str, float], errors: int) -> str | None:
