@@ -176,6 +176,8 @@ def test_predict_raises_naming_a_missing_or_unusable_file(trained_run, tmp_path)
         predictor.predict([str(broken)])
     with pytest.raises(UnusableImage, match="shape \\(2, 3, 4, 5\\)"):
         predictor.predict(np.zeros((2, 3, 4, 5), dtype=np.uint8))
+    with pytest.raises(UnusableImage, match="shape \\(64, 48, 3\\)"):  # a colour array, not 64 images
+        predictor.predict(np.zeros((64, 48, 3), dtype=np.uint8))
     assert issubclass(MissingInputError, LungxrayError) and issubclass(UnusableImage, LungxrayError)
     assert set(predictor.predict_files([missing, broken])[1]) == {"path", "error"}
 

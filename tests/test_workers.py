@@ -259,6 +259,12 @@ def test_a_storage_urls_password_is_masked_wherever_the_url_is_shown():
     with pytest.raises(StudyError, match="is not a database URL") as refused:
         check_storage(f"postgresql+psycopg://lungxray:{SECRET}@db.example:noport/studies")
     assert SECRET not in str(refused.value)
+    # a password holding an unescaped '@': hidden whole, and refused before any driver quotes a piece of it
+    at = f"postgresql+psycopg://lungxray:{SECRET}@x@db.example/studies"
+    assert shown_url(at) == "postgresql+psycopg://lungxray:***@db.example/studies"
+    with pytest.raises(StudyError, match="more than one '@'") as refused:
+        check_storage(at)
+    assert SECRET not in str(refused.value) and "@x" not in str(refused.value)
 
 
 @pytest.mark.slow

@@ -208,8 +208,13 @@ def embedding(x: np.ndarray, images: np.ndarray) -> np.ndarray:
     carry the same total variance; constant columns stay 0."""
     side = min(THUMBNAIL, *images.shape[1:])
     n, h, w = images.shape
-    crop = images[:, : h - h % side, : w - w % side].astype(np.float64)
-    thumbs = crop.reshape(n, side, crop.shape[1] // side, side, crop.shape[2] // side).mean(axis=(2, 4))
+    hh, ww = h - h % side, w - w % side
+    thumbs = np.concatenate(  # a chunk at a time: a float64 copy of a large stack would not fit in memory
+        [
+            images[i : i + 4096, :hh, :ww].reshape(-1, side, hh // side, side, ww // side).mean(axis=(2, 4))
+            for i in range(0, n, 4096)
+        ]
+    )
     scale = lambda a: (a - a.mean(axis=0)) / np.where(a.std(axis=0) > 0, a.std(axis=0), 1.0)  # noqa: E731
     return np.hstack([scale(x), scale(thumbs.reshape(n, -1)) * np.sqrt(x.shape[1] / side**2)])
 

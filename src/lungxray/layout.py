@@ -269,10 +269,13 @@ def _join_shared(rows: list[tuple[int, Path, str]], file: Path) -> dict[Path, st
             if find(group) != find(lines[0][1]):
                 joined[find(group)] = find(lines[0][1])
     if shared:
-        listed = "; ".join(
-            f"{path} in " + ", ".join(f"row {line} ({group})" for line, group in lines)
-            for path, lines in list(shared.items())[:10]
-        ) + (f"; and {len(shared) - 10} more" if len(shared) > 10 else "")
+        listed = (
+            "; ".join(
+                f"{path} in rows " + ", ".join(str(line) for line, _ in lines)  # rows, not the groups: patient IDs
+                for path, lines in list(shared.items())[:10]
+            )
+            + (f"; and {len(shared) - 10} more" if len(shared) > 10 else "")
+        )
         warnings.warn(
             f"--groups {file} lists {len(shared)} image(s) in two or more groups: {listed}; "
             "the groups that share an image are kept together as one",

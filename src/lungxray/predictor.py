@@ -214,7 +214,8 @@ class Predictor:
 
     def _from_array(self, array: np.ndarray) -> np.ndarray:
         """(H, W) or (N, H, W) grayscale of any size -> (N, img_size, img_size) uint8 as decoded files."""
-        if array.ndim not in (2, 3) or 0 in array.shape or array.dtype.kind not in "biuf":
+        colour = array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[0] > 4  # (H, W, RGB[A])
+        if array.ndim not in (2, 3) or colour or 0 in array.shape or array.dtype.kind not in "biuf":
             raise UnusableImage(
                 f"an array of shape {array.shape} and dtype {array.dtype}: predict takes one grayscale image "
                 "(H, W) or a batch (N, H, W) of numbers",

@@ -146,20 +146,13 @@ def study_storage(folder: Path, storage: str | None) -> str:
 def shown_url(url: str) -> str:
     """A storage URL as it may be printed or written to a file: its password, in the user part or
     in the query (``?password=``), shown as ``***``. Connect with the URL itself, never this.
-    Text SQLAlchemy cannot parse keeps no ``user:secret@`` either."""
+    Masked as text, up to the last ``@`` before the path: a password holding an unescaped ``@``
+    (which SQLAlchemy's parser would cut at the first one) is hidden whole. Written by hand because
+    SQLAlchemy's ``render_as_string(hide_password=True)`` shows what its parser took for the host."""
     import re
 
-    if "@" not in url and "password" not in url.lower():  # the run folder's SQLite file: nothing to hide
-        return url
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):  # not a URL, or a port that is not a number
-        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", re.sub(r"(?i)(password=)[^&]*", r"\1***", url))
-    secret = {k: "***" for k in parsed.query if "password" in k.lower()}
-    return (parsed.update_query_dict(secret) if secret else parsed).render_as_string(hide_password=True)
+    masked = re.sub(r"(?i)([?&][^=&]*password=)[^&]*", r"\1***", url)
+    return re.sub(r"^([^:/]+://[^/:@]*:)[^/]*@", r"\1***@", masked)
 
 
 def read_params(path: Path) -> dict:

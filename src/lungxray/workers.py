@@ -89,6 +89,9 @@ def check_storage(url: str) -> None:
     import sqlalchemy
 
     shown = shown_url(url)
+    if url.split("/", 3)[2:3] and url.split("/", 3)[2].count("@") > 1:  # the driver's error would quote a piece
+        raise StudyError(f"--storage {shown!r}: its user part holds more than one '@'",
+                         hint="write an '@' inside the password as %40")  # fmt: skip
     try:
         sqlalchemy.engine.make_url(url)
     except (sqlalchemy.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
@@ -204,14 +207,14 @@ def _run_worker(study: optuna.Study, setup: TrialSetup, tune_cfg: TuneConfig, sa
             time.sleep(min(tune_cfg.heartbeat, 2))
             continue
         trial = study.ask()
-        if sum(_counts(study)) > tune_cfg.trials and trial.number == max(
-            t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        ):  # two workers asked for the last trial at once: the later one stands down
-            trial.set_user_attr("surplus", True)
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            continue
         try:
-            trial.set_user_attr("worker", me)
+            trial.set_user_attr("worker", me)  # at once: a trial naming no worker is taken for a dead one's
+            if sum(_counts(study)) > tune_cfg.trials and trial.number == max(
+                t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            ):  # two workers asked for the last trial at once: the later one stands down
+                trial.set_user_attr("surplus", True)
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                continue
             done += _run_and_tell(study, trial, space, setup, tune_cfg.heartbeat, say)
         except optuna.exceptions.UpdateFinishedTrialError:
             # Paused (SIGSTOP, swapped out) past the heartbeat window: another worker found the
