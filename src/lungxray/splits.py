@@ -28,7 +28,7 @@ class Split:
     seed: int
     test_duplicates_of_train: int = 0  # test images left in although a copy is in train/val
     site: str | None = None  # the held-out site (--test-site, cv --by site)
-    left_out: int = 0  # images of other sites left out of training: a copy or their patient is at the held-out site
+    left_out: int = 0  # other sites' images left out of training: a copy or their patient is at the test (or val) site
     val_site: str | None = None  # --val-by site: the whole site that validates
 
     def sizes(self) -> dict[str, int]:
