@@ -70,8 +70,12 @@ def synthetic_image(label: int, index: int, size: int = 32) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def write_tree(root: Path, per_class: int = 12, fmt: str = "png", start: int = 0) -> Path:
-    for label, name in enumerate(CLASSES):
+def write_tree(
+    root: Path, per_class: int = 12, fmt: str = "png", start: int = 0, classes: dict[int, str] | None = None
+) -> Path:
+    """Class folders of synthetic films under ``root``: ``classes`` maps the films' class (their
+    band) to a folder name (default: every class of CLASSES)."""
+    for label, name in (classes or dict(enumerate(CLASSES))).items():
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(start, start + per_class):

@@ -820,20 +820,13 @@ def test_the_cache_lives_in_a_lungxray_folder_under_lungxray_cache_as_the_help_s
 def test_class_folders_named_in_other_scripts_train_a_bundle_that_loads(tmp_path, capsys):
     """Class folders named in Cyrillic and Chinese are two classes under those names: a trained
     bundle keeps them, loads, and predicts one of them."""
-    from conftest import synthetic_image
-    from PIL import Image
-
-    data = tmp_path / "data"
-    for label, name in enumerate(("Норма", "正常")):
-        (data / name).mkdir(parents=True)
-        for i in range(12):
-            Image.fromarray(synthetic_image(label, i)).save(data / name / f"{i}.png")
+    data = write_tree(tmp_path / "data", classes={0: "Норма", 1: "正常"})
     out = tmp_path / "run"
     flags = "--params defaults --model mlp --img-size 16 --epochs 1 --seed 1 --quiet --cache-dir"
     assert cli("train", data, "--out", out, flags, tmp_path / "cache") == 0
     predictor = Predictor(out / "model")
     assert predictor.classes_ == ["норма", "正常"]
-    [result] = predictor.predict(data / "正常" / "0.png")
+    [result] = predictor.predict(data / "正常" / "img000.png")
     assert result["class"] in ("норма", "正常") and set(result["probabilities"]) == {"норма", "正常"}
 
 

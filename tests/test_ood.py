@@ -291,11 +291,7 @@ def test_decode_repeats_the_options_for_any_file(tmp_path):
 
 def test_evaluate_on_other_data_sets_it_against_the_models_own_test(trained_run, tmp_path):
     _, run, root = trained_run
-    other = tmp_path / "other"
-    for label, name in ((0, "Covid"), (2, "Viral Pneumonia")):
-        (other / name).mkdir(parents=True)
-        for i in range(5):
-            Image.fromarray(synthetic_image(label, 500 + i)).save(other / name / f"{i}.png")
+    other = write_tree(tmp_path / "other", per_class=5, start=500, classes={0: "Covid", 2: "Viral Pneumonia"})
     out = tmp_path / "eval"
     assert cli("evaluate", run / "model", other, "--out", out, "--cache-dir", root / "cache", "--quiet") == 0
     report = (out / "report.html").read_text().replace("&#x27;", "'")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CHROMIUM, CHROMIUM_FLAGS, browser_or_skip, cli, png_bomb, settings, synthetic_image, write_tree
+from conftest import CHROMIUM, CHROMIUM_FLAGS, browser_or_skip, cli, png_bomb, settings, write_tree
 from fastapi.testclient import TestClient
 from helpers import figure_size
 from PIL import Image
@@ -548,11 +548,7 @@ def test_model_leads_with_the_test_figures_against_chance(trained_run):
 @pytest.mark.slow  # a whole run on two sites with an external set
 def test_model_leads_with_the_worst_site_and_each_external_set_against_chance(tmp_path):
     sites = [write_tree(tmp_path / "north", per_class=8), write_tree(tmp_path / "south", per_class=8, start=40)]
-    elsewhere = tmp_path / "elsewhere"
-    for label, name in ((0, "covid"), (1, "normal")):
-        (elsewhere / name).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(synthetic_image(label, 300 + i)).save(elsewhere / name / f"{i}.png")
+    elsewhere = write_tree(tmp_path / "elsewhere", per_class=6, start=300, classes={0: "covid", 1: "normal"})
     out = tmp_path / "run"
     flags = "--trials 1 --epochs 2 --quiet --model mlp --seed 3 --img-size 16 --cache-dir"
     assert cli("run", *sites, "--out", out, "--external", elsewhere, flags, tmp_path / "cache") == 0

@@ -99,15 +99,17 @@ def test_two_workers_on_postgres_survive_one_killed_mid_trial(postgres, tmp_path
     assert len(optuna.load_study(study_name="shared", storage=url).trials) == len(trials)  # it ran nothing
 
 
+def _tune_parallel(data: Path, out: Path, cache: Path, flags: str) -> list[str]:
+    """`lungxray tune` of the MLP on 16-px films with two worker processes, and ``flags``."""
+    return [sys.executable, "-m", "lungxray.cli", "tune", str(data), "--out", str(out), "--model", "mlp",
+            "--img-size", "16", "--parallel", "2", "--cache-dir", str(cache), *flags.split()]  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.processes
 def test_tune_parallel_shares_the_run_folders_sqlite_study(tmp_path):
     data, out = write_tree(tmp_path / "data", per_class=10), tmp_path / "run"
-    tuned = _start(
-        [sys.executable, "-m", "lungxray.cli", "tune", str(data), "--out", str(out), "--model", "mlp",
-         "--img-size", "16", "--epochs", "20", "--trials", "5", "--parallel", "2", "--cache-dir",
-         str(tmp_path / "cache"), "--quiet"]
-    )  # fmt: skip
+    tuned = _start(_tune_parallel(data, out, tmp_path / "cache", "--epochs 20 --trials 5 --quiet"))
     try:
         _, err = tuned.communicate(timeout=600)
     finally:
@@ -141,11 +143,7 @@ def _kill_a_running_worker(proc: subprocess.Popen, db: Path, timeout: float = 24
 @pytest.mark.processes
 def test_tune_parallel_replaces_a_killed_worker_and_retries_its_trial(tmp_path):
     data, out = write_tree(tmp_path / "data", per_class=10), tmp_path / "run"
-    tuned = _start(
-        [sys.executable, "-m", "lungxray.cli", "tune", str(data), "--out", str(out), "--model", "mlp",
-         "--img-size", "16", "--epochs", "100", "--trials", "3", "--parallel", "2", "--pruner", "none",
-         "--cache-dir", str(tmp_path / "cache")]
-    )  # fmt: skip
+    tuned = _start(_tune_parallel(data, out, tmp_path / "cache", "--epochs 100 --trials 3 --pruner none"))
     try:
         killed, params = _kill_a_running_worker(tuned, out / "study.db")
         _, err = tuned.communicate(timeout=400)
