@@ -16,6 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 from conftest import write_tree
 
 # Warnings of Optuna's that the worker path must not show (lungxray filters those of its own calls)
@@ -129,8 +130,11 @@ def _kill_a_running_worker(proc: subprocess.Popen, db: Path, timeout: float = 24
     out-of-memory killer would); returns (its trial's number, its parameters)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        with contextlib.suppress(KeyError, optuna.exceptions.OptunaError):  # the study is not made yet
-            study = optuna.load_study(study_name="lungxray", storage=f"sqlite:///{db}") if db.exists() else None
+        # The study is not made yet, or its tables are being made: only the tuner makes them (a
+        # second creator racing it would fail on the schema version's unique key).
+        with contextlib.suppress(KeyError, optuna.exceptions.OptunaError, sqlalchemy.exc.SQLAlchemyError):
+            storage = optuna.storages.RDBStorage(f"sqlite:///{db}", skip_table_creation=True) if db.exists() else None
+            study = optuna.load_study(study_name="lungxray", storage=storage) if storage else None
             for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)) if study else ():
                 if "worker" in t.user_attrs and t.params:  # training: its parameters drawn
                     os.kill(int(t.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
