@@ -196,7 +196,9 @@ def test_run_with_every_option_stores_them_and_predicts_with_the_offsets(tmp_pat
     scored = json.loads((tmp_path / "eval" / "predictions.json").read_text())["images"]
     ds = load_dataset(other, DataConfig(Preprocessing(img_size=16, site_normalise=True), cache_dir=tmp_path / "cache"))
     row = next(i for i, s in enumerate(ds.samples) if str(s.path) == scored[0]["path"])
-    assert np.allclose(scored[0]["uncalibrated"], predictor.predict_arrays(ds.images[row][None], calibrated=False)[0])
+    assert np.allclose(
+        list(scored[0]["uncalibrated"].values()), predictor.predict_arrays(ds.images[row][None], calibrated=False)[0]
+    )
 
 
 def decoded_plain(path: Path) -> np.ndarray:

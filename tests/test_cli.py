@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import check_metrics_schema, cli, write_tree
 
+import lungxray
 from lungxray.cli import main
 from lungxray.predictor import Predictor
 
@@ -144,6 +147,49 @@ def test_predict_json(trained_run, capsys):
     for r in results:
         assert r["class"] in r["probabilities"]
         assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_predict_csv_is_a_table_of_the_json_answers_and_never_replaces_a_file(trained_run, tmp_path, capsys):
+    import csv
+
+    data, out, _ = trained_run
+    images = [*sorted((data / "Normal").glob("*.png"))[:2], tmp_path / "notes.txt"]
+    images[-1].write_text("not an image")
+    assert main(["predict", str(out / "model"), *map(str, images), "--json"]) == 0
+    answers = json.loads(capsys.readouterr().out)
+    table = tmp_path / "predictions.csv"
+    assert main(["predict", str(out / "model"), *map(str, images), "--csv", str(table)]) == 0
+    assert capsys.readouterr().out == f"written: {table}\n"
+    rows = list(csv.DictReader(table.open()))
+    classes = ["covid", "normal", "viral_pneumonia"]
+    assert list(rows[0]) == ["path", "class", *(f"p_{c}" for c in classes), "ood_score", "in_distribution", "error"]
+    for row, answer in zip(rows[:2], answers[:2], strict=True):
+        assert row["path"] == answer["path"] and row["class"] == answer["class"] and row["error"] == ""
+        assert [float(row[f"p_{c}"]) for c in classes] == [answer["probabilities"][c] for c in classes]
+    assert rows[2]["path"] == str(images[-1]) and rows[2]["class"] == "" and rows[2]["error"] == answers[2]["error"]
+    before = table.read_bytes()
+    assert main(["predict", str(out / "model"), *map(str, images[:1]), "--csv", str(table)]) == 2
+    assert "already exists" in capsys.readouterr().err and table.read_bytes() == before  # nothing lost
+    assert main(["predict", str(out / "model"), *map(str, images[:1]), "--csv", "-"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith(f"{images[0]},{answers[0]['class']},")
+
+
+def test_evaluate_writes_one_probability_shape_and_csv_on_request(trained_run, tmp_path):
+    import csv
+
+    _, out, root = trained_run
+    other = write_tree(tmp_path / "other", per_class=2, start=60)
+    ev = tmp_path / "ev"
+    assert cli("evaluate", out / "model", other, "--out", ev, "--cache-dir", root / "cache", "--quiet", "--csv") == 0
+    predictions = json.loads((ev / "predictions.json").read_text())
+    answers = Predictor(out / "model").predict_files([Path(i["path"]) for i in predictions["images"]])
+    for image, answer in zip(predictions["images"], answers, strict=True):  # the shape predict and serve give
+        assert list(image["probabilities"]) == predictions["classes"] and image["class"] == answer["class"]
+        assert image["probabilities"] == pytest.approx(answer["probabilities"], abs=1e-5)
+    rows = list(csv.DictReader((ev / "predictions.csv").open()))
+    assert [r["path"] for r in rows] == [i["path"] for i in predictions["images"]]
+    assert [r["label"] for r in rows] == [i["label"] for i in predictions["images"]]
+    assert float(rows[0]["p_covid"]) == predictions["images"][0]["probabilities"]["covid"]
 
 
 def test_train_from_best_params(trained_run, tmp_path):
@@ -333,7 +379,7 @@ def test_cv_writes_per_fold_and_pooled_metrics_with_intervals(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cv_can_tune_inside_each_fold(tmp_path):
+def test_cv_can_tune_inside_each_fold(tmp_path, capsys):
     data = write_tree(tmp_path / "data", per_class=10)
     out = tmp_path / "cv"
     code = cli(
@@ -343,9 +389,17 @@ def test_cv_can_tune_inside_each_fold(tmp_path):
         tmp_path / "cache",
         "--out",
         out,
-        "--quiet",
     )
     assert code == 0
+    # captured, standard error is no terminal: plain lines with a heading per stage and per fold
+    lines = [line.split(" ", 1)[1] for line in capsys.readouterr().err.splitlines()]
+    headings = [line for line in lines if line.startswith("== ")]
+    assert headings[0] == f"== scanning {data}" and headings[-1] == "== writing the report"
+    assert headings[1] == "== cross-validating: 2 folds of mlp, tuned inside each fold"
+    folds = [h for h in headings if h.startswith("== fold ")]
+    assert [f.split(":")[0] for f in folds] == ["== fold 1/2", "== fold 2/2"]
+    assert all(re.fullmatch(r"== fold \d/2: train / val / test \d+ / \d+ / \d+ images", f) for f in folds)
+    assert sum(line.startswith("fold 2/2: test accuracy ") for line in lines) == 1
     report = json.loads((out / "cv.json").read_text())
     assert report["tuned_in_each_fold"] and (out / "study.db").is_file()
     import optuna
@@ -603,9 +657,26 @@ def test_run_piped_to_a_file_reads_as_plain_lines_and_the_log_file_holds_the_sam
     epochs = [line for line in lines if " epoch " in line and "/3: loss " in line]
     assert len(epochs) == 3
     assert len(lines) < 40  # a line per event, not per batch or per image
-    logged = [line.split(" ", 1)[1] for line in log.read_text().splitlines()]
+    header, *rest = log.read_text().splitlines()
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ==== lungxray run .+ --log-file \S+ \(lungxray [\w.]+, pid \d+\)", header
+    )
+    logged = [line.split(" ", 2)[2] for line in rest]  # after the date and the time
     shown = [line.split(" ", 1)[1] for line in lines] + out.read_text().splitlines()
     assert logged == shown and any("test accuracy" in line for line in logged)
+
+
+def test_runs_appended_to_one_log_file_each_start_with_a_dated_header(tmp_path, capsys):
+    data, log = write_tree(tmp_path / "data", per_class=2), tmp_path / "run.log"
+    for extra in ([], ["--json"]):
+        assert cli("scan", data, "--cache-dir", tmp_path / "cache", "--log-file", log, *extra) == 0
+    lines = log.read_text().splitlines()
+    headers = [line for line in lines if " ==== " in line]
+    assert len(headers) == 2 and lines[0] == headers[0]
+    assert headers[0].endswith(f"==== lungxray scan {data} --cache-dir {tmp_path / 'cache'} --log-file {log} "
+                               f"(lungxray {lungxray.__version__}, pid {os.getpid()})")  # fmt: skip
+    assert " --json (lungxray " in headers[1]
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line) for line in lines)  # dated, not just timed
 
 
 def _content_job(data: Path, out: Path, **fields):

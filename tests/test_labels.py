@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli, synthetic_image
+from conftest import CHROMIUM, CHROMIUM_FLAGS, browser_or_skip, cli, synthetic_image
 from PIL import Image
 
-from lungxray.labels import find_label_issues
+from lungxray.labels import find_label_issues, write_label_issues
 
 
 def _noisy_probs(n_per_class: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -44,20 +45,27 @@ def test_a_clean_confident_set_has_no_issues():
     assert len(find_label_issues(labels, probs).index) == 0
 
 
-def test_labels_command_writes_the_csv_and_a_self_contained_page(tmp_path, capsys):
+def _cv_folder(tmp_path: Path, planted_name: str = "2.png") -> Path:
+    """tmp_path/cv with a cv.json of twelve films in tmp_path/data, the covid film saved as
+    ``planted_name`` confidently called viral pneumonia."""
     labels, probs = _noisy_probs(n_per_class=4)
     probs[5] = [0.05, 0.9, 0.05]  # labelled 1 already -> fine; plant on index 2 (label 0)
     probs[2] = [0.01, 0.01, 0.98]
     classes = ["covid", "normal", "viral_pneumonia"]
     images = []
     for k, (label, p) in enumerate(zip(labels, probs, strict=True)):
-        path = tmp_path / "data" / classes[label] / f"{k}.png"
+        path = tmp_path / "data" / classes[label] / (planted_name if k == 2 else f"{k}.png")
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(synthetic_image(int(label), k)).save(path)
         images.append({"path": str(path), "label": classes[label], "fold": 1,
                        "probabilities": dict(zip(classes, map(float, p), strict=True))})  # fmt: skip
     (tmp_path / "cv").mkdir()
     (tmp_path / "cv" / "cv.json").write_text(json.dumps({"out_of_fold": images}))
+    return tmp_path / "cv"
+
+
+def test_labels_command_writes_the_csv_and_a_self_contained_page(tmp_path, capsys):
+    _cv_folder(tmp_path)
     assert cli("labels", tmp_path / "cv", "--top 1") == 0
     assert "nothing is relabelled" in capsys.readouterr().out
     rows = list(csv.DictReader((tmp_path / "cv" / "label_issues.csv").read_text().splitlines()))
@@ -81,6 +89,52 @@ def test_labels_command_writes_the_csv_and_a_self_contained_page(tmp_path, capsy
     assert scan["n_images"] == 11 and scan["excluded"] == [str(tmp_path / "data" / "covid" / "2.png")]
     page = (tmp_path / "cv" / "label_issues.html").read_text()
     assert page.count("<figure>") == 1 and "data:image/png;base64," in page and "http" not in page
+    assert "given <strong>covid</strong> (0.010), suggested <strong>viral_pneumonia</strong> (0.980)" in page
+
+
+LONG_NAME = "scan_" + "0123456789" * 19 + ".png"  # 200 characters, no space to wrap at
+
+
+def test_the_label_page_wraps_text_between_words_and_only_paths_anywhere(tmp_path):
+    _, page, _ = write_label_issues([_cv_folder(tmp_path, LONG_NAME)], tmp_path / "cv", top=3)
+    text = page.read_text()
+    assert "break-all" not in text and "word-break" not in text  # no rule breaks ordinary words
+    assert ".path{overflow-wrap:anywhere}" in text and f'<span class="path">covid/{LONG_NAME}</span>' in text
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("width", [390, 1366])
+def test_the_label_page_in_chromium_splits_no_word_and_fits_the_window(tmp_path, width):
+    """Every word of the cards' text sits on one line; the 200-character path wraps inside its card."""
+    _, page, _ = write_label_issues([_cv_folder(tmp_path, LONG_NAME)], tmp_path / "cv", top=3)
+    sync_playwright = browser_or_skip()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        tab = browser.new_page(viewport={"width": width, "height": 900})
+        tab.goto(page.resolve().as_uri())
+        found = tab.evaluate("""() => {
+            const split = [];  // words outside a path whose letters lie on two lines
+            for (const caption of document.querySelectorAll('figcaption')) {
+                const walk = document.createTreeWalker(caption, NodeFilter.SHOW_TEXT);
+                for (let node = walk.nextNode(); node; node = walk.nextNode()) {
+                    if (node.parentElement.closest('.path')) continue;
+                    for (const m of node.textContent.matchAll(/\\S+/g)) {
+                        const range = document.createRange();
+                        range.setStart(node, m.index);
+                        range.setEnd(node, m.index + m[0].length);
+                        const tops = new Set(Array.from(range.getClientRects()).map(r => Math.round(r.top)));
+                        if (tops.size > 1) split.push(m[0]);
+                    }
+                }
+            }
+            const path = document.querySelector('figcaption .path');
+            return {split, cards: document.querySelectorAll('figcaption').length,
+                    path_lines: new Set(Array.from(path.getClientRects()).map(r => Math.round(r.top))).size,
+                    scroll_width: document.documentElement.scrollWidth};
+        }""")
+        browser.close()
+    assert found["cards"] == 3 and found["split"] == []
+    assert found["path_lines"] > 1 and found["scroll_width"] <= width  # the long path wraps, inside the window
 
 
 @pytest.mark.parametrize(

@@ -18,10 +18,10 @@ LAYERS = [
     {"errors", "version", "options", "config", "runfolder", "progress"},  # settings and the run folder's names
     {"decode", "dicom", "cache", "layout", "manifest", "data", "splits", "confound"},  # reading data
     {"models", "infer", "ood", "metrics", "plots", "augment", "_fused_kernel"},  # networks and figures
-    {"bundle", "predictor", "onnx_export", "saliency", "serve"},  # serving a saved model
+    {"bundle", "predictor", "onnx_export", "saliency", "serve", "serve_schema"},  # serving a saved model
     {"fused", "train", "study", "tune", "workers"},  # learning
     {"evaluation", "report", "report_blocks", "report_data", "report_external", "report_sections", "card", "labels"},
-    {"job", "pipeline", "cv", "launch"},  # the stages, wired
+    {"job", "pipeline", "cv", "launch", "compare", "tracking"},  # the stages, wired; their folders compared, logged
     {"flags", "console", "cli", "__init__"},  # what users call
 ]
 SERVING = LAYERS[3]

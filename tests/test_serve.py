@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import socket
@@ -25,8 +26,10 @@ from lungxray.models import get_spec
 from lungxray.onnx_export import export_onnx
 from lungxray.ood import fit_ood
 from lungxray.predictor import Predictor
+from lungxray.saliency import PANEL
 from lungxray.serve import create_app, uvicorn_options
 from lungxray.train import FitData, fit
+from lungxray.version import __version__
 
 SIZE = 64
 
@@ -97,6 +100,22 @@ def test_predict_explain_model_health_on_a_real_xray(real):
         assert body["class"] in info["classes"] and body["model"] == "cnn"
         assert body["ood_score"] is None and body["in_distribution"] is None  # a bundle without the score
         assert info["ood"] is None and info["headline"] is None  # a bundle saved without them
+        created = json.loads((bundle / "config.json").read_text())["created"]
+        assert (
+            body["model_context"]
+            == info["model_context"]
+            == {
+                "name": f"{bundle.parent.name} (cnn)",  # the run folder's name, the bundle being its model/
+                "version": __version__,
+                "trained": created[:10],
+                "data": "data sources not recorded",
+                "measured": None,
+                "card": None,
+            }
+        )
+        today = datetime.datetime.now(datetime.UTC).date()
+        assert abs(datetime.date.fromisoformat(created[:10]) - today).days <= 1  # the day it was saved
+        assert client.get("/model/card").status_code == 404
         assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
         expected = Predictor(bundle).predict_files([files[0]])[0]["probabilities"]
         assert body["probabilities"] == pytest.approx(expected, abs=1e-6)
@@ -290,10 +309,11 @@ def test_upload_page_from_the_keyboard_empty_error_flagged_and_over_limit_states
     assert not any(empty.values()), empty
     assert shown in ("covid", "normal", "viral_pneumonia") and announced.startswith(f"{files[0].name}: {shown} (")
     with Image.open(files[0]) as film:
-        assert overlay_size[0] == figure_size(*film.size)[0]
+        assert overlay_size[0] == round(film.width * PANEL / max(film.size))  # the overlay half alone
     for width, layout in layouts.items():
         assert layout["overlaps"] == [] and layout["scroll"] <= 0 and layout["shown"] >= 5, (width, layout)
-    assert "unusable image" in after_error[0] and not after_error[1] and after_error[2] == ""
+    assert after_error[0].startswith("'notes.txt' is not an image lungxray can read") and "Pillow" not in after_error[0]
+    assert not after_error[1] and after_error[2] == ""
     assert warning.startswith("No answer") and not result_after
     assert "over the" in refused and "limit" in refused and sent_after == sent_before
     assert errors == [] and outside == []
@@ -556,7 +576,8 @@ def test_model_leads_with_the_worst_site_and_each_external_set_against_chance(tm
     external = json.loads((out / "external" / "elsewhere" / "metrics.json").read_text())
     worst = metrics["worst_site"]
     with TestClient(create_app(out / "model")) as client:
-        rows = client.get("/model").json()["headline"]
+        info = client.get("/model").json()
+    rows = info["headline"]
     assert [row["label"] for row in rows] == [
         f"test split ({metrics['n']} images)",
         f"worst site: {worst} ({metrics['per_site'][worst]['n']} images, of 2 sites)",
@@ -564,6 +585,18 @@ def test_model_leads_with_the_worst_site_and_each_external_set_against_chance(tm
     ]
     for row, figures in zip(rows, [metrics, metrics["per_site"][worst], external], strict=True):
         _leads_against_chance(row, figures)
+        recalls = {c: m["recall"] for c, m in figures["per_class"].items() if m["support"]}
+        lowest = min(recalls, key=recalls.get)
+        assert row["balanced_accuracy"] == figures["balanced_accuracy"]
+        assert row["lowest_recall"] == {"class": lowest, "recall": recalls[lowest]}
+    # every answer's one line: the test, then the worse of the worst site and the external set
+    elsewhere = min(rows[1:], key=lambda row: row["balanced_accuracy"])
+    internal, worse = info["model_context"]["measured"].split("; worst elsewhere, ")
+    assert internal.startswith(f"{rows[0]['label']}: balanced accuracy {metrics['balanced_accuracy']:.2f} (")
+    assert worse.startswith(f"{elsewhere['label']}: balanced accuracy {elsewhere['balanced_accuracy']:.2f} (")
+    assert worse.endswith(
+        f"lowest recall {elsewhere['lowest_recall']['class']} {elsewhere['lowest_recall']['recall']:.2f}"
+    )
     card = (out / "model" / "MODEL_CARD.md").read_text()
     assert f"- {rows[1]['label']}: {rows[1]['figures']}." in card  # the card's own lines
 
@@ -595,12 +628,7 @@ def test_idle_and_stalled_connections_are_closed_within_their_timeouts(tmp_path)
     bound and not before; a bound out of range is refused in one line."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from lungxray.models import create_model
-
-    hp = dict(get_spec("mlp").defaults)
-    bundle = save_bundle(tmp_path / "model", create_model("mlp", (1, 16, 16), 2, **hp), {"classes": ["a", "b"],
-                         "model": {"name": "mlp", "hyperparameters": hp, "input_shape": [1, 16, 16]},
-                         "preprocessing": {"img_size": 16}})  # fmt: skip
+    bundle = _tiny_bundle(tmp_path / "model")
     timeouts = ServeTimeouts(keep_alive=1.0, header=2.0, body=3.0)
     head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"x" * 30
     post = b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
@@ -625,3 +653,247 @@ def test_idle_and_stalled_connections_are_closed_within_their_timeouts(tmp_path)
         assert bound - 0.3 <= closed[name] <= bound + 2.0, (name, closed[name], bound)
     for flag in ("--keep-alive-timeout", "--header-timeout", "--body-timeout"):
         assert cli("serve", bundle, flag, "0") == 2
+
+
+def _tiny_bundle(folder: Path) -> Path:
+    """An untrained two-class MLP on 16 px images, saved to ``folder``: a service that starts at once."""
+    from lungxray.models import create_model
+
+    hp = dict(get_spec("mlp").defaults)
+    return save_bundle(folder, create_model("mlp", (1, 16, 16), 2, **hp), {"classes": ["a", "b"],
+                       "model": {"name": "mlp", "hyperparameters": hp, "input_shape": [1, 16, 16]},
+                       "preprocessing": {"img_size": 16}})  # fmt: skip
+
+
+def test_the_openapi_schema_types_every_answer_and_describes_every_path(tmp_path):
+    """/docs and /redoc show each endpoint's purpose and the fields of its answer, not ``{ }``."""
+    with TestClient(create_app(_tiny_bundle(tmp_path / "model"))) as client:
+        spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    for path, operations in spec["paths"].items():
+        for verb, operation in operations.items():
+            assert len(operation.get("description", "")) > 20 and operation.get("summary"), (verb, path)
+    answers = {}
+    for path, verb in (("/predict", "post"), ("/model", "get"), ("/health", "get")):
+        ref = spec["paths"][path][verb]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+        answers[path] = schemas[ref.rsplit("/", 1)[1]]["properties"]
+    assert {"class", "probabilities", "ood_score", "in_distribution", "model", "model_context"} <= set(
+        answers["/predict"]
+    )
+    assert {"classes", "model", "backend", "headline", "metrics", "model_card", "model_context"} <= set(
+        answers["/model"]
+    )
+    assert set(answers["/health"]) == {"status"}
+    context = schemas["ModelContext"]["properties"]
+    assert set(context) == {"name", "version", "trained", "data", "measured", "card"}
+    assert all(field.get("description") for field in [*context.values(), *answers["/predict"].values()]
+               if "$ref" not in field)  # fmt: skip
+    for code in ("413", "422"):  # a refused upload: {"detail": "..."} that names the file
+        assert spec["paths"]["/predict"]["post"]["responses"][code]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/Problem"
+        }
+    explain = spec["paths"]["/explain"]["post"]
+    assert [q["schema"]["enum"] for q in explain["parameters"] if q["name"] == "panel"] == [
+        ["figure", "read", "overlay"]
+    ]
+
+
+def test_an_unreadable_upload_is_named_and_says_what_to_do_without_a_library_name(tmp_path, real):
+    """Whatever breaks the decoder, the 422 names the uploaded file (its last path part) and says
+    what to upload; it never names the library that failed to read it."""
+    real_bytes = real[2][0].read_bytes()
+    noise_png = _png_bytes(np.random.default_rng(1).integers(0, 256, (60, 60), dtype=np.uint8))
+    uploads = {
+        "scan.txt": b"this is a text file, not an X-ray",
+        "C:\\Users\\me\\film.png": noise_png[: len(noise_png) // 2],  # cut short
+        "cut.jpeg": real_bytes[: len(real_bytes) // 3],
+        "noise.dcm": np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes(),
+        "empty.png": b"",
+    }
+    with TestClient(create_app(_tiny_bundle(tmp_path / "model"))) as client:
+        details = {}
+        for name, data in uploads.items():
+            for route in ("/predict", "/explain?panel=overlay"):
+                answer = client.post(route, files={"file": (name, data, "application/octet-stream")})
+                assert answer.status_code == 422, (name, route, answer.text)
+                details[name, route] = answer.json()["detail"]
+    assert details["scan.txt", "/predict"] == (
+        "'scan.txt' is not an image lungxray can read (PNG, JPEG, DICOM, ...): upload a chest X-ray image file"
+    )
+    assert details["empty.png", "/predict"].startswith("'empty.png' cannot be used: empty file (zero bytes).")
+    for (name, route), detail in details.items():
+        shown = name.rsplit("\\", 1)[-1]
+        assert detail.startswith(f"'{shown}' "), (name, route, detail)
+        assert "upload" in detail.lower(), detail
+        assert not any(word in detail for word in ("Pillow", "PIL", "Traceback", "C:")), detail
+
+
+def test_measured_line_is_the_internal_test_and_the_worst_elsewhere():
+    """One line: the first row, then the other row of lowest balanced accuracy, each with its
+    first figure (whose interval holds a "; ") and lowest recall; rows written without the numbers
+    give their first figure, the first of them counting as the worst."""
+    from lungxray.serve_schema import measured_line
+
+    def row(label: str, balanced: float | None, lowest: tuple[str, float] | None) -> dict:
+        figures = f"balanced accuracy {balanced or 0.5:.2f} (0.40-0.90; always answering covid: 0.33); macro-F1 0.50"
+        if lowest is None:  # a row written before the rows carried numbers
+            return {"label": label, "figures": figures}
+        return {"label": label, "figures": figures, "balanced_accuracy": balanced,
+                "lowest_recall": {"class": lowest[0], "recall": lowest[1]}}  # fmt: skip
+
+    test, site = (
+        row("test split (40 images)", 0.83, ("normal", 0.71)),
+        row("worst site: b (9 images, of 2 sites)", 0.6, ("covid", 0.5)),
+    )
+    far = row("hospital-c (external, 30 images)", 0.41, ("normal", 0.14))
+    assert measured_line([test, site, far]) == (
+        "test split (40 images): balanced accuracy 0.83 (0.40-0.90; always answering covid: 0.33), lowest recall "
+        "normal 0.71; worst elsewhere, hospital-c (external, 30 images): balanced accuracy 0.41 (0.40-0.90; always "
+        "answering covid: 0.33), lowest recall normal 0.14"
+    )
+    assert measured_line([test]).endswith("; never measured on another site's or hospital's films")
+    old = [row("test split (40 images)", None, None), row("a (external, 5 images)", None, None), row("b", None, None)]
+    assert measured_line(old).split("; worst elsewhere, ")[1] == (
+        "a (external, 5 images): balanced accuracy 0.50 (0.40-0.90; always answering covid: 0.33)"
+    )
+    assert measured_line(None) is None and measured_line([]) is None
+
+
+def test_every_prediction_names_its_model_and_the_service_serves_its_card(trained_run):
+    """A run's bundle: /predict carries the model's name, version, training day, data and measured
+    line (its own test figures, and that it was never measured elsewhere), and /model/card serves
+    the card under that name."""
+    data, run, _ = trained_run
+    config = json.loads((run / "model" / "config.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    film = next((data / "Covid").iterdir())
+    with TestClient(create_app(run / "model")) as client:
+        answer = client.post("/predict", files={"file": (film.name, film.read_bytes(), "image/png")}).json()
+        info = client.get("/model").json()
+        card = client.get(answer["model_context"]["card"])
+    context = answer["model_context"]
+    sizes = config["training"]["split_sizes"]
+    recalls = {c: m["recall"] for c, m in metrics["per_class"].items() if m["support"]}
+    lowest = min(recalls, key=recalls.get)
+    assert context == info["model_context"] and answer["model"] == config["model"]["name"]
+    assert context["name"] == f"run ({config['model']['name']})" and context["version"] == __version__
+    assert context["trained"] == config["created"][:10]
+    assert (
+        context["data"] == f"{sizes['train']} training and {sizes['val']} validation images; data sources not recorded"
+    )
+    assert context["measured"] == (
+        f"test split ({metrics['n']} images): {info['headline'][0]['figures'].split(')')[0]}), lowest recall "
+        f"{lowest} {recalls[lowest]:.2f}; never measured on another site's or hospital's films"
+    )
+    assert context["measured"].startswith(f"test split ({metrics['n']} images): balanced accuracy "
+                                          f"{metrics['balanced_accuracy']:.2f} (")  # fmt: skip
+    assert context["card"] == "http://testserver/model/card"
+    assert card.status_code == 200 and card.headers["content-type"].startswith("text/html")
+    assert f"<title>Model card: {context['name']}</title>" in card.text
+    assert f"trained {context['trained']}" in card.text and "## Intended use" in card.text
+    assert "default-src 'none'" in card.headers["Content-Security-Policy"]
+
+
+@pytest.fixture(scope="module")
+def carded(real_ood, shared_data, tmp_path_factory):
+    """``real_ood``'s model as run chest-2024 leaves it: its card and headline, measured on its own
+    films (the internal test) and on 18 films of the dataset's test folder (an external set)."""
+    import shutil
+
+    from lungxray.card import headline, model_card, write_card
+    from lungxray.metrics import compute_metrics
+
+    bundle, ds, files = real_ood
+    root = tmp_path_factory.mktemp("carded")
+    folder = shutil.copytree(bundle, root / "chest-2024" / "model")
+    elsewhere = root / "hospital-b"
+    for classes in sorted((shared_data / "test").iterdir()):
+        (elsewhere / classes.name).mkdir(parents=True)
+        for image in sorted(classes.iterdir())[:6]:
+            (elsewhere / classes.name / image.name).symlink_to(image)
+    ext = load_dataset(elsewhere, DataConfig(Preprocessing(img_size=SIZE), cache_dir=root / "cache"), progress=False)
+    predictor = Predictor(folder)
+    metrics = compute_metrics(ds.labels, predictor.predict_arrays(ds.images), ds.classes, resamples=100)
+    external = {"hospital-b": compute_metrics(ext.labels, predictor.predict_arrays(ext.images), ext.classes,
+                                              resamples=100)}  # fmt: skip
+    config = predictor.config_ | {"preprocessing": predictor.preprocessing_.to_json()}  # every setting, as run has
+    write_card(folder, model_card(config, ds.summary(), metrics, external), headline(metrics, external))
+    return folder, files
+
+
+@pytest.mark.browser
+@pytest.mark.processes
+def test_the_page_names_the_model_beside_its_answer_and_stays_legible_from_390_px(carded, tmp_path):
+    """At a phone's 390 px and a laptop's 1366 px: beside the answer, the model's name, version,
+    training day and its figures on the internal test and on another hospital's films; its card
+    opens from there; nothing runs off the side, and the pictures' captions and colour-scale labels
+    are page text of at least 12 px."""
+    sync_playwright = browser_or_skip()
+    bundle, files = carded
+    with TestClient(create_app(bundle)) as client:
+        context = client.get("/model").json()["model_context"]
+    server, thread, url = _running_server(bundle, "auto")
+    seen, outside, errors, responses = {}, [], [], []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+            for width in (390, 1366):
+                page = browser.new_page(viewport={"width": width, "height": 900})
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.on(
+                    "request", lambda r: None if r.url.startswith((url, "data:", "blob:")) else outside.append(r.url)
+                )
+                page.goto(url + "/")
+                page.set_input_files("#file", str(files[0]))
+                _wait(
+                    page,
+                    "document.getElementById('overlay').naturalWidth && document.getElementById('read').naturalWidth",
+                )
+                seen[width] = page.evaluate(PAGE_STATE)
+                page.screenshot(path=str(tmp_path / f"page-{width}.png"), full_page=True)
+                page.context.on("response", lambda r: responses.append((r.url, r.status)))
+                with page.context.expect_page() as opened:
+                    page.click("#answered-by a.card")
+                card = opened.value
+                card.wait_for_load_state()
+                seen[width]["card"] = (card.url, card.inner_text("h1"), card.inner_text("pre")[:200], responses[:])
+                card.close()
+                page.close()
+            browser.close()
+    finally:
+        _stop(server, thread)
+    assert errors == [] and outside == []
+    assert "hospital-b (external, 18 images)" in context["measured"] and context["card"].endswith("/model/card")
+    for width, state in seen.items():
+        about = state["about"]
+        assert about.startswith(f"Answered by: {context['name']}, made by lungxray {__version__}, trained "
+                                f"{context['trained']}\n"), (width, about)  # fmt: skip
+        assert f"Measured: {context['measured']}" in about and state["about_visible"], (width, about)
+        assert state["scroll"] <= state["window"], (width, state)  # nothing runs off the side
+        assert state["captions"][0] == "As read" and state["captions"][1].startswith("Where the model looked (")
+        assert state["captions"][1].endswith(f"for: {state['class']}") and state["labels"] == ["low", "high"]
+        assert min(state["fonts"]) >= 12, (width, state["fonts"])
+        assert all(0 < w <= state["window"] for w in state["pictures"]), (width, state)
+        card_url, heading, text, responses = state["card"]
+        assert card_url == f"{url}/model/card" and (card_url, 200) in responses
+        assert heading == f"Model card: {context['name']}" and "# Model card: lungxray cnn" in text
+    # stacked at 390 px: the overlay below the film as read, each about as wide as the screen
+    assert seen[390]["tops"][1] > seen[390]["tops"][0] and min(seen[390]["pictures"]) > 300
+    assert seen[1366]["tops"][1] == seen[1366]["tops"][0]  # side by side on a laptop
+    assert all((tmp_path / f"page-{width}.png").stat().st_size > 10_000 for width in seen)
+
+
+PAGE_STATE = """() => {
+  const box = document.getElementById("answered-by");
+  const texts = sel => [...document.querySelectorAll(sel)].map(e => e.textContent.trim());
+  const shown = [...document.querySelectorAll("#explanation figcaption, .scale span:not(.ramp), #answered-by p")];
+  const pictures = ["read", "overlay"].map(id => document.getElementById(id).getBoundingClientRect());
+  return {
+    about: box.innerText.trim(), about_visible: box.offsetParent !== null && box.getBoundingClientRect().height > 0,
+    class: document.getElementById("class").textContent,
+    scroll: document.documentElement.scrollWidth, window: window.innerWidth,
+    captions: texts("#explanation figcaption"), labels: texts(".scale span:not(.ramp)"),
+    fonts: shown.map(e => parseFloat(getComputedStyle(e).fontSize)),
+    pictures: pictures.map(r => r.width), tops: pictures.map(r => Math.round(r.top)),
+  };
+}"""

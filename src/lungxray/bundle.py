@@ -148,7 +148,10 @@ def _write_files(staging: Path, model: torch.nn.Module, config: dict, extras: Bu
     """Every file of the bundle but checksums.json, into ``staging``."""
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, staging / WEIGHTS, metadata={"format": FORMAT})
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__, **config}
+    # "created": when the bundle was written, at the end of its training (UTC); a config passed
+    # in whole from another bundle keeps its own.
+    made = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__, "created": _now()}
+    config = made | config
     if extras.ood is not None:
         from safetensors.numpy import save_file as save_arrays
 
@@ -162,6 +165,13 @@ def _write_files(staging: Path, model: torch.nn.Module, config: dict, extras: Bu
         write_text(staging / METRICS, json.dumps(extras.metrics, indent=2) + "\n")
     if extras.card is not None:
         write_text(staging / CARD, extras.card)
+
+
+def _now() -> str:
+    """The current UTC time, ``YYYY-MM-DDTHH:MM:SSZ``."""
+    import datetime
+
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _swap_in(staging: Path, folder: Path) -> None:

@@ -236,19 +236,33 @@ def model_card(
 
 def headline(metrics: dict, external: dict[str, dict]) -> list[dict]:
     """The rows the report's top table and the card lead with, for ``/model``: the test split (or
-    its held-out site) and its worst site, then each external set, each as {"label", "figures"}
-    where the figures are balanced accuracy, macro-F1 and accuracy beside always answering the
-    majority class, each class's recall, and each one-vs-rest AUROC against 0.5
-    (``report_external.against_chance``)."""
+    its held-out site) and its worst site, then each external set, each as {"label", "figures",
+    "balanced_accuracy", "lowest_recall"} where the figures are balanced accuracy, macro-F1 and
+    accuracy beside always answering the majority class, each class's recall, and each one-vs-rest
+    AUROC against 0.5 (``report_external.against_chance``), and the last two the numbers the
+    service's one-line summary compares (``_lowest``)."""
     from lungxray.report_external import against_chance, site_rows
 
-    rows = site_rows(metrics)
-    if (metrics.get("split") or {}).get("site") is None:  # else site_rows' first row is the test
-        rows.insert(0, (f"test split ({metrics['n']} images)", "; ".join(against_chance(metrics))))
+    # site_rows' rows, in its order: the held-out site (the test itself), then the worst site
+    site, worst = (metrics.get("split") or {}).get("site"), metrics.get("worst_site")
+    behind = [metrics] * (site is not None) + ([metrics["per_site"][worst]] if worst is not None else [])
+    rows = [(label, figures, m) for (label, figures), m in zip(site_rows(metrics), behind, strict=True)]
+    if site is None:  # else site_rows' first row is the test
+        rows.insert(0, (f"test split ({metrics['n']} images)", "; ".join(against_chance(metrics)), metrics))
     rows += [
-        (f"{name} (external, {ext['n']} images)", "; ".join(against_chance(ext))) for name, ext in external.items()
+        (f"{name} (external, {ext['n']} images)", "; ".join(against_chance(ext)), ext) for name, ext in external.items()
     ]
-    return [{"label": label, "figures": figures} for label, figures in rows]
+    return [{"label": label, "figures": figures, **_lowest(m)} for label, figures, m in rows]
+
+
+def _lowest(metrics: dict) -> dict:
+    """{"balanced_accuracy", "lowest_recall": {"class", "recall"} of the classes present, or None}."""
+    recalls = {c: m["recall"] for c, m in metrics["per_class"].items() if m["support"] and m["recall"] is not None}
+    lowest = min(recalls, key=recalls.get, default=None)
+    return {
+        "balanced_accuracy": metrics.get("balanced_accuracy"),
+        "lowest_recall": None if lowest is None else {"class": lowest, "recall": recalls[lowest]},
+    }
 
 
 def write_card(model_dir: Path, text: str, rows: list[dict] | None = None) -> Path:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 import warnings
 
@@ -19,6 +21,7 @@ from lungxray import console
 from lungxray.config import DataConfig, ServeTimeouts, TuneConfig
 from lungxray.errors import ConfigError, LungxrayError
 from lungxray.flags import build_parser, from_args, given
+from lungxray.version import __version__
 
 
 def _job(args: argparse.Namespace):
@@ -42,6 +45,29 @@ def cmd_scan(args) -> int:
     return 0
 
 
+def _tracked(command):
+    """``--mlflow``: MLflow and its store are checked before ``command`` runs (nothing trains when
+    they fail), and the folder it wrote is logged there once it succeeded (``tracking``)."""
+    import functools
+
+    @functools.wraps(command)
+    def tracked(args) -> int:
+        if args.mlflow is None:
+            return command(args)
+        from lungxray.runfolder import shown_url
+        from lungxray.tracking import open_tracker
+
+        tracker = open_tracker(args.mlflow, args.mlflow_experiment, args.out)
+        code = command(args)
+        if code == 0:
+            run_id = tracker.log(args.out, getattr(args, "model_dir", None))
+            print(f"logged to MLflow: run {run_id} of experiment {tracker.experiment!r} in {shown_url(tracker.uri)}")
+        return code
+
+    return tracked
+
+
+@_tracked
 def cmd_run(args) -> int:
     from lungxray import pipeline
 
@@ -63,6 +89,7 @@ def cmd_tune(args) -> int:
         f"params {json.dumps(result.best_params)}"
     )
     print(f"written: {job.out / runfolder.BEST_PARAMS}, {job.out / runfolder.TRIALS}")
+    print(console.study_hint(runfolder.shown_url(runfolder.study_storage(job.out, job.search.storage))))
     return 0
 
 
@@ -116,12 +143,19 @@ def _scoring(args):
                    args.include_seen, args.force, not args.quiet)  # fmt: skip
 
 
+@_tracked
 def cmd_evaluate(args) -> int:
     from lungxray.evaluation import evaluate_bundle
 
     metrics, seen = evaluate_bundle(_scoring(args))
     print(console.seen_line(seen))
     console.print_evaluation(metrics, args.out)
+    if args.csv:
+        from lungxray import runfolder
+
+        predictions = runfolder.read_json(args.out, runfolder.PREDICTIONS)
+        table = runfolder.predictions_csv(predictions["images"], predictions["classes"])
+        print(f"written: {runfolder.write_text(args.out / runfolder.PREDICTIONS_CSV, table)}")
     return 0
 
 
@@ -134,6 +168,7 @@ def cmd_audit(args) -> int:
     return 0
 
 
+@_tracked
 def cmd_cv(args) -> int:
     from lungxray import runfolder
     from lungxray.cv import cross_validate
@@ -168,6 +203,29 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from lungxray import runfolder
+    from lungxray.compare import compare, to_csv, to_markdown
+    from lungxray.errors import OutputExistsError
+
+    if args.csv not in (None, "-") and args.csv.exists():
+        raise OutputExistsError(f"{args.csv} already exists", hint="choose another --csv file, or delete it first")
+    records, skipped = compare(args.run_dirs)
+    for folder, why in skipped:
+        _error(f"lungxray compare: skipped {folder}: {why}")
+    if not records:
+        _error("lungxray compare: error: none of the folders holds a run, cv or evaluation",
+               "pass folders written by `lungxray run`, `cv` or `evaluate` with --out")  # fmt: skip
+        return 1
+    if args.csv == "-":
+        sys.stdout.write(to_csv(records))
+        return 0
+    print(to_markdown(records), end="")
+    if args.csv is not None:
+        print(f"written: {runfolder.write_text(args.csv, to_csv(records))}")
+    return 0
+
+
 def cmd_explain(args) -> int:
     from lungxray import runfolder
     from lungxray.decode import image_files
@@ -178,7 +236,7 @@ def cmd_explain(args) -> int:
     results = explain_files(Predictor(args.model_dir), image_files(args.images), args.out, folders)
     console.print_predictions(results)
     print(f"written: {args.out / runfolder.EXPLAIN}")
-    return 1 if any("error" in r for r in results) else 0
+    return 0 if any("error" not in r for r in results) else 1  # as predict: skipped files are listed, with why
 
 
 def cmd_export(args) -> int:
@@ -200,11 +258,22 @@ def cmd_serve(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from lungxray import runfolder
     from lungxray.decode import image_files
+    from lungxray.errors import OutputExistsError
     from lungxray.predictor import Predictor
 
-    results = Predictor(args.model_dir).predict_files(image_files(args.images))
-    if args.json:
+    if args.csv not in (None, "-") and args.csv.exists():  # before the model loads: nothing is lost, no time wasted
+        raise OutputExistsError(f"{args.csv} already exists", hint="choose another --csv file, or delete it first")
+    predictor = Predictor(args.model_dir)
+    results = predictor.predict_files(image_files(args.images))
+    if args.csv is not None:
+        table = runfolder.predictions_csv(results, predictor.classes_)
+        if args.csv == "-":
+            sys.stdout.write(table)
+        else:
+            print(f"written: {runfolder.write_text(args.csv, table)}")
+    elif args.json:
         console.print_json(results)
     else:
         console.print_predictions(results)
@@ -227,6 +296,7 @@ COMMANDS = {
     "labels": cmd_labels,
     "evaluate": cmd_evaluate,
     "report": cmd_report,
+    "compare": cmd_compare,
     "explain": cmd_explain,
     "export": cmd_export,
     "serve": cmd_serve,
@@ -271,7 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     from lungxray import progress
 
     try:
-        progress.log_to(getattr(args, "log_file", None))
+        from lungxray.runfolder import shown_url
+
+        # a storage URL's password stays out of the log (--storage postgresql://user:secret@host/db)
+        command = shlex.join(["lungxray", *(shown_url(a) if "://" in a else a for a in args.argv)])
+        progress.log_to(getattr(args, "log_file", None), f"{command} (lungxray {__version__}, pid {os.getpid()})")
     except OSError as exc:
         print(f"lungxray {args.command}: error: cannot write the log file: {exc.strerror or exc}", file=sys.stderr)
         return 2

@@ -159,6 +159,17 @@ def print_run(summary: dict, metrics: dict, external: dict[str, dict]) -> None:
     print("artifacts:")
     for name, path in summary["artifacts"].items():
         print(f"  {name:<17} {path}")
+    if summary["artifacts"].get("study"):
+        print(study_hint(summary["artifacts"]["study"]))
+
+
+def study_hint(study: str) -> str:
+    """How to browse the search: optuna-dashboard on the study's storage URL (``study``: a URL, or
+    the path of the run folder's SQLite file)."""
+    import os
+
+    url = study if "://" in study else f"sqlite:///{os.path.abspath(study)}"
+    return f"browse the search: optuna-dashboard {url}  (pip install 'lungxray[dashboard]')"
 
 
 def print_evaluation(metrics: dict, out) -> None:
@@ -260,17 +271,10 @@ def print_ood(metrics: dict) -> None:
         print(f"flagged out of distribution: all {metrics['n']} images")
 
 
-def probability(p: float) -> str:
-    """Three decimals, never rounded to certainty (a softmax reaches 1.0 only by rounding)."""
-    if p >= 0.9995:
-        return ">0.999"
-    if 0 < p < 0.0005:
-        return "<0.001"
-    return f"{p:.3f}"
-
-
 def print_predictions(results: list[dict]) -> None:
     """One line per image: its class and probabilities (and overlay), or why it was skipped."""
+    from lungxray.report_blocks import probability  # one way to show a probability, here and in the report
+
     for r in results:
         if "error" in r:
             print(f"{r['path']}: skipped, {r['error']}")

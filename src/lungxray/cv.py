@@ -32,6 +32,7 @@ from lungxray.pipeline import (
     tensors,
 )
 from lungxray.plots import confusion_figure, save_figure
+from lungxray.progress import note, stage
 from lungxray.splits import Split, make_folds, site_folds
 from lungxray.train import FitResult, fit
 from lungxray.version import __version__
@@ -105,6 +106,7 @@ def _cross_validate(job: Job, params: dict | None) -> dict:
     runfolder.check_fingerprint(out, made_from)  # its studies (--tune) belong to these folds
     set_threads(job.final.threads)
     clock = Clock()
+    stage(f"scanning {', '.join(map(str, job.data))}", job.progress)
     ds = load_dataset(job.data, job.dataset, progress=job.progress)
     parts = (
         site_folds(ds, seed, val_by=job.split.val_by)
@@ -120,6 +122,9 @@ def _cross_validate(job: Job, params: dict | None) -> dict:
     runfolder.write_json(out, runfolder.FOLDS, [part.to_json(ds) for part in parts])
     runs = []
     repeats = job.cv.repeats
+    how = "tuned inside each fold" if params is None else "fixed parameters"
+    seeds = f", {repeats} training seeds" if repeats > 1 else ""
+    stage(f"cross-validating: {len(parts)} folds of {job.model}, {how}{seeds}", job.progress)
     for r in progress_bar(range(repeats), desc="training seeds", unit="seed", disable=not job.progress or repeats == 1):
         runs.append(_folds_once(replace(job, train=replace(job.train, seed=seed + r)), ds, parts, params, r))
     clock.lap("folds_s")
@@ -130,6 +135,7 @@ def _cross_validate(job: Job, params: dict | None) -> dict:
     runfolder.write_json(out, runfolder.CV, report)
     from lungxray.report import write_report
 
+    stage("writing the report", job.progress)
     write_report(out)
     return report
 
@@ -189,6 +195,10 @@ def _folds_once(
     if repeat:  # a study per fold and training seed
         job = replace(job, search=replace(job.search, study_name=f"{job.search.study_name}-seed{job.final.seed}"))
     for i, fold in enumerate(progress_bar(parts, desc="folds", unit="fold", disable=not job.progress)):
+        held_out = f" (test site {fold.site})" if fold.site is not None else ""
+        seed = f", training seed {job.final.seed}" if job.cv.repeats > 1 else ""
+        sizes = " / ".join(str(n) for n in fold.sizes().values())
+        stage(f"fold {i + 1}/{len(parts)}{held_out}{seed}: train / val / test {sizes} images", job.progress)
         start = time.perf_counter()
         result, hp = _fold_model(job, ds, fold, i, params)
         fit_s = time.perf_counter() - start
@@ -223,6 +233,9 @@ def _folds_once(
                 ),
             }
         )
+        figures = per_fold[-1]["metrics"]
+        note(f"fold {i + 1}/{len(parts)}: test accuracy {figures['accuracy']:.4f}, macro-F1 {figures['macro_f1']:.4f} "
+             f"({fit_s:.0f} s)", job.progress)  # fmt: skip
     return probs, per_fold, sum(p.numel() for p in result.model.parameters())
 
 

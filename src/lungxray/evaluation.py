@@ -148,8 +148,9 @@ def evaluate_split(
     }
     metrics |= per_site(ds, idx, y, probs, predictor.classes_) | (extra or {})
     images = [
-        {"path": str(ds.samples[i].path), "label": ds.samples[i].label, "probabilities": [float(v) for v in probs[k]],
-         "uncalibrated": [float(v) for v in raw[k]], **ood_fields(None if scores is None else scores[k])}
+        {"path": str(ds.samples[i].path), "label": ds.samples[i].label, "class": predictor.classes_[probs[k].argmax()],
+         "probabilities": by_name(predictor.classes_, probs[k]), "uncalibrated": by_name(predictor.classes_, raw[k]),
+         **ood_fields(None if scores is None else scores[k])}
         | ({"site": ds.samples[i].site} if ds.samples[i].site is not None else {})
         | ({"meta": ds.samples[i].meta} if ds.samples[i].meta else {})  # a manifest's other columns
         for k, i in enumerate(idx)
@@ -161,6 +162,11 @@ def evaluate_split(
     if metrics["ood"] is not None:
         save_figure(coverage_figure({name: metrics["ood"]}), out / runfolder.COVERAGE)
     return metrics
+
+
+def by_name(classes: list[str], row: np.ndarray) -> dict[str, float]:
+    """One image's probabilities in the shape every output uses: class name -> probability."""
+    return dict(zip(classes, map(float, row), strict=True))
 
 
 def per_site(ds: Dataset, idx: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
@@ -185,6 +191,14 @@ def _seen_extra(ds: Dataset, seen: dict) -> dict:
     return {"data": str(ds.root), "seen_excluded": 0 if seen["included"] else seen["n_seen"], "seen_images": seen}
 
 
+def _scored_by(predictor: Predictor) -> dict:
+    """What metrics.json records of the model it scored, for ``lungxray report`` to find it and name
+    it: its bundle's folder (absolute, to be found from anywhere), its name and training seed."""
+    config = predictor.config_
+    return {"scored_by": {"model_dir": str(predictor.folder.resolve()), "model": config["model"]["name"],
+                          "seed": (config.get("training") or {}).get("seed")}}  # fmt: skip
+
+
 def evaluate_bundle(scoring: Scoring) -> tuple[dict, dict]:
     """``lungxray evaluate``: metrics, predictions, audit and report of a bundle on a dataset, in
     ``scoring.out``. Returns (metrics, what the bundle had seen among the images)."""
@@ -196,7 +210,7 @@ def evaluate_bundle(scoring: Scoring) -> tuple[dict, dict]:
         predictor, ds, idx, seen = model_and_data(scoring)
         extra = _seen_extra(ds, seen)
         # preprocessed as in training; the coverage plot named after the data folder
-        metrics = evaluate_split(predictor, ds, idx, scoring.out, extra, name=ds.root.name)
+        metrics = evaluate_split(predictor, ds, idx, scoring.out, extra | _scored_by(predictor), name=ds.root.name)
         audit_split(predictor, ds, idx, scoring.out, extra)
         model_dir = scoring.model.folder if isinstance(scoring.model, Predictor) else scoring.model
         write_report(scoring.out, model_dir)

@@ -135,6 +135,28 @@ def _port(text: str) -> int:
     return value
 
 
+def _csv_target(text: str) -> Path | str:
+    return text if text == "-" else Path(text)  # "-": standard output
+
+
+def _tracking_args(p: argparse.ArgumentParser) -> None:
+    """--mlflow [URI] and --mlflow-experiment, for the commands whose folder ``tracking`` logs."""
+    p.add_argument(
+        "--mlflow",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="URI",
+        help="after the job, log its settings, hyperparameters, per-epoch losses, figures, report and model to "
+        "MLflow (pip install 'lungxray[mlflow]'; checked before the job starts); URI: a store such as "
+        "sqlite:///runs/mlflow.db or http://HOST:5000, default $MLFLOW_TRACKING_URI, else SQLite in OUT/../mlflow.db "
+        "(MLflow 3 refuses its old ./mlruns file store); without URI, put it after DATA",
+    )
+    p.add_argument(
+        "--mlflow-experiment", default="lungxray", metavar="NAME", help="MLflow experiment (default lungxray)"
+    )
+
+
 class Parser(argparse.ArgumentParser):
     """A parser whose errors are the error and where to look, not the whole usage (a command's
     usage lists every flag: thirty lines that push the error off the screen)."""
@@ -174,6 +196,7 @@ def _fitting_commands(sub) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="run folder for the model, metrics, plots and study")
     p.add_argument("--force", action="store_true", help="replace a model already in OUT")
+    _tracking_args(p)
 
     p = sub.add_parser("tune", help="hyperparameter search on train/val; writes OUT/best_params.json")
     _data_args(p), add_options(p, SplitConfig), add_options(p, TuneConfig), _train_args(p, members=False)
@@ -218,6 +241,8 @@ def _judging_commands(sub) -> None:
         required=True,
         help="folder for metrics.json, predictions.json, audit.json, the plots and report.html",
     )
+    p.add_argument("--csv", action="store_true", help="also write OUT/predictions.csv, a table for a spreadsheet")
+    _tracking_args(p)
 
     p = sub.add_parser(
         "cv", help="k-fold cross-validation: mean +- std over folds and bootstrap CIs; writes OUT/cv.json"
@@ -234,6 +259,7 @@ def _judging_commands(sub) -> None:
     add_options(p, TuneConfig)
     p.add_argument("--out", type=Path, required=True, help="folder for cv.json, folds.json and the plot")
     p.add_argument("--force", action="store_true", help="replace a cv.json already in OUT")
+    _tracking_args(p)
 
     p = sub.add_parser(
         "labels", help="rank images whose label is probably wrong, from the out-of-fold predictions of cv runs"
@@ -251,7 +277,24 @@ def _judging_commands(sub) -> None:
         dest="model_dir",
         type=Path,
         default=None,
-        help="model bundle that explains the errors in the gallery (default RUN/model)",
+        help="model bundle that explains the errors in the gallery and, for an evaluation, gives its own test "
+        "to compare with (default RUN/model, or the bundle the evaluation recorded)",
+    )
+
+    p = sub.add_parser(
+        "compare",
+        help="settings and headline figures of run, cv and evaluate folders side by side",
+        description="A markdown table with a row per setting (bold where the folders differ), hyperparameter "
+        "(hp.NAME) and figure, and a column per folder; --csv writes a row per folder instead, for a spreadsheet.",
+    )
+    p.add_argument("run_dirs", metavar="RUN", type=Path, nargs="+", help="folders written by run, cv or evaluate --out")
+    p.add_argument(
+        "--csv",
+        type=_csv_target,
+        default=None,
+        metavar="FILE",
+        help="write the table as CSV to FILE (a row per folder, figures as plain numbers), never over an existing "
+        "file; - prints it instead of the markdown",
     )
 
 
@@ -294,4 +337,13 @@ def _model_commands(sub) -> None:
     p = sub.add_parser("predict", help="class and probabilities for each image")
     _model_arg(p)
     p.add_argument("images", metavar="IMAGE", type=Path, nargs="+", help="image files, or folders of them")
-    p.add_argument("--json", action="store_true", help="print a JSON list")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="print a JSON list")
+    shape.add_argument(
+        "--csv",
+        type=_csv_target,
+        default=None,
+        metavar="FILE",
+        help="write a CSV table (path, class, p_CLASS per class, ...) to FILE, never over an existing file; "
+        "- prints it",
+    )

@@ -22,6 +22,7 @@ import numpy as np
 
 from lungxray import runfolder
 from lungxray.errors import DataError, MissingInputError
+from lungxray.report_blocks import probability
 
 LABEL_ISSUES_CSV = "label_issues.csv"
 LABEL_ISSUES_HTML = "label_issues.html"
@@ -191,22 +192,28 @@ def _thumbnail(path: str, size: int) -> str:
 
 
 def _page(rows: list[dict], total: int, cv_dirs: list[Path], root: Path, thumb: int) -> str:
+    """The page: each card's text wraps between words; only a path, which has no spaces to wrap at,
+    may break anywhere (its span's ``overflow-wrap: anywhere``) rather than run out of its card."""
     cards = "".join(
-        f"<figure>{_thumbnail(str(root / r['path']), thumb)}<figcaption>#{r['rank']} {html.escape(r['path'])}<br>given "
-        f"<strong>{html.escape(r['given'])}</strong> ({r['p_given']:.2f}), suggested "
-        f"<strong>{html.escape(r['suggested'])}</strong> ({r['p_suggested']:.2f}), score {r['score']:.3f}"
+        f"<figure>{_thumbnail(str(root / r['path']), thumb)}<figcaption>#{r['rank']} "
+        f'<span class="path">{html.escape(r["path"])}</span><br>given '
+        f"<strong>{html.escape(r['given'])}</strong> ({html.escape(probability(r['p_given']))}), suggested "
+        f"<strong>{html.escape(r['suggested'])}</strong> ({html.escape(probability(r['p_suggested']))}), "
+        f"score {r['score']:.3f}"
         f"{'<br><strong>flagged by confident learning</strong>' if r['flagged'] else ''}</figcaption></figure>"
         for r in rows
     )
-    sources = ", ".join(html.escape(str(d)) for d in cv_dirs)
+    sources = ", ".join(f'<span class="path">{html.escape(str(d))}</span>' for d in cv_dirs)
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
         'content="width=device-width, initial-scale=1"><title>lungxray: label issues</title><style>'
         "body{font-family:system-ui,sans-serif;margin:2em}figure{display:inline-block;width:"
-        f"{thumb + 40}px;vertical-align:top;margin:0 1em 1em 0;font-size:.8em;word-break:break-all}}</style></head>"
+        f"{thumb + 40}px;max-width:100%;vertical-align:top;margin:0 1em 1em 0;font-size:.8em}}"
+        ".path{overflow-wrap:anywhere}</style></head>"
         f"<body><h1>Label issues</h1><p>The {len(rows)} images whose given label the out-of-fold predictions "
         f"of {sources} doubt most, most doubtful first; confident learning flags {total} of all images. A "
         "score above 0 means the model prefers the suggested class. Check each by eye: none is relabelled; "
-        f"pass the rows you confirm to <code>--exclude</code> (paths are relative to {html.escape(str(root))})."
+        "pass the rows you confirm to <code>--exclude</code> (paths are relative to "
+        f'<span class="path">{html.escape(str(root))}</span>).'
         f"</p>{cards}</body></html>"
     )

@@ -35,20 +35,27 @@ def interactive() -> bool:
     return sys.stderr.isatty()
 
 
-def log_to(path: Path | None) -> None:
-    """Copy every plain line to ``path`` (appended), or stop copying (None)."""
+def log_to(path: Path | None, header: str = "") -> None:
+    """Copy every plain line to ``path`` (appended), starting with a line that says when, and
+    ``header`` (the command and version): runs appended to one file stay apart. None stops copying."""
     global _log, _log_path
     with _lock:
         if _log is not None:
             _log.close()
         _log = open(path, "a", encoding="utf-8") if path is not None else None  # noqa: SIM115 - closed by log_to(None)
         _log_path = path
+        if _log is not None:
+            _write_log(f"{_stamp()} ==== {header}".rstrip())
+
+
+def _stamp() -> str:
+    """The log file's time: the date too, as runs appended to one file may be days apart."""
+    return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _emit(text: str, to_stderr: bool, enabled: bool = True) -> None:
     if not enabled:
         return
-    line = f"{time.strftime('%H:%M:%S')} {text}"
     with _lock:
         if to_stderr:
             if interactive():
@@ -56,9 +63,9 @@ def _emit(text: str, to_stderr: bool, enabled: bool = True) -> None:
 
                 tqdm.write(text, file=sys.stderr)  # above any bar, which redraws below it
             else:
-                print(line, file=sys.stderr, flush=True)
+                print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
         if _log is not None:
-            _write_log(line)
+            _write_log(f"{_stamp()} {text}")
 
 
 def _write_log(line: str) -> None:

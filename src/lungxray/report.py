@@ -12,6 +12,7 @@ gallery's pictures ``saliency.error_gallery``. Holds no training code.
 from __future__ import annotations
 
 import html
+import warnings
 from pathlib import Path
 
 from lungxray import report_sections as body
@@ -25,7 +26,8 @@ STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em aut
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
 td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 th{background:#f2f2f2}section{margin-bottom:2.2em}img{max-width:100%}.gallery{display:flex;flex-wrap:wrap;gap:1em}
-figure{margin:0;width:200px;font-size:.8em}.warning{color:#a40000}code{background:#f4f4f4;padding:.1em .3em}"""
+figure{margin:0;flex:0 0 200px;width:200px;max-width:100%;font-size:.8em}figcaption .name{overflow-wrap:anywhere}
+.warning{color:#a40000}code{background:#f4f4f4;padding:.1em .3em}"""
 
 CAVEAT = (
     "Research use only. On public chest X-ray sets the classes often come from different hospitals and "
@@ -44,10 +46,14 @@ def _summary(run: RunContents) -> str:
     found, cv, metrics, external = run.found, run.cv, run.metrics, run.external
     record = run.run_record()
     config = run.model_config()
-    model = (cv or {}).get("model") or record.get("model") or ((config or {}).get("model") or {}).get("name", "n/a")
-    data = (cv or {}).get("data") or record.get("data") or (found["scan"] or {}).get("root", "n/a")
+    scored_by = run.scored_by()  # an evaluation's model
+    model = (cv or {}).get("model") or record.get("model") or scored_by.get("model")
+    model = model or ((config or {}).get("model") or {}).get("name", "n/a")
+    data = (cv or {}).get("data") or record.get("data") or run.data_root() or "n/a"
     # run.json is written after the report: a run's first report reads its seed from splits.json
-    seed = (cv or {}).get("seed", record.get("seed", (found["splits"] or {}).get("seed", "n/a")))
+    seed = (cv or {}).get("seed", record.get("seed", (found["splits"] or {}).get("seed")))
+    if seed is None:  # an evaluation: the training seed of the model it scored
+        seed = scored_by.get("seed", ((config or {}).get("training") or {}).get("seed"))
     ci = metrics.get("ci95") or {}
     figure = lambda k: "n/a" if metrics.get(k) is None else (  # noqa: E731
         f"{metrics[k]:.4f}" + (f" (95% CI {ci[k][0]:.4f}-{ci[k][1]:.4f})" if ci.get(k) else ""))  # fmt: skip
@@ -56,7 +62,7 @@ def _summary(run: RunContents) -> str:
         ["lungxray", __version__],
         ["report written", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")],
         ["data", data],
-        ["seed", seed],
+        ["seed", "n/a" if seed is None else seed],
         ["images scored", metrics.get("n", "n/a")],
         *[list(row) for row in site_rows(metrics)],
         ["accuracy", figure("accuracy")],
@@ -104,7 +110,7 @@ def _test(run: RunContents) -> list[str]:
     predictions = run.found["predictions"]
     if predictions and not cv:
         shown = error_gallery(run.model_dir, predictions, y, probs)
-        sections.append(section("errors", "Most confident errors", body.gallery(shown, run.model_dir)))
+        sections.append(section("errors", "Most confident errors", body.gallery(shown, run.missing_model())))
     return sections
 
 
@@ -116,12 +122,17 @@ def _elsewhere(run: RunContents) -> list[str]:
     if metrics.get("ood"):
         label = "internal test" if run.own_run else "images scored"
         sections.append(section("ood", "Out-of-distribution flag", ood_section(metrics, external, label)))
-    internal = run.model_metrics() if not cv and not run.own_run else None
+    evaluation = not cv and not run.own_run
+    internal = run.model_metrics() if evaluation else None
     if internal is not None and internal["confusion_matrix"] != metrics["confusion_matrix"]:
         # `evaluate` on other data: this data against the model's own test
         root = metrics.get("data") or (run.found["scan"] or {}).get("root", "")
         compared = {Path(root).name or "this data": metrics | {"data": root}}
         sections.append(section("external", "Against the model's own test", external_section(internal, compared)))
+    elif evaluation and internal is None:
+        why = run.missing_model() or "the model bundle holds no test metrics of its own (it was trained, not run)"
+        said = f'<p class="warning">Not compared: {html.escape(why)}.</p>'
+        sections.append(section("external", "Against the model's own test", said))
     elif external and not cv:
         sections.append(section("external", "Other hospitals", external_section(metrics, external)))
     return sections
@@ -129,8 +140,12 @@ def _elsewhere(run: RunContents) -> list[str]:
 
 def write_report(folder: Path, model_dir: Path | None = None) -> Path:
     """Write ``folder/report.html`` from the run, evaluate or cv outputs found in ``folder``;
-    ``model_dir`` (default ``folder/model``) explains the errors in the gallery."""
+    ``model_dir`` (default ``folder/model``, or the bundle an evaluation recorded) explains the
+    errors in the gallery and holds the test an evaluation is compared with. Without it, the page
+    says so where those sections would be, and a warning naming --model is issued."""
     run = read_run(folder, model_dir)
+    if run.missing_model():  # `lungxray report` prints it in one line; the page says it where it applies
+        warnings.warn(f"{run.folder / runfolder.REPORT}: {run.missing_model()}", stacklevel=2)
     sections = _data_and_training(run) + _test(run) + _elsewhere(run)
     if run.found["audit"]:
         sections.append(section("audit", "Shortcut audit", body.audit(run.found["audit"])))

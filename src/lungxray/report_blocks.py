@@ -1,5 +1,5 @@
 """The report's HTML building blocks: an inline PNG image, a table, a section, a path shown relative
-to the data folder, a confidence interval in brackets.
+to the data folder, a confidence interval in brackets, a probability.
 
 Shared by the report's section modules (``report_sections``, ``report_external``) so that every
 table and figure reads the same way. Knows nothing about runs or metrics.
@@ -51,3 +51,13 @@ def relative(path: str, root: str | None) -> str:
 def interval(ci: dict, key: str) -> str:
     """`` (low-high)`` of ``key`` in a metrics dict's ci95, or nothing."""
     return f" ({ci[key][0]:.2f}-{ci[key][1]:.2f})" if ci.get(key) else ""
+
+
+def probability(p: float) -> str:
+    """A probability as the report's pages show it: three decimals, and never rounded to certainty
+    (0.9993 is ">0.999", not 1.00; 0.0004 is "<0.001", not 0.00)."""
+    if p > 0.999:
+        return ">0.999"
+    if p < 0.001:
+        return "<0.001"
+    return f"{p:.3f}"

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from lungxray import runfolder
-from lungxray.bundle import bundle_config, bundle_metrics
+from lungxray.bundle import bundle_config, bundle_metrics, is_bundle
 from lungxray.errors import MissingInputError
 
 # The report's name for each JSON artifact it reads, and the artifact.
@@ -69,6 +69,25 @@ class RunContents:
         """The data folder the scored images came from."""
         return self.metrics.get("data") or (self.found["scan"] or {}).get("root")
 
+    def scored_by(self) -> dict:
+        """What an evaluation recorded of the model that scored the images: its bundle's folder
+        (``model_dir``), its name (``model``) and training seed (``seed``); {} elsewhere."""
+        return (self.found["metrics"] or {}).get("scored_by") or {}
+
+    def missing_model(self) -> str | None:
+        """Why the sections that need the model bundle (the gallery of errors; an evaluation's
+        comparison with the model's own test) cannot be drawn, in words naming --model; None when
+        they can, or when the folder has none of them (cv)."""
+        if self.cv or (self.own_run and not self.found["predictions"]) or is_bundle(self.model_dir):
+            return None
+        recorded = self.scored_by().get("model_dir")
+        where = (
+            f"the model that scored these images is no longer at {recorded}"
+            if recorded and Path(recorded) == self.model_dir
+            else f"no model bundle at {self.model_dir}"
+        )
+        return f"{where}; pass --model BUNDLE to `lungxray report` to draw what needs it"
+
     def run_record(self) -> dict:
         """run.json ({} before `run` wrote it: the report of a run is written before run.json)."""
         return runfolder.read_json(self.folder, runfolder.RUN) or {}
@@ -104,8 +123,8 @@ class RunContents:
             y = np.array([classes.index(it["label"]) for it in predictions["images"]])
             return Scores(
                 y,
-                np.array([it["probabilities"] for it in predictions["images"]]),
-                np.array([it["uncalibrated"] for it in predictions["images"]]),
+                np.array([runfolder.by_class(it["probabilities"], classes) for it in predictions["images"]]),
+                np.array([runfolder.by_class(it["uncalibrated"], classes) for it in predictions["images"]]),
                 predictions["temperature"],
             )
         return Scores(None, None, None, 1.0)
@@ -113,10 +132,14 @@ class RunContents:
 
 def read_run(folder: Path, model_dir: Path | None = None) -> RunContents:
     """The artifacts of the run, evaluate or cv folder ``folder``; ``model_dir`` defaults to
-    ``folder/model``. A folder without metrics.json or cv.json is refused."""
+    ``folder/model`` (a run's bundle), else the bundle an evaluation recorded in its metrics.json.
+    A folder without metrics.json or cv.json is refused."""
     folder = Path(folder)
-    model_dir = Path(model_dir) if model_dir is not None else folder / runfolder.MODEL
     found = {key: runfolder.read_json(folder, name) for key, name in ARTIFACTS.items()}
+    if model_dir is None:
+        recorded = ((found["metrics"] or {}).get("scored_by") or {}).get("model_dir")
+        own = folder / runfolder.MODEL
+        model_dir = Path(recorded) if recorded and not is_bundle(own) else own
     if (found["metrics"] or (found["cv"] or {}).get("pooled")) is None:
         raise MissingInputError(
             f"{folder} holds no {runfolder.METRICS} or {runfolder.CV}",
@@ -127,4 +150,4 @@ def read_run(folder: Path, model_dir: Path | None = None) -> RunContents:
         for sub in sorted((folder / runfolder.EXTERNAL).glob("*"))
         if (sub / runfolder.METRICS).is_file()
     }
-    return RunContents(folder, model_dir, found, external)
+    return RunContents(folder, Path(model_dir), found, external)

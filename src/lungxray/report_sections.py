@@ -18,8 +18,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lungxray.metrics import ECE_BINS, expected_calibration_error
-from lungxray.plots import confusion_figure, curves_figure, reliability_figure, roc_figure, search_figure
-from lungxray.report_blocks import figure, img, relative, table
+from lungxray.plots import (
+    MIN_BIN_IMAGES,
+    confusion_figure,
+    curves_figure,
+    reliability_figure,
+    roc_figure,
+    search_figure,
+)
+from lungxray.report_blocks import figure, img, probability, relative, table
 
 if TYPE_CHECKING:
     from lungxray.saliency import ErrorGallery
@@ -222,22 +229,44 @@ def decision(calibration: dict | None) -> str:
     return text + table(["on these images", "before scaling", "as served"], rows)
 
 
+def calibration_sets(probs: np.ndarray, raw: np.ndarray | None, temperature: float) -> dict[str, np.ndarray]:
+    """The probabilities the reliability diagram draws, by legend label: before and after
+    temperature scaling, or one set when there is one to draw (``raw`` None: cv keeps only the
+    probabilities as served; T = 1: scaling left them as they were)."""
+    if raw is None:
+        return {"as served": probs}
+    if abs(temperature - 1) < 1e-3 or np.allclose(raw, probs, atol=1e-6):
+        return {f"before = after scaling (T = {temperature:.2f})": probs}
+    return {"before scaling": raw, f"after (T = {temperature:.2f})": probs}
+
+
 def calibration(y: np.ndarray, probs: np.ndarray, raw: np.ndarray | None, temperature: float) -> str:
-    """The reliability diagram before and after temperature scaling (``raw``: None for cv, which
-    keeps only the probabilities as served) and the ECE of each."""
-    labelled = {
-        label: p for label, p in (("before scaling", raw), (f"after (T = {temperature:.2f})", probs)) if p is not None
-    }
+    """The reliability diagram before and after temperature scaling (one line where they are the
+    same, ``calibration_sets``) and the ECE of each."""
+    labelled = calibration_sets(probs, raw, temperature)
     rows = [[label, expected_calibration_error(y, p)] for label, p in labelled.items()]
-    alt = "reliability diagram: accuracy against confidence, before and after temperature scaling"
-    return figure(reliability_figure(y, labelled), alt) + table(
-        ["probabilities", f"expected calibration error ({ECE_BINS} bins)"], rows
+    alt = "reliability diagram: accuracy against confidence, " + (
+        "before and after temperature scaling" if len(labelled) > 1 else next(iter(labelled))
+    )
+    said = (
+        "<p>Each point: one bin of the images sorted by confidence, their mean confidence against their "
+        f"accuracy. The bins hold equal numbers of images, at least {MIN_BIN_IMAGES} each (one bin when "
+        "there are fewer): fewer images would make the line zigzag with chance."
+    )
+    if raw is not None and len(labelled) == 1:
+        said += " Temperature scaling left the probabilities as they were: one line shows both."
+    return (
+        figure(reliability_figure(y, labelled), alt)
+        + said
+        + "</p>"
+        + table(["probabilities", f"expected calibration error ({ECE_BINS} equal-width bins)"], rows)
     )
 
 
-def gallery(shown: ErrorGallery, model_dir) -> str:
+def gallery(shown: ErrorGallery, no_model: str | None) -> str:
     """The most confident errors laid out as captioned pictures, each the image with the model's
-    saliency overlay (``saliency.error_gallery``), or why there are none."""
+    saliency overlay (``saliency.error_gallery``), or why there are none (``no_model``: why there is
+    no bundle to explain them with, ``RunContents.missing_model``)."""
     from pathlib import Path
 
     from PIL import Image
@@ -245,7 +274,7 @@ def gallery(shown: ErrorGallery, model_dir) -> str:
     if shown.n_errors == 0:
         return "<p>No errors on these images.</p>"
     if not shown.bundle:
-        return f"<p>No model bundle at {html.escape(str(model_dir))}: overlays left out.</p>"
+        return f'<p class="warning">{shown.n_errors} error(s), not shown: {html.escape(no_model or "no model")}.</p>'
     if not shown.items:
         return "<p>The images of the errors are no longer where the run found them: overlays left out.</p>"
     cards = []
@@ -256,9 +285,10 @@ def gallery(shown: ErrorGallery, model_dir) -> str:
         path = Path(it["path"])
         cards.append(
             f"<figure>{img(buf.getvalue(), 'overlay')}"
-            f"<figcaption>{html.escape(str(Path(path.parent.name) / path.name))}<br>"
+            f'<figcaption><span class="name">{html.escape(str(Path(path.parent.name) / path.name))}</span><br>'
             f"true {html.escape(it['label'])}, "
-            f"predicted {html.escape(it['predicted'])} ({it['confidence']:.2f})</figcaption></figure>"
+            f"predicted {html.escape(it['predicted'])} ({html.escape(probability(it['confidence']))})"
+            "</figcaption></figure>"
         )
     intro = f"<p>{len(cards)} most confident errors; colour shows where the model looked.</p>"
     return f'{intro}<div class="gallery">{"".join(cards)}</div>'

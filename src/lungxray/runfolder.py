@@ -100,6 +100,40 @@ def read_json(folder: Path, name: str):
         ) from None
 
 
+def by_class(probabilities: dict | list, classes: list[str]) -> list[float]:
+    """An image's probabilities in ``classes``' order, from the one shape every file writes, a
+    class-to-probability map, or from the list that older predictions.json files hold."""
+    return [probabilities[c] for c in classes] if isinstance(probabilities, dict) else list(probabilities)
+
+
+PREDICTIONS_CSV = "predictions.csv"  # evaluate --csv: predictions.json as a table
+
+
+def predictions_csv(rows: list[dict], classes: list[str]) -> str:
+    """The rows of predict or predictions.json as CSV for a spreadsheet: path, label (when given),
+    predicted class, one ``p_CLASS`` column per class, the out-of-distribution fields, site, the
+    manifest's other columns (``meta_NAME``) and the reason for a file that could not be read."""
+    import csv
+    import io
+
+    fixed = ["path", *(["label"] if any("label" in r for r in rows) else []), "class"]
+    fixed += [f"p_{c}" for c in classes] + ["ood_score", "in_distribution"]
+    fixed += ["site"] if any("site" in r for r in rows) else []
+    meta = list(dict.fromkeys(k for r in rows for k in r.get("meta", {})))
+    errors = ["error"] if any("error" in r for r in rows) else []
+    text = io.StringIO()
+    writer = csv.DictWriter(text, [*fixed, *(f"meta_{k}" for k in meta), *errors], lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        probabilities = r.get("probabilities") or {}
+        writer.writerow(
+            {k: r[k] for k in ("path", "label", "class", "ood_score", "in_distribution", "site", "error") if k in r}
+            | {f"p_{c}": probabilities[c] for c in classes if c in probabilities}
+            | {f"meta_{k}": v for k, v in r.get("meta", {}).items()}
+        )
+    return text.getvalue()
+
+
 PATIENT_KEY = "patient-key"  # the key of the patient pseudonyms in the run's files; not to be shared
 
 

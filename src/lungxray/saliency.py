@@ -97,12 +97,8 @@ def side_by_side(picture: np.ndarray, heat: np.ndarray, caption: str) -> np.ndar
     page rely on it) and the service draws these from several threads at once."""
     from PIL import Image, ImageDraw, ImageFont
 
-    h, w = picture.shape
-    scale = PANEL / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # (width, height)
-    gray = np.asarray(Image.fromarray(picture).resize(size, Image.Resampling.BILINEAR))
-    # The model saw the picture squashed into a square: its map stretches back the same way.
-    stretched = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
+    gray, blended = panels(picture, heat)
+    size = (gray.shape[1], gray.shape[0])  # (width, height)
     gap, bar, label_width = 12, 16, 40
     font = ImageFont.load_default(size=14)
     width = 2 * size[0] + 2 * gap + bar + 6 + label_width
@@ -110,7 +106,7 @@ def side_by_side(picture: np.ndarray, heat: np.ndarray, caption: str) -> np.ndar
     top = 8 + 18 * len(lines)
     canvas = Image.new("RGB", (width, size[1] + top), "white")
     canvas.paste(Image.fromarray(gray).convert("RGB"), (0, top))
-    canvas.paste(Image.fromarray(overlay(gray, stretched)), (size[0] + gap, top))
+    canvas.paste(Image.fromarray(blended), (size[0] + gap, top))
     import matplotlib
 
     ramp = matplotlib.colormaps["jet"](np.linspace(1, 0, size[1]))[:, :3]  # (H, 3): high at the top
@@ -124,6 +120,24 @@ def side_by_side(picture: np.ndarray, heat: np.ndarray, caption: str) -> np.ndar
     draw.text((x_bar + bar + 4, top), "high", fill="black", font=font)
     draw.text((x_bar + bar + 4, top + size[1] - 16), "low", fill="black", font=font)
     return np.asarray(canvas)
+
+
+def panels(picture: np.ndarray, heat: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(H, W) uint8 picture at its own aspect ratio + (h, w) map in [0, 1] of the model's square
+    input, or None -> the picture ``PANEL`` px on its long side, (H', W') uint8, and the same with
+    the map over it (``overlay``), (H', W', 3) uint8 (None without a map): ``side_by_side``'s
+    halves, which the upload page lays out itself."""
+    from PIL import Image
+
+    h, w = picture.shape
+    scale = PANEL / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # (width, height)
+    gray = np.asarray(Image.fromarray(picture).resize(size, Image.Resampling.BILINEAR))
+    if heat is None:
+        return gray, None
+    # The model saw the picture squashed into a square: its map stretches back the same way.
+    stretched = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
+    return gray, overlay(gray, stretched)
 
 
 def _wrap(text: str, font, width: float) -> list[str]:
@@ -171,9 +185,13 @@ def _explain_into(predictor: Predictor, paths: list[Path], out: Path) -> list[di
 
 def caption(predictor: Predictor, answer: dict) -> str:
     """What the map shows, in a few words: the method and the class it explains."""
-    method = "Grad-CAM" if get_spec(predictor.config_["model"]["name"]).cam_layer is not None else "input gradient"
     flagged = " (out of distribution: no reliable answer)" if answer.get("in_distribution") is False else ""
-    return f"where the model looked ({method}) for: {answer['class']}{flagged}"
+    return f"where the model looked ({method(predictor)}) for: {answer['class']}{flagged}"
+
+
+def method(predictor: Predictor) -> str:
+    """How ``saliency`` maps this predictor's model: "Grad-CAM" or "input gradient"."""
+    return "Grad-CAM" if get_spec(predictor.config_["model"]["name"]).cam_layer is not None else "input gradient"
 
 
 GALLERY_SIZE = 8  # errors shown in the report's gallery

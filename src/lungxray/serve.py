@@ -1,31 +1,39 @@
 """The web service: a FastAPI app built around one ``Predictor``, loaded once at start-up.
 
 ``POST /predict`` and ``POST /explain`` take a multipart upload (field ``file``); ``GET /health``,
-``GET /model`` and the upload page at ``/``. Inference runs in a worker thread so the event loop
-never waits on the model; at most one model call per core runs at a time. Every bad upload gets a
-4xx with a message that says what was wrong: too large (413), empty, not an image, truncated, a
-decompression bomb, an unsupported mode, a DICOM file that is not a frontal radiograph (422).
-DICOM uploads are read as in training (``decode.py``); no patient data comes back.
-Holds no training code.
+``GET /model``, ``GET /model/card`` and the upload page at ``/``. Every answer about an image
+carries the model that gave it (``serve_schema.model_context``: name, version, training date, data,
+measured figures, card); the answers' typed models are ``serve_schema``'s. Inference runs in a
+worker thread so the event loop never waits on the model; at most one model call per core runs at
+a time. Every bad upload gets a 4xx whose message names the file and says what was wrong: too
+large (413), empty, not an image, truncated, a decompression bomb, an unsupported mode, a DICOM
+file that is not a frontal radiograph (422). DICOM uploads are read as in training
+(``decode.py``); no patient data comes back. Holds no training code.
 """
 
 from __future__ import annotations
 
+import html
 import io
+import logging
 import os
+import re
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Annotated, Literal
 
 import anyio
 import numpy as np
 import torch
-from fastapi import FastAPI, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from lungxray.config import ServeTimeouts
 from lungxray.errors import UnusableImage
 from lungxray.predictor import Predictor
+from lungxray.serve_schema import Health, ModelInfo, Prediction, Problem, model_context
+from lungxray.version import __version__
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # An over-limit body is read and dropped up to this many bytes before the 413 goes out: a client
@@ -36,15 +44,36 @@ PAGE = Path(__file__).with_name("upload.html")
 
 
 def _decode_upload(predictor: Predictor, data: bytes, name: str = "") -> np.ndarray:
-    """Upload bytes (a file called ``name``) -> (H, W) uint8 preprocessed image, or a 422 that says why not."""
+    """Upload bytes (a file called ``name``) -> (H, W) uint8 preprocessed image, or a 422 that names
+    the file, says why not and what to do."""
     try:
         return predictor.decode(data, name=name)
-    except UnusableImage as exc:
-        raise HTTPException(status_code=422, detail=f"unusable image: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - a hostile file may break a decoder in any way; never a 500
-        raise HTTPException(
-            status_code=422, detail=f"could not read the upload as an image ({type(exc).__name__}: {exc})"
-        ) from None
+        if not isinstance(exc, UnusableImage):  # the type only: the file's name or bytes may identify a patient
+            logging.getLogger(__name__).warning("an upload broke the image decoder: %s", type(exc).__name__)
+        raise HTTPException(status_code=422, detail=unreadable(exc, name)) from None
+
+
+# A decoder's own words name the library that failed: a person uploading a film cannot act on them.
+LIBRARY = re.compile(r"\b(Pillow|PIL)\b")
+
+
+def unreadable(exc: Exception, name: str) -> str:
+    """What a user reads when the upload called ``name`` cannot be used: the file, why, what to do.
+    ``UnusableImage``'s reason is kept unless it names a library; any other failure is a file that
+    is not an image lungxray reads."""
+    shown = f"'{_shown_name(name)}'" if _shown_name(name) else "The upload"
+    reason = str(exc) if isinstance(exc, UnusableImage) else ""
+    if not reason or LIBRARY.search(reason):
+        return f"{shown} is not an image lungxray can read (PNG, JPEG, DICOM, ...): upload a chest X-ray image file"
+    said = "; ".join(part.rstrip(". ") for part in (reason, exc.hint) if part)
+    return f"{shown} cannot be used: {said}. Upload a frontal chest X-ray (PNG, JPEG or DICOM)."
+
+
+def _shown_name(name: str) -> str:
+    """The upload's file name as it may be shown: its last path part, printable, at most 120 characters."""
+    base = re.split(r"[\\/]", name)[-1]
+    return "".join(c for c in base if c.isprintable())[:120]
 
 
 async def _read_limited(file: UploadFile, limit: int) -> bytes:
@@ -100,7 +129,12 @@ def create_app(
     # /docs and /redoc from the Swagger UI and ReDoc files that fastapi-offline installs, not from
     # a CDN: a hospital network without internet access gets them too.
     app: FastAPI = FastAPIOffline(
-        title="lungxray", summary="Chest X-ray classifier: predictions and where the model looked", lifespan=lifespan
+        title="lungxray",
+        summary="Chest X-ray classifier: predictions and where the model looked",
+        description="Research use only: not a diagnosis. Every answer names the model that gave it and how it "
+        "scored on films it never trained on (GET /model, GET /model/card).",
+        version=__version__,
+        lifespan=lifespan,
     )
     _add_guards(app, max_upload_bytes, allowed_hosts)
     _add_routes(app, max_upload_bytes)
@@ -140,6 +174,10 @@ async def _security_headers(request: Request, call_next):
             "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
             "img-src data: blob:; connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
         )
+    if request.url.path == "/model/card":  # text and its own style only
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'"
+        )
     if request.url.path in ("/docs", "/redoc"):
         # Nothing but this service: ReDoc's sidebar would fetch its maker's logo from a CDN.
         response.headers["Content-Security-Policy"] = (
@@ -150,15 +188,38 @@ async def _security_headers(request: Request, call_next):
     return response
 
 
-def _add_routes(app: FastAPI, max_upload_bytes: int) -> None:
-    """/health, /model, /predict, /explain and the upload page."""
+UPLOAD_ERRORS: dict = {
+    413: {"model": Problem, "description": "The upload is larger than the service's limit."},
+    422: {
+        "model": Problem,
+        "description": "The upload cannot be used: the message names the file, says why and what to do.",
+    },
+}
+Upload = Annotated[UploadFile, File(description="One chest X-ray file: PNG, JPEG or DICOM.")]
+PanelQuery = Annotated[
+    Literal["figure", "read", "overlay"],
+    Query(
+        description="'figure': both halves, the colour scale and a caption in one image; 'read': the film "
+        "alone; 'overlay': the film with the map alone (the upload page captions these itself)."
+    ),
+]
 
-    @app.get("/health")
+
+def _add_routes(app: FastAPI, max_upload_bytes: int) -> None:
+    """/health, /model, /model/card, /predict, /explain and the upload page; each route's docstring
+    is its description in the OpenAPI schema (/docs, /redoc)."""
+
+    @app.get("/health", response_model=Health, summary="Whether the service answers")
     async def health() -> dict:
+        """'ok' once the model is loaded and requests are answered."""
         return {"status": "ok"}
 
-    @app.get("/model")
+    @app.get("/model", response_model=ModelInfo, summary="The model that answers")
     async def model(request: Request) -> dict:
+        """Which model answers (name, lungxray version, training date, data), how it reads an image,
+        its figures against chance on the test split, its sites and external sets, and its card."""
+        from lungxray.saliency import method
+
         p = request.app.state.predictor
         return {
             "classes": p.classes_,
@@ -172,25 +233,69 @@ def _add_routes(app: FastAPI, max_upload_bytes: int) -> None:
             "headline": p.headline_,
             "metrics": p.metrics_,
             "model_card": p.card_,  # MODEL_CARD.md (Markdown), None for a bundle without one
+            "explanation": method(p),
+            "model_context": _context(request),
         }
 
-    @app.post("/predict")
-    async def predict(request: Request, file: UploadFile) -> dict:
+    no_card = {404: {"model": Problem, "description": "The bundle holds no model card."}}
+
+    @app.get("/model/card", response_class=HTMLResponse, summary="The model card, as a page", responses=no_card)
+    async def model_card(request: Request) -> str:
+        """The bundle's MODEL_CARD.md (how the model was trained and measured, its intended use and
+        its limits) under the model's name, version and training date."""
+        p = request.app.state.predictor
+        if p.card_ is None:
+            detail = "this model's bundle holds no model card (MODEL_CARD.md); `lungxray run` writes one"
+            raise HTTPException(status_code=404, detail=detail)
+        return _card_page(p.card_, _context(request))
+
+    @app.post("/predict", response_model=Prediction, responses=UPLOAD_ERRORS, summary="Classify one chest X-ray")
+    async def predict(request: Request, file: Upload) -> dict:
+        """The class probabilities of one uploaded film and its out-of-distribution score (an image
+        unlike the training films is flagged, and its class is no answer), with the model that answered."""
         p = request.app.state.predictor
         data = await _read_limited(file, max_upload_bytes)
         probs, score = await _in_worker(request, _decode_and_predict, p, data, file.filename or "")
-        return {**p.describe(probs, score), "model": p.config_["model"]["name"]}
+        return {**p.describe(probs, score), "model": p.config_["model"]["name"], "model_context": _context(request)}
 
-    @app.post("/explain", response_class=Response, responses={200: {"content": {"image/png": {}}}})
-    async def explain(request: Request, file: UploadFile) -> Response:
+    png = {200: {"content": {"image/png": {}}, "description": "The picture that `panel` names, as PNG."}}
+
+    @app.post("/explain", response_class=Response, responses=png | UPLOAD_ERRORS, summary="Where the model looked")
+    async def explain(request: Request, file: Upload, panel: PanelQuery = "figure") -> Response:
+        """The uploaded film as read and, in warm colours, the regions the model relied on for its
+        answer (Grad-CAM, or the input gradient for the MLP)."""
         p = request.app.state.predictor
         data = await _read_limited(file, max_upload_bytes)
-        png = await _in_worker(request, _overlay_png, p, data, request.app.state.explain_lock, file.filename or "")
+        lock, name = request.app.state.explain_lock, file.filename or ""
+        png = await _in_worker(request, _picture_png, p, data, lock, name, panel)
         return Response(content=png, media_type="image/png")
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse, summary="The upload page")
     async def page() -> str:
+        """Choose or drop a film: its answer, the model that gave it and where it looked appear."""
         return PAGE.read_text().replace("__MAX_UPLOAD_BYTES__", str(max_upload_bytes))
+
+
+def _context(request: Request) -> dict:
+    """``serve_schema.model_context`` of the app's model, its card linked where this service serves it."""
+    return model_context(request.app.state.predictor, str(request.url_for("model_card")))
+
+
+CARD_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Model card: {name}</title>
+<style>body {{ font-family: system-ui, sans-serif; max-width: 60em; margin: 1.5em auto; padding: 0 1em; color: #222 }}
+pre {{ font: inherit; line-height: 1.45; white-space: pre-wrap; overflow-wrap: anywhere }}</style></head>
+<body><h1>Model card: {name}</h1>
+<p>Made by lungxray {version}, trained {trained}. Research use only: not a diagnosis.</p>
+<pre>{card}</pre></body></html>
+"""
+
+
+def _card_page(card: str, context: dict) -> str:
+    """The model card's Markdown, shown as written, in a page headed by the model's name."""
+    fields = {**context, "trained": context["trained"] or "on a day not recorded", "card": card}
+    return CARD_PAGE.format(**{k: html.escape(str(fields[k])) for k in ("name", "version", "trained", "card")})
 
 
 async def _in_worker(request: Request, func, *args):
@@ -205,20 +310,30 @@ def _decode_and_predict(predictor: Predictor, data: bytes, name: str) -> tuple[n
     return predictor.predict_arrays(image)[0], None if scores is None else float(scores[0])
 
 
-def _overlay_png(predictor: Predictor, data: bytes, lock: threading.Lock, name: str) -> bytes:
-    """The upload as read beside where the model looked (``saliency.side_by_side``), as PNG."""
-    from PIL import Image
-
-    from lungxray.saliency import caption, saliency, side_by_side
+def _picture_png(predictor: Predictor, data: bytes, lock: threading.Lock, name: str, panel: str) -> bytes:
+    """The upload as read and where the model looked, as PNG: ``saliency.side_by_side``'s figure, or
+    one of its halves alone (``panel`` "read" or "overlay", ``saliency.panels``)."""
+    from lungxray.saliency import caption, panels, saliency, side_by_side
 
     image = _decode_upload(predictor, data, name)
+    picture = predictor.display(data, name)  # decoded above already: it reads
+    if panel == "read":
+        return _png(panels(picture)[0])
     with lock:
         heat = saliency(predictor, image[None])[0]
+    if panel == "overlay":
+        return _png(panels(picture, heat)[1])
     scores = predictor.ood_scores(image[None])
     answer = predictor.describe(predictor.predict_arrays(image[None])[0], None if scores is None else float(scores[0]))
-    picture = predictor.display(data, name)  # decoded above already: it reads
+    return _png(side_by_side(picture, heat, caption(predictor, answer)))
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    """(H, W) or (H, W, 3) uint8 -> PNG bytes."""
+    from PIL import Image
+
     buf = io.BytesIO()
-    Image.fromarray(side_by_side(picture, heat, caption(predictor, answer))).save(buf, format="PNG")
+    Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
 
 
