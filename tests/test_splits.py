@@ -111,6 +111,7 @@ def test_too_few_images_for_the_folds_is_a_clear_error():
     assert "fewer --folds" in info.value.hint
 
 
+@pytest.mark.slow  # 60 generated datasets: the full suite runs it
 @settings(max_examples=60, deadline=None)
 @given(
     patients=st.lists(st.one_of(st.none(), st.sampled_from("ABCDEFGHIJ")), min_size=60, max_size=60),

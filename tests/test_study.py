@@ -137,6 +137,7 @@ def test_a_trial_reaches_its_storage_and_id_through_public_attributes(tmp_path):
     assert storage_trial_id(trial) == trial._trial_id
 
 
+@pytest.mark.slow  # waits out a heartbeat's grace period: the full suite runs it
 def test_a_stale_trial_is_failed_and_retried_once_with_its_parameters(tmp_path):
     """``retry_once`` and ``retried_trial_number`` over Optuna's heartbeat: a trial whose heartbeat
     stopped is failed and queued once more; the retry says which trial it retries."""
