@@ -15,8 +15,9 @@ ifeq ($(DATA),../shared/data/covid19-image-dataset)
 DATA_SOURCES ?= Kaggle pranavraikokte/covid19-image-dataset: COVID-19 images from the University of Montreal public COVID chest X-ray collection (adults); Normal and Viral Pneumonia images from a public pediatric pneumonia X-ray collection. Research use only.
 endif
 SEED   ?= 0
-# PyTorch's build: cpu (default), or a CUDA build from PyTorch's wheel index: `make setup TORCH=cu128`
-TORCH  ?= cpu
+# PyTorch's build: unset, torch==2.13.0 from pip's own index (the CPU wheel on disk here; on Linux, PyPI's
+# build is a CUDA one); cpu or a CUDA version, that build from PyTorch's wheel index: `make setup TORCH=cu128`
+TORCH  ?=
 # The tests `make test-fast` runs: none that trains for long, drives a browser or starts a process or server.
 FAST   := not slow and not browser and not postgres and not processes
 
@@ -24,10 +25,10 @@ FAST   := not slow and not browser and not postgres and not processes
 
 setup: $(VENV)/.installed
 
-# torch first and pinned: the CPU wheel by default; nothing may pull another torch build.
+# torch first and pinned (TORCH picks the build); nothing may pull another torch build.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0 $(if $(filter-out cpu,$(TORCH)),--index-url https://download.pytorch.org/whl/$(TORCH))
+	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH),--index-url https://download.pytorch.org/whl/$(TORCH))
 	$(BIN)/pip install --quiet -e '.[test,dicom,postgres,mlflow]'
 	touch $@
 

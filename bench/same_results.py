@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from lungxray.runfolder import by_class
+
 
 def _relative(path: str, root: str) -> str:
     return str(Path(path).relative_to(root)) if root else path
@@ -27,9 +29,17 @@ def _trials(folder: Path):
 
 
 def _predictions(path: Path):
+    """Paths made relative; probabilities in the classes' order, whether the file holds them as
+    {class: p} maps or as the lists older versions wrote; the predicted class (older files lack
+    it) left out, as it follows from the probabilities."""
     data = json.loads(path.read_text())
     root = os.path.commonpath([i["path"] for i in data["images"]]) if data["images"] else ""
-    return data | {"images": [i | {"path": _relative(i["path"], root)} for i in data["images"]]}
+
+    def same_shape(image: dict) -> dict:
+        ordered = {k: by_class(image[k], data["classes"]) for k in ("probabilities", "uncalibrated") if k in image}
+        return {k: v for k, v in image.items() if k != "class"} | ordered | {"path": _relative(image["path"], root)}
+
+    return data | {"images": [same_shape(i) for i in data["images"]]}
 
 
 def _out_of_fold(path: Path):

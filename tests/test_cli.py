@@ -174,6 +174,20 @@ def test_predict_csv_is_a_table_of_the_json_answers_and_never_replaces_a_file(tr
     assert capsys.readouterr().out.splitlines()[1].startswith(f"{images[0]},{answers[0]['class']},")
 
 
+def test_the_csv_table_reads_older_lists_and_never_hands_a_spreadsheet_a_formula():
+    import csv
+    import io
+
+    from lungxray.runfolder import predictions_csv
+
+    rows = [{"path": "=HYPERLINK(x).png", "class": "b", "probabilities": [0.25, 0.75],  # as older files hold them
+             "meta": {"age": "-1", "note": "@SUM(A1)", "view": "+PA"}}]  # fmt: skip
+    [row] = list(csv.DictReader(io.StringIO(predictions_csv(rows, ["a", "b"]))))
+    assert (row["p_a"], row["p_b"]) == ("0.25", "0.75")
+    assert row["path"] == "'=HYPERLINK(x).png" and row["meta_note"] == "'@SUM(A1)" and row["meta_view"] == "'+PA"
+    assert row["meta_age"] == "-1"  # a number stays a number
+
+
 def test_evaluate_writes_one_probability_shape_and_csv_on_request(trained_run, tmp_path):
     import csv
 

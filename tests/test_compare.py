@@ -64,7 +64,7 @@ def test_compare_prints_each_folders_settings_and_figures(folders, capsys):
     assert rows["final_epochs"] == ["3", "", "3"]
     assert rows["folds"] == ["", "3", ""]
     assert rows["site_balanced"] == rows["site_normalise"] == ["false", "false", "false"]
-    assert rows["val_by"] == ["group", "", ""]
+    assert rows["val_by"] == ["group", "group", ""]  # cv.json records it too (cv --by site --val-by site)
     assert rows["bundle"] == ["", "", str((run / "model").resolve())]
     best = _json(run, "best_params.json")["params"]
     fold_lr = [f["params"]["learning_rate"] for f in _json(cv, "cv.json")["per_fold"]]

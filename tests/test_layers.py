@@ -15,12 +15,35 @@ MODULES = {p.stem for p in PACKAGE.glob("*.py")}  # "__init__" is the package it
 
 # Bottom to top: a module imports from its own layer or the ones below it.
 LAYERS = [
-    {"errors", "version", "options", "config", "runfolder", "progress"},  # settings and the run folder's names
-    {"decode", "dicom", "cache", "layout", "manifest", "data", "splits", "confound"},  # reading data
-    {"models", "infer", "ood", "metrics", "plots", "augment", "_fused_kernel"},  # networks and figures
+    {"errors", "version", "options", "labelling", "config", "runfolder", "progress"},  # settings, run folder names
+    {"decode", "dicom", "cache", "layout", "targets", "manifest", "data", "splits", "stratify", "confound"},  # data
+    # networks and figures
+    {
+        "models",
+        "infer",
+        "ood",
+        "metrics",
+        "metrics_multilabel",
+        "plots",
+        "augment",
+        "_fused_kernel",
+        "losses",
+        "multilabel_calibration",
+    },
     {"bundle", "predictor", "onnx_export", "saliency", "serve", "serve_schema"},  # serving a saved model
     {"fused", "train", "study", "tune", "workers"},  # learning
-    {"evaluation", "report", "report_blocks", "report_data", "report_external", "report_sections", "card", "labels"},
+    {
+        "evaluation",
+        "evaluation_multilabel",
+        "report",
+        "report_blocks",
+        "report_data",
+        "report_external",
+        "report_sections",
+        "report_multilabel",
+        "card",
+        "labels",
+    },
     {"job", "pipeline", "cv", "launch", "compare", "tracking"},  # the stages, wired; their folders compared, logged
     {"flags", "console", "cli", "__init__"},  # what users call
 ]
@@ -116,7 +139,8 @@ def test_serving_and_judging_sides_import_no_training_code():
 
 def test_settings_and_errors_sit_at_the_bottom():
     assert _reachable("errors") == set()
-    assert _reachable("config") == {"errors", "options"}
+    assert _reachable("config") == {"errors", "options", "labelling"}
+    assert _reachable("labelling") == {"errors", "options"}
     assert _reachable("options") == {"errors"}
     assert _reachable("runfolder") == {"errors"}
 

@@ -146,12 +146,17 @@ def test_mlflow_missing_fails_before_the_job_with_the_install_hint(command, tmp_
 
 
 def test_a_store_mlflow_cannot_use_fails_before_the_job(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # MLflow 3 refuses its file store without it
     data, out = write_tree(tmp_path / "data", per_class=2), tmp_path / "out"
-    assert cli("run", data, "--out", out, "--mlflow", f"file://{tmp_path / 'mlruns'}", "--quiet") == 2
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:s3cret@mlflow.example.org")
+    # MLflow's deprecated file store, and a path, are refused whatever MLflow's version
+    for store in (f"file://{tmp_path / 'mlruns'}", "mlruns"):
+        assert cli("run", data, "--out", out, "--mlflow", store, "--quiet") == 2
+        err = capsys.readouterr().err
+        assert f"--mlflow '{store}' is not a database or server URI (MLflow's file store is deprecated)" in err
+        assert "for https://alice:***@mlflow.example.org" in err and "s3cret" not in err  # the default, masked
+    assert cli("run", data, "--out", out, "--mlflow", "nosuch://host/db", "--quiet") == 2  # MLflow's own refusal
     err = capsys.readouterr().err
-    assert f"MLflow cannot use the store file://{tmp_path / 'mlruns'}" in err
-    assert "hint: give a database URI such as sqlite:///" in err
+    assert (
+        "MLflow cannot use the store nosuch://host/db" in err and "hint: give a database URI such as sqlite:///" in err
+    )
     assert not out.exists()
-    assert cli("run", data, "--out", out, "--mlflow", "mlruns", "--quiet") == 2  # a path, not a URI
-    assert "--mlflow 'mlruns' is not a tracking URI" in capsys.readouterr().err

@@ -63,6 +63,12 @@ class BundleConfig:
     """Where the images came from, in words (``--data-sources``)."""
     ood: dict | None = None
     """The out-of-distribution score's method and threshold (its tensors: ood.safetensors)."""
+    task: str = "single"
+    """"multilabel": a sigmoid per class (each a finding), else one softmax over the classes."""
+    thresholds: dict | None = None
+    """Multi-label: each finding's decision threshold, on its calibrated probability."""
+    temperatures: dict | None = None
+    """Multi-label: each finding's temperature T, its probability sigmoid(logit / T)."""
 
     @property
     def temperature(self) -> float:
@@ -83,6 +89,8 @@ class BundleConfig:
             "calibration": self.calibration,
             "training_data": self.training_data,
         }
+        if self.task == "multilabel":  # a single-label config.json names no task
+            sections |= {"task": self.task, "thresholds": self.thresholds, "temperatures": self.temperatures}
         return sections | ({"ood": self.ood} if self.ood is not None else {})
 
     @classmethod
@@ -90,7 +98,10 @@ class BundleConfig:
         """The sections of a checked config.json (absent optional ones: empty)."""
         optional = {k: config.get(k) or {} for k in ("training", "calibration", "training_data")}
         preprocessing = Preprocessing.from_json(config["preprocessing"])
-        return cls(tuple(config["classes"]), config["model"], preprocessing, **optional, ood=config.get("ood"))
+        multilabel = {k: config.get(k) for k in ("thresholds", "temperatures")} | {"task": config.get("task", "single")}
+        return cls(
+            tuple(config["classes"]), config["model"], preprocessing, **optional, ood=config.get("ood"), **multilabel
+        )
 
 
 def _sha256(path: Path) -> str:
@@ -304,8 +315,9 @@ def _read_manifest(folder: Path) -> dict[str, str]:
 
 def validate_config(config: dict, folder: Path) -> None:
     """config.json's values, checked before anything is allocated: format, classes, image size,
-    model and its hyperparameters within the registry's limits, a finite positive temperature.
-    The checks run in that order; the first that fails is the error."""
+    model and its hyperparameters within the registry's limits, a finite positive temperature, a
+    multi-label model's thresholds and temperatures (``_check_task``). The checks run in that
+    order; the first that fails is the error."""
 
     def bad(what: str) -> BundleError:
         return BundleError(f"{folder / CONFIG}: {what}", hint="re-export the model; a bundle is not edited by hand")
@@ -318,14 +330,15 @@ def validate_config(config: dict, folder: Path) -> None:
             raise bad(f"{section} must be an object")
     if not isinstance(config.get("calibration", {}), dict):
         raise bad("calibration must be an object")
-    classes = config.get("classes")
-    if not isinstance(classes, list) or not 2 <= len(classes) <= 1000 or len(set(classes)) != len(classes):
-        raise bad("classes must be a list of 2 to 1000 distinct names")
+    classes, fewest = config.get("classes"), 1 if config.get("task") == "multilabel" else 2  # one finding is a model
+    if not isinstance(classes, list) or not fewest <= len(classes) <= 1000 or len(set(classes)) != len(classes):
+        raise bad(f"classes must be a list of {fewest} to 1000 distinct names")
     if not all(isinstance(c, str) and c for c in classes):
         raise bad("every class name must be a non-empty string")
     size = _checked_preprocessing(config.get("preprocessing") or {}, bad)
     _check_model(config.get("model"), len(classes), size, bad)
     _check_ood_and_temperature(config, bad)
+    _check_task(config, classes, bad)
 
 
 # The temperatures lungxray fits (metrics.TEMPERATURE_BOUNDS, not imported: it would bring
@@ -395,6 +408,29 @@ def _check_ood_and_temperature(config: dict, bad) -> None:
         and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bias)
     ):
         raise bad(f"calibration.class_bias must list one finite number per class, got {bias!r}")
+
+
+def _check_task(config: dict, findings: list[str], bad) -> None:
+    """A multi-label bundle's thresholds and temperatures: one per finding of ``classes``, each
+    threshold in (0, 1), each temperature in TEMPERATURE_RANGE. A single-label one holds neither."""
+    task = config.get("task", "single")
+    if task not in ("single", "multilabel"):
+        raise bad(f'task must be "multilabel", or absent for a single-label model, got {task!r}')
+    if task == "single":
+        if extra := [k for k in ("thresholds", "temperatures") if k in config]:
+            raise bad(f'{extra[0]} belongs to a multilabel model, and this one names no task "multilabel"')
+        return
+    low, high = TEMPERATURE_RANGE
+    for key, valid, what in (
+        ("thresholds", lambda v: _within(v, (0, 1)) and 0 < v < 1, "a number strictly between 0 and 1"),
+        ("temperatures", lambda v: _within(v, TEMPERATURE_RANGE), f"a number in {low:g}..{high:g}"),
+    ):
+        values = config.get(key)
+        if not isinstance(values, dict) or set(values) != set(findings):
+            found = sorted(values) if isinstance(values, dict) else values
+            raise bad(f"{key} must give every finding of classes ({', '.join(findings)}) and no other, got {found!r}")
+        if wrong := [f for f in findings if not valid(values[f])]:
+            raise bad(f"{key}[{wrong[0]!r}] must be {what}, got {values[wrong[0]]!r}")
 
 
 MAX_PARAMETERS = 200_000_000  # ~800 MB of float32 weights; the registry's defaults hold 0.3-11 M

@@ -111,6 +111,10 @@ def _evaluation(metrics: dict | None) -> list[str]:
             "Not evaluated on held-out images yet: `lungxray evaluate MODEL DATA --splits RUN/splits.json`.",
             "",
         ]
+    if metrics.get("task") == "multilabel":
+        from lungxray.report_multilabel import card_lines
+
+        return card_lines(metrics)
     lines = [
         "## Evaluation",
         "",
@@ -243,6 +247,12 @@ def headline(metrics: dict, external: dict[str, dict]) -> list[dict]:
     service's one-line summary compares (``_lowest``)."""
     from lungxray.report_external import against_chance, site_rows
 
+    if metrics.get("task") == "multilabel":
+        from lungxray.report_multilabel import headline_row
+
+        sets = [(f"test split ({metrics['n']} images)", metrics)]
+        sets += [(f"{name} (external, {ext['n']} images)", ext) for name, ext in external.items()]
+        return [headline_row(m, label) for label, m in sets]
     # site_rows' rows, in its order: the held-out site (the test itself), then the worst site
     site, worst = (metrics.get("split") or {}).get("site"), metrics.get("worst_site")
     behind = [metrics] * (site is not None) + ([metrics["per_site"][worst]] if worst is not None else [])

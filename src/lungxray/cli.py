@@ -60,7 +60,16 @@ def _tracked(command):
         tracker = open_tracker(args.mlflow, args.mlflow_experiment, args.out)
         code = command(args)
         if code == 0:
-            run_id = tracker.log(args.out, getattr(args, "model_dir", None))
+            try:
+                run_id = tracker.log(args.out, getattr(args, "model_dir", None))
+            except Exception as exc:  # MLflow's errors and a lost server: the job's results are safe on disk
+                from lungxray.errors import LungxrayError
+
+                raise LungxrayError(
+                    f"{args.out} is complete, but logging it to MLflow at {shown_url(tracker.uri)} failed: "
+                    f"{' '.join(str(exc).split())[:300]}",
+                    hint=f"check that the store answers; what the job wrote in {args.out} is complete",
+                ) from None
             print(f"logged to MLflow: run {run_id} of experiment {tracker.experiment!r} in {shown_url(tracker.uri)}")
         return code
 
@@ -150,12 +159,14 @@ def cmd_evaluate(args) -> int:
     metrics, seen = evaluate_bundle(_scoring(args))
     print(console.seen_line(seen))
     console.print_evaluation(metrics, args.out)
-    if args.csv:
-        from lungxray import runfolder
+    from lungxray import runfolder
 
+    if args.csv:
         predictions = runfolder.read_json(args.out, runfolder.PREDICTIONS)
         table = runfolder.predictions_csv(predictions["images"], predictions["classes"])
         print(f"written: {runfolder.write_text(args.out / runfolder.PREDICTIONS_CSV, table)}")
+    else:  # an earlier evaluation's table (replaced with --force) no longer matches predictions.json
+        (args.out / runfolder.PREDICTIONS_CSV).unlink(missing_ok=True)
     return 0
 
 
@@ -203,13 +214,19 @@ def cmd_report(args) -> int:
     return 0
 
 
-def cmd_compare(args) -> int:
-    from lungxray import runfolder
-    from lungxray.compare import compare, to_csv, to_markdown
+def _refuse_an_existing_csv(args) -> None:
+    """``--csv FILE`` never replaces a file ("-" prints the table instead)."""
     from lungxray.errors import OutputExistsError
 
     if args.csv not in (None, "-") and args.csv.exists():
         raise OutputExistsError(f"{args.csv} already exists", hint="choose another --csv file, or delete it first")
+
+
+def cmd_compare(args) -> int:
+    from lungxray import runfolder
+    from lungxray.compare import compare, to_csv, to_markdown
+
+    _refuse_an_existing_csv(args)
     records, skipped = compare(args.run_dirs)
     for folder, why in skipped:
         _error(f"lungxray compare: skipped {folder}: {why}")
@@ -233,8 +250,9 @@ def cmd_explain(args) -> int:
     from lungxray.saliency import explain_files
 
     folders = tuple(p for p in args.images if p.is_dir())  # --out inside one: its overlays would be explained next
-    results = explain_files(Predictor(args.model_dir), image_files(args.images), args.out, folders)
-    console.print_predictions(results)
+    predictor = Predictor(args.model_dir)
+    results = explain_files(predictor, image_files(args.images), args.out, folders)
+    console.print_predictions(results, predictor.thresholds_)
     print(f"written: {args.out / runfolder.EXPLAIN}")
     return 0 if any("error" not in r for r in results) else 1  # as predict: skipped files are listed, with why
 
@@ -260,11 +278,9 @@ def cmd_serve(args) -> int:
 def cmd_predict(args) -> int:
     from lungxray import runfolder
     from lungxray.decode import image_files
-    from lungxray.errors import OutputExistsError
     from lungxray.predictor import Predictor
 
-    if args.csv not in (None, "-") and args.csv.exists():  # before the model loads: nothing is lost, no time wasted
-        raise OutputExistsError(f"{args.csv} already exists", hint="choose another --csv file, or delete it first")
+    _refuse_an_existing_csv(args)  # before the model loads: nothing is lost, no time wasted
     predictor = Predictor(args.model_dir)
     results = predictor.predict_files(image_files(args.images))
     if args.csv is not None:
@@ -276,7 +292,7 @@ def cmd_predict(args) -> int:
     elif args.json:
         console.print_json(results)
     else:
-        console.print_predictions(results)
+        console.print_predictions(results, predictor.thresholds_)
     # a folder may also hold a manifest or notes: such files are listed as skipped, with why; it is
     # a failure only when nothing could be predicted
     return 0 if any("error" not in r for r in results) else 1

@@ -107,7 +107,7 @@ def _run_settings(record: dict) -> dict:
 def _cv_settings(cv: dict) -> dict:
     """cv.json's settings; the hyperparameters of each fold (fixed, or tuned in each fold)."""
     s = cv["settings"]
-    values = options(s["data"]) | options(s.get("tune") or {}) | options(s["train"])
+    values = options(s["data"]) | options(s.get("split") or {}) | options(s.get("tune") or {}) | options(s["train"])
     values |= {"data": cv["data"], "model": cv["model"], "seed": cv["seed"], "folds": cv["folds"],
                "by": cv.get("by"), "repeats": cv.get("repeats"), "tune": cv.get("tuned_in_each_fold")}  # fmt: skip
     return values | _hyperparameters(*(fold["params"] for fold in cv["per_fold"]))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from lungxray.errors import ConfigError, ParamsError
+from lungxray.labelling import Findings
 from lungxray.options import check_choices, flag_of, option
 
 
@@ -129,6 +130,8 @@ class DataConfig:
     """Size and preprocessing of the model's input (``Preprocessing``)."""
     manifest: Manifest = field(default_factory=Manifest, metadata={"group": "CSV manifests"})
     """How a CSV manifest given as DATA is read (``Manifest``)."""
+    findings: Findings = field(default_factory=Findings, metadata={"group": "findings (published sets, multi-label)"})
+    """How a manifest's findings are read, several per film (``labelling.Findings``)."""
     dicom_patients: bool = option("--dicom-patients", True)
     """Keep the images of one DICOM PatientID in one group (--no-dicom-patients: for anonymised
     files that all carry the same placeholder ID)."""

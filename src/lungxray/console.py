@@ -29,8 +29,11 @@ def print_scan(summary: dict) -> None:
 
     rel = lambda path: os.path.relpath(path, summary["root"])  # noqa: E731
     print(f"{summary['root']}: {summary['layout']} layout, {summary['n_images']} usable images")
-    for name, n in summary["counts"].items():
-        print(f"  {name:<24} {n}")
+    if summary.get("task") == "multilabel":
+        print_findings(summary)
+    else:
+        for name, n in summary["counts"].items():
+            print(f"  {name:<24} {n}")
     if summary["skipped"]:
         print(f"skipped {len(summary['skipped'])} file(s):")
         for s in summary["skipped"]:
@@ -60,6 +63,27 @@ def print_scan(summary: dict) -> None:
     if summary["excluded"]:
         print(f"{len(summary['excluded'])} image(s) left out by --exclude")
     print_confound(summary.get("confound"))
+
+
+def print_findings(summary: dict) -> None:
+    """A multi-label scan's findings: positive / negative / unknown films and prevalence among the
+    known, per site where there are sites, and the pairs most often positive together."""
+    share = lambda row: f"{row['prevalence']:.1%}" if row["prevalence"] is not None else "-"  # noqa: E731
+    print(f"multi-label: {len(summary['findings'])} findings (positive / negative / unknown films, prevalence "
+          "among the known)")  # fmt: skip
+    for name, row in summary["findings"].items():
+        print(f"  {name:<28} {row['positive']:>6} / {row['negative']:>6} / {row['unknown']:>6}  {share(row):>6}")
+    by_site = summary.get("findings_by_site") or {}
+    if by_site:
+        print("prevalence per site:")
+        width = max(10, *(len(site) + 2 for site in by_site))
+        print(f"  {'finding':<28}" + "".join(f"{site:>{width}}" for site in by_site))
+        for name in summary["findings"]:
+            print(f"  {name:<28}" + "".join(f"{share(table[name]):>{width}}" for table in by_site.values()))
+    pairs = summary.get("co_occurring") or []
+    if pairs:
+        together = ", ".join(f"{' + '.join(p['findings'])} ({p['films']})" for p in pairs)
+        print(f"findings most often positive together (films): {together}")
 
 
 def print_confound(confound: dict | None) -> None:
@@ -142,14 +166,21 @@ def print_run(summary: dict, metrics: dict, external: dict[str, dict]) -> None:
     )
     from lungxray.report_external import against_chance, site_rows
 
-    for label, figures in site_rows(metrics):  # where the model meets a site it never saw: first
+    if metrics.get("task") == "multilabel":
+        print(
+            f"test on {summary['n_test']} held-out images ({split['mode']} split, seed {split['seed']}, {duplicates}):"
+        )
+        print_multilabel(metrics)
+        metrics = {}  # the figures below are single-label ones
+    for label, figures in site_rows(metrics) if metrics else ():  # where the model meets a site it never saw: first
         print(f"{label}: {figures}")
-    print(
-        f"test accuracy {summary['test_accuracy']:.4f}{ci(metrics, 'accuracy')}, macro-F1 "
-        f"{summary['test_macro_f1']:.4f}{ci(metrics, 'macro_f1')} on {summary['n_test']} held-out images "
-        f"({split['mode']} split, seed {split['seed']}, {duplicates})"
-    )
-    print_ood(metrics)
+    if metrics:
+        print(
+            f"test accuracy {summary['test_accuracy']:.4f}{ci(metrics, 'accuracy')}, macro-F1 "
+            f"{summary['test_macro_f1']:.4f}{ci(metrics, 'macro_f1')} on {summary['n_test']} held-out images "
+            f"({split['mode']} split, seed {split['seed']}, {duplicates})"
+        )
+        print_ood(metrics)
     for name, ext in summary["external"].items():
         if "error" in ext:
             print(f"external {name}: not evaluated: {ext['error']}")
@@ -167,9 +198,10 @@ def study_hint(study: str) -> str:
     """How to browse the search: optuna-dashboard on the study's storage URL (``study``: a URL, or
     the path of the run folder's SQLite file)."""
     import os
+    import shlex
 
     url = study if "://" in study else f"sqlite:///{os.path.abspath(study)}"
-    return f"browse the search: optuna-dashboard {url}  (pip install 'lungxray[dashboard]')"
+    return f"browse the search: optuna-dashboard {shlex.quote(url)}  (pip install 'lungxray[dashboard]')"
 
 
 def print_evaluation(metrics: dict, out) -> None:
@@ -177,6 +209,11 @@ def print_evaluation(metrics: dict, out) -> None:
     nothing scores on these images (they are often another hospital's), and each site's worst."""
     from lungxray.report_external import against_chance, site_rows
 
+    if metrics.get("task") == "multilabel":
+        print(f"{metrics['n']} images:")
+        print_multilabel(metrics)
+        print("written: " + ", ".join(str(out / name) for name in (runfolder.REPORT, runfolder.METRICS)))
+        return
     print(f"against chance on {metrics['n']} images: " + "; ".join(against_chance(metrics)))
     for label, figures in site_rows(metrics):
         print(f"{label}: {figures}")
@@ -259,6 +296,28 @@ def print_seed_spread(report: dict) -> None:
         print(f"  {name:<28} {cells[0]:>24} {cells[1]:>22}")
 
 
+def print_multilabel(metrics: dict) -> None:
+    """A multi-label model's figures: macro and micro AUROC against chance, then per finding its
+    AUROC, average precision beside its baseline (the prevalence), and sensitivity and specificity
+    at the finding's threshold."""
+    two = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+
+    def interval(name: str) -> str:
+        found = (metrics.get("ci95") or {}).get(name)
+        return f" ({found[0]:.2f}-{found[1]:.2f})" if found else ""
+
+    print(f"  macro AUROC {two(metrics['macro_auroc'])}{interval('macro_auroc')}, micro AUROC "
+          f"{two(metrics['micro_auroc'])}{interval('micro_auroc')} (chance: 0.50)")  # fmt: skip
+    for name, m in metrics["per_finding"].items():
+        print(f"  {name} ({m['n_pos']} of {m['n_known']} known positive): AUROC {two(m['auroc'])}"
+              f"{interval(f'auroc/{name}')}, average precision {two(m['average_precision'])} (baseline "
+              f"{two(m['average_precision_baseline'])}), sensitivity {two(m['sensitivity'])}, specificity "
+              f"{two(m['specificity'])} at threshold {two(m['threshold'])}")  # fmt: skip
+    ood = metrics.get("ood")
+    if ood:
+        print(f"  flagged out of distribution: {ood['n_flagged']} of {metrics['n']} ({ood['share_flagged']:.1%})")
+
+
 def print_ood(metrics: dict) -> None:
     """How many scored images the out-of-distribution flag set aside, and the accuracy on the rest."""
     ood = metrics.get("ood")
@@ -271,13 +330,16 @@ def print_ood(metrics: dict) -> None:
         print(f"flagged out of distribution: all {metrics['n']} images")
 
 
-def print_predictions(results: list[dict]) -> None:
-    """One line per image: its class and probabilities (and overlay), or why it was skipped."""
+def print_predictions(results: list[dict], thresholds: dict[str, float] | None = None) -> None:
+    """One line per image: its class and probabilities (and overlay), or why it was skipped; a
+    multi-label model's (``thresholds``: its per-finding thresholds) its findings against them."""
     from lungxray.report_blocks import probability  # one way to show a probability, here and in the report
 
     for r in results:
         if "error" in r:
             print(f"{r['path']}: skipped, {r['error']}")
+        elif "findings" in r:
+            print(finding_line(r, thresholds or {}))
         else:
             probs = ", ".join(f"{c} {probability(p)}" for c, p in r["probabilities"].items())
             overlay = f" -> {r['overlay']}" if "overlay" in r else ""
@@ -288,3 +350,26 @@ def print_predictions(results: list[dict]) -> None:
                 )
                 continue
             print(f"{r['path']}: {r['class']} ({probs}){overlay}")
+
+
+def finding_line(r: dict, thresholds: dict[str, float]) -> str:
+    """'path: effusion 0.710 (>= 0.400), cardiomegaly 0.550 (>= 0.500); below threshold: nodule 0.120
+    (< 0.300)': a multi-label answer's findings present, then the others, each most probable first
+    (a finding missing from ``thresholds`` without its threshold)."""
+    from lungxray.report_blocks import probability
+
+    def shown(f: str, sign: str) -> str:
+        cut = f" ({sign} {probability(thresholds[f])})" if f in thresholds else ""
+        return f"{f} {probability(r['probabilities'][f])}{cut}"
+
+    ranked = sorted(r["probabilities"], key=lambda f: -r["probabilities"][f])
+    present = ", ".join(shown(f, ">=") for f in r["findings"]) or "no finding at or above its threshold"
+    below = ", ".join(shown(f, "<") for f in ranked if f not in r["findings"])
+    answer = present + (f"; below threshold: {below}" if below else "")
+    overlays = f" -> {', '.join(r['overlays'].values())}" if "overlays" in r else ""
+    if r.get("in_distribution") is False:  # shown, but as an answer the model cannot vouch for
+        return (
+            f"{r['path']}: NOT LIKE THE TRAINING IMAGES (out-of-distribution score {r['ood_score']:.2f} > 1): "
+            f"no reliable answer; the model would say {answer}{overlays}"
+        )
+    return f"{r['path']}: {answer}{overlays}"

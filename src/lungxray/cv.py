@@ -17,6 +17,7 @@ import torch
 from lungxray import runfolder
 from lungxray.data import Dataset, load_dataset
 from lungxray.errors import ConfigError, ParamsError
+from lungxray.evaluation import by_name
 from lungxray.infer import predict_logits, set_threads
 from lungxray.job import Job
 from lungxray.metrics import compute_metrics, fit_class_bias
@@ -33,7 +34,7 @@ from lungxray.pipeline import (
 )
 from lungxray.plots import confusion_figure, save_figure
 from lungxray.progress import note, stage
-from lungxray.splits import Split, make_folds, site_folds
+from lungxray.splits import Split, make_folds, multilabel_cv_folds, site_folds
 from lungxray.train import FitResult, fit
 from lungxray.version import __version__
 
@@ -41,7 +42,14 @@ CV_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc")
 
 
 def _fold_values(metrics: dict) -> dict[str, float | None]:
-    """The cross-validated figures of one metrics dict, flat: accuracy, ..., recall/<class>, ..."""
+    """The cross-validated figures of one metrics dict, flat: accuracy, ..., recall/<class>, ...;
+    of a multi-label one: macro and micro AUROC, then AUROC, average precision, sensitivity and
+    specificity per finding."""
+    if metrics.get("task") == "multilabel":
+        values = {k: metrics[k] for k in ("macro_auroc", "micro_auroc")}
+        for name, m in metrics["per_finding"].items():
+            values |= {f"{k}/{name}": m[k] for k in ("auroc", "average_precision", "sensitivity", "specificity")}
+        return values
     values = {k: metrics[k] for k in CV_METRICS}
     for name, m in metrics["per_class"].items():
         if m["support"]:
@@ -108,9 +116,13 @@ def _cross_validate(job: Job, params: dict | None) -> dict:
     clock = Clock()
     stage(f"scanning {', '.join(map(str, job.data))}", job.progress)
     ds = load_dataset(job.data, job.dataset, progress=job.progress)
+    if ds.task == "multilabel" and by_site:
+        raise ConfigError("cv --by site takes one label per film, for now", hint="use --folds K for multi-label data")
     parts = (
         site_folds(ds, seed, val_by=job.split.val_by)
         if by_site
+        else multilabel_cv_folds(ds.targets, ds.groups, job.cv.folds, seed)
+        if ds.task == "multilabel"
         else make_folds(ds.labels, ds.groups, job.cv.folds, seed)
     )
     content = check_content(job, ds, made_from)  # the same images as its studies (--tune) were made from
@@ -128,9 +140,9 @@ def _cross_validate(job: Job, params: dict | None) -> dict:
     for r in progress_bar(range(repeats), desc="training seeds", unit="seed", disable=not job.progress or repeats == 1):
         runs.append(_folds_once(replace(job, train=replace(job.train, seed=seed + r)), ds, parts, params, r))
     clock.lap("folds_s")
-    probs = runs[0][0]
-    pooled = compute_metrics(ds.labels, probs, ds.classes, seed=seed)
-    save_figure(confusion_figure(pooled), out / runfolder.CV_CONFUSION)
+    pooled = _pooled(ds, runs[0], seed)
+    if ds.task != "multilabel":
+        save_figure(confusion_figure(pooled), out / runfolder.CV_CONFUSION)
     report = _report(job, ds, parts, runs, pooled, params) | {"confound": scan["confound"], "timings": clock.laps}
     runfolder.write_json(out, runfolder.CV, report)
     from lungxray.report import write_report
@@ -154,12 +166,13 @@ def _report(job: Job, ds: Dataset, parts: list[Split], runs: list, pooled: dict,
         # with fixed parameters, their batch size; tuned folds record theirs in per_fold
         "train": asdict(job.final.for_params(params)),
         "tune": search_settings(job.search) if params is None else None,
+        "split": {"val_by": job.split.val_by},  # the one split setting a cv reads
     }
     out_of_fold = [
-        {"path": str(s.path), "label": s.label, "fold": int(fold_of[k]),
-         "probabilities": dict(zip(ds.classes, map(float, probs[k]), strict=True))}
-        | ({"probabilities_mean_over_seeds": dict(zip(ds.classes, map(float, mean_probs[k]), strict=True))}
-           if repeats > 1 else {})
+        {"path": str(s.path), "label": s.label, "fold": int(fold_of[k]), "probabilities": by_name(ds.classes, probs[k])}
+        | ({"targets": {c: None if np.isnan(v) else int(v) for c, v in zip(ds.classes, ds.targets[k], strict=True)}}
+           if ds.task == "multilabel" else {})
+        | ({"probabilities_mean_over_seeds": by_name(ds.classes, mean_probs[k])} if repeats > 1 else {})
         for k, s in enumerate(ds.samples)
     ]  # fmt: skip
     return {
@@ -174,6 +187,7 @@ def _report(job: Job, ds: Dataset, parts: list[Split], runs: list, pooled: dict,
         "groups": ds.group_sizes(),
         "excluded": ds.excluded,
         "tuned_in_each_fold": params is None,
+        **({"task": "multilabel"} if ds.task == "multilabel" else {}),
         "settings": jsonable(settings),
         "summary": _cv_summary(per_fold, pooled),
         "pooled": pooled,
@@ -206,14 +220,13 @@ def _folds_once(
         start = time.perf_counter()
         logits = predict_logits(result.model, x_test).double()
         infer_s = time.perf_counter() - start
-        bias = _class_bias(result, ds, fold)
-        probs[fold.test] = torch.softmax(logits + torch.tensor(bias or 0.0, dtype=torch.float64), dim=1).numpy()
+        probs[fold.test], fitted = _fold_scores(result, ds, fold, logits)
         trained = len(fold.train) * len(result.history) * job.final.members  # images through training
         per_fold.append(
             {
                 "fold": i + 1,
                 **({"site": fold.site, "left_out": fold.left_out} if fold.site is not None else {}),
-                **({"val_site": fold.val_site, "class_bias": bias} if fold.val_site is not None else {}),
+                **fitted,
                 **fold.sizes(),
                 "training_seed": job.final.seed,
                 "params": hp,
@@ -225,18 +238,53 @@ def _folds_once(
                 "train_images_per_s": trained / fit_s if params is not None else None,
                 "predict_images_per_s": len(fold.test) / infer_s,
                 # a held-out site's figures are results on their own: with their intervals
-                "metrics": compute_metrics(
-                    ds.labels[fold.test],
-                    probs[fold.test],
-                    ds.classes,
-                    **({"seed": job.seed} if fold.site else {"resamples": 0}),
-                ),
+                "metrics": _scored(ds, fold.test, probs[fold.test], fitted, job.seed if fold.site else None),
             }
         )
         figures = per_fold[-1]["metrics"]
-        note(f"fold {i + 1}/{len(parts)}: test accuracy {figures['accuracy']:.4f}, macro-F1 {figures['macro_f1']:.4f} "
-             f"({fit_s:.0f} s)", job.progress)  # fmt: skip
+        said = (f"macro AUROC {figures['macro_auroc'] or float('nan'):.4f}" if ds.task == "multilabel"
+                else f"accuracy {figures['accuracy']:.4f}, macro-F1 {figures['macro_f1']:.4f}")  # fmt: skip
+        note(f"fold {i + 1}/{len(parts)}: test {said} ({fit_s:.0f} s)", job.progress)
     return probs, per_fold, sum(p.numel() for p in result.model.parameters())
+
+
+def _fold_scores(result: FitResult, ds: Dataset, fold: Split, logits: torch.Tensor) -> tuple[np.ndarray, dict]:
+    """The fold's test probabilities from its model's ``logits``, and what was fitted on the fold's
+    val part to make or read them: with ``--val-by site`` the class offsets; for a multi-label
+    model (a sigmoid per finding) each finding's threshold (``choose_thresholds``)."""
+    if ds.task == "multilabel":
+        from lungxray.metrics_multilabel import choose_thresholds
+
+        val = torch.sigmoid(predict_logits(result.model, tensors(ds, fold.val)[0]).double()).numpy()
+        chosen = choose_thresholds(ds.targets[fold.val], val, ds.classes)
+        return torch.sigmoid(logits).numpy(), {"thresholds": {c: e["threshold"] for c, e in chosen.items()}}
+    bias = _class_bias(result, ds, fold)
+    probs = torch.softmax(logits + torch.tensor(bias or 0.0, dtype=torch.float64), dim=1).numpy()
+    return probs, ({"val_site": fold.val_site, "class_bias": bias} if fold.val_site is not None else {})
+
+
+def _scored(ds: Dataset, idx: np.ndarray, probs: np.ndarray, fitted: dict, seed: int | None) -> dict:
+    """The metrics of the images ``idx`` (probabilities ``probs``); with intervals when ``seed`` is given."""
+    if ds.task == "multilabel":
+        from lungxray.metrics_multilabel import compute_multilabel_metrics
+
+        draws = {"seed": seed} if seed is not None else {"resamples": 0}
+        return compute_multilabel_metrics(ds.targets[idx], probs, ds.classes, fitted["thresholds"], **draws)
+    return compute_metrics(
+        ds.labels[idx], probs, ds.classes, **({"seed": seed} if seed is not None else {"resamples": 0})
+    )
+
+
+def _pooled(ds: Dataset, run: tuple, seed: int) -> dict:
+    """The metrics of one training seed's out-of-fold probabilities, with intervals. A multi-label
+    model's decisions there take each finding's threshold averaged over the folds, which chose theirs."""
+    probs, per_fold, _ = run
+    fitted = {}
+    if ds.task == "multilabel":
+        fitted = {"thresholds": {c: float(np.mean([f["thresholds"][c] for f in per_fold])) for c in ds.classes}}
+    return _scored(ds, np.arange(len(ds.samples)), probs, fitted, seed) | (
+        {"thresholds_from": "each finding's threshold averaged over the folds' validation choices"} if fitted else {}
+    )
 
 
 def _class_bias(result: FitResult, ds: Dataset, fold: Split) -> list[float] | None:
@@ -253,9 +301,8 @@ def _seed_spread(ds: Dataset, runs: list[tuple[np.ndarray, list[dict], int]], se
     seed's pooled value with its bootstrap CI."""
     spread = {}
     per_seed = []
-    for probs, per_fold, _ in runs:
-        pooled = compute_metrics(ds.labels, probs, ds.classes, seed=seed)
-        per_seed.append(_cv_summary(per_fold, pooled))
+    for run in runs:
+        per_seed.append(_cv_summary(run[1], _pooled(ds, run, seed)))
     for name in per_seed[0]:
         means = [s[name]["mean"] for s in per_seed if s[name]["mean"] is not None]
         pooled = [s[name]["pooled"] for s in per_seed if s[name]["pooled"] is not None]

@@ -27,6 +27,7 @@ from lungxray.decode import decode_with_patient, normalise_sites, read_image_fil
 from lungxray.errors import DataError, UnusableImage
 from lungxray.layout import Skipped, join_groups, known_paths, read_groups, read_paths
 from lungxray.manifest import column_summary, locate
+from lungxray.targets import conflicting, finding_summary
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Sample:
     patient: str | None = None  # keyed hash of a DICOM file's PatientID (``pseudonym``), never the ID
     site: str | None = None  # hospital or collection: a manifest's site column, or the DATA root
     meta: dict[str, str] = field(default_factory=dict)  # a manifest's other columns (view, sex, age)
+    targets: tuple[float, ...] | None = None  # multi-label: per finding (``Dataset.classes``) 1.0, 0.0, NaN unknown
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Dataset:
     patients_joined: bool = False  # DICOM patients joined into the groups (--dicom-patients)
     sources: list[str] = field(default_factory=list)  # the DATA entries: folders and CSV manifests
     manifest_patients: int = 0  # images whose patient a manifest names (joined into the groups)
+    task: str = "single"  # or "multilabel": ``classes`` are findings, each film any number of them
 
     @property
     def sites(self) -> list[str]:
@@ -69,11 +72,11 @@ class Dataset:
         return sorted({s.site for s in self.samples if s.site is not None})
 
     def site_class_counts(self) -> dict[str, dict[str, int]]:
-        """site -> class -> images (every class listed, zeros included)."""
+        """site -> class -> images (every class listed, zeros included); multi-label: positive films."""
         table = {site: dict.fromkeys(self.classes, 0) for site in self.sites}
-        for s in self.samples:
-            if s.site is not None:
-                table[s.site][s.label] += 1
+        for s, row in zip(self.samples, self.targets == 1, strict=True):
+            for c in np.flatnonzero(row) if s.site is not None else ():
+                table[s.site][self.classes[c]] += 1
         return table
 
     def site_codes(self) -> np.ndarray:
@@ -83,23 +86,35 @@ class Dataset:
 
     @property
     def labels(self) -> np.ndarray:
+        """(N,) int64 class index; multi-label: the code of each distinct label (never for learning or splits)."""
+        if self.task == "multilabel":
+            return np.unique([s.label for s in self.samples], return_inverse=True)[1].astype(np.int64)
         index = {c: i for i, c in enumerate(self.classes)}
         return np.array([index[s.label] for s in self.samples], dtype=np.int64)
+
+    @property
+    def targets(self) -> np.ndarray:
+        """(N, F) float32 per finding of ``classes``: 1.0, 0.0, NaN unknown; single-label: one-hot of labels."""
+        if self.task == "multilabel":
+            return np.array([s.targets for s in self.samples], dtype=np.float32).reshape(-1, len(self.classes))
+        return np.eye(len(self.classes), dtype=np.float32)[self.labels]
 
     @property
     def groups(self) -> np.ndarray:
         return np.array([s.group for s in self.samples], dtype=np.int64)
 
     def counts(self) -> dict[str, int]:
-        return {c: sum(s.label == c for s in self.samples) for c in self.classes}
+        """Images per class; multi-label: positive films per finding."""
+        return dict(zip(self.classes, (self.targets == 1).sum(axis=0).tolist(), strict=True))
 
     def summary(self) -> dict:
         """JSON-ready description, the shape printed by ``lungxray scan --json``."""
         rel = lambda i: str(self.samples[i].path)  # noqa: E731
+        sites = [s.site for s in self.samples]
         by_split: dict[str, dict[str, int]] = {}
         for s in self.samples:
             if s.folder_split:
-                by_split.setdefault(s.folder_split, dict.fromkeys(self.classes, 0))[s.label] += 1
+                by_split.setdefault(s.folder_split, Counter(dict.fromkeys(self.classes, 0)))[s.label] += 1
         return {
             "root": str(self.root),
             "layout": self.layout,
@@ -110,10 +125,9 @@ class Dataset:
             "skipped": [{"path": s.path, "reason": s.reason} for s in self.skipped],
             "duplicate_groups": [[rel(i) for i in g] for g in self.duplicate_groups],
             "cross_split_duplicates": [[rel(a), rel(b)] for a, b in self.cross_split_duplicates],
-            "mixed_label_duplicate_groups": [
+            "mixed_label_duplicate_groups": [  # copies with different labels (multi-label: different targets)
                 [{"path": rel(i), "label": self.samples[i].label} for i in g]
-                for g in self.duplicate_groups
-                if len({self.samples[i].label for i in g}) > 1
+                for g in conflicting(self.duplicate_groups, self.targets)
             ],
             "groups": self.group_sizes(),
             "patients": self.patient_counts(),
@@ -125,7 +139,7 @@ class Dataset:
                 col: column_summary([s.meta.get(col, "") for s in self.samples])
                 for col in sorted({k for s in self.samples for k in s.meta})
             },
-        }
+        } | (finding_summary(self.targets, self.classes, sites) if self.task == "multilabel" else {})
 
     def rekey_patients(self, key: bytes) -> None:
         """Replace the cache's patient pseudonyms by ones keyed with ``key`` (a run folder's), so
@@ -328,7 +342,7 @@ def load_dataset(
     """
     cfg = cfg or DataConfig()
     # absolute paths: scan.json and the report stay valid from any folder
-    located = locate(data, cfg.manifest, same_classes=min_classes > 1)
+    located = locate(data, cfg.manifest, cfg.findings, same_classes=min_classes > 1)
     root, layout, files, skipped = located.root, located.layout, located.files, located.skipped
     excluded = []
     if cfg.exclude is not None:
@@ -341,16 +355,16 @@ def load_dataset(
     plain_cfg = replace(cfg, preprocessing=cfg.preprocessing.plain)
     loaded, plain_store = _load_pixels(files, plain_cfg, progress)
     processed, store = (loaded, plain_store) if plain_cfg == cfg else _load_pixels(files, cfg, progress)
-    samples = _usable_samples(files, loaded, processed, skipped, root)
+    samples = _usable_samples(files, loaded, processed, skipped, root, located.findings is None)
     for sample in samples:
         origin = located.origins[sample.path]
-        sample.site, sample.meta = origin.site, origin.meta
-    classes = sorted({s.label for s in samples})
+        sample.site, sample.meta, sample.targets = origin.site, origin.meta, origin.targets
+    classes = sorted({s.label for s in samples}) if located.findings is None else located.findings
     if len(classes) < min_classes:
-        raise DataError(
-            f"found {len(classes)} class folder(s) in {root} ({', '.join(classes) or 'none'}); "
-            f"need at least {min_classes}: one sub-folder of images per class"
-        )
+        what, fix = ("class folder", "one sub-folder of images per class") if located.findings is None else (
+            "finding", "see --label-sep, --finding-cols, --map")  # fmt: skip
+        raise DataError(f"found {len(classes)} {what}(s) in {root} ({', '.join(classes) or 'none'}); "
+                        f"need at least {min_classes}: {fix}")  # fmt: skip
     shas = [s.sha256 for s in samples]
     pixels = store[0].stack(shas, store[1])  # (N, H, W), memory-mapped from the cache
     plain = pixels if plain_cfg == cfg else plain_store[0].stack(shas, plain_store[1])
@@ -372,13 +386,13 @@ def load_dataset(
     groups_file = str(cfg.groups) if cfg.groups is not None else None
     return Dataset(
         root, layout, classes, samples, pixels, skipped, dup_groups, cross, excluded, groups_file, joined,
-        located.sources, sum(map(bool, listed)),
+        located.sources, sum(map(bool, listed)), "single" if located.findings is None else "multilabel",
     )  # fmt: skip
 
 
-def _usable_samples(files: list, loaded: dict, processed: dict, skipped: list[Skipped], root: Path) -> list[Sample]:
+def _usable_samples(files: list, loaded: dict, processed: dict, skipped: list, root: Path, single=True) -> list[Sample]:
     """A ``Sample`` per file both scans (plain and preprocessed) could use; the others are added to
-    ``skipped`` with their reason. A class folder left with no usable image is an error."""
+    ``skipped`` with their reason. A class folder left with no usable image is an error (``single``)."""
     samples, usable = [], {}
     for path, label, split in files:
         sha, pixel_hash, phash, reason, patient = loaded[path]
@@ -390,7 +404,7 @@ def _usable_samples(files: list, loaded: dict, processed: dict, skipped: list[Sk
             continue
         usable[key] += 1
         samples.append(Sample(path, label, split, sha, pixel_hash, phash, patient=patient))
-    empty = [f"{s + '/' if s else ''}{label}" for (s, label), n in usable.items() if n == 0]
+    empty = [f"{s + '/' if s else ''}{label}" for (s, label), n in usable.items() if n == 0 and single]
     if empty:
         raise DataError(
             f"class folder(s) with no usable image in {root}: {', '.join(empty)}; "

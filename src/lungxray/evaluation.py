@@ -209,9 +209,13 @@ def evaluate_bundle(scoring: Scoring) -> tuple[dict, dict]:
                                     "test metrics (a run's or an evaluation's)")  # fmt: skip
         predictor, ds, idx, seen = model_and_data(scoring)
         extra = _seen_extra(ds, seen)
-        # preprocessed as in training; the coverage plot named after the data folder
-        metrics = evaluate_split(predictor, ds, idx, scoring.out, extra | _scored_by(predictor), name=ds.root.name)
-        audit_split(predictor, ds, idx, scoring.out, extra)
+        if predictor.task_ == "multilabel":  # per finding; no audit (it compares single-label accuracies)
+            from lungxray.evaluation_multilabel import evaluate_multilabel
+
+            metrics = evaluate_multilabel(predictor, ds, idx, scoring.out, extra | _scored_by(predictor))
+        else:  # preprocessed as in training; the coverage plot named after the data folder
+            metrics = evaluate_split(predictor, ds, idx, scoring.out, extra | _scored_by(predictor), name=ds.root.name)
+            audit_split(predictor, ds, idx, scoring.out, extra)
         model_dir = scoring.model.folder if isinstance(scoring.model, Predictor) else scoring.model
         write_report(scoring.out, model_dir)
     return metrics, seen

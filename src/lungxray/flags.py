@@ -150,7 +150,7 @@ def _tracking_args(p: argparse.ArgumentParser) -> None:
         help="after the job, log its settings, hyperparameters, per-epoch losses, figures, report and model to "
         "MLflow (pip install 'lungxray[mlflow]'; checked before the job starts); URI: a store such as "
         "sqlite:///runs/mlflow.db or http://HOST:5000, default $MLFLOW_TRACKING_URI, else SQLite in OUT/../mlflow.db "
-        "(MLflow 3 refuses its old ./mlruns file store); without URI, put it after DATA",
+        "(MLflow's deprecated ./mlruns file store is refused); without URI, put it after DATA",
     )
     p.add_argument(
         "--mlflow-experiment", default="lungxray", metavar="NAME", help="MLflow experiment (default lungxray)"

@@ -276,17 +276,26 @@ def get_spec(name: str) -> ModelSpec:
 
 class Ensemble(nn.Module):
     """Members of one architecture as one model: (N, 1, H, W) -> (N, n_classes) log of the mean of
-    the members' softmax probabilities.
+    the members' softmax probabilities; ``task`` "multilabel": (N, F) logit of the mean of each
+    finding's sigmoid probabilities.
 
-    softmax of the output is exactly the mean probability, so temperature scaling, evaluation, ONNX
-    export (one graph holding every member) and serving treat an ensemble like any model.
+    softmax (multi-label: sigmoid) of the output is the mean probability, so temperature scaling,
+    evaluation, ONNX export (one graph holding every member) and serving treat an ensemble like any
+    model. The task changes no weight: a bundle's state dict is the same either way.
     """
 
-    def __init__(self, members: list[nn.Module]) -> None:
+    def __init__(self, members: list[nn.Module], task: str = "single") -> None:
         super().__init__()
-        self.members = nn.ModuleList(members)
+        if task not in ("single", "multilabel"):
+            raise ValueError(f"task must be 'single' or 'multilabel', got {task!r}")
+        self.members, self.task = nn.ModuleList(members), task
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.task == "multilabel":
+            probs = torch.stack([torch.sigmoid(m(x)) for m in self.members]).mean(dim=0)  # (N, F)
+            # bounded where float32 still tells p from 1 (its logit ~16)
+            probs = probs.clamp(1e-7, 1 - 1e-7)
+            return torch.log(probs) - torch.log1p(-probs)
         probs = torch.stack([torch.softmax(m(x), dim=1) for m in self.members]).mean(dim=0)  # (N, C)
         return torch.log(probs.clamp_min(1e-12))
 
@@ -325,13 +334,16 @@ def check_hyperparameters(name: str, hp: dict) -> list[str]:
     return problems
 
 
-def create_model(name: str, in_shape: tuple[int, int, int], n_classes: int, members: int = 1, **hp) -> nn.Module:
-    """Build a registered model (an ``Ensemble`` of ``members`` copies when more than one); training
-    keys in ``hp`` (learning rate, ...) are ignored."""
+def create_model(
+    name: str, in_shape: tuple[int, int, int], n_classes: int, members: int = 1, task: str = "single", **hp
+) -> nn.Module:
+    """Build a registered model (an ``Ensemble`` of ``members`` copies when more than one, averaging
+    softmax or, ``task`` "multilabel", sigmoid probabilities); training keys in ``hp`` (learning
+    rate, ...) are ignored."""
     spec = get_spec(name)
     arch = {k: v for k, v in hp.items() if k not in TRAINING_KEYS}
     if members > 1:
-        return Ensemble([spec.build(in_shape, n_classes, **arch) for _ in range(members)])
+        return Ensemble([spec.build(in_shape, n_classes, **arch) for _ in range(members)], task)
     return spec.build(in_shape, n_classes, **arch)
 
 

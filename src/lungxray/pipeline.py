@@ -25,6 +25,7 @@ from lungxray.data import Dataset, load_dataset
 from lungxray.evaluation import audit_split, check_external_classes, evaluate_split, external_names, external_stage
 from lungxray.infer import Images, predict_logits, set_threads
 from lungxray.job import Job
+from lungxray.labelling import Findings
 from lungxray.metrics import calibrate, fit_class_bias
 from lungxray.models import get_spec
 from lungxray.ood import fit_ood
@@ -56,6 +57,8 @@ def fingerprint(job: Job, **parts) -> dict:
         options["dicom_patients"] = False
     if data_cfg.manifest != Manifest():  # which rows and columns of a manifest make the data
         options["manifest"] = asdict(data_cfg.manifest)
+    if data_cfg.findings != Findings():  # how its labels become findings (--uncertain, --map, ...)
+        options["findings"] = asdict(data_cfg.findings)
     return jsonable({"data": _real(job.data), "model": job.model, "img_size": prep.img_size,
                      "groups": data_cfg.groups, "exclude": data_cfg.exclude, **options, **parts})  # fmt: skip
 
@@ -142,8 +145,9 @@ def scan_summary(ds: Dataset, seed: int, progress: bool = True) -> dict:
 
 
 def tensors(ds: Dataset, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x (N, 1, H, W) float in [0, 1], y (N,) int64) for the samples ``idx``."""
-    return Images(ds.images, idx), torch.from_numpy(ds.labels[idx])
+    """(x (N, 1, H, W) float in [0, 1], y) for the samples ``idx``: y (N,) int64 class labels, or
+    for a multi-label dataset (N, F) float32 targets, NaN where unknown (``train.fit`` tells them apart)."""
+    return Images(ds.images, idx), torch.from_numpy(ds.targets[idx] if ds.task == "multilabel" else ds.labels[idx])
 
 
 def fit_data(ds: Dataset, split: Split) -> FitData:
@@ -225,11 +229,16 @@ def train_stage(
     if world()[0] != 0:  # a distributed training's other processes: the first one writes
         return result, None
     calibration = _calibration(result, ds, split)
+    multilabel = {}
+    if ds.task == "multilabel":  # per finding: config.json's thresholds and temperatures, beside calibration
+        multilabel = {"task": "multilabel", "thresholds": calibration.pop("thresholds"),
+                      "temperatures": calibration.pop("temperatures")}  # fmt: skip
     history = result.history_dict()
     runfolder.write_json(job.out, runfolder.HISTORY, {"best_epoch": result.best_epoch, **history})
     save_figure(curves_figure(history, result.best_epoch), job.out / runfolder.CURVES)
     config = _bundle_config(job, ds, split, params, result, trained is not None)
-    config = replace(config, calibration=calibration, training_data={"sources": job.dataset.sources}).to_json()
+    config = replace(config, calibration=calibration, training_data={"sources": job.dataset.sources}, **multilabel)
+    config = config.to_json()
     seen = {part: [ds.samples[i].sha256 for i in idx] for part, idx in (("train", split.train), ("val", split.val))}
     ood = fit_ood(ds.images[split.train], ds.images[split.val])
     card = model_card(config | {"ood": ood.info}, ds.summary())  # run completes it once the test is read
@@ -243,6 +252,12 @@ def _calibration(result: FitResult, ds: Dataset, split: Split) -> dict:
     whole other site (``--val-by site``), the class offsets fitted there first."""
     x_val, y_val = tensors(ds, split.val)
     logits, y = predict_logits(result.model, x_val).double().numpy(), y_val.numpy()
+    if (
+        ds.task == "multilabel"
+    ):  # per finding; a threshold whose val part lacks a side falls back to training's prevalence
+        from lungxray.multilabel_calibration import calibrate_multilabel, prevalence
+
+        return calibrate_multilabel(logits, y, ds.classes, prevalence(ds.targets[split.train], ds.classes))
     bias = fit_class_bias(logits, y) if split.val_site is not None else None
     if bias is None:
         return calibrate(logits, y)
@@ -308,6 +323,12 @@ def _run(job: Job, external: dict[str, Path]) -> RunResult:
     set_threads(job.final.threads)
     clock = Clock()
     ds, split = prepare(job)
+    if external and ds.task == "multilabel":
+        from lungxray.errors import ConfigError
+
+        raise ConfigError("--external takes class folders: a multi-label model is scored elsewhere with evaluate",
+                          hint="leave --external out; then `lungxray evaluate RUN/model OTHER.csv --out DIR` with "
+                          "the same --layout (or --label-sep, --finding-cols)")  # fmt: skip
     for folder in external.values():  # before the search: an external set the model cannot score fails now
         check_external_classes(folder, ds.classes)
     # torch's optimisers import torch._dynamo on first use (1.3-1.6 s here): a cost of the process, not
@@ -325,11 +346,16 @@ def _run(job: Job, external: dict[str, Path]) -> RunResult:
     if split.site is not None:
         split_info |= {"site": split.site, "left_out": split.left_out}
     stage(f"evaluating on the test split ({len(split.test)} images)", job.progress)
-    metrics = evaluate_split(
-        predictor, ds, split.test, job.out, {"split": split_info}
-    )  # the one read of the test split
+    if ds.task == "multilabel":
+        from lungxray.evaluation_multilabel import score_test_split
+
+        metrics, audited = score_test_split(predictor, ds, split, job.out, {"split": split_info}, job.seed), None
+    else:
+        metrics = evaluate_split(
+            predictor, ds, split.test, job.out, {"split": split_info}
+        )  # the one read of the test split
+        audited = audit_split(predictor, ds, split.test, job.out)  # the same images, lungs or borders hidden
     attach_metrics(predictor.folder, metrics)
-    audited = audit_split(predictor, ds, split.test, job.out)  # the same images, lungs or borders hidden
     clock.lap("evaluate_s")
     elsewhere = external_stage(predictor, job.dataset, external, job.out, job.progress) if external else {}
     if external:
@@ -383,12 +409,18 @@ def _summary(job: Job, ds: Dataset, tuned, fitted: FitResult, metrics: dict, aud
         "trials_complete": tuned.n_complete,
         "trials_pruned": tuned.n_pruned,
         "best_epoch": fitted.best_epoch,
-        "test_accuracy": metrics["accuracy"],
-        "test_macro_f1": metrics["macro_f1"],
+        "task": ds.task,
+        **(
+            {"test_macro_auroc": metrics["macro_auroc"], "test_micro_auroc": metrics["micro_auroc"]}
+            if ds.task == "multilabel"
+            else {"test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"]}
+        ),
         "n_test": metrics["n"],
         "test_share_flagged": metrics["ood"]["share_flagged"] if metrics["ood"] else None,
         "audit": {name: view["accuracy"] for name, view in audited["views"].items()}
-        | {"chance": audited["chance"]["accuracy"]},
+        | {"chance": audited["chance"]["accuracy"]}
+        if audited
+        else None,
         "confound": runfolder.read_json(job.out, runfolder.SCAN).get("confound"),
         "duplicate_groups": len(ds.duplicate_groups),
         "groups": ds.group_sizes(),

@@ -1,7 +1,7 @@
 """Every figure lungxray draws, as matplotlib figures: the confusion matrix, the training curves, the
-coverage of the out-of-distribution flag, the search history, the ROC curves and the reliability
-diagram. ``save_figure`` writes one as a PNG file in a run folder; ``figure_png`` gives its bytes for
-the report to embed.
+coverage of the out-of-distribution flag, the search history, the ROC curves, the reliability
+diagram and a multi-label model's ROC panel per finding. ``save_figure`` writes one as a PNG file
+in a run folder; ``figure_png`` gives its bytes for the report to embed.
 
 Draws what it is given: the numbers (metrics, ECE) come from ``evaluate``, the page around the
 figures from ``report``; the one computation here is where the reliability diagram puts its points
@@ -207,4 +207,40 @@ def reliability_figure(y: np.ndarray, labelled: dict[str, np.ndarray]):
         f"reliability diagram: {len(counts)} bins of {fewest if fewest == most else f'{fewest}-{most}'} images"
     )
     ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
+def multilabel_roc_figure(y: np.ndarray, probs: np.ndarray, findings: list[str], columns: int = 4):
+    """One small ROC panel per finding of a multi-label model, on that finding's known entries
+    (``y`` (N, F) with NaN unknown, ``probs`` (N, F)), with its AUROC, its positives and the chance
+    line; a finding without both sides among them says so in its panel."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _pyplot()
+    columns = max(1, min(columns, len(findings)))
+    rows = -(-len(findings) // columns)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(2.6 * columns, 2.5 * rows), squeeze=False, sharex=True, sharey=True
+    )
+    for ax in axes.flat[len(findings) :]:
+        ax.set_visible(False)
+    for f, (name, ax) in enumerate(zip(findings, axes.flat, strict=False)):
+        known = ~np.isnan(y[:, f])
+        truth, scores = y[known, f], probs[known, f]
+        n_pos = int((truth == 1).sum())
+        ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
+        if 0 < n_pos < len(truth):
+            fpr, tpr, _ = roc_curve(truth, scores)
+            ax.plot(fpr, tpr)
+            ax.set_title(
+                f"{name}\nAUROC {roc_auc_score(truth, scores):.3f}, {n_pos} of {len(truth)} positive", fontsize=8
+            )
+        else:
+            ax.set_title(f"{name}\nno ROC: {n_pos} of {len(truth)} positive", fontsize=8)
+        ax.set_aspect("equal")
+        if f + columns >= len(findings):  # the lowest panel of its column
+            ax.set_xlabel("1 - specificity", fontsize=8)
+            ax.xaxis.set_tick_params(labelbottom=True)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("sensitivity", fontsize=8)
     return fig

@@ -1,5 +1,7 @@
 """The ``Predictor``: a verified model bundle, loaded to predict class probabilities of image files,
-their bytes, Pillow images or arrays, with their out-of-distribution scores.
+their bytes, Pillow images or arrays, with their out-of-distribution scores. A multi-label bundle
+(config.json's ``"task": "multilabel"``) answers one independent probability per finding instead,
+and the findings at or above their thresholds.
 
 Loading never unpickles: the weights come from safetensors (or the ONNX graph, run by ONNX
 Runtime), everything else is JSON, and ``bundle.verify_manifest`` checks every file first. The
@@ -59,6 +61,19 @@ class Predictor:
         self.classes_: list[str] = list(self.bundle_config_.classes)
         # How files are decoded for this model, as in training.
         self.preprocessing_: Preprocessing = self.bundle_config_.preprocessing
+        # "single" (softmax over classes) or "multilabel" (a sigmoid per finding); for the second,
+        # per finding: the probability from which it is present, and the temperature its logit is
+        # divided by ((F,), in output order). None for a single-label model.
+        self.task_: str = self.bundle_config_.task
+        multilabel = self.task_ == "multilabel"
+        self.thresholds_: dict[str, float] | None = (
+            {f: float(self.bundle_config_.thresholds[f]) for f in self.classes_} if multilabel else None
+        )
+        self.temperatures_: np.ndarray | None = (
+            np.array([self.bundle_config_.temperatures[f] for f in self.classes_], dtype=np.float64)
+            if multilabel
+            else None
+        )
         self.model_ = self._load_model()
         # The run's test metrics, only when checksums.json lists them (an unlisted file is ignored).
         self.metrics_: dict | None = (
@@ -103,6 +118,7 @@ class Predictor:
             tuple(model_cfg["input_shape"]),
             len(self.classes_),
             members=int(model_cfg.get("members", 1)),
+            task=self.task_,  # an ensemble averages softmax or, multi-label, sigmoid probabilities
             **model_cfg["hyperparameters"],
         )
         state = load_file(self.folder / WEIGHTS)  # safetensors: tensors only, nothing executed
@@ -153,7 +169,7 @@ class Predictor:
         if self.session_ is not None:
             return np.concatenate(
                 [
-                    self.session_.run(None, {"image": x[i : i + batch_size].numpy()})[0]
+                    self.session_.run(["logits"], {"image": x[i : i + batch_size].numpy()})[0]
                     for i in range(0, len(x), batch_size)
                 ]
             )
@@ -162,11 +178,15 @@ class Predictor:
     def predict_arrays(self, images: np.ndarray, batch_size: int = 256, calibrated: bool = True) -> np.ndarray:
         """(N, H, W) uint8 preprocessed images -> (N, n_classes) probabilities: with the class
         offsets fitted on a held-out site, when the bundle has them, and temperature-scaled unless
-        ``calibrated=False``."""
+        ``calibrated=False``. For a multi-label model each column is its finding's own sigmoid,
+        ``sigmoid(logit / T_finding)``: a row need not sum to 1."""
         logits = torch.from_numpy(self.predict_logits(images, batch_size)).double()  # float32 rounds 1 - 1e-8 to 1
         if self.class_bias_ is not None:
             logits = logits + torch.from_numpy(self.class_bias_)
-        probs = torch.softmax(logits / (self.temperature_ if calibrated else 1.0), dim=1).numpy()
+        if self.temperatures_ is not None:
+            probs = torch.sigmoid(logits / (torch.from_numpy(self.temperatures_) if calibrated else 1.0)).numpy()
+        else:
+            probs = torch.softmax(logits / (self.temperature_ if calibrated else 1.0), dim=1).numpy()
         if not np.isfinite(probs).all():  # never report a class for NaN probabilities
             raise BundleError(
                 f"the model in {self.folder} produced non-finite probabilities", hint="re-train or re-export it"
@@ -239,7 +259,18 @@ class Predictor:
     def describe(self, probs: np.ndarray, ood_score: float | None = None) -> dict:
         """One image's probabilities (n_classes,) and out-of-distribution score -> ``{"class",
         "probabilities": {name: p}, "ood_score", "in_distribution"}`` (the last two None for a
-        bundle without the score)."""
+        bundle without the score). A multi-label model's answer is ``{"task": "multilabel",
+        "probabilities", "findings", "class", "ood_score", "in_distribution"}``: "findings" those at
+        or above their threshold, most probable first; "class" the most probable finding."""
+        if self.thresholds_ is not None:
+            order = np.argsort(-probs, kind="stable")  # most probable first; a tie keeps output order
+            return {
+                "task": "multilabel",
+                "probabilities": {c: float(v) for c, v in zip(self.classes_, probs, strict=True)},
+                "findings": [self.classes_[i] for i in order if probs[i] >= self.thresholds_[self.classes_[i]]],
+                "class": self.classes_[int(order[0])],
+                **ood_fields(ood_score),
+            }
         return {
             "class": self.classes_[int(probs.argmax())],
             "probabilities": {c: float(v) for c, v in zip(self.classes_, probs, strict=True)},
@@ -247,8 +278,9 @@ class Predictor:
         }
 
     def predict(self, images) -> list[dict]:
-        """One dict per image, ``{"class", "probabilities", "ood_score", "in_distribution"}``, with
-        its "path" for a file. ``images``, each decoded and preprocessed as the model was trained:
+        """One dict per image, ``{"class", "probabilities", "ood_score", "in_distribution"}`` (a
+        multi-label model's: see ``describe``), with its "path" for a file. ``images``, each decoded
+        and preprocessed as the model was trained:
 
         - a path (str or Path) of an image file or of a folder of them, or a list of paths;
         - the bytes of one image file (JPEG, PNG, DICOM, ...);

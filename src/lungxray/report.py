@@ -5,8 +5,9 @@ and writes ``report.html``: a summary first, then a section for each part it fin
 search, training, test metrics with 95% CIs, confusion matrices, ROC curves, calibration, the
 most confident errors with saliency overlays, the out-of-distribution flag, data from elsewhere,
 and the shortcut audit. This module decides which sections a folder gets and lays out the page;
-the sections' HTML is ``report_sections`` and ``report_external``, the figures ``plots``, the
-gallery's pictures ``saliency.error_gallery``. Holds no training code.
+the sections' HTML is ``report_sections`` and ``report_external`` (a multi-label model's figures,
+per finding, ``report_multilabel``), the figures ``plots``, the gallery's pictures
+``saliency.error_gallery``. Holds no training code.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lungxray import runfolder
 from lungxray.report_blocks import section, table
 from lungxray.report_data import RunContents, read_run
 from lungxray.report_external import against_chance, external_section, ood_section, site_rows
+from lungxray.report_multilabel import multilabel_sections, summary_rows
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 .scroll{overflow-x:auto;max-width:100%}.summary td:first-child{font-weight:600}
@@ -69,6 +71,8 @@ def _summary(run: RunContents) -> str:
         ["macro-F1", figure("macro_f1")],
         ["macro AUROC", figure("macro_auroc")],
     ]
+    if metrics.get("task") == "multilabel":  # a yes/no per finding: no accuracy or F1 to lead with
+        rows[-3:] = summary_rows(metrics)
     if metrics.get("ood"):
         rows.append(["flagged out of distribution", f"{metrics['ood']['share_flagged']:.1%} of the images scored"])
     for name, ext in external.items():
@@ -98,6 +102,9 @@ def _test(run: RunContents) -> list[str]:
     from lungxray.saliency import error_gallery
 
     cv, metrics = run.cv, run.metrics
+    if metrics.get("task") == "multilabel":
+        images = (cv or {}).get("out_of_fold") or (run.found["predictions"] or {}).get("images")
+        return multilabel_sections(metrics, images, pooled=bool(cv))
     sections = [
         section("metrics", "Pooled out-of-fold metrics" if cv else "Test metrics", body.metrics_tables(metrics)),
         section("confusion", "Confusion matrix", body.confusion(metrics)),
@@ -118,6 +125,8 @@ def _elsewhere(run: RunContents) -> list[str]:
     """The out-of-distribution section, and the comparison with data from elsewhere: an
     evaluation's data against the model's own test, or a run's external sets against its test."""
     cv, metrics, external = run.cv, run.metrics, run.external
+    if metrics.get("task") == "multilabel":  # these comparisons read single-label figures
+        return []
     sections = []
     if metrics.get("ood"):
         label = "internal test" if run.own_run else "images scored"

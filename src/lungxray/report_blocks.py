@@ -11,8 +11,6 @@ import base64
 import html
 import os
 
-from lungxray.plots import figure_png
-
 
 def img(png: bytes, alt: str) -> str:
     """PNG bytes as an <img> with the data inline and ``alt`` saying what it shows."""
@@ -21,6 +19,8 @@ def img(png: bytes, alt: str) -> str:
 
 def figure(fig, alt: str) -> str:
     """A matplotlib figure as an inline <img> (the figure closed)."""
+    from lungxray.plots import figure_png  # here: the console imports this module for `probability` alone
+
     return img(figure_png(fig), alt)
 
 

@@ -111,12 +111,14 @@ PREDICTIONS_CSV = "predictions.csv"  # evaluate --csv: predictions.json as a tab
 
 def predictions_csv(rows: list[dict], classes: list[str]) -> str:
     """The rows of predict or predictions.json as CSV for a spreadsheet: path, label (when given),
-    predicted class, one ``p_CLASS`` column per class, the out-of-distribution fields, site, the
-    manifest's other columns (``meta_NAME``) and the reason for a file that could not be read."""
+    predicted class, a multi-label model's findings present (joined by "|"), one ``p_CLASS`` column
+    per class, the out-of-distribution fields, site, the manifest's other columns (``meta_NAME``)
+    and the reason for a file that could not be read."""
     import csv
     import io
 
     fixed = ["path", *(["label"] if any("label" in r for r in rows) else []), "class"]
+    fixed += ["findings"] if any("findings" in r for r in rows) else []  # a multi-label model's, joined by "|"
     fixed += [f"p_{c}" for c in classes] + ["ood_score", "in_distribution"]
     fixed += ["site"] if any("site" in r for r in rows) else []
     meta = list(dict.fromkeys(k for r in rows for k in r.get("meta", {})))
@@ -125,13 +127,28 @@ def predictions_csv(rows: list[dict], classes: list[str]) -> str:
     writer = csv.DictWriter(text, [*fixed, *(f"meta_{k}" for k in meta), *errors], lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        probabilities = r.get("probabilities") or {}
-        writer.writerow(
+        shown = by_class(r["probabilities"], classes) if "probabilities" in r else []  # none for a skipped file
+        probabilities = dict(zip(classes, shown, strict=False))
+        row = (
             {k: r[k] for k in ("path", "label", "class", "ood_score", "in_distribution", "site", "error") if k in r}
             | {f"p_{c}": probabilities[c] for c in classes if c in probabilities}
+            | ({"findings": "|".join(r["findings"])} if "findings" in r else {})
             | {f"meta_{k}": v for k, v in r.get("meta", {}).items()}
         )
+        writer.writerow({k: _inert(v) for k, v in row.items()})
     return text.getvalue()
+
+
+def _inert(value):
+    """A text cell a spreadsheet would run as a formula (a file or manifest value starting with =, +,
+    -, @, a tab or a carriage return) quoted with a leading ', as OWASP advises; numbers as they are."""
+    if not isinstance(value, str) or not value.startswith(("=", "+", "-", "@", "\t", "\r")):
+        return value
+    try:
+        float(value)  # "-1", a CheXpert cell, stays a number
+        return value
+    except ValueError:
+        return "'" + value
 
 
 PATIENT_KEY = "patient-key"  # the key of the patient pseudonyms in the run's files; not to be shared

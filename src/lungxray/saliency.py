@@ -1,7 +1,8 @@
 """Where a model looks, and whether it needs the lungs at all.
 
 ``saliency`` gives one map per image: Grad-CAM for the CNNs (MONAI's ``GradCAM`` on the model's
-last convolutional stage) and the input gradient for the MLP (MONAI's ``VanillaGrad``).
+last convolutional stage) and the input gradient for the MLP (MONAI's ``VanillaGrad``), for the
+predicted class or a given one; a multi-label model is explained per finding (``explained``).
 ``overlay`` blends a map onto its image. ``audit`` scores a model on the same images three ways:
 as they are, with the central lung field hidden, and with the borders hidden; a model that stays
 well above chance without the lungs is reading the image source (markers, text, exposure), not
@@ -11,6 +12,7 @@ with their saliency overlays. Holds no training code.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +31,16 @@ from lungxray.runfolder import EXPLAIN, write_json, writer_lock
 LUNG_FIELD = (0.15, 0.90, 0.15, 0.85)
 
 
-def saliency(predictor: Predictor, images: np.ndarray) -> np.ndarray:
-    """(N, H, W) uint8 preprocessed images -> (N, H, W) maps in [0, 1] for each predicted class."""
+def saliency(predictor: Predictor, images: np.ndarray, targets: list[int] | None = None) -> np.ndarray:
+    """(N, H, W) uint8 preprocessed images -> (N, H, W) maps in [0, 1], image i's for the class (or
+    finding) at index ``targets[i]``; None: each image's predicted class (a multi-label model's
+    most probable finding)."""
     from monai.visualize import GradCAM, VanillaGrad
 
     model = explainer_model(predictor)
     x = to_tensor(images)  # (N, 1, H, W)
+    if targets is None and predictor.task_ == "multilabel":  # per-finding temperatures can reorder the logits
+        targets = [int(i) for i in predictor.predict_arrays(images).argmax(axis=1)] if len(images) else []
     layer = get_spec(predictor.config_["model"]["name"]).cam_layer
     if layer is not None:
         # One GradCAM per member of the explaining copy: each one hooks its layer for good, so a
@@ -42,12 +48,13 @@ def saliency(predictor: Predictor, images: np.ndarray) -> np.ndarray:
         members = list(model.members) if isinstance(model, Ensemble) else [model]
         if getattr(predictor, "gradcam_", None) is None:
             predictor.gradcam_ = [GradCAM(nn_module=m, target_layers=layer) for m in members]
-        with torch.no_grad():
-            predicted = predict_logits(model, x).argmax(dim=1)  # (N,) the (ensemble's) answer
+        if targets is None:
+            with torch.no_grad():
+                targets = predict_logits(model, x).argmax(dim=1).tolist()  # (N,) the (ensemble's) answer
         # One image per call: MONAI scores logits[:, class_idx] summed over the batch, which for
         # a batch with several predicted classes would mix the classes in every image's map.
         maps = [
-            torch.stack([cam(x[i : i + 1], class_idx=int(predicted[i]))[0, 0] for cam in predictor.gradcam_]).mean(0)
+            torch.stack([cam(x[i : i + 1], class_idx=int(targets[i]))[0, 0] for cam in predictor.gradcam_]).mean(0)
             for i in range(len(x))
         ]  # N x (H, W), each member's map 0..1, averaged
         return (
@@ -55,8 +62,9 @@ def saliency(predictor: Predictor, images: np.ndarray) -> np.ndarray:
             if maps
             else np.zeros((0, *images.shape[1:]), np.float32)
         )
-    vanilla = VanillaGrad(model)  # one image per call
-    grads = torch.cat([vanilla(x[i : i + 1]) for i in range(len(x))]).abs()[:, 0]  # (N, H, W): pull on the logit
+    vanilla = VanillaGrad(model)  # one image per call; index None: MONAI's argmax of the logits
+    index = [None] * len(x) if targets is None else [int(t) for t in targets]
+    grads = torch.cat([vanilla(x[i : i + 1], index=index[i]) for i in range(len(x))]).abs()[:, 0]  # (N, H, W)
     peak = grads.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
     return (grads / peak).detach().numpy().astype(np.float32)
 
@@ -152,9 +160,11 @@ def _wrap(text: str, font, width: float) -> list[str]:
 
 
 def explain_files(predictor: Predictor, paths: list[Path], out: Path, roots: tuple[Path, ...] = ()) -> list[dict]:
-    """Probabilities and an explanation PNG (``side_by_side``) per image file, written to ``out``;
-    bad files get an error. ``out`` is held with the run folder's writer lock, as the other writers
-    do; a bundle, or a folder inside ``roots`` (the folders the images were found in), is refused."""
+    """Probabilities and an explanation PNG (``side_by_side``) per image file, written to ``out``
+    (a multi-label model's: one per explained finding, ``explained``, in "overlays": {finding:
+    path}); bad files get an error. ``out`` is held with the run folder's writer lock, as the other
+    writers do; a bundle, or a folder inside ``roots`` (the folders the images were found in), is
+    refused."""
     with writer_lock(out, roots):
         return _explain_into(predictor, paths, Path(out))
 
@@ -166,7 +176,9 @@ def _explain_into(predictor: Predictor, paths: list[Path], out: Path) -> list[di
 
     out.mkdir(parents=True, exist_ok=True)
     results, images = predictor.decode_files(paths)
-    if len(images):
+    if len(images) and predictor.task_ == "multilabel":
+        _explain_findings(predictor, [r for r in results if "error" not in r], images, out)
+    elif len(images):
         good = [r for r in results if "error" not in r]
         probs, maps = predictor.predict_arrays(images), saliency(predictor, images)
         scores = predictor.ood_scores(images)
@@ -183,10 +195,44 @@ def _explain_into(predictor: Predictor, paths: list[Path], out: Path) -> list[di
     return results
 
 
-def caption(predictor: Predictor, answer: dict) -> str:
-    """What the map shows, in a few words: the method and the class it explains."""
+def _explain_findings(predictor: Predictor, good: list[dict], images: np.ndarray, out: Path) -> None:
+    """``_explain_into`` for a multi-label model: each image's answer, and a figure per explained
+    finding, ``{k}_{stem}_{finding}_overlay.png``, listed in its "overlays"."""
+    from PIL import Image
+
+    from lungxray.decode import read_image_file
+
+    probs, scores = predictor.predict_arrays(images), predictor.ood_scores(images)
+    answers = [predictor.describe(p, None if scores is None else scores[k]) for k, p in enumerate(probs)]
+    pairs = [(k, f) for k, answer in enumerate(answers) for f in explained(answer)]  # (image, finding)
+    maps = saliency(predictor, images[[k for k, _ in pairs]], [predictor.classes_.index(f) for _, f in pairs])
+    for (k, finding), heat in zip(pairs, maps, strict=True):
+        r, stem = good[k], Path(good[k]["path"]).stem
+        target = out / f"{k:03d}_{stem}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', finding)}_overlay.png"
+        try:
+            picture = predictor.display(read_image_file(Path(r["path"])), Path(r["path"]).name)
+        except (OSError, UnusableImage):  # changed since it was read a moment ago: the model's input
+            picture = images[k]
+        Image.fromarray(side_by_side(picture, heat, caption(predictor, answers[k], finding))).save(target)
+        r.setdefault("overlays", {})[finding] = str(target)
+    for r, answer in zip(good, answers, strict=True):
+        r.update({**answer, "overlays": r.pop("overlays")})
+
+
+def explained(answer: dict) -> list[str]:
+    """The findings a multi-label answer's explanations show: each one present, most probable
+    first, or the most probable when none reaches its threshold."""
+    return answer["findings"] or [answer["class"]]
+
+
+def caption(predictor: Predictor, answer: dict, finding: str | None = None) -> str:
+    """What the map shows, in a few words: the method and the class it explains (``finding``: the
+    class or finding explained, when not the answer's class)."""
     flagged = " (out of distribution: no reliable answer)" if answer.get("in_distribution") is False else ""
-    return f"where the model looked ({method(predictor)}) for: {answer['class']}{flagged}"
+    shown = finding or answer["class"]
+    if answer.get("task") == "multilabel":
+        shown += " (present)" if shown in answer["findings"] else " (below its threshold)"
+    return f"where the model looked ({method(predictor)}) for: {shown}{flagged}"
 
 
 def method(predictor: Predictor) -> str:

@@ -32,7 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from lungxray.config import ServeTimeouts
 from lungxray.errors import UnusableImage
 from lungxray.predictor import Predictor
-from lungxray.serve_schema import Health, ModelInfo, Prediction, Problem, model_context
+from lungxray.serve_schema import Health, ModelInfo, Prediction, Problem, model_context, multilabel_info
 from lungxray.version import __version__
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -204,6 +204,14 @@ PanelQuery = Annotated[
     ),
 ]
 
+FindingQuery = Annotated[
+    str | None,
+    Query(
+        description="The finding (or class) whose map to draw, by name as GET /model lists them; by default "
+        "the predicted class, or a multi-label model's most probable finding."
+    ),
+]
+
 
 def _add_routes(app: FastAPI, max_upload_bytes: int) -> None:
     """/health, /model, /model/card, /predict, /explain and the upload page; each route's docstring
@@ -227,6 +235,7 @@ def _add_routes(app: FastAPI, max_upload_bytes: int) -> None:
             "preprocessing": p.config_["preprocessing"],
             "backend": p.backend_,
             "temperature": p.temperature_,
+            **multilabel_info(p),
             "ood": p.config_.get("ood"),
             # first the figures against chance (balanced accuracy beside the majority class, AUROC
             # beside 0.5) of the test, its held-out or worst site and each external set; None: not run
@@ -251,8 +260,9 @@ def _add_routes(app: FastAPI, max_upload_bytes: int) -> None:
 
     @app.post("/predict", response_model=Prediction, responses=UPLOAD_ERRORS, summary="Classify one chest X-ray")
     async def predict(request: Request, file: Upload) -> dict:
-        """The class probabilities of one uploaded film and its out-of-distribution score (an image
-        unlike the training films is flagged, and its class is no answer), with the model that answered."""
+        """The class probabilities of one uploaded film (a multi-label model's: each finding's, and
+        those present) and its out-of-distribution score (an image unlike the training films is
+        flagged, and its class is no answer), with the model that answered."""
         p = request.app.state.predictor
         data = await _read_limited(file, max_upload_bytes)
         probs, score = await _in_worker(request, _decode_and_predict, p, data, file.filename or "")
@@ -261,13 +271,20 @@ def _add_routes(app: FastAPI, max_upload_bytes: int) -> None:
     png = {200: {"content": {"image/png": {}}, "description": "The picture that `panel` names, as PNG."}}
 
     @app.post("/explain", response_class=Response, responses=png | UPLOAD_ERRORS, summary="Where the model looked")
-    async def explain(request: Request, file: Upload, panel: PanelQuery = "figure") -> Response:
+    async def explain(
+        request: Request, file: Upload, panel: PanelQuery = "figure", finding: FindingQuery = None
+    ) -> Response:
         """The uploaded film as read and, in warm colours, the regions the model relied on for its
-        answer (Grad-CAM, or the input gradient for the MLP)."""
+        answer (Grad-CAM, or the input gradient for the MLP): for its class, its most probable
+        finding, or the finding (or class) that ``finding`` names."""
         p = request.app.state.predictor
+        if finding is not None and finding not in p.classes_:
+            detail = f"{finding[:100]!r} is not a finding of this model; it answers {', '.join(p.classes_)}"
+            raise HTTPException(status_code=422, detail=detail)
         data = await _read_limited(file, max_upload_bytes)
         lock, name = request.app.state.explain_lock, file.filename or ""
-        png = await _in_worker(request, _picture_png, p, data, lock, name, panel)
+        target = None if finding is None else p.classes_.index(finding)
+        png = await _in_worker(request, _picture_png, p, data, lock, name, panel, target)
         return Response(content=png, media_type="image/png")
 
     @app.get("/", response_class=HTMLResponse, summary="The upload page")
@@ -310,9 +327,12 @@ def _decode_and_predict(predictor: Predictor, data: bytes, name: str) -> tuple[n
     return predictor.predict_arrays(image)[0], None if scores is None else float(scores[0])
 
 
-def _picture_png(predictor: Predictor, data: bytes, lock: threading.Lock, name: str, panel: str) -> bytes:
+def _picture_png(
+    predictor: Predictor, data: bytes, lock: threading.Lock, name: str, panel: str, target: int | None
+) -> bytes:
     """The upload as read and where the model looked, as PNG: ``saliency.side_by_side``'s figure, or
-    one of its halves alone (``panel`` "read" or "overlay", ``saliency.panels``)."""
+    one of its halves alone (``panel`` "read" or "overlay", ``saliency.panels``); the map for the
+    class (or finding) at index ``target``, None: the predicted class or most probable finding."""
     from lungxray.saliency import caption, panels, saliency, side_by_side
 
     image = _decode_upload(predictor, data, name)
@@ -320,12 +340,13 @@ def _picture_png(predictor: Predictor, data: bytes, lock: threading.Lock, name: 
     if panel == "read":
         return _png(panels(picture)[0])
     with lock:
-        heat = saliency(predictor, image[None])[0]
+        heat = saliency(predictor, image[None], None if target is None else [target])[0]
     if panel == "overlay":
         return _png(panels(picture, heat)[1])
     scores = predictor.ood_scores(image[None])
     answer = predictor.describe(predictor.predict_arrays(image[None])[0], None if scores is None else float(scores[0]))
-    return _png(side_by_side(picture, heat, caption(predictor, answer)))
+    shown = None if target is None else predictor.classes_[target]
+    return _png(side_by_side(picture, heat, caption(predictor, answer, shown)))
 
 
 def _png(pixels: np.ndarray) -> bytes:

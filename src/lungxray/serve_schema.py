@@ -11,7 +11,7 @@ import math
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from lungxray.predictor import Predictor
 from lungxray.runfolder import MODEL
@@ -68,7 +68,20 @@ class ModelSpec(BaseModel):
     input_shape: list[int] = Field(description="The input it takes: [1, size, size] grayscale.")
 
 
-class ModelInfo(BaseModel):
+MULTILABEL = ("task", "findings", "thresholds", "temperatures")  # absent from a single-label model's answers
+
+
+class MultilabelFields(BaseModel):
+    """An answer whose multi-label fields are left out of its JSON when None: a single-label model's
+    answers keep the shape they have always had."""
+
+    @model_serializer(mode="wrap")
+    def _without_unused(self, handler: SerializerFunctionWrapHandler):  # unannotated: the schema keeps the fields
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k in MULTILABEL and v is None)}
+
+
+class ModelInfo(MultilabelFields):
     """GET /model: the model, how it reads an image, what was measured, and its card."""
 
     classes: list[str] = Field(description="The classes it answers, in the order of its outputs.")
@@ -79,6 +92,15 @@ class ModelInfo(BaseModel):
     )
     backend: Literal["torch", "onnx"] = Field(description="What runs the model: PyTorch or ONNX Runtime.")
     temperature: float = Field(description="The temperature its probabilities are scaled by (1.0: none).")
+    task: Literal["multilabel"] | None = Field(
+        None, description="'multilabel': one independent probability per finding; absent for a single-label model."
+    )
+    thresholds: dict[str, float] | None = Field(
+        None, description="A multi-label model's: the probability from which each finding is reported present."
+    )
+    temperatures: dict[str, float] | None = Field(
+        None, description="A multi-label model's: the temperature each finding's logit is divided by (1.0: none)."
+    )
     ood: dict[str, Any] | None = Field(
         description="The out-of-distribution score's method and threshold; None for a bundle without one."
     )
@@ -92,11 +114,25 @@ class ModelInfo(BaseModel):
     model_context: ModelContext
 
 
-class Prediction(BaseModel):
-    """POST /predict: one image's class probabilities and out-of-distribution score."""
+class Prediction(MultilabelFields):
+    """POST /predict: one image's class probabilities and out-of-distribution score; for a
+    multi-label model, each finding's probability and the findings present."""
 
-    class_: str = Field(alias="class", description="The class of highest probability.")
-    probabilities: dict[str, float] = Field(description="Each class's calibrated probability; they sum to 1.")
+    task: Literal["multilabel"] | None = Field(
+        None, description="'multilabel': the model answers findings; absent for a single-label model."
+    )
+    class_: str = Field(
+        alias="class", description="The class of highest probability (a multi-label model's most probable finding)."
+    )
+    probabilities: dict[str, float] = Field(
+        description="Each class's calibrated probability; they sum to 1. A multi-label model's: each finding's "
+        "own probability (they need not sum to 1)."
+    )
+    findings: list[str] | None = Field(
+        None,
+        description="A multi-label model's findings at or above their threshold (GET /model), most probable "
+        "first; empty when none is; absent for a single-label model.",
+    )
     ood_score: float | None = Field(
         description="How far the image lies from the training films (above 1: flagged); "
         "None for a bundle without the score."
@@ -135,6 +171,14 @@ def model_context(predictor: Predictor, card_url: str | None) -> dict:
         "measured": measured_line(predictor.headline_),
         "card": card_url if predictor.card_ is not None else None,
     }
+
+
+def multilabel_info(predictor: Predictor) -> dict:
+    """GET /model's fields of a multi-label model (task, thresholds, temperatures); none for a single-label one."""
+    if predictor.temperatures_ is None:
+        return {}
+    temperatures = dict(zip(predictor.classes_, predictor.temperatures_.tolist(), strict=True))
+    return {"task": predictor.task_, "thresholds": predictor.thresholds_, "temperatures": temperatures}
 
 
 def _data(config: dict) -> str:

@@ -15,6 +15,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from lungxray.config import SplitConfig
 from lungxray.data import Dataset
 from lungxray.errors import ConfigError, DataError, LeakageError
+from lungxray.stratify import group_units, stratify_groups
 
 
 @dataclass
@@ -117,7 +118,16 @@ def folder_split(ds: Dataset, cfg: SplitConfig) -> Split:
 
 
 def make_split(ds: Dataset, cfg: SplitConfig) -> Split:
-    """The split named by ``cfg.mode``, or the whole site ``cfg.test_site`` as the test."""
+    """The split named by ``cfg.mode``, or the whole site ``cfg.test_site`` as the test; of a
+    multi-label dataset, the random split stratified by every finding (``multilabel_split``)."""
+    if ds.task == "multilabel":
+        if cfg.test_site is not None or cfg.mode == "folders" or cfg.val_by == "site":
+            raise ConfigError(
+                "a multi-label dataset is split at random only, for now (no --test-site, --split folders or "
+                "--val-by site)", hint="leave those flags out, or use `lungxray cv --by site` to hold out each site",
+            )  # fmt: skip
+        train = 1 - cfg.val_fraction - cfg.test_fraction
+        return multilabel_split(ds.targets, ds.groups, cfg.seed, (train, cfg.val_fraction, cfg.test_fraction))
     if cfg.test_site is not None:
         if cfg.mode == "folders":
             raise ConfigError("--test-site and --split folders exclude each other", hint="drop one")
@@ -238,6 +248,46 @@ def make_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int, val_fr
     return folds
 
 
+def multilabel_split(
+    targets: np.ndarray, groups: np.ndarray, seed: int, fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
+) -> Split:
+    """Train/val/test of multi-label ``targets`` (N, F; NaN unknown) by ``fractions``: whole
+    groups (-1: an image on its own), each finding's prevalence close in the three parts
+    (``stratify.stratify_groups``)."""
+    if len(fractions) != 3:
+        raise ConfigError(f"a split takes three fractions (train, val, test), got {list(fractions)}")
+    _enough_groups(targets, groups, 3, "a train/val/test split", "add images or raise --val-fraction/--test-fraction")
+    part = stratify_groups(targets, groups, fractions, seed)
+    train, val, test = (np.flatnonzero(part == i) for i in range(3))
+    if not (len(train) and len(val) and len(test)):
+        raise DataError(
+            f"the split left a part empty (train {len(train)}, val {len(val)}, test {len(test)} images)",
+            hint="add images or raise --val-fraction/--test-fraction",
+        )
+    split = Split(train, val, test, "random multilabel", seed)
+    check_no_leakage(split, group_units(targets, groups))
+    return split
+
+
+def multilabel_folds(targets: np.ndarray, groups: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """The test indices of ``k`` folds of multi-label ``targets`` (N, F; NaN unknown): every image
+    in exactly one, whole groups (-1: an image on its own), each finding's prevalence close in all."""
+    if k < 2:
+        raise ConfigError(f"--folds must be at least 2, got {k}")
+    _enough_groups(targets, groups, k, f"{k} folds", "use fewer --folds or add images")
+    part = stratify_groups(targets, groups, (1 / k,) * k, seed)
+    folds = [np.flatnonzero(part == i) for i in range(k)]
+    if not all(len(fold) for fold in folds):
+        raise DataError(f"{k} folds left a fold empty: too few images", hint="use fewer --folds or add images")
+    return folds
+
+
+def _enough_groups(targets: np.ndarray, groups: np.ndarray, parts: int, what: str, hint: str) -> None:
+    n_groups = int(group_units(targets, groups).max(initial=-1)) + 1
+    if n_groups < 2 * parts:
+        raise DataError(f"only {n_groups} distinct images (groups) for {what}", hint=hint)
+
+
 def check_no_leakage(split: Split, groups: np.ndarray, *, allow_test_duplicates: bool = False) -> None:
     """Raise LeakageError when parts share an index, or a duplicate group (unless allowed for test)."""
     parts = {"train": split.train, "val": split.val, "test": split.test}
@@ -255,3 +305,23 @@ def check_no_leakage(split: Split, groups: np.ndarray, *, allow_test_duplicates:
                     f"{len(shared_groups)} duplicate group(s) straddle {a} and {b}: "
                     "a near-copy of a held-out image would be seen in training"
                 )
+
+
+def multilabel_cv_folds(
+    targets: np.ndarray, groups: np.ndarray, k: int, seed: int, val_fraction: float = 0.125
+) -> list[Split]:
+    """``make_folds`` for multi-label ``targets``: ``multilabel_folds``' test parts, and from the
+    rest of each a validation part of ``val_fraction``, both stratified by every finding over whole
+    groups. Each fold passes the leakage check."""
+    everything = np.arange(len(targets))
+    folds = []
+    for i, test in enumerate(multilabel_folds(targets, groups, k, seed)):
+        rest = np.setdiff1d(everything, test)
+        part = stratify_groups(targets[rest], groups[rest], (1 - val_fraction, val_fraction), seed + 1 + i)
+        train, val = rest[part == 0], rest[part == 1]
+        if not len(val):
+            raise DataError(f"fold {i + 1}/{k} has no validation image: too few images", hint="use fewer --folds")
+        fold = Split(train, val, test, f"fold {i + 1}/{k} multilabel", seed)
+        check_no_leakage(fold, group_units(targets, groups))
+        folds.append(fold)
+    return folds

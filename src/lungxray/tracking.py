@@ -8,9 +8,9 @@ missing MLflow or a store that cannot be used fails before anything trains; ``Tr
 
 MLflow is an optional extra (``pip install 'lungxray[mlflow]'``: mlflow-skinny, which writes a
 SQLite store through the SQLAlchemy and Alembic that Optuna already installs). The default store
-is ``sqlite:///OUT/../mlflow.db``, beside the run folders, as MLflow 3.7 made SQLite its default
-(MLflow 3 refuses its file store, ``./mlruns``, unless ``MLFLOW_ALLOW_FILE_STORE`` is set). Nothing
-here trains or reads images.
+is ``sqlite:///OUT/../mlflow.db``, beside the run folders, as MLflow 3.7 made SQLite its default;
+its file store (``./mlruns``, deprecated; refused from MLflow 3.13 unless ``MLFLOW_ALLOW_FILE_STORE``
+is set) is refused here whatever the version. Nothing here trains or reads images.
 """
 
 from __future__ import annotations
@@ -100,11 +100,13 @@ def open_tracker(uri: str | None, experiment: str, out: Path) -> Tracker:
             "--mlflow needs MLflow, which is not installed", hint=f"{INSTALL}, or leave --mlflow out"
         ) from None
     uri = uri or default_uri(out)
-    if "://" not in uri and not uri.startswith(("file:", "databricks")):
+    if uri.startswith("file:") or ("://" not in uri and not uri.startswith("databricks")):
+        # MLflow's file store (./mlruns) is deprecated, and refused from MLflow 3.13: one rule whatever the version
         raise ConfigError(
-            f"--mlflow {uri!r} is not a tracking URI",
+            f"--mlflow {runfolder.shown_url(uri)!r} is not a database or server URI (MLflow's file store is "
+            "deprecated)",
             hint=f"give a store such as sqlite:///runs/{STORE} or http://HOST:5000, or --mlflow alone (after DATA) "
-            f"for {default_uri(out)}",
+            f"for {runfolder.shown_url(default_uri(out))}",
         )
     store = _sqlite_file(uri)
     if store is not None:

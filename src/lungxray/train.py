@@ -2,7 +2,8 @@
 
 Works on in-memory tensors (the whole preprocessed dataset fits in RAM: 317 images at 128x128 are
 21 MB), so batches are index lookups rather than a DataLoader. Takes a resolved ``TrainConfig``
-(``job.Job``'s trial or final settings) and never re-derives a default. Holds no tuning and no test-set code: the
+(``job.Job``'s trial or final settings) and never re-derives a default. Multi-label targets (float (N, F), NaN
+unknown) train on ``losses.MaskedBCE`` by the same loop. Holds no tuning and no test-set code: the
 test split never reaches this module; the serving side imports nothing from it.
 """
 
@@ -25,6 +26,15 @@ from lungxray.config import TrainConfig
 from lungxray.errors import ConfigError, TrainingDiverged
 from lungxray.fused import FirstLayerAdam
 from lungxray.infer import predict_logits
+from lungxray.losses import (
+    MaskedBCE,
+    check_targets,
+    class_weights,
+    epoch_counts,
+    is_multilabel,
+    multilabel_figures,
+    site_balanced_weights,
+)
 from lungxray.models import Ensemble, create_model, load_init_weights, seed_dropout
 
 _INIT_LOCK = threading.Lock()  # weight init draws from torch's global generator
@@ -33,9 +43,9 @@ _INIT_LOCK = threading.Lock()  # weight init draws from torch's global generator
 class FitData(NamedTuple):
     """What a fit learns from and is watched on."""
 
-    train: tuple[torch.Tensor, torch.Tensor]  # (N, C, H, W) images, (N,) labels
+    train: tuple[torch.Tensor, torch.Tensor]  # (N, C, H, W) images, (N,) labels or multi-label (N, F) (NaN: unknown)
     val: tuple[torch.Tensor, torch.Tensor]
-    n_classes: int
+    n_classes: int  # classes, or findings
     train_sites: torch.Tensor | None = None  # (N,) each training image's site code (--site-balanced)
 
 
@@ -81,6 +91,8 @@ class StepOptions:
     shard: tuple[int, int] = (0, 1)
     first_layer: FirstLayerAdam | None = None  # steps the weight it took over from the optimiser
     draw: torch.Tensor | None = None  # (N,) weights to draw each epoch's images by, with replacement (None: shuffle)
+    # in place of cross-entropy (multi-label: MaskedBCE); the epoch's figures then count known entries
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 def train_one_epoch(
@@ -92,7 +104,8 @@ def train_one_epoch(
     generator: torch.Generator,
     options: StepOptions | None = None,
 ) -> tuple[float, float]:
-    """One pass over (x, y) in shuffled mini-batches; returns mean loss and accuracy.
+    """One pass over (x, y) in shuffled mini-batches; returns mean loss and accuracy (with
+    ``options.loss``, multi-label: over the known entries).
 
     A last batch of one image is skipped for models with batch norm, which cannot normalise a
     single image in training mode. ``options``: augmentation, schedule, loss weights, mixed
@@ -123,9 +136,12 @@ def train_one_epoch(
         else:
             with torch.autocast(x.device.type, dtype=torch.float16):
                 logits = model(xb)
-        loss = nn.functional.cross_entropy(
-            logits.float(), yb, weight=options.class_weight, label_smoothing=options.label_smoothing
-        )
+        if options.loss is None:
+            loss = nn.functional.cross_entropy(
+                logits.float(), yb, weight=options.class_weight, label_smoothing=options.label_smoothing
+            )
+        else:
+            loss = options.loss(logits.float(), yb)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -143,9 +159,12 @@ def train_one_epoch(
         losses.append(loss.detach())
         outputs.append(logits.detach())
         labels.append(yb)
-    sizes = torch.tensor([len(t) for t in labels], dtype=torch.float64, device=x.device)
+    if options.loss is None or not losses:
+        sizes = torch.tensor([len(t) for t in labels], dtype=torch.float64, device=x.device)
+        correct = (torch.cat(outputs).argmax(1) == torch.cat(labels)).sum() if outputs else sizes.sum()
+    else:  # each step's loss is a mean over its known entries
+        sizes, correct = epoch_counts(outputs, labels)
     total_loss = (torch.stack(losses).double() * sizes).cumsum(0)[-1] if losses else sizes.sum()
-    correct = (torch.cat(outputs).argmax(1) == torch.cat(labels)).sum() if outputs else sizes.sum()
     sums = torch.stack([total_loss, correct.double(), sizes.sum()])
     if world > 1:  # the epoch's figures over every process's share
         import torch.distributed as dist
@@ -184,8 +203,11 @@ def world() -> tuple[int, int]:
 
 
 def evaluate_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on (x, y)."""
+    """Mean cross-entropy and accuracy of ``model`` on (x, y); multi-label: binary cross-entropy and
+    the share of entries sigmoid >= 0.5 gets right, both over the known entries."""
     logits = predict_logits(model, x)
+    if is_multilabel(y):
+        return multilabel_figures(logits, y)
     return nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
@@ -243,32 +265,13 @@ def ema_with_warmup(decay: float) -> Callable:
     return update
 
 
-def class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Inverse class frequency, scaled so a balanced set gets weight 1 for every class."""
-    counts = torch.bincount(y, minlength=n_classes).float().clamp_(min=1)
-    return len(y) / (n_classes * counts)
-
-
-def site_balanced_weights(y: torch.Tensor, sites: torch.Tensor) -> torch.Tensor:
-    """(N,) float64 weights that draw every site equally often, and within a site each of its
-    classes equally often: 1 / (sites x the site's classes x images of that site and class).
-    WeightedRandomSampler would draw from these too; the loop draws its order itself, seeded."""
-    pairs, inverse, counts = torch.unique(torch.stack([sites, y]), dim=1, return_inverse=True, return_counts=True)
-    site_of_pair = pairs[0]
-    n_sites = len(torch.unique(site_of_pair))
-    classes_at = {int(s): int((site_of_pair == s).sum()) for s in torch.unique(site_of_pair)}
-    per_pair = torch.tensor(
-        [1.0 / (n_sites * classes_at[int(s)] * int(c)) for s, c in zip(site_of_pair, counts, strict=True)],
-        dtype=torch.float64,
-    )
-    return per_pair[inverse]
-
-
 def _training_parts(
     model: nn.Module, hp: dict, cfg: TrainConfig, data: FitData, y_train: torch.Tensor, device: torch.device
 ) -> tuple[torch.optim.Optimizer, StepOptions]:
-    """The optimiser and ``train_one_epoch``'s options for one fit; seeds the model's dropout."""
-    n_classes = data.n_classes
+    """The optimiser and ``train_one_epoch``'s options for one fit; seeds the model's dropout.
+    Multi-label (``losses.MaskedBCE``): --class-weighted weighs each finding's positives, label
+    smoothing moves targets towards 0.5, --site-balanced draws every site equally often."""
+    n_classes, multilabel = data.n_classes, is_multilabel(y_train)
     draw = None
     if cfg.site_balanced:
         if data.train_sites is None or bool((data.train_sites < 0).any()):
@@ -276,7 +279,8 @@ def _training_parts(
                 "--site-balanced needs every training image's site",
                 hint="give several DATA roots (each a site) or a manifest with a site column",
             )
-        draw = site_balanced_weights(data.train[1], data.train_sites)
+        labels = torch.zeros_like(data.train_sites) if multilabel else data.train[1]
+        draw = site_balanced_weights(labels, data.train_sites)
     # The moving average is a copy of the model (made before its dropout gets a generator), with
     # batch-norm statistics averaged alongside the weights; validation and the kept state read it.
     averaged = (
@@ -297,11 +301,12 @@ def _training_parts(
             else None
         ),
         scheduler=scheduler,
-        class_weight=class_weights(y_train, n_classes) if cfg.class_weighted else None,
+        class_weight=class_weights(y_train, n_classes) if cfg.class_weighted and not multilabel else None,
         scaler=torch.amp.GradScaler("cuda") if device.type == "cuda" else None,
         label_smoothing=cfg.label_smoothing,
         averaged=averaged,
         draw=draw,
+        loss=MaskedBCE(y_train, cfg.class_weighted, cfg.label_smoothing) if multilabel else None,
     )
 
 
@@ -331,6 +336,8 @@ def fit(
             f"the hyperparameters set batch_size {hp['batch_size']} but cfg has {cfg.batch_size}; "
             "pass the config with them: cfg.for_params(hp)"
         )
+    if is_multilabel(data.train[1]):
+        check_targets(data.train[1], data.val[1], data.n_classes)
     device = resolve_device(cfg.device)
     with _INIT_LOCK:
         torch.manual_seed(cfg.seed)
@@ -420,14 +427,15 @@ def _epochs(loop: _Loop, train, val, cfg: TrainConfig, on_epoch, progress: bool)
 
 
 def _fit_members(model_name: str, hp: dict, data: FitData, cfg: TrainConfig, progress: bool) -> FitResult:
-    """``cfg.members`` fits from seeds seed, seed + 1000, ... as one ``Ensemble`` (mean probability)."""
+    """``cfg.members`` fits from seeds seed, seed + 1000, ... as one ``Ensemble`` (mean probability:
+    of the softmax, or multi-label of each finding's sigmoid)."""
     fits = [
         fit(model_name, hp, data, replace(cfg, seed=cfg.seed + 1000 * m, members=1), progress=progress)
         for m in range(cfg.members)
     ]
     first = fits[0]
     return FitResult(
-        Ensemble([f.model for f in fits]).eval(),
+        Ensemble([f.model for f in fits], "multilabel" if is_multilabel(data.train[1]) else "single").eval(),
         first.best_epoch,
         first.history,
         diverged=any(f.diverged for f in fits),
