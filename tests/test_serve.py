@@ -752,6 +752,11 @@ def test_measured_line_is_the_internal_test_and_the_worst_elsewhere():
         "answering covid: 0.33), lowest recall normal 0.14"
     )
     assert measured_line([test]).endswith("; never measured on another site's or hospital's films")
+    held_out = row("held-out site b (9 images, none of its films in training)", 0.52, ("normal", 0.2))
+    assert measured_line([held_out]) == (  # a site it never trained on is such a measurement: said as one
+        "held-out site b (9 images, none of its films in training): balanced accuracy 0.52 (0.40-0.90; always "
+        "answering covid: 0.33), lowest recall normal 0.20"
+    )
     old = [row("test split (40 images)", None, None), row("a (external, 5 images)", None, None), row("b", None, None)]
     assert measured_line(old).split("; worst elsewhere, ")[1] == (
         "a (external, 5 images): balanced accuracy 0.50 (0.40-0.90; always answering covid: 0.33)"
@@ -787,7 +792,7 @@ def test_every_prediction_names_its_model_and_the_service_serves_its_card(traine
     )
     assert context["measured"].startswith(f"test split ({metrics['n']} images): balanced accuracy "
                                           f"{metrics['balanced_accuracy']:.2f} (")  # fmt: skip
-    assert context["card"] == "http://testserver/model/card"
+    assert context["card"] == "/model/card"  # relative: right behind a proxy too
     assert card.status_code == 200 and card.headers["content-type"].startswith("text/html")
     assert f"<title>Model card: {context['name']}</title>" in card.text
     assert f"trained {context['trained']}" in card.text and "## Intended use" in card.text
@@ -851,6 +856,7 @@ def test_the_page_names_the_model_beside_its_answer_and_stays_legible_from_390_p
                 )
                 seen[width] = page.evaluate(PAGE_STATE)
                 page.screenshot(path=str(tmp_path / f"page-{width}.png"), full_page=True)
+                responses.clear()  # this width's card only
                 page.context.on("response", lambda r: responses.append((r.url, r.status)))
                 with page.context.expect_page() as opened:
                     page.click("#answered-by a.card")

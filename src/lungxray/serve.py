@@ -295,7 +295,10 @@ def _add_routes(app: FastAPI, max_upload_bytes: int) -> None:
 
 def _context(request: Request) -> dict:
     """``serve_schema.model_context`` of the app's model, its card linked where this service serves it."""
-    return model_context(request.app.state.predictor, str(request.url_for("model_card")))
+    # relative to the service's root, not an absolute URL built from the Host header: right behind a
+    # proxy that terminates TLS or serves under a path prefix (root_path)
+    card = request.scope.get("root_path", "") + request.app.url_path_for("model_card")
+    return model_context(request.app.state.predictor, card)
 
 
 CARD_PAGE = """<!doctype html>

@@ -201,6 +201,8 @@ def measured_line(rows: list[dict] | None) -> str | None:
     if not rows:
         return None
     internal, elsewhere = rows[0], rows[1:]
+    if not elsewhere and internal["label"].startswith("held-out site"):  # its test is a site it never saw
+        return _row_in_brief(internal)
     if not elsewhere:
         return f"{_row_in_brief(internal)}; never measured on another site's or hospital's films"
     worst = min(elsewhere, key=lambda row: _number(row.get("balanced_accuracy"), math.inf))
