@@ -197,3 +197,86 @@ def test_a_chexpert_set_with_uncertain_labels_cross_validates_with_patients_whol
         assert not tested & trained
     assert report["summary"]["macro_auroc"]["mean"] > 0.7
     assert all(not math.isnan(f["thresholds"]["cardiomegaly"]) for f in report["per_fold"])
+
+
+def write_covid_metadata(root, n: int = 48):
+    """metadata.csv and images/, as the public COVID-19 collection ships them: 'finding' holding
+    several comma-separated findings (here COVID-19, ARDS and Pneumothorax, drawn on the films), a
+    view and a modality column to filter on (every 8th film a lateral, every 12th a CT slice)."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    names = ("COVID-19", "ARDS", "Pneumothorax")
+    rows = []
+    for i in range(n):
+        present = _present(i)
+        name = f"case{i:03d}.png"
+        Image.fromarray(film(present, 500 + i)).save(root / "images" / name)
+        finding = ", ".join(f for f, on in zip(names, present, strict=True) if on) or "No Finding"
+        view, modality = ("L" if i % 8 == 7 else "PA"), ("CT" if i % 12 == 11 else "X-ray")
+        rows.append({"patientid": str(i // 2), "offset": "0", "sex": "M", "age": "55", "finding": finding,
+                     "view": view, "modality": modality, "folder": "images", "filename": name})  # fmt: skip
+    manifest = root / "metadata.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+@pytest.mark.slow
+def test_a_covid_metadata_set_runs_predicts_and_exports(tmp_path, capsys):
+    from lungxray.predictor import Predictor
+
+    manifest = write_covid_metadata(tmp_path / "covid")
+    out = tmp_path / "run"
+    code = main(["run", str(manifest), "--layout", "covid-metadata", "--where", "view=PA,AP", "--where",
+                 "modality=X-ray", "--map", "ARDS=ards", "--model", "mlp", "--img-size", "16", "--trials", "1",
+                 "--epochs", "30", "--out", str(out), "--quiet", "--cache-dir", str(tmp_path / "cache")])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    predictor = Predictor(out / "model")
+    assert predictor.task_ == "multilabel" and predictor.classes_ == ["ards", "covid_19", "pneumothorax"]
+    splits = json.loads((out / "splits.json").read_text())
+    kept = splits["train"] + splits["val"] + splits["test"]
+    assert len(kept) == 48 - 8  # 6 laterals and 4 CT slices left out (films 23 and 47 are both)
+    films = sorted((tmp_path / "covid" / "images").glob("*.png"))[:3]
+    capsys.readouterr()  # what run printed
+    assert cli("predict", out / "model", *films, "--csv -") == 0
+    table = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert [r["path"] for r in table] == [str(f) for f in films]
+    assert all(set(r["findings"].split("|")) - {""} <= set(predictor.classes_) for r in table)
+    assert cli("export", out / "model", "--onnx") == 0 and (out / "model" / "model.onnx").is_file()
+
+
+@pytest.mark.slow  # DenseNet-121 at 32 px: seconds
+@pytest.mark.parametrize("name", ["cnn", "resnet18", "densenet121"])
+def test_every_network_of_the_registry_takes_several_findings(name):
+    """One sigmoid per finding from each network, and a training step on targets with unknowns that
+    moves the weights and leaves the loss finite."""
+    import torch
+
+    from lungxray.losses import masked_bce
+    from lungxray.models import create_model, get_spec
+
+    torch.manual_seed(0)
+    model = create_model(name, (1, 32, 32), 3, task="multilabel", **get_spec(name).defaults)
+    x = torch.rand(4, 1, 32, 32)
+    y = torch.tensor([[1.0, 0.0, float("nan")], [0.0, 1.0, 1.0], [float("nan")] * 3, [1.0, 1.0, 0.0]])
+    logits = model(x)
+    assert logits.shape == (4, 3)
+    loss = masked_bce(logits, y)
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.processes
+def test_two_worker_processes_tune_a_multilabel_study(tmp_path, capsys):
+    manifest = write_chestxray14(tmp_path / "set", n=54)
+    out = tmp_path / "run"
+    code = main(["tune", str(manifest), "--layout", "chestxray14", "--model", "mlp", "--img-size", "16", "--trials",
+                 "3", "--epochs", "5", "--parallel", "2", "--out", str(out), "--quiet",
+                 "--cache-dir", str(tmp_path / "cache")])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    trials = json.loads((out / "trials.json").read_text())
+    finished = [t for t in trials if t["state"] in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 3 and all(math.isfinite(t["value"]) for t in finished)
+    assert json.loads((out / "best_params.json").read_text())["objective"] == "val_loss"
