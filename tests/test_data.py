@@ -368,3 +368,47 @@ def test_a_cache_on_a_full_disk_falls_back_to_memory_once_and_leaves_no_empty_fi
     assert np.array_equal(np.asarray(again.images), np.asarray(ds.images))
     assert all(p.stat().st_size == 16 * 16 for p in cache_dir.rglob("*.u8") if not p.name.startswith("stack-"))
     assert len(list(cache_dir.rglob("*.u8"))) == 36 + 1  # every image, and the stack
+
+
+def test_a_scan_reads_each_file_once_whatever_it_preprocesses(flat_tree, cache_dir, monkeypatch):
+    """Cropped and equalised, each film is decoded twice (the plain resize the duplicate search
+    reads, and the model's input) from one read of its bytes; the warm scan reads no file and
+    makes no status call on the cache's images (one listing of their folder answers for all)."""
+    from collections import Counter
+
+    import lungxray.data as data
+
+    reads, stats = Counter(), []
+    read, status = data.read_image_file, os.stat
+    monkeypatch.setattr(data, "read_image_file", lambda path: reads.update([str(path)]) or read(path))
+    prep = Preprocessing(img_size=16, crop_borders=True, equalize="clahe")
+    cfg = DataConfig(prep, cache_dir=cache_dir, workers=1)  # decoded in this process, where reads are counted
+    ds = load_dataset(flat_tree, cfg, progress=False)
+    assert len(reads) == 36 and set(reads.values()) == {1}
+    folders = {p.parent.name for p in cache_dir.rglob("*.u8") if not p.name.startswith("stack-")}
+    assert folders == {"v3-gray-bilinear-16", "v3-gray-bilinear-16-crop-clahe"}
+    for i in (0, 20):
+        assert np.array_equal(ds.images[i], decode(ds.samples[i].path.read_bytes(), prep))
+    monkeypatch.setattr(os, "stat", lambda path, *a, **kw: stats.append(os.fspath(path)) or status(path, *a, **kw))
+    again = load_dataset(flat_tree, cfg, progress=False)
+    monkeypatch.undo()
+    assert sum(reads.values()) == 36 and np.array_equal(np.asarray(again.images), np.asarray(ds.images))
+    cached_images = [p for p in stats if p.startswith(str(cache_dir)) and not os.path.basename(p).startswith("stack-")]
+    assert cached_images == []
+
+
+def test_a_damaged_cached_image_is_decoded_again_by_the_next_scan(flat_tree, cache_dir):
+    """An image in the cache cut short behind the scan's back (its stack gone too): the scan that
+    needs it says so and removes it, and the next scan decodes the film again."""
+    cfg = DataConfig(Preprocessing(img_size=16), cache_dir=cache_dir)
+    first = load_dataset(flat_tree, cfg, progress=False)
+    [stack] = cache_dir.rglob("stack-*.u8")
+    stack.unlink()
+    damaged = stack.parent / f"{first.samples[3].sha256}.u8"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with pytest.raises(DataError, match="damaged") as info:
+        load_dataset(flat_tree, cfg, progress=False)
+    assert "run it again" in info.value.hint and not damaged.exists()
+    again = load_dataset(flat_tree, cfg, progress=False)
+    assert np.array_equal(np.asarray(again.images), np.asarray(first.images))
+    assert damaged.stat().st_size == 16 * 16

@@ -15,13 +15,16 @@ import numpy as np
 import pytest
 from conftest import synthetic_image
 from PIL import Image
+from test_multilabel_train import _multilabel_bundle
 
 from lungxray.cli import main
 from lungxray.config import DataConfig, Manifest, Preprocessing
 from lungxray.data import load_dataset
 from lungxray.errors import ConfigError, DataError
+from lungxray.evaluation import Scoring, model_and_data
+from lungxray.evaluation_multilabel import evaluate_multilabel, targets_for
 from lungxray.labelling import CHEXPERT_FINDINGS, Findings
-from lungxray.layout import normalise_class_name
+from lungxray.layout import Listing, normalise_class_name
 from lungxray.manifest import locate
 
 NAN = float("nan")
@@ -163,13 +166,13 @@ def test_chexpert_as_it_ships_with_each_uncertain_policy(tmp_path):
     known = {
         "patient00001/study1/view1_frontal.jpg": {"cardiomegaly": 1.0, "pleural_effusion": 0.0},
         "patient00001/study2/view1_frontal.jpg": {"edema": 1.0, "fracture": 0.0},
-        "patient00002/study1/view1_frontal.jpg": {"support_devices": 1.0},
+        "patient00002/study1/view1_frontal.jpg": dict.fromkeys(findings, 0.0) | {"support_devices": 1.0},
         "patient00003/study1/view1_frontal.jpg": {"edema": 0.0},
     }
-    assert _chexpert_targets(ds) == known  # -1 ignored and blank: unknown (NaN)
+    assert _chexpert_targets(ds) == known  # -1 ignored and blank: unknown (NaN), but negative on No Finding's row
     first = next(s for s in ds.samples if s.path.parts[-3:-1] == ("patient00001", "study1"))
     assert math.isnan(first.targets[findings.index("edema")])  # -1, ignored
-    assert int(np.isnan(ds.targets).sum()) == 4 * 13 - 6
+    assert int(np.isnan(ds.targets).sum()) == 4 * 13 - 5 - 13
     assert sorted(s.label for s in ds.samples) == ["cardiomegaly", "edema", "no_finding", "support_devices"]
     groups = {s.path.parts[-3]: set() for s in ds.samples}
     for s in ds.samples:
@@ -194,10 +197,11 @@ def test_scan_takes_the_chexpert_layout_and_policies_as_flags(tmp_path, capsys):
                  tmp_path / "cache")  # fmt: skip
     assert code == 0
     findings = json.loads(capsys.readouterr().out)["findings"]
-    # edema: 1.0 once, -1.0 once (its own policy: negative), 0.0 once; atelectasis: -1.0 twice (positive)
-    assert findings["edema"] == {"positive": 1, "negative": 2, "unknown": 1, "prevalence": 1 / 3}
-    assert findings["atelectasis"] == {"positive": 2, "negative": 0, "unknown": 2, "prevalence": 1.0}
-    assert findings["lung_lesion"] == {"positive": 0, "negative": 0, "unknown": 4, "prevalence": None}
+    # edema: 1.0 once, -1.0 once (its own policy: negative), 0.0 once; atelectasis: -1.0 twice (positive);
+    # every blank cell of the No Finding row: negative
+    assert findings["edema"] == {"positive": 1, "negative": 3, "unknown": 0, "prevalence": 1 / 4}
+    assert findings["atelectasis"] == {"positive": 2, "negative": 1, "unknown": 1, "prevalence": 2 / 3}
+    assert findings["lung_lesion"] == {"positive": 0, "negative": 1, "unknown": 3, "prevalence": 0.0}
 
 
 def test_finding_cols_all_takes_the_columns_of_1_0_minus_1_and_blank(tmp_path):
@@ -213,8 +217,22 @@ def test_finding_cols_all_takes_the_columns_of_1_0_minus_1_and_blank(tmp_path):
     by_path = {"/".join(p.parts[-3:]): o.targets for p, o in picked.origins.items()}
     assert _equal(by_path["patient00001/study1/view1_frontal.jpg"], (1.0, 1.0))
     assert _equal(by_path["patient00001/study2/view1_frontal.jpg"], (NAN, 1.0))
-    assert _equal(by_path["patient00002/study1/view1_frontal.jpg"], (NAN, NAN))
+    assert _equal(by_path["patient00002/study1/view1_frontal.jpg"], (0.0, 0.0))  # No Finding: blank is negative
     assert _equal(by_path["patient00003/study1/view1_frontal.jpg"], (NAN, 0.0))
+
+
+def test_a_no_finding_row_makes_its_blank_finding_cells_negative_and_keeps_its_given_cells(tmp_path):
+    # patient00002: No Finding 1, Support Devices 1, here Edema -1 too; patient00003: No Finding 0
+    train = _chexpert(tmp_path, cells={3: {"Edema": "-1.0"}, 4: {"No Finding": "0.0"}})
+    frontal = {"where": ("Frontal/Lateral=Frontal",)}
+    targets = _chexpert_targets(_load(train, tmp_path, frontal, layout="chexpert", uncertain="positive"))
+    findings = sorted(normalise_class_name(c) for c in CHEXPERT_FINDINGS)
+    assert targets["patient00002/study1/view1_frontal.jpg"] == dict.fromkeys(findings, 0.0) | {
+        "support_devices": 1.0, "edema": 1.0}  # fmt: skip
+    assert targets["patient00003/study1/view1_frontal.jpg"] == {"atelectasis": 1.0, "edema": 0.0}  # blanks unknown
+    # the no-finding column is the one --no-finding-label names
+    other = _chexpert_targets(_load(train, tmp_path, frontal, layout="chexpert", no_finding_label="Normal"))
+    assert other["patient00002/study1/view1_frontal.jpg"] == {"support_devices": 1.0}
 
 
 def test_a_finding_cell_that_is_not_1_0_minus_1_or_blank_is_named_by_row_column_and_value(tmp_path):
@@ -301,6 +319,26 @@ def test_map_renames_and_drops_single_label_classes(tmp_path):
     assert [s.label for s in ds.samples] == ["pneumonia", "pneumonia", "normal", "normal"]
     assert _equal(ds.targets, np.eye(2)[[1, 1, 0, 0]])  # single-label: the one-hot of the labels
     assert [(Path(s.path).name, s.reason) for s in ds.skipped] == [("3.png", "its class (Other) is dropped by --map")]
+
+
+def test_a_class_that_map_drops_leaves_its_films_out_in_multilabel_mode_too(tmp_path):
+    for i, name in enumerate(["Covid", "Normal", "Effusion"]):
+        _image(tmp_path / "tree" / name / "a.png", i, label=i)
+    ds = _load(tmp_path / "tree", tmp_path, task="multilabel", map="covid=")
+    assert ds.classes == ["effusion", "normal"]
+    assert sorted(s.path.parent.name for s in ds.samples) == ["Effusion", "Normal"]
+    assert [(Path(s.path).parent.name, s.reason) for s in ds.skipped] == [
+        ("Covid", "its class (covid) is dropped by --map")
+    ]
+    # a label column of one class per film, read as findings: the same
+    rows = [{"path": f"tree/{name}/a.png", "label": name} for name in ["Covid", "Normal", "Effusion"]]
+    located = locate(_write_csv(tmp_path / "m.csv", rows), Manifest(), Findings(task="multilabel", map="covid="))
+    assert sorted(p.parent.name for p, _, _ in located.files) == ["Effusion", "Normal"]
+    assert [s.reason for s in located.skipped] == ["its class (Covid) is dropped by --map"]
+    # findings joined by a separator: a film naming only dropped ones stays, negative for the others
+    nih = locate(_chestxray14(tmp_path / "nih"), Manifest(), Findings(layout="chestxray14", map="Infiltration="))
+    assert nih.findings == ["cardiomegaly", "effusion", "emphysema"] and not nih.skipped
+    assert _equal(nih.origins[tmp_path / "nih" / "images" / "00000003_001.png"].targets, [0, 0, 0])
 
 
 def test_task_single_with_a_separator_takes_one_finding_per_film(tmp_path):
@@ -396,3 +434,69 @@ def test_reading_a_manifest_lists_each_folder_once_instead_of_a_status_call_per_
     located = locate(entries, Manifest(), Findings(layout="chestxray14"))
     assert len(located.files) == 300 and located.findings == ["effusion"]
     assert calls["scandir"] < 5 and calls["stat"] < 10  # not one per row: images/ listed once
+
+
+def test_a_name_the_folder_listing_spells_otherwise_is_found_as_the_file_system_finds_it(tmp_path, monkeypatch):
+    # a case-insensitive file system (macOS, Windows) opens a.png as A.PNG; its listing spells one of them
+    (tmp_path / "images").mkdir()
+    names = ["a.png", "b.png", "c.png"]
+    for name in names:
+        (tmp_path / "images" / name).touch()
+    listed = Listing._list
+    monkeypatch.setattr(
+        Listing, "_list", staticmethod(lambda folder: {k.upper(): v for k, v in listed(folder).items()})
+    )
+    rows = [{"path": f"images/{name}", "label": "normal"} for name in [*names, "d.png"]]
+    with pytest.raises(DataError) as err:
+        locate(_write_csv(tmp_path / "m.csv", rows), Manifest())
+    assert "1 problem(s): row 5, column path: 'images/d.png' does not exist" in str(err.value)
+    located = locate(_write_csv(tmp_path / "m.csv", rows[:3]), Manifest())
+    assert [p.name for p, _, _ in located.files] == names
+
+
+def _evaluated(model: Path, data: Path, tmp_path: Path, **findings):
+    """The bundle, the dataset, the indices scored and their targets in the model's finding order,
+    as ``lungxray evaluate`` reads them."""
+    scoring = Scoring(model, data, DataConfig(manifest=Manifest(), findings=Findings(**findings),
+                                              cache_dir=tmp_path / "cache"), progress=False)  # fmt: skip
+    predictor, ds, idx, _ = model_and_data(scoring)
+    return predictor, ds, idx, targets_for(predictor, ds, idx)
+
+
+def test_a_finding_no_label_column_names_is_negative_where_a_column_per_finding_leaves_it_unknown(tmp_path):
+    _, model = _multilabel_bundle(tmp_path)  # effusion, cardiomegaly, nodule
+    nih = _chestxray14(tmp_path / "nih")
+    _, ds, idx, y = _evaluated(model, nih, tmp_path, layout="chestxray14", map="Emphysema, Infiltration=")
+    assert ds.classes == ["cardiomegaly", "effusion"] and len(idx) == 6
+    assert _equal(y[:, :2], ds.targets[idx][:, ::-1]) and _equal(y[:, 2], np.zeros(6))  # nodule: no film names it
+    assert ds.unnamed_negative
+    train = _chexpert(tmp_path / "chexpert")
+    _, ds, idx, y = _evaluated(model, train, tmp_path, layout="chexpert", finding_cols="Pleural Effusion,Cardiomegaly",
+                               map="Pleural Effusion=effusion")  # fmt: skip
+    assert ds.classes == ["cardiomegaly", "effusion"] and not ds.unnamed_negative and len(idx) == 5
+    assert _equal(y[:, :2], ds.targets[idx][:, ::-1]) and np.isnan(y[:, 2]).all()  # no column for nodule: unknown
+
+
+def test_a_set_whose_every_film_names_no_finding_is_evaluated_negative_for_each(tmp_path):
+    _, model = _multilabel_bundle(tmp_path)
+    nih = _chestxray14(tmp_path / "nih")
+    with open(nih, newline="") as handle:
+        normal = [row for row in csv.DictReader(handle) if row["Finding Labels"] == "No Finding"]
+    only_normal = _write_csv(tmp_path / "nih" / "normal.csv", normal)
+    predictor, ds, idx, y = _evaluated(model, only_normal, tmp_path, layout="chestxray14")
+    assert ds.classes == [] and ds.targets.shape == (2, 0) and _equal(y, np.zeros((2, 3)))
+    metrics = evaluate_multilabel(predictor, ds, idx, tmp_path / "out")
+    assert [metrics["per_finding"][f]["counts"]["negatives"] for f in ("effusion", "cardiomegaly", "nodule")] == [2] * 3
+    assert metrics["macro_auroc"] is None  # no positive film: nothing to rank
+    with pytest.raises(DataError, match=r"found 0 finding\(s\) .* need at least 1: "):
+        _load(only_normal, tmp_path, layout="chestxray14")  # as run and cv read a set: nothing to learn
+
+
+def test_one_finding_makes_a_multilabel_set_but_one_class_no_single_label_one(tmp_path):
+    nih = _chestxray14(tmp_path / "nih")
+    ds = _load(nih, tmp_path, layout="chestxray14", map="Emphysema, Infiltration, Effusion=")  # as run and cv read it
+    assert ds.task == "multilabel" and ds.classes == ["cardiomegaly"]
+    assert {s.path.name: s.targets for s in ds.samples} == {
+        name: (1.0 if "Cardiomegaly" in findings else 0.0,) for name, findings, *_ in NIH_ROWS}  # fmt: skip
+    with pytest.raises(DataError, match=r"found 1 class folder\(s\) .* need at least 2: "):
+        _load(nih, tmp_path, {"where": ("Finding Labels=No Finding",)}, layout="chestxray14", task="single")

@@ -16,7 +16,20 @@ MODULES = {p.stem for p in PACKAGE.glob("*.py")}  # "__init__" is the package it
 # Bottom to top: a module imports from its own layer or the ones below it.
 LAYERS = [
     {"errors", "version", "options", "labelling", "config", "runfolder", "progress"},  # settings, run folder names
-    {"decode", "dicom", "cache", "layout", "targets", "manifest", "data", "splits", "stratify", "confound"},  # data
+    {
+        "decode",
+        "dicom",
+        "cache",
+        "layout",
+        "targets",
+        "manifest",
+        "data",
+        "duplicates",
+        "splits",
+        "learnable",
+        "stratify",
+        "confound",
+    },  # data
     # networks and figures
     {
         "models",

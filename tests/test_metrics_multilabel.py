@@ -221,3 +221,28 @@ def test_the_model_card_and_headline_of_a_multilabel_model_read_each_finding():
     lowest = min(FINDINGS, key=lambda f: metrics["per_finding"][f]["sensitivity"])
     assert row["lowest_recall"] == {"class": lowest, "recall": metrics["per_finding"][lowest]["sensitivity"]}
     assert row["label"] == "test split (120 images)" and row["figures"].startswith("macro AUROC")
+
+
+def test_micro_auroc_is_read_against_the_prevalences_alone_not_against_half():
+    """Pooled over findings of different prevalences, a model that answers each finding's prevalence
+    and nothing else reaches a micro AUROC far above 0.5: that is its baseline, and it is no better."""
+    rng = np.random.default_rng(0)
+    prevalence = np.array([0.5, 0.05, 0.2])
+    y = (rng.random((2000, 3)) < prevalence).astype(float)
+    knows_nothing = np.broadcast_to(y.mean(axis=0), y.shape).copy()
+    m = compute_multilabel_metrics(y, knows_nothing, ["a", "b", "c"], {"a": 0.5, "b": 0.5, "c": 0.5}, resamples=200)
+    assert m["micro_auroc"] > 0.7 and m["macro_auroc"] == pytest.approx(0.5)
+    assert m["baseline"]["micro_auroc"] == pytest.approx(m["micro_auroc"])
+    assert m["micro_auroc_vs_chance"].startswith("no better than the findings' prevalences alone")
+    learned = np.clip(knows_nothing + 0.3 * (y - knows_nothing), 0, 1)  # some signal on every finding
+    better = compute_multilabel_metrics(y, learned, ["a", "b", "c"], {"a": 0.5, "b": 0.5, "c": 0.5}, resamples=200)
+    assert better["micro_auroc_vs_chance"].startswith("better than the findings' prevalences alone")
+
+
+def test_a_finding_training_saw_one_side_of_falls_back_to_half_not_to_its_prevalence():
+    y_val = np.array([[0.0], [0.0], [0.0]])  # no positive among the known validation entries
+    p_val = np.array([[0.1], [0.2], [0.3]])
+    never = choose_thresholds(y_val, p_val, ["x"], prevalence={"x": 0.0})  # nor in training
+    assert never["x"]["threshold"] == 0.5 and never["x"]["rule"] == "fixed 0.5"
+    seen = choose_thresholds(y_val, p_val, ["x"], prevalence={"x": 0.1})
+    assert seen["x"]["threshold"] == 0.1 and seen["x"]["rule"] == "training prevalence"

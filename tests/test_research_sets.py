@@ -125,7 +125,10 @@ def test_a_chestxray14_set_trains_a_multilabel_model_scored_per_finding(chestxra
     assert set(first["findings"]) <= set(first["probabilities"])
     summary = json.loads((out / "run.json").read_text())
     assert summary["task"] == "multilabel" and summary["test_macro_auroc"] == metrics["macro_auroc"]
-    assert "multilabel" in (out / "report.html").read_text().lower() or "finding" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "<td>micro AUROC</td>" in page and all(f"<td>{f}</td>" in page for f in ("effusion", "cardiomegaly"))
+    scan = json.loads((out / "scan.json").read_text())
+    assert scan["confound"]["skipped"].startswith("multi-label data") and scan["confound"]["warning"] is None
 
 
 @pytest.mark.slow
@@ -177,19 +180,21 @@ def test_a_chexpert_set_with_uncertain_labels_cross_validates_with_patients_whol
     manifest = write_chexpert(tmp_path)
     out = tmp_path / "cv"
     code = cli("cv", manifest, "--layout chexpert --where Frontal/Lateral=Frontal --uncertain positive --model mlp "
-               "--img-size 16 --folds 3 --epochs 30 --quiet --cache-dir", tmp_path / "cache", "--out", out)  # fmt: skip
-    assert code == 0, capsys.readouterr().err
+               "--img-size 16 --folds 3 --epochs 30 --cache-dir", tmp_path / "cache", "--out", out)  # fmt: skip
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
     report = json.loads((out / "cv.json").read_text())
     assert report["task"] == "multilabel" and report["pooled"]["task"] == "multilabel"
-    # the columns that hold a value somewhere are the findings; blank columns are unknown throughout
-    findings = set(report["pooled"]["findings"])
-    assert {"pleural_effusion", "cardiomegaly", "lung_lesion"} <= findings
+    # the layout's ten columns blank on every film teach nothing: left out, and said so; "No Finding" = 1
+    # rows are negative for the findings they leave blank, so the three drawn ones have both sides
+    assert report["pooled"]["findings"] == ["cardiomegaly", "lung_lesion", "pleural_effusion"]
+    [left_out] = [line for line in printed.err.splitlines() if "left out, too few known films" in line]
+    assert "edema (0 positive, " in left_out and "cardiomegaly" not in left_out
     oof = report["out_of_fold"]
     assert len(oof) == 60 - 8  # the laterals left out
     # --uncertain positive: a -1.0 cell is a positive target
     row = next(o for o in oof if o["path"].endswith("patient00005/study1/view1_frontal.jpg"))  # film 10: i % 5 == 0
     assert _present(10) == (False, True, False) and row["targets"]["cardiomegaly"] == 1
-    assert row["targets"]["edema"] is None  # blank: not mentioned, unknown
     folds = json.loads((out / "folds.json").read_text())
     for fold in folds:  # a patient's two films are in one fold's test, never split across
         tested = {p.split("/")[-3] for p in fold["test"]}
@@ -197,6 +202,10 @@ def test_a_chexpert_set_with_uncertain_labels_cross_validates_with_patients_whol
         assert not tested & trained
     assert report["summary"]["macro_auroc"]["mean"] > 0.7
     assert all(not math.isnan(f["thresholds"]["cardiomegaly"]) for f in report["per_fold"])
+    # pooled, each film was decided at its own fold's threshold: the counts add up over the folds
+    pooled = report["pooled"]["per_finding"]["cardiomegaly"]
+    per_fold = [f["metrics"]["per_finding"]["cardiomegaly"]["counts"] for f in report["per_fold"]]
+    assert pooled["threshold"] is None and pooled["counts"] == {k: sum(c[k] for c in per_fold) for k in per_fold[0]}
 
 
 def write_covid_metadata(root, n: int = 48):

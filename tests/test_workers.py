@@ -206,6 +206,27 @@ def test_the_preprocessing_agreement_is_the_one_studies_already_record():
     assert _digest(_preprocessing_record(Preprocessing(equalize="clahe"))) != "5571be143afac59b"
 
 
+def test_workers_reading_uncertain_cells_otherwise_do_not_share_a_study():
+    """Two multi-label datasets whose films name the same positives but read an uncertain cell as
+    unknown in one and as negative in the other train on other targets: their agreements differ."""
+    import numpy as np
+
+    from lungxray.config import DataConfig, TrainConfig
+    from lungxray.data import Dataset, Sample
+    from lungxray.splits import Split
+    from lungxray.workers import agreement
+
+    def dataset(uncertain: float) -> Dataset:
+        samples = [Sample(f"f{i}.png", "effusion", None, f"{i:064x}", f"p{i}", "0" * 16, group=i,
+                          targets=(1.0, uncertain)) for i in range(4)]  # fmt: skip
+        return Dataset("root", "flat", ["effusion", "edema"], samples, np.zeros((4, 8, 8), np.uint8), task="multilabel")
+
+    split = Split(np.array([0, 1]), np.array([2]), np.array([3]), "random multilabel", 0)
+    ignored, negative = (agreement(dataset(v), split, "mlp", DataConfig(), TrainConfig()) for v in (float("nan"), 0.0))
+    assert ignored["data"] != negative["data"] and ignored["split"] == negative["split"]
+    assert agreement(dataset(float("nan")), split, "mlp", DataConfig(), TrainConfig()) == ignored  # NaN reads alike
+
+
 @pytest.mark.slow  # scans, trains or scores whole folders: the full suite runs it
 def test_a_worker_resumed_after_its_trial_was_failed_drops_the_result_in_one_line(tmp_path, monkeypatch):
     """A worker paused (SIGSTOP) past the heartbeat window finds, when it goes on, that another

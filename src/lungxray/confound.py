@@ -116,6 +116,16 @@ def audit(ds, seed: int = 0) -> dict:
 
     x = features([s.path for s in ds.samples], ds.images)
     y, groups = ds.labels, ds.groups
+    if ds.task == "multilabel":
+        # a film's findings are no class: a probe over their combinations (hundreds, many seen once)
+        # would measure nothing; the sites' audit, which needs no class, still runs
+        result = {"balanced_accuracy": None, "chance": None, "folds": 0, "fires": False,
+                  "features": list(FEATURES), "classes": list(ds.classes),
+                  "skipped": "multi-label data: the probe tells one class per film"}  # fmt: skip
+        result["warning"] = None
+        if len(ds.sites) > 1:
+            result["sites"] = site_audit(ds, x, seed)
+        return result
     result = probe(x, y, groups, seed) | {"features": list(FEATURES), "classes": list(ds.classes)}
     if result["balanced_accuracy"] is not None:
         forest = RandomForestClassifier(n_estimators=TREES, min_samples_leaf=2, random_state=seed, n_jobs=1).fit(x, y)

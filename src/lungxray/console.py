@@ -306,8 +306,10 @@ def print_multilabel(metrics: dict) -> None:
         found = (metrics.get("ci95") or {}).get(name)
         return f" ({found[0]:.2f}-{found[1]:.2f})" if found else ""
 
-    print(f"  macro AUROC {two(metrics['macro_auroc'])}{interval('macro_auroc')}, micro AUROC "
-          f"{two(metrics['micro_auroc'])}{interval('micro_auroc')} (chance: 0.50)")  # fmt: skip
+    baseline = (metrics.get("baseline") or {}).get("micro_auroc")
+    print(f"  macro AUROC {two(metrics['macro_auroc'])}{interval('macro_auroc')} (chance: 0.50), micro AUROC "
+          f"{two(metrics['micro_auroc'])}{interval('micro_auroc')} (each finding's prevalence alone: "
+          f"{two(baseline)})")  # fmt: skip
     for name, m in metrics["per_finding"].items():
         print(f"  {name} ({m['n_pos']} of {m['n_known']} known positive): AUROC {two(m['auroc'])}"
               f"{interval(f'auroc/{name}')}, average precision {two(m['average_precision'])} (baseline "

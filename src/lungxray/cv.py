@@ -20,6 +20,7 @@ from lungxray.errors import ConfigError, ParamsError
 from lungxray.evaluation import by_name
 from lungxray.infer import predict_logits, set_threads
 from lungxray.job import Job
+from lungxray.learnable import trainable
 from lungxray.metrics import compute_metrics, fit_class_bias
 from lungxray.models import get_spec
 from lungxray.pipeline import (
@@ -115,7 +116,7 @@ def _cross_validate(job: Job, params: dict | None) -> dict:
     set_threads(job.final.threads)
     clock = Clock()
     stage(f"scanning {', '.join(map(str, job.data))}", job.progress)
-    ds = load_dataset(job.data, job.dataset, progress=job.progress)
+    ds = trainable(load_dataset(job.data, job.dataset, progress=job.progress), job.progress)
     if ds.task == "multilabel" and by_site:
         raise ConfigError("cv --by site takes one label per film, for now", hint="use --folds K for multi-label data")
     parts = (
@@ -140,7 +141,7 @@ def _cross_validate(job: Job, params: dict | None) -> dict:
     for r in progress_bar(range(repeats), desc="training seeds", unit="seed", disable=not job.progress or repeats == 1):
         runs.append(_folds_once(replace(job, train=replace(job.train, seed=seed + r)), ds, parts, params, r))
     clock.lap("folds_s")
-    pooled = _pooled(ds, runs[0], seed)
+    pooled = _pooled(ds, runs[0], seed, parts)
     if ds.task != "multilabel":
         save_figure(confusion_figure(pooled), out / runfolder.CV_CONFUSION)
     report = _report(job, ds, parts, runs, pooled, params) | {"confound": scan["confound"], "timings": clock.laps}
@@ -168,9 +169,10 @@ def _report(job: Job, ds: Dataset, parts: list[Split], runs: list, pooled: dict,
         "tune": search_settings(job.search) if params is None else None,
         "split": {"val_by": job.split.val_by},  # the one split setting a cv reads
     }
+    targets = ds.targets  # built from the samples on each read: once, not per image
     out_of_fold = [
         {"path": str(s.path), "label": s.label, "fold": int(fold_of[k]), "probabilities": by_name(ds.classes, probs[k])}
-        | ({"targets": {c: None if np.isnan(v) else int(v) for c, v in zip(ds.classes, ds.targets[k], strict=True)}}
+        | ({"targets": {c: None if np.isnan(v) else int(v) for c, v in zip(ds.classes, targets[k], strict=True)}}
            if ds.task == "multilabel" else {})
         | ({"probabilities_mean_over_seeds": by_name(ds.classes, mean_probs[k])} if repeats > 1 else {})
         for k, s in enumerate(ds.samples)
@@ -192,7 +194,7 @@ def _report(job: Job, ds: Dataset, parts: list[Split], runs: list, pooled: dict,
         "summary": _cv_summary(per_fold, pooled),
         "pooled": pooled,
         "per_fold": per_fold,
-        "seed_spread": _seed_spread(ds, runs, seed) if repeats > 1 else None,
+        "seed_spread": _seed_spread(ds, runs, seed, parts) if repeats > 1 else None,
         "out_of_fold": out_of_fold,
     }
 
@@ -275,16 +277,40 @@ def _scored(ds: Dataset, idx: np.ndarray, probs: np.ndarray, fitted: dict, seed:
     )
 
 
-def _pooled(ds: Dataset, run: tuple, seed: int) -> dict:
+def _pooled(ds: Dataset, run: tuple, seed: int, parts: list[Split]) -> dict:
     """The metrics of one training seed's out-of-fold probabilities, with intervals. A multi-label
-    model's decisions there take each finding's threshold averaged over the folds, which chose theirs."""
+    model's sensitivity and specificity there count each film's decision at the threshold its own
+    fold chose (``_decided_by_folds``); AUROC and average precision need no threshold."""
     probs, per_fold, _ = run
-    fitted = {}
-    if ds.task == "multilabel":
-        fitted = {"thresholds": {c: float(np.mean([f["thresholds"][c] for f in per_fold])) for c in ds.classes}}
-    return _scored(ds, np.arange(len(ds.samples)), probs, fitted, seed) | (
-        {"thresholds_from": "each finding's threshold averaged over the folds' validation choices"} if fitted else {}
-    )
+    if ds.task != "multilabel":
+        return _scored(ds, np.arange(len(ds.samples)), probs, {}, seed)
+    mean = {"thresholds": {c: float(np.mean([f["thresholds"][c] for f in per_fold])) for c in ds.classes}}
+    pooled = _scored(ds, np.arange(len(ds.samples)), probs, mean, seed)
+    return _decided_by_folds(pooled, ds.targets, probs, [(part.test, f["thresholds"]) for part, f in
+                                                        zip(parts, per_fold, strict=True)])  # fmt: skip
+
+
+def _decided_by_folds(pooled: dict, targets: np.ndarray, probs: np.ndarray, folds: list) -> dict:
+    """``pooled``'s sensitivity and specificity per finding (and their exact intervals) counted
+    from the decisions the folds made, each film at its fold's threshold (``folds``: (test
+    indices, thresholds) each); no single threshold made them, so none is given."""
+    from lungxray.metrics import proportion_ci
+
+    decided = np.zeros(probs.shape, dtype=bool)
+    for idx, thresholds in folds:
+        decided[idx] = probs[idx] >= np.array([thresholds[c] for c in pooled["findings"]])
+    for f, name in enumerate(pooled["findings"]):
+        known = ~np.isnan(targets[:, f])
+        truth, said = targets[known, f] == 1, decided[known, f]
+        tp, pos, tn, neg = int((truth & said).sum()), int(truth.sum()), int((~truth & ~said).sum()), int((~truth).sum())
+        m = pooled["per_finding"][name]
+        m |= {"sensitivity": tp / pos if pos else None, "specificity": tn / neg if neg else None, "threshold": None,
+              "threshold_rule": "each fold's own, chosen on its validation part",
+              "counts": {"true_positives": tp, "positives": pos, "true_negatives": tn, "negatives": neg}}  # fmt: skip
+        if "ci95" in pooled:
+            pooled["ci95"][f"sensitivity/{name}"] = proportion_ci(tp, pos)
+            pooled["ci95"][f"specificity/{name}"] = proportion_ci(tn, neg)
+    return pooled
 
 
 def _class_bias(result: FitResult, ds: Dataset, fold: Split) -> list[float] | None:
@@ -296,13 +322,13 @@ def _class_bias(result: FitResult, ds: Dataset, fold: Split) -> list[float] | No
     return fit_class_bias(predict_logits(result.model, x_val).double().numpy(), y_val.numpy())
 
 
-def _seed_spread(ds: Dataset, runs: list[tuple[np.ndarray, list[dict], int]], seed: int) -> dict:
+def _seed_spread(ds: Dataset, runs: list[tuple[np.ndarray, list[dict], int]], seed: int, parts: list[Split]) -> dict:
     """Per metric over training seeds: mean and std of the fold-mean and of the pooled value, each
     seed's pooled value with its bootstrap CI."""
     spread = {}
     per_seed = []
     for run in runs:
-        per_seed.append(_cv_summary(run[1], _pooled(ds, run, seed)))
+        per_seed.append(_cv_summary(run[1], _pooled(ds, run, seed, parts)))
     for name in per_seed[0]:
         means = [s[name]["mean"] for s in per_seed if s[name]["mean"] is not None]
         pooled = [s[name]["pooled"] for s in per_seed if s[name]["pooled"] is not None]

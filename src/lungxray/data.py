@@ -1,9 +1,9 @@
 """Folder of X-rays -> samples (path, label, group, hashes) and preprocessed pixel arrays.
 
 Holds: discovery of both dataset layouts, the parallel scan that reads, hashes and decodes every
-file once (through the cache), duplicate finding (identical pixels and perceptual-hash
-near-copies) and the assembly of the ``Dataset``. Decoding one file is ``decode.py``, the cache is
-``cache.py``. It does not split (see ``splits.py``) and does not import torch.
+file once (through the cache), and the assembly of the ``Dataset`` with its duplicate groups.
+Decoding one file is ``decode.py``, the cache ``cache.py``, the duplicate search ``duplicates.py``.
+It does not split (see ``splits.py``) and does not import torch.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from PIL import Image
 from lungxray.cache import PreprocessCache
 from lungxray.config import DataConfig, Preprocessing
 from lungxray.decode import decode_with_patient, normalise_sites, read_image_file
+from lungxray.duplicates import find_duplicate_groups
 from lungxray.errors import DataError, UnusableImage
 from lungxray.layout import Skipped, join_groups, known_paths, read_groups, read_paths
 from lungxray.manifest import column_summary, locate
@@ -65,6 +66,7 @@ class Dataset:
     sources: list[str] = field(default_factory=list)  # the DATA entries: folders and CSV manifests
     manifest_patients: int = 0  # images whose patient a manifest names (joined into the groups)
     task: str = "single"  # or "multilabel": ``classes`` are findings, each film any number of them
+    unnamed_negative: bool = False  # multi-label: a finding no film names is negative, not unknown
 
     @property
     def sites(self) -> list[str]:
@@ -96,7 +98,9 @@ class Dataset:
     def targets(self) -> np.ndarray:
         """(N, F) float32 per finding of ``classes``: 1.0, 0.0, NaN unknown; single-label: one-hot of labels."""
         if self.task == "multilabel":
-            return np.array([s.targets for s in self.samples], dtype=np.float32).reshape(-1, len(self.classes))
+            return np.array([s.targets for s in self.samples], dtype=np.float32).reshape(
+                len(self.samples), len(self.classes)
+            )
         return np.eye(len(self.classes), dtype=np.float32)[self.labels]
 
     @property
@@ -188,29 +192,39 @@ def pseudonym(patient_id: str, key: bytes) -> str:
     return hashlib.blake2b(patient_id.encode("utf-8", "surrogateescape"), key=key, digest_size=8).hexdigest()
 
 
-def _process_file(args: tuple[str, Preprocessing]) -> tuple:
-    """Worker: read one file once, hash it, decode it. Returns (path, sha, pixels, phash, reason,
-    DICOM PatientID or None). The ID goes back to the scan in memory only, which hashes it at once."""
-    path, prep = args
+def _process_file(args: tuple) -> tuple:
+    """Worker: read one file once, hash it, decode it. ``args``: (path, preprocessing, *more), each
+    of ``more`` another preprocessing of the same bytes. Returns (path, sha, pixels, phash, reason,
+    DICOM PatientID or None) for the first, then (pixels, phash, reason) for each of ``more``. The
+    ID goes back to the scan in memory only, which hashes it at once."""
+    path, *preps = args
     try:
         data = read_image_file(Path(path))
-    except UnusableImage as exc:
-        return path, None, None, None, str(exc), None
-    except OSError as exc:
-        return path, None, None, None, f"cannot read file: {exc.strerror or exc}", None
+    except (UnusableImage, OSError) as exc:
+        reason = str(exc) if isinstance(exc, UnusableImage) else f"cannot read file: {exc.strerror or exc}"
+        return path, None, None, None, reason, None, *[(None, None, reason)] * (len(preps) - 1)
     sha = hashlib.sha256(data).hexdigest()
+    decoded = [_decode(data, prep, Path(path).name) for prep in preps]
+    patient = next((found[3] for found in decoded if found[3]), None)
+    return path, sha, *decoded[0][:3], patient, *[found[:3] for found in decoded[1:]]
+
+
+def _decode(data: bytes, prep: Preprocessing, name: str) -> tuple:
+    """(pixels, phash, None, patient) of one file's bytes, or (None, None, reason, None)."""
     try:
-        pixels, patient = decode_with_patient(data, prep, Path(path).name)
+        pixels, patient = decode_with_patient(data, prep, name)
     except UnusableImage as exc:
-        return path, sha, None, None, str(exc), None
-    return path, sha, pixels, perceptual_hash(pixels), None, patient
+        return None, None, str(exc), None
+    return pixels, perceptual_hash(pixels), None, patient
 
 
-def _decode_all(todo: list[Path], cfg: DataConfig, progress: bool):
-    """Yield _process_file results for every path, in parallel processes when worth it."""
+def _decode_all(todo: dict[Path, list[int]], preps: list[Preprocessing], cfg: DataConfig, progress: bool):
+    """Yield (path, sha, patient, [(pixels, phash, reason) per preprocessing asked]) for every path
+    of ``todo`` (path -> the indices in ``preps`` to decode it with), each file read once, in
+    parallel processes when worth it."""
     from lungxray.progress import bar as progress_bar
 
-    args = [(str(p), cfg.preprocessing) for p in todo]
+    args = [(str(p), *(preps[k] for k in ks)) for p, ks in todo.items()]
     workers = min(cfg.workers or os.cpu_count() or 1, len(todo))
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(
@@ -219,111 +233,88 @@ def _decode_all(todo: list[Path], cfg: DataConfig, progress: bool):
         if workers <= 1 or len(todo) < 8:
             results = map(_process_file, args)
         else:
-            # fork: workers start in milliseconds and only use Pillow/numpy, never torch.
+            # fork: workers start in milliseconds and only use Pillow/numpy, never torch. Small
+            # chunks: the images decoded ahead of the scan wait in memory.
             ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
             pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers, mp_context=ctx))
-            results = pool.map(_process_file, args, chunksize=max(1, len(args) // (workers * 8)))
-        for result in results:
+            results = pool.map(_process_file, args, chunksize=min(64, max(1, len(args) // (workers * 8))))
+        for path, sha, pixels, phash, reason, patient, *more in results:
             bar.update()
-            yield result
+            yield Path(path), sha, patient, [(pixels, phash, reason), *more]
 
 
 def _pixel_hash(pixels: np.ndarray) -> str:
     return hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest()
 
 
-def _load_pixels(files: list[tuple[Path, str, str | None]], cfg: DataConfig, progress: bool):
-    """Per file (sha, pixel hash or None when unusable, phash, reason, patient pseudonym), using and
-    filling the cache; and where the usable images are: (the cache, the images held in memory
-    because the cache could not keep them). No image stays in memory otherwise."""
-    cache = PreprocessCache(cfg.cache_dir, cfg.preprocessing)
-    out: dict[Path, tuple] = {}
-    todo = []
+def _status(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None  # the read says why
+
+
+def _load_pixels(files: list[tuple[Path, str, str | None]], cfgs: list[DataConfig], progress: bool) -> list:
+    """For each of ``cfgs`` (settings differing in their preprocessing only): per file (sha, pixel
+    hash or None when unusable, phash, reason, patient pseudonym), using and filling the cache, and
+    where the usable images are: (the cache, the images held in memory because the cache could not
+    keep them). A file is read once (one status call, one read) however many settings decode it;
+    no image stays in memory otherwise."""
+    caches: list[PreprocessCache] = []
+    for cfg in cfgs:
+        caches.append(PreprocessCache(cfg.cache_dir, cfg.preprocessing, caches[0] if caches else None))
+    out: list[dict[Path, tuple]] = [{} for _ in cfgs]
+    todo: dict[Path, list[int]] = {}  # file -> the settings it must be decoded with
     key: list[bytes] = []  # the cache's patient key, read when the first patient needs it
 
     def key_id() -> str:
-        key[:] = key or [cache.patient_key()]
-        return cache.key_id(key[0])
+        key[:] = key or [caches[0].patient_key()]
+        return caches[0].key_id(key[0])
 
+    stats = {path: _status(path) for path, _, _ in files}
     for path, _, _ in files:
-        hit = cache.lookup(path)
-        if hit is not None:
-            sha, entry = hit
-            digest = None
-            if "phash" in entry:  # usable: its pixel hash is in the entry, or read from the image
-                if entry.get("pixel_hash") and cache.has_pixels(sha):
-                    digest = entry["pixel_hash"]  # not read now: stack() reads it, or its stack exists
-                elif (pixels := cache.pixels(sha)) is not None:
-                    digest = _pixel_hash(pixels)
-            stale = "patient" in entry and entry.get("key") != key_id()  # hashed with another key
-            if (digest is not None or "reason" in entry) and not stale:
-                out[path] = (sha, digest, entry.get("phash"), entry.get("reason"), entry.get("patient"))
-                continue
-        todo.append(path)
-    held: dict[str, np.ndarray] = {}
-    for path_str, sha, pixels, phash, reason, patient_id in _decode_all(todo, cfg, progress):
-        path = Path(path_str)
+        for k, cache in enumerate(caches):
+            found = _cached(cache, path, stats[path], key_id)
+            if found is None:
+                todo.setdefault(path, []).append(k)
+            else:
+                out[k][path] = found
+    held: list[dict[str, np.ndarray]] = [{} for _ in cfgs]
+    for path, sha, patient_id, decoded in _decode_all(todo, [c.preprocessing for c in cfgs], cfgs[0], progress):
         patient = pseudonym(patient_id, key[0]) if patient_id and key_id() else None
-        digest = _pixel_hash(pixels) if pixels is not None else None
-        out[path] = (sha, digest, phash, reason, patient)
-        if sha is None:
-            continue
-        entry = (
-            {"reason": reason}
-            if pixels is None
-            else {"phash": phash, "pixel_hash": digest} | ({"patient": patient, "key": key_id()} if patient else {})
-        )
-        if not cache.put(path, sha, pixels, entry) and pixels is not None:
-            held[sha] = pixels  # the cache cannot keep it (and said so, once): memory must
-    cache.save()  # a cache that cannot be written warns, once, itself
-    return out, (cache, held)
+        for k, (pixels, phash, reason) in zip(todo[path], decoded, strict=True):
+            digest = _pixel_hash(pixels) if pixels is not None else None
+            out[k][path] = (sha, digest, phash, reason, patient)
+            if sha is None:
+                continue
+            entry = (
+                {"reason": reason}
+                if pixels is None
+                else {"phash": phash, "pixel_hash": digest} | ({"patient": patient, "key": key_id()} if patient else {})
+            )
+            if not caches[k].put(path, sha, pixels, entry, stats[path]) and pixels is not None:
+                held[k][sha] = pixels  # the cache cannot keep it (and said so, once): memory must
+    for cache in caches:
+        cache.save()  # a cache that cannot be written warns, once, itself
+    return [(found, (cache, kept)) for found, cache, kept in zip(out, caches, held, strict=True)]
 
 
-def _thumbnails(images: np.ndarray) -> np.ndarray:
-    """(N, H, W) uint8 -> (N, 1024) standardised 32x32 box-filtered thumbnails."""
-    thumbs = np.stack(
-        [
-            np.asarray(Image.fromarray(im).resize((32, 32), Image.Resampling.BOX), dtype=np.float32).ravel()
-            for im in images
-        ]
-    )
-    thumbs -= thumbs.mean(axis=1, keepdims=True)
-    return thumbs / np.maximum(thumbs.std(axis=1, keepdims=True), 1e-6)
-
-
-def find_duplicate_groups(
-    images: np.ndarray, pixel_hashes: list[str], phashes: list[str], max_distance: int, min_correlation: float
-) -> np.ndarray:
-    """Cluster id per image: identical pixels, or near-copies.
-
-    A near-copy pair has perceptual hashes within ``max_distance`` bits *and* 32x32 thumbnails
-    correlated at ``min_correlation`` or more: on chest X-rays the perceptual hash alone pairs
-    different patients (radiographs look alike at 8x8 DCT resolution), the correlation check
-    removes those. Clusters are connected components, so a chain of near-copies is one group.
-    The pairwise matrices are O(N^2): fine up to tens of thousands of images.
-    """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    n = len(pixel_hashes)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    bits = np.unpackbits(
-        np.frombuffer(b"".join(bytes.fromhex(h) for h in phashes), dtype=np.uint8).reshape(n, 8), axis=1
-    ).astype(np.int16)  # (N, 64)
-    distance = bits @ (1 - bits).T + (1 - bits) @ bits.T  # (N, N) Hamming distances
-    rows, cols = np.nonzero(np.triu(distance <= max_distance, k=1))
-    if len(rows):
-        involved, position = np.unique(np.concatenate([rows, cols]), return_inverse=True)
-        thumbs = _thumbnails(images[involved])  # only images in a candidate pair
-        a, b = position[: len(rows)], position[len(rows) :]
-        corr = np.einsum("ij,ij->i", thumbs[a], thumbs[b]) / thumbs.shape[1]
-        rows, cols = rows[corr >= min_correlation], cols[corr >= min_correlation]
-    # identical pixels: link every image to the first one with the same hash
-    _, first, inverse = np.unique(pixel_hashes, return_index=True, return_inverse=True)
-    rows, cols = np.concatenate([rows, np.arange(n)]), np.concatenate([cols, first[inverse]])
-    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
-    return connected_components(graph, directed=False)[1].astype(np.int64)
+def _cached(cache: PreprocessCache, path: Path, stat: os.stat_result | None, key_id) -> tuple | None:
+    """``path``'s record as ``_load_pixels`` gives it, from ``cache``; None: it must be decoded."""
+    hit = cache.lookup(path, stat)
+    if hit is None:
+        return None
+    sha, entry = hit
+    digest = None
+    if "phash" in entry:  # usable: its pixel hash is in the entry, or read from the image
+        if entry.get("pixel_hash") and cache.has_pixels(sha):
+            digest = entry["pixel_hash"]  # not read now: stack() reads it, or its stack exists
+        elif (pixels := cache.pixels(sha)) is not None:
+            digest = _pixel_hash(pixels)
+    stale = "patient" in entry and entry.get("key") != key_id()  # hashed with another key
+    if (digest is not None or "reason" in entry) and not stale:
+        return sha, digest, entry.get("phash"), entry.get("reason"), entry.get("patient")
+    return None
 
 
 def load_dataset(
@@ -338,7 +329,7 @@ def load_dataset(
     (``cfg.dicom_patients``), of the manifest's patient column and of the ``cfg.groups`` CSV.
 
     Raises DataError when a class folder has no usable image or fewer than ``min_classes`` classes
-    are found. Unusable files are listed in ``Dataset.skipped`` with their reason.
+    are found (findings: one fewer, each a yes/no). Unusable files are listed in ``Dataset.skipped`` with their reason.
     """
     cfg = cfg or DataConfig()
     # absolute paths: scan.json and the report stay valid from any folder
@@ -353,18 +344,19 @@ def load_dataset(
     # and cropping make re-encoded copies look less alike (on the shared dataset, CLAHE and border
     # cropping hid 2 of its 13 duplicate groups), and a missed copy is a leak between splits.
     plain_cfg = replace(cfg, preprocessing=cfg.preprocessing.plain)
-    loaded, plain_store = _load_pixels(files, plain_cfg, progress)
-    processed, store = (loaded, plain_store) if plain_cfg == cfg else _load_pixels(files, cfg, progress)
+    scanned = _load_pixels(files, [plain_cfg] if plain_cfg == cfg else [plain_cfg, cfg], progress)
+    (loaded, plain_store), (processed, store) = scanned[0], scanned[-1]
     samples = _usable_samples(files, loaded, processed, skipped, root, located.findings is None)
     for sample in samples:
         origin = located.origins[sample.path]
         sample.site, sample.meta, sample.targets = origin.site, origin.meta, origin.targets
     classes = sorted({s.label for s in samples}) if located.findings is None else located.findings
-    if len(classes) < min_classes:
+    need = min_classes - (located.findings is not None)  # one finding is two classes: with it, without
+    if len(classes) < need:
         what, fix = ("class folder", "one sub-folder of images per class") if located.findings is None else (
             "finding", "see --label-sep, --finding-cols, --map")  # fmt: skip
         raise DataError(f"found {len(classes)} {what}(s) in {root} ({', '.join(classes) or 'none'}); "
-                        f"need at least {min_classes}: {fix}")  # fmt: skip
+                        f"need at least {need}: {fix}")  # fmt: skip
     shas = [s.sha256 for s in samples]
     pixels = store[0].stack(shas, store[1])  # (N, H, W), memory-mapped from the cache
     plain = pixels if plain_cfg == cfg else plain_store[0].stack(shas, plain_store[1])
@@ -387,6 +379,7 @@ def load_dataset(
     return Dataset(
         root, layout, classes, samples, pixels, skipped, dup_groups, cross, excluded, groups_file, joined,
         located.sources, sum(map(bool, listed)), "single" if located.findings is None else "multilabel",
+        located.unnamed_negative,
     )  # fmt: skip
 
 

@@ -24,7 +24,9 @@ from lungxray.predictor import Predictor
 
 def targets_for(predictor: Predictor, ds: Dataset, idx: np.ndarray) -> np.ndarray:
     """The targets (len(idx), F) of samples ``idx`` in the model's finding order: a finding the
-    data does not label is unknown (NaN) throughout; a finding the model does not know is an error."""
+    data never names is negative throughout where a film's unnamed findings are negative (a label
+    column, class folders), else unknown (NaN: a column per finding, none for it); a finding the
+    model does not know is an error."""
     if ds.task != "multilabel":
         raise DataError(
             f"the model finds several findings per film, but {ds.root} was read with one label per film",
@@ -41,7 +43,8 @@ def targets_for(predictor: Predictor, ds: Dataset, idx: np.ndarray) -> np.ndarra
     if ds.images.shape[1] != size:
         raise ValueError(f"images were preprocessed at {ds.images.shape[1]} px but the model expects {size} px")
     theirs = ds.targets[idx]
-    y = np.full((len(idx), len(predictor.classes_)), np.nan, dtype=np.float32)
+    unnamed = 0.0 if ds.unnamed_negative else np.nan
+    y = np.full((len(idx), len(predictor.classes_)), unnamed, dtype=np.float32)
     for f, name in enumerate(predictor.classes_):
         if name in ds.classes:
             y[:, f] = theirs[:, ds.classes.index(name)]
@@ -59,10 +62,14 @@ def evaluate_multilabel(
     scores = predictor.ood_scores(ds.images[idx])
     findings = list(predictor.classes_)
     metrics = compute_multilabel_metrics(y, probs, findings, predictor.thresholds_, seed=seed)
+    extra = dict(extra or {})
+    prevalence = extra.pop("prevalence", {})  # the caller's (per split), beside the sites' below
     sites = sorted({ds.samples[i].site for i in idx} - {None})
     if len(sites) > 1:
         where = np.array([ds.samples[i].site for i in idx], dtype=object)
-        metrics["prevalence"] = {"per site": prevalence_table(y, findings, {s: where == s for s in sites})}
+        prevalence["per site"] = prevalence_table(y, findings, {s: where == s for s in sites})
+    if prevalence:
+        metrics["prevalence"] = prevalence
     flagged = None if scores is None else scores > 1.0
     metrics["ood"] = (
         None
@@ -73,7 +80,7 @@ def evaluate_multilabel(
         "temperatures": dict(zip(findings, map(float, predictor.temperatures_), strict=True)),
         "thresholds": predictor.thresholds_,
     }
-    metrics |= extra or {}
+    metrics |= extra
     runfolder.write_json(out, runfolder.PREDICTIONS, _predictions(predictor, ds, idx, (y, probs, raw), scores))
     runfolder.write_json(out, runfolder.METRICS, metrics)
     return metrics
@@ -105,10 +112,6 @@ def score_test_split(predictor: Predictor, ds: Dataset, split, out: Path, extra:
     prevalence per part of the split beside it. The shortcut audit, which compares single-label
     accuracies, is not made for findings yet, and metrics.json says so."""
     parts = {"train": split.train, "val": split.val, "test": split.test}
-    extra = extra | {"audit": "not made: the shortcut audit compares single-label accuracies"}
-    metrics = evaluate_multilabel(predictor, ds, split.test, out, extra, seed=seed)
-    metrics["prevalence"] = {"per split": prevalence_table(ds.targets, ds.classes, parts)} | metrics.get(
-        "prevalence", {}
-    )
-    runfolder.write_json(out, runfolder.METRICS, metrics)
-    return metrics
+    extra = extra | {"audit": "not made: the shortcut audit compares single-label accuracies",
+                     "prevalence": {"per split": prevalence_table(ds.targets, ds.classes, parts)}}  # fmt: skip
+    return evaluate_multilabel(predictor, ds, split.test, out, extra, seed=seed)

@@ -56,16 +56,20 @@ class Findings:
     not name is negative there."""
     finding_cols: str | None = option("--finding-cols", None, metavar="COL,COL,...|all")
     """A column per finding, each cell 1 (positive), 0 (negative), -1 (uncertain: --uncertain) or blank
-    (unknown); all: every column holding only these (but the no-finding one)."""
+    (unknown; negative on a row whose no-finding column, --no-finding-label, holds 1, as torchxrayvision
+    reads CheXpert); all: every column holding only these (but the no-finding one)."""
     no_finding_label: str = option("--no-finding-label", "No Finding", metavar="TEXT")
-    """The label that names no finding (every finding negative), compared after normalising."""
+    """The label that names no finding (every finding negative), compared after normalising; with
+    --finding-cols, the column of that name: where it holds 1, the row's blank finding cells are
+    negative (its 1 and -1 cells keep their meaning: No Finding with Support Devices)."""
     uncertain: tuple[str, ...] = option("--uncertain", (), metavar="[FINDING=]POLICY")
     """What a -1 cell becomes: ignore (unknown: left out of the loss), positive or negative; per
     finding with FINDING=POLICY (repeatable); default ignore."""
     map: tuple[str, ...] = option("--map", (), metavar="NAME[,NAME]=NAME|FILE.csv")
     """Rename or merge findings (or classes): the names before = become the name after it, an empty
     name drops them; or a CSV with columns from,to (repeatable). Merged findings: positive where any
-    is, negative where all are."""
+    is, negative where all are. A dropped class's films are left out (scan lists why); a film whose
+    label column names only dropped findings stays, negative for every other finding."""
     patient_from_path: str | None = option("--patient-from-path", None, metavar="REGEX")
     """Take each film's patient from its path: the first match of REGEX (its first group, if it has
     one), e.g. 'patient\\d+' for CheXpert; a path without a match is an error."""

@@ -186,11 +186,13 @@ class Listing:
     is asked about: a manifest of 100,000 rows in a few folders costs a listing per folder, not a
     status call per row, and one whose folders hold a file each (CheXpert's studies) a status call
     per row, not a listing. A folder that cannot be listed (execute permission only) falls back to
-    a status call per path."""
+    a status call per path, and so does a name the listing spells otherwise (case, Unicode form):
+    a case-insensitive file system (macOS, Windows) opens ``a.png`` as ``A.PNG``."""
 
     def __init__(self) -> None:
         self._folders: dict[str, dict[str, os.DirEntry] | None] = {}  # listed (None: cannot be)
         self._once: set[str] = set()  # asked about once, not listed
+        self._folded: dict[str, set[str]] = {}  # a listed folder's names folded (``_fold``), when first missed
 
     def kind(self, path: str) -> str | None:
         """FILE (a regular file, or a link to one), None when nothing is at ``path`` (a broken link
@@ -205,9 +207,19 @@ class Listing:
         if listed is None:
             return self._status(path)
         entry = listed.get(name)
-        if entry is None or entry.is_symlink() and not os.path.exists(path):
+        if entry is None:
+            return self._status(path) if self._spelt_otherwise(folder, name) else None
+        if entry.is_symlink() and not os.path.exists(path):
             return None
         return FILE if entry.is_file() else "other"
+
+    def _spelt_otherwise(self, folder: str, name: str) -> bool:
+        """Whether the listing of ``folder`` holds ``name`` in another case or Unicode form: a status
+        call then says whether the file system opens it by this spelling. A name in no form there
+        costs no call: a layout whose paths are looked for under several roots misses in most."""
+        if folder not in self._folded:
+            self._folded[folder] = {_fold(n) for n in self._folders[folder] or ()}
+        return _fold(name) in self._folded[folder]
 
     @staticmethod
     def _list(folder: str) -> dict[str, os.DirEntry] | None:
@@ -223,6 +235,11 @@ class Listing:
             return FILE if stat.S_ISREG(os.stat(path).st_mode) else "other"
         except OSError:
             return "other" if os.path.lexists(path) and not os.path.islink(path) else None
+
+
+def _fold(name: str) -> str:
+    """A file name as a case-insensitive file system compares it: case and Unicode form set aside."""
+    return unicodedata.normalize("NFC", name).casefold()
 
 
 def _resolve(entry: str, root: Path) -> Path:

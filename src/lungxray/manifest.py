@@ -63,6 +63,7 @@ class Located:
     root: Path
     sources: list[str]
     findings: list[str] | None = None
+    unnamed_negative: bool = False  # multi-label: every film is negative for a finding it does not name
 
 
 def is_manifest(entry: Path) -> bool:
@@ -111,12 +112,16 @@ def locate(entries, cfg: Manifest, findings: Findings | None = None, same_classe
     labelling.warn_unused()
     common = Path(os.path.commonpath(roots)) if len(roots) > 1 else roots[0]
     layout = layouts[0] if len(set(layouts)) == 1 else "mixed"
-    found_findings = None
+    found_findings, unnamed_negative = None, False
     if labelling.multilabel:
         found_findings = finding_names([o.said.values for o in origins.values()])
         for origin in origins.values():
             origin.targets = vector(origin.said, found_findings)
-    return Located(layout, files, skipped, origins, common, [str(e) for e in entries], found_findings)
+        # a label column or class folder names a film's findings, all others negative; a column per
+        # finding says nothing of a finding without a column (unknown)
+        unnamed_negative = all(o.said.unnamed == 0.0 for o in origins.values())
+    sources = [str(e) for e in entries]
+    return Located(layout, files, skipped, origins, common, sources, found_findings, unnamed_negative)
 
 
 def _relabel(found: list, labelling: Labelling, site: str | None, stray: list[Skipped]) -> tuple[list, dict]:
@@ -224,7 +229,7 @@ def read_manifest(
     by_columns = None
     if labelling.cfg.finding_cols is not None:
         finding_cols = labelling.columns(csv_path, columns, [row for _, row in kept], used)
-        by_columns, used = labelling.column_reader(finding_cols), used | set(finding_cols)
+        by_columns, used = labelling.column_reader(finding_cols, columns), used | set(finding_cols)
     roots = _roots(root, csv_path.parent, image_dirs)
     listing, patient_in_path = Listing(), labelling.cfg.patient_from_path
     pattern = re.compile(patient_in_path) if patient_in_path else None

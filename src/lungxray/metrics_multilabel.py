@@ -68,7 +68,9 @@ def choose_thresholds(
             chosen[name] = {"threshold": float(cut[best]), "rule": rule, **entry}
             continue
         missing = "positive" if not n_pos else "negative"
-        given = prevalence is not None and name in prevalence
+        # a prevalence of 0 or 1 (training saw one side only) would call the finding present on every
+        # film or on none: 0.5 then
+        given = prevalence is not None and name in prevalence and 0 < prevalence[name] < 1
         chosen[name] = {
             "threshold": float(prevalence[name]) if given else 0.5,
             "rule": "training prevalence" if given else "fixed 0.5",
@@ -131,17 +133,22 @@ def compute_multilabel_metrics(
             per_finding[name]["threshold_rule"] = thresholds[name]["rule"]
     defined = [m["auroc"] for m in per_finding.values() if m["auroc"] is not None]
     pooled = y[known]
+    # Pooled over findings, an AUROC rewards each finding's prevalence alone: its baseline is the
+    # micro AUROC of answering every film with each finding's prevalence, not 0.5.
+    shares = np.array([m["prevalence"] if m["prevalence"] is not None else 0.0 for m in per_finding.values()])
+    micro_ok = 0 < pooled.sum() < len(pooled)
+    micro_baseline = float(roc_auc_score(pooled, np.broadcast_to(shares, y.shape)[known])) if micro_ok else None
     metrics = {
         "task": "multilabel",
         "findings": list(findings),
         "n": int(len(y)),
         "per_finding": per_finding,
         "macro_auroc": float(np.mean(defined)) if defined else None,
-        "micro_auroc": float(roc_auc_score(pooled, probs[known])) if 0 < pooled.sum() < len(pooled) else None,
+        "micro_auroc": float(roc_auc_score(pooled, probs[known])) if micro_ok else None,
         "baseline": {
             "auroc": 0.5,
             "macro_auroc": 0.5,
-            "micro_auroc": 0.5,
+            "micro_auroc": micro_baseline,
             "average_precision": {name: m["prevalence"] for name, m in per_finding.items()},
         },
     }
@@ -161,8 +168,9 @@ def _add_intervals(metrics: dict, y: np.ndarray, probs: np.ndarray, seed: int, r
         ci[f"sensitivity/{name}"] = proportion_ci(counts["true_positives"], counts["positives"])
         ci[f"specificity/{name}"] = proportion_ci(counts["true_negatives"], counts["negatives"])
         m["auroc_vs_chance"] = against_chance(m["auroc"], ci.get(f"auroc/{name}"))
-    for key in ("macro_auroc", "micro_auroc"):
-        metrics[f"{key}_vs_chance"] = against_chance(metrics[key], ci.get(key))
+    metrics["macro_auroc_vs_chance"] = against_chance(metrics["macro_auroc"], ci.get("macro_auroc"))
+    metrics["micro_auroc_vs_chance"] = against_prevalence(metrics["micro_auroc"], ci.get("micro_auroc"),
+                                                          metrics["baseline"]["micro_auroc"])  # fmt: skip
     metrics["ci95"] = ci
     metrics["bootstrap"] = {"method": "percentile", "resamples": used, "seed": seed, "unit": "image"}
     if used < resamples:
@@ -172,6 +180,17 @@ def _add_intervals(metrics: dict, y: np.ndarray, probs: np.ndarray, seed: int, r
             f"{BOOTSTRAP_BUDGET:,} resampled entries",
         }
     metrics["intervals"] = INTERVALS
+
+
+def against_prevalence(auroc: float | None, ci: list[float] | None, baseline: float | None) -> str | None:
+    """A micro AUROC read through its interval against ``baseline``, what answering each finding's
+    prevalence alone scores (``against_chance``'s words, with that baseline for 0.5)."""
+    if auroc is None or ci is None or baseline is None:
+        return None
+    words = f"the findings' prevalences alone ({baseline:.2f})"
+    if ci[0] > baseline:
+        return f"better than {words}"
+    return f"worse than {words}" if ci[1] < baseline else f"no better than {words}"
 
 
 class Ranked(NamedTuple):

@@ -26,6 +26,7 @@ from lungxray.evaluation import audit_split, check_external_classes, evaluate_sp
 from lungxray.infer import Images, predict_logits, set_threads
 from lungxray.job import Job
 from lungxray.labelling import Findings
+from lungxray.learnable import trainable
 from lungxray.metrics import calibrate, fit_class_bias
 from lungxray.models import get_spec
 from lungxray.ood import fit_ood
@@ -94,7 +95,7 @@ def prepare(job: Job, write: bool = True) -> tuple[Dataset, Split]:
     if out is not None:
         runfolder.check_fingerprint(out, made_from)  # before the scan: fail fast
     stage(f"scanning {', '.join(map(str, job.data))}", job.progress)
-    ds = load_dataset(job.data, job.dataset, progress=job.progress)
+    ds = trainable(load_dataset(job.data, job.dataset, progress=job.progress), job.progress)
     split = make_split(ds, job.split)
     note(f"{len(ds.samples)} images ({', '.join(f'{c} {n}' for c, n in ds.counts().items())}), "
          f"{len(ds.skipped)} skipped; split {split.mode}: " + ", ".join(f"{k} {v}" for k, v in split.sizes().items()),

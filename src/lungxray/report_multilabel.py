@@ -34,6 +34,8 @@ def _value(value: float | None, ci: list[float] | None, digits: int = 3) -> str:
 def _auroc_words(metrics: dict, key: str, verdict: str | None) -> str:
     """``macro AUROC 0.81 (0.79-0.83): better than chance (0.50)``."""
     said = f"{key.replace('_auroc', ' AUROC')} {_value(metrics.get(key), _ci(metrics, key), 2)}"
+    if key == "micro_auroc":  # its verdict names its own baseline: the findings' prevalences alone
+        return said + (f": {verdict}" if verdict else "")
     return said + (f": {verdict} ({CHANCE:.2f})" if verdict else "")
 
 
@@ -83,7 +85,7 @@ def metrics_table(metrics: dict) -> str:
             _value(m["auroc"], _ci(metrics, f"auroc/{name}")), m.get("auroc_vs_chance") or "n/a",
             _value(m["average_precision"], _ci(metrics, f"average_precision/{name}")),
             "n/a" if m["average_precision_baseline"] is None else f"{m['average_precision_baseline']:.3f}",
-            f"{m['threshold']:.3f}",
+            "each fold's own" if m["threshold"] is None else f"{m['threshold']:.3f}",
             _value(m["sensitivity"], _ci(metrics, f"sensitivity/{name}")),
             _value(m["specificity"], _ci(metrics, f"specificity/{name}")),
         ])  # fmt: skip
@@ -216,7 +218,8 @@ def card_lines(metrics: dict) -> list[str]:
             + (f", {m['auroc_vs_chance']}" if m.get("auroc_vs_chance") else "")
             + f"; average precision {_value(m['average_precision'], _ci(metrics, f'average_precision/{name}'))}"
             + ("" if ap_base is None else f" against {ap_base:.3f} for chance")
-            + f"; at threshold {m['threshold']:.3f}, sensitivity "
+            + ("; at each fold's threshold" if m["threshold"] is None else f"; at threshold {m['threshold']:.3f}")
+            + ", sensitivity "
             f"{_value(m['sensitivity'], _ci(metrics, f'sensitivity/{name}'))}, specificity "
             f"{_value(m['specificity'], _ci(metrics, f'specificity/{name}'))}."
         )

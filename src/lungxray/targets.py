@@ -1,8 +1,9 @@
 """A manifest row's labels -> its class, or its findings (1.0 positive, 0.0 negative, NaN unknown).
 
 Reads a label column (one class, or several findings joined by --label-sep, the no-finding label
-meaning none), or a column per finding (1, 0, -1, blank, -1 mapped by --uncertain), renames and
-merges names with --map, and warns of names --map or --uncertain give that the data never uses.
+meaning none), or a column per finding (1, 0, -1, blank, -1 mapped by --uncertain, blank negative
+where the no-finding column holds 1), renames and merges names with --map (dropping a class drops
+its films), and warns of names --map or --uncertain give that the data never uses.
 Also holds the findings' table of a scanned dataset (positives, negatives, unknown, prevalence, per
 site, the pairs seen together). Works on rows ``manifest.py`` has parsed: no file is opened here but
 a --map CSV.
@@ -129,9 +130,9 @@ class Labelling:
     def from_class(self, raw: str) -> Said:
         """A film whose one class is ``raw`` (a class folder, a label column without a separator)."""
         name = self.name(raw)
-        if not self.multilabel:
+        if not self.multilabel or not name:  # '': --map drops the class, and its films with it
             return Said(name or None)
-        values = {name: 1.0} if name and normalise_class_name(raw) != self.none else {}
+        values = {name: 1.0} if normalise_class_name(raw) != self.none else {}
         return Said(positives(values), values, 0.0)
 
     def from_text(self, raw: str, column: str) -> Said | Problem:
@@ -183,9 +184,12 @@ class Labelling:
                             f"(its columns: {', '.join(columns)})", hint="name its columns, or give all")  # fmt: skip
         return [by_key[n.lower()] for n in names]
 
-    def column_reader(self, finding_cols: list[str]):
-        """A function: a row -> its ``Said`` from a column per finding, or the Problems of its cells."""
+    def column_reader(self, finding_cols: list[str], columns: list[str]):
+        """A function: a row -> its ``Said`` from a column per finding, or the Problems of its cells.
+        Where the no-finding column of ``columns`` holds 1, a blank finding cell is negative (as
+        torchxrayvision's CheX_Dataset reads CheXpert); a 1 or -1 cell keeps its meaning."""
         plan = []  # (column, finding, what its -1 becomes)
+        none_col = next((c for c in columns if normalise_class_name(c) == self.none), None)
         for col in finding_cols:
             finding = self.name(col)
             if finding:
@@ -196,13 +200,14 @@ class Labelling:
 
         def read(row: dict) -> Said | list[Problem]:
             values, problems = {}, []
+            normal = none_col is not None and _cell((row.get(none_col) or "").strip()) == 1.0
             for col, finding, uncertain in plan:
                 text = (row.get(col) or "").strip()
                 value = cells[text] if text in cells else cells.setdefault(text, _cell(text))
                 if value is None:
                     problems.append(Problem(col, f"{text!r} is not 1, 0, -1 or blank"))
                     continue
-                value = uncertain if value == -1.0 else value
+                value = uncertain if value == -1.0 else 0.0 if normal and math.isnan(value) else value
                 values[finding] = _merge(values[finding], value) if finding in values else value
             return problems or Said(positives(values), values, NAN)
 

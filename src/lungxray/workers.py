@@ -69,8 +69,11 @@ def agreement(ds: Dataset, split: Split, model_name: str, data_cfg: DataConfig, 
     """What every worker on one study must share, each part as a short hash (``version`` as is)."""
     sha = [s.sha256 for s in ds.samples]
     settings = {k: v for k, v in asdict(trial_cfg).items() if k not in ("threads", "device")}
+    labels = [s.label for s in ds.samples]
+    if ds.task == "multilabel":  # the label names the positives only: --uncertain and blank cells change the rest
+        labels = [json.dumps([ds.classes, [None if v != v else v for v in s.targets]]) for s in ds.samples]  # NaN: None
     return {
-        "data": _digest(sorted(zip(sha, (s.label for s in ds.samples), strict=True))),
+        "data": _digest(sorted(zip(sha, labels, strict=True))),
         "excluded_and_groups": _digest([len(ds.excluded), ds.group_sizes()["n"], sorted(ds.groups.tolist())]),
         "split": _digest(
             {
