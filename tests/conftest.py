@@ -83,6 +83,18 @@ def write_tree(
     return root
 
 
+def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> Path:
+    """``rows`` as a CSV manifest at ``path`` (columns: ``fields``, else the first row's keys)."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields or list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def png_bomb() -> bytes:
     """A valid PNG header declaring 100000 x 100000 pixels: a decompression bomb."""
 

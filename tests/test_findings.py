@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import synthetic_image
+from conftest import synthetic_image, write_csv
 from PIL import Image
 from test_multilabel_train import _multilabel_bundle
 
@@ -34,15 +34,6 @@ def _load(data, tmp_path, manifest: dict | None = None, **findings):
     cfg = DataConfig(Preprocessing(img_size=16), Manifest(**(manifest or {})), Findings(**findings),
                      cache_dir=tmp_path / "cache")  # fmt: skip
     return load_dataset(data, cfg, progress=False)
-
-
-def _write_csv(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def _image(path: Path, index: int, label: int = 0) -> None:
@@ -78,7 +69,7 @@ def _chestxray14(root: Path) -> Path:
         rows.append({"Image Index": name, "Finding Labels": findings, "Follow-up #": name[-7:-4].lstrip("0") or "0",
                      "Patient ID": patient, "Patient Age": str(40 + i), "Patient Gender": "MF"[i % 2],
                      "View Position": view, "OriginalImage[Width": "2048", "Height]": "2500"})  # fmt: skip
-    return _write_csv(root / "Data_Entry_2017.csv", rows)
+    return write_csv(root / "Data_Entry_2017.csv", rows)
 
 
 def test_chestxray14_as_it_ships_gives_findings_labels_and_patients(tmp_path):
@@ -148,7 +139,7 @@ def _chexpert(root: Path, cells: dict[int, dict[str, str]] | None = None) -> Pat
                  "Frontal/Lateral": view, "AP/PA": "AP" if view == "Frontal" else ""}  # fmt: skip
         row = dict.fromkeys(CHEXPERT_COLUMNS, "") | shown | given
         rows.append(row | (cells or {}).get(i, {}))
-    return _write_csv(folder / "train.csv", rows)
+    return write_csv(folder / "train.csv", rows)
 
 
 def _chexpert_targets(ds) -> dict[str, dict[str, float]]:
@@ -277,7 +268,7 @@ def _covid(root: Path) -> Path:
                      "modality": modality, "date": "2020", "location": location, "folder": folder, "filename": name,
                      "doi": "", "url": "https://example.org", "license": "CC BY", "clinical_notes": "",
                      "other_notes": ""})  # fmt: skip
-    return _write_csv(root / "metadata.csv", rows)
+    return write_csv(root / "metadata.csv", rows)
 
 
 def test_covid_metadata_with_view_and_modality_filters_and_merged_findings(tmp_path):
@@ -302,7 +293,7 @@ def test_covid_metadata_with_view_and_modality_filters_and_merged_findings(tmp_p
     assert _equal(merged.targets[[s.path.name == "g.png" for s in merged.samples]], [[0, 1]])
     # the same renames from a CSV of from,to; a name the data lacks is warned of, not an error
     pairs = [("COVID-19", "covid"), ("ARDS", "covid"), ("Pneumocystis", ""), ("SARS", "covid")]
-    table = _write_csv(tmp_path / "map.csv", [{"from": a, "to": b} for a, b in pairs])
+    table = write_csv(tmp_path / "map.csv", [{"from": a, "to": b} for a, b in pairs])
     with pytest.warns(UserWarning, match=r"--map or --uncertain name\(s\) that the data does not have: sars"):
         from_file = _load(metadata, tmp_path, where, layout="covid-metadata", map=str(table))
     assert from_file.classes == merged.classes and _equal(from_file.targets, merged.targets)
@@ -313,7 +304,7 @@ def test_map_renames_and_drops_single_label_classes(tmp_path):
     for i, label in enumerate(["Viral Pneumonia", "Bacterial Pneumonia", "Normal", "Other", "Normal"]):
         _image(tmp_path / "img" / f"{i}.png", i, label=i % 3)
         rows.append({"path": f"img/{i}.png", "label": label})
-    manifest = _write_csv(tmp_path / "m.csv", rows)
+    manifest = write_csv(tmp_path / "m.csv", rows)
     ds = _load(manifest, tmp_path, map=("Viral Pneumonia,Bacterial Pneumonia=pneumonia", "other="))
     assert ds.task == "single" and ds.classes == ["normal", "pneumonia"] and ds.samples[0].targets is None
     assert [s.label for s in ds.samples] == ["pneumonia", "pneumonia", "normal", "normal"]
@@ -332,7 +323,7 @@ def test_a_class_that_map_drops_leaves_its_films_out_in_multilabel_mode_too(tmp_
     ]
     # a label column of one class per film, read as findings: the same
     rows = [{"path": f"tree/{name}/a.png", "label": name} for name in ["Covid", "Normal", "Effusion"]]
-    located = locate(_write_csv(tmp_path / "m.csv", rows), Manifest(), Findings(task="multilabel", map="covid="))
+    located = locate(write_csv(tmp_path / "m.csv", rows), Manifest(), Findings(task="multilabel", map="covid="))
     assert sorted(p.parent.name for p, _, _ in located.files) == ["Effusion", "Normal"]
     assert [s.reason for s in located.skipped] == ["its class (Covid) is dropped by --map"]
     # findings joined by a separator: a film naming only dropped ones stays, negative for the others
@@ -426,7 +417,7 @@ def test_reading_a_manifest_lists_each_folder_once_instead_of_a_status_call_per_
         (folder / f"{i:08d}_000.png").touch()  # placeholders: reading the manifest opens no image
         rows.append({"Image Index": f"{i:08d}_000.png", "Finding Labels": "Effusion" if i % 3 else "No Finding",
                      "Patient ID": str(i // 2)})  # fmt: skip
-    entries = _write_csv(tmp_path / "Data_Entry_2017.csv", rows)
+    entries = write_csv(tmp_path / "Data_Entry_2017.csv", rows)
     calls = {"stat": 0, "scandir": 0}
     stat, scandir = os.stat, os.scandir
     monkeypatch.setattr(os, "stat", lambda *a, **k: calls.__setitem__("stat", calls["stat"] + 1) or stat(*a, **k))
@@ -448,9 +439,9 @@ def test_a_name_the_folder_listing_spells_otherwise_is_found_as_the_file_system_
     )
     rows = [{"path": f"images/{name}", "label": "normal"} for name in [*names, "d.png"]]
     with pytest.raises(DataError) as err:
-        locate(_write_csv(tmp_path / "m.csv", rows), Manifest())
+        locate(write_csv(tmp_path / "m.csv", rows), Manifest())
     assert "1 problem(s): row 5, column path: 'images/d.png' does not exist" in str(err.value)
-    located = locate(_write_csv(tmp_path / "m.csv", rows[:3]), Manifest())
+    located = locate(write_csv(tmp_path / "m.csv", rows[:3]), Manifest())
     assert [p.name for p, _, _ in located.files] == names
 
 
@@ -482,7 +473,7 @@ def test_a_set_whose_every_film_names_no_finding_is_evaluated_negative_for_each(
     nih = _chestxray14(tmp_path / "nih")
     with open(nih, newline="") as handle:
         normal = [row for row in csv.DictReader(handle) if row["Finding Labels"] == "No Finding"]
-    only_normal = _write_csv(tmp_path / "nih" / "normal.csv", normal)
+    only_normal = write_csv(tmp_path / "nih" / "normal.csv", normal)
     predictor, ds, idx, y = _evaluated(model, only_normal, tmp_path, layout="chestxray14")
     assert ds.classes == [] and ds.targets.shape == (2, 0) and _equal(y, np.zeros((2, 3)))
     metrics = evaluate_multilabel(predictor, ds, idx, tmp_path / "out")

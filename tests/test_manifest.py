@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLASSES, cli, synthetic_image, write_tree
+from conftest import CLASSES, cli, synthetic_image, write_csv, write_tree
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -24,14 +24,6 @@ from lungxray.splits import make_split, site_folds
 def _load(data, tmp_path, **manifest):
     cfg = DataConfig(Preprocessing(img_size=16), Manifest(**manifest), cache_dir=tmp_path / "cache")
     return load_dataset(data, cfg, progress=False)
-
-
-def _write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields or list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def _images(folder: Path, n: int, label: int = 0, start: int = 0) -> list[str]:
@@ -49,7 +41,7 @@ def test_a_manifest_gives_classes_sites_patients_and_metadata(tmp_path):
         for i, name in enumerate(_images(tmp_path / "img", 6, label)):
             rows.append({"path": f"img/{name}", "label": ["Covid", "Viral Pneumonia"][label],
                          "patient": f"p{i // 2}", "site": "north" if i < 3 else "south", "view": "PA"})  # fmt: skip
-    manifest = _write_csv(tmp_path / "labels.csv", rows)
+    manifest = write_csv(tmp_path / "labels.csv", rows)
     ds = _load(manifest, tmp_path)
     assert ds.classes == ["covid", "viral_pneumonia"] and len(ds.samples) == 12
     assert ds.sites == ["north", "south"]
@@ -70,7 +62,7 @@ def test_where_column_flags_and_image_dir_read_a_published_layout(tmp_path):
     rows = [{"Image Index": n, "Finding": "a" if n.startswith("f0") else "b", "View Position": "PA" if i % 2 else "AP",
              "Patient ID": str(i)} for i, n in enumerate(names)]  # fmt: skip
     (tmp_path / "meta").mkdir()
-    manifest = _write_csv(tmp_path / "meta" / "entries.csv", rows)
+    manifest = write_csv(tmp_path / "meta" / "entries.csv", rows)
     ds = _load(manifest, tmp_path, label_col="Finding", image_dir=tmp_path / "images", where=("View Position=PA",))
     assert sorted(s.path.name for s in ds.samples) == sorted(n for i, n in enumerate(names) if i % 2)
     assert ds.classes == ["a", "b"] and ds.sites == []  # one root and no site column: no sites
@@ -83,7 +75,7 @@ def test_a_manifest_without_a_label_column_takes_the_class_from_the_folder(tmp_p
         {"file": str(p.relative_to(tmp_path / "data")), "source": "x"}
         for p in sorted((tmp_path / "data").rglob("*.png"))
     ]
-    manifest = _write_csv(tmp_path / "data" / "manifest.csv", rows)
+    manifest = write_csv(tmp_path / "data" / "manifest.csv", rows)
     ds = _load(manifest, tmp_path, site_col="source")
     assert ds.counts() == dict.fromkeys(["covid", "normal", "viral_pneumonia"], 3) and ds.sites == ["x"]
 
@@ -115,7 +107,7 @@ def test_each_bad_row_is_named_by_row_column_and_value(tmp_path, row, message):
     root = tmp_path / "set"
     root.mkdir()
     (root / "img").symlink_to(tmp_path / "img")
-    manifest = _write_csv(root / "m.csv", rows)
+    manifest = write_csv(root / "m.csv", rows)
     with pytest.raises(DataError) as err:
         _load(manifest, tmp_path)
     assert message in str(err.value) and str(manifest) in str(err.value)
@@ -125,7 +117,7 @@ def test_each_bad_row_is_named_by_row_column_and_value(tmp_path, row, message):
 
 def test_column_and_where_errors_list_the_manifest_columns(tmp_path):
     _images(tmp_path, 2)
-    manifest = _write_csv(tmp_path / "m.csv", [{"file": "f0_0.png", "kind": "a"}, {"file": "f0_1.png", "kind": "b"}])
+    manifest = write_csv(tmp_path / "m.csv", [{"file": "f0_0.png", "kind": "a"}, {"file": "f0_1.png", "kind": "b"}])
     with pytest.raises(DataError, match=r"--label-col 'label': .* has no such column \(its columns: file, kind\)"):
         _load(manifest, tmp_path, label_col="label")
     with pytest.raises(DataError, match=r"--where 'view=PA': .* has no column 'view'"):
@@ -143,7 +135,7 @@ def test_column_and_where_errors_list_the_manifest_columns(tmp_path):
 
 def test_a_file_two_roots_name_with_two_classes_is_an_error(tmp_path):
     tree = write_tree(tmp_path / "tree", per_class=2)
-    manifest = _write_csv(tmp_path / "m.csv", [{"path": "tree/Covid/img000.png", "label": "normal"}])
+    manifest = write_csv(tmp_path / "m.csv", [{"path": "tree/Covid/img000.png", "label": "normal"}])
     with pytest.raises(DataError, match=r"1 file\(s\) named twice with two classes: .*img000.png: normal"):
         _load([tree, manifest], tmp_path)
 
@@ -321,7 +313,7 @@ def test_a_root_given_twice_counts_each_file_once_and_clashes_name_both_sources(
     tree = write_tree(tmp_path / "h", per_class=3)
     ds = _load([tree, Path(f"{tree}/")], tmp_path)
     assert len(ds.samples) == 9 and ds.sites == ["h-1"]
-    manifest = _write_csv(tmp_path / "labels.csv", [{"path": "h/Covid/img000.png", "label": "normal"}])
+    manifest = write_csv(tmp_path / "labels.csv", [{"path": "h/Covid/img000.png", "label": "normal"}])
     with pytest.raises(DataError) as err:
         _load([tree, manifest], tmp_path)
     assert f"normal in {manifest}, covid in {tree}" in str(err.value)
@@ -329,7 +321,7 @@ def test_a_root_given_twice_counts_each_file_once_and_clashes_name_both_sources(
 
 def test_a_blank_site_cell_is_an_error_naming_its_row(tmp_path):
     _images(tmp_path, 2)
-    manifest = _write_csv(tmp_path / "m.csv", [{"path": "f0_0.png", "label": "a", "site": "x"},
+    manifest = write_csv(tmp_path / "m.csv", [{"path": "f0_0.png", "label": "a", "site": "x"},
                                                {"path": "f0_1.png", "label": "b", "site": ""}])  # fmt: skip
     with pytest.raises(DataError, match="row 3, column site: empty"):
         _load(manifest, tmp_path)
@@ -350,7 +342,7 @@ def test_a_folder_made_with_other_manifest_options_is_refused(tmp_path):
     b = write_tree(tmp_path / "south", per_class=8, start=40)
     rows = [{"path": str(p.relative_to(tmp_path)), "site": p.parts[-3], "view": "PA" if i % 4 else "AP"}
             for i, p in enumerate(sorted(list(a.rglob("*.png")) + list(b.rglob("*.png"))))]  # fmt: skip
-    manifest = _write_csv(tmp_path / "m.csv", rows)
+    manifest = write_csv(tmp_path / "m.csv", rows)
     out = tmp_path / "cv"
     common = ("--by site --model mlp --img-size 16 --epochs 1 --quiet --out", out, "--cache-dir", tmp_path / "cache")
     assert cli("cv", manifest, "--where view=PA", *common) == 0
@@ -367,7 +359,7 @@ def _with_metadata(folder: Path, per_class: int, start: int = 0) -> Path:
             k = label * per_class + i
             rows.append({"path": f"img/{image}", "label": name, "view": "PA" if k % 2 else "AP",
                          "sex": "" if k % 5 == 0 else "FM"[k % 2], "age": str(20 + 3 * k)})  # fmt: skip
-    return _write_csv(folder / "manifest.csv", rows)
+    return write_csv(folder / "manifest.csv", rows)
 
 
 def test_the_scan_summary_counts_each_manifest_column_and_spreads_the_numeric_ones(tmp_path):

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import cli
+from conftest import cli, write_csv
 from PIL import Image
 
 from lungxray.cli import main
@@ -48,11 +48,7 @@ def write_chestxray14(root, n: int = 72, start: int = 0):
         rows.append({"Image Index": name, "Finding Labels": labels, "Follow-up #": "0", "Patient ID": str(i // 3),
                      "Patient Age": "50", "Patient Gender": "F", "View Position": view})  # fmt: skip
     manifest = root / "Data_Entry_2017.csv"
-    with open(manifest, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    return write_csv(manifest, rows)
 
 
 CHEXPERT_COLUMNS = ("Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
@@ -78,11 +74,7 @@ def write_chexpert(root, n: int = 60):
             row[column] = ("-1.0" if i % 5 == 0 else "1.0") if on else "0.0"
         rows.append(row)
     manifest = base / "train.csv"
-    with open(manifest, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    return write_csv(manifest, rows)
 
 
 @pytest.fixture(scope="module")
@@ -224,11 +216,7 @@ def write_covid_metadata(root, n: int = 48):
         rows.append({"patientid": str(i // 2), "offset": "0", "sex": "M", "age": "55", "finding": finding,
                      "view": view, "modality": modality, "folder": "images", "filename": name})  # fmt: skip
     manifest = root / "metadata.csv"
-    with open(manifest, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    return write_csv(manifest, rows)
 
 
 @pytest.mark.slow

@@ -57,8 +57,8 @@ def evaluate_multilabel(
     """Score samples ``idx`` of ``ds`` with the multi-label bundle ``predictor``; writes metrics.json
     (with ``extra`` added) and predictions.json to ``out``; returns the metrics."""
     y = targets_for(predictor, ds, idx)
-    probs = predictor.predict_arrays(ds.images[idx])
-    raw = predictor.predict_arrays(ds.images[idx], calibrated=False)
+    logits = predictor.predict_logits(ds.images[idx])  # one pass, read with and without the temperatures
+    probs, raw = predictor.probabilities(logits), predictor.probabilities(logits, calibrated=False)
     scores = predictor.ood_scores(ds.images[idx])
     findings = list(predictor.classes_)
     metrics = compute_multilabel_metrics(y, probs, findings, predictor.thresholds_, seed=seed)

@@ -231,25 +231,27 @@ def fit_class_bias(logits: np.ndarray, y_true: np.ndarray) -> list[float] | None
     return [float(x) for x in bias]
 
 
-def _calibration_verdict(temperature: float, losses: dict[str, float], errors: int) -> str | None:
+def calibration_verdict(
+    temperature: float, losses: dict, errors: int, unit: tuple = ("image", "images"), extreme: str = "100%"
+) -> str | None:
     """Why the fitted temperature must not be used, or None when it may. ``losses``: the validation
     log-loss ``before`` scaling, ``fitted`` (in sample), ``held_out`` (cross-validated) and at the
-    better search ``bound``: when that matches the fit's, the optimum runs into a bound (the loss is
-    flat there, so the search stops short of it)."""
+    better search ``bound`` (matching the fit's: the optimum runs into a bound). ``errors``: the
+    validation ``unit`` (singular, plural) decided wrongly; a finding's are entries, pushed to "0 or 1"."""
     low, high = TEMPERATURE_BOUNDS
     if losses["bound"] <= losses["fitted"] * (1 + 1e-6) + 1e-12:
         return (
             f"the fitted temperature {temperature:.3g} sits on the search bound ({low}-{high}): the "
-            "validation images do not pin it down"
+            f"validation {unit[1]} do not pin it down"
         )
     if temperature < 1 and errors == 0:
         return (
-            "no validation image is misclassified, which is no evidence that the model is under-confident; "
-            f"sharpening (T = {temperature:.3g}) would only push every answer towards 100%"
+            f"no validation {unit[0]} is misclassified, which is no evidence that the model is under-confident; "
+            f"sharpening (T = {temperature:.3g}) would only push every answer towards {extreme}"
         )
     if losses["held_out"] > losses["before"] * (1 - MIN_LOG_LOSS_GAIN):
         return (
-            f"fitted on part of the validation images and scored on the rest, it changes the log-loss from "
+            f"fitted on part of the validation {unit[1]} and scored on the rest, it changes the log-loss from "
             f"{losses['before']:.4f} to {losses['held_out']:.4f}, not a gain of {MIN_LOG_LOSS_GAIN:.0%}"
         )
     return None
@@ -283,7 +285,7 @@ def calibrate(logits: np.ndarray, y_true: np.ndarray) -> dict:
         "held_out": cross_validated_log_loss(logits, y_true),
         "bound": min(log_loss_at(logits, y_true, t) for t in TEMPERATURE_BOUNDS),
     }
-    reason = _calibration_verdict(fitted, losses, int((logits.argmax(axis=1) != y_true).sum()))
+    reason = calibration_verdict(fitted, losses, int((logits.argmax(axis=1) != y_true).sum()))
     before, held_out = losses["before"], losses["held_out"]
     temperature = fitted if reason is None else 1.0
     return {

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 from scipy.special import expit
 
-from lungxray.metrics import MIN_CALIBRATION_IMAGES, MIN_LOG_LOSS_GAIN, TEMPERATURE_BOUNDS
+from lungxray.metrics import MIN_CALIBRATION_IMAGES, TEMPERATURE_BOUNDS, calibration_verdict
 from lungxray.metrics_multilabel import choose_thresholds
 
 # A threshold stays inside (0, 1), where a bundle's config.json must hold it: the ROC point
@@ -57,24 +57,6 @@ def cross_validated_binary_log_loss(logits: np.ndarray, y: np.ndarray, folds: in
     return float(losses.mean())
 
 
-def _verdict(temperature: float, losses: dict[str, float], errors: int) -> str | None:
-    """Why the fitted temperature must not be used, or None when it may (``metrics.calibrate``'s rule)."""
-    low, high = TEMPERATURE_BOUNDS
-    if losses["bound"] <= losses["fitted"] * (1 + 1e-6) + 1e-12:
-        return f"the fitted temperature {temperature:.3g} sits on the search bound ({low}-{high})"
-    if temperature < 1 and errors == 0:
-        return (
-            "no known validation entry is decided wrongly, which is no evidence of under-confidence; "
-            f"sharpening (T = {temperature:.3g}) would only push every answer towards 0 or 1"
-        )
-    if losses["held_out"] > losses["before"] * (1 - MIN_LOG_LOSS_GAIN):
-        return (
-            f"fitted on part of the validation entries and scored on the rest, it changes the log-loss from "
-            f"{losses['before']:.4f} to {losses['held_out']:.4f}, not a gain of {MIN_LOG_LOSS_GAIN:.0%}"
-        )
-    return None
-
-
 def finding_temperature(logits: np.ndarray, y: np.ndarray) -> dict:
     """One finding's temperature from its known validation ``logits`` (n,) and 0/1 targets ``y``:
     {"temperature" (1.0 unless applied), "applied", "reason", "n", and the log-losses it rests on}."""
@@ -90,7 +72,8 @@ def finding_temperature(logits: np.ndarray, y: np.ndarray) -> dict:
         "held_out": cross_validated_binary_log_loss(logits, y),
         "bound": min(binary_log_loss(logits, y, t) for t in TEMPERATURE_BOUNDS),
     }
-    reason = _verdict(fitted, losses, int(((expit(logits) >= 0.5) != (y == 1)).sum()))
+    wrong = int(((expit(logits) >= 0.5) != (y == 1)).sum())
+    reason = calibration_verdict(fitted, losses, wrong, ("entry", "entries"), "0 or 1")
     temperature = fitted if reason is None else 1.0
     before, held_out = losses["before"], losses["held_out"]
     gain = f"lowers the validation log-loss from {before:.4f} to {held_out:.4f} (fitted on other folds of it)"

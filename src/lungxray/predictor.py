@@ -180,7 +180,12 @@ class Predictor:
         offsets fitted on a held-out site, when the bundle has them, and temperature-scaled unless
         ``calibrated=False``. For a multi-label model each column is its finding's own sigmoid,
         ``sigmoid(logit / T_finding)``: a row need not sum to 1."""
-        logits = torch.from_numpy(self.predict_logits(images, batch_size)).double()  # float32 rounds 1 - 1e-8 to 1
+        return self.probabilities(self.predict_logits(images, batch_size), calibrated)
+
+    def probabilities(self, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:
+        """``predict_arrays`` from the network's ``logits`` (N, n_classes): the scores of one pass
+        read with and without the temperatures."""
+        logits = torch.from_numpy(np.asarray(logits)).double()  # float32 rounds 1 - 1e-8 to 1
         if self.class_bias_ is not None:
             logits = logits + torch.from_numpy(self.class_bias_)
         if self.temperatures_ is not None:
