@@ -27,7 +27,8 @@ def test_the_constructor_fills_unset_settings_from_the_models_recipe():
     assert job.final.optimizer == "adam" and job.final.batch_size == 8 and job.search.jobs == 2
     assert job.train == TrainConfig()  # what was given stays as given
     cnn = Job(Path("data"), model="cnn")
-    assert (cnn.final.optimizer, cnn.final.epochs, cnn.search.jobs) == ("adamw", 30, 1)
+    assert (cnn.final.optimizer, cnn.final.epochs, cnn.search.jobs) == ("adamw", 30, 2)
+    assert (cnn.final.precision, job.final.precision) == ("auto", "float32")  # mixed precision on a GPU, never mlp
 
 
 def test_trials_leave_patience_to_the_pruner_and_fit_one_member():

@@ -33,6 +33,7 @@ LAYERS = [
     # networks and figures
     {
         "models",
+        "devices",
         "infer",
         "ood",
         "metrics",

@@ -54,9 +54,8 @@ class Preprocessing:
     """Equalise each site's pooled grey-level histogram (every image of a hospital mapped alike,
     ``decode.normalise_sites``); one image at a time where no site is known (predict, serve)."""
     dicom_keep: tuple[str, ...] = option("--dicom-keep", (), choices=DICOM_KEEP)
-    """DICOM files to use instead of skipping (repeat the flag for several): multiframe (the first
-    frame of a series), lateral (ViewPosition LL/RL), any-modality (other than CR, DX, DR). Stored
-    in the bundle, so prediction accepts the same files."""
+    """DICOM files to use instead of skipping (repeat the flag for several): multiframe (a series' first frame),
+    lateral (ViewPosition LL/RL), any-modality (not CR, DX, DR). Stored in the bundle for prediction."""
 
     def __post_init__(self) -> None:
         keep = self.dicom_keep
@@ -214,6 +213,8 @@ class Recipe:
     """Mini-batch size when the hyperparameters do not set one."""
     jobs: int = 1
     """Trials trained side by side: 2 for models too small to use two cores in one trial."""
+    mixed_precision: bool = True
+    """``--precision auto`` trains in mixed precision on a GPU; off for mlp."""
 
 
 @dataclass
@@ -240,9 +241,8 @@ class AugmentConfig:
     hflip: bool = option("--hflip", False)
     """Mirror half the images left-right (off: the heart sits on the left in a PA film)."""
     scanner: bool | None = option("--scanner-augment", None)
-    """Simulate other scanners and encoders on training images, whether or not --augment is on:
-    random gamma (0.7-1.4), blur or sharpening, noise (up to 3% of the range) and grey-level
-    quantisation (16-256 levels); unset: the model's recipe (on for cnn, off for the others)."""
+    """Simulate other scanners on training images, with or without --augment: gamma 0.7-1.4, blur or sharpening,
+    noise up to 3% of the range, 16-256 grey levels; unset: the model's recipe (on for cnn, off for the others)."""
 
     def __post_init__(self) -> None:
         if self.enabled is False:
@@ -297,8 +297,9 @@ class TrainConfig:
     keep: str = option("--keep", "best", choices=("best", "last"))
     """Weights a run returns: the best validation epoch, or the last (no early stopping)."""
     members: int = option("--members", 1)
-    """Fits from seeds seed, seed+1000, ... averaged into one model (their mean probability); trials
-    of a search fit one."""
+    """Fits from seeds seed, seed+1000, ... averaged into one model (mean probability); a search's trials fit one."""
+    precision: str = option("--precision", "auto", choices=("auto", "float32", "bfloat16", "float16"))
+    """Training arithmetic; auto: bfloat16 mixed precision for CNNs on a GPU that has it, else float32 (so for mlp)."""
     fused_step: bool = option("--fused-step", True)
     """On the CPU, step the MLP's first layer in one pass, its weight gradient fused into Adam, and
     compute its forward product in training with the same kernels (faster: bench/step_bench.py);
@@ -358,7 +359,7 @@ class TuneConfig:
     study_name: str = option("--study-name", "lungxray")
     """Name of the study inside the storage."""
     jobs: int = option("--jobs", 0)
-    """Trials trained side by side, in threads; 0: the model's (2 for mlp, 1 for CNNs)."""
+    """Trials trained side by side, in threads; 0: the model's (2 for mlp and cnn, 1 for the others)."""
     parallel: int = option("--parallel", 1)
     """Worker processes on this machine sharing the study (each one trial at a time, the cores
     shared out); above 1 the trials' order depends on timing, so a search is not repeatable."""
@@ -389,8 +390,7 @@ class CVConfig:
     folds: int = option("--folds", 5)
     """Folds, stratified and grouped by duplicate group."""
     repeats: int = option("--repeats", 1)
-    """Train the same folds with this many training seeds (seed, seed+1, ...) and report each
-    metric's mean +- std over them: one cv run is one draw."""
+    """Train the same folds with training seeds seed, seed+1, ... and report each metric's mean +- std over them."""
     tune: bool = option("--tune", False)
     """Tune inside each fold's training part instead of using fixed hyperparameters."""
     by: str = option("--by", "group", choices=("group", "site"))
@@ -434,6 +434,7 @@ def resolve_train(cfg: TrainConfig, recipe: Recipe) -> TrainConfig:
         optimizer=cfg.optimizer or recipe.optimizer,
         schedule=cfg.schedule or recipe.schedule,
         augment=replace(cfg.augment, enabled=enabled, scanner=scanner),
+        precision=cfg.precision if cfg.precision != "auto" or recipe.mixed_precision else "float32",
     )
 
 

@@ -80,8 +80,8 @@ class Job:
     final: TrainConfig = field(init=False)
 
     def __post_init__(self) -> None:
+        from lungxray.devices import resolve_device  # raises for --device cuda without a GPU
         from lungxray.models import get_spec  # raises for an unknown model, listing the known ones
-        from lungxray.train import resolve_device  # raises for --device cuda without a GPU
 
         recipe = get_spec(self.model).recipe
         resolve_device(self.train.device)

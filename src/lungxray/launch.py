@@ -21,7 +21,7 @@ def process_group(device: str):
     import torch
     import torch.distributed as dist
 
-    from lungxray.train import resolve_device
+    from lungxray.devices import resolve_device
 
     cuda = resolve_device(device).type == "cuda"
     if cuda:

@@ -230,7 +230,9 @@ REGISTRY: dict[str, ModelSpec] = {
             "dropout_2": 0.0,
             "learning_rate": 1e-3,
         },
-        Recipe(optimizer="adam", schedule="constant", augment=False, epochs=64, batch_size=8, jobs=2),
+        Recipe(
+            optimizer="adam", schedule="constant", augment=False, epochs=64, batch_size=8, jobs=2, mixed_precision=False
+        ),
         limits={
             "activation": ("relu", "tanh"),
             "layer_1": (1, 4096),
@@ -244,8 +246,10 @@ REGISTRY: dict[str, ModelSpec] = {
         small_cnn,
         small_cnn_space,
         {"depth": 1, "width": 16, "dropout": 0.1, "learning_rate": 2e-3, "weight_decay": 1e-2, "batch_size": 16},
-        # scanner augmentation: the best external AUROC of the variants measured (BENCHMARKS.md)
-        Recipe(epochs=30, scanner=True),
+        # scanner augmentation: the best external AUROC of the variants measured (BENCHMARKS.md);
+        # two trials side by side, one core each: a small-batch step of this net keeps ~1.2 of two
+        # cores busy (bench/cnn_search_bench.py)
+        Recipe(epochs=30, scanner=True, jobs=2),
         cam_layer="layer4",
         limits={"depth": (1, 4), "width": (1, 128), "dropout": (0.0, 0.95), "standardize": (False, True)},
     ),

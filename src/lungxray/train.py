@@ -23,6 +23,7 @@ from torch import nn
 
 from lungxray.augment import BatchAugment
 from lungxray.config import TrainConfig
+from lungxray.devices import autocast_dtype, resolve_device, trains_channels_last
 from lungxray.errors import ConfigError, TrainingDiverged
 from lungxray.fused import FirstLayerAdam
 from lungxray.infer import predict_logits
@@ -82,7 +83,9 @@ class StepOptions:
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None  # applied to each whole batch
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # stepped after every step
     class_weight: torch.Tensor | None = None  # (n_classes,) weights of the loss
-    scaler: torch.amp.GradScaler | None = None  # float16 mixed precision (CUDA)
+    autocast: torch.dtype | None = None  # mixed precision: the forward pass's dtype (None: float32)
+    scaler: torch.amp.GradScaler | None = None  # loss scaling, with float16 (CUDA)
+    channels_last: bool = False  # batches as NHWC, for a model converted to it
     label_smoothing: float = 0.0
     averaged: torch.optim.swa_utils.AveragedModel | None = None  # updated after every step (EMA)
     # (rank, world size): under DistributedDataParallel every process draws the same seeded order
@@ -131,10 +134,12 @@ def train_one_epoch(
         if augment is not None:
             xs = augment(xs)  # the whole batch, so each process's share has one process's draws
         xb, yb = xs[rank::world], ys[rank::world]
-        if scaler is None:
+        if options.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        if options.autocast is None:
             logits = model(xb)
         else:
-            with torch.autocast(x.device.type, dtype=torch.float16):
+            with torch.autocast(x.device.type, dtype=options.autocast):
                 logits = model(xb)
         if options.loss is None:
             loss = nn.functional.cross_entropy(
@@ -220,17 +225,6 @@ def is_better(stats: EpochStats, best: EpochStats | None, select_by: str) -> boo
     return (stats.val_accuracy, -stats.val_loss) > (best.val_accuracy, -best.val_loss)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when torch sees a GPU, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "--device cuda, but torch sees no CUDA GPU (the CPU build of torch, or no driver); use --device cpu or auto"
-        )
-    return torch.device(name)
-
-
 def make_optimizer(model: nn.Module, hp: dict, name: str) -> torch.optim.Optimizer:
     """Adam (the tutorial's) or AdamW with the trial's weight decay, fused into one kernel.
 
@@ -290,6 +284,7 @@ def _training_parts(
     )
     seed_dropout(model, torch.Generator(device).manual_seed(cfg.seed + 1))
     optimizer = make_optimizer(model, hp, cfg.optimizer)
+    autocast = autocast_dtype(cfg.precision, device)
     scheduler = None
     if cfg.schedule == "cosine":  # to zero at the last step of the last epoch
         steps = cfg.epochs * math.ceil(len(y_train) / cfg.batch_size)
@@ -302,7 +297,9 @@ def _training_parts(
         ),
         scheduler=scheduler,
         class_weight=class_weights(y_train, n_classes) if cfg.class_weighted and not multilabel else None,
-        scaler=torch.amp.GradScaler("cuda") if device.type == "cuda" else None,
+        autocast=autocast,
+        scaler=torch.amp.GradScaler("cuda") if autocast == torch.float16 else None,
+        channels_last=trains_channels_last(model, device, autocast),
         label_smoothing=cfg.label_smoothing,
         averaged=averaged,
         draw=draw,
@@ -345,6 +342,8 @@ def fit(
     if cfg.init_weights is not None:
         load_init_weights(model, cfg.init_weights)
     model.to(device)
+    if trains_channels_last(model, device, autocast_dtype(cfg.precision, device)):
+        model.to(memory_format=torch.channels_last)
     rank, size = world()
     if size > 1 and device.type == "cuda":
         # Batch statistics over every process's share, as one process would see them (GPU only:
@@ -352,7 +351,8 @@ def fit(
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     (x_train, y_train), val = [tuple(t.to(device) for t in part) for part in (data.train, data.val)]
     optimizer, options = _training_parts(model, hp, cfg, data, y_train, device)
-    fused = FirstLayerAdam.applies(model, optimizer, device, cfg.batch_size) if cfg.fused_step and size == 1 else None
+    plain = cfg.fused_step and size == 1 and options.autocast is None
+    fused = FirstLayerAdam.applies(model, optimizer, device, cfg.batch_size) if plain else None
     # the process's cores (shared out among the trials stepping at once), or --threads
     cores = cfg.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     options.first_layer = FirstLayerAdam(fused, optimizer, cores) if fused is not None else None
@@ -374,7 +374,7 @@ def fit(
     if best_state is None:
         raise TrainingDiverged(f"training diverged in the first epoch with {hp}", hint="lower the learning rate")
     model.load_state_dict(best_state)
-    model.cpu().eval()
+    model.cpu().eval().to(memory_format=torch.contiguous_format)  # saved, exported and served as NCHW
     return FitResult(model, best.epoch, history, diverged, stopped_at)
 
 

@@ -127,9 +127,10 @@ def tune(
     takes its own batch size from its hyperparameters
     (``TrainConfig.for_params``).
     Trials run ``cfg.jobs`` at a time, in threads (torch releases the GIL), with the torch threads
-    shared out: small-batch MLP steps are memory- and dispatch-bound, and two MLP trials side by
-    side beat one trial on two threads; a CNN uses every core itself. Trials are asked and drawn
-    in number order, each from a history fixed by its number (``history_start``), and start as
+    shared out: small-batch steps of the MLP and the small CNN are memory- and dispatch-bound, and
+    two trials side by side beat one trial on two threads; a large CNN uses every core itself.
+    Trials are asked and drawn in number order, each from a history fixed by its number
+    (``history_start``), and start as
     a worker frees, so the sampler and the pruner see the same history on every run with the same
     seed. (Not with ``--pruner hyperband`` and more than one job: that pruner reads the live study
     from the trials' threads, so where it stops a trial, and so what the sampler learns, depends on
