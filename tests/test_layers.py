@@ -41,6 +41,7 @@ LAYERS = [
         "plots",
         "augment",
         "_fused_kernel",
+        "_augment_kernel",
         "losses",
         "multilabel_calibration",
     },

@@ -43,14 +43,17 @@ class Images:
     as float32 (four times its bytes) in memory. The values are those of ``to_tensor``.
 
     Supports what training and prediction ask of a tensor: ``len``, ``shape``, ``device``,
-    ``to(device)`` (batches are then moved there as they are made) and indexing by an int, a slice,
-    or an index tensor or array.
+    ``to(device)`` and indexing by an int, a slice, or an index tensor or array. On the CPU, batches
+    are read from ``pixels`` as they are asked for; ``to`` a GPU (or ``resident``) copies the uint8
+    rows there once and indexing gathers and converts them there, with no host round trip.
     """
 
     def __init__(self, pixels: np.ndarray, index: np.ndarray | None = None, device: torch.device | None = None):
         self.pixels = pixels
         self.index = np.arange(len(pixels)) if index is None else np.asarray(index, dtype=np.int64)
         self.device = torch.device(device or "cpu")
+        self.rows: torch.Tensor | None = None  # (N, H, W) uint8 on ``device`` once resident
+        self._levels: torch.Tensor | None = None  # (256,) to_tensor's value of each grey level, there
 
     def __len__(self) -> int:
         return len(self.index)
@@ -60,12 +63,42 @@ class Images:
         return (len(self.index), 1, *self.pixels.shape[1:])
 
     def to(self, device) -> Images:
-        return Images(self.pixels, self.index, torch.device(device))
+        """These images on ``device``: resident there on a GPU (or where they already are), else read
+        from ``pixels`` batch by batch."""
+        device = torch.device(device)
+        if device.type == "cuda" or (self.rows is not None and device == self.device):
+            return self.resident(device)
+        return Images(self.pixels, self.index, device)
+
+    def resident(self, device=None) -> Images:
+        """These images held on ``device`` (default: theirs) as one uint8 tensor, a quarter of their
+        float32 bytes, copied once; indexing then gathers and converts there."""
+        device = torch.device(device) if device is not None else self.device
+        if self.rows is not None and self.device == device:
+            return self
+        held = Images(self.pixels, self.index, device)
+        held.rows = torch.from_numpy(np.ascontiguousarray(self.pixels[self.index])).to(device)
+        # A lookup of to_tensor's own values, not a division here: on a GPU, dividing by a number
+        # multiplies by its reciprocal, which rounds 126 of the 256 levels differently in the last bit.
+        held._levels = to_tensor(np.arange(256, dtype=np.uint8).reshape(1, 1, 256)).view(256).to(device)
+        return held
 
     def __getitem__(self, key) -> torch.Tensor:
+        if self.rows is not None:
+            return self._gather(key)
         if isinstance(key, torch.Tensor):
             key = key.cpu().numpy()
         rows = self.index[key]
         if np.ndim(rows) == 0:
             return to_tensor(self.pixels[int(rows)][None])[0].to(self.device)
         return to_tensor(self.pixels[rows]).to(self.device)  # (B, 1, H, W)
+
+    def _gather(self, key) -> torch.Tensor:
+        """The resident rows at ``key`` as float images, on their device; an index tensor already
+        there stays there (no host sync)."""
+        if isinstance(key, torch.Tensor):
+            key = key.to(self.rows.device)
+        elif not isinstance(key, (int, np.integer, slice)):
+            key = torch.as_tensor(np.asarray(key), device=self.rows.device)
+        pixels = self.rows[int(key) if isinstance(key, np.integer) else key]  # (B, H, W), or (H, W) for one
+        return self._levels[pixels.long()].unsqueeze(-3)  # (B, 1, H, W), or (1, H, W)
