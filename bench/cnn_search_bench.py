@@ -59,6 +59,7 @@ def lungxray(args: list[str], tree: Path | None) -> float:
 
 
 def search(data: Path, out: Path, tree: Path | None) -> dict:
+    (out / "study.db").unlink(missing_ok=True)  # a fresh study, not a resumed one
     wall = lungxray(["run", str(data), "--out", str(out), "--seed", "0", "--force", "--quiet",
                      "--cache-dir", str(OUT / "cache")], tree)  # fmt: skip
     run = json.loads((out / "run.json").read_text())
