@@ -17,7 +17,17 @@ search on the GPU against the same machine's CPU. One prepared run, about 5 minu
 
 The device machine takes at most 64 MiB of working tree and none of ../shared: make a copy of the
 data set with smaller files first (``--shrink-data DIR``, images at most 512 px, about 12 MB) and
-carry that folder. ``--quick`` runs everything tiny on the CPU (a smoke test, under 2 minutes).
+carry that folder. A machine with its own CUDA torch and no network also needs lungxray's other
+dependencies as wheels for its Python, downloaded here and carried too:
+
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+        -d bench/out/wheels monai optuna alembic Mako SQLAlchemy colorlog greenlet ImageHash PyWavelets \
+        docstring_parser pydicom
+    # there:
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site bench/out/wheels/*.whl
+    PYTHONPATH=/tmp/site:$PWD/src python3 bench/gpu_bench.py bench/out/gpu-data --trials 8 --out $OUT/gpu_bench.json
+
+``--quick`` runs everything tiny on the CPU (a smoke test, under 2 minutes).
 
     python bench/gpu_bench.py [DATA] [--trials N] [--out FILE] [--quick]
     python bench/gpu_bench.py DATA --shrink-data bench/out/gpu-data
