@@ -4,11 +4,11 @@
 ``--device auto`` takes CUDA when torch sees a GPU. ``--precision auto`` trains in bfloat16 mixed
 precision on a GPU (float16 with loss scaling on one without bfloat16) and in float32 on the CPU.
 Convolutional networks train channels-last (NHWC), the layout oneDNN and cuDNN run fastest, where
-that is safe. On the CPU the two do not go together: torch 2.13's oneDNN trained the small CNN
-in bfloat16 channels-last, and later float32 predictions in the same process came out NaN (7 of
-20 loads of a saved model; none in float32 channels-last, none in bfloat16 NCHW), and float32
-channels-last trained faster than bfloat16 NCHW (BENCHMARKS.md, "The default CNN at its floor").
-Holds no training loop.
+that is safe. On the CPU the two do not go together: after torch 2.13's oneDNN trained the small
+CNN in bfloat16 channels-last, float32 predictions later in the same process came out NaN (in 7
+of 20 loads of a saved model; in none after float32 channels-last or bfloat16 NCHW training), and
+on one core float32 channels-last stepped faster than bfloat16 NCHW (1.24x and 1.10x float32
+NCHW's images/s, timed by hand at the default width and batch). Holds no training loop.
 """
 
 from __future__ import annotations
