@@ -174,7 +174,8 @@ def floor(run: dict, jobs: int, rounds: int) -> dict:
 
 
 def plain_loop(epochs: int, cfg, hp: dict, x, y) -> float:
-    """Images/s of a plain eager loop: the same network, batch and augmentation, NCHW float32 on every core."""
+    """Images/s of a plain eager loop: the same network, batch and augmentation (in torch's
+    operations, not lungxray's numba kernel), NCHW float32, on the calling thread's share of the cores."""
     import torch
     from torch import nn
 
@@ -184,7 +185,7 @@ def plain_loop(epochs: int, cfg, hp: dict, x, y) -> float:
     torch.manual_seed(0)
     model = create_model("cnn", (1, SIZE, SIZE), 3, **hp).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp["learning_rate"], weight_decay=hp["weight_decay"])
-    augment = BatchAugment(cfg.augment, torch.Generator().manual_seed(0))
+    augment = BatchAugment(cfg.augment, torch.Generator().manual_seed(0), kernel=False)
     batch = int(hp["batch_size"])
     for epoch in range(epochs + 1):
         if epoch == 1:
@@ -230,8 +231,10 @@ def steps_compared(epochs: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (N_TRAIN, 1, SIZE, SIZE), generator=generator).float() / 255
     y = torch.arange(N_TRAIN) % 3
+    jobs = spec.recipe.jobs
     return {
         "plain": plain_loop(epochs, cfg, hp, x, y),
+        "plain_pair": sum(_in_threads(jobs, lambda _: plain_loop(epochs, cfg, hp, x, y))),
         "lungxray_pair": lungxray_step(epochs + 1, cfg, hp, x, y, spec.recipe.jobs),
         "lungxray_alone": lungxray_step(epochs + 1, cfg, hp, x, y, 1),
         "hp": hp,
@@ -290,11 +293,17 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="epochs timed in the step comparison")
     parser.add_argument("--cv-repeats", type=int, default=0, help="training seeds of lungxray cv (0: no cv)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the default network's step")
+    parser.add_argument("--steps-only", action="store_true", help="only the step comparison (section cnn-steps)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from lungxray.models import get_spec
 
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.steps_only:
+        steps = steps_compared(args.epochs)
+        body = render_steps(steps, get_spec("cnn").recipe.jobs)
+        print(body)
+        return update_section("cnn-steps", body)
     tree = worktree(args.baseline) if args.baseline else None
     # the images preprocessed into the cache first, so that neither timed run pays for it
     lungxray(["run", str(args.data), "--model", "mlp", "--trials", "1", "--epochs", "1", "--out", str(OUT / "warm"),
@@ -324,6 +333,25 @@ def main() -> None:
     body = render(args, results)
     print(body)
     update_section("cnn-search", body)
+
+
+def render_steps(steps: dict, jobs: int) -> str:
+    command = "`.venv/bin/python bench/cnn_search_bench.py " + " ".join(sys.argv[1:]) + "`"
+    pair, plain, plain_pair = steps["lungxray_pair"], steps["plain"], steps["plain_pair"]
+    return "\n".join([
+        "### The step alone, against plain loops laid out both ways",
+        "",
+        f"Command: {command} ({machine()}). Training images/s of the registered defaults "
+        f"({json.dumps(steps['hp'])}), epochs 2-{steps['epochs'] + 1}, on random images of the training split's size; "
+        "the plain loops augment with torch's operations (`BatchAugment(kernel=False)`), NCHW float32, torch's AdamW.",
+        "",
+        "| | images/s | lungxray, two fits side by side, against it |",
+        "|---|---|---|",
+        f"| plain loop, one on both cores | {plain:.0f} | {pair / plain:.2f}x |",
+        f"| plain loops, {jobs} side by side, one core each | {plain_pair:.0f} | {pair / plain_pair:.2f}x |",
+        f"| lungxray, one fit alone on both cores (as the final training and cv) | {steps['lungxray_alone']:.0f} | |",
+        f"| lungxray, {jobs} fits side by side (as the search) | {pair:.0f} | |",
+    ])  # fmt: skip
 
 
 def _median(runs: list[dict], key) -> float:

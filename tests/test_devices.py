@@ -61,15 +61,61 @@ def test_channels_last_gradients_equal_the_contiguous_ones(depth, width):
             assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5), name
 
 
+def test_auto_precision_on_a_gpu_is_bfloat16_only_where_the_card_computes_it(monkeypatch):
+    cuda = torch.device("cuda")
+    for native, expected in ((True, torch.bfloat16), (False, torch.float16)):  # float16: with loss scaling
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n)
+        assert autocast_dtype("auto", cuda) is expected
+    assert autocast_dtype("float32", cuda) is None
+
+
+def test_float16_on_the_cpu_is_refused_before_any_work():
+    from pathlib import Path
+
+    from lungxray.job import Job
+
+    with pytest.raises(ConfigError, match="float16 needs a GPU"):
+        Job(Path("data"), model="cnn", train=TrainConfig(precision="float16", device="cpu"))
+
+
+def _watched(monkeypatch) -> list[tuple[torch.dtype, bool]]:
+    """(dtype, channels-last) of every convolution's output while ``train.fit`` trains (outputs of one
+    pixel, or from one channel, are contiguous in both layouts and left out)."""
+    import lungxray.train as train_module
+
+    seen, build = [], train_module.create_model
+
+    def watched(*args, **kwargs):
+        model = build(*args, **kwargs)
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d) and m.in_channels > 1:  # one channel in: every layout is both
+                m.register_forward_hook(
+                    lambda _, __, out: (
+                        seen.append((out.dtype, out.is_contiguous(memory_format=torch.channels_last)))
+                        if torch.is_grad_enabled() and min(out.shape[-2:]) > 1
+                        else None
+                    )  # fmt: skip
+                )
+        return model
+
+    monkeypatch.setattr(train_module, "create_model", watched)
+    return seen
+
+
 @pytest.mark.slow
-def test_a_cnn_trained_channels_last_or_in_bfloat16_repeats_and_saves_as_nchw():
+def test_a_cnn_trained_channels_last_or_in_bfloat16_repeats_and_saves_as_nchw(monkeypatch):
     x, y = toy(8, size=32)
     data = FitData((x, y), (x, y), 3)
     hp = dict(get_spec("cnn").defaults, width=16)
     cfg = settings("cnn", hp, epochs=2, precision="bfloat16")
-    first, second = fit("cnn", hp, data, cfg), fit("cnn", hp, data, cfg)
+    seen = _watched(monkeypatch)
+    first = fit("cnn", hp, data, cfg)
+    assert seen and set(seen) == {(torch.bfloat16, False)}  # bfloat16, and NCHW with it on the CPU
+    seen.clear()
     full = fit("cnn", hp, data, settings("cnn", hp, epochs=2))  # float32, channels-last
-    assert full.model.conv1.weight.is_contiguous()
+    assert seen and set(seen) == {(torch.float32, True)}
+    second = fit("cnn", hp, data, cfg)
+    assert all(p.is_contiguous() for p in full.model.parameters())
     for (name, a), b, c in zip(
         first.model.state_dict().items(),
         second.model.state_dict().values(),
@@ -80,4 +126,3 @@ def test_a_cnn_trained_channels_last_or_in_bfloat16_repeats_and_saves_as_nchw():
         assert a.is_contiguous(), name  # safetensors and ONNX take it as it is
         assert a.dtype == c.dtype, name  # mixed precision keeps float32 weights
     assert first.history[-1].train_loss == pytest.approx(full.history[-1].train_loss, rel=0.2)  # tracks float32
-    assert first.history[-1].train_loss != full.history[-1].train_loss  # bfloat16 did run

@@ -3,9 +3,8 @@ only when a batch is augmented on the CPU; cached on disk after the first compil
 
 Written by hand because torch runs the augmentation as some twenty passes over the batch (the
 affine grid, bilinear sampling, the mean, brightness and contrast, gamma, padding, the blur,
-noise, quantisation and their clamps), and on one core those passes cost about a third of the
-small CNN's training step (BENCHMARKS.md, "The default CNN at its floor"); here one image is
-warped, adjusted, blurred and quantised in three passes that stay in cache. The arithmetic is
+noise, quantisation and their clamps), a large share of the small CNN's training step on one
+core; here one image is warped, adjusted, blurred and quantised in three passes that stay in cache. The arithmetic is
 torch's, step for step (``affine_grid`` and ``grid_sample`` with ``align_corners=False`` and zero
 padding, a replicate-padded 3x3 Gaussian); sums and ``pow`` round differently in the last bits.
 """

@@ -5,10 +5,10 @@
 precision on a GPU (float16 with loss scaling on one without bfloat16) and in float32 on the CPU.
 Convolutional networks train channels-last (NHWC), the layout oneDNN and cuDNN run fastest, where
 that is safe. On the CPU the two do not go together: after torch 2.13's oneDNN trained the small
-CNN in bfloat16 channels-last, float32 predictions later in the same process came out NaN (in 7
-of 20 loads of a saved model; in none after float32 channels-last or bfloat16 NCHW training), and
-on one core float32 channels-last stepped faster than bfloat16 NCHW (1.24x and 1.10x float32
-NCHW's images/s, timed by hand at the default width and batch). Holds no training loop.
+CNN in bfloat16 channels-last, float32 predictions later in the same process came out NaN (in
+some loads of a saved model, never after float32 channels-last or bfloat16 NCHW training; the
+issue's notes have the counts), and on one core float32 channels-last stepped faster than
+bfloat16 NCHW in a timing by hand. Holds no training loop.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bfloat16":
         return torch.bfloat16
     if device.type == "cuda":  # auto
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # emulated bfloat16 (a T4's, a V100's) is slower than float16 with loss scaling
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return None
 
 

@@ -63,11 +63,15 @@ class Images:
         return (len(self.index), 1, *self.pixels.shape[1:])
 
     def to(self, device) -> Images:
-        """These images on ``device``: resident there on a GPU (or where they already are), else read
-        from ``pixels`` batch by batch."""
+        """These images on ``device``: resident there on a GPU whose free memory holds them four
+        times over (or where they already are), else read from ``pixels`` batch by batch."""
         device = torch.device(device)
-        if device.type == "cuda" or (self.rows is not None and device == self.device):
-            return self.resident(device)
+        if self.rows is not None and device == self.device:
+            return self
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            if len(self.index) * int(np.prod(self.pixels.shape[1:])) * 4 <= free:
+                return self.resident(device)
         return Images(self.pixels, self.index, device)
 
     def resident(self, device=None) -> Images:
@@ -77,7 +81,10 @@ class Images:
         if self.rows is not None and self.device == device:
             return self
         held = Images(self.pixels, self.index, device)
-        held.rows = torch.from_numpy(np.ascontiguousarray(self.pixels[self.index])).to(device)
+        held.rows = torch.empty((len(self.index), *self.pixels.shape[1:]), dtype=torch.uint8, device=device)
+        for first in range(0, len(self.index), 4096):  # a chunk at a time: no host copy of a whole large stack
+            rows = np.ascontiguousarray(self.pixels[self.index[first : first + 4096]])
+            held.rows[first : first + len(rows)] = torch.from_numpy(rows).to(device)
         # A lookup of to_tensor's own values, not a division here: on a GPU, dividing by a number
         # multiplies by its reciprocal, which rounds 126 of the 256 levels differently in the last bit.
         held._levels = to_tensor(np.arange(256, dtype=np.uint8).reshape(1, 1, 256)).view(256).to(device)

@@ -80,11 +80,11 @@ class Job:
     final: TrainConfig = field(init=False)
 
     def __post_init__(self) -> None:
-        from lungxray.devices import resolve_device  # raises for --device cuda without a GPU
+        from lungxray.devices import autocast_dtype, resolve_device  # raise for a device or precision not there
         from lungxray.models import get_spec  # raises for an unknown model, listing the known ones
 
         recipe = get_spec(self.model).recipe
-        resolve_device(self.train.device)
+        autocast_dtype(self.train.precision, resolve_device(self.train.device))  # float16 on the CPU: refused now
         search = config.resolve_tune(self.search, recipe)
         given = config.resolve_train(self.train, recipe)  # the one place the recipe fills training settings
         final = replace(given, epochs=self.final_epochs) if self.final_epochs is not None else given

@@ -247,8 +247,8 @@ REGISTRY: dict[str, ModelSpec] = {
         small_cnn_space,
         {"depth": 1, "width": 16, "dropout": 0.1, "learning_rate": 2e-3, "weight_decay": 1e-2, "batch_size": 16},
         # scanner augmentation: the best external AUROC of the variants measured (BENCHMARKS.md);
-        # two trials side by side, one core each: a small-batch step of this net keeps ~1.2 of two
-        # cores busy (bench/cnn_search_bench.py)
+        # two trials side by side, one core each: one trial's small-batch steps left the second
+        # core mostly idle (bench/cnn_search_bench.py: the search's time with one and two training)
         Recipe(epochs=30, scanner=True, jobs=2),
         cam_layer="layer4",
         limits={"depth": (1, 4), "width": (1, 128), "dropout": (0.0, 0.95), "standardize": (False, True)},

@@ -130,11 +130,10 @@ def tune(
     shared out: small-batch steps of the MLP and the small CNN are memory- and dispatch-bound, and
     two trials side by side beat one trial on two threads; a large CNN uses every core itself.
     Trials are asked and drawn in number order, each from a history fixed by its number
-    (``history_start``), and start as
-    a worker frees, so the sampler and the pruner see the same history on every run with the same
-    seed. (Not with ``--pruner hyperband`` and more than one job: that pruner reads the live study
-    from the trials' threads, so where it stops a trial, and so what the sampler learns, depends on
-    timing.)
+    (``history_start``), and start as a worker frees, so the sampler and the pruner see the same
+    history on every run with the same seed. (Not with ``--pruner hyperband`` and more than one
+    job, as mlp and cnn run: that pruner reads the live study from the trials' threads, so where it
+    stops a trial, and so what the sampler learns, depends on timing.)
     """
     from concurrent.futures import ThreadPoolExecutor
 
