@@ -260,9 +260,15 @@ def ema_with_warmup(decay: float) -> Callable:
 
 
 def _training_parts(
-    model: nn.Module, hp: dict, cfg: TrainConfig, data: FitData, y_train: torch.Tensor, device: torch.device
+    model: nn.Module,
+    hp: dict,
+    cfg: TrainConfig,
+    data: FitData,
+    y_train: torch.Tensor,
+    device: torch.device,
+    autocast: torch.dtype | None,
 ) -> tuple[torch.optim.Optimizer, StepOptions]:
-    """The optimiser and ``train_one_epoch``'s options for one fit; seeds the model's dropout.
+    """The optimiser and ``train_one_epoch``'s options for one fit in ``autocast`` (None: float32); seeds dropout.
     Multi-label (``losses.MaskedBCE``): --class-weighted weighs each finding's positives, label
     smoothing moves targets towards 0.5, --site-balanced draws every site equally often."""
     n_classes, multilabel = data.n_classes, is_multilabel(y_train)
@@ -284,7 +290,6 @@ def _training_parts(
     )
     seed_dropout(model, torch.Generator(device).manual_seed(cfg.seed + 1))
     optimizer = make_optimizer(model, hp, cfg.optimizer)
-    autocast = autocast_dtype(cfg.precision, device)
     scheduler = None
     if cfg.schedule == "cosine":  # to zero at the last step of the last epoch
         steps = cfg.epochs * math.ceil(len(y_train) / cfg.batch_size)
@@ -299,7 +304,6 @@ def _training_parts(
         class_weight=class_weights(y_train, n_classes) if cfg.class_weighted and not multilabel else None,
         autocast=autocast,
         scaler=torch.amp.GradScaler("cuda") if autocast == torch.float16 else None,
-        channels_last=trains_channels_last(model, device, autocast),
         label_smoothing=cfg.label_smoothing,
         averaged=averaged,
         draw=draw,
@@ -342,7 +346,9 @@ def fit(
     if cfg.init_weights is not None:
         load_init_weights(model, cfg.init_weights)
     model.to(device)
-    if trains_channels_last(model, device, autocast_dtype(cfg.precision, device)):
+    autocast = autocast_dtype(cfg.precision, device)
+    channels_last = trains_channels_last(model, device, autocast)
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     rank, size = world()
     if size > 1 and device.type == "cuda":
@@ -350,7 +356,8 @@ def fit(
         # on the CPU each process normalises its own share, so a CNN trains a little differently).
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     (x_train, y_train), val = [tuple(t.to(device) for t in part) for part in (data.train, data.val)]
-    optimizer, options = _training_parts(model, hp, cfg, data, y_train, device)
+    optimizer, options = _training_parts(model, hp, cfg, data, y_train, device, autocast)
+    options.channels_last = channels_last
     plain = cfg.fused_step and size == 1 and options.autocast is None
     fused = FirstLayerAdam.applies(model, optimizer, device, cfg.batch_size) if plain else None
     # the process's cores (shared out among the trials stepping at once), or --threads
