@@ -6,7 +6,7 @@ and the default `lungxray run` and `lungxray cv` against an earlier commit, side
    PYTHONPATH), alternating, ``--repeats`` times each.
 2. The floor of this checkout's search: every trial's epochs x steps per epoch x the measured step
    time of its network (forward, loss, backward, AdamW on one preloaded batch of its size, in
-   lungxray's layout: channels-last where ``devices.trains_channels_last``), timed with ``jobs``
+   lungxray's arithmetic and layout: ``devices.training_arithmetic``), timed with ``jobs``
    such steps side by side on their share of the cores, divided by ``jobs``; each network in
    ``--rounds`` rounds, the median kept (as ``search_bench.floor`` does for the MLP).
 3. The step: lungxray's training (``train.fit`` of the registered defaults, augmentation and the
@@ -111,13 +111,27 @@ def _in_threads(jobs: int, work) -> list:
     return results
 
 
+def _as_trained(params: dict):
+    """The cnn of ``params`` in training mode, in the arithmetic and layout ``train.fit`` gives it on
+    the CPU (``--precision auto``): (model, autocast dtype or None, memory format or None)."""
+    import torch
+
+    from lungxray.devices import training_arithmetic
+    from lungxray.models import create_model
+
+    model = create_model("cnn", (1, SIZE, SIZE), 3, **params).train()
+    autocast, channels_last = training_arithmetic("auto", torch.device("cpu"), model, (1, SIZE, SIZE))
+    layout = torch.channels_last if channels_last else None
+    if layout is not None:
+        model.to(memory_format=layout)
+    return model, autocast, layout
+
+
 def step_seconds(params: dict, jobs: int, steps: int = 30) -> float:
     """Seconds per step of the cnn ``params`` in lungxray's layout, ``jobs`` side by side (their mean)."""
     import torch
     from torch import nn
 
-    from lungxray.devices import trains_channels_last
-    from lungxray.models import create_model
     from lungxray.train import make_optimizer
 
     batch = int(params["batch_size"])
@@ -125,10 +139,7 @@ def step_seconds(params: dict, jobs: int, steps: int = 30) -> float:
 
     def work(k: int) -> float:
         torch.manual_seed(k)
-        model = create_model("cnn", (1, SIZE, SIZE), 3, **params).train()
-        layout = torch.channels_last if trains_channels_last(model, torch.device("cpu"), None) else None
-        if layout is not None:
-            model.to(memory_format=layout)
+        model, autocast, layout = _as_trained(params)
         optimizer = make_optimizer(model, params, "adamw")
         x, y = torch.rand(batch, 1, SIZE, SIZE), torch.arange(batch) % 3
         x = x.contiguous(memory_format=layout) if layout is not None else x
@@ -136,7 +147,9 @@ def step_seconds(params: dict, jobs: int, steps: int = 30) -> float:
         for n in range(5 + steps):
             if n == 5:
                 start = time.perf_counter()
-            loss = nn.functional.cross_entropy(model(x), y)
+            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                logits = model(x)
+            loss = nn.functional.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -244,12 +257,11 @@ def steps_compared(epochs: int) -> dict:
 
 def compiled_step(hp: dict, steps: int = 30) -> dict:
     """``torch.compile`` (inductor) of the default network's training step against eager, in
-    lungxray's layout, on one thread (a trial's share in the search): the first compiled step's
-    seconds and each one's after it."""
+    lungxray's arithmetic and layout, on one thread (a trial's share in the search): the first
+    compiled step's seconds and each one's after it."""
     import torch
     from torch import nn
 
-    from lungxray.models import create_model
     from lungxray.train import make_optimizer
 
     batch = int(hp["batch_size"])
@@ -257,16 +269,19 @@ def compiled_step(hp: dict, steps: int = 30) -> dict:
     torch.set_num_threads(1)
     for mode in ("eager", "compiled"):
         torch.manual_seed(0)
-        model = create_model("cnn", (1, SIZE, SIZE), 3, **hp).train().to(memory_format=torch.channels_last)
+        model, autocast, layout = _as_trained(hp)
         optimizer = make_optimizer(model, hp, "adamw")
         stepped = torch.compile(model) if mode == "compiled" else model
-        x = torch.rand(batch, 1, SIZE, SIZE).contiguous(memory_format=torch.channels_last)
+        x = torch.rand(batch, 1, SIZE, SIZE)
+        x = x.contiguous(memory_format=layout) if layout is not None else x
         y = torch.arange(batch) % 3
         start = time.perf_counter()
         for n in range(steps + 1):
             if n == 1:
                 out[f"{mode}_first_s"], start = time.perf_counter() - start, time.perf_counter()
-            loss = nn.functional.cross_entropy(stepped(x), y)
+            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                logits = stepped(x)
+            loss = nn.functional.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -130,6 +130,39 @@ class Standardize(nn.Module):
         return (x - mean) / (std + 1e-5)
 
 
+class SubsampledPointwise(nn.Module):
+    """A strided 1x1 convolution computed as a unit-stride one on every ``stride``-th pixel: the same
+    parameters (under the same names), output and gradients, without oneDNN's strided 1x1 kernel.
+
+    That kernel first copies every s-th pixel to a workspace, which for a channels-last source with
+    few channels it sizes too small and writes past (uxlfoundation/oneDNN#6035: crashes or wrong
+    gradients in float32 below 16 channels; its bfloat16 twin has the same copy). Taking the pixels
+    here does that copy in torch instead, so MONAI's ResNets train channels-last at every width.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias  # the built network's initialisation, kept
+        self.stride, self.groups = conv.stride, conv.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # a 1x1 pool of this stride is the subsampling, in the input's layout both ways (a slice's
+        # backward made its gradient NCHW, and adding it to the channels-last one was slow)
+        x = nn.functional.avg_pool2d(x, 1, self.stride)
+        return nn.functional.conv2d(x, self.weight, self.bias, groups=self.groups)
+
+
+def _subsample_pointwise(net: nn.Module) -> nn.Module:
+    """``net`` with each strided, unpadded 1x1 convolution (a ResNet's downsampling shortcut) made a
+    ``SubsampledPointwise``."""
+    for module in list(net.modules()):
+        for name, conv in list(module.named_children()):
+            pointwise = isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.padding == (0, 0)
+            if pointwise and conv.stride != (1, 1) and conv.dilation == (1, 1):
+                setattr(module, name, SubsampledPointwise(conv))
+    return net
+
+
 def small_cnn(
     in_shape: tuple[int, int, int],
     n_classes: int,
@@ -161,14 +194,15 @@ def small_cnn(
     net.fc = nn.Sequential(Dropout(dropout), net.fc)
     if standardize:  # inside the stem, so layer names (Grad-CAM's layer4) stay the same
         net.conv1 = nn.Sequential(Standardize(), net.conv1)
-    return net
+    return _subsample_pointwise(net)
 
 
 def resnet18(in_shape: tuple[int, int, int], n_classes: int) -> nn.Module:
     """MONAI ResNet-18 with the usual stride-2 stem (MONAI's default stride 1 costs 4x the compute)."""
     from monai.networks.nets import resnet18 as monai_resnet18
 
-    return monai_resnet18(spatial_dims=2, n_input_channels=in_shape[0], num_classes=n_classes, conv1_t_stride=2)
+    net = monai_resnet18(spatial_dims=2, n_input_channels=in_shape[0], num_classes=n_classes, conv1_t_stride=2)
+    return _subsample_pointwise(net)
 
 
 def densenet121(in_shape: tuple[int, int, int], n_classes: int, dropout: float = 0.0) -> nn.Module:

@@ -23,7 +23,7 @@ from torch import nn
 
 from lungxray.augment import BatchAugment
 from lungxray.config import TrainConfig
-from lungxray.devices import autocast_dtype, resolve_device, trains_channels_last
+from lungxray.devices import resolve_device, training_arithmetic
 from lungxray.errors import ConfigError, TrainingDiverged
 from lungxray.fused import FirstLayerAdam
 from lungxray.infer import predict_logits
@@ -346,8 +346,7 @@ def fit(
     if cfg.init_weights is not None:
         load_init_weights(model, cfg.init_weights)
     model.to(device)
-    autocast = autocast_dtype(cfg.precision, device)
-    channels_last = trains_channels_last(model, device, autocast)
+    autocast, channels_last = training_arithmetic(cfg.precision, device, model, tuple(data.train[0].shape[1:]))
     if channels_last:
         model.to(memory_format=torch.channels_last)
     rank, size = world()
