@@ -252,7 +252,18 @@ def steps_compared(epochs: int) -> dict:
         "lungxray_alone": lungxray_step(epochs + 1, cfg, hp, x, y, 1),
         "hp": hp,
         "epochs": epochs,
+        "arithmetic": _arithmetic(hp),
     }
+
+
+def _arithmetic(hp: dict) -> str:
+    """What ``fit`` trains the cnn of ``hp`` in on this CPU, in words."""
+    import torch
+
+    _, autocast, layout = _as_trained(hp)
+    return f"{'bfloat16 mixed precision' if autocast == torch.bfloat16 else 'float32'}, " + (
+        "channels-last" if layout is not None else "NCHW"
+    )
 
 
 def compiled_step(hp: dict, steps: int = 30) -> dict:
@@ -358,7 +369,8 @@ def render_steps(steps: dict, jobs: int) -> str:
         "",
         f"Command: {command} ({machine()}). Training images/s of the registered defaults "
         f"({json.dumps(steps['hp'])}), epochs 2-{steps['epochs'] + 1}, on random images of the training split's size; "
-        "the plain loops augment with torch's operations (`BatchAugment(kernel=False)`), NCHW float32, torch's AdamW.",
+        f"lungxray trains in {steps['arithmetic']} (`--precision auto` on this CPU); the plain loops augment "
+        "with torch's operations (`BatchAugment(kernel=False)`), NCHW float32, torch's AdamW.",
         "",
         "| | images/s | lungxray, two fits side by side, against it |",
         "|---|---|---|",
@@ -413,11 +425,14 @@ def render(args, results: dict) -> str:
         lines.append(
             f"- Whole run, baseline / this commit: {old_run:.1f} / {new_run:.1f} s = **{ratio:.2f}x** (target: 2x)."
         )
+    pair = steps["lungxray_pair"]
     lines.append(
         f"- Training images/s of the registered defaults ({json.dumps(steps['hp'])}), epochs 2-{steps['epochs'] + 1}:"
-        f" plain eager loop {steps['plain']:.0f}; lungxray, {results['jobs']} fits side by side "
-        f"{steps['lungxray_pair']:.0f} (**{steps['lungxray_pair'] / steps['plain']:.2f}x**, target 1.5x); "
-        f"one fit alone on every core {steps['lungxray_alone']:.0f} ({steps['lungxray_alone'] / steps['plain']:.2f}x)."
+        f" plain eager loop (float32 NCHW) {steps['plain']:.0f} on both cores, {steps['plain_pair']:.0f} as "
+        f"{results['jobs']} side by side; lungxray ({steps['arithmetic']}), {results['jobs']} fits side by side "
+        f"{pair:.0f}: **{pair / steps['plain']:.2f}x** one plain loop, **{pair / steps['plain_pair']:.2f}x** plain "
+        f"loops laid out alike (target 1.5x); one fit alone on every core {steps['lungxray_alone']:.0f} "
+        f"({steps['lungxray_alone'] / steps['plain']:.2f}x)."
     )
     if results["compiled"]:
         c = results["compiled"]
