@@ -175,6 +175,7 @@ def test_a_cnn_trained_channels_last_or_in_bfloat16_repeats_and_saves_as_nchw(mo
     full = fit("cnn", hp, data, settings("cnn", hp, epochs=2, precision="float32"))  # float32, channels-last
     assert seen and set(seen) == {(torch.float32, True)}
     second = fit("cnn", hp, data, cfg)
+    assert (first.arithmetic, full.arithmetic) == ("bfloat16, channels-last", "float32, channels-last")
     assert all(p.is_contiguous() for p in full.model.parameters())
     for (name, a), b, c in zip(
         first.model.state_dict().items(),
@@ -186,3 +187,28 @@ def test_a_cnn_trained_channels_last_or_in_bfloat16_repeats_and_saves_as_nchw(mo
         assert a.is_contiguous(), name  # safetensors and ONNX take it as it is
         assert a.dtype == c.dtype, name  # mixed precision keeps float32 weights
     assert first.history[-1].train_loss == pytest.approx(full.history[-1].train_loss, rel=0.2)  # tracks float32
+
+
+def test_the_bundle_records_what_auto_precision_came_to(trained_run):
+    """The shared run trains at 16 px, where bfloat16 would meet the stride-2 convolution of a 1x1
+    map: float32 on every CPU, said in config.json and the model card."""
+    import json
+
+    _, out, _ = trained_run
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["training"]["precision"] == "auto"
+    assert config["training"]["arithmetic"] == "float32, channels-last"
+    assert "in float32, channels-last." in (out / "model" / "MODEL_CARD.md").read_text()
+
+
+def test_a_cnn_validated_a_batch_at_a_time_gives_the_same_figures():
+    """fit validates a channels-last CNN on the CPU a training batch at a time (its activations stay
+    in cache); the loss and accuracy are those of one pass over every image, bit for bit."""
+    from lungxray.train import evaluate_loss
+
+    torch.manual_seed(0)
+    net = small_cnn((1, 64, 64), 3, depth=2, width=24).to(memory_format=torch.channels_last).eval()
+    x, y = toy(7, size=64)  # 21 images: chunks of 8, 8 and 5
+    whole = evaluate_loss(net, x, y)
+    assert evaluate_loss(net, x, y, 8) == whole
+    assert 0.0 <= whole[1] <= 1.0 and whole[0] > 0

@@ -45,7 +45,8 @@ def _model_details(config: dict, date: str) -> list[str]:
         + "; DICOM read through its modality LUT and window.",
         f"- Classes: {', '.join(config['classes'])}.",
         f"- Trained with lungxray {__version__} (torch {training.get('torch_version', '?')}) on {date}, seed "
-        f"{training.get('seed', '?')}, best epoch {training.get('best_epoch', '?')}.",
+        f"{training.get('seed', '?')}, best epoch {training.get('best_epoch', '?')}"
+        + (f", in {training['arithmetic']}." if training.get("arithmetic") else "."),
         f"- Calibration: temperature {config.get('calibration', {}).get('temperature', 1.0):.3f}, fitted on the "
         "validation split.",
         f"- Out-of-distribution flag: {ood['method']}, flags above score 1."

@@ -299,7 +299,7 @@ class TrainConfig:
     members: int = option("--members", 1)
     """Fits from seeds seed, seed+1000, ... averaged into one model (mean probability); a search's trials fit one."""
     precision: str = option("--precision", "auto", choices=("auto", "float32", "bfloat16", "float16"))
-    """Training arithmetic; auto: bfloat16 mixed precision for CNNs on a GPU that has it, else float32 (so for mlp)."""
+    """Training arithmetic; auto: bfloat16 mixed precision for CNNs where the GPU or CPU has it, else float32."""
     fused_step: bool = option("--fused-step", True)
     """On the CPU, step the MLP's first layer in one pass, its weight gradient fused into Adam, and
     compute its forward product in training with the same kernels (faster: bench/step_bench.py);

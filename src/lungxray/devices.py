@@ -57,11 +57,11 @@ def native_bfloat16() -> bool:
 
 def bfloat16_safe(model: nn.Module, in_shape: tuple[int, ...]) -> bool:
     """Whether ``model`` may train in bfloat16 on the CPU: no convolution of stride above 1 reads a
-    1x1 input (the small CNN's last stage at 16 px). torch 2.13's oneDNN (``jit_bf16`` backward
-    weights, in either layout) returns whatever was in memory as the weight gradient of the kernel
-    taps that fall on padding there, where they should be 0: NaN or 1e35 in about half the calls
-    on this project's machine, and a float32 model with those weights predicts NaN. Each
-    convolution's input size is read from one forward pass of a blank ``in_shape`` image."""
+    1x1 input (the small CNN's last stage at 16 px). There torch 2.13's oneDNN (``jit_bf16``
+    backward weights, in either layout) returns whatever memory held as the weight gradient of the
+    kernel taps that fall on padding, where it should be 0: NaN or numbers near 1e35 in many calls,
+    and a float32 model with those weights predicts NaN. Each convolution's input size is read from
+    one forward pass of a blank ``in_shape`` image."""
     sizes: list[tuple[int, ...]] = []
 
     def record(module: nn.Module, args: tuple) -> None:

@@ -134,10 +134,11 @@ class SubsampledPointwise(nn.Module):
     """A strided 1x1 convolution computed as a unit-stride one on every ``stride``-th pixel: the same
     parameters (under the same names), output and gradients, without oneDNN's strided 1x1 kernel.
 
-    That kernel first copies every s-th pixel to a workspace, which for a channels-last source with
-    few channels it sizes too small and writes past (uxlfoundation/oneDNN#6035: crashes or wrong
-    gradients in float32 below 16 channels; its bfloat16 twin has the same copy). Taking the pixels
-    here does that copy in torch instead, so MONAI's ResNets train channels-last at every width.
+    That kernel's weight gradient first copies every s-th pixel to a workspace, which for a
+    channels-last source with few channels it sizes too small and writes past
+    (uxlfoundation/oneDNN#6035: crashes or wrong gradients in float32 below 16 channels; the
+    bfloat16 1x1 kernel copies the same way, not checked for the defect). Taking the pixels here
+    leaves oneDNN a unit-stride convolution, so MONAI's ResNets train channels-last at every width.
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:

@@ -276,6 +276,7 @@ def _bundle_config(
         "best_epoch": result.best_epoch,
         "member_best_epochs": result.member_epochs,
         "epochs_run": len(result.history),
+        "arithmetic": result.arithmetic,  # what --precision auto came to on this machine
         "split_seed": split.seed,
         "split_mode": split.mode,
         "from_best_trial": from_best,

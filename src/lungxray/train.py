@@ -67,6 +67,7 @@ class FitResult:
     diverged: bool = False  # training loss became NaN/inf; the best finite epoch was kept
     stopped_at: int | None = None  # epoch after which ``on_epoch`` asked to stop (pruning)
     member_epochs: list[int] | None = None  # with --members: each member's kept epoch (history: the first's)
+    arithmetic: str = "float32"  # what the steps computed in: "float32" or "bfloat16" (autocast), ", channels-last"
 
     @property
     def best(self) -> EpochStats:
@@ -116,7 +117,6 @@ def train_one_epoch(
     """
     options = options if options is not None else StepOptions()
     augment, scheduler, scaler, averaged = options.augment, options.scheduler, options.scaler, options.averaged
-    first_layer = options.first_layer
     model.train()
     rank, world = options.shard
     if options.draw is None:
@@ -155,8 +155,8 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
-        if first_layer is not None:
-            first_layer.step()  # at the learning rate optimizer.step() used, before the scheduler's
+        if options.first_layer is not None:
+            options.first_layer.step()  # at the learning rate optimizer.step() used, before the scheduler's
         if scheduler is not None:
             scheduler.step()
         if averaged is not None:
@@ -207,10 +207,10 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def evaluate_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on (x, y); multi-label: binary cross-entropy and
-    the share of entries sigmoid >= 0.5 gets right, both over the known entries."""
-    logits = predict_logits(model, x)
+def evaluate_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on (x, y), ``batch_size`` images a pass; multi-label:
+    binary cross-entropy and the share of entries sigmoid >= 0.5 gets right, both over the known entries."""
+    logits = predict_logits(model, x, batch_size)
     if is_multilabel(y):
         return multilabel_figures(logits, y)
     return nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
@@ -354,8 +354,8 @@ def fit(
         # Batch statistics over every process's share, as one process would see them (GPU only:
         # on the CPU each process normalises its own share, so a CNN trains a little differently).
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    (x_train, y_train), val = [tuple(t.to(device) for t in part) for part in (data.train, data.val)]
-    optimizer, options = _training_parts(model, hp, cfg, data, y_train, device, autocast)
+    train, val = [tuple(t.to(device) for t in part) for part in (data.train, data.val)]
+    optimizer, options = _training_parts(model, hp, cfg, data, train[1], device, autocast)
     options.channels_last = channels_last
     plain = cfg.fused_step and size == 1 and options.autocast is None
     fused = FirstLayerAdam.applies(model, optimizer, device, cfg.batch_size) if plain else None
@@ -374,14 +374,13 @@ def fit(
         options.shard = (rank, size)
     loop = _Loop(stepped, optimizer, watched, generator, options)
     with options.first_layer or contextlib.nullcontext():
-        history, best, best_state, diverged, stopped_at = _epochs(
-            loop, (x_train, y_train), val, cfg, on_epoch, progress
-        )
+        history, best, best_state, diverged, stopped_at = _epochs(loop, train, val, cfg, on_epoch, progress)
     if best_state is None:
         raise TrainingDiverged(f"training diverged in the first epoch with {hp}", hint="lower the learning rate")
     model.load_state_dict(best_state)
     model.cpu().eval().to(memory_format=torch.contiguous_format)  # saved, exported and served as NCHW
-    return FitResult(model, best.epoch, history, diverged, stopped_at)
+    arithmetic = str(autocast or torch.float32).removeprefix("torch.") + ", channels-last" * channels_last
+    return FitResult(model, best.epoch, history, diverged, stopped_at, arithmetic=arithmetic)
 
 
 @dataclass
@@ -398,18 +397,19 @@ class _Loop:
 def _epochs(loop: _Loop, train, val, cfg: TrainConfig, on_epoch, progress: bool):
     """``fit``'s epochs: train, validate ``loop.watched``, keep the best (or last) state, stop on
     pruning, patience or divergence. Returns (history, best stats, best state, diverged, stopped at)."""
-    from lungxray.progress import bar as progress_bar
-    from lungxray.progress import note
+    from lungxray.progress import bar, note
 
     history: list[EpochStats] = []
     best, best_state, diverged, stopped_at = None, None, False, None
-    epochs = progress_bar(total=cfg.epochs, desc="epochs", unit="epoch", leave=False, disable=not progress)
+    epochs = bar(total=cfg.epochs, desc="epochs", unit="epoch", leave=False, disable=not progress)
     try:
         for epoch in range(1, cfg.epochs + 1):
             loss, acc = train_one_epoch(
                 loop.stepped, loop.optimizer, *train, cfg.batch_size, loop.generator, loop.options
             )
-            val_loss, val_acc = evaluate_loss(loop.watched, *val)
+            # a CNN on the CPU a batch at a time: its activations stay in cache, the logits the same bit for bit
+            chunk = cfg.batch_size if loop.options.channels_last and val[0].device.type == "cpu" else 256
+            val_loss, val_acc = evaluate_loss(loop.watched, *val, chunk)
             stats = EpochStats(epoch, loss, acc, val_loss, val_acc)
             history.append(stats)
             figures = f"loss {loss:.4f}, val_loss {val_loss:.4f}, val_accuracy {val_acc:.4f}"
@@ -446,4 +446,5 @@ def _fit_members(model_name: str, hp: dict, data: FitData, cfg: TrainConfig, pro
         first.history,
         diverged=any(f.diverged for f in fits),
         member_epochs=[f.best_epoch for f in fits],
+        arithmetic=first.arithmetic,
     )
