@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,17 +71,22 @@ def search(data: Path, out: Path, tree: Path | None) -> dict:
 
 
 def occupancy(out: Path) -> dict[int, float]:
-    """Seconds of the search with 0, 1, 2, ... trials training. A trial trains from when it is asked
-    or, if later, when the last trial of its history (``drawn_from_below``) ended."""
+    """Seconds of the search with 0, 1, 2, ... trials training. A trial trains from when a worker took
+    it (``started_s``; before it was recorded, when it was asked) or, if later, when the last trial
+    of its history (``drawn_from_below``) ended."""
     import optuna
 
     study = optuna.load_study(study_name="lungxray", storage=f"sqlite:///{out / 'study.db'}")
     trials = [t for t in study.trials if t.datetime_complete is not None]
     ended = {t.number: t.datetime_complete for t in trials}
+    origin = min(t.datetime_start for t in trials)  # the first ask: about when the search began
     events = []
     for t in trials:
         below = t.user_attrs.get("drawn_from_below", 0)
-        start = max([t.datetime_start] + [ended[k] for k in range(below) if k in ended])
+        taken = (
+            origin + timedelta(seconds=t.user_attrs["started_s"]) if "started_s" in t.user_attrs else t.datetime_start
+        )
+        start = max([taken] + [ended[k] for k in range(below) if k in ended])
         events += [(start, 1), (t.datetime_complete, -1)]
     events.sort()
     seconds: dict[int, float] = {}

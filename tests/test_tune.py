@@ -458,3 +458,34 @@ def test_every_epochs_figure_is_in_the_study_before_its_trial_is_told(tmp_path, 
     assert len(trials) == 2
     for t in trials:
         assert sorted(t.intermediate_values) == list(range(1, 7))
+
+
+def test_a_new_searchs_startup_trials_start_largest_first_with_the_draws_of_number_order(tmp_path):
+    """Side by side, the startup trials are drawn together, in number order (the draws one job makes
+    one at a time), and handed to the workers largest network first, so the two last to end (which
+    the first sampled trial waits for) end closer together."""
+    from lungxray.models import create_model
+
+    train, val = toy(6, size=16), toy(3, size=16, start=50)
+    recipe = get_spec("cnn").recipe
+    runs = {}
+    for jobs in (1, 2):
+        cfg = resolve_tune(TuneConfig(trials=4, jobs=jobs, startup_trials=4), recipe)
+        storage = f"sqlite:///{tmp_path / str(jobs)}.db"
+        result = tune("cnn", FitData(train, val, 3), cfg, settings("cnn", epochs=1, seed=3), storage, progress=False)
+        runs[jobs] = sorted(result.study.trials, key=lambda t: t.number)
+    assert [t.params for t in runs[1]] == [t.params for t in runs[2]]
+
+    def size(trial) -> int:
+        return sum(p.numel() for p in create_model("cnn", (1, 16, 16), 3, **trial.params).parameters())
+
+    sizes = [size(t) for t in runs[2]]
+    assert len(set(sizes)) > 1  # the draws differ in size, so the order is tested
+    started = sorted(runs[2], key=lambda t: t.user_attrs["started_s"])
+    assert [size(t) for t in started] == sorted(sizes, reverse=True)
+    assert [t.number for t in sorted(runs[1], key=lambda t: t.user_attrs["started_s"])] == [
+        0,
+        1,
+        2,
+        3,
+    ]  # one job: in turn

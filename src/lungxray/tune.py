@@ -21,7 +21,7 @@ import optuna
 import torch
 
 from lungxray.config import TrainConfig, TuneConfig
-from lungxray.models import get_spec
+from lungxray.models import create_model, get_spec
 from lungxray.study import (
     BEST_VALUE,
     COMPLETE,
@@ -38,6 +38,8 @@ from lungxray.study import (
     tell,
 )
 from lungxray.train import EpochStats, FitData, FitResult, fit
+
+STARTED = "started_s"  # a trial's user attribute: seconds into its search when a worker took it
 
 
 def _no_progress(number: int, epoch: int | None) -> None:
@@ -192,14 +194,17 @@ class _TrialsBar:
 class _Schedule:
     """One search's trials in the workers' hands: each asked and drawn in number order from its
     history (``history_start``), started as soon as a worker is free and that history has ended,
-    and told as it ends."""
+    and told as it ends. A new search's startup trials are asked and drawn together, still in
+    number order (the same draws), and started largest first (``_startup``)."""
 
     def __init__(self, study: optuna.Study, cfg: TuneConfig, setup: TrialSetup, pool: Executor, shown) -> None:
         self.study, self.cfg, self.setup, self.pool, self.shown = study, cfg, setup, pool, shown
         self.space = get_spec(setup.model_name).space
         self.training: dict[Future, optuna.Trial] = {}  # in the workers' hands
         self.waiting = None  # (trial, its history's end, seconds asking it): asked, its history still running
+        self.ready: list[tuple[optuna.Trial, dict]] = []  # startup trials drawn, in the order they start
         self.best_fit: tuple[int, FitResult] | None = None  # the best trial's fit, when it ran here
+        self.began = time.perf_counter()
 
     def run(self, done: int) -> tuple[int, FitResult] | None:
         """Trials until the study holds ``cfg.trials`` finished; returns (number, fit) of the best
@@ -211,8 +216,8 @@ class _Schedule:
                 done += self._tell(ended)
         except KeyboardInterrupt:
             _stop_and_requeue(self.study, self.training, self.setup.stop)
-            if self.waiting is not None:
-                _fail_asked(self.study, self.waiting[0])
+            for trial in [t for t, _ in self.ready] + ([self.waiting[0]] if self.waiting is not None else []):
+                _fail_asked(self.study, trial)
             raise
         except BaseException:
             self.setup.stop.set()  # the other trials end at their next epoch instead of training on
@@ -223,7 +228,12 @@ class _Schedule:
 
     def _start(self, done: int) -> None:
         """Hand trials to the free workers while their histories have ended."""
+        if done == 0 and not self.training and self.waiting is None and self.cfg.jobs > 1:
+            self._startup()
         while len(self.training) < self.cfg.jobs and done + len(self.training) < self.cfg.trials:
+            if self.ready:
+                self._submit(*self.ready.pop(0), 0)
+                continue
             if self.waiting is None:
                 started = time.perf_counter()
                 trial = self.study.ask()
@@ -231,13 +241,44 @@ class _Schedule:
             trial, below, ask_s = self.waiting
             if any(other.number < below for other in self.training.values()):
                 return  # its history has not ended: the worker waits with it
+            self._submit(trial, self._draw(trial, below, ask_s), below)
+            self.waiting = None
+
+    def _draw(self, trial: optuna.Trial, below: int, ask_s: float) -> dict:
+        """``trial``'s parameters, drawn from the trials below ``below``."""
+        started = time.perf_counter()
+        trial.set_user_attr(HISTORY, below)
+        hp = self.space(trial)  # the sampler fits its model at the first suggestion
+        trial.set_user_attr("sampler_s", round(ask_s + time.perf_counter() - started, 3))
+        return hp
+
+    def _submit(self, trial: optuna.Trial, hp: dict, below: int) -> None:
+        trial.set_user_attr(STARTED, round(time.perf_counter() - self.began, 6))  # asked maybe long before
+        frozen = FrozenCompleted(self.study, below) if isinstance(self.study.pruner, FREEZABLE) else None
+        self.training[self.pool.submit(run_trial, trial, hp, self.setup, frozen)] = trial
+
+    def _startup(self) -> None:
+        """A new search's startup trials, asked and drawn in number order (from no history: the same
+        draws as one at a time) and queued largest network first, by parameter count (its step's cost,
+        roughly). The first trial after them waits for all of them: started in number order, the
+        last two often ended far apart, one core idle between (17 s of the default CNN's 88 s search
+        in one sitting of bench/cnn_search_bench.py); largest first, they end closer together."""
+        drawn: list[tuple[optuna.Trial, dict]] = []
+        while len(drawn) < min(self.cfg.startup_trials, self.cfg.trials):
             started = time.perf_counter()
-            trial.set_user_attr(HISTORY, below)
-            hp = self.space(trial)  # the sampler fits its model at the first suggestion
-            trial.set_user_attr("sampler_s", round(ask_s + time.perf_counter() - started, 3))
-            frozen = FrozenCompleted(self.study, below) if isinstance(self.study.pruner, FREEZABLE) else None
-            future = self.pool.submit(run_trial, trial, hp, self.setup, frozen)
-            self.training[future], self.waiting = trial, None
+            trial = self.study.ask()
+            if trial.number >= self.cfg.startup_trials:  # a resumed study's: drawn from a history
+                self.waiting = (trial, history_start(trial.number, self.cfg), time.perf_counter() - started)
+                break
+            drawn.append((trial, self._draw(trial, 0, time.perf_counter() - started)))
+        data = self.setup.data
+        with torch.device("meta"):  # no memory, no draws from torch's generator
+            size = [
+                sum(p.numel() for p in create_model(self.setup.model_name, data.train[0].shape[1:], data.n_classes,
+                                                    **hp).parameters())
+                for _, hp in drawn
+            ]  # fmt: skip
+        self.ready = [drawn[i] for i in sorted(range(len(drawn)), key=lambda i: -size[i])]
 
     def _tell(self, ended) -> int:
         """Tell the study the ``ended`` trials, in number order; returns how many finished."""
@@ -269,10 +310,11 @@ def history_start(number: int, cfg: TuneConfig) -> int:
     history has ended; with two jobs that is at once, unless the younger of the two running trials
     ended first.
 
-    The startup trials (random, never pruned) see none, so they start as workers free; the first
-    trial after them sees all of them (the GP sampler and the median pruner start once they see
-    ``startup_trials`` finished; a failed one among them leaves the next trial random too). With
-    one job, every trial sees every trial before it.
+    The startup trials (random, never pruned) see none, so they start as workers free (a new
+    search's largest first, ``_Schedule._startup``); the first trial after them sees all of them
+    (the GP sampler and the median pruner start once they see ``startup_trials`` finished; a failed
+    one among them leaves the next trial random too). With one job, every trial sees every trial
+    before it.
     """
     if number < cfg.startup_trials:
         return 0
