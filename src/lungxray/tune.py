@@ -261,8 +261,7 @@ class _Schedule:
         """A new search's startup trials, asked and drawn in number order (from no history: the same
         draws as one at a time) and queued largest network first, by parameter count (its step's cost,
         roughly). The first trial after them waits for all of them: started in number order, the
-        last two often ended far apart, one core idle between (17 s of the default CNN's 88 s search
-        in one sitting of bench/cnn_search_bench.py); largest first, they end closer together."""
+        last two often ended far apart, one core idle between; largest first, they end closer together."""
         drawn: list[tuple[optuna.Trial, dict]] = []
         while len(drawn) < min(self.cfg.startup_trials, self.cfg.trials):
             started = time.perf_counter()
