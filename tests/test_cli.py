@@ -286,11 +286,15 @@ def test_console_script_help():
 
 @pytest.mark.slow
 def test_integration_on_a_slice_of_the_shared_dataset(shared_data, tmp_path):
-    """12 real X-rays per class from the official train/ folders, the whole pipeline, small mode."""
+    """30 real X-rays per class from the official train/ folders, the whole pipeline, small mode.
+
+    With 12 a class (8 test images) and 4 epochs the figure was chance itself: 2 or 3 of 8 right
+    with the same code, by seed and arithmetic; 18 test images after 8 epochs scored 0.50-0.83 over
+    three seeds and both arithmetics, against a third for chance."""
     data = tmp_path / "slice"
     for folder in sorted((shared_data / "train").iterdir()):
         (data / folder.name).mkdir(parents=True)
-        for image in sorted(folder.iterdir())[:12]:
+        for image in sorted(folder.iterdir())[:30]:
             (data / folder.name / image.name).symlink_to(image)
     out = tmp_path / "run"
     code = cli(
@@ -300,12 +304,12 @@ def test_integration_on_a_slice_of_the_shared_dataset(shared_data, tmp_path):
         out,
         "--cache-dir",
         tmp_path / "cache",
-        "--img-size 64 --trials 2 --epochs 4 --final-epochs 4 --quiet",
+        "--img-size 64 --trials 2 --epochs 8 --final-epochs 8 --quiet",
     )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     check_metrics_schema(metrics, ["covid", "normal", "viral_pneumonia"])
-    assert metrics["accuracy"] > 1 / 3  # better than chance on real X-rays after 4 epochs
+    assert metrics["n"] == 18 and metrics["accuracy"] > 1 / 3  # better than chance on real X-rays
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["preprocessing"]["img_size"] == 64
 

@@ -216,8 +216,10 @@ class _Schedule:
                 done += self._tell(ended)
         except KeyboardInterrupt:
             _stop_and_requeue(self.study, self.training, self.setup.stop)
-            for trial in [t for t, _ in self.ready] + ([self.waiting[0]] if self.waiting is not None else []):
-                _fail_asked(self.study, trial)
+            for trial, _ in self.ready:
+                _requeue_drawn(self.study, trial)
+            if self.waiting is not None:
+                _fail_asked(self.study, self.waiting[0])
             raise
         except BaseException:
             self.setup.stop.set()  # the other trials end at their next epoch instead of training on
@@ -358,6 +360,14 @@ def _stop_and_requeue(study: optuna.Study, training: dict[Future, optuna.Trial],
         except (_Interrupted, CancelledError):
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+
+
+def _requeue_drawn(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Ctrl-C while ``trial`` was drawn but not yet training (a startup trial queued behind the
+    running ones): it is failed and its parameters queued again, as a running trial's are."""
+    (asked,) = [t for t in study.get_trials(deepcopy=False) if t.number == trial.number]
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": asked.user_attrs.get("retry_of", trial.number)})
 
 
 def _fail_asked(study: optuna.Study, trial: optuna.Trial) -> None:
