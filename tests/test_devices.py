@@ -138,6 +138,43 @@ def test_bfloat16_gradients_follow_float32_where_it_trains(size):
         assert (grads[True] - grads[False]).norm() <= 0.5 * grads[False].norm()
 
 
+@pytest.mark.parametrize(("depth", "width"), [(1, 8), (1, 16), (2, 24)])
+def test_channels_last_gradients_equal_the_contiguous_ones(depth, width):
+    """The layouts the CPU trains channels-last give the gradients of NCHW, batch sizes changing
+    as an epoch's last batch does (where oneDNN#6035 corrupted memory); width 8 too, whose strided
+    shortcut from 8 channels met it before ``SubsampledPointwise``."""
+    torch.manual_seed(0)
+    plain = small_cnn((1, 64, 64), 3, depth=depth, width=width, dropout=0.0).train()
+    nhwc = small_cnn((1, 64, 64), 3, depth=depth, width=width, dropout=0.0).train()
+    nhwc.load_state_dict(plain.state_dict())
+    nhwc.to(memory_format=torch.channels_last)
+    for batch in (8, 5, 8):
+        x = torch.rand(batch, 1, 64, 64)
+        y = torch.arange(batch) % 3
+        for model, xb in ((plain, x), (nhwc, x.contiguous(memory_format=torch.channels_last))):
+            model.zero_grad()
+            nn.functional.cross_entropy(model(xb), y).backward()
+        for (name, a), b in zip(plain.named_parameters(), nhwc.parameters(), strict=True):
+            assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5), name
+
+
+def test_auto_precision_on_a_gpu_is_bfloat16_only_where_the_card_computes_it(monkeypatch):
+    cuda = torch.device("cuda")
+    for native, expected in ((True, torch.bfloat16), (False, torch.float16)):  # float16: with loss scaling
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n)
+        assert autocast_dtype("auto", cuda) is expected
+    assert autocast_dtype("float32", cuda) is None
+
+
+def test_float16_on_the_cpu_is_refused_before_any_work():
+    from pathlib import Path
+
+    from lungxray.job import Job
+
+    with pytest.raises(ConfigError, match="float16 needs a GPU"):
+        Job(Path("data"), model="cnn", train=TrainConfig(precision="float16", device="cpu"))
+
+
 def _watched(monkeypatch) -> list[tuple[torch.dtype, bool]]:
     """(dtype, channels-last) of every convolution's output while ``train.fit`` trains (outputs of one
     pixel, or from one channel, are contiguous in both layouts and left out)."""

@@ -15,9 +15,11 @@ import numba
 import numpy as np
 
 
-# fastmath (reassociation, contraction) here only: LLVM then vectorises the warp and its sum, the
-# kernel's slowest pass; the pixels move by float rounding alone, which the quantisation after it
-# absorbs but at a level's edge (the tests bound both against torch's path)
+# fastmath (every LLVM fast-math flag: reassociation, contraction, no NaN or infinity, which finite
+# images never hold) here only: LLVM then vectorises the warp and its sum, the kernel's slowest
+# pass (reassociation and contraction alone ran slower, timed by hand); the pixels move by float
+# rounding alone, which the quantisation after it absorbs but at a level's edge (the tests bound
+# both against torch's path)
 @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=True)
 def _warp(src, theta, out):
     """``out`` = bilinear ``grid_sample`` of ``src`` (H, W) on ``affine_grid(theta)`` (2, 3, torch's

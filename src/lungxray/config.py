@@ -214,7 +214,7 @@ class Recipe:
     jobs: int = 1
     """Trials trained side by side: 2 for models too small to use two cores in one trial."""
     mixed_precision: bool = True
-    """``--precision auto`` trains in mixed precision on a GPU; off for mlp."""
+    """``--precision auto`` trains in mixed precision where the GPU or CPU has it; off for mlp."""
 
 
 @dataclass

@@ -6,8 +6,9 @@ precision on a GPU (float16 with loss scaling on one without bfloat16) and on a 
 bfloat16 in hardware (AVX512-BF16 or AMX), else in float32. Convolutional networks train
 channels-last (NHWC), the layout oneDNN and cuDNN run fastest, where that is safe. On the CPU two
 oneDNN kernels of torch 2.13 are kept out of: a strided 1x1 convolution's weight gradient from a
-channels-last source with few channels (``channels_last_safe``), and bfloat16's weight gradient of
-a strided convolution reading a 1x1 input (``bfloat16_safe``). Holds no training loop.
+channels-last source with few channels (``channels_last_safe``; the ResNets' shortcuts no longer
+call it, ``models.SubsampledPointwise``), and bfloat16's weight gradient of a strided convolution
+reading a 1x1 input (``bfloat16_safe``). Holds no training loop.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def bfloat16_safe(model: nn.Module, in_shape: tuple[int, ...]) -> bool:
     training = model.training
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, *in_shape, device=next(model.parameters()).device))
+            model.eval()(torch.zeros(1, *in_shape, device=next(model.parameters(), torch.empty(0)).device))
     finally:
         for hook in hooks:
             hook.remove()
@@ -102,7 +103,8 @@ def channels_last_safe(model: nn.Module) -> bool:
     """Whether ``model`` may train channels-last on the CPU: it has convolutions, and none is a
     strided 1x1 convolution with fewer than 16 input channels. oneDNN's kernel for that case writes
     past its workspace in the weight gradient (uxlfoundation/oneDNN#6035: crashes, or wrong
-    gradients); the width-8 small CNN's first downsampling convolution hit it on this project's machine."""
+    gradients); the width-8 small CNN's first shortcut hit it on this project's machine, before
+    ``models.SubsampledPointwise`` took the ResNets' shortcuts off that kernel."""
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     return bool(convs) and not any(m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels < 16 for m in convs)
 

@@ -407,7 +407,7 @@ def _epochs(loop: _Loop, train, val, cfg: TrainConfig, on_epoch, progress: bool)
             loss, acc = train_one_epoch(
                 loop.stepped, loop.optimizer, *train, cfg.batch_size, loop.generator, loop.options
             )
-            # a CNN on the CPU a batch at a time: its activations stay in cache, the logits the same bit for bit
+            # a CNN on the CPU a batch at a time: its activations stay in cache (the same logits where checked)
             chunk = cfg.batch_size if loop.options.channels_last and val[0].device.type == "cpu" else 256
             val_loss, val_acc = evaluate_loss(loop.watched, *val, chunk)
             stats = EpochStats(epoch, loss, acc, val_loss, val_acc)

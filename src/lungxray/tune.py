@@ -203,6 +203,7 @@ class _Schedule:
         self.training: dict[Future, optuna.Trial] = {}  # in the workers' hands
         self.waiting = None  # (trial, its history's end, seconds asking it): asked, its history still running
         self.ready: list[tuple[optuna.Trial, dict]] = []  # startup trials drawn, in the order they start
+        self.drew_startup = False  # once: trials that all fail early leave done at 0 with some still queued
         self.best_fit: tuple[int, FitResult] | None = None  # the best trial's fit, when it ran here
         self.began = time.perf_counter()
 
@@ -216,8 +217,8 @@ class _Schedule:
                 done += self._tell(ended)
         except KeyboardInterrupt:
             _stop_and_requeue(self.study, self.training, self.setup.stop)
-            for trial, _ in self.ready:
-                _requeue_drawn(self.study, trial)
+            for trial, _ in self.ready:  # drawn with the running ones, not yet started
+                _requeue(self.study, trial)
             if self.waiting is not None:
                 _fail_asked(self.study, self.waiting[0])
             raise
@@ -230,7 +231,7 @@ class _Schedule:
 
     def _start(self, done: int) -> None:
         """Hand trials to the free workers while their histories have ended."""
-        if done == 0 and not self.training and self.waiting is None and self.cfg.jobs > 1:
+        if not self.drew_startup and done == 0 and self.cfg.jobs > 1:  # the first call of a new search
             self._startup()
         while len(self.training) < self.cfg.jobs and done + len(self.training) < self.cfg.trials:
             if self.ready:
@@ -264,6 +265,7 @@ class _Schedule:
         draws as one at a time) and queued largest network first, by parameter count (its step's cost,
         roughly). The first trial after them waits for all of them: started in number order, the
         last two often ended far apart, one core idle between; largest first, they end closer together."""
+        self.drew_startup = True
         drawn: list[tuple[optuna.Trial, dict]] = []
         while len(drawn) < min(self.cfg.startup_trials, self.cfg.trials):
             started = time.perf_counter()
@@ -358,16 +360,14 @@ def _stop_and_requeue(study: optuna.Study, training: dict[Future, optuna.Trial],
             state, value, _ = future.result()  # it finished just before the stop: keep it
             tell(study, trial, state, value)
         except (_Interrupted, CancelledError):
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            _requeue(study, trial)
 
 
-def _requeue_drawn(study: optuna.Study, trial: optuna.Trial) -> None:
-    """Ctrl-C while ``trial`` was drawn but not yet training (a startup trial queued behind the
-    running ones): it is failed and its parameters queued again, as a running trial's are."""
-    (asked,) = [t for t in study.get_trials(deepcopy=False) if t.number == trial.number]
+def _requeue(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Ctrl-C: ``trial``, running or drawn and not yet started, is failed and its parameters queued
+    so the resumed study retries them first."""
     study.tell(trial, state=optuna.trial.TrialState.FAIL)
-    study.enqueue_trial(trial.params, user_attrs={"retry_of": asked.user_attrs.get("retry_of", trial.number)})
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
 
 
 def _fail_asked(study: optuna.Study, trial: optuna.Trial) -> None:
