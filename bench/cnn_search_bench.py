@@ -133,10 +133,23 @@ def _as_trained(params: dict):
     return model, autocast, layout
 
 
+def _step(model, optimizer, x, y, autocast) -> None:
+    """One training step as ``train.fit`` takes it, bare: forward in ``autocast`` (None: float32),
+    cross-entropy, backward, the optimiser."""
+    import torch
+    from torch import nn
+
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        logits = model(x)
+    loss = nn.functional.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def step_seconds(params: dict, jobs: int, steps: int = 30) -> float:
     """Seconds per step of the cnn ``params`` in lungxray's layout, ``jobs`` side by side (their mean)."""
     import torch
-    from torch import nn
 
     from lungxray.train import make_optimizer
 
@@ -153,12 +166,7 @@ def step_seconds(params: dict, jobs: int, steps: int = 30) -> float:
         for n in range(5 + steps):
             if n == 5:
                 start = time.perf_counter()
-            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                logits = model(x)
-            loss = nn.functional.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            _step(model, optimizer, x, y, autocast)
         return (time.perf_counter() - start) / steps
 
     return statistics.mean(_in_threads(jobs, work))
@@ -277,7 +285,6 @@ def compiled_step(hp: dict, steps: int = 30) -> dict:
     lungxray's arithmetic and layout, on one thread (a trial's share in the search): the first
     compiled step's seconds and each one's after it."""
     import torch
-    from torch import nn
 
     from lungxray.train import make_optimizer
 
@@ -296,12 +303,7 @@ def compiled_step(hp: dict, steps: int = 30) -> dict:
         for n in range(steps + 1):
             if n == 1:
                 out[f"{mode}_first_s"], start = time.perf_counter() - start, time.perf_counter()
-            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                logits = stepped(x)
-            loss = nn.functional.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            _step(stepped, optimizer, x, y, autocast)
         out[f"{mode}_step_s"] = (time.perf_counter() - start) / steps
     torch.set_num_threads(before)
     return out
